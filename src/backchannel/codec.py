@@ -1,0 +1,270 @@
+"""Python values to and from the wire's ``Value``; exceptions to and from ``Error``.
+
+Nothing here imports or runs a name that came off the wire: protobuf messages are
+looked up in the descriptor pool of types this process already loaded, and exception
+types in an allow-list (builtins, backchannel's own, and what the application
+registered).
+"""
+
+from __future__ import annotations
+
+import traceback as traceback_module
+from collections.abc import Callable, Iterable, Sequence
+
+from google.protobuf import any_pb2, descriptor_pool, message_factory, struct_pb2
+from google.protobuf.message import Message
+
+from backchannel import errors
+from backchannel.v1 import envelope_pb2 as pb
+
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
+
+#: the Value of None (shared: Values are copied into the messages that hold them)
+NULL = pb.Value(null_value=struct_pb2.NULL_VALUE)  # type: ignore[arg-type]
+
+#: turns an object into a CallbackRef, or returns None when it is not a callback here
+CallbackEncoder = Callable[[object, str], "pb.CallbackRef | None"]
+#: turns a received CallbackRef into the object the receiving code sees
+CallbackDecoder = Callable[["pb.CallbackRef", str], object]
+
+
+def encode(obj: object, where: str, callbacks: CallbackEncoder | None = None) -> pb.Value:
+    """Encode one Python object; ``where`` names it in errors (``"argument 'id' of get"``)."""
+    kind = type(obj)
+    # exact-type checks first: the hot path, and bool must not pass as int
+    if kind is str:
+        return pb.Value(string_value=obj)  # type: ignore[arg-type]
+    if kind is int:
+        return _encode_int(obj, where)  # type: ignore[arg-type]
+    if obj is None:
+        return NULL
+    if kind is bool:
+        return pb.Value(bool_value=obj)  # type: ignore[arg-type]
+    if kind is float:
+        return pb.Value(double_value=obj)  # type: ignore[arg-type]
+    if kind is bytes:
+        return pb.Value(bytes_value=obj)  # type: ignore[arg-type]
+    if isinstance(obj, list | tuple):
+        items = [encode(item, f"{where}[{i}]", callbacks) for i, item in enumerate(obj)]
+        return pb.Value(list_value=pb.ValueList(items=items))
+    if isinstance(obj, dict):
+        entries = {}
+        for key, item in obj.items():
+            if not isinstance(key, str):
+                raise errors.EncodeError(
+                    f"{where}: dict keys must be str, got {type(key).__name__} key {key!r}"
+                )
+            entries[key] = encode(item, f"{where}[{key!r}]", callbacks)
+        return pb.Value(map_value=pb.ValueMap(entries=entries))
+    if isinstance(obj, Message):
+        packed = any_pb2.Any()
+        packed.Pack(obj)
+        return pb.Value(message_value=packed)
+    if isinstance(obj, bool):  # subclasses of the exact types above
+        return pb.Value(bool_value=bool(obj))
+    if isinstance(obj, int):
+        return _encode_int(int(obj), where)
+    if isinstance(obj, str):
+        return pb.Value(string_value=str(obj))
+    if isinstance(obj, float):
+        return pb.Value(double_value=float(obj))
+    if isinstance(obj, bytes | bytearray | memoryview):
+        return pb.Value(bytes_value=bytes(obj))
+    if callbacks is not None:
+        ref = callbacks(obj, where)
+        if ref is not None:
+            return pb.Value(callback_value=ref)
+    raise errors.EncodeError(
+        f"{where}: cannot send an object of type {kind.__module__}.{kind.__qualname__}; "
+        "backchannel carries None, bool, int, float, str, bytes, list, tuple, dict with "
+        "str keys, protobuf messages and declared callback arguments"
+    )
+
+
+def _encode_int(value: int, where: str) -> pb.Value:
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise errors.EncodeError(f"{where}: int {value} does not fit in 64 bits")
+    return pb.Value(int_value=value)
+
+
+def decode(value: pb.Value, where: str, callbacks: CallbackDecoder | None = None) -> object:
+    """Decode one Value; raise :class:`DecodeError` naming ``where`` if it makes no sense."""
+    kind = value.WhichOneof("kind")
+    if kind == "string_value":
+        return value.string_value
+    if kind == "int_value":
+        return value.int_value
+    if kind == "null_value":
+        return None
+    if kind == "bool_value":
+        return value.bool_value
+    if kind == "double_value":
+        return value.double_value
+    if kind == "bytes_value":
+        return value.bytes_value
+    if kind == "list_value":
+        items = value.list_value.items
+        return [decode(item, f"{where}[{i}]", callbacks) for i, item in enumerate(items)]
+    if kind == "map_value":
+        return {
+            key: decode(item, f"{where}[{key!r}]", callbacks)
+            for key, item in value.map_value.entries.items()
+        }
+    if kind == "message_value":
+        return _unpack_message(value.message_value, where)
+    if kind == "callback_value":
+        if callbacks is None:
+            raise errors.DecodeError(
+                f"{where}: a callback reference arrived where no callback argument is declared"
+            )
+        return callbacks(value.callback_value, where)
+    raise errors.DecodeError(
+        f"{where}: empty Value (no kind set, or a kind this side does not know)"
+    )
+
+
+def _unpack_message(packed: any_pb2.Any, where: str) -> Message:
+    """Unpack to the message's own class when this process knows the type; else keep the Any."""
+    type_name = packed.type_url.rpartition("/")[2]
+    try:
+        descriptor = descriptor_pool.Default().FindMessageTypeByName(type_name)
+    except KeyError:
+        return packed
+    message = message_factory.GetMessageClass(descriptor)()
+    if not packed.Unpack(message):
+        raise errors.DecodeError(f"{where}: cannot unpack protobuf message {type_name}")
+    return message
+
+
+def encode_args(
+    args: Sequence[object], names: Sequence[str], where: str, callbacks: CallbackEncoder | None
+) -> list[pb.Value]:
+    """Encode positional arguments; errors name the argument by index and name."""
+    encoded = []
+    for index, arg in enumerate(args):
+        name = f" {names[index]!r}" if index < len(names) else ""
+        encoded.append(encode(arg, f"argument {index}{name} of {where}", callbacks))
+    return encoded
+
+
+def decode_args(
+    values: Sequence[pb.Value],
+    where: str,
+    callbacks: CallbackDecoder | None = None,
+) -> list[object]:
+    """Decode positional arguments; errors name the argument by index."""
+    return [decode(value, f"argument {i} of {where}", callbacks) for i, value in enumerate(values)]
+
+
+# ---------------------------------------------------------------- exceptions
+
+_BUILTIN_ERRORS: tuple[type[BaseException], ...] = (
+    ArithmeticError, AssertionError, AttributeError, EOFError, Exception, FileExistsError,
+    FileNotFoundError, FloatingPointError, IndexError, IsADirectoryError, KeyError,
+    LookupError, NotADirectoryError, NotImplementedError, OSError, OverflowError,
+    PermissionError, RecursionError, RuntimeError, TimeoutError, TypeError,
+    UnicodeError, ValueError, ZeroDivisionError, ConnectionError, ConnectionRefusedError,
+    ConnectionResetError, BrokenPipeError, ProcessLookupError, ChildProcessError,
+    InterruptedError, BlockingIOError, BufferError, MemoryError,
+)  # fmt: skip
+
+_LIBRARY_ERRORS: tuple[type[errors.BackchannelError], ...] = (
+    errors.CallCancelled, errors.DeadlineExceeded, errors.InvalidArguments,
+    errors.ServiceNotFound, errors.MethodNotFound, errors.TooManyCallbacks,
+    errors.ShuttingDown, errors.CallbackGone, errors.StreamBroken, errors.DecodeError,
+    errors.EncodeError, errors.RemoteProtocolError, errors.ChannelClosed,
+)  # fmt: skip
+
+# the status code each library error travels with; anything else is UNKNOWN
+_CODES: dict[type[BaseException], int] = {
+    errors.CallCancelled: pb.CANCELLED,
+    errors.DeadlineExceeded: pb.DEADLINE_EXCEEDED,
+    errors.InvalidArguments: pb.INVALID_ARGUMENT,
+    errors.DecodeError: pb.INVALID_ARGUMENT,
+    errors.EncodeError: pb.INTERNAL,
+    errors.ServiceNotFound: pb.NOT_FOUND,
+    errors.MethodNotFound: pb.UNIMPLEMENTED,
+    errors.TooManyCallbacks: pb.RESOURCE_EXHAUSTED,
+    errors.ShuttingDown: pb.UNAVAILABLE,
+    errors.CallbackGone: pb.NOT_FOUND,
+    errors.StreamBroken: pb.UNAVAILABLE,
+    errors.ChannelClosed: pb.UNAVAILABLE,
+    errors.RemoteProtocolError: pb.FAILED_PRECONDITION,
+}
+
+
+class ErrorTypes:
+    """The allow-list of exception types that cross the wire as themselves.
+
+    Builtins travel by their bare name (``"ValueError"``), backchannel's own errors as
+    ``"backchannel.Name"``, and registered application types as ``"module.QualName"``.
+    A received name not on the list becomes a :class:`RemoteError`.
+    """
+
+    def __init__(self, registered: Iterable[type[BaseException]] = ()) -> None:
+        self._by_name: dict[str, type[BaseException]] = {}
+        for cls in _BUILTIN_ERRORS + _LIBRARY_ERRORS:
+            self._by_name[self.name_of(cls)] = cls
+        for cls in registered:
+            self.register(cls)
+
+    def register(self, cls: type[BaseException]) -> None:
+        """Let ``cls`` arrive as itself instead of as a :class:`RemoteError`."""
+        if not (isinstance(cls, type) and issubclass(cls, BaseException)):
+            raise TypeError(f"register() takes an exception class, got {cls!r}")
+        self._by_name[self.name_of(cls)] = cls
+
+    @staticmethod
+    def name_of(cls: type[BaseException]) -> str:
+        """The wire name of an exception type."""
+        if cls.__module__ == "builtins":
+            return cls.__name__
+        if cls.__module__.startswith("backchannel.") and issubclass(cls, errors.BackchannelError):
+            return f"backchannel.{cls.__name__}"
+        return f"{cls.__module__}.{cls.__qualname__}"
+
+    def lookup(self, name: str) -> type[BaseException] | None:
+        """The allowed exception type of that wire name, or None."""
+        return self._by_name.get(name)
+
+
+def encode_error(exc: BaseException, types: ErrorTypes, with_traceback: bool = False) -> pb.Error:
+    """Describe an exception for the wire; the traceback only when asked."""
+    code: int = pb.UNKNOWN
+    for cls in type(exc).__mro__:
+        if cls in _CODES:
+            code = _CODES[cls]
+            break
+    error = pb.Error(
+        code=code,  # type: ignore[arg-type]
+        type=types.name_of(type(exc)),
+        message=str(exc),
+    )
+    try:
+        error.args.extend(encode(arg, "exception argument") for arg in exc.args)
+    except errors.EncodeError:
+        del error.args[:]  # the message still says what happened
+    if with_traceback:
+        error.traceback = "".join(traceback_module.format_exception(exc))
+    return error
+
+
+def decode_error(error: pb.Error, types: ErrorTypes) -> BaseException:
+    """Rebuild an exception from the wire: an allowed type, or a RemoteError."""
+    cls = types.lookup(error.type)
+    if cls is None:
+        return errors.RemoteError(
+            error.type or pb.Code.Name(error.code), error.message, error.traceback
+        )
+    try:
+        args = decode_args(error.args, "exception")
+    except errors.DecodeError:
+        args = []
+    try:
+        exc = cls(*args) if args else cls(error.message)
+    except Exception:  # an allowed type whose constructor wants something else
+        return errors.RemoteError(error.type, error.message, error.traceback)
+    if error.traceback:
+        exc.add_note(f"remote traceback:\n{error.traceback}")
+    return exc

@@ -1,0 +1,122 @@
+"""The exceptions backchannel raises.
+
+::
+
+    BackchannelError
+    ├── ProtocolError                 a frame broke the protocol
+    │   ├── LocalProtocolError        ... and it was ours (a bug in the caller or the library)
+    │   └── RemoteProtocolError       ... and it was the peer's
+    ├── CodecError                    a value could not be encoded or decoded
+    │   ├── EncodeError (TypeError)   not a value the wire can carry; names the argument
+    │   └── DecodeError (ValueError)  a Value that makes no sense
+    ├── TransportError (ConnectionError)
+    │   ├── StreamBroken              the Connect stream ended under a pending call
+    │   ├── CallbackGone              the callback instance was released or its stream ended
+    │   └── ChannelClosed             the client or server was closed
+    └── CallError                     a call failed; the remote side answered
+        ├── RemoteError               the remote method raised something not on the allow-list
+        ├── CallCancelled
+        ├── DeadlineExceeded (TimeoutError)
+        ├── InvalidArguments (TypeError)
+        ├── ServiceNotFound
+        ├── MethodNotFound
+        ├── TooManyCallbacks
+        └── ShuttingDown
+
+Foreign errors (grpc's) are translated in exactly one place, the transport, and chained
+with ``raise ... from exc``.
+"""
+
+from __future__ import annotations
+
+
+class BackchannelError(Exception):
+    """Base class of every error backchannel raises itself."""
+
+
+class ProtocolError(BackchannelError):
+    """A frame broke the protocol."""
+
+
+class LocalProtocolError(ProtocolError):
+    """This side tried to do something the protocol does not allow."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent something the protocol does not allow."""
+
+
+class CodecError(BackchannelError):
+    """A value could not be encoded or decoded."""
+
+
+class EncodeError(CodecError, TypeError):
+    """A Python object cannot travel as a Value; the message names where it was."""
+
+
+class DecodeError(CodecError, ValueError):
+    """A received Value could not be turned back into a Python object."""
+
+
+class TransportError(BackchannelError, ConnectionError):
+    """The connection to the peer failed or was closed."""
+
+
+class StreamBroken(TransportError):
+    """The Connect stream ended while calls were pending on it."""
+
+
+class CallbackGone(TransportError):
+    """The callback instance was released, or the stream that carried it ended."""
+
+
+class ChannelClosed(TransportError):
+    """The client or server was closed; no more calls can be made on it."""
+
+
+class CallError(BackchannelError):
+    """A call reached the remote side and failed there."""
+
+
+class RemoteError(CallError):
+    """The remote method raised an exception this side does not know.
+
+    Keeps the remote exception's type name and message.
+    """
+
+    def __init__(self, type_name: str, message: str, traceback: str = "") -> None:
+        super().__init__(f"{type_name}: {message}" if message else type_name)
+        #: the remote exception's type name, e.g. ``"myapp.OutOfStock"``
+        self.type_name = type_name
+        #: the remote exception's message
+        self.remote_message = message
+        #: the remote traceback, when the provider opted in to sending it
+        self.remote_traceback = traceback
+
+
+class CallCancelled(CallError):
+    """The call was cancelled before it finished."""
+
+
+class DeadlineExceeded(CallError, TimeoutError):
+    """The call did not finish before its timeout."""
+
+
+class InvalidArguments(CallError, TypeError):
+    """The arguments do not fit the method's parameters."""
+
+
+class ServiceNotFound(CallError):
+    """No service with that name, group and version is exported."""
+
+
+class MethodNotFound(CallError):
+    """The service has no method of that name."""
+
+
+class TooManyCallbacks(CallError):
+    """The service's limit of live callback instances on this stream was reached."""
+
+
+class ShuttingDown(CallError):
+    """The peer is shutting down and accepts no new calls."""

@@ -1,0 +1,160 @@
+"""What a provider exports, and running one incoming call against it.
+
+Shared by the ``Connect`` stream and the unary ``Invoke`` so both paths check and run
+calls the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextvars
+import functools
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from backchannel import codec
+from backchannel.errors import MethodNotFound, ServiceNotFound
+from backchannel.interface import (
+    InterfaceSpec,
+    Method,
+    MethodSpec,
+    check_method_names,
+    interface_spec,
+)
+from backchannel.v1 import envelope_pb2 as pb
+
+#: the seed's callbacks="1000": live callback instances per service per stream
+DEFAULT_CALLBACK_LIMIT = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class ExportedMethod:
+    """One method of an export, bound to the implementation."""
+
+    spec: MethodSpec
+    function: Callable[..., Any]
+    is_async: bool
+
+
+@dataclass(frozen=True)
+class Export:
+    """One exported service: an implementation under a name, group and version."""
+
+    spec: InterfaceSpec
+    impl: object
+    group: str
+    version: str
+    callbacks: int
+    methods: dict[str, ExportedMethod]
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        """(name, group, version): what identifies the export."""
+        return (self.spec.name, self.group, self.version)
+
+    def label(self) -> str:
+        """The export in words, for messages."""
+        return _label(*self.key)
+
+    def info(self) -> pb.ServiceInfo:
+        """The export as the handshake and Describe show it."""
+        return pb.ServiceInfo(
+            name=self.spec.name,
+            group=self.group,
+            version=self.version,
+            callbacks=self.callbacks,
+            methods=[
+                pb.MethodInfo(
+                    name=m.spec.name, parameters=m.spec.parameters, required=m.spec.required
+                )
+                for m in self.methods.values()
+            ],
+        )
+
+
+def _label(name: str, group: str, version: str) -> str:
+    extras = [f"{k}={v!r}" for k, v in (("group", group), ("version", version)) if v]
+    return f"{name} ({', '.join(extras)})" if extras else name
+
+
+class Exports:
+    """The provider's exported services, and the code that runs calls against them."""
+
+    def __init__(self, pool: concurrent.futures.Executor, error_types: codec.ErrorTypes) -> None:
+        self._by_key: dict[tuple[str, str, str], Export] = {}
+        self._pool = pool
+        self.error_types = error_types
+
+    def add(
+        self,
+        interface: type,
+        impl: object,
+        *,
+        group: str | None = None,
+        version: str | None = None,
+        callbacks: int = DEFAULT_CALLBACK_LIMIT,
+        methods: Sequence[Method] = (),
+    ) -> Export:
+        """Export ``impl`` as ``interface``; every problem is a clear error, raised now."""
+        spec = interface_spec(interface)
+        check_method_names(spec, methods)
+        if not isinstance(callbacks, int) or callbacks < 0:
+            raise ValueError(f"callbacks must be an int >= 0, got {callbacks!r}")
+        bound: dict[str, ExportedMethod] = {}
+        for name, method in spec.methods.items():
+            function = getattr(impl, name, None)
+            if not callable(function):
+                raise TypeError(f"{type(impl).__name__} does not implement {spec.name}.{name}()")
+            bound[name] = ExportedMethod(method, function, inspect.iscoroutinefunction(function))
+        export = Export(spec, impl, group or "", version or "", callbacks, bound)
+        if export.key in self._by_key:
+            raise ValueError(f"{export.label()} is already exported")
+        self._by_key[export.key] = export
+        return export
+
+    def services(self) -> tuple[pb.ServiceInfo, ...]:
+        """Every export as ServiceInfo."""
+        return tuple(export.info() for export in self._by_key.values())
+
+    def find(self, name: str, group: str, version: str) -> Export:
+        """The export for a call, or :class:`ServiceNotFound` saying what exists."""
+        export = self._by_key.get((name, group, version))
+        if export is not None:
+            return export
+        same_name = [_label(*key) for key in self._by_key if key[0] == name]
+        if same_name:
+            raise ServiceNotFound(
+                f"{_label(name, group, version)} is not exported here; "
+                f"{name} is exported as: {', '.join(same_name)}"
+            )
+        known = ", ".join(sorted({key[0] for key in self._by_key})) or "nothing"
+        raise ServiceNotFound(f"no service {name!r} is exported here (exported: {known})")
+
+    def method(self, call: pb.Call) -> tuple[Export, ExportedMethod]:
+        """The export and method a call targets, or a clear error."""
+        export = self.find(call.service, call.group, call.version)
+        method = export.methods.get(call.method)
+        if method is None:
+            known = ", ".join(sorted(export.methods)) or "none"
+            raise MethodNotFound(
+                f"{export.label()} has no method {call.method!r} (its methods: {known})"
+            )
+        return export, method
+
+    async def run(self, call: pb.Call, callbacks: codec.CallbackDecoder | None) -> pb.Value:
+        """Decode the arguments, run the method (async on the loop, sync in the pool),
+        and encode what it returned."""
+        _export, method = self.method(call)
+        where = f"{method.spec.qualname}()"
+        args = codec.decode_args(call.args, where, callbacks)
+        method.spec.check_count(len(args))
+        if method.is_async:
+            result = await method.function(*args)
+        else:
+            context = contextvars.copy_context()
+            work = functools.partial(context.run, method.function, *args)
+            result = await asyncio.get_running_loop().run_in_executor(self._pool, work)
+        return codec.encode(result, f"the result of {where}")

@@ -1,0 +1,75 @@
+"""A background event-loop thread that sync code hands coroutines to (anyio's blocking portal).
+
+The sync :class:`~backchannel.Client` and :class:`~backchannel.Server` hold no logic of
+their own: each runs the asyncio core on one of these and waits for the results. A
+blocking call made *from* the loop thread is refused with a clear error, because it
+would wait for the very loop it blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+from backchannel.errors import ChannelClosed
+
+T = TypeVar("T")
+
+
+class LoopThread:
+    """Runs an asyncio event loop in a daemon thread until :meth:`close`."""
+
+    def __init__(self, name: str) -> None:
+        self._ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+        self._ready.wait()  # the loop exists before anyone may submit to it
+
+    def _run(self) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        asyncio.set_event_loop(loop)
+        loop.call_soon(self._ready.set)
+        try:
+            loop.run_forever()
+        finally:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The loop this thread runs."""
+        assert self._loop is not None
+        return self._loop
+
+    def in_loop_thread(self) -> bool:
+        """True when called from this loop's own thread."""
+        return threading.current_thread() is self._thread
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        """Schedule a coroutine on the loop; return a future for its outcome."""
+        if not self._thread.is_alive() or self.loop.is_closed():
+            coro.close()
+            raise ChannelClosed("the background event loop is closed")
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run a coroutine on the loop and block this thread until it finishes."""
+        if self.in_loop_thread():
+            coro.close()
+            raise RuntimeError(
+                "a blocking backchannel call was made from its own event loop thread, where "
+                "it would wait forever; use the asyncio API (AsyncClient / await) there"
+            )
+        return self.submit(coro).result()
+
+    def close(self) -> None:
+        """Stop the loop and wait for the thread to end (no-op when already closed)."""
+        if self._thread.is_alive() and not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            if not self.in_loop_thread():
+                self._thread.join(timeout=10)

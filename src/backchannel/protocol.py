@@ -1,0 +1,375 @@
+"""The envelope protocol as a sans-I/O state machine, one per side of a Connect stream.
+
+Feed it the frames that arrive (:meth:`Connection.receive`) and tell it what this side
+wants to send (:meth:`Connection.send_call`, :meth:`Connection.send_result`, ...); it
+keeps track of call ids, pending results and the handshake, returns :mod:`events
+<backchannel.protocol>` to act on, and collects the frames to write in an outbox
+(:meth:`Connection.take_outbox`). It does no I/O and imports neither asyncio nor grpc,
+so it is tested by feeding it lists of frames.
+
+A mistake by the peer never breaks the stream: it is answered with a ``Fault`` frame (or
+an error ``Result`` when it concerns one call) and reported as :class:`PeerMistake`. A
+mistake by this side raises :class:`LocalProtocolError`. Once the stream is lost the
+connection is ``CLOSED`` for good and every later send raises the stored cause.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from backchannel.errors import LocalProtocolError, TransportError
+from backchannel.v1 import envelope_pb2 as pb
+
+PROTOCOL_VERSION = 1
+
+Token = TypeVar("Token")
+
+
+class Role(enum.Enum):
+    """Which end of the Connect stream a connection is."""
+
+    CONSUMER = "consumer"
+    PROVIDER = "provider"
+
+
+class State(enum.Enum):
+    """Where a connection is in its life."""
+
+    HANDSHAKE = "awaiting handshake"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+# What each side may receive in each state: the one table of transition rules.
+# A frame kind not listed is answered with a Fault (or, for a Call, an error Result).
+_ACCEPTS: dict[tuple[Role, State], frozenset[str]] = {
+    (Role.PROVIDER, State.HANDSHAKE): frozenset({"hello", "batch"}),
+    (Role.CONSUMER, State.HANDSHAKE): frozenset({"welcome", "fault", "batch", "go_away"}),
+    (Role.PROVIDER, State.OPEN): frozenset(
+        {"call", "result", "cancel", "release", "go_away", "fault", "batch"}
+    ),
+    (Role.CONSUMER, State.OPEN): frozenset(
+        {"call", "result", "cancel", "release", "go_away", "fault", "batch"}
+    ),
+}
+# The state a received frame kind moves a connection to, when it moves it.
+_MOVES: dict[tuple[Role, State, str], State] = {
+    (Role.PROVIDER, State.HANDSHAKE, "hello"): State.OPEN,
+    (Role.CONSUMER, State.HANDSHAKE, "welcome"): State.OPEN,
+}
+
+
+# ------------------------------------------------------------------- events
+
+
+@dataclass(frozen=True, slots=True)
+class HandshakeDone:
+    """The handshake finished; ``services`` is what the provider exports (consumer side)."""
+
+    peer_application: str
+    services: tuple[pb.ServiceInfo, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class CallReceived:
+    """The peer asks this side to run a method."""
+
+    call: pb.Call
+
+
+@dataclass(frozen=True, slots=True)
+class ResultReceived(Generic[Token]):
+    """The peer answered a call this side sent; ``token`` is what the sender registered."""
+
+    result: pb.Result
+    token: Token
+
+
+@dataclass(frozen=True, slots=True)
+class CancelReceived:
+    """The peer no longer wants the result of a call it sent."""
+
+    call_id: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseReceived:
+    """The peer ended a callback instance."""
+
+    callback_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class GoAwayReceived:
+    """The peer accepts no new calls on this stream."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class FaultReceived:
+    """The peer says this side broke the protocol."""
+
+    message: str
+    call_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class PeerMistake:
+    """The peer broke the protocol; it was told with a Fault or an error Result."""
+
+    message: str
+
+
+Event = (
+    HandshakeDone
+    | CallReceived
+    | ResultReceived[Token]
+    | CancelReceived
+    | ReleaseReceived
+    | GoAwayReceived
+    | FaultReceived
+    | PeerMistake
+)
+
+
+def error_result(call_id: int, code: int, type_name: str, message: str) -> pb.Result:
+    """A failed Result for ``call_id``."""
+    error = pb.Error(code=code, type=type_name, message=message)  # type: ignore[arg-type]
+    return pb.Result(id=call_id, error=error)
+
+
+class Connection(Generic[Token]):
+    """One side of one Connect stream.
+
+    ``Token`` is whatever the transport wants back when a call's result arrives (a
+    future, typically).
+    """
+
+    def __init__(
+        self,
+        role: Role,
+        application: str = "",
+        services: tuple[pb.ServiceInfo, ...] = (),
+    ) -> None:
+        self.role = role
+        self.state = State.HANDSHAKE
+        self.application = application
+        self.services = services
+        #: the peer said go-away: send it no new calls
+        self.peer_going_away = False
+        #: this side said go-away: new calls from the peer are refused
+        self.going_away = False
+        self._outbox: list[pb.Frame] = []
+        self._next_id = 1
+        self._outgoing: dict[int, Token] = {}
+        self._incoming: set[int] = set()
+        self._closed_cause: BaseException | None = None
+
+    # ------------------------------------------------------------- inspection
+
+    @property
+    def pending_outgoing(self) -> int:
+        """How many calls this side sent and still awaits a result for."""
+        return len(self._outgoing)
+
+    @property
+    def pending_incoming(self) -> int:
+        """How many calls the peer sent that this side has not answered yet."""
+        return len(self._incoming)
+
+    def take_outbox(self) -> list[pb.Frame]:
+        """The frames to write, in order; empties the outbox."""
+        frames, self._outbox = self._outbox, []
+        return frames
+
+    # ---------------------------------------------------------------- sending
+
+    def start(self) -> None:
+        """Consumer: queue the Hello that opens the stream."""
+        self._check_can_send("hello")
+        if self.role is not Role.CONSUMER:
+            raise LocalProtocolError("only the consumer sends hello")
+        hello = pb.Hello(protocol_version=PROTOCOL_VERSION, application=self.application)
+        self._outbox.append(pb.Frame(hello=hello))
+
+    def send_call(self, call: pb.Call, token: Token) -> int:
+        """Queue a Call; assigns and returns its id. ``token`` returns with its result."""
+        self._check_can_send("call")
+        if self.state is not State.OPEN:
+            raise LocalProtocolError(f"cannot send a call in state {self.state.value!r}")
+        call_id = self._next_id
+        self._next_id += 1
+        call.id = call_id
+        if not call.one_way:
+            self._outgoing[call_id] = token
+        self._outbox.append(pb.Frame(call=call))
+        return call_id
+
+    def send_result(self, result: pb.Result) -> None:
+        """Queue the Result of a call the peer sent and this side has not answered yet."""
+        if self.state is State.CLOSED:
+            return  # nobody is left to read it
+        if result.id not in self._incoming:
+            raise LocalProtocolError(f"no unanswered call with id {result.id} to send a result for")
+        self._incoming.discard(result.id)
+        self._outbox.append(pb.Frame(result=result))
+
+    def send_cancel(self, call_id: int, reason: str) -> None:
+        """Stop waiting for a call this side sent and ask the peer to stop running it."""
+        if self._outgoing.pop(call_id, None) is None or self.state is State.CLOSED:
+            return  # already answered: nothing to cancel
+        self._outbox.append(pb.Frame(cancel=pb.Cancel(id=call_id, reason=reason)))
+
+    def send_release(self, callback_id: int) -> None:
+        """Queue a Release of a callback instance."""
+        if self.state is State.OPEN:
+            self._outbox.append(pb.Frame(release=pb.Release(callback_id=callback_id)))
+
+    def send_go_away(self, reason: str) -> None:
+        """Tell the peer this side accepts no new calls."""
+        if self.state is State.CLOSED or self.going_away:
+            return
+        self.going_away = True
+        self._outbox.append(pb.Frame(go_away=pb.GoAway(reason=reason)))
+
+    def connection_lost(self, cause: BaseException) -> tuple[list[Token], list[int]]:
+        """The stream ended. Returns (tokens of calls still awaiting a result, ids of
+        calls from the peer still running); the connection is closed for good."""
+        if self.state is State.CLOSED:
+            return [], []
+        self.state = State.CLOSED
+        self._closed_cause = cause
+        tokens = list(self._outgoing.values())
+        running = sorted(self._incoming)
+        self._outgoing.clear()
+        self._incoming.clear()
+        self._outbox.clear()
+        return tokens, running
+
+    def _check_can_send(self, what: str) -> None:
+        if self.state is State.CLOSED:
+            cause = self._closed_cause
+            if isinstance(cause, TransportError):
+                raise type(cause)(f"cannot send {what}: {cause}") from cause
+            raise LocalProtocolError(f"cannot send {what}: the stream is closed ({cause})")
+
+    # -------------------------------------------------------------- receiving
+
+    def receive(self, frame: pb.Frame) -> list[Event[Token]]:
+        """Take one received frame; return what happened. Never raises for peer mistakes."""
+        events: list[Event[Token]] = []
+        self._receive(frame, events, nested=False)
+        return events
+
+    def _receive(self, frame: pb.Frame, events: list[Event[Token]], nested: bool) -> None:
+        if self.state is State.CLOSED:
+            return
+        kind = frame.WhichOneof("kind")
+        if kind is None:
+            self._mistake(events, "frame with no kind set (an unknown frame kind?)")
+            return
+        if kind not in _ACCEPTS[(self.role, self.state)]:
+            self._refuse(frame, kind, events)
+            return
+        if kind == "batch":
+            if nested:
+                self._mistake(
+                    events, "a batch inside a batch is not allowed; its frames were dropped"
+                )
+                return
+            for inner in frame.batch.frames:
+                self._receive(inner, events, nested=True)
+            return
+        moved = _MOVES.get((self.role, self.state, kind))
+        try:
+            getattr(self, f"_on_{kind}")(getattr(frame, kind), events)
+        except _StayPut:
+            return
+        if moved is not None:
+            self.state = moved
+
+    def _refuse(self, frame: pb.Frame, kind: str, events: list[Event[Token]]) -> None:
+        if kind == "call" and self.state is State.HANDSHAKE:
+            message = f"handshake required: send a hello frame before call {frame.call.id}"
+            self._answer_call_error(frame.call, pb.FAILED_PRECONDITION, message, events)
+            return
+        where = "before the handshake" if self.state is State.HANDSHAKE else "after the handshake"
+        self._mistake(events, f"unexpected {kind} frame {where} ({self.role.value} side)")
+
+    def _mistake(self, events: list[Event[Token]], message: str, call_id: int = 0) -> None:
+        self._outbox.append(pb.Frame(fault=pb.Fault(message=message, call_id=call_id)))
+        events.append(PeerMistake(message))
+
+    def _answer_call_error(
+        self, call: pb.Call, code: int, message: str, events: list[Event[Token]]
+    ) -> None:
+        events.append(PeerMistake(message))
+        if call.id and not call.one_way:
+            result = error_result(call.id, code, "backchannel.RemoteProtocolError", message)
+            self._outbox.append(pb.Frame(result=result))
+
+    def _on_hello(self, hello: pb.Hello, events: list[Event[Token]]) -> None:
+        if hello.protocol_version > PROTOCOL_VERSION:
+            message = (
+                f"unsupported protocol version {hello.protocol_version}; "
+                f"this provider speaks {PROTOCOL_VERSION}"
+            )
+            self._mistake(events, message)
+            raise _StayPut
+        welcome = pb.Welcome(
+            protocol_version=PROTOCOL_VERSION, application=self.application, services=self.services
+        )
+        self._outbox.append(pb.Frame(welcome=welcome))
+        events.append(HandshakeDone(hello.application, ()))
+
+    def _on_welcome(self, welcome: pb.Welcome, events: list[Event[Token]]) -> None:
+        events.append(HandshakeDone(welcome.application, tuple(welcome.services)))
+
+    def _on_call(self, call: pb.Call, events: list[Event[Token]]) -> None:
+        if call.id == 0:
+            self._mistake(events, "call id 0 is not allowed: give every call a non-zero id")
+        elif call.id in self._incoming:
+            message = f"duplicate call id {call.id}: a call with this id is still running"
+            self._mistake(events, message, call.id)
+        elif self.going_away:
+            if not call.one_way:
+                message = "shutting down: this side accepts no new calls on this stream"
+                result = error_result(call.id, pb.UNAVAILABLE, "backchannel.ShuttingDown", message)
+                self._outbox.append(pb.Frame(result=result))
+        else:
+            if not call.one_way:
+                self._incoming.add(call.id)
+            events.append(CallReceived(call))
+
+    def _on_result(self, result: pb.Result, events: list[Event[Token]]) -> None:
+        token = self._outgoing.pop(result.id, _MISSING)
+        if token is _MISSING:
+            message = f"result for unknown call id {result.id} (never sent, answered or cancelled)"
+            self._mistake(events, message, result.id)
+            return
+        events.append(ResultReceived(result, token))  # type: ignore[arg-type]
+
+    def _on_cancel(self, cancel: pb.Cancel, events: list[Event[Token]]) -> None:
+        if cancel.id in self._incoming:  # else it already finished: nothing to do
+            events.append(CancelReceived(cancel.id, cancel.reason))
+
+    def _on_release(self, release: pb.Release, events: list[Event[Token]]) -> None:
+        events.append(ReleaseReceived(release.callback_id))
+
+    def _on_go_away(self, go_away: pb.GoAway, events: list[Event[Token]]) -> None:
+        self.peer_going_away = True
+        events.append(GoAwayReceived(go_away.reason))
+
+    def _on_fault(self, fault: pb.Fault, events: list[Event[Token]]) -> None:
+        events.append(FaultReceived(fault.message, fault.call_id))
+
+
+class _StayPut(Exception):
+    """Raised by a handler to keep the state where it is."""
+
+
+_MISSING = object()

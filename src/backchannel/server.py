@@ -1,0 +1,316 @@
+"""The provider: serves the envelope service for the exported implementations.
+
+:class:`AsyncServer` is the asyncio core; :class:`Server` is the same for sync code and
+holds no logic of its own: it runs an :class:`AsyncServer` on a background loop thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Iterable, Sequence
+from types import TracebackType
+from typing import Any
+
+import grpc
+
+from backchannel import codec
+from backchannel.errors import ChannelClosed
+from backchannel.exports import DEFAULT_CALLBACK_LIMIT, Exports
+from backchannel.interface import Method
+from backchannel.portal import LoopThread
+from backchannel.protocol import PROTOCOL_VERSION, Connection, Role
+from backchannel.session import Session
+from backchannel.v1 import envelope_pb2 as pb
+
+logger = logging.getLogger("backchannel")
+
+SERVICE_NAME = "backchannel.v1.Envelope"
+
+
+class _ProviderDispatcher:
+    """Runs forward calls arriving on a provider's stream."""
+
+    def __init__(self, exports: Exports) -> None:
+        self._exports = exports
+
+    async def dispatch(self, call: pb.Call, session: Session) -> pb.Value:
+        if call.callback_id:
+            raise LookupError(f"callback {call.callback_id} is not exported by this side")
+        return await self._exports.run(call, callbacks=None)
+
+    def released(self, callback_id: int, session: Session) -> None:
+        """No callbacks live on the provider side."""
+
+
+class AsyncServer:
+    """An asyncio provider listening on ``address`` (``"127.0.0.1:0"`` picks a free port).
+
+    ::
+
+        server = AsyncServer("127.0.0.1:0")
+        server.export(CallbackService, CallbackServiceImpl())
+        async with server:
+            ...
+    """
+
+    def __init__(
+        self,
+        address: str = "127.0.0.1:0",
+        *,
+        application: str = "",
+        max_workers: int = 32,
+        send_tracebacks: bool = False,
+        errors: Iterable[type[BaseException]] = (),
+    ) -> None:
+        self._requested_address = address
+        self._application = application
+        self._send_tracebacks = send_tracebacks
+        self._error_types = codec.ErrorTypes(errors)
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=max_workers, thread_name_prefix="backchannel-provider"
+        )
+        self._exports = Exports(self._pool, self._error_types)
+        self._dispatcher = _ProviderDispatcher(self._exports)
+        self._grpc: grpc.aio.Server | None = None
+        self._port = 0
+        self._sessions: set[Session] = set()
+
+    # ---------------------------------------------------------------- exports
+
+    def export(
+        self,
+        interface: type,
+        impl: object,
+        *,
+        group: str | None = None,
+        version: str | None = None,
+        callbacks: int = DEFAULT_CALLBACK_LIMIT,
+        methods: Sequence[Method] = (),
+    ) -> None:
+        """Serve ``impl`` as ``interface`` under ``group`` and ``version``.
+
+        Two exports that differ only by group or version coexist. ``callbacks`` limits
+        the live callback instances per stream for this service.
+        """
+        self._exports.add(
+            interface, impl, group=group, version=version, callbacks=callbacks, methods=methods
+        )
+
+    def register_error(self, cls: type[BaseException]) -> None:
+        """Send ``cls`` under its own name so consumers that registered it get it back."""
+        self._error_types.register(cls)
+
+    # --------------------------------------------------------------- lifetime
+
+    @property
+    def port(self) -> int:
+        """The port listened on (after :meth:`start`)."""
+        return self._port
+
+    @property
+    def address(self) -> str:
+        """``host:port`` to give to a client (after :meth:`start`)."""
+        host = self._requested_address.rpartition(":")[0] or "127.0.0.1"
+        return f"{host}:{self._port}"
+
+    async def start(self) -> None:
+        """Bind and start serving."""
+        if self._grpc is not None:
+            raise RuntimeError("the server is already started")
+        server = grpc.aio.server()
+        handler = grpc.method_handlers_generic_handler(
+            SERVICE_NAME,
+            {
+                "Connect": grpc.stream_stream_rpc_method_handler(
+                    self._connect,
+                    request_deserializer=pb.Frame.FromString,
+                    response_serializer=pb.Frame.SerializeToString,
+                ),
+                "Invoke": grpc.unary_unary_rpc_method_handler(
+                    self._invoke,
+                    request_deserializer=pb.Call.FromString,
+                    response_serializer=pb.Result.SerializeToString,
+                ),
+                "Describe": grpc.unary_unary_rpc_method_handler(
+                    self._describe,
+                    request_deserializer=pb.DescribeRequest.FromString,
+                    response_serializer=pb.DescribeResponse.SerializeToString,
+                ),
+            },
+        )
+        server.add_generic_rpc_handlers((handler,))
+        try:
+            self._port = server.add_insecure_port(self._requested_address)
+        except RuntimeError as exc:
+            raise OSError(f"cannot listen on {self._requested_address}: {exc}") from exc
+        await server.start()
+        self._grpc = server
+        logger.info("backchannel provider listening on %s", self.address)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop serving. With ``grace``, say go-away and let running calls finish first."""
+        server, self._grpc = self._grpc, None
+        if server is None:
+            return
+        for session in list(self._sessions):
+            session.go_away("server shutting down")
+        if grace:
+            idle = [session.wait_idle() for session in self._sessions]
+            try:
+                await asyncio.wait_for(asyncio.gather(*idle), grace)
+            except TimeoutError:
+                logger.warning("calls still running after %s s of grace; cancelling them", grace)
+        await server.stop(0)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def __aenter__(self) -> AsyncServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    async def wait_for_termination(self) -> None:
+        """Wait until the server is stopped."""
+        if self._grpc is not None:
+            await self._grpc.wait_for_termination()
+
+    # ------------------------------------------------------------- handlers
+
+    async def _connect(
+        self, requests: AsyncIterator[pb.Frame], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        connection: Connection[asyncio.Future[pb.Result]] = Connection(
+            Role.PROVIDER, self._application, self._exports.services()
+        )
+        session = Session(
+            connection,
+            context.write,
+            self._dispatcher,
+            self._error_types,
+            peer=context.peer(),
+            send_tracebacks=self._send_tracebacks,
+        )
+        self._sessions.add(session)
+        try:
+            await session.run(context.read)
+        finally:
+            self._sessions.discard(session)
+
+    async def _invoke(
+        self, call: pb.Call, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.Result:
+        try:
+            value = await self._exports.run(call, callbacks=None)
+        except Exception as exc:
+            error = codec.encode_error(exc, self._error_types, self._send_tracebacks)
+            return pb.Result(id=call.id, error=error)
+        return pb.Result(id=call.id, value=value)
+
+    async def _describe(
+        self, request: pb.DescribeRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.DescribeResponse:
+        return pb.DescribeResponse(
+            application=self._application,
+            protocol_version=PROTOCOL_VERSION,
+            services=self._exports.services(),
+        )
+
+    @property
+    def session_count(self) -> int:
+        """How many Connect streams are open."""
+        return len(self._sessions)
+
+
+class Server:
+    """The provider for sync code: an :class:`AsyncServer` on a background loop thread.
+
+    ::
+
+        with Server("127.0.0.1:0") as server:   # started
+            server.export(CallbackService, CallbackServiceImpl())
+            ...
+    """
+
+    def __init__(
+        self,
+        address: str = "127.0.0.1:0",
+        *,
+        application: str = "",
+        max_workers: int = 32,
+        send_tracebacks: bool = False,
+        errors: Iterable[type[BaseException]] = (),
+    ) -> None:
+        self._core = AsyncServer(
+            address,
+            application=application,
+            max_workers=max_workers,
+            send_tracebacks=send_tracebacks,
+            errors=errors,
+        )
+        self._portal: LoopThread | None = None
+
+    def export(
+        self,
+        interface: type,
+        impl: object,
+        *,
+        group: str | None = None,
+        version: str | None = None,
+        callbacks: int = DEFAULT_CALLBACK_LIMIT,
+        methods: Sequence[Method] = (),
+    ) -> None:
+        """Serve ``impl`` as ``interface``; see :meth:`AsyncServer.export`."""
+        self._core.export(
+            interface, impl, group=group, version=version, callbacks=callbacks, methods=methods
+        )
+
+    def register_error(self, cls: type[BaseException]) -> None:
+        """See :meth:`AsyncServer.register_error`."""
+        self._core.register_error(cls)
+
+    @property
+    def port(self) -> int:
+        """The port listened on (after :meth:`start`)."""
+        return self._core.port
+
+    @property
+    def address(self) -> str:
+        """``host:port`` to give to a client (after :meth:`start`)."""
+        return self._core.address
+
+    def start(self) -> None:
+        """Bind and start serving on a background thread."""
+        if self._portal is not None:
+            raise RuntimeError("the server is already started")
+        self._portal = LoopThread("backchannel-server")
+        self._portal.run(self._core.start())
+
+    def stop(self, grace: float | None = None) -> None:
+        """Stop serving; see :meth:`AsyncServer.stop`."""
+        portal, self._portal = self._portal, None
+        if portal is None:
+            return
+        with contextlib.suppress(ChannelClosed):
+            portal.run(self._core.stop(grace))
+        portal.close()
+
+    def wait_for_termination(self) -> None:
+        """Block until the server is stopped (from another thread or by a signal)."""
+        if self._portal is not None:
+            self._portal.run(self._core.wait_for_termination())
+
+    def __enter__(self) -> Server:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

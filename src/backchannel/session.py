@@ -1,0 +1,324 @@
+"""Drives one protocol :class:`~backchannel.protocol.Connection` over one gRPC stream.
+
+Used by both ends: the provider wraps the server side of ``Connect``, the consumer the
+client side. One reader task takes frames off the stream and never waits on user code
+(incoming calls run in tasks of their own); one writer task sends what the protocol
+queued, coalescing every frame that is ready into one ``Batch`` message, and awaits
+gRPC's flow control between writes. The first failure of the stream is stored and fails
+every pending call at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import grpc
+
+from backchannel import codec
+from backchannel.errors import (
+    CallCancelled,
+    DeadlineExceeded,
+    LocalProtocolError,
+    StreamBroken,
+    TransportError,
+)
+from backchannel.protocol import (
+    CallReceived,
+    CancelReceived,
+    Connection,
+    FaultReceived,
+    GoAwayReceived,
+    HandshakeDone,
+    PeerMistake,
+    ReleaseReceived,
+    ResultReceived,
+    State,
+)
+from backchannel.v1 import envelope_pb2 as pb
+
+logger = logging.getLogger("backchannel")
+
+#: what a gRPC read returns at the end of the stream
+EOF = grpc.aio.EOF  # type: ignore[attr-defined]
+
+#: frames per Batch message, and roughly how many bytes one Batch may hold
+MAX_BATCH_FRAMES = 512
+MAX_BATCH_BYTES = 1 << 20
+
+Read = Callable[[], Awaitable[Any]]
+Write = Callable[[pb.Frame], Awaitable[None]]
+
+
+class Dispatcher(Protocol):
+    """Runs the calls the peer sends on a session."""
+
+    async def dispatch(self, call: pb.Call, session: Session) -> pb.Value:
+        """Run one call; return its encoded result or raise its exception."""
+        ...
+
+    def released(self, callback_id: int, session: Session) -> None:
+        """The peer ended a callback instance."""
+        ...
+
+
+class Session:
+    """One live Connect stream, either end."""
+
+    def __init__(
+        self,
+        connection: Connection[asyncio.Future[pb.Result]],
+        write: Write,
+        dispatcher: Dispatcher,
+        error_types: codec.ErrorTypes,
+        *,
+        peer: str,
+        send_tracebacks: bool = False,
+    ) -> None:
+        self.connection = connection
+        self.peer = peer
+        self.error_types = error_types
+        self._write = write
+        self._dispatcher = dispatcher
+        self._send_tracebacks = send_tracebacks
+        self._loop = asyncio.get_running_loop()
+        self._queue: list[pb.Frame] = []
+        self._wake = asyncio.Event()
+        self._running: dict[int, asyncio.Task[None]] = {}
+        self._writer: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._closed = asyncio.Event()
+        #: set once the handshake finished; holds the provider's services on the consumer
+        self.handshake: asyncio.Future[tuple[pb.ServiceInfo, ...]] = self._loop.create_future()
+        #: why the stream ended, once it has
+        self.cause: BaseException | None = None
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def usable(self) -> bool:
+        """True while new calls may be sent on this stream."""
+        return (
+            self.cause is None
+            and self.connection.state is State.OPEN
+            and not self.connection.peer_going_away
+        )
+
+    @property
+    def closed(self) -> asyncio.Event:
+        """Set once the stream has ended and every pending call was failed."""
+        return self._closed
+
+    # ---------------------------------------------------------------- writing
+
+    def flush(self) -> None:
+        """Hand what the protocol queued to the writer task."""
+        frames = self.connection.take_outbox()
+        if frames:
+            self._queue.extend(frames)
+            self._wake.set()
+
+    async def _write_loop(self) -> None:
+        try:
+            while True:
+                if not self._queue:
+                    if self._stopping:
+                        return
+                    await self._wake.wait()
+                    self._wake.clear()
+                    continue
+                frames, self._queue = self._queue, []
+                for message in coalesce(frames):
+                    await self._write(message)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the stream failed under us: the reader sees it too
+            self.lost(_translate(exc, self.peer))
+
+    # ---------------------------------------------------------------- reading
+
+    async def run(self, read: Read) -> None:
+        """Read frames until the stream ends; then fail what is pending and return."""
+        self._writer = asyncio.create_task(
+            self._write_loop(), name=f"backchannel-writer {self.peer}"
+        )
+        cause: BaseException
+        try:
+            while True:
+                frame = await read()
+                if frame is EOF:
+                    cause = StreamBroken(f"the peer {self.peer} closed the stream")
+                    break
+                self._handle(self.connection.receive(frame))
+                self.flush()
+        except asyncio.CancelledError:
+            self.lost(StreamBroken(f"the stream to {self.peer} was closed"))
+            self._writer.cancel()
+            raise
+        except Exception as exc:
+            cause = _translate(exc, self.peer)
+        self.lost(cause)
+        await self._drain_writer()
+
+    async def _drain_writer(self) -> None:
+        """Let the writer send what is queued (a last Fault, say) for a moment, then stop it."""
+        writer = self._writer
+        if writer is None or writer.done():
+            return
+        self._stopping = True
+        self._wake.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(writer), 0.5)
+        except (TimeoutError, Exception):
+            writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
+
+    def _handle(self, events: list[Any]) -> None:
+        for event in events:
+            if type(event) is ResultReceived:
+                future = event.token
+                if not future.done():
+                    future.set_result(event.result)
+            elif type(event) is CallReceived:
+                call = event.call
+                task = self._loop.create_task(self._serve(call))
+                if not call.one_way:
+                    self._running[call.id] = task
+            elif type(event) is CancelReceived:
+                task: asyncio.Task[None] | None = self._running.pop(event.call_id, None)
+                if task is not None:
+                    task.cancel(f"cancelled by the peer: {event.reason}")
+            elif type(event) is HandshakeDone:
+                if not self.handshake.done():
+                    self.handshake.set_result(event.services)
+            elif type(event) is ReleaseReceived:
+                self._dispatcher.released(event.callback_id, self)
+            elif type(event) is GoAwayReceived:
+                logger.info("%s is going away: %s", self.peer, event.reason)
+            elif type(event) is FaultReceived:
+                logger.warning("%s reports a protocol fault: %s", self.peer, event.message)
+            elif type(event) is PeerMistake:
+                logger.warning("protocol mistake by %s: %s", self.peer, event.message)
+
+    async def _serve(self, call: pb.Call) -> None:
+        """Run one incoming call and send its result."""
+        try:
+            value = await self._dispatcher.dispatch(call, self)
+            result = pb.Result(id=call.id, value=value)
+        except asyncio.CancelledError:
+            if call.id in self._running and self.cause is None:
+                # cancelled locally, not by the peer: the peer still waits for an answer
+                del self._running[call.id]
+                error = codec.encode_error(
+                    CallCancelled("cancelled by the provider"), self.error_types
+                )
+                self._answer(pb.Result(id=call.id, error=error))
+            raise
+        except Exception as exc:
+            error = codec.encode_error(exc, self.error_types, self._send_tracebacks)
+            result = pb.Result(id=call.id, error=error)
+        if not call.one_way and self._running.pop(call.id, None) is not None:
+            self._answer(result)
+
+    def _answer(self, result: pb.Result) -> None:
+        try:
+            self.connection.send_result(result)
+        except LocalProtocolError:  # the stream ended meanwhile
+            return
+        self.flush()
+
+    # ---------------------------------------------------------------- calling
+
+    async def call(self, call: pb.Call, timeout: float | None) -> pb.Result:
+        """Send a call and wait for its result; on timeout send Cancel and raise."""
+        future: asyncio.Future[pb.Result] = self._loop.create_future()
+        call_id = self.connection.send_call(call, future)
+        self.flush()
+        if call.one_way:
+            return pb.Result(id=call_id, value=codec.NULL)
+        try:
+            async with asyncio.timeout(timeout):
+                return await future
+        except TimeoutError:
+            self.connection.send_cancel(call_id, f"deadline of {timeout} s exceeded")
+            self.flush()
+            raise DeadlineExceeded(
+                f"{_call_name(call)} did not finish within {timeout} s"
+            ) from None
+        except asyncio.CancelledError:
+            self.connection.send_cancel(call_id, "cancelled by the caller")
+            self.flush()
+            raise
+
+    # ----------------------------------------------------------------- ending
+
+    def lost(self, cause: BaseException) -> None:
+        """The stream ended: fail every pending call with ``cause``, cancel running ones."""
+        if self.cause is not None:
+            return
+        self.cause = cause
+        futures, _running_ids = self.connection.connection_lost(cause)
+        for future in futures:
+            if not future.done():
+                future.set_exception(type(cause)(str(cause)))
+        for task in self._running.values():
+            task.cancel("the stream ended")
+        self._running.clear()
+        if not self.handshake.done():
+            self.handshake.set_exception(type(cause)(str(cause)))
+            self.handshake.exception()  # retrieved: nobody may be waiting
+        self._closed.set()
+        logger.debug("stream with %s ended: %s", self.peer, cause)
+
+    def go_away(self, reason: str) -> None:
+        """Tell the peer this side accepts no new calls."""
+        self.connection.send_go_away(reason)
+        self.flush()
+
+    async def wait_idle(self) -> None:
+        """Wait until no call the peer sent is still running."""
+        while self._running:
+            await asyncio.gather(*self._running.values(), return_exceptions=True)
+
+
+def coalesce(frames: list[pb.Frame]) -> list[pb.Frame]:
+    """Pack ready frames into as few messages as the batch limits allow."""
+    if len(frames) == 1:
+        return frames
+    messages: list[pb.Frame] = []
+    batch: list[pb.Frame] = []
+    size = 0
+    for frame in frames:
+        frame_size = frame.ByteSize()
+        if batch and (len(batch) >= MAX_BATCH_FRAMES or size + frame_size > MAX_BATCH_BYTES):
+            messages.append(_batch(batch))
+            batch, size = [], 0
+        batch.append(frame)
+        size += frame_size
+    if batch:
+        messages.append(_batch(batch))
+    return messages
+
+
+def _batch(frames: list[pb.Frame]) -> pb.Frame:
+    return frames[0] if len(frames) == 1 else pb.Frame(batch=pb.Batch(frames=frames))
+
+
+def _call_name(call: pb.Call) -> str:
+    if call.callback_id:
+        return f"callback {call.callback_id}.{call.method}"
+    return f"{call.service}.{call.method}"
+
+
+def _translate(exc: BaseException, peer: str) -> TransportError:
+    """The one place grpc's stream errors become backchannel's."""
+    if isinstance(exc, TransportError):
+        return exc
+    if isinstance(exc, grpc.aio.AioRpcError):
+        error = StreamBroken(f"the stream to {peer} broke: {exc.code().name}: {exc.details()}")
+    else:
+        error = StreamBroken(f"the stream to {peer} broke: {type(exc).__name__}: {exc}")
+    error.__cause__ = exc
+    return error
