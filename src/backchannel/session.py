@@ -187,9 +187,9 @@ class Session:
                 if not call.one_way:
                     self._running[call.id] = task
             elif type(event) is CancelReceived:
-                task: asyncio.Task[None] | None = self._running.pop(event.call_id, None)
-                if task is not None:
-                    task.cancel(f"cancelled by the peer: {event.reason}")
+                victim = self._running.pop(event.call_id, None)
+                if victim is not None:
+                    victim.cancel(f"cancelled by the peer: {event.reason}")
             elif type(event) is HandshakeDone:
                 if not self.handshake.done():
                     self.handshake.set_result(event.services)
