@@ -1,0 +1,87 @@
+"""Fixtures: a real provider on 127.0.0.1 with a free port, and raw-frame streams."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine, Iterator
+from typing import Any, TypeVar
+
+import grpc
+import pytest
+from services import Echo, EchoImpl
+
+import backchannel
+from backchannel.v1 import envelope_pb2 as pb
+
+T = TypeVar("T")
+
+
+def run(coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
+    """Run an async test body on a fresh loop, bounded in time."""
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+@pytest.fixture
+def echo_impl() -> EchoImpl:
+    return EchoImpl()
+
+
+@pytest.fixture
+def server(echo_impl: EchoImpl) -> Iterator[backchannel.Server]:
+    """A sync provider exporting Echo plain and as group 'cn' version '1.0.0'."""
+    with backchannel.Server("127.0.0.1:0") as server:
+        server.export(Echo, echo_impl)
+        server.export(Echo, EchoImpl(), group="cn", version="1.0.0")
+        yield server
+
+
+@pytest.fixture
+def client(server: backchannel.Server) -> Iterator[backchannel.Client]:
+    with backchannel.Client(server.address, errors=[]) as client:
+        yield client
+
+
+class RawStream:
+    """A Connect stream driven frame by frame, as grpcurl or a hostile peer would."""
+
+    def __init__(self, address: str) -> None:
+        self.channel = grpc.aio.insecure_channel(address)
+        self.call = self.channel.stream_stream(
+            "/backchannel.v1.Envelope/Connect",
+            request_serializer=pb.Frame.SerializeToString,
+            response_deserializer=pb.Frame.FromString,
+        )()
+        self._buffer: list[pb.Frame] = []
+
+    async def send(self, frame: pb.Frame) -> None:
+        await self.call.write(frame)
+
+    async def recv(self, timeout: float = 2.0) -> pb.Frame:
+        """The next frame, with batches unpacked."""
+        while not self._buffer:
+            frame = await asyncio.wait_for(self.call.read(), timeout)
+            if frame is grpc.aio.EOF:
+                raise EOFError("the provider ended the stream")
+            kind = frame.WhichOneof("kind")
+            self._buffer.extend(frame.batch.frames if kind == "batch" else [frame])
+        return self._buffer.pop(0)
+
+    async def hello(self) -> pb.Welcome:
+        await self.send(pb.Frame(hello=pb.Hello(protocol_version=1, application="raw")))
+        frame = await self.recv()
+        assert frame.WhichOneof("kind") == "welcome", frame
+        return frame.welcome
+
+    async def call_echo(self, call_id: int, value: int) -> pb.Result:
+        """A well-formed call; returns its Result."""
+        arg = pb.Value(int_value=value)
+        await self.send(
+            pb.Frame(call=pb.Call(id=call_id, service="test.Echo", method="echo", args=[arg]))
+        )
+        frame = await self.recv()
+        assert frame.WhichOneof("kind") == "result", frame
+        return frame.result
+
+    async def close(self) -> None:
+        self.call.cancel()
+        await self.channel.close()

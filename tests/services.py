@@ -1,0 +1,91 @@
+"""Interfaces and implementations the end-to-end tests export."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+import backchannel
+
+
+class OutOfStock(Exception):
+    """An application error that consumers may register."""
+
+
+class Unregistered(Exception):
+    """An application error nobody registers: it arrives as RemoteError."""
+
+
+@backchannel.interface("test.Echo")
+class Echo:
+    """What the tests call."""
+
+    def echo(self, value: Any) -> Any: ...
+    def add(self, a: int, b: int) -> int: ...
+    def greet(self, name: str, greeting: str = "Hello") -> str: ...
+    def fail(self, kind: str, message: str) -> None: ...
+    def wait(self, seconds: float) -> str: ...
+    def sync_wait(self, seconds: float) -> str: ...
+    def unsendable(self) -> Any: ...
+
+
+class EchoImpl:
+    """Sync and async methods mixed, as users write them."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.started = threading.Event()
+        self.cancelled = threading.Event()
+
+    def echo(self, value: Any) -> Any:
+        self.calls += 1
+        return value
+
+    async def add(self, a: int, b: int) -> int:
+        return a + b
+
+    def greet(self, name: str, greeting: str = "Hello") -> str:
+        return f"{greeting}, {name}!"
+
+    def fail(self, kind: str, message: str) -> None:
+        errors: dict[str, type[Exception]] = {
+            "ValueError": ValueError,
+            "KeyError": KeyError,
+            "ZeroDivisionError": ZeroDivisionError,
+            "OutOfStock": OutOfStock,
+            "Unregistered": Unregistered,
+        }
+        raise errors[kind](message)
+
+    async def wait(self, seconds: float) -> str:
+        self.started.set()
+        try:
+            await asyncio.sleep(seconds)
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+        return "done"
+
+    def sync_wait(self, seconds: float) -> str:
+        self.started.set()
+        threading.Event().wait(seconds)
+        return "done"
+
+    def unsendable(self) -> Any:
+        return object()
+
+
+@backchannel.interface("test.Echo")
+class EchoWithExtra:
+    """The same service name with a method the provider lacks."""
+
+    def echo(self, value: Any) -> Any: ...
+    def missing(self) -> None: ...
+
+
+@backchannel.interface("test.Nobody")
+class Nobody:
+    """A service nobody exports."""
+
+    def ping(self) -> None: ...
