@@ -5,7 +5,8 @@ Declare an interface, export an implementation on a :class:`Server` (or
 reference; every call of a consumer travels on one long-lived gRPC stream.
 """
 
-from backchannel.client import DEFAULT_TIMEOUT, AsyncClient, Client
+from backchannel.callbacks import ReverseProxy
+from backchannel.client import AsyncClient, Client
 from backchannel.errors import (
     BackchannelError,
     CallbackGone,
@@ -27,14 +28,17 @@ from backchannel.errors import (
     StreamBroken,
     TooManyCallbacks,
     TransportError,
+    UnknownCallback,
 )
 from backchannel.exports import DEFAULT_CALLBACK_LIMIT
-from backchannel.interface import Method, interface
+from backchannel.interface import Argument, Method, interface, method
 from backchannel.server import AsyncServer, Server
+from backchannel.timeouts import DEFAULT_TIMEOUT
 
 __all__ = [
     "DEFAULT_CALLBACK_LIMIT",
     "DEFAULT_TIMEOUT",
+    "Argument",
     "AsyncClient",
     "AsyncServer",
     "BackchannelError",
@@ -54,11 +58,14 @@ __all__ = [
     "ProtocolError",
     "RemoteError",
     "RemoteProtocolError",
+    "ReverseProxy",
     "Server",
     "ServiceNotFound",
     "ShuttingDown",
     "StreamBroken",
     "TooManyCallbacks",
     "TransportError",
+    "UnknownCallback",
     "interface",
+    "method",
 ]

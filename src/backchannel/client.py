@@ -8,109 +8,71 @@ thread and waits for the results.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
-import functools
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
 import grpc
 
 from backchannel import codec
-from backchannel.errors import ChannelClosed, StreamBroken
-from backchannel.interface import (
-    InterfaceSpec,
-    Method,
-    MethodSpec,
-    check_method_names,
-    interface_spec,
-)
+from backchannel.callbacks import CURRENT_CALL, ConsumerCallbacks, parent_in
+from backchannel.errors import ChannelClosed, ServiceNotFound, StreamBroken, UnknownCallback
+from backchannel.interface import Method, MethodSpec
 from backchannel.portal import LoopThread
 from backchannel.protocol import Connection, Role
+from backchannel.reference import Proxy, Reference
 from backchannel.session import Session
+from backchannel.timeouts import DEFAULT_TIMEOUT
 from backchannel.v1 import envelope_pb2 as pb
 
 logger = logging.getLogger("backchannel")
 
 T = TypeVar("T")
 
-#: Dubbo's default call timeout, in seconds
-DEFAULT_TIMEOUT = 1.0
 CONNECT_PATH = "/backchannel.v1.Envelope/Connect"
 
+# error codes that mean the provider refused the call before its method ran, so
+# callback instances the call would have exported were not
+_NOT_RUN = frozenset(
+    {pb.INVALID_ARGUMENT, pb.NOT_FOUND, pb.UNIMPLEMENTED, pb.RESOURCE_EXHAUSTED}
+    | {pb.FAILED_PRECONDITION, pb.UNAVAILABLE}
+)
 
-class _ConsumerDispatcher:
-    """Runs the calls a provider sends to this consumer (callbacks)."""
-
-    async def dispatch(self, call: pb.Call, session: Session) -> pb.Value:
-        raise LookupError(f"callback {call.callback_id} is not exported by this consumer")
-
-    def released(self, callback_id: int, session: Session) -> None:
-        """Nothing to release yet."""
-
-
-class Reference:
-    """What a proxy method needs to make its call: the target and per-method settings."""
-
-    def __init__(
-        self,
-        spec: InterfaceSpec,
-        group: str,
-        version: str,
-        timeout: float | None,
-        methods: dict[str, Method],
-    ) -> None:
-        self.spec = spec
-        self.group = group
-        self.version = version
-        self.timeouts = {
-            name: methods[name].timeout if name in methods and methods[name].timeout else timeout
-            for name in spec.methods
-        }
+CurrentCall = tuple[Session, int] | None
 
 
-class Proxy:
-    """A reference's proxy: one attribute per interface method."""
+class _ConsumerSide:
+    """The consumer's handling of one stream: the provider's declarations and callbacks."""
 
-    def __init__(
-        self,
-        reference: Reference,
-        invoke: Callable[[Reference, MethodSpec, tuple[Any, ...], dict[str, Any]], Any],
-    ) -> None:
-        self._reference = reference
-        for name, method in reference.spec.methods.items():
-            call = functools.partial(_call_proxy, invoke, reference, method)
-            functools.update_wrapper(call, getattr(reference.spec.cls, name))
-            setattr(self, name, call)
+    def __init__(self, session: Session, pool: concurrent.futures.Executor) -> None:
+        self.callbacks = ConsumerCallbacks(session, pool)
+        self.services: dict[tuple[str, str, str], pb.ServiceInfo] = {}
+        self.methods: dict[tuple[str, str, str, str], pb.MethodInfo] = {}
 
-    def __repr__(self) -> str:
-        ref = self._reference
-        return f"<backchannel proxy {ref.spec.name} group={ref.group!r} version={ref.version!r}>"
+    def learn(self, services: Iterable[pb.ServiceInfo]) -> None:
+        """Index the provider's exports from its Welcome."""
+        for service in services:
+            key = (service.name, service.group, service.version)
+            self.services[key] = service
+            for method in service.methods:
+                self.methods[(*key, method.name)] = method
 
+    async def dispatch(self, call: pb.Call) -> pb.Value:
+        if not call.callback_id:
+            raise ServiceNotFound(
+                f"a consumer exports no services (got a call to {call.service}.{call.method}); "
+                "it only runs callbacks it passed to the provider"
+            )
+        return await self.callbacks.run(call)
 
-def _call_proxy(
-    invoke: Callable[[Reference, MethodSpec, tuple[Any, ...], dict[str, Any]], Any],
-    reference: Reference,
-    method: MethodSpec,
-    *args: Any,
-    **kwargs: Any,
-) -> Any:
-    return invoke(reference, method, args, kwargs)
+    def released(self, callback_id: int) -> None:
+        self.callbacks.remove_id(callback_id)
 
-
-def make_reference(
-    interface: type,
-    group: str | None,
-    version: str | None,
-    timeout: float | None,
-    methods: Sequence[Method],
-) -> Reference:
-    """Check a reference's settings and bundle them."""
-    spec = interface_spec(interface)
-    if timeout is not None and not timeout > 0:
-        raise ValueError(f"timeout must be > 0 seconds or None, got {timeout!r}")
-    return Reference(spec, group or "", version or "", timeout, check_method_names(spec, methods))
+    def ended(self, cause: BaseException) -> None:
+        self.callbacks.clear()
 
 
 class AsyncClient:
@@ -123,7 +85,8 @@ class AsyncClient:
             person = await demo.get(2)
 
     One Connect stream is opened on the first call and every call shares it; when it
-    breaks, the next call opens a new one.
+    breaks, the next call opens a new one. Sync listener methods run in a thread pool of
+    ``max_workers`` threads, ``async def`` ones on the loop.
     """
 
     def __init__(
@@ -134,16 +97,22 @@ class AsyncClient:
         timeout: float | None = DEFAULT_TIMEOUT,
         connect_timeout: float = 5.0,
         errors: Iterable[type[BaseException]] = (),
+        max_workers: int = 32,
     ) -> None:
         if not isinstance(address, str) or ":" not in address:
             raise ValueError(f"address must be 'host:port', got {address!r}")
+        if timeout is not None and not timeout > 0:
+            raise ValueError(f"timeout must be > 0 seconds or None, got {timeout!r}")
         self.address = address
+        self.timeout = timeout
         self._application = application
-        self._timeout = timeout
         self._connect_timeout = connect_timeout
         self._error_types = codec.ErrorTypes(errors)
-        self._dispatcher = _ConsumerDispatcher()
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=max_workers, thread_name_prefix="backchannel-callback"
+        )
         self._channel: grpc.aio.Channel | None = None
+        self._stream: Any = None
         self._session: Session | None = None
         self._reader: asyncio.Task[None] | None = None
         self._opening: asyncio.Lock | None = None
@@ -163,36 +132,80 @@ class AsyncClient:
         methods: Sequence[Method] = (),
     ) -> T:
         """A proxy whose methods are coroutines calling the provider's ``interface``."""
-        ref = make_reference(
-            interface, group, version, self._timeout if timeout is None else timeout, methods
+        ref = Reference(
+            interface, group, version, self.timeout if timeout is None else timeout, methods
         )
         return Proxy(ref, self._invoke_coroutine)  # type: ignore[return-value]
 
     def _invoke_coroutine(
         self, ref: Reference, method: MethodSpec, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
-        return self.invoke(ref, method, args, kwargs)
+        return self.invoke(ref, method, args, kwargs, CURRENT_CALL.get())
 
     async def invoke(
-        self, ref: Reference, method: MethodSpec, args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        ref: Reference,
+        method: MethodSpec,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        current: CurrentCall = None,
     ) -> Any:
-        """Make one call through a reference (what proxy methods do)."""
+        """Make one call through a reference (what proxy methods do).
+
+        ``current`` is the incoming callback call the caller runs in, if any: the call
+        carries it as its parent so the provider's nested callbacks run at once.
+        """
         positional = method.bind(args, kwargs)
-        where = f"{method.qualname}()"
+        session = await self._ensure_session()
+        side: _ConsumerSide = session.dispatcher  # type: ignore[assignment]
+        key = ref.key
+        service = side.services.get(key)
+        info = side.methods.get((*key, method.name))
+        values, fresh, removed = side.callbacks.encode_args(
+            method, ref.spec.name, positional, info, service.callbacks if service else None
+        )
+        one_way = info.one_way if info is not None else method.one_way
         call = pb.Call(
             service=ref.spec.name,
             group=ref.group,
             version=ref.version,
             method=method.name,
-            args=codec.encode_args(positional, method.parameters, where, None),
+            args=values,
+            one_way=one_way,
         )
-        session = await self._ensure_session()
-        result = await session.call(call, ref.timeouts[method.name])
+        result = await session.call(call, ref.timeouts[method.name], parent_in(session, current))
         if result.HasField("error"):
+            if result.error.code in _NOT_RUN:
+                for entry in fresh:  # the provider exported nothing: neither do we
+                    side.callbacks.remove(entry)
+            else:
+                for entry in removed:
+                    side.callbacks.remove(entry)
             raise codec.decode_error(result.error, self._error_types)
+        for entry in removed:
+            side.callbacks.remove(entry)
         if not result.HasField("value"):
             return None
-        return codec.decode(result.value, f"the result of {where}")
+        return codec.decode(result.value, f"the result of {method.qualname}()")
+
+    async def release(self, listener: object) -> None:
+        """End a callback instance this client exported (Dubbo has no such thing)."""
+        session = self._session
+        side: _ConsumerSide | None = session.dispatcher if session else None  # type: ignore[assignment]
+        entry = side.callbacks.find(listener) if side else None
+        if session is None or side is None or entry is None:
+            raise UnknownCallback(
+                f"{listener!r} is not a live callback on the stream to {self.address}"
+            )
+        side.callbacks.remove(entry)
+        session.connection.send_release(entry.id)
+        session.flush()
+
+    @property
+    def callback_count(self) -> int:
+        """How many callback instances this client has exported on its current stream."""
+        side: _ConsumerSide | None = self._session.dispatcher if self._session else None  # type: ignore[assignment]
+        return len(side.callbacks) if side else 0
 
     async def _ensure_session(self) -> Session:
         session = self._session
@@ -221,15 +234,21 @@ class AsyncClient:
             Role.CONSUMER, self._application
         )
         session = Session(
-            connection, stream.write, self._dispatcher, self._error_types, peer=self.address
+            connection,
+            stream.write,
+            lambda session: _ConsumerSide(session, self._pool),
+            self._error_types,
+            peer=self.address,
         )
         connection.start()
         session.flush()
-        self._reader = asyncio.create_task(
+        reader = asyncio.create_task(
             session.run(stream.read), name=f"backchannel-reader {self.address}"
         )
         try:
-            await asyncio.wait_for(asyncio.shield(session.handshake), self._connect_timeout)
+            services = await asyncio.wait_for(
+                asyncio.shield(session.handshake), self._connect_timeout
+            )
         except TimeoutError:
             stream.cancel()
             raise StreamBroken(
@@ -237,8 +256,8 @@ class AsyncClient:
             ) from None
         except StreamBroken as exc:
             raise StreamBroken(f"cannot connect to {self.address}: {exc}") from exc
-        self._session = session
-        self._stream = stream
+        session.dispatcher.learn(services)  # type: ignore[attr-defined]
+        self._session, self._stream, self._reader = session, stream, reader
         return session
 
     async def close(self) -> None:
@@ -259,6 +278,7 @@ class AsyncClient:
         if self._channel is not None:
             await self._channel.close(None)
             self._channel = None
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -287,6 +307,7 @@ class Client:
         timeout: float | None = DEFAULT_TIMEOUT,
         connect_timeout: float = 5.0,
         errors: Iterable[type[BaseException]] = (),
+        max_workers: int = 32,
     ) -> None:
         self._core = AsyncClient(
             address,
@@ -294,6 +315,7 @@ class Client:
             timeout=timeout,
             connect_timeout=connect_timeout,
             errors=errors,
+            max_workers=max_workers,
         )
         self._portal = LoopThread(f"backchannel-client {address}")
 
@@ -301,6 +323,11 @@ class Client:
     def address(self) -> str:
         """The provider address."""
         return self._core.address
+
+    @property
+    def callback_count(self) -> int:
+        """See :attr:`AsyncClient.callback_count`."""
+        return self._core.callback_count
 
     def register_error(self, cls: type[BaseException]) -> None:
         """See :meth:`AsyncClient.register_error`."""
@@ -316,19 +343,21 @@ class Client:
         methods: Sequence[Method] = (),
     ) -> T:
         """A proxy whose methods call the provider's ``interface`` and block for the result."""
-        ref = make_reference(
-            interface,
-            group,
-            version,
-            self._core._timeout if timeout is None else timeout,
-            methods,
+        ref = Reference(
+            interface, group, version, self._core.timeout if timeout is None else timeout, methods
         )
         return Proxy(ref, self._invoke_blocking)  # type: ignore[return-value]
 
     def _invoke_blocking(
         self, ref: Reference, method: MethodSpec, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
-        return self._portal.run(self._core.invoke(ref, method, args, kwargs))
+        # the caller's context (a callback it runs in) is read here, in its own thread
+        work = self._core.invoke(ref, method, args, kwargs, CURRENT_CALL.get())
+        return self._portal.run(work)
+
+    def release(self, listener: object) -> None:
+        """See :meth:`AsyncClient.release`."""
+        self._portal.run(self._core.release(listener))
 
     def close(self) -> None:
         """End the stream and stop the background loop."""

@@ -21,6 +21,7 @@
         ├── ServiceNotFound
         ├── MethodNotFound
         ├── TooManyCallbacks
+        ├── UnknownCallback (LookupError)   removing what was never added
         └── ShuttingDown
 
 Foreign errors (grpc's) are translated in exactly one place, the transport, and chained
@@ -116,6 +117,10 @@ class MethodNotFound(CallError):
 
 class TooManyCallbacks(CallError):
     """The service's limit of live callback instances on this stream was reached."""
+
+
+class UnknownCallback(CallError, LookupError):
+    """The object is not a live callback instance on this stream (never added, or removed)."""
 
 
 class ShuttingDown(CallError):

@@ -16,14 +16,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from backchannel import codec
-from backchannel.errors import MethodNotFound, ServiceNotFound
-from backchannel.interface import (
-    InterfaceSpec,
-    Method,
-    MethodSpec,
-    check_method_names,
-    interface_spec,
-)
+from backchannel.callbacks import ProviderCallbacks, ReverseProxy
+from backchannel.errors import InvalidArguments, MethodNotFound, ServiceNotFound
+from backchannel.interface import InterfaceSpec, Method, MethodSpec, apply_settings, interface_spec
 from backchannel.v1 import envelope_pb2 as pb
 
 #: the seed's callbacks="1000": live callback instances per service per stream
@@ -68,7 +63,12 @@ class Export:
             callbacks=self.callbacks,
             methods=[
                 pb.MethodInfo(
-                    name=m.spec.name, parameters=m.spec.parameters, required=m.spec.required
+                    name=m.spec.name,
+                    parameters=m.spec.parameters,
+                    required=m.spec.required,
+                    callback_arguments=sorted(m.spec.callbacks),
+                    remover_arguments=sorted(m.spec.removers),
+                    one_way=m.spec.one_way,
                 )
                 for m in self.methods.values()
             ],
@@ -100,11 +100,11 @@ class Exports:
     ) -> Export:
         """Export ``impl`` as ``interface``; every problem is a clear error, raised now."""
         spec = interface_spec(interface)
-        check_method_names(spec, methods)
+        effective = apply_settings(spec, methods)
         if not isinstance(callbacks, int) or callbacks < 0:
             raise ValueError(f"callbacks must be an int >= 0, got {callbacks!r}")
         bound: dict[str, ExportedMethod] = {}
-        for name, method in spec.methods.items():
+        for name, method in effective.items():
             function = getattr(impl, name, None)
             if not callable(function):
                 raise TypeError(f"{type(impl).__name__} does not implement {spec.name}.{name}()")
@@ -144,17 +144,39 @@ class Exports:
             )
         return export, method
 
-    async def run(self, call: pb.Call, callbacks: codec.CallbackDecoder | None) -> pb.Value:
+    async def run(self, call: pb.Call, callbacks: ProviderCallbacks | None) -> pb.Value:
         """Decode the arguments, run the method (async on the loop, sync in the pool),
-        and encode what it returned."""
-        _export, method = self.method(call)
-        where = f"{method.spec.qualname}()"
-        args = codec.decode_args(call.args, where, callbacks)
-        method.spec.check_count(len(args))
-        if method.is_async:
-            result = await method.function(*args)
+        and encode what it returned.
+
+        ``callbacks`` is the stream's callback table; None on the unary Invoke, where a
+        method with callback arguments cannot be called.
+        """
+        export, method = self.method(call)
+        spec = method.spec
+        where = f"{spec.qualname}()"
+        removed: list[ReverseProxy] = []
+        if callbacks is None:
+            if spec.callbacks or spec.removers:
+                raise InvalidArguments(
+                    f"{where} takes callback arguments, which need a stream: call it "
+                    "through Connect (a backchannel client), not Invoke"
+                )
+            args = codec.decode_args(call.args, where)
+            spec.check_count(len(args))
         else:
-            context = contextvars.copy_context()
-            work = functools.partial(context.run, method.function, *args)
-            result = await asyncio.get_running_loop().run_in_executor(self._pool, work)
+            args, commit, removed = callbacks.decode_args(
+                spec, export.spec.name, export.callbacks, call.args
+            )
+            spec.check_count(len(args))
+            commit()
+        try:
+            if method.is_async:
+                result = await method.function(*args)
+            else:
+                context = contextvars.copy_context()
+                work = functools.partial(context.run, method.function, *args)
+                result = await asyncio.get_running_loop().run_in_executor(self._pool, work)
+        finally:
+            for proxy in removed:  # the consumer un-exports them when the result arrives
+                callbacks.release(proxy.callback_id)  # type: ignore[union-attr]
         return codec.encode(result, f"the result of {where}")

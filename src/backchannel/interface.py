@@ -12,7 +12,9 @@ excluded) are the positional arguments on the wire.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -22,6 +24,7 @@ from backchannel.errors import InvalidArguments
 T = TypeVar("T")
 
 _SPEC_ATTRIBUTE = "_backchannel_interface"
+_METHOD_ATTRIBUTE = "_backchannel_method"
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +43,29 @@ class MethodSpec:
     variadic: bool
     #: the signature, used to map keyword arguments onto positions
     signature: inspect.Signature = field(repr=False, compare=False)
+    #: the declaring function, for its type annotations (resolved lazily)
+    function: Callable[..., Any] | None = field(default=None, repr=False, compare=False)
+    #: indexes of arguments that are callbacks
+    callbacks: frozenset[int] = frozenset()
+    #: indexes of arguments that release a callback added earlier (Dubbo's callback="false")
+    removers: frozenset[int] = frozenset()
+    #: True when the caller does not wait for a result
+    one_way: bool = False
+
+    def parameter_type(self, index: int) -> Any:
+        """The annotation of parameter ``index``, resolved; None when there is none."""
+        if self.function is None or index >= len(self.parameters):
+            return None
+        try:
+            hints = typing.get_type_hints(self.function)
+        except Exception:  # an unresolvable forward reference: no type to go by
+            return None
+        return hints.get(self.parameters[index])
+
+    def listener_interface(self, index: int) -> InterfaceSpec | None:
+        """The interface a callback argument is annotated with, when it is one."""
+        hint = self.parameter_type(index)
+        return find_interface_spec(hint) if isinstance(hint, type) else None
 
     @property
     def qualname(self) -> str:
@@ -111,9 +137,11 @@ def method_spec(service: str, name: str, function: Callable[..., Any]) -> Method
             )
     required = sum(1 for p in positional if p.default is p.empty)
     variadic = any(p.kind is p.VAR_POSITIONAL for p in params)
-    return MethodSpec(
-        name, service, tuple(p.name for p in positional), required, variadic, signature
+    spec = MethodSpec(
+        name, service, tuple(p.name for p in positional), required, variadic, signature, function
     )
+    declared: Method | None = getattr(function, _METHOD_ATTRIBUTE, None)
+    return spec if declared is None else apply_method(spec, declared)
 
 
 def interface(name: str) -> Callable[[type[T]], type[T]]:
@@ -128,6 +156,15 @@ def interface(name: str) -> Callable[[type[T]], type[T]]:
     return declare
 
 
+def find_interface_spec(cls: type) -> InterfaceSpec | None:
+    """The spec of ``cls`` or of the first interface among its bases, or None."""
+    for klass in cls.__mro__:
+        spec = vars(klass).get(_SPEC_ATTRIBUTE)
+        if isinstance(spec, InterfaceSpec):
+            return spec
+    return None
+
+
 def interface_spec(cls: type) -> InterfaceSpec:
     """The spec of a class declared with :func:`interface`, or a clear TypeError."""
     spec = vars(cls).get(_SPEC_ATTRIBUTE) if isinstance(cls, type) else None
@@ -140,6 +177,21 @@ def interface_spec(cls: type) -> InterfaceSpec:
 
 
 @dataclass(frozen=True)
+class Argument:
+    """Declares one argument of a method, as Dubbo's ``<dubbo:argument>``.
+
+    By ``index`` (from 0, ``self`` excluded) or by ``type`` (the first parameter
+    annotated with that type). ``callback=True`` makes the argument a callback: the
+    provider receives a reverse proxy. ``callback=False`` makes it a *remover*: the
+    provider receives the proxy added earlier, and the instance ends after the call.
+    """
+
+    index: int | None = None
+    type: type | None = None
+    callback: bool = True
+
+
+@dataclass(frozen=True)
 class Method:
     """Per-method settings of a reference (consumer) or an export (provider)."""
 
@@ -147,18 +199,74 @@ class Method:
     name: str
     #: seconds to wait for the result (consumer); None keeps the reference's timeout
     timeout: float | None = None
+    #: callback and remover arguments
+    arguments: Sequence[Argument] = ()
+    #: True: the caller does not wait for a result; None keeps the interface's choice
+    one_way: bool | None = None
 
 
-def check_method_names(spec: InterfaceSpec, methods: Sequence[Method]) -> dict[str, Method]:
-    """Index per-method settings by name; a name the interface lacks is a clear error."""
-    by_name: dict[str, Method] = {}
-    for method in methods:
-        if method.name not in spec.methods:
-            known = ", ".join(sorted(spec.methods)) or "none"
-            raise ValueError(f"{spec.name} has no method {method.name!r} (its methods: {known})")
-        if method.timeout is not None and not method.timeout > 0:
+def method(*, arguments: Sequence[Argument] = (), one_way: bool = False) -> Callable[[T], T]:
+    """Declare callback arguments or one-way on an interface method itself::
+
+    @backchannel.interface("com.callback.CallbackService")
+    class CallbackService:
+        @backchannel.method(arguments=[backchannel.Argument(index=1)])
+        def addListener(self, key: str, listener: CallbackListener) -> None: ...
+    """
+
+    def declare(function: T) -> T:
+        name = getattr(function, "__name__", "?")
+        setattr(function, _METHOD_ATTRIBUTE, Method(name, arguments=arguments, one_way=one_way))
+        return function
+
+    return declare
+
+
+def apply_method(spec: MethodSpec, settings: Method) -> MethodSpec:
+    """The method with ``settings`` applied; a bad argument declaration is a clear error."""
+    callbacks, removers = set(spec.callbacks), set(spec.removers)
+    for argument in settings.arguments:
+        index = _argument_index(spec, argument)
+        (callbacks if argument.callback else removers).add(index)
+        (removers if argument.callback else callbacks).discard(index)
+    one_way = spec.one_way if settings.one_way is None else settings.one_way
+    return dataclasses.replace(
+        spec, callbacks=frozenset(callbacks), removers=frozenset(removers), one_way=one_way
+    )
+
+
+def _argument_index(spec: MethodSpec, argument: Argument) -> int:
+    if (argument.index is None) == (argument.type is None):
+        raise ValueError(f"{spec.qualname}: an Argument takes exactly one of index= or type=")
+    if argument.index is not None:
+        if not 0 <= argument.index < len(spec.parameters):
             raise ValueError(
-                f"{spec.name}.{method.name}: timeout must be > 0, got {method.timeout}"
+                f"{spec.qualname}: argument index {argument.index} is out of range; "
+                f"its parameters are {', '.join(spec.parameters) or 'none'} (counted from 0)"
             )
-        by_name[method.name] = method
+        return argument.index
+    for index in range(len(spec.parameters)):
+        if spec.parameter_type(index) is argument.type:
+            return index
+    raise ValueError(
+        f"{spec.qualname}: no parameter is annotated with {argument.type!r} "
+        "(Argument(type=...) picks the first parameter of that type)"
+    )
+
+
+def apply_settings(spec: InterfaceSpec, methods: Sequence[Method]) -> dict[str, MethodSpec]:
+    """Every method of the interface with its per-method settings applied.
+
+    A name the interface lacks, or a bad timeout or argument, is a clear error.
+    """
+    by_name = dict(spec.methods)
+    for settings in methods:
+        if settings.name not in spec.methods:
+            known = ", ".join(sorted(spec.methods)) or "none"
+            raise ValueError(f"{spec.name} has no method {settings.name!r} (its methods: {known})")
+        if settings.timeout is not None and not settings.timeout > 0:
+            raise ValueError(
+                f"{spec.name}.{settings.name}: timeout must be > 0, got {settings.timeout}"
+            )
+        by_name[settings.name] = apply_method(by_name[settings.name], settings)
     return by_name

@@ -17,12 +17,14 @@ from typing import Any
 import grpc
 
 from backchannel import codec
-from backchannel.errors import ChannelClosed
+from backchannel.callbacks import ProviderCallbacks
+from backchannel.errors import ChannelClosed, UnknownCallback
 from backchannel.exports import DEFAULT_CALLBACK_LIMIT, Exports
 from backchannel.interface import Method
 from backchannel.portal import LoopThread
 from backchannel.protocol import PROTOCOL_VERSION, Connection, Role
 from backchannel.session import Session
+from backchannel.timeouts import DEFAULT_TIMEOUT
 from backchannel.v1 import envelope_pb2 as pb
 
 logger = logging.getLogger("backchannel")
@@ -30,19 +32,26 @@ logger = logging.getLogger("backchannel")
 SERVICE_NAME = "backchannel.v1.Envelope"
 
 
-class _ProviderDispatcher:
-    """Runs forward calls arriving on a provider's stream."""
+class _ProviderSide:
+    """The provider's handling of one consumer's stream: forward calls and its callbacks."""
 
-    def __init__(self, exports: Exports) -> None:
+    def __init__(self, exports: Exports, session: Session, callback_timeout: float | None) -> None:
         self._exports = exports
+        self.callbacks = ProviderCallbacks(session, callback_timeout)
 
-    async def dispatch(self, call: pb.Call, session: Session) -> pb.Value:
+    async def dispatch(self, call: pb.Call) -> pb.Value:
         if call.callback_id:
-            raise LookupError(f"callback {call.callback_id} is not exported by this side")
-        return await self._exports.run(call, callbacks=None)
+            raise UnknownCallback(
+                f"callback {call.callback_id}: a provider exports no callbacks; "
+                "callback ids name objects on the consumer"
+            )
+        return await self._exports.run(call, self.callbacks)
 
-    def released(self, callback_id: int, session: Session) -> None:
-        """No callbacks live on the provider side."""
+    def released(self, callback_id: int) -> None:
+        self.callbacks.release(callback_id)
+
+    def ended(self, cause: BaseException) -> None:
+        self.callbacks.clear(f"the stream ended: {cause}")
 
 
 class AsyncServer:
@@ -64,6 +73,7 @@ class AsyncServer:
         max_workers: int = 32,
         send_tracebacks: bool = False,
         errors: Iterable[type[BaseException]] = (),
+        callback_timeout: float | None = DEFAULT_TIMEOUT,
     ) -> None:
         self._requested_address = address
         self._application = application
@@ -73,7 +83,7 @@ class AsyncServer:
             max_workers=max_workers, thread_name_prefix="backchannel-provider"
         )
         self._exports = Exports(self._pool, self._error_types)
-        self._dispatcher = _ProviderDispatcher(self._exports)
+        self._callback_timeout = callback_timeout
         self._grpc: grpc.aio.Server | None = None
         self._port = 0
         self._sessions: set[Session] = set()
@@ -189,7 +199,7 @@ class AsyncServer:
         session = Session(
             connection,
             context.write,
-            self._dispatcher,
+            lambda session: _ProviderSide(self._exports, session, self._callback_timeout),
             self._error_types,
             peer=context.peer(),
             send_tracebacks=self._send_tracebacks,
@@ -204,7 +214,7 @@ class AsyncServer:
         self, call: pb.Call, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.Result:
         try:
-            value = await self._exports.run(call, callbacks=None)
+            value = await self._exports.run(call, None)
         except Exception as exc:
             error = codec.encode_error(exc, self._error_types, self._send_tracebacks)
             return pb.Result(id=call.id, error=error)
@@ -243,6 +253,7 @@ class Server:
         max_workers: int = 32,
         send_tracebacks: bool = False,
         errors: Iterable[type[BaseException]] = (),
+        callback_timeout: float | None = DEFAULT_TIMEOUT,
     ) -> None:
         self._core = AsyncServer(
             address,
@@ -250,6 +261,7 @@ class Server:
             max_workers=max_workers,
             send_tracebacks=send_tracebacks,
             errors=errors,
+            callback_timeout=callback_timeout,
         )
         self._portal: LoopThread | None = None
 

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import grpc
 
 from backchannel import codec
+from backchannel.callbacks import CURRENT_CALL
 from backchannel.errors import (
     CallCancelled,
     DeadlineExceeded,
@@ -49,18 +50,23 @@ MAX_BATCH_FRAMES = 512
 MAX_BATCH_BYTES = 1 << 20
 
 Read = Callable[[], Awaitable[Any]]
+Future = asyncio.Future[pb.Result]
 Write = Callable[[pb.Frame], Awaitable[None]]
 
 
 class Dispatcher(Protocol):
-    """Runs the calls the peer sends on a session."""
+    """One side's handling of what the peer sends on one session."""
 
-    async def dispatch(self, call: pb.Call, session: Session) -> pb.Value:
+    async def dispatch(self, call: pb.Call) -> pb.Value:
         """Run one call; return its encoded result or raise its exception."""
         ...
 
-    def released(self, callback_id: int, session: Session) -> None:
+    def released(self, callback_id: int) -> None:
         """The peer ended a callback instance."""
+        ...
+
+    def ended(self, cause: BaseException) -> None:
+        """The stream ended."""
         ...
 
 
@@ -69,9 +75,9 @@ class Session:
 
     def __init__(
         self,
-        connection: Connection[asyncio.Future[pb.Result]],
+        connection: Connection[Future],
         write: Write,
-        dispatcher: Dispatcher,
+        dispatcher: Callable[[Session], Dispatcher],
         error_types: codec.ErrorTypes,
         *,
         peer: str,
@@ -81,9 +87,13 @@ class Session:
         self.peer = peer
         self.error_types = error_types
         self._write = write
-        self._dispatcher = dispatcher
         self._send_tracebacks = send_tracebacks
         self._loop = asyncio.get_running_loop()
+        self._timers: dict[int, asyncio.TimerHandle] = {}
+        # the call tree, for re-entrancy: outgoing call id -> the incoming call it was
+        # made during, and incoming call id -> the outgoing call it was made during
+        self._outgoing_parent: dict[int, int] = {}
+        self._incoming_parent: dict[int, int] = {}
         self._queue: list[pb.Frame] = []
         self._wake = asyncio.Event()
         self._running: dict[int, asyncio.Task[None]] = {}
@@ -94,6 +104,20 @@ class Session:
         self.handshake: asyncio.Future[tuple[pb.ServiceInfo, ...]] = self._loop.create_future()
         #: why the stream ended, once it has
         self.cause: BaseException | None = None
+        #: this side's handling of the peer's calls on this stream
+        self.dispatcher = dispatcher(self)
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop the session runs on."""
+        return self._loop
+
+    def in_loop_thread(self) -> bool:
+        """True when called from code running on this session's loop."""
+        try:
+            return asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            return False
 
     # ------------------------------------------------------------------ state
 
@@ -179,6 +203,11 @@ class Session:
         for event in events:
             if type(event) is ResultReceived:
                 future = event.token
+                call_id = event.result.id
+                timer = self._timers.pop(call_id, None)
+                if timer is not None:
+                    timer.cancel()
+                self._outgoing_parent.pop(call_id, None)
                 if not future.done():
                     future.set_result(event.result)
             elif type(event) is CallReceived:
@@ -194,7 +223,7 @@ class Session:
                 if not self.handshake.done():
                     self.handshake.set_result(event.services)
             elif type(event) is ReleaseReceived:
-                self._dispatcher.released(event.callback_id, self)
+                self.dispatcher.released(event.callback_id)
             elif type(event) is GoAwayReceived:
                 logger.info("%s is going away: %s", self.peer, event.reason)
             elif type(event) is FaultReceived:
@@ -204,8 +233,13 @@ class Session:
 
     async def _serve(self, call: pb.Call) -> None:
         """Run one incoming call and send its result."""
+        CURRENT_CALL.set(
+            (self, call.id)
+        )  # this task's own context: calls made here are its children
+        if call.parent_id:
+            self._incoming_parent[call.id] = call.parent_id
         try:
-            value = await self._dispatcher.dispatch(call, self)
+            value = await self.dispatcher.dispatch(call)
             result = pb.Result(id=call.id, value=value)
         except asyncio.CancelledError:
             if call.id in self._running and self.cause is None:
@@ -219,6 +253,8 @@ class Session:
         except Exception as exc:
             error = codec.encode_error(exc, self.error_types, self._send_tracebacks)
             result = pb.Result(id=call.id, error=error)
+        finally:
+            self._incoming_parent.pop(call.id, None)
         if not call.one_way and self._running.pop(call.id, None) is not None:
             self._answer(result)
 
@@ -231,26 +267,60 @@ class Session:
 
     # ---------------------------------------------------------------- calling
 
-    async def call(self, call: pb.Call, timeout: float | None) -> pb.Result:
-        """Send a call and wait for its result; on timeout send Cancel and raise."""
-        future: asyncio.Future[pb.Result] = self._loop.create_future()
+    def start_call(self, call: pb.Call, timeout: float | None, parent: int = 0) -> Future:
+        """Send a call now; return a future for its Result.
+
+        ``parent`` is the id of the incoming call this one is made during (0: none). On
+        timeout the future fails with DeadlineExceeded and the peer gets a Cancel.
+        """
+        future: Future = self._loop.create_future()
+        if parent:
+            call.parent_id = parent
         call_id = self.connection.send_call(call, future)
         self.flush()
         if call.one_way:
-            return pb.Result(id=call_id, value=codec.NULL)
+            future.set_result(pb.Result(id=call_id, value=codec.NULL))
+            return future
+        if parent:
+            self._outgoing_parent[call_id] = parent
+        if timeout is not None:
+            self._timers[call_id] = self._loop.call_later(
+                timeout, self._expire, call_id, future, _call_name(call), timeout
+            )
+        return future
+
+    def _expire(self, call_id: int, future: Future, name: str, timeout: float) -> None:
+        self._timers.pop(call_id, None)
+        self.abandon(call_id, f"deadline of {timeout} s exceeded")
+        if not future.done():
+            future.set_exception(DeadlineExceeded(f"{name} did not finish within {timeout} s"))
+
+    def abandon(self, call_id: int, reason: str) -> None:
+        """Stop waiting for an outgoing call and tell the peer to stop running it."""
+        timer = self._timers.pop(call_id, None)
+        if timer is not None:
+            timer.cancel()
+        self._outgoing_parent.pop(call_id, None)
+        self.connection.send_cancel(call_id, reason)
+        self.flush()
+
+    async def call(self, call: pb.Call, timeout: float | None, parent: int = 0) -> pb.Result:
+        """Send a call and wait for its result; a cancelled caller cancels the call."""
+        future = self.start_call(call, timeout, parent)
         try:
-            async with asyncio.timeout(timeout):
-                return await future
-        except TimeoutError:
-            self.connection.send_cancel(call_id, f"deadline of {timeout} s exceeded")
-            self.flush()
-            raise DeadlineExceeded(
-                f"{_call_name(call)} did not finish within {timeout} s"
-            ) from None
+            return await future
         except asyncio.CancelledError:
-            self.connection.send_cancel(call_id, "cancelled by the caller")
-            self.flush()
+            self.abandon(call.id, "cancelled by the caller")
             raise
+
+    def ancestors(self, parent_id: int) -> set[int]:
+        """The incoming calls up the chain from an outgoing call ``parent_id``."""
+        chain: set[int] = set()
+        incoming = self._outgoing_parent.get(parent_id, 0)
+        while incoming and incoming not in chain:
+            chain.add(incoming)
+            incoming = self._outgoing_parent.get(self._incoming_parent.get(incoming, 0), 0)
+        return chain
 
     # ----------------------------------------------------------------- ending
 
@@ -269,6 +339,11 @@ class Session:
         if not self.handshake.done():
             self.handshake.set_exception(type(cause)(str(cause)))
             self.handshake.exception()  # retrieved: nobody may be waiting
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        self._outgoing_parent.clear()
+        self.dispatcher.ended(cause)
         self._closed.set()
         logger.debug("stream with %s ended: %s", self.peer, cause)
 

@@ -1,0 +1,511 @@
+"""Parameter callbacks: the consumer's table of exported listener objects, the provider's
+table of reverse proxies, and the reverse proxy itself.
+
+Both tables live and die with one stream. Callback ids are allocated per stream by the
+consumer (never ``id()``: it is reused after garbage collection); the provider keeps one
+:class:`ReverseProxy` per id, so the same listener passed twice arrives as the same
+proxy object.
+
+An instance ends when the consumer releases it, a remover argument receives it, the
+provider calls :meth:`ReverseProxy.release`, or the stream ends; calling its proxy after
+that raises :class:`CallbackGone` at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import contextvars
+import functools
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from backchannel import codec
+from backchannel.errors import (
+    CallbackGone,
+    EncodeError,
+    InvalidArguments,
+    MethodNotFound,
+    TooManyCallbacks,
+    UnknownCallback,
+)
+from backchannel.interface import InterfaceSpec, MethodSpec, find_interface_spec
+from backchannel.v1 import envelope_pb2 as pb
+
+if TYPE_CHECKING:
+    from backchannel.session import Session
+
+#: (session, id of the incoming call) while this side runs a call the peer sent; calls
+#: made meanwhile carry that id as their parent so the peer can tell re-entrant calls
+CURRENT_CALL: contextvars.ContextVar[tuple[Session, int] | None] = contextvars.ContextVar(
+    "backchannel_current_call", default=None
+)
+
+
+def parent_in(session: Session, current: tuple[Session, int] | None) -> int:
+    """The parent call id for a call made on ``session`` in the ``current`` context."""
+    if current is not None and current[0] is session:
+        return current[1]
+    return 0
+
+
+def limit_error(service: str, limit: int, live: int, adding: int) -> TooManyCallbacks:
+    """The error for a call that would pass a service's callback limit."""
+    return TooManyCallbacks(
+        f"{service} allows at most {limit} live callback instance{'s' if limit != 1 else ''} "
+        f"per stream; {live} {'is' if live == 1 else 'are'} live and this call adds {adding}. "
+        "Release some (client.release(listener) or a remover method), or raise the "
+        "limit with export(..., callbacks=N)"
+    )
+
+
+# ------------------------------------------------------------------ consumer
+
+
+@dataclass(eq=False)
+class ExportedCallback:
+    """A listener object the consumer exported on one stream."""
+
+    id: int
+    obj: object
+    interface: InterfaceSpec | None
+    #: the services whose callback limit this instance counts against
+    services: set[str] = field(default_factory=set)
+    #: calls to one instance run one at a time, in arrival order
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    #: the incoming call id that holds ``lock`` now (0 when none)
+    holder: int = 0
+
+
+class ConsumerCallbacks:
+    """The consumer's side of one stream: its exported listeners, and running their calls."""
+
+    def __init__(self, session: Session, pool: concurrent.futures.Executor) -> None:
+        self._session = session
+        self._pool = pool
+        self._by_id: dict[int, ExportedCallback] = {}
+        self._by_object: dict[int, ExportedCallback] = {}  # id(obj) is safe: we hold obj
+        self._per_service: collections.Counter[str] = collections.Counter()
+        self._next_id = 1
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def find(self, obj: object) -> ExportedCallback | None:
+        """The live instance of ``obj`` on this stream, if any."""
+        return self._by_object.get(id(obj))
+
+    def encode_args(
+        self,
+        method: MethodSpec,
+        service: str,
+        args: Sequence[object],
+        info: pb.MethodInfo | None,
+        limit: int | None,
+    ) -> tuple[list[pb.Value], list[ExportedCallback], list[ExportedCallback]]:
+        """Encode a forward call's arguments, exporting its callback arguments.
+
+        Returns (values, instances newly exported by this call, instances it removes).
+        Nothing is exported when this raises.
+        """
+        callbacks, removers = declared_arguments(method, info)
+        where = f"{method.qualname}()"
+        values: list[pb.Value] = []
+        fresh: list[ExportedCallback] = []
+        involved: list[ExportedCallback] = []
+        removed: list[ExportedCallback] = []
+        for index, arg in enumerate(args):
+            name = f" {method.parameters[index]!r}" if index < len(method.parameters) else ""
+            place = f"argument {index}{name} of {where}"
+            if index in callbacks and arg is not None:
+                _check_listener(arg, place)
+                entry = self.find(arg) or next((e for e in fresh if e.obj is arg), None)
+                if entry is None:
+                    entry = ExportedCallback(
+                        self._next_id, arg, _listener_interface(method, index, arg)
+                    )
+                    self._next_id += 1
+                    fresh.append(entry)
+                if entry not in involved:
+                    involved.append(entry)
+                ref = pb.CallbackRef(id=entry.id, interface=_interface_name(entry))
+                values.append(pb.Value(callback_value=ref))
+            elif index in removers and arg is not None:
+                entry = self.find(arg)
+                if entry is None:
+                    raise UnknownCallback(
+                        f"{place}: this object was never added as a callback on this stream "
+                        "(or was already removed), so there is nothing to remove"
+                    )
+                removed.append(entry)
+                values.append(pb.Value(callback_value=pb.CallbackRef(id=entry.id)))
+            else:
+                values.append(_encode_plain(arg, place, index))
+        counted = [entry for entry in involved if service not in entry.services]
+        if limit is not None and counted:
+            live = self._per_service[service]
+            if live + len(counted) > limit:
+                raise limit_error(service, limit, live, len(counted))
+        for entry in fresh:
+            self._by_id[entry.id] = entry
+            self._by_object[id(entry.obj)] = entry
+        for entry in counted:
+            entry.services.add(service)
+            self._per_service[service] += 1
+        return values, fresh, removed
+
+    def remove(self, entry: ExportedCallback) -> None:
+        """Un-export one instance (idempotent); drops the strong reference to its object."""
+        if self._by_id.pop(entry.id, None) is None:
+            return
+        self._by_object.pop(id(entry.obj), None)
+        for service in entry.services:
+            self._per_service[service] -= 1
+            if not self._per_service[service]:
+                del self._per_service[service]
+        entry.obj = None
+
+    def remove_id(self, callback_id: int) -> None:
+        """Un-export the instance with this id, if it is live (the provider released it)."""
+        entry = self._by_id.get(callback_id)
+        if entry is not None:
+            self.remove(entry)
+
+    def clear(self) -> None:
+        """The stream ended: every instance ends."""
+        for entry in list(self._by_id.values()):
+            self.remove(entry)
+
+    async def run(self, call: pb.Call) -> pb.Value:
+        """Run a callback call from the provider on the listener it targets."""
+        entry = self._by_id.get(call.callback_id)
+        if entry is None:
+            raise CallbackGone(
+                f"callback {call.callback_id} is not exported on this stream "
+                "(released, removed or never added)"
+            )
+        function = _listener_method(entry, call.method)
+        where = f"{_interface_name(entry) or 'callback'}.{call.method}()"
+        args = codec.decode_args(call.args, where)
+        if entry.holder and entry.holder in self._session.ancestors(call.parent_id):
+            # re-entrant: the call that holds this instance is waiting for this one
+            return await self._invoke(function, args, call, where)
+        async with entry.lock:
+            entry.holder = call.id
+            try:
+                return await self._invoke(function, args, call, where)
+            finally:
+                entry.holder = 0
+
+    async def _invoke(
+        self, function: Callable[..., Any], args: list[object], call: pb.Call, where: str
+    ) -> pb.Value:
+        if inspect.iscoroutinefunction(function):
+            result = await function(*args)
+        else:
+            context = contextvars.copy_context()
+            work = functools.partial(context.run, function, *args)
+            result = await asyncio.get_running_loop().run_in_executor(self._pool, work)
+        return codec.encode(result, f"the result of {where}")
+
+
+def declared_arguments(
+    method: MethodSpec, info: pb.MethodInfo | None
+) -> tuple[frozenset[int], frozenset[int]]:
+    """(callback, remover) argument indexes: the provider's, checked against the consumer's.
+
+    A consumer that declares a callback the provider does not expect is a clear error,
+    never a silent attempt to serialise the listener.
+    """
+    if info is None:
+        return method.callbacks, method.removers
+    callbacks = frozenset(info.callback_arguments)
+    removers = frozenset(info.remover_arguments)
+    for index in sorted(method.callbacks - callbacks):
+        raise InvalidArguments(
+            f"{method.qualname}(): this side declares argument {index} a callback, but the "
+            f"provider declares {sorted(callbacks) or 'no'} callback arguments"
+        )
+    for index in sorted(method.removers - removers):
+        raise InvalidArguments(
+            f"{method.qualname}(): this side declares argument {index} a remover, but the "
+            f"provider declares {sorted(removers) or 'no'} remover arguments"
+        )
+    return callbacks, removers
+
+
+def _encode_plain(arg: object, place: str, index: int) -> pb.Value:
+    try:
+        return codec.encode(arg, place)
+    except EncodeError as exc:
+        if not _looks_like_listener(arg):
+            raise
+        raise EncodeError(
+            f"{exc}. If it is a listener, declare the argument a callback: "
+            f"Argument(index={index}, callback=True) at export, or @backchannel.method("
+            f"arguments=[Argument(index={index})]) on the interface"
+        ) from None
+
+
+def _looks_like_listener(arg: object) -> bool:
+    return any(callable(getattr(arg, name, None)) for name in dir(arg) if not name.startswith("_"))
+
+
+def _check_listener(arg: object, place: str) -> None:
+    if isinstance(arg, str | bytes | int | float | bool | list | tuple | dict):
+        raise InvalidArguments(
+            f"{place} is declared a callback; pass a listener object, not {type(arg).__name__}"
+        )
+
+
+def _listener_interface(method: MethodSpec, index: int, arg: object) -> InterfaceSpec | None:
+    return method.listener_interface(index) or find_interface_spec(type(arg))
+
+
+def _interface_name(entry: ExportedCallback) -> str:
+    return entry.interface.name if entry.interface else ""
+
+
+def _listener_method(entry: ExportedCallback, name: str) -> Callable[..., Any]:
+    """The listener's method ``name``; only interface methods (or public ones) are callable."""
+    allowed = (
+        name in entry.interface.methods
+        if entry.interface is not None
+        else bool(name) and not name.startswith("_")
+    )
+    function = getattr(entry.obj, name, None) if allowed else None
+    if not callable(function):
+        label = _interface_name(entry) or type(entry.obj).__name__
+        raise MethodNotFound(f"callback {entry.id} ({label}) has no method {name!r}")
+    return function  # type: ignore[no-any-return]
+
+
+# ------------------------------------------------------------------ provider
+
+
+class ReverseProxy:
+    """The provider's handle on a consumer's listener.
+
+    Calling a method sends a ``Call`` to the consumer on the stream that carried the
+    listener and returns what the listener returned (or raises what it raised):
+
+    - from a thread (a sync provider method, a background thread), it blocks that
+      thread until the result is in;
+    - from the event loop (an ``async def`` provider method), it sends the call at once
+      and returns an awaitable future: ``await listener.changed(msg)``.
+
+    Calls to one instance are delivered in the order they were made. After the instance
+    ended, every call raises :class:`CallbackGone` at once.
+    """
+
+    def __init__(
+        self,
+        table: ProviderCallbacks,
+        callback_id: int,
+        interface_name: str,
+        spec: InterfaceSpec | None,
+    ) -> None:
+        self._table = table
+        self._id = callback_id
+        self._interface_name = interface_name
+        self._spec = spec
+        self._gone: str | None = None
+        if spec is not None:
+            for name, method in spec.methods.items():
+                setattr(self, name, functools.partial(self._call, name, method.one_way))
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        # only for listeners of no known interface: any public method name may be called
+        if name.startswith("_") or self.__dict__.get("_spec") is not None:
+            raise AttributeError(name)
+        return functools.partial(self._call, name, False)
+
+    def __repr__(self) -> str:
+        state = f"gone: {self._gone}" if self._gone else "live"
+        return f"<ReverseProxy {self._interface_name or 'callback'} #{self._id} {state}>"
+
+    @property
+    def callback_id(self) -> int:
+        """The instance's id on its stream."""
+        return self._id
+
+    @property
+    def alive(self) -> bool:
+        """False once the instance ended."""
+        return self._gone is None
+
+    def release(self) -> None:
+        """End the instance on both sides (thread-safe; idempotent)."""
+        loop = self._table.session.loop
+        if self._table.session.in_loop_thread():
+            self._table.release(self._id, tell_peer=True)
+        elif not loop.is_closed():
+            loop.call_soon_threadsafe(self._table.release, self._id, True)
+        self._ended("released by the provider")
+
+    def _ended(self, why: str) -> None:
+        if self._gone is None:
+            self._gone = why
+
+    def _check_alive(self, method: str) -> None:
+        if self._gone is not None:
+            raise CallbackGone(
+                f"{self._interface_name or 'callback'} #{self._id}.{method}(): "
+                f"the callback instance ended ({self._gone})"
+            )
+
+    def _call(self, method: str, one_way: bool, *args: Any) -> Any:
+        self._check_alive(method)
+        session = self._table.session
+        parent = parent_in(session, CURRENT_CALL.get())
+        if session.in_loop_thread():
+            return self._start(method, one_way, args, parent)
+        outcome: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+        def start() -> None:
+            try:
+                future = self._start(method, one_way, args, parent)
+            except BaseException as exc:
+                outcome.set_exception(exc)
+                return
+            future.add_done_callback(functools.partial(_copy_outcome, outcome))
+
+        try:
+            session.loop.call_soon_threadsafe(start)
+        except RuntimeError:  # the loop is closed: so is the stream
+            self._ended("the stream ended")
+            self._check_alive(method)
+        return outcome.result()
+
+    def _start(
+        self, method: str, one_way: bool, args: tuple[Any, ...], parent: int
+    ) -> asyncio.Future[Any]:
+        """On the loop: send the call now, return a future for its decoded outcome."""
+        self._check_alive(method)
+        where = f"{self._interface_name or 'callback'}.{method}()"
+        values = [codec.encode(arg, f"argument {i} of {where}") for i, arg in enumerate(args)]
+        call = pb.Call(
+            method=method, args=values, callback_id=self._id, parent_id=parent, one_way=one_way
+        )
+        session = self._table.session
+        raw = session.start_call(call, self._table.timeout)
+        result: asyncio.Future[Any] = session.loop.create_future()
+
+        def finish(done: asyncio.Future[pb.Result]) -> None:
+            if result.cancelled():
+                return
+            exc = done.exception()
+            if exc is not None:
+                result.set_exception(exc)
+            elif done.result().HasField("error"):
+                result.set_exception(codec.decode_error(done.result().error, session.error_types))
+            else:
+                value = done.result().value
+                try:
+                    result.set_result(codec.decode(value, f"the result of {where}"))
+                except Exception as error:
+                    result.set_exception(error)
+
+        raw.add_done_callback(finish)
+        return result
+
+
+def _copy_outcome(target: concurrent.futures.Future[Any], source: asyncio.Future[Any]) -> None:
+    if source.cancelled():
+        target.cancel()
+    elif source.exception() is not None:
+        target.set_exception(source.exception())
+    else:
+        target.set_result(source.result())
+
+
+class ProviderCallbacks:
+    """The provider's side of one stream: a reverse proxy per live callback instance."""
+
+    def __init__(self, session: Session, timeout: float | None) -> None:
+        self.session = session
+        self.timeout = timeout
+        self._proxies: dict[int, ReverseProxy] = {}
+        self._service: dict[int, str] = {}
+        self._per_service: collections.Counter[str] = collections.Counter()
+
+    def __len__(self) -> int:
+        return len(self._proxies)
+
+    def decode_args(
+        self, method: MethodSpec, export_name: str, limit: int, values: Sequence[pb.Value]
+    ) -> tuple[list[object], Callable[[], None], list[ReverseProxy]]:
+        """Decode a forward call's arguments, making proxies for its callback arguments.
+
+        Returns (args, commit, removed): nothing is registered until ``commit()`` runs,
+        so a call that fails before its method starts leaves the table as it was.
+        """
+        where = f"{method.qualname}()"
+        args: list[object] = []
+        fresh: dict[int, ReverseProxy] = {}
+        removed: list[ReverseProxy] = []
+        for index, value in enumerate(values):
+            place = f"argument {index} of {where}"
+            kind = value.WhichOneof("kind")
+            if index in method.callbacks and kind == "callback_value":
+                ref = value.callback_value
+                proxy = self._proxies.get(ref.id) or fresh.get(ref.id)
+                if proxy is None:
+                    spec = method.listener_interface(index)
+                    proxy = ReverseProxy(self, ref.id, ref.interface or _name(spec), spec)
+                    fresh[ref.id] = proxy
+                args.append(proxy)
+            elif index in method.removers and kind == "callback_value":
+                proxy = self._proxies.get(value.callback_value.id)
+                if proxy is None:
+                    raise UnknownCallback(
+                        f"{place}: callback {value.callback_value.id} was never added on this "
+                        "stream (or was already removed)"
+                    )
+                removed.append(proxy)
+                args.append(proxy)
+            elif index in method.callbacks | method.removers and kind != "null_value":
+                raise InvalidArguments(f"{place} is declared a callback; got a {kind} value")
+            else:
+                args.append(codec.decode(value, place))
+        if fresh:
+            live = self._per_service[export_name]
+            if live + len(fresh) > limit:
+                raise limit_error(export_name, limit, live, len(fresh))
+
+        def commit() -> None:
+            for callback_id, proxy in fresh.items():
+                self._proxies[callback_id] = proxy
+                self._service[callback_id] = export_name
+                self._per_service[export_name] += 1
+
+        return args, commit, removed
+
+    def release(self, callback_id: int, tell_peer: bool = False) -> None:
+        """End one instance (idempotent); with ``tell_peer``, send Release to the consumer."""
+        proxy = self._proxies.pop(callback_id, None)
+        if proxy is None:
+            return
+        service = self._service.pop(callback_id)
+        self._per_service[service] -= 1
+        if not self._per_service[service]:
+            del self._per_service[service]
+        proxy._ended("released")
+        if tell_peer:
+            self.session.connection.send_release(callback_id)
+            self.session.flush()
+
+    def clear(self, why: str) -> None:
+        """The stream ended: every proxy raises CallbackGone from now on."""
+        for proxy in self._proxies.values():
+            proxy._ended(why)
+        self._proxies.clear()
+        self._service.clear()
+        self._per_service.clear()
+
+
+def _name(spec: InterfaceSpec | None) -> str:
+    return spec.name if spec else ""

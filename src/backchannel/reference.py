@@ -1,0 +1,67 @@
+"""Consumer-side references: the target service and per-method settings, and the proxy
+object whose methods make the calls."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from backchannel.interface import InterfaceSpec, Method, MethodSpec, apply_settings, interface_spec
+
+#: what a proxy method calls: (reference, method, positional args, keyword args)
+Invoke = Callable[["Reference", MethodSpec, tuple[Any, ...], dict[str, Any]], Any]
+
+
+class Reference:
+    """What a proxy's calls need: the target export and each method's settings."""
+
+    def __init__(
+        self,
+        interface: type,
+        group: str | None,
+        version: str | None,
+        timeout: float | None,
+        methods: Sequence[Method],
+    ) -> None:
+        if timeout is not None and not timeout > 0:
+            raise ValueError(f"timeout must be > 0 seconds or None, got {timeout!r}")
+        self.spec: InterfaceSpec = interface_spec(interface)
+        self.group = group or ""
+        self.version = version or ""
+        #: every method with the reference's settings applied
+        self.methods: dict[str, MethodSpec] = apply_settings(self.spec, methods)
+        settings = {method.name: method for method in methods}
+        #: seconds each method waits for its result
+        self.timeouts: dict[str, float | None] = {
+            name: settings[name].timeout
+            if name in settings and settings[name].timeout is not None
+            else timeout
+            for name in self.spec.methods
+        }
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        """(service, group, version) of the target export."""
+        return (self.spec.name, self.group, self.version)
+
+
+class Proxy:
+    """A reference's proxy: one attribute per interface method."""
+
+    def __init__(self, reference: Reference, invoke: Invoke) -> None:
+        self._reference = reference
+        for name, method in reference.methods.items():
+            call = functools.partial(_call, invoke, reference, method)
+            functools.update_wrapper(call, getattr(reference.spec.cls, name))
+            setattr(self, name, call)
+
+    def __repr__(self) -> str:
+        ref = self._reference
+        return f"<backchannel proxy {ref.spec.name} group={ref.group!r} version={ref.version!r}>"
+
+
+def _call(
+    invoke: Invoke, reference: Reference, method: MethodSpec, *args: Any, **kwargs: Any
+) -> Any:
+    return invoke(reference, method, args, kwargs)
