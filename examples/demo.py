@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-EXAMPLE = "forward"
+EXAMPLE = "callback"
 WAIT = 30  # seconds for any single step
 
 
@@ -45,11 +45,12 @@ def start_provider(folder: Path, *args: str) -> tuple[subprocess.Popen[str], str
 
 def main() -> None:
     folder = HERE / EXAMPLE
-    provider, address = start_provider(folder)
+    provider, address = start_provider(folder, "--interval", "0.5")
     print(f"provider of examples/{EXAMPLE} listening on {address}")
     try:
         consumer = subprocess.run(
-            [sys.executable, "-u", str(folder / "consumer.py"), address], timeout=WAIT
+            [sys.executable, "-u", str(folder / "consumer.py"), address, "--count", "5"],
+            timeout=WAIT,
         )
     finally:
         provider.terminate()

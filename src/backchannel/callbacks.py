@@ -19,6 +19,7 @@ import concurrent.futures
 import contextvars
 import functools
 import inspect
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -313,6 +314,7 @@ class ReverseProxy:
         self._interface_name = interface_name
         self._spec = spec
         self._gone: str | None = None
+        self._ended_event = threading.Event()
         if spec is not None:
             for name, method in spec.methods.items():
                 setattr(self, name, functools.partial(self._call, name, method.one_way))
@@ -346,9 +348,14 @@ class ReverseProxy:
             loop.call_soon_threadsafe(self._table.release, self._id, True)
         self._ended("released by the provider")
 
+    def wait_ended(self, timeout: float | None = None) -> bool:
+        """Block until the instance ended (released, removed, or its stream ended)."""
+        return self._ended_event.wait(timeout)
+
     def _ended(self, why: str) -> None:
         if self._gone is None:
             self._gone = why
+            self._ended_event.set()
 
     def _check_alive(self, method: str) -> None:
         if self._gone is not None:

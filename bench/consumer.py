@@ -1,0 +1,170 @@
+"""A benchmark consumer process: measures one figure against a running provider.
+
+``python bench/consumer.py FIGURE HOST:PORT [--warmup S] [--duration S]`` warms up for
+``--warmup`` seconds, then times calls for ``--duration`` seconds and prints the
+:class:`~common.Measurement` as one line of JSON. :data:`FIGURES` lists the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import grpc
+from common import (
+    RAW_PAYLOAD,
+    RAW_STREAM,
+    RAW_UNARY,
+    SYNC_GROUP,
+    AsyncOp,
+    Calculator,
+    Measurement,
+    SyncOp,
+    drive_async,
+    drive_threads,
+)
+
+import backchannel
+
+AsyncSetup = Callable[[contextlib.AsyncExitStack, str], Awaitable[AsyncOp]]
+SyncSetup = Callable[[contextlib.ExitStack, str], SyncOp]
+
+
+# ------------------------------------------------------------ operations
+
+
+def _checked(expected: int, answer: int) -> None:
+    """Fail loudly if the provider answered wrong (a benchmark of wrong answers is void)."""
+    if answer != expected:
+        raise AssertionError(f"add() answered {answer}, expected {expected}")
+
+
+def _bc_async(group: str) -> AsyncSetup:
+    """backchannel, asyncio: ``await calc.add(i, 1)`` on one AsyncClient."""
+
+    async def setup(stack: contextlib.AsyncExitStack, address: str) -> AsyncOp:
+        client = await stack.enter_async_context(backchannel.AsyncClient(address, timeout=None))
+        calc = client.reference(Calculator, group=group)
+
+        async def op(i: int) -> None:
+            _checked(i + 1, await calc.add(i, 1))
+
+        return op
+
+    return setup
+
+
+async def _raw_aio_pingpong(stack: contextlib.AsyncExitStack, address: str) -> AsyncOp:
+    """Raw grpc.aio bidi stream: write one message, read one (sequential callers only)."""
+    channel = await stack.enter_async_context(grpc.aio.insecure_channel(address))
+    call = channel.stream_stream(RAW_STREAM)()
+    stack.callback(call.cancel)
+
+    async def op(i: int) -> None:
+        await call.write(RAW_PAYLOAD)
+        await call.read()
+
+    return op
+
+
+async def _raw_aio_unary(stack: contextlib.AsyncExitStack, address: str) -> AsyncOp:
+    """Raw grpc.aio unary calls on one channel."""
+    channel = await stack.enter_async_context(grpc.aio.insecure_channel(address))
+    stub = channel.unary_unary(RAW_UNARY)
+    return lambda i: stub(RAW_PAYLOAD)
+
+
+def _bc_sync(group: str) -> SyncSetup:
+    """backchannel, sync: ``calc.add(i, 1)`` on one Client shared by every thread."""
+
+    def setup(stack: contextlib.ExitStack, address: str) -> SyncOp:
+        client = stack.enter_context(backchannel.Client(address, timeout=None))
+        calc = client.reference(Calculator, group=group)
+        return lambda i: _checked(i + 1, calc.add(i, 1))
+
+    return setup
+
+
+def _raw_sync_unary(stack: contextlib.ExitStack, address: str) -> SyncOp:
+    """Raw sync grpc unary calls on one channel shared by every thread."""
+    channel = stack.enter_context(grpc.insecure_channel(address))
+    stub = channel.unary_unary(RAW_UNARY)
+    return lambda i: stub(RAW_PAYLOAD)
+
+
+# --------------------------------------------------------------- figures
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One measured figure: which provider it needs, how to call, and how many callers."""
+
+    provider: str
+    concurrency: int
+    async_setup: AsyncSetup | None = None
+    sync_setup: SyncSetup | None = None
+
+
+FIGURES: dict[str, Figure] = {
+    "bc-async-seq": Figure("backchannel", 1, async_setup=_bc_async("")),
+    "raw-aio-pingpong": Figure("raw", 1, async_setup=_raw_aio_pingpong),
+    "bc-async-64": Figure("backchannel", 64, async_setup=_bc_async("")),
+    "raw-aio-unary-64": Figure("raw", 64, async_setup=_raw_aio_unary),
+    "bc-sync-seq": Figure("backchannel", 1, sync_setup=_bc_sync("")),
+    "bc-sync-seq-def": Figure("backchannel", 1, sync_setup=_bc_sync(SYNC_GROUP)),
+    "raw-sync-seq": Figure("raw", 1, sync_setup=_raw_sync_unary),
+    "bc-sync-8": Figure("backchannel", 8, sync_setup=_bc_sync("")),
+    "bc-sync-8-def": Figure("backchannel", 8, sync_setup=_bc_sync(SYNC_GROUP)),
+    "raw-sync-8": Figure("raw", 8, sync_setup=_raw_sync_unary),
+}
+
+
+async def _measure_async(
+    setup: AsyncSetup, address: str, concurrency: int, warmup: float, duration: float
+) -> Measurement:
+    """Warm up, then time an asyncio figure."""
+    async with contextlib.AsyncExitStack() as stack:
+        op = await setup(stack, address)
+        await drive_async(op, concurrency, warmup)
+        return await drive_async(op, concurrency, duration)
+
+
+def _measure_sync(
+    setup: SyncSetup, address: str, concurrency: int, warmup: float, duration: float
+) -> Measurement:
+    """Warm up, then time a threaded figure."""
+    with contextlib.ExitStack() as stack:
+        op = setup(stack, address)
+        drive_threads(op, concurrency, warmup)
+        return drive_threads(op, concurrency, duration)
+
+
+def measure(name: str, address: str, warmup: float, duration: float) -> Measurement:
+    """Measure the figure ``name`` against the provider at ``address``."""
+    figure = FIGURES[name]
+    if figure.async_setup is not None:
+        return asyncio.run(
+            _measure_async(figure.async_setup, address, figure.concurrency, warmup, duration)
+        )
+    assert figure.sync_setup is not None
+    return _measure_sync(figure.sync_setup, address, figure.concurrency, warmup, duration)
+
+
+def main() -> None:
+    """Parse the command line, measure, print JSON."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("figure", choices=sorted(FIGURES))
+    parser.add_argument("address")
+    parser.add_argument("--warmup", type=float, default=0.5)
+    parser.add_argument("--duration", type=float, default=2.0)
+    args = parser.parse_args()
+    result = measure(args.figure, args.address, args.warmup, args.duration)
+    print(json.dumps(result.to_json()), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,312 @@
+"""The backchannel benchmark suite (``make bench``).
+
+Every figure runs in two fresh processes on 127.0.0.1: a provider (``bench/provider.py``,
+which prints its address) and a consumer (``bench/consumer.py``, which warms up, times
+calls for a fixed duration and prints JSON). Each backchannel figure is compared with a
+raw grpcio figure measured in the same run. The table is printed and written, with the
+machine's details, to ``docs/performance.md``.
+
+``--profile DIR`` runs both processes under cProfile and saves ``DIR/FIGURE-{provider,
+consumer}.prof`` (only the main thread is profiled: the sync Client's loop thread is not).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import google.protobuf
+import grpc
+from common import RAW_PAYLOAD
+from consumer import FIGURES
+
+HERE = Path(__file__).resolve().parent
+DOC = HERE.parent / "docs" / "performance.md"
+COMMAND = "make bench"
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A backchannel figure next to its raw grpc counterpart, and the target ratio."""
+
+    label: str
+    backchannel: str
+    raw: str
+    #: "latency" compares mean µs per call (lower is better), "throughput" calls/s
+    metric: str
+    #: ``ratio <= target`` for latency, ``ratio >= target`` for throughput
+    target: float
+    explanation: str
+
+    def value(self, result: dict[str, float]) -> float:
+        """The scenario's metric out of one figure's measurement."""
+        return result["mean_us"] if self.metric == "latency" else result["calls_per_second"]
+
+    def met(self, ratio: float) -> bool:
+        """Whether ``ratio`` (backchannel / raw) meets the target."""
+        return ratio <= self.target if self.metric == "latency" else ratio >= self.target
+
+    def target_text(self) -> str:
+        """The target in words, as the table shows it."""
+        return f"<= {self.target:.2f}x" if self.metric == "latency" else f">= {self.target:.1f}x"
+
+
+SCENARIOS = [
+    Scenario(
+        "a. async sequential round trip (µs/call)",
+        "bc-async-seq",
+        "raw-aio-pingpong",
+        "latency",
+        1.2,
+        "One asyncio task awaits `calc.add(i, 1)` (an `async def` method) in a loop on one "
+        "`AsyncClient`; raw grpc.aio writes one message on a bidi stream and reads one back "
+        "in a loop. The figure is the mean latency per call.",
+    ),
+    Scenario(
+        "b. async 64 callers, one client (calls/s)",
+        "bc-async-64",
+        "raw-aio-unary-64",
+        "throughput",
+        10.0,
+        "64 asyncio tasks call `add` concurrently on ONE `AsyncClient` (one stream; frames "
+        "that are ready together are batched); raw grpc.aio runs 64 tasks making unary "
+        "calls on one channel. The figure is calls per second.",
+    ),
+    Scenario(
+        "c. sync sequential, async def (µs/call)",
+        "bc-sync-seq",
+        "raw-sync-seq",
+        "latency",
+        1.0,
+        "One thread calls `add` in a loop through the sync `Client` (a background event "
+        "loop thread); raw sync grpc (`grpc.insecure_channel`, `unary_unary`) makes unary "
+        "calls in a loop. Target: no slower.",
+    ),
+    Scenario(
+        "c. sync sequential, def (µs/call)",
+        "bc-sync-seq-def",
+        "raw-sync-seq",
+        "latency",
+        1.0,
+        "As above, but the provider method is a plain `def`, which backchannel runs in the "
+        "provider's thread pool.",
+    ),
+    Scenario(
+        "c. sync 8 threads, async def (calls/s)",
+        "bc-sync-8",
+        "raw-sync-8",
+        "throughput",
+        1.5,
+        "8 threads share one sync `Client`; raw sync grpc runs 8 threads making unary calls "
+        "on one channel. The figure is calls per second.",
+    ),
+    Scenario(
+        "c. sync 8 threads, def (calls/s)",
+        "bc-sync-8-def",
+        "raw-sync-8",
+        "throughput",
+        1.5,
+        "As above, with the plain `def` provider method.",
+    ),
+]
+
+
+def _python(script: str, *args: str, profile: Path | None, name: str) -> list[str]:
+    """The command line running ``bench/script`` (under cProfile when ``profile``)."""
+    command = [sys.executable]
+    if profile is not None:
+        command += ["-m", "cProfile", "-o", str(profile / f"{name}.prof")]
+    return [*command, str(HERE / script), *args]
+
+
+@contextlib.contextmanager
+def provider(kind: str, profile: Path | None, figure: str) -> Iterator[str]:
+    """Run a provider process of ``kind``; yield the address it printed; stop it."""
+    command = _python("provider.py", kind, profile=profile, name=f"{figure}-provider")
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        address = process.stdout.readline().strip()
+        if not address:
+            raise RuntimeError(f"the {kind} provider exited with {process.wait()}")
+        yield address
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def measure(figure: str, warmup: float, duration: float, profile: Path | None) -> dict[str, float]:
+    """Measure one figure in a fresh provider process and a fresh consumer process."""
+    args = [figure, "", "--warmup", str(warmup), "--duration", str(duration)]
+    with provider(FIGURES[figure].provider, profile, figure) as address:
+        args[1] = address
+        command = _python("consumer.py", *args, profile=profile, name=f"{figure}-consumer")
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=60 + warmup + duration, check=False
+        )
+    if done.returncode != 0:
+        raise RuntimeError(f"consumer for {figure} failed:\n{done.stderr}")
+    result: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def _fmt(value: float, metric: str) -> str:
+    """A figure for the table: µs with one decimal, calls/s as a whole number."""
+    return f"{value:,.1f} µs" if metric == "latency" else f"{value:,.0f}/s"
+
+
+def summary_rows(results: dict[str, dict[str, float]]) -> list[list[str]]:
+    """The main table: scenario, both figures, ratio, target, met."""
+    rows = []
+    for s in SCENARIOS:
+        ours, raw = s.value(results[s.backchannel]), s.value(results[s.raw])
+        ratio = ours / raw
+        met = "met" if s.met(ratio) else "NOT met"
+        row = [s.label, _fmt(ours, s.metric), _fmt(raw, s.metric), f"{ratio:.2f}x"]
+        rows.append([*row, s.target_text(), met])
+    return rows
+
+
+def detail_rows(results: dict[str, dict[str, float]]) -> list[list[str]]:
+    """Every figure's raw numbers."""
+    return [
+        [
+            name,
+            str(FIGURES[name].concurrency),
+            f"{r['calls']:,.0f}",
+            f"{r['calls_per_second']:,.0f}",
+            f"{r['mean_us']:,.1f}",
+            f"{r['p50_us']:,.1f}",
+            f"{r['p99_us']:,.1f}",
+        ]
+        for name, r in results.items()
+    ]
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A GitHub-flavoured markdown table, columns padded for plain-text reading too."""
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
+    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(header), rule, *(line(row) for row in rows)])
+
+
+SUMMARY_HEADER = ["scenario", "backchannel", "raw grpc", "ratio", "target", "met?"]
+DETAIL_HEADER = ["figure", "callers", "calls", "calls/s", "mean µs", "p50 µs", "p99 µs"]
+
+
+def revision() -> str:
+    """The git commit measured, marked when the working tree has uncommitted changes."""
+    try:
+        git = ["git", "-C", str(HERE.parent)]
+        commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True)
+        dirty = subprocess.run([*git, "status", "--porcelain", "--", "src"], capture_output=True)
+    except OSError:
+        return "unknown"
+    text = commit.stdout.decode().strip() or "unknown"
+    return f"{text} + uncommitted changes in src/" if dirty.stdout.strip() else text
+
+
+def machine() -> list[str]:
+    """What the figures were measured on."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for text in Path("/proc/cpuinfo").read_text().splitlines():
+            if text.startswith("model name"):
+                cpu = text.split(":", 1)[1].strip()
+                break
+    return [
+        f"nproc: {os.cpu_count()} ({cpu})",
+        f"OS: {platform.platform()}",
+        f"Python: {platform.python_version()} ({platform.python_implementation()})",
+        f"grpcio: {grpc.__version__}, protobuf: {google.protobuf.__version__}",
+        f"backchannel: git {revision()}",
+    ]
+
+
+def write_doc(results: dict[str, dict[str, float]], warmup: float, duration: float) -> None:
+    """Overwrite docs/performance.md with this run's tables."""
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    scenarios = "\n".join(f"- **{s.label}**: {s.explanation}" for s in SCENARIOS)
+    text = f"""# Performance
+
+Generated by `{COMMAND}` (`bench/run.py`) on {now}; every run overwrites this file.
+
+{markdown_table(SUMMARY_HEADER, summary_rows(results))}
+
+Ratio is backchannel / raw grpc of the scenario's figure: for µs/call lower is better
+(target `<=`), for calls/s higher is better (target `>=`). Expect run-to-run variation of
+roughly 10-20% on a small shared machine; compare ratios rather than absolute figures.
+
+## How it is measured
+
+- Every figure runs in a fresh provider process (`bench/provider.py`) and a fresh consumer
+  process (`bench/consumer.py`), both on 127.0.0.1 with an ephemeral port.
+- The consumer warms up for {warmup:g} s, then calls back to back for {duration:g} s; the
+  figure is the mean latency of the calls (sequential scenarios) or the calls finished per
+  second (concurrent scenarios).
+- backchannel calls `Calculator.add(i, 1)` and checks the answer; the provider method is
+  `async def` unless the scenario says `def`. Raw grpc uses generic handlers (no generated
+  stubs) on a grpc.aio server that echoes bytes the size of backchannel's call frame
+  ({len(RAW_PAYLOAD)} bytes), without parsing them: the cheapest possible gRPC round trip.
+
+{scenarios}
+
+## Machine
+
+{chr(10).join(f"- {item}" for item in machine())}
+
+## Every figure
+
+{markdown_table(DETAIL_HEADER, detail_rows(results))}
+"""
+    DOC.write_text(text, encoding="utf-8")
+
+
+def main() -> None:
+    """Run the scenarios, print the table, write docs/performance.md."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--warmup", type=float, default=0.5, help="seconds per figure")
+    parser.add_argument("--duration", type=float, default=2.5, help="seconds per figure")
+    parser.add_argument("--profile", type=Path, help="save cProfile output in this directory")
+    parser.add_argument("--no-doc", action="store_true", help="do not write the docs page")
+    parser.add_argument(
+        "--only", nargs="+", choices=sorted(FIGURES), help="measure just these figures"
+    )
+    args = parser.parse_args()
+    if args.profile is not None:
+        args.profile.mkdir(parents=True, exist_ok=True)
+    figures = args.only or dict.fromkeys(n for s in SCENARIOS for n in (s.backchannel, s.raw))
+    results: dict[str, dict[str, float]] = {}
+    for name in figures:
+        print(f"measuring {name} ...", file=sys.stderr, flush=True)
+        results[name] = measure(name, args.warmup, args.duration, args.profile)
+    if args.only:
+        print(markdown_table(DETAIL_HEADER, detail_rows(results)))
+        return
+    print(markdown_table(SUMMARY_HEADER, summary_rows(results)))
+    print()
+    print(markdown_table(DETAIL_HEADER, detail_rows(results)))
+    if not args.no_doc:
+        write_doc(results, args.warmup, args.duration)
+        print(f"\nwritten to {DOC.relative_to(HERE.parent)}")
+
+
+if __name__ == "__main__":
+    main()
