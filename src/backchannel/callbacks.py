@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import contextvars
 import functools
 import inspect
@@ -114,6 +115,9 @@ class ConsumerCallbacks:
         """
         callbacks, removers = declared_arguments(method, info)
         where = f"{method.qualname}()"
+        if not callbacks and not removers:  # the common case, fast
+            with contextlib.suppress(EncodeError):  # the loop below explains the error
+                return codec.encode_args(args, method.parameters, where, None), [], []
         values: list[pb.Value] = []
         fresh: list[ExportedCallback] = []
         involved: list[ExportedCallback] = []
@@ -223,6 +227,10 @@ def declared_arguments(
     """
     if info is None:
         return method.callbacks, method.removers
+    if not (
+        info.callback_arguments or info.remover_arguments or method.callbacks or method.removers
+    ):
+        return _NONE, _NONE
     callbacks = frozenset(info.callback_arguments)
     removers = frozenset(info.remover_arguments)
     for index in sorted(method.callbacks - callbacks):
@@ -236,6 +244,9 @@ def declared_arguments(
             f"provider declares {sorted(removers) or 'no'} remover arguments"
         )
     return callbacks, removers
+
+
+_NONE: frozenset[int] = frozenset()
 
 
 def _encode_plain(arg: object, place: str, index: int) -> pb.Value:
@@ -420,6 +431,10 @@ class ReverseProxy:
         return result
 
 
+def _nothing() -> None:
+    """A commit with nothing to commit."""
+
+
 def _copy_outcome(target: concurrent.futures.Future[Any], source: asyncio.Future[Any]) -> None:
     if source.cancelled():
         target.cancel()
@@ -451,6 +466,8 @@ class ProviderCallbacks:
         so a call that fails before its method starts leaves the table as it was.
         """
         where = f"{method.qualname}()"
+        if not method.callbacks and not method.removers:  # the common case, fast
+            return codec.decode_args(values, where), _nothing, []
         args: list[object] = []
         fresh: dict[int, ReverseProxy] = {}
         removed: list[ReverseProxy] = []

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import traceback as traceback_module
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 from google.protobuf import any_pb2, descriptor_pool, message_factory, struct_pb2
 from google.protobuf.message import Message
@@ -29,14 +30,38 @@ CallbackEncoder = Callable[[object, str], "pb.CallbackRef | None"]
 CallbackDecoder = Callable[["pb.CallbackRef", str], object]
 
 
+class _Failure(Exception):
+    """Raised inside the codec; ``path`` grows as it leaves nested lists and maps."""
+
+    def __init__(self, reason: str, decoding: bool) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.decoding = decoding
+        self.path = ""
+
+    def located(self, where: str) -> errors.CodecError:
+        cls = errors.DecodeError if self.decoding else errors.EncodeError
+        return cls(f"{where}{self.path}: {self.reason}")
+
+
 def encode(obj: object, where: str, callbacks: CallbackEncoder | None = None) -> pb.Value:
-    """Encode one Python object; ``where`` names it in errors (``"argument 'id' of get"``)."""
+    """Encode one Python object; ``where`` names it in errors (``"argument 0 'id' of get()"``).
+
+    Raises :class:`EncodeError` (a TypeError) with the path to what could not be sent.
+    """
+    try:
+        return _encode(obj, callbacks)
+    except _Failure as failure:
+        raise failure.located(where) from None
+
+
+def _encode(obj: object, callbacks: CallbackEncoder | None) -> pb.Value:
     kind = type(obj)
     # exact-type checks first: the hot path, and bool must not pass as int
     if kind is str:
         return pb.Value(string_value=obj)  # type: ignore[arg-type]
     if kind is int:
-        return _encode_int(obj, where)  # type: ignore[arg-type]
+        return _encode_int(obj)  # type: ignore[arg-type]
     if obj is None:
         return NULL
     if kind is bool:
@@ -46,16 +71,21 @@ def encode(obj: object, where: str, callbacks: CallbackEncoder | None = None) ->
     if kind is bytes:
         return pb.Value(bytes_value=obj)  # type: ignore[arg-type]
     if isinstance(obj, list | tuple):
-        items = [encode(item, f"{where}[{i}]", callbacks) for i, item in enumerate(obj)]
+        try:
+            items = [_encode(item, callbacks) for item in obj]
+        except _Failure as failure:
+            raise _locate(failure, enumerate(obj), lambda item: _encode(item, callbacks)) from None
         return pb.Value(list_value=pb.ValueList(items=items))
     if isinstance(obj, dict):
-        entries = {}
-        for key, item in obj.items():
+        for key in obj:
             if not isinstance(key, str):
-                raise errors.EncodeError(
-                    f"{where}: dict keys must be str, got {type(key).__name__} key {key!r}"
+                raise _Failure(
+                    f"dict keys must be str, got {type(key).__name__} key {key!r}", False
                 )
-            entries[key] = encode(item, f"{where}[{key!r}]", callbacks)
+        try:
+            entries = {key: _encode(item, callbacks) for key, item in obj.items()}
+        except _Failure as failure:
+            raise _locate(failure, obj.items(), lambda item: _encode(item, callbacks)) from None
         return pb.Value(map_value=pb.ValueMap(entries=entries))
     if isinstance(obj, Message):
         packed = any_pb2.Any()
@@ -64,7 +94,7 @@ def encode(obj: object, where: str, callbacks: CallbackEncoder | None = None) ->
     if isinstance(obj, bool):  # subclasses of the exact types above
         return pb.Value(bool_value=bool(obj))
     if isinstance(obj, int):
-        return _encode_int(int(obj), where)
+        return _encode_int(int(obj))
     if isinstance(obj, str):
         return pb.Value(string_value=str(obj))
     if isinstance(obj, float):
@@ -72,24 +102,45 @@ def encode(obj: object, where: str, callbacks: CallbackEncoder | None = None) ->
     if isinstance(obj, bytes | bytearray | memoryview):
         return pb.Value(bytes_value=bytes(obj))
     if callbacks is not None:
-        ref = callbacks(obj, where)
+        ref = callbacks(obj, "")
         if ref is not None:
             return pb.Value(callback_value=ref)
-    raise errors.EncodeError(
-        f"{where}: cannot send an object of type {kind.__module__}.{kind.__qualname__}; "
+    raise _Failure(
+        f"cannot send an object of type {kind.__module__}.{kind.__qualname__}; "
         "backchannel carries None, bool, int, float, str, bytes, list, tuple, dict with "
-        "str keys, protobuf messages and declared callback arguments"
+        "str keys, protobuf messages and declared callback arguments",
+        False,
     )
 
 
-def _encode_int(value: int, where: str) -> pb.Value:
+def _locate(
+    failure: _Failure, items: Iterable[tuple[Any, Any]], convert: Callable[[Any], object]
+) -> _Failure:
+    """On the error path only: find which item failed and put it in the path."""
+    for key, item in items:
+        try:
+            convert(item)
+        except _Failure as inner:
+            inner.path = f"[{key!r}]{inner.path}"
+            return inner
+    return failure
+
+
+def _encode_int(value: int) -> pb.Value:
     if not INT64_MIN <= value <= INT64_MAX:
-        raise errors.EncodeError(f"{where}: int {value} does not fit in 64 bits")
+        raise _Failure(f"int {value} does not fit in 64 bits", False)
     return pb.Value(int_value=value)
 
 
 def decode(value: pb.Value, where: str, callbacks: CallbackDecoder | None = None) -> object:
     """Decode one Value; raise :class:`DecodeError` naming ``where`` if it makes no sense."""
+    try:
+        return _decode(value, callbacks)
+    except _Failure as failure:
+        raise failure.located(where) from None
+
+
+def _decode(value: pb.Value, callbacks: CallbackDecoder | None) -> object:
     kind = value.WhichOneof("kind")
     if kind == "string_value":
         return value.string_value
@@ -105,26 +156,28 @@ def decode(value: pb.Value, where: str, callbacks: CallbackDecoder | None = None
         return value.bytes_value
     if kind == "list_value":
         items = value.list_value.items
-        return [decode(item, f"{where}[{i}]", callbacks) for i, item in enumerate(items)]
+        try:
+            return [_decode(item, callbacks) for item in items]
+        except _Failure as failure:
+            raise _locate(failure, enumerate(items), lambda v: _decode(v, callbacks)) from None
     if kind == "map_value":
-        return {
-            key: decode(item, f"{where}[{key!r}]", callbacks)
-            for key, item in value.map_value.entries.items()
-        }
+        entries = value.map_value.entries
+        try:
+            return {key: _decode(item, callbacks) for key, item in entries.items()}
+        except _Failure as failure:
+            raise _locate(failure, entries.items(), lambda v: _decode(v, callbacks)) from None
     if kind == "message_value":
-        return _unpack_message(value.message_value, where)
+        return _unpack_message(value.message_value)
     if kind == "callback_value":
         if callbacks is None:
-            raise errors.DecodeError(
-                f"{where}: a callback reference arrived where no callback argument is declared"
+            raise _Failure(
+                "a callback reference arrived where no callback argument is declared", True
             )
-        return callbacks(value.callback_value, where)
-    raise errors.DecodeError(
-        f"{where}: empty Value (no kind set, or a kind this side does not know)"
-    )
+        return callbacks(value.callback_value, "")
+    raise _Failure("empty Value (no kind set, or a kind this side does not know)", True)
 
 
-def _unpack_message(packed: any_pb2.Any, where: str) -> Message:
+def _unpack_message(packed: any_pb2.Any) -> Message:
     """Unpack to the message's own class when this process knows the type; else keep the Any."""
     type_name = packed.type_url.rpartition("/")[2]
     try:
@@ -133,19 +186,26 @@ def _unpack_message(packed: any_pb2.Any, where: str) -> Message:
         return packed
     message = message_factory.GetMessageClass(descriptor)()
     if not packed.Unpack(message):
-        raise errors.DecodeError(f"{where}: cannot unpack protobuf message {type_name}")
+        raise _Failure(f"cannot unpack protobuf message {type_name}", True)
     return message
+
+
+def argument_place(index: int, names: Sequence[str], where: str) -> str:
+    """``argument 1 'listener' of Service.method()``: how errors name an argument."""
+    name = f" {names[index]!r}" if index < len(names) else ""
+    return f"argument {index}{name} of {where}"
 
 
 def encode_args(
     args: Sequence[object], names: Sequence[str], where: str, callbacks: CallbackEncoder | None
 ) -> list[pb.Value]:
     """Encode positional arguments; errors name the argument by index and name."""
-    encoded = []
-    for index, arg in enumerate(args):
-        name = f" {names[index]!r}" if index < len(names) else ""
-        encoded.append(encode(arg, f"argument {index}{name} of {where}", callbacks))
-    return encoded
+    try:
+        return [_encode(arg, callbacks) for arg in args]
+    except _Failure:
+        for index, arg in enumerate(args):  # the error path: say which argument
+            encode(arg, argument_place(index, names, where), callbacks)
+        raise
 
 
 def decode_args(
@@ -154,7 +214,12 @@ def decode_args(
     callbacks: CallbackDecoder | None = None,
 ) -> list[object]:
     """Decode positional arguments; errors name the argument by index."""
-    return [decode(value, f"argument {i} of {where}", callbacks) for i, value in enumerate(values)]
+    try:
+        return [_decode(value, callbacks) for value in values]
+    except _Failure:
+        for index, value in enumerate(values):  # the error path: say which argument
+            decode(value, argument_place(index, (), where), callbacks)
+        raise
 
 
 # ---------------------------------------------------------------- exceptions

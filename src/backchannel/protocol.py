@@ -168,6 +168,9 @@ class Connection(Generic[Token]):
         self._outgoing: dict[int, Token] = {}
         self._incoming: set[int] = set()
         self._closed_cause: BaseException | None = None
+        self._accepts = _ACCEPTS[(role, self.state)]
+        kinds = ("hello", "welcome", "call", "result", "cancel", "release", "go_away", "fault")
+        self._handlers = {kind: getattr(self, f"_on_{kind}") for kind in kinds}
 
     # ------------------------------------------------------------- inspection
 
@@ -272,7 +275,7 @@ class Connection(Generic[Token]):
         if kind is None:
             self._mistake(events, "frame with no kind set (an unknown frame kind?)")
             return
-        if kind not in _ACCEPTS[(self.role, self.state)]:
+        if kind not in self._accepts:
             self._refuse(frame, kind, events)
             return
         if kind == "batch":
@@ -286,11 +289,12 @@ class Connection(Generic[Token]):
             return
         moved = _MOVES.get((self.role, self.state, kind))
         try:
-            getattr(self, f"_on_{kind}")(getattr(frame, kind), events)
+            self._handlers[kind](getattr(frame, kind), events)
         except _StayPut:
             return
         if moved is not None:
             self.state = moved
+            self._accepts = _ACCEPTS[(self.role, moved)]
 
     def _refuse(self, frame: pb.Frame, kind: str, events: list[Event[Token]]) -> None:
         if kind == "call" and self.state is State.HANDSHAKE:

@@ -46,7 +46,7 @@ logger = logging.getLogger("backchannel")
 EOF = grpc.aio.EOF  # type: ignore[attr-defined]
 
 #: frames per Batch message, and roughly how many bytes one Batch may hold
-MAX_BATCH_FRAMES = 512
+MAX_BATCH_FRAMES = 32
 MAX_BATCH_BYTES = 1 << 20
 
 Read = Callable[[], Awaitable[Any]]
