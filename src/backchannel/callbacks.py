@@ -403,13 +403,13 @@ class ReverseProxy:
     ) -> asyncio.Future[Any]:
         """On the loop: send the call now, return a future for its decoded outcome."""
         self._check_alive(method)
-        where = f"{self._interface_name or 'callback'}.{method}()"
+        where = f"{self._interface_name or 'callback'} #{self._id}.{method}()"
         values = [codec.encode(arg, f"argument {i} of {where}") for i, arg in enumerate(args)]
         call = pb.Call(
             method=method, args=values, callback_id=self._id, parent_id=parent, one_way=one_way
         )
         session = self._table.session
-        raw = session.start_call(call, self._table.timeout)
+        raw = session.start_call(call, self._table.timeout, label=where)
         result: asyncio.Future[Any] = session.loop.create_future()
 
         def finish(done: asyncio.Future[pb.Result]) -> None:

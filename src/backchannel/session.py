@@ -267,7 +267,9 @@ class Session:
 
     # ---------------------------------------------------------------- calling
 
-    def start_call(self, call: pb.Call, timeout: float | None, parent: int = 0) -> Future:
+    def start_call(
+        self, call: pb.Call, timeout: float | None, parent: int = 0, label: str = ""
+    ) -> Future:
         """Send a call now; return a future for its Result.
 
         ``parent`` is the id of the incoming call this one is made during (0: none). On
@@ -285,7 +287,7 @@ class Session:
             self._outgoing_parent[call_id] = parent
         if timeout is not None:
             self._timers[call_id] = self._loop.call_later(
-                timeout, self._expire, call_id, future, _call_name(call), timeout
+                timeout, self._expire, call_id, future, label or _call_name(call), timeout
             )
         return future
 
