@@ -49,8 +49,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("address", nargs="?", default="127.0.0.1:0")
     parser.add_argument("--interval", type=float, default=5.0, help="seconds between pushes")
+    parser.add_argument(
+        "--callback-timeout", type=float, default=1.0, help="seconds a listener may take"
+    )
     options = parser.parse_args()
-    server = backchannel.Server(options.address, application="callback-provider")
+    server = backchannel.Server(
+        options.address,
+        application="callback-provider",
+        callback_timeout=options.callback_timeout,
+    )
     # <dubbo:service ... callbacks="1000"> with <dubbo:argument index="1" callback="true"/>
     server.export(
         CallbackService,

@@ -431,10 +431,6 @@ class ReverseProxy:
         return result
 
 
-def _nothing() -> None:
-    """A commit with nothing to commit."""
-
-
 def _copy_outcome(target: concurrent.futures.Future[Any], source: asyncio.Future[Any]) -> None:
     if source.cancelled():
         target.cancel()
@@ -466,8 +462,6 @@ class ProviderCallbacks:
         so a call that fails before its method starts leaves the table as it was.
         """
         where = f"{method.qualname}()"
-        if not method.callbacks and not method.removers:  # the common case, fast
-            return codec.decode_args(values, where), _nothing, []
         args: list[object] = []
         fresh: dict[int, ReverseProxy] = {}
         removed: list[ReverseProxy] = []

@@ -7,13 +7,18 @@ calls the same way.
 from __future__ import annotations
 
 import asyncio
+import base64
 import concurrent.futures
 import contextvars
 import functools
 import inspect
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from google.protobuf import json_format
+from google.protobuf.message import Message
 
 from backchannel import codec
 from backchannel.callbacks import ProviderCallbacks, ReverseProxy
@@ -155,20 +160,29 @@ class Exports:
         spec = method.spec
         where = f"{spec.qualname}()"
         removed: list[ReverseProxy] = []
-        if callbacks is None:
-            if spec.callbacks or spec.removers:
+        if spec.callbacks or spec.removers:
+            if callbacks is None:
                 raise InvalidArguments(
                     f"{where} takes callback arguments, which need a stream: call it "
                     "through Connect (a backchannel client), not Invoke"
                 )
-            args = codec.decode_args(call.args, where)
-            spec.check_count(len(args))
-        else:
+            if call.json_args:
+                raise InvalidArguments(
+                    f"{where} takes callback arguments, which json_args cannot carry: "
+                    "give args with callback_value references"
+                )
             args, commit, removed = callbacks.decode_args(
                 spec, export.spec.name, export.callbacks, call.args
             )
             spec.check_count(len(args))
             commit()
+        else:
+            args = (
+                json_arguments(call, where)
+                if call.json_args
+                else codec.decode_args(call.args, where)
+            )
+            spec.check_count(len(args))
         try:
             if method.is_async:
                 result = await method.function(*args)
@@ -180,3 +194,29 @@ class Exports:
             for proxy in removed:  # the consumer un-exports them when the result arrives
                 callbacks.release(proxy.callback_id)  # type: ignore[union-attr]
         return codec.encode(result, f"the result of {where}")
+
+
+def json_arguments(call: pb.Call, where: str) -> list[object]:
+    """The arguments of a call typed as JSON (grpcurl users), checked."""
+    if call.args:
+        raise InvalidArguments(f"{where}: give args or json_args, not both")
+    try:
+        args = json.loads(call.json_args)
+    except ValueError as exc:
+        raise InvalidArguments(f"{where}: json_args is not valid JSON: {exc}") from None
+    if not isinstance(args, list):
+        raise InvalidArguments(f"{where}: json_args must be a JSON array of arguments")
+    return args
+
+
+def to_json(value: object) -> str:
+    """A decoded result as JSON for people; bytes as base64, messages as their JSON form."""
+
+    def fallback(obj: object) -> object:
+        if isinstance(obj, bytes):
+            return base64.b64encode(obj).decode()
+        if isinstance(obj, Message):
+            return json_format.MessageToDict(obj)
+        raise TypeError(type(obj).__name__)
+
+    return json.dumps(value, default=fallback)

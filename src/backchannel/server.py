@@ -15,11 +15,14 @@ from types import TracebackType
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
 
 from backchannel import codec
 from backchannel.callbacks import ProviderCallbacks
 from backchannel.errors import ChannelClosed, UnknownCallback
-from backchannel.exports import DEFAULT_CALLBACK_LIMIT, Exports
+from backchannel.exports import DEFAULT_CALLBACK_LIMIT, Exports, to_json
 from backchannel.interface import Method
 from backchannel.portal import LoopThread
 from backchannel.protocol import PROTOCOL_VERSION, Connection, Role
@@ -74,8 +77,12 @@ class AsyncServer:
         send_tracebacks: bool = False,
         errors: Iterable[type[BaseException]] = (),
         callback_timeout: float | None = DEFAULT_TIMEOUT,
+        reflection: bool = True,
+        health: bool = True,
     ) -> None:
         self._requested_address = address
+        self._reflection = reflection
+        self._health: HealthServicer | None = HealthServicer() if health else None
         self._application = application
         self._send_tracebacks = send_tracebacks
         self._error_types = codec.ErrorTypes(errors)
@@ -152,6 +159,17 @@ class AsyncServer:
             },
         )
         server.add_generic_rpc_handlers((handler,))
+        served = [SERVICE_NAME]
+        if self._health is not None:
+            health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+            await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+            await self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+            served.append(health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
+        if self._reflection:
+            # grpcurl resolves Any payloads through reflection over the default pool,
+            # where every generated message module this process imported is registered
+            served.append(reflection.SERVICE_NAME)
+            reflection.enable_server_reflection(served, server)
         try:
             self._port = server.add_insecure_port(self._requested_address)
         except RuntimeError as exc:
@@ -165,6 +183,8 @@ class AsyncServer:
         server, self._grpc = self._grpc, None
         if server is None:
             return
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
         for session in list(self._sessions):
             session.go_away("server shutting down")
         if grace:
@@ -218,7 +238,10 @@ class AsyncServer:
         except Exception as exc:
             error = codec.encode_error(exc, self._error_types, self._send_tracebacks)
             return pb.Result(id=call.id, error=error)
-        return pb.Result(id=call.id, value=value)
+        result = pb.Result(id=call.id, value=value)
+        if call.json_args:
+            result.json = to_json(codec.decode(value, "the result"))
+        return result
 
     async def _describe(
         self, request: pb.DescribeRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -254,6 +277,8 @@ class Server:
         send_tracebacks: bool = False,
         errors: Iterable[type[BaseException]] = (),
         callback_timeout: float | None = DEFAULT_TIMEOUT,
+        reflection: bool = True,
+        health: bool = True,
     ) -> None:
         self._core = AsyncServer(
             address,
@@ -262,6 +287,8 @@ class Server:
             send_tracebacks=send_tracebacks,
             errors=errors,
             callback_timeout=callback_timeout,
+            reflection=reflection,
+            health=health,
         )
         self._portal: LoopThread | None = None
 

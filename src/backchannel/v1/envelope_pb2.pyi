@@ -105,7 +105,7 @@ class MethodInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., parameters: _Optional[_Iterable[str]] = ..., required: _Optional[int] = ..., callback_arguments: _Optional[_Iterable[int]] = ..., remover_arguments: _Optional[_Iterable[int]] = ..., one_way: _Optional[bool] = ...) -> None: ...
 
 class Call(_message.Message):
-    __slots__ = ("id", "service", "group", "version", "method", "args", "callback_id", "parent_id", "one_way")
+    __slots__ = ("id", "service", "group", "version", "method", "args", "callback_id", "parent_id", "one_way", "json_args")
     ID_FIELD_NUMBER: _ClassVar[int]
     SERVICE_FIELD_NUMBER: _ClassVar[int]
     GROUP_FIELD_NUMBER: _ClassVar[int]
@@ -115,6 +115,7 @@ class Call(_message.Message):
     CALLBACK_ID_FIELD_NUMBER: _ClassVar[int]
     PARENT_ID_FIELD_NUMBER: _ClassVar[int]
     ONE_WAY_FIELD_NUMBER: _ClassVar[int]
+    JSON_ARGS_FIELD_NUMBER: _ClassVar[int]
     id: int
     service: str
     group: str
@@ -124,17 +125,20 @@ class Call(_message.Message):
     callback_id: int
     parent_id: int
     one_way: bool
-    def __init__(self, id: _Optional[int] = ..., service: _Optional[str] = ..., group: _Optional[str] = ..., version: _Optional[str] = ..., method: _Optional[str] = ..., args: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., callback_id: _Optional[int] = ..., parent_id: _Optional[int] = ..., one_way: _Optional[bool] = ...) -> None: ...
+    json_args: str
+    def __init__(self, id: _Optional[int] = ..., service: _Optional[str] = ..., group: _Optional[str] = ..., version: _Optional[str] = ..., method: _Optional[str] = ..., args: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., callback_id: _Optional[int] = ..., parent_id: _Optional[int] = ..., one_way: _Optional[bool] = ..., json_args: _Optional[str] = ...) -> None: ...
 
 class Result(_message.Message):
-    __slots__ = ("id", "value", "error")
+    __slots__ = ("id", "value", "error", "json")
     ID_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    JSON_FIELD_NUMBER: _ClassVar[int]
     id: int
     value: Value
     error: Error
-    def __init__(self, id: _Optional[int] = ..., value: _Optional[_Union[Value, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+    json: str
+    def __init__(self, id: _Optional[int] = ..., value: _Optional[_Union[Value, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., json: _Optional[str] = ...) -> None: ...
 
 class Cancel(_message.Message):
     __slots__ = ("id", "reason")

