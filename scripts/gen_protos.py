@@ -36,6 +36,12 @@ def generate(proto_root: Path, out: Path) -> list[Path]:
     for proto in protos:
         stem = Path(proto).with_suffix("")
         written += [out / f"{stem}_pb2.py", out / f"{stem}_pb2.pyi"]
+        # the descriptor with its comments, which server reflection shows to grpcurl
+        documented = out / f"{stem}.binpb"
+        source_info = [f"--descriptor_set_out={documented}", "--include_source_info"]
+        if protoc.main(["protoc", f"-I{proto_root}", f"-I{include}", *source_info, proto]) != 0:
+            sys.exit(f"protoc failed for {proto}")
+        written.append(documented)
     return written
 
 

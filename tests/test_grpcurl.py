@@ -66,6 +66,7 @@ def test_describe_shows_frames_and_values(callback_provider: str) -> None:
         in service
     )
     frame = grpcurl(callback_provider, "describe", "backchannel.v1.Frame").stdout
+    assert "// One unit on a Connect stream." in frame  # the proto's comments are served
     for kind in ("hello", "welcome", "call", "result", "cancel", "release", "go_away", "batch"):
         assert f" {kind} = " in frame
     value = grpcurl(callback_provider, "describe", "backchannel.v1.Value").stdout

@@ -17,9 +17,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
 
-from backchannel import codec
+from backchannel import codec, reflection
 from backchannel.callbacks import ProviderCallbacks
 from backchannel.errors import ChannelClosed, UnknownCallback
 from backchannel.exports import DEFAULT_CALLBACK_LIMIT, Exports, to_json
@@ -168,8 +167,7 @@ class AsyncServer:
         if self._reflection:
             # grpcurl resolves Any payloads through reflection over the default pool,
             # where every generated message module this process imported is registered
-            served.append(reflection.SERVICE_NAME)
-            reflection.enable_server_reflection(served, server)
+            reflection.enable(server, served)
         try:
             self._port = server.add_insecure_port(self._requested_address)
         except RuntimeError as exc:
