@@ -84,8 +84,8 @@ def test_describe_rpc_lists_exports_and_callback_arguments(callback_provider: st
     assert service["name"] == "com.callback.CallbackService"
     assert service["callbacks"] == 1000
     methods = {m["name"]: m for m in service["methods"]}
-    assert methods["addListener"]["callback_arguments"] == [1]
-    assert methods["removeListener"]["remover_arguments"] == [1]
+    assert methods["addListener"]["callbackArguments"] == [1]
+    assert methods["removeListener"]["removerArguments"] == [1]
 
 
 def test_invoke_with_json_arguments(forward_provider: str) -> None:
@@ -100,7 +100,7 @@ def test_invoke_with_json_arguments(forward_provider: str) -> None:
         grpcurl(forward_provider, "backchannel.v1.Envelope/Invoke", data=json.dumps(call)).stdout
     )
     assert result["json"] == "5"
-    assert result["value"] == {"int_value": "5"}
+    assert result["value"] == {"intValue": "5"}
     call |= {"method": "divide", "json_args": "[1, 0]"}
     error = json.loads(
         grpcurl(forward_provider, "backchannel.v1.Envelope/Invoke", data=json.dumps(call)).stdout
@@ -178,10 +178,10 @@ def test_connect_registers_a_callback_and_answers_it(callback_provider: str) -> 
         }
     )
     first = stream.wait_for("call")[0]["call"]
-    assert first["method"] == "changed" and first["callback_id"] == "1"  # type: ignore[index]
-    assert first["args"][0]["string_value"].startswith("Changed: ")  # type: ignore[index]
+    assert first["method"] == "changed" and first["callbackId"] == "1"  # type: ignore[index]
+    assert first["args"][0]["stringValue"].startswith("Changed: ")  # type: ignore[index]
     stream.send({"result": {"id": first["id"], "value": {"nullValue": "NULL_VALUE"}}})  # type: ignore[index]
     (result,) = stream.wait_for("result")
-    assert result["result"] == {"id": "1", "value": {"null_value": "NULL_VALUE"}}
+    assert result["result"] == {"id": "1", "value": {"nullValue": "NULL_VALUE"}}
     stream.wait_for("call", 2)  # the provider's pusher thread calls again
     assert stream.close() == 0
