@@ -28,6 +28,8 @@ class Echo:
     def wait(self, seconds: float) -> str: ...
     def sync_wait(self, seconds: float) -> str: ...
     def unsendable(self) -> Any: ...
+    def tracked(self, seconds: float) -> int: ...
+    def big(self, size: int) -> bytes: ...
 
 
 class EchoImpl:
@@ -37,6 +39,8 @@ class EchoImpl:
         self.calls = 0
         self.started = threading.Event()
         self.cancelled = threading.Event()
+        self.running = 0
+        self.most_running = 0
 
     def echo(self, value: Any) -> Any:
         self.calls += 1
@@ -74,6 +78,19 @@ class EchoImpl:
 
     def unsendable(self) -> Any:
         return object()
+
+    async def tracked(self, seconds: float) -> int:
+        """Counts how many calls run at once."""
+        self.running += 1
+        self.most_running = max(self.most_running, self.running)
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            self.running -= 1
+        return self.most_running
+
+    def big(self, size: int) -> bytes:
+        return b"x" * size
 
 
 @backchannel.interface("test.Echo")

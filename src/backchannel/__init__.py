@@ -19,6 +19,7 @@ from backchannel.errors import (
     EncodeError,
     InvalidArguments,
     LocalProtocolError,
+    MessageTooLarge,
     MethodNotFound,
     ProtocolError,
     RemoteError,
@@ -33,7 +34,7 @@ from backchannel.errors import (
 from backchannel.exports import DEFAULT_CALLBACK_LIMIT
 from backchannel.interface import Argument, Method, interface, method
 from backchannel.server import AsyncServer, Server
-from backchannel.timeouts import DEFAULT_TIMEOUT
+from backchannel.settings import DEFAULT_TIMEOUT, Keepalive, Limits
 
 __all__ = [
     "DEFAULT_CALLBACK_LIMIT",
@@ -52,7 +53,10 @@ __all__ = [
     "DecodeError",
     "EncodeError",
     "InvalidArguments",
+    "Keepalive",
+    "Limits",
     "LocalProtocolError",
+    "MessageTooLarge",
     "Method",
     "MethodNotFound",
     "ProtocolError",

@@ -25,7 +25,7 @@ from backchannel.portal import LoopThread
 from backchannel.protocol import Connection, Role
 from backchannel.reference import Proxy, Reference
 from backchannel.session import Session
-from backchannel.timeouts import DEFAULT_TIMEOUT
+from backchannel.settings import DEFAULT_TIMEOUT, Keepalive, Limits, channel_options
 from backchannel.v1 import envelope_pb2 as pb
 
 logger = logging.getLogger("backchannel")
@@ -98,6 +98,8 @@ class AsyncClient:
         connect_timeout: float = 5.0,
         errors: Iterable[type[BaseException]] = (),
         max_workers: int = 32,
+        limits: Limits = Limits(),
+        keepalive: Keepalive | None = Keepalive(),
     ) -> None:
         if not isinstance(address, str) or ":" not in address:
             raise ValueError(f"address must be 'host:port', got {address!r}")
@@ -107,6 +109,8 @@ class AsyncClient:
         self.timeout = timeout
         self._application = application
         self._connect_timeout = connect_timeout
+        self._limits = limits
+        self._keepalive = keepalive
         self._error_types = codec.ErrorTypes(errors)
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=max_workers, thread_name_prefix="backchannel-callback"
@@ -223,7 +227,8 @@ class AsyncClient:
 
     async def _open_session(self) -> Session:
         if self._channel is None:
-            self._channel = grpc.aio.insecure_channel(self.address)
+            options = channel_options(self._limits, self._keepalive)
+            self._channel = grpc.aio.insecure_channel(self.address, options=options)
         stub = self._channel.stream_stream(
             CONNECT_PATH,
             request_serializer=pb.Frame.SerializeToString,
@@ -231,7 +236,10 @@ class AsyncClient:
         )
         stream = stub(None)
         connection: Connection[asyncio.Future[pb.Result]] = Connection(
-            Role.CONSUMER, self._application
+            Role.CONSUMER,
+            self._application,
+            max_calls_in_flight=self._limits.max_calls_in_flight,
+            max_message_size=self._limits.max_message_size,
         )
         session = Session(
             connection,
@@ -239,6 +247,7 @@ class AsyncClient:
             lambda session: _ConsumerSide(session, self._pool),
             self._error_types,
             peer=self.address,
+            limits=self._limits,
         )
         connection.start()
         session.flush()
@@ -308,6 +317,8 @@ class Client:
         connect_timeout: float = 5.0,
         errors: Iterable[type[BaseException]] = (),
         max_workers: int = 32,
+        limits: Limits = Limits(),
+        keepalive: Keepalive | None = Keepalive(),
     ) -> None:
         self._core = AsyncClient(
             address,
@@ -316,6 +327,8 @@ class Client:
             connect_timeout=connect_timeout,
             errors=errors,
             max_workers=max_workers,
+            limits=limits,
+            keepalive=keepalive,
         )
         self._portal = LoopThread(f"backchannel-client {address}")
 

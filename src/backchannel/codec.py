@@ -237,7 +237,8 @@ _BUILTIN_ERRORS: tuple[type[BaseException], ...] = (
 _LIBRARY_ERRORS: tuple[type[errors.BackchannelError], ...] = (
     errors.CallCancelled, errors.DeadlineExceeded, errors.InvalidArguments,
     errors.ServiceNotFound, errors.MethodNotFound, errors.TooManyCallbacks,
-    errors.ShuttingDown, errors.CallbackGone, errors.StreamBroken, errors.DecodeError,
+    errors.ShuttingDown, errors.CallbackGone, errors.MessageTooLarge, errors.UnknownCallback,
+    errors.StreamBroken, errors.DecodeError,
     errors.EncodeError, errors.RemoteProtocolError, errors.ChannelClosed,
 )  # fmt: skip
 
@@ -252,6 +253,8 @@ _CODES: dict[type[BaseException], int] = {
     errors.MethodNotFound: pb.UNIMPLEMENTED,
     errors.TooManyCallbacks: pb.RESOURCE_EXHAUSTED,
     errors.ShuttingDown: pb.UNAVAILABLE,
+    errors.MessageTooLarge: pb.RESOURCE_EXHAUSTED,
+    errors.UnknownCallback: pb.NOT_FOUND,
     errors.CallbackGone: pb.NOT_FOUND,
     errors.StreamBroken: pb.UNAVAILABLE,
     errors.ChannelClosed: pb.UNAVAILABLE,

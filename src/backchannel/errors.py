@@ -21,6 +21,7 @@
         ├── ServiceNotFound
         ├── MethodNotFound
         ├── TooManyCallbacks
+        ├── MessageTooLarge               a call or result over max_message_size
         ├── UnknownCallback (LookupError)   removing what was never added
         └── ShuttingDown
 
@@ -117,6 +118,10 @@ class MethodNotFound(CallError):
 
 class TooManyCallbacks(CallError):
     """The service's limit of live callback instances on this stream was reached."""
+
+
+class MessageTooLarge(CallError):
+    """A call or its result is larger than the message size limit."""
 
 
 class UnknownCallback(CallError, LookupError):

@@ -70,6 +70,10 @@ class HandshakeDone:
 
     peer_application: str
     services: tuple[pb.ServiceInfo, ...]
+    #: the most calls the peer runs at once on this stream (0: not stated)
+    peer_max_calls_in_flight: int = 0
+    #: the largest frame the peer accepts (0: not stated)
+    peer_max_message_size: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,8 +158,14 @@ class Connection(Generic[Token]):
         role: Role,
         application: str = "",
         services: tuple[pb.ServiceInfo, ...] = (),
+        max_calls_in_flight: int = 0,
+        max_message_size: int = 0,
     ) -> None:
         self.role = role
+        #: calls from the peer this side runs at once; more are refused (0: no limit)
+        self.max_calls_in_flight = max_calls_in_flight
+        #: the largest frame this side accepts, as told to the peer (0: not stated)
+        self.max_message_size = max_message_size
         self.state = State.HANDSHAKE
         self.application = application
         self.services = services
@@ -196,7 +206,12 @@ class Connection(Generic[Token]):
         self._check_can_send("hello")
         if self.role is not Role.CONSUMER:
             raise LocalProtocolError("only the consumer sends hello")
-        hello = pb.Hello(protocol_version=PROTOCOL_VERSION, application=self.application)
+        hello = pb.Hello(
+            protocol_version=PROTOCOL_VERSION,
+            application=self.application,
+            max_calls_in_flight=self.max_calls_in_flight,
+            max_message_size=self.max_message_size,
+        )
         self._outbox.append(pb.Frame(hello=hello))
 
     def send_call(self, call: pb.Call, token: Token) -> int:
@@ -325,13 +340,21 @@ class Connection(Generic[Token]):
             self._mistake(events, message)
             raise _StayPut
         welcome = pb.Welcome(
-            protocol_version=PROTOCOL_VERSION, application=self.application, services=self.services
+            protocol_version=PROTOCOL_VERSION,
+            application=self.application,
+            services=self.services,
+            max_calls_in_flight=self.max_calls_in_flight,
+            max_message_size=self.max_message_size,
         )
         self._outbox.append(pb.Frame(welcome=welcome))
-        events.append(HandshakeDone(hello.application, ()))
+        events.append(
+            HandshakeDone(hello.application, (), hello.max_calls_in_flight, hello.max_message_size)
+        )
 
     def _on_welcome(self, welcome: pb.Welcome, events: list[Event[Token]]) -> None:
-        events.append(HandshakeDone(welcome.application, tuple(welcome.services)))
+        services = tuple(welcome.services)
+        limits = (welcome.max_calls_in_flight, welcome.max_message_size)
+        events.append(HandshakeDone(welcome.application, services, *limits))
 
     def _on_call(self, call: pb.Call, events: list[Event[Token]]) -> None:
         if call.id == 0:
@@ -339,6 +362,12 @@ class Connection(Generic[Token]):
         elif call.id in self._incoming:
             message = f"duplicate call id {call.id}: a call with this id is still running"
             self._mistake(events, message, call.id)
+        elif 0 < self.max_calls_in_flight <= len(self._incoming):
+            message = (
+                f"too many calls in flight on this stream: this side runs at most "
+                f"{self.max_calls_in_flight} at once (call {call.id} refused)"
+            )
+            self._answer_call_error(call, pb.RESOURCE_EXHAUSTED, message, events)
         elif self.going_away:
             if not call.one_way:
                 message = "shutting down: this side accepts no new calls on this stream"

@@ -26,7 +26,7 @@ from backchannel.interface import Method
 from backchannel.portal import LoopThread
 from backchannel.protocol import PROTOCOL_VERSION, Connection, Role
 from backchannel.session import Session
-from backchannel.timeouts import DEFAULT_TIMEOUT
+from backchannel.settings import DEFAULT_TIMEOUT, Keepalive, Limits, channel_options
 from backchannel.v1 import envelope_pb2 as pb
 
 logger = logging.getLogger("backchannel")
@@ -78,8 +78,12 @@ class AsyncServer:
         callback_timeout: float | None = DEFAULT_TIMEOUT,
         reflection: bool = True,
         health: bool = True,
+        limits: Limits = Limits(),
+        keepalive: Keepalive | None = Keepalive(),
     ) -> None:
         self._requested_address = address
+        self._limits = limits
+        self._keepalive = keepalive
         self._reflection = reflection
         self._health: HealthServicer | None = HealthServicer() if health else None
         self._application = application
@@ -136,7 +140,7 @@ class AsyncServer:
         """Bind and start serving."""
         if self._grpc is not None:
             raise RuntimeError("the server is already started")
-        server = grpc.aio.server()
+        server = grpc.aio.server(options=channel_options(self._limits, self._keepalive))
         handler = grpc.method_handlers_generic_handler(
             SERVICE_NAME,
             {
@@ -212,7 +216,11 @@ class AsyncServer:
         self, requests: AsyncIterator[pb.Frame], context: grpc.aio.ServicerContext[Any, Any]
     ) -> None:
         connection: Connection[asyncio.Future[pb.Result]] = Connection(
-            Role.PROVIDER, self._application, self._exports.services()
+            Role.PROVIDER,
+            self._application,
+            self._exports.services(),
+            self._limits.max_calls_in_flight,
+            self._limits.max_message_size,
         )
         session = Session(
             connection,
@@ -220,6 +228,7 @@ class AsyncServer:
             lambda session: _ProviderSide(self._exports, session, self._callback_timeout),
             self._error_types,
             peer=context.peer(),
+            limits=self._limits,
             send_tracebacks=self._send_tracebacks,
         )
         self._sessions.add(session)
@@ -277,6 +286,8 @@ class Server:
         callback_timeout: float | None = DEFAULT_TIMEOUT,
         reflection: bool = True,
         health: bool = True,
+        limits: Limits = Limits(),
+        keepalive: Keepalive | None = Keepalive(),
     ) -> None:
         self._core = AsyncServer(
             address,
@@ -287,6 +298,8 @@ class Server:
             callback_timeout=callback_timeout,
             reflection=reflection,
             health=health,
+            limits=limits,
+            keepalive=keepalive,
         )
         self._portal: LoopThread | None = None
 

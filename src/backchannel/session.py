@@ -11,6 +11,7 @@ every pending call at once.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -23,6 +24,7 @@ from backchannel.errors import (
     CallCancelled,
     DeadlineExceeded,
     LocalProtocolError,
+    MessageTooLarge,
     StreamBroken,
     TransportError,
 )
@@ -38,6 +40,7 @@ from backchannel.protocol import (
     ResultReceived,
     State,
 )
+from backchannel.settings import Limits
 from backchannel.v1 import envelope_pb2 as pb
 
 logger = logging.getLogger("backchannel")
@@ -81,6 +84,7 @@ class Session:
         error_types: codec.ErrorTypes,
         *,
         peer: str,
+        limits: Limits,
         send_tracebacks: bool = False,
     ) -> None:
         self.connection = connection
@@ -89,7 +93,12 @@ class Session:
         self._write = write
         self._send_tracebacks = send_tracebacks
         self._loop = asyncio.get_running_loop()
-        self._timers: dict[int, asyncio.TimerHandle] = {}
+        self._limits = limits
+        # what the peer accepts, until its handshake says otherwise
+        self._peer_max_calls = limits.max_calls_in_flight
+        self._peer_max_message = limits.max_message_size
+        self._sent: dict[int, _Outgoing] = {}
+        self._waiting: collections.deque[_Outgoing] = collections.deque()
         # the call tree, for re-entrancy: outgoing call id -> the incoming call it was
         # made during, and incoming call id -> the outgoing call it was made during
         self._outgoing_parent: dict[int, int] = {}
@@ -154,7 +163,7 @@ class Session:
                     self._wake.clear()
                     continue
                 frames, self._queue = self._queue, []
-                for message in coalesce(frames):
+                for message in coalesce(frames, min(MAX_BATCH_BYTES, self._peer_max_message)):
                     await self._write(message)
         except asyncio.CancelledError:
             raise
@@ -203,13 +212,9 @@ class Session:
         for event in events:
             if type(event) is ResultReceived:
                 future = event.token
-                call_id = event.result.id
-                timer = self._timers.pop(call_id, None)
-                if timer is not None:
-                    timer.cancel()
-                self._outgoing_parent.pop(call_id, None)
                 if not future.done():
                     future.set_result(event.result)
+                self._finished(event.result.id)
             elif type(event) is CallReceived:
                 call = event.call
                 task = self._loop.create_task(self._serve(call))
@@ -220,6 +225,14 @@ class Session:
                 if victim is not None:
                     victim.cancel(f"cancelled by the peer: {event.reason}")
             elif type(event) is HandshakeDone:
+                own = self._limits
+                self._peer_max_calls = min(
+                    own.max_calls_in_flight,
+                    event.peer_max_calls_in_flight or own.max_calls_in_flight,
+                )
+                self._peer_max_message = min(
+                    own.max_message_size, event.peer_max_message_size or own.max_message_size
+                )
                 if not self.handshake.done():
                     self.handshake.set_result(event.services)
             elif type(event) is ReleaseReceived:
@@ -255,6 +268,12 @@ class Session:
             result = pb.Result(id=call.id, error=error)
         finally:
             self._incoming_parent.pop(call.id, None)
+        if result.ByteSize() > self._peer_max_message:
+            too_large = MessageTooLarge(
+                f"the result of {_call_name(call)} is {result.ByteSize()} bytes, over the "
+                f"message size limit of {self._peer_max_message} bytes (max_message_size)"
+            )
+            result = pb.Result(id=call.id, error=codec.encode_error(too_large, self.error_types))
         if not call.one_way and self._running.pop(call.id, None) is not None:
             self._answer(result)
 
@@ -270,41 +289,73 @@ class Session:
     def start_call(
         self, call: pb.Call, timeout: float | None, parent: int = 0, label: str = ""
     ) -> Future:
-        """Send a call now; return a future for its Result.
+        """Send a call (now, or as soon as the in-flight limit allows); return a future
+        for its Result.
 
         ``parent`` is the id of the incoming call this one is made during (0: none). On
-        timeout the future fails with DeadlineExceeded and the peer gets a Cancel.
+        timeout the future fails with DeadlineExceeded and the peer gets a Cancel. A call
+        over the peer's message size limit raises MessageTooLarge before anything is sent.
         """
-        future: Future = self._loop.create_future()
+        label = label or _call_name(call)
+        size = call.ByteSize()
+        if size > self._peer_max_message:
+            raise MessageTooLarge(
+                f"{label}: the call is {size} bytes, over the message size limit of "
+                f"{self._peer_max_message} bytes (max_message_size)"
+            )
         if parent:
             call.parent_id = parent
-        call_id = self.connection.send_call(call, future)
+        outgoing = _Outgoing(call, self._loop.create_future(), label, timeout)
+        if timeout is not None:
+            outgoing.timer = self._loop.call_later(timeout, self._expire, outgoing)
+        if self._waiting or self.connection.pending_outgoing >= self._peer_max_calls:
+            self._waiting.append(outgoing)  # back-pressure: sent when a call finishes
+        else:
+            self._send(outgoing)
+        return outgoing.future
+
+    def _send(self, outgoing: _Outgoing) -> None:
+        call = outgoing.call
+        call_id = self.connection.send_call(call, outgoing.future)
         self.flush()
         if call.one_way:
-            future.set_result(pb.Result(id=call_id, value=codec.NULL))
-            return future
-        if parent:
-            self._outgoing_parent[call_id] = parent
-        if timeout is not None:
-            self._timers[call_id] = self._loop.call_later(
-                timeout, self._expire, call_id, future, label or _call_name(call), timeout
-            )
-        return future
+            outgoing.settle()
+            outgoing.future.set_result(pb.Result(id=call_id, value=codec.NULL))
+            return
+        self._sent[call_id] = outgoing
+        if call.parent_id:
+            self._outgoing_parent[call_id] = call.parent_id
 
-    def _expire(self, call_id: int, future: Future, name: str, timeout: float) -> None:
-        self._timers.pop(call_id, None)
-        self.abandon(call_id, f"deadline of {timeout} s exceeded")
-        if not future.done():
-            future.set_exception(DeadlineExceeded(f"{name} did not finish within {timeout} s"))
+    def _admit(self) -> None:
+        """Send waiting calls while the in-flight limit allows."""
+        while self._waiting and self.connection.pending_outgoing < self._peer_max_calls:
+            outgoing = self._waiting.popleft()
+            if not outgoing.future.done():  # else it expired or was cancelled waiting
+                self._send(outgoing)
+
+    def _finished(self, call_id: int) -> None:
+        """An outgoing call is over (answered, expired, cancelled): free its slot."""
+        outgoing = self._sent.pop(call_id, None)
+        if outgoing is not None:
+            outgoing.settle()
+        self._outgoing_parent.pop(call_id, None)
+        if self._waiting:
+            self._admit()
+
+    def _expire(self, outgoing: _Outgoing) -> None:
+        outgoing.timer = None
+        if outgoing.call.id:
+            self.abandon(outgoing.call.id, f"deadline of {outgoing.timeout} s exceeded")
+        if not outgoing.future.done():
+            outgoing.future.set_exception(
+                DeadlineExceeded(f"{outgoing.label} did not finish within {outgoing.timeout} s")
+            )
 
     def abandon(self, call_id: int, reason: str) -> None:
         """Stop waiting for an outgoing call and tell the peer to stop running it."""
-        timer = self._timers.pop(call_id, None)
-        if timer is not None:
-            timer.cancel()
-        self._outgoing_parent.pop(call_id, None)
         self.connection.send_cancel(call_id, reason)
         self.flush()
+        self._finished(call_id)
 
     async def call(self, call: pb.Call, timeout: float | None, parent: int = 0) -> pb.Result:
         """Send a call and wait for its result; a cancelled caller cancels the call."""
@@ -312,7 +363,8 @@ class Session:
         try:
             return await future
         except asyncio.CancelledError:
-            self.abandon(call.id, "cancelled by the caller")
+            if call.id:  # else it was still waiting for a slot: nothing was sent
+                self.abandon(call.id, "cancelled by the caller")
             raise
 
     def ancestors(self, parent_id: int) -> set[int]:
@@ -341,9 +393,12 @@ class Session:
         if not self.handshake.done():
             self.handshake.set_exception(type(cause)(str(cause)))
             self.handshake.exception()  # retrieved: nobody may be waiting
-        for timer in self._timers.values():
-            timer.cancel()
-        self._timers.clear()
+        for outgoing in [*self._sent.values(), *self._waiting]:
+            outgoing.settle()
+            if not outgoing.future.done():
+                outgoing.future.set_exception(type(cause)(str(cause)))
+        self._sent.clear()
+        self._waiting.clear()
         self._outgoing_parent.clear()
         self.dispatcher.ended(cause)
         self._closed.set()
@@ -360,7 +415,7 @@ class Session:
             await asyncio.gather(*self._running.values(), return_exceptions=True)
 
 
-def coalesce(frames: list[pb.Frame]) -> list[pb.Frame]:
+def coalesce(frames: list[pb.Frame], max_bytes: int = MAX_BATCH_BYTES) -> list[pb.Frame]:
     """Pack ready frames into as few messages as the batch limits allow."""
     if len(frames) == 1:
         return frames
@@ -369,7 +424,7 @@ def coalesce(frames: list[pb.Frame]) -> list[pb.Frame]:
     size = 0
     for frame in frames:
         frame_size = frame.ByteSize()
-        if batch and (len(batch) >= MAX_BATCH_FRAMES or size + frame_size > MAX_BATCH_BYTES):
+        if batch and (len(batch) >= MAX_BATCH_FRAMES or size + frame_size > max_bytes):
             messages.append(_batch(batch))
             batch, size = [], 0
         batch.append(frame)
@@ -377,6 +432,25 @@ def coalesce(frames: list[pb.Frame]) -> list[pb.Frame]:
     if batch:
         messages.append(_batch(batch))
     return messages
+
+
+class _Outgoing:
+    """A call this side sends: waiting for a slot, then for its result."""
+
+    __slots__ = ("call", "future", "label", "timeout", "timer")
+
+    def __init__(self, call: pb.Call, future: Future, label: str, timeout: float | None) -> None:
+        self.call = call
+        self.future = future
+        self.label = label
+        self.timeout = timeout
+        self.timer: asyncio.TimerHandle | None = None
+
+    def settle(self) -> None:
+        """Stop its timer: the outcome is known or no longer awaited."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
 
 
 def _batch(frames: list[pb.Frame]) -> pb.Frame:

@@ -57,22 +57,30 @@ class Frame(_message.Message):
     def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., welcome: _Optional[_Union[Welcome, _Mapping]] = ..., call: _Optional[_Union[Call, _Mapping]] = ..., result: _Optional[_Union[Result, _Mapping]] = ..., cancel: _Optional[_Union[Cancel, _Mapping]] = ..., release: _Optional[_Union[Release, _Mapping]] = ..., go_away: _Optional[_Union[GoAway, _Mapping]] = ..., batch: _Optional[_Union[Batch, _Mapping]] = ..., fault: _Optional[_Union[Fault, _Mapping]] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("protocol_version", "application")
+    __slots__ = ("protocol_version", "application", "max_calls_in_flight", "max_message_size")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     APPLICATION_FIELD_NUMBER: _ClassVar[int]
+    MAX_CALLS_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     application: str
-    def __init__(self, protocol_version: _Optional[int] = ..., application: _Optional[str] = ...) -> None: ...
+    max_calls_in_flight: int
+    max_message_size: int
+    def __init__(self, protocol_version: _Optional[int] = ..., application: _Optional[str] = ..., max_calls_in_flight: _Optional[int] = ..., max_message_size: _Optional[int] = ...) -> None: ...
 
 class Welcome(_message.Message):
-    __slots__ = ("protocol_version", "application", "services")
+    __slots__ = ("protocol_version", "application", "services", "max_calls_in_flight", "max_message_size")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     APPLICATION_FIELD_NUMBER: _ClassVar[int]
     SERVICES_FIELD_NUMBER: _ClassVar[int]
+    MAX_CALLS_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     application: str
     services: _containers.RepeatedCompositeFieldContainer[ServiceInfo]
-    def __init__(self, protocol_version: _Optional[int] = ..., application: _Optional[str] = ..., services: _Optional[_Iterable[_Union[ServiceInfo, _Mapping]]] = ...) -> None: ...
+    max_calls_in_flight: int
+    max_message_size: int
+    def __init__(self, protocol_version: _Optional[int] = ..., application: _Optional[str] = ..., services: _Optional[_Iterable[_Union[ServiceInfo, _Mapping]]] = ..., max_calls_in_flight: _Optional[int] = ..., max_message_size: _Optional[int] = ...) -> None: ...
 
 class ServiceInfo(_message.Message):
     __slots__ = ("name", "group", "version", "methods", "callbacks")

@@ -1,0 +1,70 @@
+"""Default limits and timing, and the gRPC channel options they become.
+
+Every default is safe: calls time out, streams are kept alive and dead peers noticed,
+and no peer can make this side hold unbounded calls or messages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+#: Dubbo's default call timeout, in seconds: forward calls and callback calls alike
+DEFAULT_TIMEOUT = 1.0
+#: calls one side lets run at once on one stream, in each direction
+DEFAULT_MAX_CALLS_IN_FLIGHT = 1000
+#: the largest frame either side sends or accepts, in bytes (gRPC's own default)
+DEFAULT_MAX_MESSAGE_SIZE = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Keepalive:
+    """HTTP/2 keepalive pings, so a peer that vanished without closing is noticed.
+
+    A ping is sent after ``time`` seconds without traffic; no answer within ``timeout``
+    seconds ends the connection, and with it every pending call and callback.
+    """
+
+    time: float = 10.0
+    timeout: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not (self.time > 0 and self.timeout > 0):
+            raise ValueError(f"keepalive time and timeout must be > 0, got {self}")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-stream limits of one side; each side tells the other in the handshake."""
+
+    #: calls that may run at once on one stream in each direction; past it new calls
+    #: wait (asyncio) or block (sync) until one finishes
+    max_calls_in_flight: int = DEFAULT_MAX_CALLS_IN_FLIGHT
+    #: the largest frame in bytes; a call or result over it fails with MessageTooLarge
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
+
+    def __post_init__(self) -> None:
+        if self.max_calls_in_flight < 1 or self.max_message_size < 1024:
+            raise ValueError(
+                f"max_calls_in_flight must be >= 1 and max_message_size >= 1024, got {self}"
+            )
+
+
+def channel_options(limits: Limits, keepalive: Keepalive | None) -> list[tuple[str, int]]:
+    """gRPC options for a client channel or a server with these settings."""
+    # gRPC's own limit sits above ours, so an oversized frame is refused by us with a
+    # clear error before gRPC would tear down the whole stream
+    wire_limit = limits.max_message_size + 64 * 1024
+    options = [
+        ("grpc.max_send_message_length", wire_limit),
+        ("grpc.max_receive_message_length", wire_limit),
+    ]
+    if keepalive is not None:
+        options += [
+            ("grpc.keepalive_time_ms", int(keepalive.time * 1000)),
+            ("grpc.keepalive_timeout_ms", int(keepalive.timeout * 1000)),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+            ("grpc.http2.min_ping_interval_without_data_ms", int(keepalive.time * 500)),
+            ("grpc.http2.min_time_between_pings_ms", int(keepalive.time * 500)),
+        ]
+    return options

@@ -1,0 +1,90 @@
+"""Back-pressure and message size limits: safe defaults, clear errors, nothing lost."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+
+import pytest
+from conftest import RawStream, run
+from services import Echo, EchoImpl
+
+import backchannel
+from backchannel import Limits
+from backchannel.v1 import envelope_pb2 as pb
+
+
+def test_defaults_are_safe() -> None:
+    limits = Limits()
+    assert limits.max_calls_in_flight == 1000
+    assert limits.max_message_size == 4 * 1024 * 1024
+    with pytest.raises(ValueError, match="max_calls_in_flight"):
+        Limits(max_calls_in_flight=0)
+
+
+def test_calls_past_the_clients_limit_wait_their_turn() -> None:
+    impl = EchoImpl()
+    with backchannel.Server() as server:
+        server.export(Echo, impl)
+
+        async def body() -> None:
+            limits = Limits(max_calls_in_flight=4)
+            async with backchannel.AsyncClient(server.address, limits=limits, timeout=10) as client:
+                echo = client.reference(Echo)
+                results = await asyncio.gather(*(echo.tracked(0.05) for _ in range(20)))
+                assert max(results) <= 4
+
+        run(body())
+    assert impl.most_running == 4
+
+
+def test_the_providers_limit_lowers_the_clients_in_the_handshake() -> None:
+    impl = EchoImpl()
+    with backchannel.Server(limits=Limits(max_calls_in_flight=2)) as server:
+        server.export(Echo, impl)
+        with backchannel.Client(server.address, timeout=10) as client:
+            echo = client.reference(Echo)
+            with concurrent.futures.ThreadPoolExecutor(8) as pool:
+                results = list(pool.map(lambda _: echo.tracked(0.05), range(16)))
+    assert impl.most_running == 2 and max(results) == 2
+
+
+def test_a_peer_that_ignores_the_limit_gets_a_clear_error() -> None:
+    with backchannel.Server(limits=Limits(max_calls_in_flight=2)) as server:
+        server.export(Echo, EchoImpl())
+
+        async def body() -> None:
+            stream = RawStream(server.address)
+            welcome = await stream.hello()
+            assert welcome.max_calls_in_flight == 2
+            for call_id in (1, 2, 3):
+                call = pb.Call(
+                    id=call_id,
+                    service="test.Echo",
+                    method="wait",
+                    args=[pb.Value(double_value=0.5)],
+                )
+                await stream.send(pb.Frame(call=call))
+            refused = (await stream.recv()).result
+            assert refused.id == 3 and refused.error.code == pb.RESOURCE_EXHAUSTED
+            assert "runs at most 2 at once" in refused.error.message
+            answered = {(await stream.recv()).result.id for _ in range(2)}
+            assert answered == {1, 2}
+            await stream.close()
+
+        run(body())
+
+
+def test_a_call_over_the_size_limit_fails_before_it_is_sent() -> None:
+    impl = EchoImpl()
+    with backchannel.Server() as server:
+        server.export(Echo, impl)
+        limits = Limits(max_message_size=64 * 1024)
+        with backchannel.Client(server.address, limits=limits) as client:
+            echo = client.reference(Echo)
+            with pytest.raises(backchannel.MessageTooLarge, match="limit of 65536 bytes"):
+                echo.echo(b"x" * 100_000)
+            assert impl.calls == 0
+            with pytest.raises(backchannel.MessageTooLarge, match=r"result of test\.Echo\.big"):
+                echo.big(100_000)  # the provider learned our limit in the handshake
+            assert len(echo.big(1000)) == 1000  # the stream goes on
