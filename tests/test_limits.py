@@ -88,3 +88,46 @@ def test_a_call_over_the_size_limit_fails_before_it_is_sent() -> None:
             with pytest.raises(backchannel.MessageTooLarge, match=r"result of test\.Echo\.big"):
                 echo.big(100_000)  # the provider learned our limit in the handshake
             assert len(echo.big(1000)) == 1000  # the stream goes on
+
+
+def test_graceful_stop_finishes_every_call_in_flight() -> None:
+    impl = EchoImpl()
+    server = backchannel.Server()
+    server.export(Echo, impl)
+    server.start()
+
+    async def body() -> None:
+        async with backchannel.AsyncClient(server.address, timeout=10) as client:
+            echo = client.reference(Echo)
+            in_flight = [asyncio.ensure_future(echo.wait(0.3)) for _ in range(50)]
+            assert await asyncio.to_thread(impl.started.wait, 5)
+            stopping = asyncio.ensure_future(asyncio.to_thread(server.stop, 5))
+            assert await asyncio.gather(*in_flight) == ["done"] * 50  # none lost
+            await stopping
+            with pytest.raises((backchannel.ShuttingDown, backchannel.TransportError)):
+                await echo.add(1, 2)
+
+    run(body())
+
+
+def test_new_calls_during_the_grace_period_get_a_clear_error() -> None:
+    impl = EchoImpl()
+    server = backchannel.Server()
+    server.export(Echo, impl)
+    server.start()
+
+    async def body() -> None:
+        async with backchannel.AsyncClient(server.address, timeout=10) as client:
+            echo = client.reference(Echo)
+            running = asyncio.ensure_future(echo.wait(1.0))
+            assert await asyncio.to_thread(impl.started.wait, 5)
+            stopping = asyncio.ensure_future(asyncio.to_thread(server.stop, 5))
+            # the go-away frame and the refusal of a new stream race with this call: either
+            # way the caller hears that the provider is going away
+            with pytest.raises(backchannel.BackchannelError, match="shutting down"):
+                while True:
+                    await echo.add(1, 2)
+            assert await running == "done"
+            await stopping
+
+    run(body())

@@ -97,6 +97,7 @@ class AsyncServer:
         self._grpc: grpc.aio.Server | None = None
         self._port = 0
         self._sessions: set[Session] = set()
+        self._stopping = False
 
     # ---------------------------------------------------------------- exports
 
@@ -181,10 +182,17 @@ class AsyncServer:
         logger.info("backchannel provider listening on %s", self.address)
 
     async def stop(self, grace: float | None = None) -> None:
-        """Stop serving. With ``grace``, say go-away and let running calls finish first."""
+        """Stop serving.
+
+        Every consumer is told go-away: its new calls fail with ShuttingDown (a new
+        stream is refused), while calls already running finish and their results are
+        sent, for up to ``grace`` seconds; then the streams end and with them every
+        callback. Without ``grace``, running calls are cancelled at once.
+        """
         server, self._grpc = self._grpc, None
         if server is None:
             return
+        self._stopping = True
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
         for session in list(self._sessions):
@@ -215,6 +223,8 @@ class AsyncServer:
     async def _connect(
         self, requests: AsyncIterator[pb.Frame], context: grpc.aio.ServicerContext[Any, Any]
     ) -> None:
+        if self._stopping:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the provider is shutting down")
         connection: Connection[asyncio.Future[pb.Result]] = Connection(
             Role.PROVIDER,
             self._application,

@@ -108,6 +108,7 @@ class Session:
         self._running: dict[int, asyncio.Task[None]] = {}
         self._writer: asyncio.Task[None] | None = None
         self._stopping = False
+        self._drained = asyncio.Event()  # set while the writer has nothing left to send
         self._closed = asyncio.Event()
         #: set once the handshake finished; holds the provider's services on the consumer
         self.handshake: asyncio.Future[tuple[pb.ServiceInfo, ...]] = self._loop.create_future()
@@ -151,12 +152,14 @@ class Session:
         frames = self.connection.take_outbox()
         if frames:
             self._queue.extend(frames)
+            self._drained.clear()
             self._wake.set()
 
     async def _write_loop(self) -> None:
         try:
             while True:
                 if not self._queue:
+                    self._drained.set()
                     if self._stopping:
                         return
                     await self._wake.wait()
@@ -410,9 +413,11 @@ class Session:
         self.flush()
 
     async def wait_idle(self) -> None:
-        """Wait until no call the peer sent is still running."""
+        """Wait until no call the peer sent is still running and their results are sent."""
         while self._running:
             await asyncio.gather(*self._running.values(), return_exceptions=True)
+        if self.cause is None:
+            await self._drained.wait()
 
 
 def coalesce(frames: list[pb.Frame], max_bytes: int = MAX_BATCH_BYTES) -> list[pb.Frame]:
