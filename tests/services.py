@@ -41,6 +41,7 @@ class EchoImpl:
         self.cancelled = threading.Event()
         self.running = 0
         self.most_running = 0
+        self.running_changed = threading.Condition()
 
     def echo(self, value: Any) -> Any:
         self.calls += 1
@@ -81,13 +82,21 @@ class EchoImpl:
 
     async def tracked(self, seconds: float) -> int:
         """Counts how many calls run at once."""
-        self.running += 1
-        self.most_running = max(self.most_running, self.running)
+        with self.running_changed:
+            self.running += 1
+            self.most_running = max(self.most_running, self.running)
+            self.running_changed.notify_all()
         try:
             await asyncio.sleep(seconds)
         finally:
-            self.running -= 1
+            with self.running_changed:
+                self.running -= 1
         return self.most_running
+
+    def wait_running(self, count: int, timeout: float = 5) -> bool:
+        """Block until ``count`` tracked calls run at once."""
+        with self.running_changed:
+            return self.running_changed.wait_for(lambda: self.running >= count, timeout)
 
     def big(self, size: int) -> bytes:
         return b"x" * size

@@ -99,10 +99,10 @@ def test_graceful_stop_finishes_every_call_in_flight() -> None:
     async def body() -> None:
         async with backchannel.AsyncClient(server.address, timeout=10) as client:
             echo = client.reference(Echo)
-            in_flight = [asyncio.ensure_future(echo.wait(0.3)) for _ in range(50)]
-            assert await asyncio.to_thread(impl.started.wait, 5)
+            in_flight = [asyncio.ensure_future(echo.tracked(0.3)) for _ in range(50)]
+            assert await asyncio.to_thread(impl.wait_running, 50)
             stopping = asyncio.ensure_future(asyncio.to_thread(server.stop, 5))
-            assert await asyncio.gather(*in_flight) == ["done"] * 50  # none lost
+            assert await asyncio.gather(*in_flight) == [50] * 50  # every one finished
             await stopping
             with pytest.raises((backchannel.ShuttingDown, backchannel.TransportError)):
                 await echo.add(1, 2)

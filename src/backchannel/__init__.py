@@ -5,6 +5,7 @@ Declare an interface, export an implementation on a :class:`Server` (or
 reference; every call of a consumer travels on one long-lived gRPC stream.
 """
 
+from backchannel.auth import Authenticator, bearer_tokens, current_identity
 from backchannel.callbacks import ReverseProxy
 from backchannel.client import AsyncClient, Client
 from backchannel.errors import (
@@ -29,6 +30,7 @@ from backchannel.errors import (
     StreamBroken,
     TooManyCallbacks,
     TransportError,
+    Unauthenticated,
     UnknownCallback,
 )
 from backchannel.exports import DEFAULT_CALLBACK_LIMIT
@@ -42,6 +44,7 @@ __all__ = [
     "Argument",
     "AsyncClient",
     "AsyncServer",
+    "Authenticator",
     "BackchannelError",
     "CallCancelled",
     "CallError",
@@ -69,7 +72,10 @@ __all__ = [
     "StreamBroken",
     "TooManyCallbacks",
     "TransportError",
+    "Unauthenticated",
     "UnknownCallback",
+    "bearer_tokens",
+    "current_identity",
     "interface",
     "method",
 ]

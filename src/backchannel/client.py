@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import grpc
 
 from backchannel import codec
+from backchannel.auth import bearer_metadata
 from backchannel.callbacks import CURRENT_CALL, ConsumerCallbacks, parent_in
 from backchannel.errors import ChannelClosed, ServiceNotFound, StreamBroken, UnknownCallback
 from backchannel.interface import Method, MethodSpec
@@ -100,6 +101,9 @@ class AsyncClient:
         max_workers: int = 32,
         limits: Limits = Limits(),
         keepalive: Keepalive | None = Keepalive(),
+        credentials: grpc.ChannelCredentials | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
+        token: str | None = None,
     ) -> None:
         if not isinstance(address, str) or ":" not in address:
             raise ValueError(f"address must be 'host:port', got {address!r}")
@@ -111,6 +115,8 @@ class AsyncClient:
         self._connect_timeout = connect_timeout
         self._limits = limits
         self._keepalive = keepalive
+        self._credentials = credentials
+        self._metadata = tuple(metadata) + (bearer_metadata(token) if token else ())
         self._error_types = codec.ErrorTypes(errors)
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=max_workers, thread_name_prefix="backchannel-callback"
@@ -228,13 +234,18 @@ class AsyncClient:
     async def _open_session(self) -> Session:
         if self._channel is None:
             options = channel_options(self._limits, self._keepalive)
-            self._channel = grpc.aio.insecure_channel(self.address, options=options)
+            if self._credentials is None:
+                self._channel = grpc.aio.insecure_channel(self.address, options=options)
+            else:
+                self._channel = grpc.aio.secure_channel(
+                    self.address, self._credentials, options=options
+                )
         stub = self._channel.stream_stream(
             CONNECT_PATH,
             request_serializer=pb.Frame.SerializeToString,
             response_deserializer=pb.Frame.FromString,
         )
-        stream = stub(None)
+        stream = stub(None, metadata=self._metadata)
         connection: Connection[asyncio.Future[pb.Result]] = Connection(
             Role.CONSUMER,
             self._application,
@@ -319,6 +330,9 @@ class Client:
         max_workers: int = 32,
         limits: Limits = Limits(),
         keepalive: Keepalive | None = Keepalive(),
+        credentials: grpc.ChannelCredentials | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
+        token: str | None = None,
     ) -> None:
         self._core = AsyncClient(
             address,
@@ -329,6 +343,9 @@ class Client:
             max_workers=max_workers,
             limits=limits,
             keepalive=keepalive,
+            credentials=credentials,
+            metadata=metadata,
+            token=token,
         )
         self._portal = LoopThread(f"backchannel-client {address}")
 

@@ -12,7 +12,8 @@
     ├── TransportError (ConnectionError)
     │   ├── StreamBroken              the Connect stream ended under a pending call
     │   ├── CallbackGone              the callback instance was released or its stream ended
-    │   └── ChannelClosed             the client or server was closed
+    │   ├── ChannelClosed             the client or server was closed
+    │   └── Unauthenticated (PermissionError)  the provider refused the consumer's credentials
     └── CallError                     a call failed; the remote side answered
         ├── RemoteError               the remote method raised something not on the allow-list
         ├── CallCancelled
@@ -74,6 +75,10 @@ class CallbackGone(TransportError):
 
 class ChannelClosed(TransportError):
     """The client or server was closed; no more calls can be made on it."""
+
+
+class Unauthenticated(TransportError, PermissionError):
+    """The provider refused this consumer: missing or invalid credentials."""
 
 
 class CallError(BackchannelError):

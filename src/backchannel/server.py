@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import inspect
 import logging
 from collections.abc import AsyncIterator, Iterable, Sequence
 from types import TracebackType
@@ -19,8 +20,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
 from backchannel import codec, reflection
+from backchannel.auth import Authenticator, set_identity
 from backchannel.callbacks import ProviderCallbacks
-from backchannel.errors import ChannelClosed, UnknownCallback
+from backchannel.errors import ChannelClosed, Unauthenticated, UnknownCallback
 from backchannel.exports import DEFAULT_CALLBACK_LIMIT, Exports, to_json
 from backchannel.interface import Method
 from backchannel.portal import LoopThread
@@ -56,6 +58,19 @@ class _ProviderSide:
         self.callbacks.clear(f"the stream ended: {cause}")
 
 
+async def _refuse(
+    context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusCode, message: str
+) -> None:
+    """End a Connect stream with a status, after reading the consumer's hello.
+
+    Aborting while the consumer's first write is in flight makes gRPC report INTERNAL to
+    it instead of our status (grpc/grpc#36066), so the hello is read first.
+    """
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(context.read(), 2.0)
+    await context.abort(code, message)
+
+
 class AsyncServer:
     """An asyncio provider listening on ``address`` (``"127.0.0.1:0"`` picks a free port).
 
@@ -80,8 +95,12 @@ class AsyncServer:
         health: bool = True,
         limits: Limits = Limits(),
         keepalive: Keepalive | None = Keepalive(),
+        credentials: grpc.ServerCredentials | None = None,
+        authenticator: Authenticator | None = None,
     ) -> None:
         self._requested_address = address
+        self._credentials = credentials
+        self._authenticator = authenticator
         self._limits = limits
         self._keepalive = keepalive
         self._reflection = reflection
@@ -174,7 +193,10 @@ class AsyncServer:
             # where every generated message module this process imported is registered
             reflection.enable(server, served)
         try:
-            self._port = server.add_insecure_port(self._requested_address)
+            if self._credentials is None:
+                self._port = server.add_insecure_port(self._requested_address)
+            else:
+                self._port = server.add_secure_port(self._requested_address, self._credentials)
         except RuntimeError as exc:
             raise OSError(f"cannot listen on {self._requested_address}: {exc}") from exc
         await server.start()
@@ -224,7 +246,8 @@ class AsyncServer:
         self, requests: AsyncIterator[pb.Frame], context: grpc.aio.ServicerContext[Any, Any]
     ) -> None:
         if self._stopping:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the provider is shutting down")
+            await _refuse(context, grpc.StatusCode.UNAVAILABLE, "the provider is shutting down")
+        await self._authenticate(context, stream=True)
         connection: Connection[asyncio.Future[pb.Result]] = Connection(
             Role.PROVIDER,
             self._application,
@@ -250,6 +273,7 @@ class AsyncServer:
     async def _invoke(
         self, call: pb.Call, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.Result:
+        await self._authenticate(context)
         try:
             value = await self._exports.run(call, None)
         except Exception as exc:
@@ -263,11 +287,34 @@ class AsyncServer:
     async def _describe(
         self, request: pb.DescribeRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.DescribeResponse:
+        await self._authenticate(context)
         return pb.DescribeResponse(
             application=self._application,
             protocol_version=PROTOCOL_VERSION,
             services=self._exports.services(),
         )
+
+    async def _authenticate(
+        self, context: grpc.aio.ServicerContext[Any, Any], stream: bool = False
+    ) -> None:
+        """Refuse the RPC unless the authenticator accepts its metadata; keep the identity."""
+        if self._authenticator is None:
+            set_identity(None)
+            return
+        metadata = {
+            key: value if isinstance(value, str) else value.decode(errors="replace")
+            for key, value in context.invocation_metadata() or ()
+        }
+        try:
+            identity = self._authenticator(metadata)
+            if inspect.isawaitable(identity):
+                identity = await identity
+        except Unauthenticated as exc:
+            logger.info("refused %s: %s", context.peer(), exc)
+            if stream:
+                await _refuse(context, grpc.StatusCode.UNAUTHENTICATED, str(exc))
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+        set_identity(identity)
 
     @property
     def session_count(self) -> int:
@@ -298,6 +345,8 @@ class Server:
         health: bool = True,
         limits: Limits = Limits(),
         keepalive: Keepalive | None = Keepalive(),
+        credentials: grpc.ServerCredentials | None = None,
+        authenticator: Authenticator | None = None,
     ) -> None:
         self._core = AsyncServer(
             address,
@@ -310,6 +359,8 @@ class Server:
             health=health,
             limits=limits,
             keepalive=keepalive,
+            credentials=credentials,
+            authenticator=authenticator,
         )
         self._portal: LoopThread | None = None
 

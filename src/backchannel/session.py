@@ -27,6 +27,7 @@ from backchannel.errors import (
     MessageTooLarge,
     StreamBroken,
     TransportError,
+    Unauthenticated,
 )
 from backchannel.protocol import (
     CallReceived,
@@ -472,7 +473,9 @@ def _translate(exc: BaseException, peer: str) -> TransportError:
     """The one place grpc's stream errors become backchannel's."""
     if isinstance(exc, TransportError):
         return exc
-    if isinstance(exc, grpc.aio.AioRpcError):
+    if isinstance(exc, grpc.aio.AioRpcError) and exc.code() is grpc.StatusCode.UNAUTHENTICATED:
+        error: TransportError = Unauthenticated(f"{peer} refused this consumer: {exc.details()}")
+    elif isinstance(exc, grpc.aio.AioRpcError):
         error = StreamBroken(f"the stream to {peer} broke: {exc.code().name}: {exc.details()}")
     else:
         error = StreamBroken(f"the stream to {peer} broke: {type(exc).__name__}: {exc}")

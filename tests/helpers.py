@@ -1,0 +1,68 @@
+"""A consumer and a provider Connection joined by a fake link, h11's tests/helpers.py style.
+
+No sockets, no asyncio: frames are moved by hand from one side's outbox into the other
+side's ``receive``, so a test says exactly which frames cross and when.
+"""
+
+from __future__ import annotations
+
+from backchannel.protocol import Connection, Event, Role
+from backchannel.v1 import envelope_pb2 as pb
+
+SERVICES = (
+    pb.ServiceInfo(
+        name="test.Echo",
+        methods=[pb.MethodInfo(name="echo", parameters=["value"], required=1)],
+    ),
+)
+
+
+def make_call(method: str = "echo", one_way: bool = False) -> pb.Call:
+    """A forward call of test.Echo, without an id (send_call assigns it)."""
+    return pb.Call(service="test.Echo", method=method, one_way=one_way)
+
+
+def kinds(frames: list[pb.Frame]) -> list[str | None]:
+    """The kind of each frame, e.g. ``["hello"]``."""
+    return [frame.WhichOneof("kind") for frame in frames]
+
+
+def feed(connection: Connection[str], *frames: pb.Frame) -> list[Event[str]]:
+    """Give ``connection`` frames as if they arrived from its peer; all events, in order."""
+    events: list[Event[str]] = []
+    for frame in frames:
+        events += connection.receive(frame)
+    return events
+
+
+class Link:
+    """A consumer and a provider back to back; tokens are plain strings."""
+
+    def __init__(self, max_calls_in_flight: int = 0) -> None:
+        self.consumer: Connection[str] = Connection(Role.CONSUMER, application="shop")
+        self.provider: Connection[str] = Connection(
+            Role.PROVIDER,
+            application="warehouse",
+            services=SERVICES,
+            max_calls_in_flight=max_calls_in_flight,
+        )
+
+    def to_provider(self) -> list[Event[str]]:
+        """Deliver everything the consumer queued; the provider's events."""
+        return feed(self.provider, *self.consumer.take_outbox())
+
+    def to_consumer(self) -> list[Event[str]]:
+        """Deliver everything the provider queued; the consumer's events."""
+        return feed(self.consumer, *self.provider.take_outbox())
+
+    def open(self) -> None:
+        """Run the handshake; both sides end up open."""
+        self.consumer.start()
+        self.to_provider()
+        self.to_consumer()
+
+    def call(self, token: str = "token", one_way: bool = False) -> int:
+        """The consumer sends a call and the provider receives it; the call's id."""
+        call_id = self.consumer.send_call(make_call(one_way=one_way), token)
+        self.to_provider()
+        return call_id

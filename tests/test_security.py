@@ -1,0 +1,158 @@
+"""TLS, mutual TLS and authentication, with a throwaway CA made at test time."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import pytest
+from conftest import run
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+import backchannel
+
+
+@backchannel.interface("test.WhoAmI")
+class WhoAmI:
+    def sync_name(self) -> Any: ...
+    def async_name(self) -> Any: ...
+
+
+class WhoAmIImpl:
+    def sync_name(self) -> Any:
+        return backchannel.current_identity()
+
+    async def async_name(self) -> Any:
+        return backchannel.current_identity()
+
+
+@dataclass
+class Pems:
+    ca: bytes
+    server_key: bytes
+    server_cert: bytes
+    client_key: bytes
+    client_cert: bytes
+
+
+def _issue(
+    name: str, issuer: x509.Name | None, signer: Any, ca: bool = False
+) -> tuple[bytes, bytes, Any]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer or subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if not ca:
+        names = [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    cert = builder.sign(signer or key, hashes.SHA256())
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return key_pem, cert.public_bytes(serialization.Encoding.PEM), (key, subject)
+
+
+@pytest.fixture(scope="module")
+def pems() -> Pems:
+    _, ca_cert, (ca_key, ca_name) = _issue("test CA", None, None, ca=True)
+    server_key, server_cert, _ = _issue("127.0.0.1", ca_name, ca_key)
+    client_key, client_cert, _ = _issue("consumer", ca_name, ca_key)
+    return Pems(ca_cert, server_key, server_cert, client_key, client_cert)
+
+
+def serve(**options: Any) -> Iterator[backchannel.Server]:
+    with backchannel.Server(**options) as server:
+        server.export(WhoAmI, WhoAmIImpl())
+        yield server
+
+
+def test_tls(pems: Pems) -> None:
+    credentials = grpc.ssl_server_credentials([(pems.server_key, pems.server_cert)])
+    for server in serve(credentials=credentials):
+        trusted = grpc.ssl_channel_credentials(root_certificates=pems.ca)
+        with backchannel.Client(server.address, credentials=trusted) as client:
+            assert client.reference(WhoAmI).sync_name() is None  # no authenticator
+        with backchannel.Client(server.address) as plaintext:
+            with pytest.raises(backchannel.TransportError):
+                plaintext.reference(WhoAmI).sync_name()
+
+
+def test_mutual_tls_refuses_a_client_without_a_certificate(pems: Pems) -> None:
+    credentials = grpc.ssl_server_credentials(
+        [(pems.server_key, pems.server_cert)], root_certificates=pems.ca, require_client_auth=True
+    )
+    for server in serve(credentials=credentials):
+        anonymous = grpc.ssl_channel_credentials(root_certificates=pems.ca)
+        with backchannel.Client(server.address, credentials=anonymous) as client:
+            with pytest.raises(backchannel.TransportError):
+                client.reference(WhoAmI).sync_name()
+        known = grpc.ssl_channel_credentials(pems.ca, pems.client_key, pems.client_cert)
+        with backchannel.Client(server.address, credentials=known) as client:
+            assert client.reference(WhoAmI).async_name() is None
+
+
+def test_bearer_token_identity_reaches_provider_code() -> None:
+    for server in serve(authenticator=backchannel.bearer_tokens({"s3cret": "alice"})):
+        with backchannel.Client(server.address, token="s3cret") as client:
+            who = client.reference(WhoAmI)
+            assert who.sync_name() == "alice"  # in the provider's thread pool
+            assert who.async_name() == "alice"  # on the provider's event loop
+
+        async def async_client(address: str) -> None:
+            async with backchannel.AsyncClient(address, token="s3cret") as client:
+                assert await client.reference(WhoAmI).async_name() == "alice"
+
+        run(async_client(server.address))
+
+
+def test_rejected_consumers_get_a_clear_unauthenticated_error() -> None:
+    for server in serve(authenticator=backchannel.bearer_tokens({"s3cret": "alice"})):
+        with backchannel.Client(server.address, token="wrong") as client:
+            with pytest.raises(backchannel.Unauthenticated, match="bearer token is not valid"):
+                client.reference(WhoAmI).sync_name()
+        with backchannel.Client(server.address) as client:
+            with pytest.raises(backchannel.Unauthenticated, match="no bearer token"):
+                client.reference(WhoAmI).sync_name()
+        with backchannel.Client(server.address, token="s3cret") as client:
+            assert client.reference(WhoAmI).sync_name() == "alice"  # others go on
+
+
+def test_a_custom_async_authenticator_sees_the_metadata() -> None:
+    seen: list[dict[str, str]] = []
+
+    async def authenticate(metadata: Any) -> str:
+        seen.append(dict(metadata))
+        if metadata.get("x-team") != "blue":
+            raise backchannel.Unauthenticated("only team blue")
+        return "team blue"
+
+    for server in serve(authenticator=authenticate):
+        with backchannel.Client(server.address, metadata=[("x-team", "blue")]) as client:
+            assert client.reference(WhoAmI).sync_name() == "team blue"
+        with backchannel.Client(server.address, metadata=[("x-team", "red")]) as client:
+            with pytest.raises(backchannel.Unauthenticated, match="only team blue"):
+                client.reference(WhoAmI).sync_name()
+    assert seen[0]["x-team"] == "blue"
+
+
+def test_current_identity_outside_a_call_is_a_clear_error() -> None:
+    with pytest.raises(LookupError, match="only known while a call is running"):
+        backchannel.current_identity()
