@@ -106,21 +106,11 @@ CORRUPT_HELLO = pb.Value(
 )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: _unpack_message lets google.protobuf.message.DecodeError escape for "
-    "corrupt bytes of a known type instead of raising backchannel DecodeError",
-)
 def test_corrupt_message_of_a_known_type_is_a_decode_error() -> None:
     with pytest.raises(errors.DecodeError, match="^result: .*backchannel.v1.Hello"):
         codec.decode(CORRUPT_HELLO, "result")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: same cause; decode_error only catches backchannel DecodeError, so a "
-    "corrupt message among an Error's args makes decode_error itself raise",
-)
 def test_error_with_a_corrupt_message_arg_still_arrives_with_its_message() -> None:
     error = pb.Error(type="ValueError", message="bad hello", args=[CORRUPT_HELLO])
     result = codec.decode_error(error, codec.ErrorTypes())
@@ -229,11 +219,6 @@ def test_key_error_keeps_its_quoted_str() -> None:
     assert str(result) == "'x'"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: decode_error rebuilds an exception raised without args as cls(message), "
-    "so ValueError() arrives as ValueError('') with args ('',)",
-)
 def test_builtin_error_without_args_arrives_without_args() -> None:
     assert error_round_trip(ValueError()).args == ()
 

@@ -392,11 +392,6 @@ def test_cancel_for_a_call_that_is_not_running_is_ignored() -> None:
     assert provider.take_outbox() == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: _on_cancel leaves the id in _incoming; session.py never answers a call "
-    "the peer cancelled, so its in-flight slot leaks until max_calls_in_flight refuses all",
-)
 def test_a_cancelled_call_frees_its_in_flight_slot() -> None:
     link = Link(max_calls_in_flight=1)
     link.open()
@@ -408,11 +403,6 @@ def test_a_cancelled_call_frees_its_in_flight_slot() -> None:
     assert kinds(link.provider.take_outbox()) == []  # not refused
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a Result for a call the consumer cancelled is answered with a Fault "
-    "and reported as PeerMistake, though the provider did nothing wrong",
-)
 def test_a_result_sent_after_a_cancel_draws_no_fault() -> None:
     link = Link()
     link.open()
@@ -424,11 +414,6 @@ def test_a_result_sent_after_a_cancel_draws_no_fault() -> None:
     assert link.consumer.take_outbox() == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a Result that crosses a Cancel on the wire is answered with a Fault "
-    "and reported as PeerMistake, an ordinary race the consumer should drop quietly",
-)
 def test_a_result_crossing_a_cancel_draws_no_fault() -> None:
     link = Link()
     link.open()
@@ -440,11 +425,6 @@ def test_a_result_crossing_a_cancel_draws_no_fault() -> None:
     assert link.consumer.take_outbox() == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: send_cancel tests `_outgoing.pop(id, None) is None`, so a call whose "
-    "token is None is forgotten but its Cancel frame is never sent",
-)
 def test_cancel_is_sent_even_when_the_token_is_none() -> None:
     link = Link()
     link.open()

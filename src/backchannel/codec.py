@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from google.protobuf import any_pb2, descriptor_pool, message_factory, struct_pb2
+from google.protobuf.message import DecodeError as ProtobufDecodeError
 from google.protobuf.message import Message
 
 from backchannel import errors
@@ -185,7 +186,11 @@ def _unpack_message(packed: any_pb2.Any) -> Message:
     except KeyError:
         return packed
     message = message_factory.GetMessageClass(descriptor)()
-    if not packed.Unpack(message):
+    try:
+        unpacked = packed.Unpack(message)
+    except ProtobufDecodeError:
+        unpacked = False
+    if not unpacked:
         raise _Failure(f"cannot unpack protobuf message {type_name}", True)
     return message
 
@@ -330,7 +335,7 @@ def decode_error(error: pb.Error, types: ErrorTypes) -> BaseException:
     except errors.DecodeError:
         args = []
     try:
-        exc = cls(*args) if args else cls(error.message)
+        exc = cls(*args) if args or not error.message else cls(error.message)
     except Exception:  # an allowed type whose constructor wants something else
         return errors.RemoteError(error.type, error.message, error.traceback)
     if error.traceback:

@@ -15,6 +15,7 @@ connection is ``CLOSED`` for good and every later send raises the stored cause.
 
 from __future__ import annotations
 
+import collections
 import enum
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -177,6 +178,10 @@ class Connection(Generic[Token]):
         self._next_id = 1
         self._outgoing: dict[int, Token] = {}
         self._incoming: set[int] = set()
+        # ids of calls the peer cancelled lately: a result for one is dropped quietly
+        self._cancelled: collections.deque[int] = collections.deque(maxlen=4096)
+        # ids of calls this side cancelled lately: a late result for one is dropped quietly
+        self._abandoned: collections.deque[int] = collections.deque(maxlen=4096)
         self._closed_cause: BaseException | None = None
         self._accepts = _ACCEPTS[(role, self.state)]
         kinds = ("hello", "welcome", "call", "result", "cancel", "release", "go_away", "fault")
@@ -232,14 +237,17 @@ class Connection(Generic[Token]):
         if self.state is State.CLOSED:
             return  # nobody is left to read it
         if result.id not in self._incoming:
+            if result.id in self._cancelled:
+                return  # the peer cancelled it meanwhile and wants no result
             raise LocalProtocolError(f"no unanswered call with id {result.id} to send a result for")
         self._incoming.discard(result.id)
         self._outbox.append(pb.Frame(result=result))
 
     def send_cancel(self, call_id: int, reason: str) -> None:
         """Stop waiting for a call this side sent and ask the peer to stop running it."""
-        if self._outgoing.pop(call_id, None) is None or self.state is State.CLOSED:
+        if self._outgoing.pop(call_id, _MISSING) is _MISSING or self.state is State.CLOSED:
             return  # already answered: nothing to cancel
+        self._abandoned.append(call_id)
         self._outbox.append(pb.Frame(cancel=pb.Cancel(id=call_id, reason=reason)))
 
     def send_release(self, callback_id: int) -> None:
@@ -380,6 +388,8 @@ class Connection(Generic[Token]):
 
     def _on_result(self, result: pb.Result, events: list[Event[Token]]) -> None:
         token = self._outgoing.pop(result.id, _MISSING)
+        if token is _MISSING and result.id in self._abandoned:
+            return  # a late result of a call this side cancelled: an ordinary race
         if token is _MISSING:
             message = f"result for unknown call id {result.id} (never sent, answered or cancelled)"
             self._mistake(events, message, result.id)
@@ -388,6 +398,8 @@ class Connection(Generic[Token]):
 
     def _on_cancel(self, cancel: pb.Cancel, events: list[Event[Token]]) -> None:
         if cancel.id in self._incoming:  # else it already finished: nothing to do
+            self._incoming.discard(cancel.id)  # the peer wants no result: the slot is free
+            self._cancelled.append(cancel.id)
             events.append(CancelReceived(cancel.id, cancel.reason))
 
     def _on_release(self, release: pb.Release, events: list[Event[Token]]) -> None:
