@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import threading
 
-from service import CallbackListener, CallbackService
+from callback_service import CallbackListener, CallbackService
 
 import backchannel
 

@@ -8,6 +8,7 @@ reference; every call of a consumer travels on one long-lived gRPC stream.
 from backchannel.auth import Authenticator, bearer_tokens, current_identity
 from backchannel.callbacks import ReverseProxy
 from backchannel.client import AsyncClient, Client
+from backchannel.config import Config, ConfigError, load_config
 from backchannel.errors import (
     BackchannelError,
     CallbackGone,
@@ -52,6 +53,8 @@ __all__ = [
     "ChannelClosed",
     "Client",
     "CodecError",
+    "Config",
+    "ConfigError",
     "DeadlineExceeded",
     "DecodeError",
     "EncodeError",
@@ -77,5 +80,6 @@ __all__ = [
     "bearer_tokens",
     "current_identity",
     "interface",
+    "load_config",
     "method",
 ]

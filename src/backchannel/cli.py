@@ -1,0 +1,229 @@
+"""The ``backchannel`` command line: serve, describe, call, listen.
+
+::
+
+    backchannel serve CONFIG                      start the providers a config file names
+    backchannel describe ADDRESS                  what a provider exports, as a table
+    backchannel call ADDRESS SERVICE METHOD [JSON_ARG ...]   one call, result as JSON
+    backchannel listen ADDRESS SERVICE METHOD [JSON_ARG ...] --callback-arg N
+                                                  print every callback until Ctrl-C
+
+Mistakes (bad arguments, an unreachable address, an unknown service) print one line on
+stderr and exit non-zero, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+import grpc
+
+from backchannel.client import Client
+from backchannel.errors import BackchannelError
+from backchannel.exports import to_json
+from backchannel.interface import interface
+from backchannel.v1 import envelope_pb2 as pb
+
+EXIT_USAGE = 2
+EXIT_FAILED = 1
+
+
+class CommandError(Exception):
+    """A mistake to report in one line."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status."""
+    parser = _parser()
+    options = parser.parse_args(argv)
+    try:
+        return int(options.run(options))
+    except CommandError as exc:
+        print(f"backchannel {options.command}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except (BackchannelError, grpc.RpcError, OSError, ValueError, TypeError) as exc:
+        print(f"backchannel {options.command}: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage mistakes reported in one line."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="backchannel", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="start the providers a config file names")
+    serve.add_argument("config", help="a TOML configuration file")
+    serve.set_defaults(run=_serve)
+
+    describe = commands.add_parser("describe", help="print what a provider exports")
+    describe.add_argument("address", help="HOST:PORT")
+    describe.set_defaults(run=_describe)
+
+    for name, run, text in (
+        ("call", _call, "make one call and print its result as JSON"),
+        ("listen", _listen, "call a method with a callback and print every callback"),
+    ):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("address", help="HOST:PORT")
+        sub.add_argument("service", help="the interface name, e.g. com.callback.CallbackService")
+        sub.add_argument("method", help="the method name")
+        sub.add_argument("args", nargs="*", metavar="JSON_ARG", help="one JSON value per argument")
+        sub.add_argument("--group", default="", help="the export's group")
+        sub.add_argument("--version", default="", help="the export's version")
+        sub.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
+        sub.set_defaults(run=run)
+        if name == "listen":
+            sub.add_argument(
+                "--callback-arg",
+                type=int,
+                required=True,
+                metavar="N",
+                help="the index (from 0) of the callback argument; the listener goes there",
+            )
+    return parser
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, grpc.RpcError):
+        code = exc.code()
+        details = exc.details()
+        return f"{code.name if code else 'error'}: {details}"
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return f"{type(exc).__name__}: {text}"
+
+
+def _json_args(values: Sequence[str]) -> list[Any]:
+    args = []
+    for index, text in enumerate(values):
+        try:
+            args.append(json.loads(text))
+        except ValueError:
+            raise CommandError(
+                f"argument {index} is not JSON: {text!r} (quote strings: '\"text\"')"
+            ) from None
+    return args
+
+
+def _describe(options: argparse.Namespace) -> int:
+    with grpc.insecure_channel(options.address) as channel:
+        describe = channel.unary_unary(
+            "/backchannel.v1.Envelope/Describe",
+            request_serializer=pb.DescribeRequest.SerializeToString,
+            response_deserializer=pb.DescribeResponse.FromString,
+        )
+        response = describe(pb.DescribeRequest(), timeout=5)
+    rows = [("SERVICE", "GROUP", "VERSION", "METHOD", "ARGS", "CALLBACKS", "REMOVERS", "ONE-WAY")]
+    for service in response.services:
+        for method in service.methods:
+            rows.append(
+                (
+                    service.name,
+                    service.group or "-",
+                    service.version or "-",
+                    method.name,
+                    ", ".join(method.parameters) or "-",
+                    ",".join(map(str, method.callback_arguments)) or "-",
+                    ",".join(map(str, method.remover_arguments)) or "-",
+                    "yes" if method.one_way else "-",
+                )
+            )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    name = response.application or "provider"
+    print(f"{options.address}: {name}, protocol {response.protocol_version}")
+    for row in rows:
+        cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        print("  ".join(cells).rstrip())
+    return 0
+
+
+def _call(options: argparse.Namespace) -> int:
+    args = _json_args(options.args)
+    with grpc.insecure_channel(options.address) as channel:
+        invoke = channel.unary_unary(
+            "/backchannel.v1.Envelope/Invoke",
+            request_serializer=pb.Call.SerializeToString,
+            response_deserializer=pb.Result.FromString,
+        )
+        call = pb.Call(
+            service=options.service,
+            group=options.group,
+            version=options.version,
+            method=options.method,
+            json_args=json.dumps(args),
+        )
+        result = invoke(call, timeout=options.timeout)
+    if result.HasField("error"):
+        raise CommandError(f"{result.error.type}: {result.error.message}")
+    print(result.json or "null")
+    return 0
+
+
+class _PrintingListener:
+    """A listener of any interface: prints each callback as one JSON line."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+
+        def callback(*args: Any) -> None:
+            with self._lock:
+                print(json.dumps({"callback": name, "args": json.loads(to_json(args))}), flush=True)
+
+        return callback
+
+
+def _listen(options: argparse.Namespace) -> int:
+    args = _json_args(options.args)
+    index = options.callback_arg
+    if not 0 <= index <= len(args):
+        raise CommandError(f"--callback-arg {index} must be between 0 and {len(args)}")
+    args.insert(index, _PrintingListener())
+    service = _dynamic_interface(options.service, options.method)
+    with Client(options.address, timeout=options.timeout) as client:
+        proxy: Any = client.reference(service, group=options.group, version=options.version)
+        result = getattr(proxy, options.method)(*args)
+        print(json.dumps({"result": json.loads(to_json(result))}), flush=True)
+        threading.Event().wait()  # callbacks print from the client's threads until Ctrl-C
+    return 0
+
+
+def _dynamic_interface(service: str, method: str) -> type:
+    """An interface with one method taking any arguments (the provider's declarations
+    arrive in the handshake)."""
+
+    def remote(self: object, *args: Any) -> Any:
+        """A method known only by name."""
+
+    remote.__name__ = method
+    return interface(service)(type("Remote", (), {method: remote}))
+
+
+def _serve(options: argparse.Namespace) -> int:
+    from backchannel.config import load_config  # only `serve` needs it
+
+    config = load_config(options.config)
+    servers = config.start_servers()
+    for server in servers:
+        print(f"listening on {server.address}", flush=True)
+    try:
+        threading.Event().wait()
+    finally:
+        for server in servers:
+            server.stop(grace=1)
+    return 0

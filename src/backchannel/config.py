@@ -1,0 +1,351 @@
+"""Declarative configuration in TOML, one to one with Dubbo's Spring XML.
+
+::
+
+    [application]
+    name = "callback-provider"
+
+    [registry]
+    address = "127.0.0.1:50051"        # where providers listen and references connect
+
+    [[service]]                        # <dubbo:service interface=... ref=... callbacks="1000">
+    interface = "service:CallbackService"
+    ref = "provider:CallbackServiceImpl"
+    callbacks = 1000
+    [[service.method]]                 # <dubbo:method name="addListener">
+    name = "addListener"
+    [[service.method.argument]]        # <dubbo:argument index="1" callback="true"/>
+    index = 1
+    callback = true
+
+    [[reference]]                      # <dubbo:reference id=... interface=...>
+    id = "demoService"
+    interface = "service:IDemoService"
+    group = "cn"
+    version = "1.0.0"
+    [[reference.method]]               # <dubbo:method name="get" async="true" onreturn=...>
+    name = "get"
+    async = true
+    onreturn = "notify_impl:demo_callback.onreturn"
+
+Import paths (``module:attr`` or ``module:attr.method``) are resolved from the config
+file only, never from the wire, with the file's own folder first on the import path.
+Every mistake is reported with the file, the key and what was expected, before anything
+starts.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from backchannel.client import Client
+from backchannel.exports import DEFAULT_CALLBACK_LIMIT
+from backchannel.interface import (
+    Argument,
+    Method,
+    apply_settings,
+    find_interface_spec,
+    interface_spec,
+)
+from backchannel.reference import Reference
+from backchannel.server import Server
+
+
+class ConfigError(ValueError):
+    """A mistake in a configuration file; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """One ``[[service]]``: the arguments of :meth:`Server.export`."""
+
+    interface: type
+    impl: object
+    group: str | None = None
+    version: str | None = None
+    callbacks: int = DEFAULT_CALLBACK_LIMIT
+    methods: tuple[Method, ...] = ()
+
+
+@dataclass(frozen=True)
+class ReferenceConfig:
+    """One ``[[reference]]``: the arguments of :meth:`Client.reference`."""
+
+    id: str
+    interface: type
+    group: str | None = None
+    version: str | None = None
+    timeout: float | None = None
+    methods: tuple[Method, ...] = ()
+
+
+@dataclass(frozen=True)
+class Config:
+    """A loaded configuration: what the code API would be given."""
+
+    path: Path
+    application: str = ""
+    address: str = "127.0.0.1:0"
+    services: tuple[ServiceConfig, ...] = ()
+    references: tuple[ReferenceConfig, ...] = field(default=())
+
+    def server(self) -> Server:
+        """A :class:`Server` on the registry address with every service exported."""
+        server = Server(self.address, application=self.application)
+        for service in self.services:
+            server.export(
+                service.interface,
+                service.impl,
+                group=service.group,
+                version=service.version,
+                callbacks=service.callbacks,
+                methods=service.methods,
+            )
+        return server
+
+    def start_servers(self) -> list[Server]:
+        """Start the providers this file names (none when it has no services)."""
+        if not self.services:
+            return []
+        server = self.server()
+        server.start()
+        return [server]
+
+    def client(self) -> Client:
+        """A :class:`Client` of the registry address."""
+        return Client(self.address, application=self.application)
+
+    def reference(self, client: Any, id: str) -> Any:
+        """The proxy of reference ``id`` made on ``client`` (a Client or an AsyncClient)."""
+        for ref in self.references:
+            if ref.id == id:
+                return client.reference(
+                    ref.interface,
+                    group=ref.group,
+                    version=ref.version,
+                    timeout=ref.timeout,
+                    methods=ref.methods,
+                )
+        known = ", ".join(ref.id for ref in self.references) or "none"
+        raise KeyError(f"{self.path}: no reference with id {id!r} (references: {known})")
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and check a TOML configuration; resolve its import paths."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    reader = _Reader(path)
+    return reader.config(data)
+
+
+class _Reader:
+    """Walks the parsed TOML, naming each key it checks."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def fail(self, key: str, expected: str, got: object = None) -> ConfigError:
+        suffix = "" if got is None else f", got {got!r}"
+        return ConfigError(f"{self.path}: {key}: expected {expected}{suffix}")
+
+    def table(self, data: dict[str, Any], key: str, allowed: set[str]) -> dict[str, Any]:
+        if not isinstance(data, dict):
+            raise self.fail(key, "a table", data)
+        unknown = sorted(set(data) - allowed)
+        if unknown:
+            raise self.fail(f"{key}.{unknown[0]}", f"one of the keys {', '.join(sorted(allowed))}")
+        return data
+
+    def tables(self, data: dict[str, Any], name: str, key: str) -> list[dict[str, Any]]:
+        value = data.get(name, [])
+        if not isinstance(value, list):
+            raise self.fail(f"{key}{name}", f"an array of tables ([[{name}]])", value)
+        return value
+
+    def string(self, data: dict[str, Any], name: str, key: str, required: bool = False) -> Any:
+        value = data.get(name)
+        if value is None and not required:
+            return None
+        if not isinstance(value, str) or not value:
+            raise self.fail(f"{key}.{name}", "a non-empty string", value)
+        return value
+
+    def number(self, data: dict[str, Any], name: str, key: str, integer: bool = False) -> Any:
+        value = data.get(name)
+        kinds = (int,) if integer else (int, float)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, kinds) or value < 0:
+            raise self.fail(
+                f"{key}.{name}", "an integer >= 0" if integer else "a number > 0", value
+            )
+        return value
+
+    def boolean(self, data: dict[str, Any], name: str, key: str) -> Any:
+        value = data.get(name)
+        if value is not None and not isinstance(value, bool):
+            raise self.fail(f"{key}.{name}", "true or false", value)
+        return value
+
+    def resolve(self, dotted: str, key: str) -> Any:
+        """``module:attr`` or ``module:attr.method``, imported from the config's folder."""
+        module_name, colon, attribute = dotted.partition(":")
+        if not colon or not module_name or not attribute:
+            raise self.fail(key, "an import path 'module:attr' (or 'module:attr.method')", dotted)
+        folder = str(self.path.resolve().parent)
+        sys.path.insert(0, folder)
+        try:
+            target: Any = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise self.fail(key, f"an importable module ({exc})", dotted) from None
+        finally:
+            sys.path.remove(folder)
+        for part in attribute.split("."):
+            if not hasattr(target, part):
+                raise self.fail(key, f"a name that exists ({part!r} is missing)", dotted)
+            target = getattr(target, part)
+        return target
+
+    def interface(self, data: dict[str, Any], key: str) -> type:
+        name = self.string(data, "interface", key, required=True)
+        cls = self.resolve(name, f"{key}.interface")
+        if not isinstance(cls, type) or find_interface_spec(cls) is None:
+            raise self.fail(
+                f"{key}.interface", "a class declared with @backchannel.interface", name
+            )
+        return cls
+
+    def config(self, data: dict[str, Any]) -> Config:
+        self.table(data, "(top level)", {"application", "registry", "service", "reference"})
+        application = self.table(data.get("application", {}), "application", {"name"})
+        registry = self.table(data.get("registry", {}), "registry", {"address"})
+        address = self.string(registry, "address", "registry") or "127.0.0.1:0"
+        if ":" not in address:
+            raise self.fail("registry.address", "'host:port'", address)
+        services = tuple(
+            self.service(item, f"service[{i}]")
+            for i, item in enumerate(self.tables(data, "service", ""))
+        )
+        references = tuple(
+            self.reference(item, f"reference[{i}]")
+            for i, item in enumerate(self.tables(data, "reference", ""))
+        )
+        ids = [ref.id for ref in references]
+        for index, ref_id in enumerate(ids):
+            if ids.index(ref_id) != index:
+                raise self.fail(f"reference[{index}].id", "an id no other reference has", ref_id)
+        return Config(
+            self.path,
+            self.string(application, "name", "application") or "",
+            address,
+            services,
+            references,
+        )
+
+    def service(self, data: dict[str, Any], key: str) -> ServiceConfig:
+        allowed = {"interface", "ref", "group", "version", "callbacks", "connections", "method"}
+        self.table(data, key, allowed)
+        interface = self.interface(data, key)
+        impl = self.resolve(self.string(data, "ref", key, required=True), f"{key}.ref")
+        if isinstance(impl, type):
+            try:
+                impl = impl()
+            except TypeError as exc:
+                raise self.fail(f"{key}.ref", f"a class that takes no arguments ({exc})") from None
+        connections = self.number(data, "connections", key, integer=True)
+        if connections not in (None, 1):
+            raise self.fail(
+                f"{key}.connections", "1 (backchannel uses one stream per consumer)", connections
+            )
+        callbacks = self.number(data, "callbacks", key, integer=True)
+        methods = tuple(
+            self.method(item, f"{key}.method[{i}]", provider=True)
+            for i, item in enumerate(self.tables(data, "method", f"{key}."))
+        )
+        self.check(key, lambda: apply_settings(interface_spec(interface), methods))
+        return ServiceConfig(
+            interface,
+            impl,
+            self.string(data, "group", key),
+            self.string(data, "version", key),
+            DEFAULT_CALLBACK_LIMIT if callbacks is None else callbacks,
+            methods,
+        )
+
+    def reference(self, data: dict[str, Any], key: str) -> ReferenceConfig:
+        allowed = {"id", "interface", "group", "version", "timeout", "method"}
+        self.table(data, key, allowed)
+        timeout = self.number(data, "timeout", key)
+        if timeout == 0:
+            raise self.fail(f"{key}.timeout", "a number > 0", timeout)
+        methods = tuple(
+            self.method(item, f"{key}.method[{i}]", provider=False)
+            for i, item in enumerate(self.tables(data, "method", f"{key}."))
+        )
+        reference = ReferenceConfig(
+            self.string(data, "id", key, required=True),
+            self.interface(data, key),
+            self.string(data, "group", key),
+            self.string(data, "version", key),
+            timeout,
+            methods,
+        )
+        self.check(key, lambda: Reference(reference.interface, None, None, timeout, methods))
+        return reference
+
+    def check(self, key: str, build: Callable[[], object]) -> None:
+        """Run the code API's own checks now, so a mistake names the file and key."""
+        try:
+            build()
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"{self.path}: {key}.method: {exc}") from None
+
+    def method(self, data: dict[str, Any], key: str, provider: bool) -> Method:
+        allowed = {"name", "timeout", "one_way", "argument"}
+        if not provider:
+            allowed |= {"async", "oninvoke", "onreturn", "onthrow"}
+        self.table(data, key, allowed)
+        hooks: dict[str, Callable[..., Any]] = {}
+        for hook in ("oninvoke", "onreturn", "onthrow"):
+            path = self.string(data, hook, key)
+            if path is not None:
+                target = self.resolve(path, f"{key}.{hook}")
+                if not callable(target):
+                    raise self.fail(f"{key}.{hook}", "a callable", path)
+                hooks[hook] = target
+        arguments = tuple(
+            self.argument(item, f"{key}.argument[{i}]")
+            for i, item in enumerate(self.tables(data, "argument", f"{key}."))
+        )
+        timeout = self.number(data, "timeout", key)
+        return Method(
+            self.string(data, "name", key, required=True),
+            timeout=timeout or None,
+            arguments=arguments,
+            one_way=self.boolean(data, "one_way", key),
+            async_=bool(self.boolean(data, "async", key)),
+            **hooks,
+        )
+
+    def argument(self, data: dict[str, Any], key: str) -> Argument:
+        self.table(data, key, {"index", "type", "callback"})
+        index = self.number(data, "index", key, integer=True)
+        type_path = self.string(data, "type", key)
+        if (index is None) == (type_path is None):
+            raise self.fail(key, "exactly one of index or type")
+        kind = None if type_path is None else self.resolve(type_path, f"{key}.type")
+        if kind is not None and not isinstance(kind, type):
+            raise self.fail(f"{key}.type", "a class", type_path)
+        callback = self.boolean(data, "callback", key)
+        return Argument(index=index, type=kind, callback=True if callback is None else callback)
