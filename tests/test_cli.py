@@ -7,9 +7,10 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
-from test_grpcurl import start_example
+from test_grpcurl import EXAMPLES, start_example
 
 
 @pytest.fixture(scope="module")
@@ -99,3 +100,34 @@ def test_listen_prints_callbacks_until_interrupted(callback: str) -> None:
     process.send_signal(signal.SIGINT)
     assert process.wait(10) == 130
     assert "Traceback" not in process.stderr.read()
+
+
+def test_serve_starts_the_providers_of_a_config_file(tmp_path: Path) -> None:
+    text = (EXAMPLES / "callback" / "config.toml").read_text()
+    config = EXAMPLES / "callback" / f"serve-{tmp_path.name}.toml"
+    config.write_text(text.replace('"127.0.0.1:50051"', '"127.0.0.1:0"'))
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "backchannel", "serve", str(config)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert process.stdout is not None and process.stderr is not None
+        line = process.stdout.readline()
+    finally:
+        config.unlink()
+    assert line.startswith("listening on "), process.stderr.read()
+    described = cli("describe", line.split()[-1])
+    assert "addListener" in described.stdout
+    process.send_signal(signal.SIGINT)
+    assert process.wait(10) == 130
+    assert "Traceback" not in process.stderr.read()
+
+
+def test_serve_reports_a_broken_config_in_one_line(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[[service]]\ninterface = 'nowhere:X'\nref = 'a:b'\n")
+    result = cli("serve", str(broken))
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and "service[0].interface" in result.stderr
