@@ -22,6 +22,7 @@ from backchannel.auth import bearer_metadata
 from backchannel.callbacks import CURRENT_CALL, ConsumerCallbacks, parent_in
 from backchannel.errors import ChannelClosed, ServiceNotFound, StreamBroken, UnknownCallback
 from backchannel.interface import Method, MethodSpec
+from backchannel.notify import HookPool, MethodHooks, wrap_async, wrap_sync
 from backchannel.portal import LoopThread
 from backchannel.protocol import Connection, Role
 from backchannel.reference import Proxy, Reference
@@ -127,6 +128,7 @@ class AsyncClient:
         self._reader: asyncio.Task[None] | None = None
         self._opening: asyncio.Lock | None = None
         self._closed = False
+        self._hooks = HookPool(max_workers)  # plain event-notify hooks run here
 
     def register_error(self, cls: type[BaseException]) -> None:
         """Receive ``cls`` as itself (not as RemoteError) when the provider raises it."""
@@ -141,11 +143,22 @@ class AsyncClient:
         timeout: float | None = None,
         methods: Sequence[Method] = (),
     ) -> T:
-        """A proxy whose methods are coroutines calling the provider's ``interface``."""
+        """A proxy whose methods are coroutines calling the provider's ``interface``.
+
+        A method with ``Method(..., async_=True)`` returns a running Task instead; one with
+        event-notify hooks runs them around each call (``async def`` hooks are awaited,
+        plain ones run in a thread pool). A bad hook is a TypeError here.
+        """
         ref = Reference(
             interface, group, version, self.timeout if timeout is None else timeout, methods
         )
-        return Proxy(ref, self._invoke_coroutine)  # type: ignore[return-value]
+        return Proxy(ref, self._invoke_coroutine, self._notify)  # type: ignore[return-value]
+
+    def _notify(self, ref: Reference, method: MethodSpec, hooks: MethodHooks) -> Any:
+        def invoke(args: tuple[Any, ...]) -> Any:
+            return self.invoke(ref, method, args, {}, CURRENT_CALL.get())
+
+        return wrap_async(hooks, method, invoke, self._hooks)
 
     def _invoke_coroutine(
         self, ref: Reference, method: MethodSpec, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -299,6 +312,7 @@ class AsyncClient:
             await self._channel.close(None)
             self._channel = None
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._hooks.shutdown()
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -348,6 +362,7 @@ class Client:
             token=token,
         )
         self._portal = LoopThread(f"backchannel-client {address}")
+        self._hooks = HookPool(max_workers)  # hooks of async_=True calls run here
 
     @property
     def address(self) -> str:
@@ -372,11 +387,25 @@ class Client:
         timeout: float | None = None,
         methods: Sequence[Method] = (),
     ) -> T:
-        """A proxy whose methods call the provider's ``interface`` and block for the result."""
+        """A proxy whose methods call the provider's ``interface`` and block for the result.
+
+        A method with ``Method(..., async_=True)`` returns a ``concurrent.futures.Future``
+        at once instead; one with event-notify hooks runs them around each call (in the
+        calling thread, or in a thread pool for async_=True). A bad hook is a TypeError here.
+        """
         ref = Reference(
             interface, group, version, self._core.timeout if timeout is None else timeout, methods
         )
-        return Proxy(ref, self._invoke_blocking)  # type: ignore[return-value]
+        return Proxy(ref, self._invoke_blocking, self._notify)  # type: ignore[return-value]
+
+    def _notify(self, ref: Reference, method: MethodSpec, hooks: MethodHooks) -> Any:
+        def blocking(args: tuple[Any, ...]) -> Any:
+            return self._invoke_blocking(ref, method, args, {})
+
+        def start(args: tuple[Any, ...]) -> concurrent.futures.Future[Any]:
+            return self._portal.submit(self._core.invoke(ref, method, args, {}, CURRENT_CALL.get()))
+
+        return wrap_sync(hooks, method, blocking, start, self._hooks)
 
     def _invoke_blocking(
         self, ref: Reference, method: MethodSpec, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -394,6 +423,7 @@ class Client:
         with contextlib.suppress(ChannelClosed):
             self._portal.run(self._core.close())
         self._portal.close()
+        self._hooks.shutdown()
 
     def __enter__(self) -> Client:
         return self

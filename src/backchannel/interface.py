@@ -193,7 +193,22 @@ class Argument:
 
 @dataclass(frozen=True)
 class Method:
-    """Per-method settings of a reference (consumer) or an export (provider)."""
+    """Per-method settings of a reference (consumer) or an export (provider).
+
+    On a reference, ``async_`` and the event-notify hooks are Dubbo's
+    ``<dubbo:method name="get" async="true" onreturn="notify.onreturn" .../>``::
+
+        client.reference(
+            IDemoService,
+            group="cn",
+            version="1.0.0",
+            methods=[Method("get", async_=True, onreturn=notify.onreturn, onthrow=notify.onthrow)],
+        )
+
+    ``oninvoke(*args)`` runs before the call is sent; ``onreturn`` gets ``(result)`` or
+    ``(result, *args)`` and ``onthrow`` gets ``(exc)`` or ``(exc, *args)``, by their own
+    signatures. Hooks are checked when the reference is made. See docs/notify.md.
+    """
 
     #: the method name; must exist on the interface
     name: str
@@ -203,6 +218,47 @@ class Method:
     arguments: Sequence[Argument] = ()
     #: True: the caller does not wait for a result; None keeps the interface's choice
     one_way: bool | None = None
+    #: consumer: True returns a future at once (Dubbo's async="true"); False blocks/awaits
+    async_: bool = False
+    #: consumer: runs with the call's arguments before the call is sent
+    oninvoke: Callable[..., Any] | None = None
+    #: consumer: runs with the result (and the arguments) when the call succeeds
+    onreturn: Callable[..., Any] | None = None
+    #: consumer: runs with the exception (and the arguments) when the call fails
+    onthrow: Callable[..., Any] | None = None
+
+    @classmethod
+    def notify(
+        cls,
+        name: str,
+        target: object,
+        *,
+        async_: bool = False,
+        timeout: float | None = None,
+    ) -> Method:
+        """Settings whose hooks are ``target``'s methods ``oninvoke``, ``onreturn`` and
+        ``onthrow`` (those it has), as an object implementing Dubbo's ``Notify``::
+
+            methods = [Method.notify("get", NotifyImpl(), async_=True)]
+
+        ``target`` must have at least one of them.
+        """
+        oninvoke = getattr(target, "oninvoke", None)
+        onreturn = getattr(target, "onreturn", None)
+        onthrow = getattr(target, "onthrow", None)
+        if oninvoke is None and onreturn is None and onthrow is None:
+            raise TypeError(
+                f"Method.notify({name!r}, ...): {target!r} has none of the hooks "
+                "oninvoke, onreturn, onthrow"
+            )
+        return cls(
+            name,
+            timeout=timeout,
+            async_=async_,
+            oninvoke=oninvoke,
+            onreturn=onreturn,
+            onthrow=onthrow,
+        )
 
 
 def method(*, arguments: Sequence[Argument] = (), one_way: bool = False) -> Callable[[T], T]:

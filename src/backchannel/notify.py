@@ -167,10 +167,11 @@ def _outcome(
 
 
 def _is_coroutine(hook: object) -> bool:
-    call = getattr(type(hook), "__call__", None)  # noqa: B004 - an object with async __call__
-    return inspect.iscoroutinefunction(hook) or (
-        not inspect.isroutine(hook) and call is not None and inspect.iscoroutinefunction(call)
-    )
+    """True for an ``async def`` function or method, or an object with an async __call__."""
+    if inspect.iscoroutinefunction(hook):
+        return True
+    call = vars(type(hook)).get("__call__")
+    return not inspect.isroutine(hook) and inspect.iscoroutinefunction(call)
 
 
 class HookPool:
@@ -454,4 +455,3 @@ def wrap_async(
         return loop.create_task(run(args, kwargs), name=f"backchannel {hooks.qualname}()")
 
     return call
-

@@ -8,9 +8,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from backchannel.interface import InterfaceSpec, Method, MethodSpec, apply_settings, interface_spec
+from backchannel.notify import MethodHooks, method_hooks
 
 #: what a proxy method calls: (reference, method, positional args, keyword args)
 Invoke = Callable[["Reference", MethodSpec, tuple[Any, ...], dict[str, Any]], Any]
+#: builds the proxy method of a method with event-notify hooks or async_
+Notify = Callable[["Reference", MethodSpec, MethodHooks], Callable[..., Any]]
 
 
 class Reference:
@@ -39,6 +42,12 @@ class Reference:
             else timeout
             for name in self.spec.methods
         }
+        #: event notify (hooks, async_) of the methods that have any, checked against them
+        self.hooks: dict[str, MethodHooks] = {}
+        for name, method in settings.items():
+            hooks = method_hooks(self.methods[name], method)
+            if hooks is not None:
+                self.hooks[name] = hooks
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -47,12 +56,23 @@ class Reference:
 
 
 class Proxy:
-    """A reference's proxy: one attribute per interface method."""
+    """A reference's proxy: one attribute per interface method.
 
-    def __init__(self, reference: Reference, invoke: Invoke) -> None:
+    A method with event-notify hooks or ``async_`` is built by ``notify``; the others call
+    ``invoke`` directly.
+    """
+
+    def __init__(self, reference: Reference, invoke: Invoke, notify: Notify | None = None) -> None:
         self._reference = reference
         for name, method in reference.methods.items():
-            call = functools.partial(_call, invoke, reference, method)
+            hooks = reference.hooks.get(name)
+            call: Callable[..., Any]
+            if hooks is not None:
+                if notify is None:
+                    raise TypeError(f"{method.qualname}: this client does not support notify")
+                call = notify(reference, method, hooks)
+            else:
+                call = functools.partial(_call, invoke, reference, method)
             functools.update_wrapper(call, getattr(reference.spec.cls, name))
             setattr(self, name, call)
 

@@ -1,0 +1,690 @@
+"""Event notify (Dubbo's FutureFilter): oninvoke / onreturn / onthrow and async_, end to end
+over loopback with the sync Client and the AsyncClient."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import importlib.util
+import logging
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+from conftest import run
+from services import Echo, EchoImpl
+
+import backchannel
+from backchannel import Method
+
+WAIT = 5.0  # the bound of every wait: a failing test fails fast instead of hanging
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "notify"
+
+
+class Recorder:
+    """Hooks that record what they were given and in which thread; waits are bounded."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple[Any, ...], str]] = []
+        self._changed = threading.Condition()
+
+    def hook(self, kind: str, raises: BaseException | None = None) -> Callable[..., None]:
+        def record(*args: Any) -> None:
+            with self._changed:
+                self.calls.append((kind, args, threading.current_thread().name))
+                self._changed.notify_all()
+            if raises is not None:
+                raise raises
+
+        return record
+
+    def of(self, kind: str) -> list[tuple[Any, ...]]:
+        with self._changed:
+            return [args for k, args, _ in self.calls if k == kind]
+
+    def kinds(self) -> list[str]:
+        with self._changed:
+            return [k for k, _, _ in self.calls]
+
+    def threads(self) -> set[str]:
+        with self._changed:
+            return {thread for _, _, thread in self.calls}
+
+    def wait(self, kind: str, count: int = 1) -> bool:
+        with self._changed:
+            return self._changed.wait_for(lambda: len(self.of(kind)) >= count, WAIT)
+
+
+def all_hooks(rec: Recorder, name: str, **settings: Any) -> Method:
+    return Method(
+        name,
+        oninvoke=rec.hook("oninvoke"),
+        onreturn=rec.hook("onreturn"),
+        onthrow=rec.hook("onthrow"),
+        **settings,
+    )
+
+
+# --- the seed's TEST CASE, with the example's provider and NotifyImpl ------------------------
+
+
+def load_example_service() -> ModuleType:
+    """examples/notify/service.py under a name of its own (other examples have a service.py)."""
+    name = "notify_example_service"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, EXAMPLE / "service.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def example_provider() -> Iterator[str]:
+    process = subprocess.Popen(
+        [sys.executable, "-u", str(EXAMPLE / "provider.py"), "127.0.0.1:0"],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd="/",  # the example runs from any directory
+    )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        assert line.startswith("listening on "), line
+        yield line.split()[-1]
+    finally:
+        process.kill()
+        process.wait(WAIT)
+
+
+def test_seed_test_case(example_provider: str) -> None:
+    example = load_example_service()
+    notify = example.NotifyImpl()
+    with backchannel.Client(example_provider) as client:
+        # <dubbo:method name="get" async="true" onreturn="demoCallback.onreturn"
+        #               onthrow="demoCallback.onthrow"/>
+        demo_service = client.reference(
+            example.IDemoService,
+            group="cn",
+            version="1.0.0",
+            methods=[Method("get", async_=True, onreturn=notify.onreturn, onthrow=notify.onthrow)],
+        )
+        request_id = 2
+        ret = demo_service.get(request_id)
+        assert isinstance(ret, concurrent.futures.Future)  # Dubbo's null: not the Person
+        assert notify.wait_for(notify.ret, request_id, 2.0)
+        assert notify.ret[request_id].id == request_id
+        assert isinstance(notify.ret[request_id], example.Person)
+        assert ret.result(WAIT) == notify.ret[request_id]
+
+        failed = demo_service.get(11)
+        assert notify.wait_for(notify.errors, 11, 2.0)
+        assert isinstance(notify.errors[11], LookupError)
+        assert "no person 11" in str(notify.errors[11])
+        assert 11 not in notify.ret
+        assert failed.exception(WAIT) is notify.errors[11]
+
+
+def test_seed_test_case_asyncio(example_provider: str) -> None:
+    example = load_example_service()
+
+    async def body() -> None:
+        notify = example.NotifyImpl()
+        async with backchannel.AsyncClient(example_provider) as client:
+            demo_service = client.reference(
+                example.IDemoService,
+                group="cn",
+                version="1.0.0",
+                methods=[Method.notify("get", notify, async_=True)],
+            )
+            ret = demo_service.get(2)
+            assert isinstance(ret, asyncio.Future)
+            person = await ret
+            assert person.id == 2 and notify.ret[2] == person  # the hooks ran first
+            with pytest.raises(LookupError, match="no person 11"):
+                await demo_service.get(11)
+            assert isinstance(notify.errors[11], LookupError)
+
+    run(body())
+
+
+def test_example_consumer_runs_the_four_modes(example_provider: str) -> None:
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLE / "consumer.py"), example_provider],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd="/",
+    )
+    assert done.returncode == 0, done.stderr
+    assert "onthrow: LookupError: no person 11" in done.stdout
+    assert "all four modes behaved" in done.stdout
+
+
+# --- the sync Client ------------------------------------------------------------------------
+
+
+def test_sync_hooks_ran_before_the_call_returns(client: backchannel.Client) -> None:
+    rec = Recorder()
+    echo = client.reference(Echo, methods=[all_hooks(rec, "add")])
+    assert echo.add(40, 2) == 42
+    assert rec.kinds() == ["oninvoke", "onreturn"]
+    assert rec.of("oninvoke") == [(40, 2)]
+    assert rec.of("onreturn") == [(42, 40, 2)]
+    assert rec.threads() == {threading.current_thread().name}  # the caller's own thread
+
+
+def test_keyword_arguments_reach_the_hooks_as_positions(client: backchannel.Client) -> None:
+    rec = Recorder()
+    echo = client.reference(Echo, methods=[all_hooks(rec, "greet")])
+    assert echo.greet(greeting="Hi", name="grpc") == "Hi, grpc!"
+    assert rec.of("oninvoke") == [("grpc", "Hi")]
+    assert echo.greet("Dubbo") == "Hello, Dubbo!"
+    assert rec.of("onreturn")[-1] == ("Hello, Dubbo!", "Dubbo")  # as the caller passed them
+
+
+def test_provider_exception_goes_to_onthrow_and_the_caller_still_raises(
+    client: backchannel.Client,
+) -> None:
+    rec = Recorder()
+    echo = client.reference(Echo, methods=[all_hooks(rec, "fail")])
+    with pytest.raises(ValueError, match="bad") as raised:
+        echo.fail("ValueError", "bad")
+    assert rec.of("onreturn") == []
+    assert rec.of("onthrow") == [(raised.value, "ValueError", "bad")]
+
+
+def test_oninvoke_raising_goes_to_onthrow_and_the_call_proceeds(
+    client: backchannel.Client, echo_impl: EchoImpl
+) -> None:
+    rec = Recorder()
+    oops = RuntimeError("oninvoke broke")
+    method = Method(
+        "echo",
+        oninvoke=rec.hook("oninvoke", raises=oops),
+        onreturn=rec.hook("onreturn"),
+        onthrow=rec.hook("onthrow"),
+    )
+    echo = client.reference(Echo, methods=[method])
+    assert echo.echo("still sent") == "still sent"
+    assert echo_impl.calls == 1
+    assert rec.kinds() == ["oninvoke", "onthrow", "onreturn"]
+    assert rec.of("onthrow") == [(oops, "still sent")]
+
+
+def test_onreturn_raising_goes_to_onthrow_and_the_caller_gets_its_result(
+    client: backchannel.Client,
+) -> None:
+    rec = Recorder()
+    oops = RuntimeError("onreturn broke")
+    method = Method("add", onreturn=rec.hook("onreturn", raises=oops), onthrow=rec.hook("onthrow"))
+    echo = client.reference(Echo, methods=[method])
+    assert echo.add(1, 2) == 3
+    assert rec.of("onthrow") == [(oops, 1, 2)]
+
+
+def test_onthrow_raising_is_logged_and_nothing_else_breaks(
+    client: backchannel.Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    rec = Recorder()
+    method = Method("fail", onthrow=rec.hook("onthrow", raises=RuntimeError("onthrow broke")))
+    echo = client.reference(Echo, methods=[method])
+    with caplog.at_level(logging.ERROR, logger="backchannel"):
+        with pytest.raises(KeyError):
+            echo.fail("KeyError", "k")
+    assert len(rec.of("onthrow")) == 1
+    logged = [r for r in caplog.records if "onthrow hook of test.Echo.fail()" in r.getMessage()]
+    assert logged and logged[0].exc_info is not None
+    assert "onthrow broke" in str(logged[0].exc_info[1])
+    assert echo.add(2, 3) == 5  # the stream and the reference still work
+    with pytest.raises(KeyError):
+        echo.fail("KeyError", "again")  # and the next failure goes the same way
+
+
+def test_a_hook_raising_without_onthrow_is_logged(
+    client: backchannel.Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    def onreturn(result: int) -> None:
+        raise RuntimeError("nobody hears this")
+
+    echo = client.reference(Echo, methods=[Method("add", onreturn=onreturn)])
+    with caplog.at_level(logging.ERROR, logger="backchannel"):
+        assert echo.add(1, 1) == 2
+    assert any("onreturn hook of test.Echo.add()" in r.getMessage() for r in caplog.records)
+
+
+def test_async_future_resolves_with_the_result_after_the_hooks(
+    client: backchannel.Client,
+) -> None:
+    rec = Recorder()
+    echo = client.reference(Echo, methods=[all_hooks(rec, "add", async_=True)])
+    future = echo.add(20, 22)
+    assert isinstance(future, concurrent.futures.Future)
+    assert rec.of("oninvoke") == [(20, 22)]  # on the caller, before the call is sent
+    assert future.result(WAIT) == 42
+    assert rec.of("onreturn") == [(42, 20, 22)]  # the future resolves after the hooks
+    onreturn_thread = next(thread for kind, _, thread in rec.calls if kind == "onreturn")
+    assert onreturn_thread.startswith("backchannel-notify")  # not the loop, not the reader
+
+
+def test_async_failure_resolves_the_future_with_the_exception(client: backchannel.Client) -> None:
+    rec = Recorder()
+    echo = client.reference(Echo, methods=[all_hooks(rec, "fail", async_=True)])
+    future = echo.fail("ZeroDivisionError", "nope")
+    error = future.exception(WAIT)
+    assert isinstance(error, ZeroDivisionError)
+    assert rec.of("onthrow") == [(error, "ZeroDivisionError", "nope")]
+    assert rec.of("onreturn") == []
+
+
+def test_async_without_hooks_returns_a_future(client: backchannel.Client) -> None:
+    echo = client.reference(Echo, methods=[Method("echo", async_=True)])
+    future = echo.echo("plain")
+    assert isinstance(future, concurrent.futures.Future)
+    assert future.result(WAIT) == "plain"
+    assert echo.add(1, 2) == 3  # the other methods still block
+
+
+def test_a_hundred_async_calls_in_flight_each_onreturn_gets_its_own_args(
+    client: backchannel.Client,
+) -> None:
+    rec = Recorder()
+    method = Method("add", async_=True, onreturn=rec.hook("onreturn"))
+    echo = client.reference(Echo, methods=[method])
+    futures = [echo.add(i, 1000 * i) for i in range(100)]
+    assert [f.result(WAIT) for f in futures] == [1001 * i for i in range(100)]
+    seen = rec.of("onreturn")
+    assert len(seen) == 100
+    assert all(result == a + b and b == 1000 * a for result, a, b in seen)
+    assert sorted(a for _, a, _ in seen) == list(range(100))
+
+
+def test_a_slow_hook_delays_only_its_own_future(client: backchannel.Client) -> None:
+    gate = threading.Event()
+
+    def onreturn(result: Any, value: Any) -> None:
+        if value == "slow":
+            gate.wait(WAIT)
+
+    echo = client.reference(Echo, methods=[Method("echo", async_=True, onreturn=onreturn)])
+    slow = echo.echo("slow")
+    fast = [echo.echo(i) for i in range(5)]
+    try:
+        assert [f.result(WAIT) for f in fast] == list(range(5))
+        assert echo.add(1, 1) == 2  # the stream is not held up either
+        assert not slow.done()
+    finally:
+        gate.set()
+    assert slow.result(WAIT) == "slow"
+
+
+def test_timeout_goes_to_onthrow(client: backchannel.Client) -> None:
+    rec = Recorder()
+    echo = client.reference(Echo, methods=[all_hooks(rec, "wait", timeout=0.2)])
+    with pytest.raises(backchannel.DeadlineExceeded):
+        echo.wait(10)
+    [(error, seconds)] = rec.of("onthrow")
+    assert isinstance(error, backchannel.DeadlineExceeded) and seconds == 10
+
+    later = client.reference(Echo, methods=[all_hooks(rec, "wait", timeout=0.2, async_=True)])
+    assert isinstance(later.wait(10).exception(WAIT), backchannel.DeadlineExceeded)
+    assert isinstance(rec.of("onthrow")[1][0], backchannel.DeadlineExceeded)
+
+
+def test_cancelled_async_call_goes_to_onthrow(
+    client: backchannel.Client, echo_impl: EchoImpl
+) -> None:
+    rec = Recorder()
+    echo = client.reference(Echo, methods=[all_hooks(rec, "wait", async_=True)])
+    future = echo.wait(30)
+    assert echo_impl.started.wait(WAIT)
+    assert future.cancel()
+    assert rec.wait("onthrow")
+    [(error, seconds)] = rec.of("onthrow")
+    assert isinstance(error, backchannel.CallCancelled) and seconds == 30
+    assert rec.of("onreturn") == []
+
+
+def test_provider_killed_mid_call_goes_to_onthrow_without_hanging() -> None:
+    script = Path(__file__).with_name("provider_process.py")
+    process = subprocess.Popen(
+        [sys.executable, "-u", str(script)], stdout=subprocess.PIPE, text=True, cwd=script.parent
+    )
+    try:
+        assert process.stdout is not None
+        address = process.stdout.readline().strip()
+        with backchannel.Client(address, timeout=30) as client:
+            rec = Recorder()
+            echo = client.reference(Echo, methods=[all_hooks(rec, "wait", async_=True)])
+            assert echo.echo("the stream is open") == "the stream is open"
+            future = echo.wait(30)
+            process.send_signal(signal.SIGKILL)
+            error = future.exception(WAIT)  # bounded: no hang
+            assert isinstance(error, backchannel.TransportError), repr(error)
+            [(seen, seconds)] = rec.of("onthrow")
+            assert seen is error and seconds == 30
+    finally:
+        process.kill()
+        process.wait(WAIT)
+
+
+def test_hook_shapes_one_parameter_and_many(client: backchannel.Client) -> None:
+    got: dict[str, tuple[Any, ...]] = {}
+
+    def result_only(result: int) -> None:
+        got["result_only"] = (result,)
+
+    def result_and_args(result: int, a: int, b: int) -> None:
+        got["result_and_args"] = (result, a, b)
+
+    def result_and_rest(result: int, *args: int) -> None:
+        got["result_and_rest"] = (result, *args)
+
+    def exc_only(exc: BaseException) -> None:
+        got["exc_only"] = (exc,)
+
+    def exc_and_args(exc: BaseException, kind: str, message: str) -> None:
+        got["exc_and_args"] = (exc, kind, message)
+
+    for onreturn in (result_only, result_and_args, result_and_rest):
+        assert client.reference(Echo, methods=[Method("add", onreturn=onreturn)]).add(3, 4) == 7
+    assert got["result_only"] == (7,)
+    assert got["result_and_args"] == (7, 3, 4)
+    assert got["result_and_rest"] == (7, 3, 4)
+
+    class Listener:
+        def onthrow(self, exc: BaseException) -> None:  # a bound method: self is not counted
+            got["bound"] = (exc,)
+
+    for onthrow in (exc_only, exc_and_args, Listener().onthrow):
+        echo = client.reference(Echo, methods=[Method("fail", onthrow=onthrow)])
+        with pytest.raises(ValueError):
+            echo.fail("ValueError", "v")
+    assert isinstance(got["exc_only"][0], ValueError)
+    assert got["exc_and_args"][1:] == ("ValueError", "v")
+    assert isinstance(got["bound"][0], ValueError)
+
+
+def test_two_references_with_different_hooks_fire_only_their_own(
+    client: backchannel.Client,
+) -> None:
+    first, second = Recorder(), Recorder()
+    one = client.reference(Echo, methods=[all_hooks(first, "echo")])
+    two = client.reference(Echo, methods=[all_hooks(second, "echo", async_=True)])
+    plain = client.reference(Echo)
+    assert one.echo(1) == 1
+    assert two.echo(2).result(WAIT) == 2
+    assert plain.echo(3) == 3
+    assert first.of("onreturn") == [(1, 1)]
+    assert second.of("onreturn") == [(2, 2)]
+    grouped = client.reference(
+        Echo, group="cn", version="1.0.0", methods=[all_hooks(second, "echo")]
+    )
+    assert grouped.echo(4) == 4
+    assert first.of("onreturn") == [(1, 1)]
+    assert second.of("onreturn") == [(2, 2), (4, 4)]
+
+
+def test_method_notify_takes_the_hooks_of_an_object(client: backchannel.Client) -> None:
+    class NotifyImpl:
+        def __init__(self) -> None:
+            self.ret: dict[int, int] = {}
+
+        def onreturn(self, result: int, a: int, b: int) -> None:
+            self.ret[a] = result
+
+    notify = NotifyImpl()
+    echo = client.reference(Echo, methods=[Method.notify("add", notify)])
+    assert echo.add(5, 6) == 11 and notify.ret == {5: 11}
+    with pytest.raises(TypeError, match="none of the hooks"):
+        Method.notify("add", object())
+
+
+# --- bad hooks are errors when the reference is made ----------------------------------------
+
+
+def _two_positional(a: Any, b: Any) -> None: ...
+def _one_positional(a: Any) -> None: ...
+def _none() -> None: ...
+def _keyword_only(result: Any, *, required: Any) -> None: ...
+async def _coroutine(result: Any) -> None: ...
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (Method("add", onreturn="notify.onreturn"), r"onreturn must be a callable"),  # type: ignore[arg-type]
+        (Method("add", oninvoke=_one_positional), r"oninvoke hook .* cannot take the call's"),
+        (Method("echo", oninvoke=_none), r"oninvoke hook .* cannot take the call's"),
+        (Method("add", onreturn=_none), r"onreturn hook .* cannot take the result"),
+        (Method("add", onthrow=_two_positional), r"onthrow hook .* the exception and the call's"),
+        (Method("add", onreturn=_keyword_only), r"onreturn hook .* cannot take"),
+        (Method("add", onreturn=_coroutine), r"sync Client cannot await .* onreturn"),
+    ],
+    ids=[
+        "not-callable",
+        "oninvoke-short",
+        "oninvoke-none",
+        "onreturn-none",
+        "onthrow-short",
+        "keyword-only",
+        "async-def-on-sync-client",
+    ],
+)
+def test_bad_hook_is_a_clear_error_at_reference_time(
+    client: backchannel.Client, settings: Method, message: str
+) -> None:
+    with pytest.raises(TypeError, match=message) as raised:
+        client.reference(Echo, methods=[settings])
+    assert f"test.Echo.{settings.name}" in str(raised.value)
+
+
+def test_async_def_hooks_are_fine_on_the_async_client(server: backchannel.Server) -> None:
+    async def body() -> None:
+        async with backchannel.AsyncClient(server.address) as client:
+            client.reference(Echo, methods=[Method("add", onreturn=_coroutine)])
+            with pytest.raises(TypeError, match="cannot take the result"):
+                client.reference(Echo, methods=[Method("add", onreturn=_none)])
+
+    run(body())
+
+
+# --- the AsyncClient ------------------------------------------------------------------------
+
+
+class AsyncRecorder:
+    """``async def`` hooks that record on the loop; waits are bounded."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple[Any, ...]]] = []
+        self.changed = asyncio.Event()
+
+    def hook(self, kind: str, raises: BaseException | None = None) -> Callable[..., Any]:
+        async def record(*args: Any) -> None:
+            self.calls.append((kind, args))
+            self.changed.set()
+            if raises is not None:
+                raise raises
+
+        return record
+
+    def of(self, kind: str) -> list[tuple[Any, ...]]:
+        return [args for k, args in self.calls if k == kind]
+
+    async def wait(self, kind: str) -> None:
+        async def seen() -> None:
+            while not self.of(kind):
+                self.changed.clear()
+                await self.changed.wait()
+
+        await asyncio.wait_for(seen(), WAIT)
+
+    def all(self, name: str, **settings: Any) -> Method:
+        return Method(
+            name,
+            oninvoke=self.hook("oninvoke"),
+            onreturn=self.hook("onreturn"),
+            onthrow=self.hook("onthrow"),
+            **settings,
+        )
+
+
+def test_asyncio_async_def_hooks_around_awaited_calls(server: backchannel.Server) -> None:
+    async def body() -> None:
+        rec = AsyncRecorder()
+        async with backchannel.AsyncClient(server.address) as client:
+            echo = client.reference(Echo, methods=[rec.all("add"), rec.all("fail")])
+            assert await echo.add(2, 3) == 5
+            assert rec.calls == [("oninvoke", (2, 3)), ("onreturn", (5, 2, 3))]
+            with pytest.raises(ValueError, match="v"):
+                await echo.fail("ValueError", "v")
+            [(error, kind, message)] = rec.of("onthrow")
+            assert isinstance(error, ValueError) and (kind, message) == ("ValueError", "v")
+            assert len(rec.of("onreturn")) == 1
+
+    run(body())
+
+
+def test_asyncio_plain_hooks_run_off_the_loop(server: backchannel.Server) -> None:
+    async def body() -> None:
+        rec = Recorder()
+        async with backchannel.AsyncClient(server.address) as client:
+            echo = client.reference(Echo, methods=[all_hooks(rec, "add")])
+            assert await echo.add(2, 3) == 5
+            assert rec.of("oninvoke") == [(2, 3)] and rec.of("onreturn") == [(5, 2, 3)]
+            assert all(t.startswith("backchannel-notify") for t in rec.threads())
+
+    run(body())
+
+
+def test_asyncio_async_returns_a_future_at_once(server: backchannel.Server) -> None:
+    async def body() -> None:
+        rec = AsyncRecorder()
+        async with backchannel.AsyncClient(server.address) as client:
+            echo = client.reference(Echo, methods=[rec.all("add", async_=True)])
+            future = echo.add(20, 22)
+            assert isinstance(future, asyncio.Future)
+            assert await future == 42
+            assert rec.of("onreturn") == [(42, 20, 22)]
+            futures = [echo.add(i, 1000 * i) for i in range(100)]
+            assert await asyncio.gather(*futures) == [1001 * i for i in range(100)]
+            seen = rec.of("onreturn")[1:]
+            assert len(seen) == 100 and all(r == a + b and b == 1000 * a for r, a, b in seen)
+
+    run(body())
+
+
+def test_asyncio_async_needs_a_running_loop(server: backchannel.Server) -> None:
+    async def make() -> Any:
+        client = backchannel.AsyncClient(server.address)
+        return client, client.reference(Echo, methods=[Method("add", async_=True)])
+
+    client, echo = run(make())
+    with pytest.raises(RuntimeError, match="running event loop"):
+        echo.add(1, 2)
+    run(client.close())
+
+
+def test_asyncio_hook_errors_go_where_they_should(
+    server: backchannel.Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def body() -> None:
+        rec = AsyncRecorder()
+        oops = RuntimeError("oninvoke broke")
+        async with backchannel.AsyncClient(server.address) as client:
+            echo = client.reference(
+                Echo,
+                methods=[
+                    Method(
+                        "add",
+                        oninvoke=rec.hook("oninvoke", raises=oops),
+                        onreturn=rec.hook("onreturn", raises=RuntimeError("onreturn broke")),
+                        onthrow=rec.hook("onthrow", raises=RuntimeError("onthrow broke")),
+                    )
+                ],
+            )
+            assert await echo.add(1, 2) == 3  # proceeds; the caller gets its result
+            assert [kind for kind, _ in rec.calls] == [
+                "oninvoke",
+                "onthrow",
+                "onreturn",
+                "onthrow",
+            ]
+            assert rec.of("onthrow")[0] == (oops, 1, 2)
+            assert str(rec.of("onthrow")[1][0]) == "onreturn broke"
+
+    with caplog.at_level(logging.ERROR, logger="backchannel"):
+        run(body())
+    assert sum("onthrow hook of test.Echo.add()" in r.getMessage() for r in caplog.records) == 2
+
+
+def test_asyncio_timeout_and_cancellation_go_to_onthrow(
+    server: backchannel.Server, echo_impl: EchoImpl
+) -> None:
+    async def body() -> None:
+        rec = AsyncRecorder()
+        async with backchannel.AsyncClient(server.address) as client:
+            timed = client.reference(Echo, methods=[rec.all("wait", timeout=0.2)])
+            with pytest.raises(backchannel.DeadlineExceeded):
+                await timed.wait(10)
+            assert isinstance(rec.of("onthrow")[0][0], backchannel.DeadlineExceeded)
+
+            echo = client.reference(Echo, methods=[rec.all("wait", async_=True)])
+            task = echo.wait(30)
+            assert await asyncio.to_thread(echo_impl.started.wait, WAIT)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            [_, (error, seconds)] = rec.of("onthrow")
+            assert isinstance(error, asyncio.CancelledError) and seconds == 30
+            assert rec.of("onreturn") == []
+
+    run(body())
+
+
+def test_asyncio_two_references_fire_only_their_own(server: backchannel.Server) -> None:
+    async def body() -> None:
+        first, second = AsyncRecorder(), AsyncRecorder()
+        async with backchannel.AsyncClient(server.address) as client:
+            one = client.reference(Echo, methods=[first.all("echo")])
+            two = client.reference(Echo, methods=[second.all("echo", async_=True)])
+            assert await one.echo("a") == "a"
+            assert await two.echo("b") == "b"
+            assert first.of("onreturn") == [("a", "a")]
+            assert second.of("onreturn") == [("b", "b")]
+
+    run(body())
+
+
+def test_asyncio_provider_killed_mid_call_goes_to_onthrow() -> None:
+    script = Path(__file__).with_name("provider_process.py")
+    process = subprocess.Popen(
+        [sys.executable, "-u", str(script)], stdout=subprocess.PIPE, text=True, cwd=script.parent
+    )
+
+    async def body(address: str) -> None:
+        rec = AsyncRecorder()
+        async with backchannel.AsyncClient(address, timeout=30) as client:
+            echo = client.reference(Echo, methods=[rec.all("wait", async_=True)])
+            assert await client.reference(Echo).echo("open") == "open"
+            task = echo.wait(30)
+            process.send_signal(signal.SIGKILL)
+            with pytest.raises(backchannel.TransportError):
+                await asyncio.wait_for(task, WAIT)
+            [(error, seconds)] = rec.of("onthrow")
+            assert isinstance(error, backchannel.TransportError) and seconds == 30
+
+    try:
+        assert process.stdout is not None
+        run(body(process.stdout.readline().strip()), timeout=20)
+    finally:
+        process.kill()
+        process.wait(WAIT)
