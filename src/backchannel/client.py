@@ -11,6 +11,8 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import random
+import time
 from collections.abc import Iterable, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
@@ -19,8 +21,15 @@ import grpc
 
 from backchannel import codec
 from backchannel.auth import bearer_metadata
-from backchannel.callbacks import CURRENT_CALL, ConsumerCallbacks, parent_in
-from backchannel.errors import ChannelClosed, ServiceNotFound, StreamBroken, UnknownCallback
+from backchannel.callbacks import CURRENT_CALL, ConsumerCallbacks, ExportedCallback, parent_in
+from backchannel.errors import (
+    ChannelClosed,
+    ServiceNotFound,
+    ShuttingDown,
+    StreamBroken,
+    TransportError,
+    UnknownCallback,
+)
 from backchannel.interface import Method, MethodSpec
 from backchannel.notify import HookPool, MethodHooks, wrap_async, wrap_sync
 from backchannel.portal import LoopThread
@@ -44,6 +53,36 @@ _NOT_RUN = frozenset(
 )
 
 CurrentCall = tuple[Session, int] | None
+#: a resubscribe=True call to replay: (reference, method, positional arguments)
+Subscription = tuple[Reference, MethodSpec, tuple[Any, ...]]
+
+
+def _identity(args: tuple[Any, ...]) -> tuple[int, ...]:
+    """What makes two subscriptions the same: the very same argument objects."""
+    return tuple(id(arg) for arg in args)
+
+
+class Backoff:
+    """Exponential backoff with jitter between connection attempts."""
+
+    def __init__(self, first: float = 0.05, most: float = 2.0, factor: float = 2.0) -> None:
+        self._first, self._most, self._factor = first, most, factor
+        self._delay = 0.0
+        self._not_before = 0.0
+
+    def wait(self) -> float:
+        """Seconds to wait before the next attempt (0 after a success)."""
+        return max(0.0, self._not_before - time.monotonic())
+
+    def failed(self) -> None:
+        """An attempt failed: the next one waits longer, with jitter (a half to all of it)."""
+        self._delay = min(self._most, self._delay * self._factor if self._delay else self._first)
+        self._not_before = time.monotonic() + self._delay * random.uniform(0.5, 1.0)
+
+    def succeeded(self) -> None:
+        """Connected: the next failure starts from the first delay again."""
+        self._delay = 0.0
+        self._not_before = 0.0
 
 
 class _ConsumerSide:
@@ -128,6 +167,10 @@ class AsyncClient:
         self._reader: asyncio.Task[None] | None = None
         self._opening: asyncio.Lock | None = None
         self._closed = False
+        self._backoff = Backoff()
+        # resubscribe=True calls that succeeded: replayed after a reconnect
+        self._subscriptions: dict[tuple[int, str, tuple[int, ...]], Subscription] = {}
+        self._resubscriber: asyncio.Task[None] | None = None
         self._hooks = HookPool(max_workers)  # plain event-notify hooks run here
 
     def register_error(self, cls: type[BaseException]) -> None:
@@ -176,10 +219,36 @@ class AsyncClient:
         """Make one call through a reference (what proxy methods do).
 
         ``current`` is the incoming callback call the caller runs in, if any: the call
-        carries it as its parent so the provider's nested callbacks run at once.
+        carries it as its parent so the provider's nested callbacks run at once. A method
+        declared with ``retries=N`` is re-sent on a new stream when its stream breaks;
+        any other call in flight then fails with the connection error.
         """
         positional = method.bind(args, kwargs)
-        session = await self._ensure_session()
+        attempts = 1 + ref.retries.get(method.name, 0)
+        for attempt in range(1, attempts + 1):
+            try:
+                result = await self._invoke_once(ref, method, positional, current)
+            except (StreamBroken, ShuttingDown) as exc:
+                if attempt == attempts:
+                    raise
+                logger.info(
+                    "%s() failed (%s); retry %d of %d", method.qualname, exc, attempt, attempts - 1
+                )
+                continue
+            if method.name in ref.resubscribe:
+                self._subscriptions[(id(ref), method.name, _identity(positional))] = (
+                    ref,
+                    method,
+                    positional,
+                )
+            return result
+
+    async def _invoke_once(
+        self, ref: Reference, method: MethodSpec, positional: tuple[Any, ...], current: CurrentCall
+    ) -> Any:
+        session = self._session
+        if session is None or not session.usable:
+            session = await self._ensure_session(ref.timeouts[method.name])
         side: _ConsumerSide = session.dispatcher  # type: ignore[assignment]
         key = ref.key
         service = side.services.get(key)
@@ -202,14 +271,24 @@ class AsyncClient:
                 for entry in fresh:  # the provider exported nothing: neither do we
                     side.callbacks.remove(entry)
             else:
-                for entry in removed:
-                    side.callbacks.remove(entry)
+                self._removed(side, removed)
             raise codec.decode_error(result.error, self._error_types)
-        for entry in removed:
-            side.callbacks.remove(entry)
+        self._removed(side, removed)
         if not result.HasField("value"):
             return None
         return codec.decode(result.value, f"the result of {method.qualname}()")
+
+    def _removed(self, side: _ConsumerSide, entries: list[ExportedCallback]) -> None:
+        """Un-export what a remover call removed, and forget its subscriptions."""
+        for entry in entries:
+            self._forget(entry.obj)
+            side.callbacks.remove(entry)
+
+    def _forget(self, listener: object) -> None:
+        """Drop the subscriptions that carry ``listener``: it is not to be replayed."""
+        for key, (_ref, _method, args) in list(self._subscriptions.items()):
+            if any(arg is listener for arg in args):
+                del self._subscriptions[key]
 
     async def release(self, listener: object) -> None:
         """End a callback instance this client exported (Dubbo has no such thing)."""
@@ -220,6 +299,7 @@ class AsyncClient:
             raise UnknownCallback(
                 f"{listener!r} is not a live callback on the stream to {self.address}"
             )
+        self._forget(listener)
         side.callbacks.remove(entry)
         session.connection.send_release(entry.id)
         session.flush()
@@ -230,23 +310,42 @@ class AsyncClient:
         side: _ConsumerSide | None = self._session.dispatcher if self._session else None  # type: ignore[assignment]
         return len(side.callbacks) if side else 0
 
-    async def _ensure_session(self) -> Session:
-        session = self._session
-        if session is not None and session.usable:
-            return session
+    async def _ensure_session(self, timeout: float | None = None) -> Session:
+        """The usable stream, opening one if needed; attempts after a failure are spaced
+        by exponential backoff with jitter, and a caller waits at most ``timeout``."""
         if self._closed:
             raise ChannelClosed(f"the client for {self.address} is closed")
         if self._opening is None:
             self._opening = asyncio.Lock()
-        async with self._opening:
+        async with asyncio.timeout(timeout), self._opening:
             session = self._session
             if session is not None and session.usable:
                 return session
-            return await self._open_session()
+            if session is not None and session.cause is not None:
+                await self._drop_channel()  # broken: start afresh
+            await asyncio.sleep(self._backoff.wait())
+            try:
+                session = await self._open_session()
+            except TransportError:
+                self._backoff.failed()
+                # a new channel next time: gRPC's own reconnect backoff (up to minutes)
+                # would otherwise refuse our attempts after the provider is back
+                await self._drop_channel()
+                raise
+            self._backoff.succeeded()
+            return session
 
     async def _open_session(self) -> Session:
         if self._channel is None:
-            options = channel_options(self._limits, self._keepalive)
+            options = [
+                *channel_options(self._limits, self._keepalive),
+                # our own backoff spaces attempts; gRPC's would refuse them for minutes,
+                # and its shared subchannels would carry that state into a new channel
+                ("grpc.use_local_subchannel_pool", 1),
+                ("grpc.initial_reconnect_backoff_ms", 100),
+                ("grpc.min_reconnect_backoff_ms", 100),
+                ("grpc.max_reconnect_backoff_ms", 2000),
+            ]
             if self._credentials is None:
                 self._channel = grpc.aio.insecure_channel(self.address, options=options)
             else:
@@ -291,11 +390,41 @@ class AsyncClient:
             raise StreamBroken(f"cannot connect to {self.address}: {exc}") from exc
         session.dispatcher.learn(services)  # type: ignore[attr-defined]
         self._session, self._stream, self._reader = session, stream, reader
+        reader.add_done_callback(self._stream_ended)
         return session
+
+    def _stream_ended(self, reader: asyncio.Task[None]) -> None:
+        """The stream is gone: replay subscriptions on a new one, in the background."""
+        if self._closed or not self._subscriptions:
+            return
+        if self._resubscriber is None or self._resubscriber.done():
+            self._resubscriber = asyncio.get_running_loop().create_task(self._resubscribe())
+
+    async def _resubscribe(self) -> None:
+        """Reconnect (with backoff) and make every resubscribe call again."""
+        while not self._closed and self._subscriptions:
+            try:
+                await self._ensure_session(self._connect_timeout)
+            except (TransportError, TimeoutError) as exc:
+                logger.info("reconnecting to %s: %s", self.address, exc)
+                continue
+            for ref, method, args in list(self._subscriptions.values()):
+                try:
+                    await self._invoke_once(ref, method, args, None)
+                except Exception as exc:  # logged; tried again after the next reconnect
+                    logger.warning("resubscribing %s() failed: %s", method.qualname, exc)
+            return
+
+    async def _drop_channel(self) -> None:
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            await channel.close(None)
 
     async def close(self) -> None:
         """End the stream (half-close, then cancel) and the channel."""
         self._closed = True
+        if self._resubscriber is not None:
+            self._resubscriber.cancel()
         session, self._session = self._session, None
         reader, self._reader = self._reader, None
         if session is not None and session.cause is None:

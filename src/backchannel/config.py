@@ -314,7 +314,7 @@ class _Reader:
     def method(self, data: dict[str, Any], key: str, provider: bool) -> Method:
         allowed = {"name", "timeout", "one_way", "argument"}
         if not provider:
-            allowed |= {"async", "oninvoke", "onreturn", "onthrow"}
+            allowed |= {"async", "oninvoke", "onreturn", "onthrow", "retries", "resubscribe"}
         self.table(data, key, allowed)
         hooks: dict[str, Callable[..., Any]] = {}
         for hook in ("oninvoke", "onreturn", "onthrow"):
@@ -335,7 +335,11 @@ class _Reader:
             arguments=arguments,
             one_way=self.boolean(data, "one_way", key),
             async_=bool(self.boolean(data, "async", key)),
-            **hooks,
+            oninvoke=hooks.get("oninvoke"),
+            onreturn=hooks.get("onreturn"),
+            onthrow=hooks.get("onthrow"),
+            retries=self.number(data, "retries", key, integer=True) or 0,
+            resubscribe=bool(self.boolean(data, "resubscribe", key)),
         )
 
     def argument(self, data: dict[str, Any], key: str) -> Argument:

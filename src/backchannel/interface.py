@@ -226,6 +226,12 @@ class Method:
     onreturn: Callable[..., Any] | None = None
     #: consumer: runs with the exception (and the arguments) when the call fails
     onthrow: Callable[..., Any] | None = None
+    #: consumer: an idempotent method is re-sent up to this many times on a new stream
+    #: when its stream breaks or its provider goes away (never otherwise)
+    retries: int = 0
+    #: consumer: after a reconnect, make this call again with the same listener objects,
+    #: so they keep receiving after a provider restart (for methods that add listeners)
+    resubscribe: bool = False
 
     @classmethod
     def notify(

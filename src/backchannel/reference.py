@@ -42,6 +42,13 @@ class Reference:
             else timeout
             for name in self.spec.methods
         }
+        for method in methods:
+            if not isinstance(method.retries, int) or method.retries < 0:
+                raise ValueError(f"{self.spec.name}.{method.name}: retries must be an int >= 0")
+        #: how many times each idempotent method may be re-sent on a new stream
+        self.retries = {method.name: method.retries for method in methods if method.retries}
+        #: methods replayed with the same listener objects after a reconnect
+        self.resubscribe = {method.name for method in methods if method.resubscribe}
         #: event notify (hooks, async_) of the methods that have any, checked against them
         self.hooks: dict[str, MethodHooks] = {}
         for name, method in settings.items():
