@@ -187,6 +187,9 @@ def test_export_mistakes_are_clear_errors() -> None:
         server.export(Echo, EchoImpl())
     with pytest.raises(ValueError, match="has no method 'nope'"):
         server.export(Echo, EchoImpl(), group="g", methods=[backchannel.Method("nope")])
+    with pytest.raises(ValueError, match="async_, onreturn are consumer settings"):
+        hooked = backchannel.Method("echo", async_=True, onreturn=print)
+        server.export(Echo, EchoImpl(), group="h", methods=[hooked])
 
 
 def test_blocking_call_from_the_loop_thread_is_refused() -> None:

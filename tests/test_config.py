@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -147,3 +149,37 @@ def test_every_mistake_names_the_file_and_the_key(text: str, message: str) -> No
 def test_a_missing_file_is_a_config_error() -> None:
     with pytest.raises(backchannel.ConfigError, match="cannot read"):
         backchannel.load_config("/nonexistent/backchannel.toml")
+
+
+def test_notify_config_equals_the_code_api() -> None:
+    config = backchannel.load_config(EXAMPLES / "notify" / "config.toml")
+    (reference,) = config.references
+    (method,) = reference.methods
+    notify = sys.modules["notify_service"].demo_callback
+    assert method.async_ is True
+    assert method.onreturn == notify.onreturn and method.onthrow == notify.onthrow
+
+    server = config.server()
+    server.start()
+    try:
+        with backchannel.Client(server.address) as client:
+            from_config: Any = config.reference(client, "demoService")
+            by_code: Any = client.reference(
+                reference.interface,
+                group="cn",
+                version="1.0.0",
+                methods=[
+                    backchannel.Method(
+                        "get", async_=True, onreturn=notify.onreturn, onthrow=notify.onthrow
+                    )
+                ],
+            )
+            for proxy, request in ((from_config, 2), (by_code, 3)):
+                future = proxy.get(request)  # the seed: returns at once
+                assert isinstance(future, concurrent.futures.Future)
+                assert notify.wait_for(notify.ret, request, 2)
+                assert notify.ret[request].id == request
+                proxy.get(11 + request)
+                assert notify.wait_for(notify.errors, 11 + request, 2)
+    finally:
+        server.stop()

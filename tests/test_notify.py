@@ -75,11 +75,11 @@ def all_hooks(rec: Recorder, name: str, **settings: Any) -> Method:
 
 
 def load_example_service() -> ModuleType:
-    """examples/notify/service.py under a name of its own (other examples have a service.py)."""
+    """examples/notify/notify_service.py, loaded from its file."""
     name = "notify_example_service"
     if name in sys.modules:
         return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, EXAMPLE / "service.py")
+    spec = importlib.util.spec_from_file_location(name, EXAMPLE / "notify_service.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module

@@ -12,7 +12,7 @@ import argparse
 import concurrent.futures
 import sys
 
-from service import IDemoService, NotifyImpl
+from notify_service import IDemoService, NotifyImpl
 
 import backchannel
 from backchannel import Method

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from service import IDemoService, NormalDemoService
+from notify_service import IDemoService, NormalDemoService
 
 import backchannel
 

@@ -79,3 +79,7 @@ class NotifyImpl:
         """Wait until ``table`` (``self.ret`` or ``self.errors``) holds ``id``."""
         with self._changed:
             return self._changed.wait_for(lambda: id in table, timeout)
+
+
+#: the seed's <bean id="demoCallback" class="NofifyImpl"/>, for examples/notify/config.toml
+demo_callback = NotifyImpl()
