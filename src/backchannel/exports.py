@@ -105,15 +105,15 @@ class Exports:
     ) -> Export:
         """Export ``impl`` as ``interface``; every problem is a clear error, raised now."""
         spec = interface_spec(interface)
-        for method in methods:
+        for settings in methods:
             consumer_only = [
                 name
                 for name in ("async_", "oninvoke", "onreturn", "onthrow", "retries", "resubscribe")
-                if getattr(method, name)
+                if getattr(settings, name)
             ]
             if consumer_only:
                 raise ValueError(
-                    f"{spec.name}.{method.name}: {', '.join(consumer_only)} are consumer "
+                    f"{spec.name}.{settings.name}: {', '.join(consumer_only)} are consumer "
                     "settings: give them to client.reference(), not to export()"
                 )
         effective = apply_settings(spec, methods)
