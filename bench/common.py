@@ -1,10 +1,12 @@
 """What the benchmark's provider and consumer processes share.
 
 The ``Calculator`` interface and its two implementations (an ``async def`` one and a plain
-``def`` one, exported under the group ``"sync"``), the raw grpc method paths and payload,
-and the drivers that time calls: :func:`drive_async` (asyncio tasks) and
-:func:`drive_threads` (OS threads). Both drivers run ``concurrency`` callers that call
-``op(i)`` in a loop until a deadline and return one :class:`Measurement`.
+``def`` one, exported under the group ``"sync"``), the callback interfaces
+(``CallbackBench``, which the provider exports, and ``Listener``, which consumers pass to
+it), the raw grpc method paths and payloads, and the drivers that time calls:
+:func:`drive_async` (asyncio tasks) and :func:`drive_threads` (OS threads). Both drivers
+run ``concurrency`` callers that call ``op(i)`` in a loop until a deadline and return one
+:class:`Measurement`; :func:`warm_then_drive` warms up first.
 """
 
 from __future__ import annotations
@@ -24,6 +26,10 @@ from backchannel.v1 import envelope_pb2 as pb
 RAW_SERVICE = "bench.Raw"
 RAW_UNARY = f"/{RAW_SERVICE}/Echo"
 RAW_STREAM = f"/{RAW_SERVICE}/EchoStream"
+#: server-push ping-pong: the server writes a message, the client echoes it back
+RAW_PUSH = f"/{RAW_SERVICE}/Push"
+#: server-push fan-out: one stream per client, many messages outstanding on each
+RAW_FANOUT = f"/{RAW_SERVICE}/FanOut"
 
 #: the group the sync-method implementation is exported under
 SYNC_GROUP = "sync"
@@ -37,6 +43,24 @@ RAW_PAYLOAD = pb.Frame(
         args=[pb.Value(int_value=12345), pb.Value(int_value=1)],
     )
 ).SerializeToString()
+
+
+#: what raw grpc pushes per callback: the bytes of a backchannel callback frame for
+#: listener.changed(12345)
+RAW_CALLBACK_PAYLOAD = pb.Frame(
+    call=pb.Call(id=12345, method="changed", callback_id=1, args=[pb.Value(int_value=12345)])
+).SerializeToString()
+
+#: the raw server's last message on a push stream starts with this (a serialised Frame
+#: never starts with a zero byte), followed by the Measurement as JSON
+RAW_RESULT_MARK = b"\x00result:"
+
+#: the fan-out scenario: listeners in all, spread evenly over this many client streams
+FANOUT_LISTENERS = 1000
+FANOUT_CLIENTS = 10
+
+#: how long a pushing provider waits for every consumer to register before giving up
+JOIN_TIMEOUT = 30.0
 
 
 @backchannel.interface("bench.Calculator")
@@ -64,6 +88,38 @@ class SyncCalculator:
         return a + b
 
 
+@backchannel.interface("bench.Listener")
+class Listener:
+    """What a consumer passes to the provider, which calls it back."""
+
+    def changed(self, msg: int) -> int:
+        """A notification; answers ``msg`` so the provider can check the round trip."""
+        raise NotImplementedError
+
+
+@backchannel.interface("bench.CallbackBench")
+class CallbackBench:
+    """The provider side of the callback figures: it times callbacks it makes itself."""
+
+    @backchannel.method(arguments=[backchannel.Argument(index=0)])
+    def addListener(self, listener: Listener) -> None:
+        """Register one listener (a callback argument)."""
+        raise NotImplementedError
+
+    def drive(self, listeners: int, warmup: float, seconds: float) -> dict[str, float]:
+        """Once ``listeners`` are registered, call them back (one caller per listener)
+        for ``warmup`` then ``seconds``; every caller gets the same Measurement as JSON."""
+        raise NotImplementedError
+
+
+class EchoListener:
+    """The consumer's listener: an ``async def`` method that returns at once."""
+
+    async def changed(self, msg: int) -> int:
+        """Answer the notification with itself."""
+        return msg
+
+
 @dataclass(frozen=True)
 class Measurement:
     """How one figure came out: call count, wall time, and per-call latency statistics."""
@@ -78,6 +134,11 @@ class Measurement:
     def to_json(self) -> dict[str, Any]:
         """The measurement as a JSON-ready dict."""
         return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Measurement:
+        """The measurement from :meth:`to_json`'s dict (as it came off a wire)."""
+        return cls(**data)
 
 
 def summarise(latencies: list[list[float]], seconds: float) -> Measurement:
@@ -116,6 +177,14 @@ async def drive_async(op: AsyncOp, concurrency: int, seconds: float) -> Measurem
     began = time.perf_counter()
     latencies = await asyncio.gather(*(caller(n) for n in range(concurrency)))
     return summarise(list(latencies), time.perf_counter() - began)
+
+
+async def warm_then_drive(
+    op: AsyncOp, concurrency: int, warmup: float, seconds: float
+) -> Measurement:
+    """:func:`drive_async` for ``warmup`` seconds (discarded), then for ``seconds``."""
+    await drive_async(op, concurrency, warmup)
+    return await drive_async(op, concurrency, seconds)
 
 
 def _call_until(op: SyncOp, first: int, step: int, deadline: float) -> list[float]:

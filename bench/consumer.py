@@ -3,6 +3,12 @@
 ``python bench/consumer.py FIGURE HOST:PORT [--warmup S] [--duration S]`` warms up for
 ``--warmup`` seconds, then times calls for ``--duration`` seconds and prints the
 :class:`~common.Measurement` as one line of JSON. :data:`FIGURES` lists the figures.
+
+The callback figures are timed on the pushing side: the consumer opens its share of the
+figure's clients, registers listeners (backchannel) or opens push streams (raw), answers
+the provider's calls and prints the Measurement the provider sends back. A figure with
+``processes > 1`` runs that many consumer processes at once (``bench/run.py`` starts
+them), each with ``clients // processes`` clients.
 """
 
 from __future__ import annotations
@@ -16,22 +22,38 @@ from dataclasses import dataclass
 
 import grpc
 from common import (
+    FANOUT_CLIENTS,
+    FANOUT_LISTENERS,
+    JOIN_TIMEOUT,
+    RAW_FANOUT,
     RAW_PAYLOAD,
+    RAW_PUSH,
+    RAW_RESULT_MARK,
     RAW_STREAM,
     RAW_UNARY,
     SYNC_GROUP,
     AsyncOp,
     Calculator,
+    CallbackBench,
+    EchoListener,
     Measurement,
     SyncOp,
-    drive_async,
     drive_threads,
+    warm_then_drive,
 )
 
 import backchannel
 
 AsyncSetup = Callable[[contextlib.AsyncExitStack, str], Awaitable[AsyncOp]]
 SyncSetup = Callable[[contextlib.ExitStack, str], SyncOp]
+#: a figure timed by the provider: (figure, clients in this process, address, warmup,
+#: duration) -> the provider's Measurement
+PushedRun = Callable[["Figure", int, str, float, float], Awaitable[Measurement]]
+
+#: consumer processes of the fan-out figures (FANOUT_CLIENTS clients spread over them)
+FANOUT_PROCESSES = 2
+
+EOF = grpc.aio.EOF  # type: ignore[attr-defined]
 
 
 # ------------------------------------------------------------ operations
@@ -96,17 +118,76 @@ def _raw_sync_unary(stack: contextlib.ExitStack, address: str) -> SyncOp:
     return lambda i: stub(RAW_PAYLOAD)
 
 
+async def _bc_pushed(
+    figure: Figure, clients: int, address: str, warmup: float, duration: float
+) -> Measurement:
+    """backchannel callbacks: open ``clients`` AsyncClients, add the figure's share of
+    listeners on each, then ask the provider to time callbacks to every listener."""
+    per_client = figure.concurrency // figure.clients
+    budget = JOIN_TIMEOUT + warmup + duration + 30
+    async with contextlib.AsyncExitStack() as stack:
+        benches = []
+        for _ in range(clients):
+            client = backchannel.AsyncClient(address, timeout=None)
+            await stack.enter_async_context(client)
+            benches.append(client.reference(CallbackBench, timeout=budget))
+        await asyncio.gather(
+            *(bench.addListener(EchoListener()) for bench in benches for _ in range(per_client))
+        )
+        result = await benches[0].drive(figure.concurrency, warmup, duration)
+    return Measurement.from_json(result)
+
+
+def _raw_pushed(path: str) -> PushedRun:
+    """Raw grpc.aio server push: open ``clients`` streams (a channel each), echo every
+    message the server writes, one at a time, until its result arrives."""
+
+    async def run(
+        figure: Figure, clients: int, address: str, warmup: float, duration: float
+    ) -> Measurement:
+        settings = {"streams": figure.clients, "listeners": figure.concurrency}
+        settings |= {"warmup": warmup, "seconds": duration}
+
+        async def echo_until_result(stack: contextlib.AsyncExitStack) -> Measurement:
+            channel = await stack.enter_async_context(grpc.aio.insecure_channel(address))
+            call = channel.stream_stream(path)()
+            stack.callback(call.cancel)
+            await call.write(json.dumps(settings).encode())
+            while (message := await call.read()) is not EOF:
+                if message.startswith(RAW_RESULT_MARK):
+                    data = json.loads(message[len(RAW_RESULT_MARK) :])
+                    if "error" in data:
+                        raise RuntimeError(f"the raw server failed: {data['error']}")
+                    await call.done_writing()
+                    return Measurement.from_json(data)
+                await call.write(message)
+            raise ConnectionError("the raw server closed the stream before its result")
+
+        async with contextlib.AsyncExitStack() as stack:
+            results = await asyncio.gather(*(echo_until_result(stack) for _ in range(clients)))
+        return results[0]
+
+    return run
+
+
 # --------------------------------------------------------------- figures
 
 
 @dataclass(frozen=True)
 class Figure:
-    """One measured figure: which provider it needs, how to call, and how many callers."""
+    """One measured figure: which provider it needs, how to call, and how many callers.
+
+    For a ``pushed`` figure the callers are the provider's (one per listener), spread
+    over ``clients`` clients in ``processes`` consumer processes.
+    """
 
     provider: str
     concurrency: int
     async_setup: AsyncSetup | None = None
     sync_setup: SyncSetup | None = None
+    pushed: PushedRun | None = None
+    clients: int = 1
+    processes: int = 1
 
 
 FIGURES: dict[str, Figure] = {
@@ -120,6 +201,22 @@ FIGURES: dict[str, Figure] = {
     "bc-sync-8": Figure("backchannel", 8, sync_setup=_bc_sync("")),
     "bc-sync-8-def": Figure("backchannel", 8, sync_setup=_bc_sync(SYNC_GROUP)),
     "raw-sync-8": Figure("raw", 8, sync_setup=_raw_sync_unary),
+    "bc-callback-seq": Figure("backchannel", 1, pushed=_bc_pushed),
+    "raw-push-pingpong": Figure("raw", 1, pushed=_raw_pushed(RAW_PUSH)),
+    "bc-fanout-1000": Figure(
+        "backchannel",
+        FANOUT_LISTENERS,
+        pushed=_bc_pushed,
+        clients=FANOUT_CLIENTS,
+        processes=FANOUT_PROCESSES,
+    ),
+    "raw-fanout-1000": Figure(
+        "raw",
+        FANOUT_LISTENERS,
+        pushed=_raw_pushed(RAW_FANOUT),
+        clients=FANOUT_CLIENTS,
+        processes=FANOUT_PROCESSES,
+    ),
 }
 
 
@@ -129,8 +226,7 @@ async def _measure_async(
     """Warm up, then time an asyncio figure."""
     async with contextlib.AsyncExitStack() as stack:
         op = await setup(stack, address)
-        await drive_async(op, concurrency, warmup)
-        return await drive_async(op, concurrency, duration)
+        return await warm_then_drive(op, concurrency, warmup, duration)
 
 
 def _measure_sync(
@@ -146,6 +242,9 @@ def _measure_sync(
 def measure(name: str, address: str, warmup: float, duration: float) -> Measurement:
     """Measure the figure ``name`` against the provider at ``address``."""
     figure = FIGURES[name]
+    if figure.pushed is not None:
+        clients = figure.clients // figure.processes
+        return asyncio.run(figure.pushed(figure, clients, address, warmup, duration))
     if figure.async_setup is not None:
         return asyncio.run(
             _measure_async(figure.async_setup, address, figure.concurrency, warmup, duration)

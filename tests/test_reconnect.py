@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import signal
 import socket
 import subprocess
 import sys
@@ -117,3 +118,48 @@ def test_a_removed_listener_is_not_resubscribed(provider: Provider) -> None:
         provider.start()
         assert client.reference(Echo).add(1, 1) == 2  # reconnected
         assert client.callback_count == 0
+
+
+def test_keepalive_notices_a_frozen_provider(provider: Provider) -> None:
+    keepalive = backchannel.Keepalive(time=0.5, timeout=0.5)
+    with backchannel.Client(provider.address, timeout=60, keepalive=keepalive) as client:
+        echo = client.reference(Echo)
+        assert echo.add(1, 1) == 2
+        assert provider.process is not None
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            in_flight = pool.submit(echo.wait, 30)
+            assert echo.add(2, 2) == 4
+            provider.process.send_signal(signal.SIGSTOP)  # alive, connected, silent
+            try:
+                started = time.monotonic()
+                with pytest.raises(backchannel.StreamBroken):
+                    in_flight.result(10)
+                assert time.monotonic() - started < 5  # not the call's 60 s timeout
+            finally:
+                provider.process.send_signal(signal.SIGCONT)
+
+
+def test_keepalive_notices_a_frozen_consumer() -> None:
+    from notifier import NOTIFIER_METHODS, NotifierImpl
+
+    impl = NotifierImpl()
+    keepalive = backchannel.Keepalive(time=0.5, timeout=0.5)
+    with backchannel.Server(keepalive=keepalive) as server:
+        server.export(Notifier, impl, methods=NOTIFIER_METHODS)
+        script = Path(__file__).with_name("consumer_process.py")
+        consumer = subprocess.Popen(
+            [sys.executable, str(script), server.address, "1"],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=script.parent,
+        )
+        try:
+            assert consumer.stdout is not None and consumer.stdout.readline().strip() == "ready"
+            (proxy,) = impl.listeners.values()
+            consumer.send_signal(signal.SIGSTOP)
+            assert proxy.wait_ended(5)  # the frozen consumer's callbacks end
+            with pytest.raises(backchannel.CallbackGone):
+                proxy.changed("anyone?")
+        finally:
+            consumer.kill()
+            consumer.wait(5)

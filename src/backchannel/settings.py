@@ -62,6 +62,8 @@ def channel_options(limits: Limits, keepalive: Keepalive | None) -> list[tuple[s
         options += [
             ("grpc.keepalive_time_ms", int(keepalive.time * 1000)),
             ("grpc.keepalive_timeout_ms", int(keepalive.timeout * 1000)),
+            # newer gRPC times every ping out by this instead (60 s by default)
+            ("grpc.http2.ping_timeout_ms", int(keepalive.timeout * 1000)),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.max_pings_without_data", 0),
             ("grpc.http2.min_ping_interval_without_data_ms", int(keepalive.time * 500)),
