@@ -326,6 +326,7 @@ class ReverseProxy:
         self._spec = spec
         self._gone: str | None = None
         self._ended_event = threading.Event()
+        self._labels: dict[str, str] = {}
         if spec is not None:
             for name, method in spec.methods.items():
                 setattr(self, name, functools.partial(self._call, name, method.one_way))
@@ -403,32 +404,23 @@ class ReverseProxy:
     ) -> asyncio.Future[Any]:
         """On the loop: send the call now, return a future for its decoded outcome."""
         self._check_alive(method)
-        where = f"{self._interface_name or 'callback'} #{self._id}.{method}()"
-        values = [codec.encode(arg, f"argument {i} of {where}") for i, arg in enumerate(args)]
+        where = self._labels.get(method)
+        if where is None:
+            where = self._labels[method] = (
+                f"{self._interface_name or 'callback'} #{self._id}.{method}()"
+            )
+        values = codec.encode_args(args, (), where, None)
         call = pb.Call(
             method=method, args=values, callback_id=self._id, parent_id=parent, one_way=one_way
         )
         session = self._table.session
-        raw = session.start_call(call, self._table.timeout, label=where)
-        result: asyncio.Future[Any] = session.loop.create_future()
 
-        def finish(done: asyncio.Future[pb.Result]) -> None:
-            if result.cancelled():
-                return
-            exc = done.exception()
-            if exc is not None:
-                result.set_exception(exc)
-            elif done.result().HasField("error"):
-                result.set_exception(codec.decode_error(done.result().error, session.error_types))
-            else:
-                value = done.result().value
-                try:
-                    result.set_result(codec.decode(value, f"the result of {where}"))
-                except Exception as error:
-                    result.set_exception(error)
+        def decode(result: pb.Result) -> Any:
+            if result.HasField("error"):
+                raise codec.decode_error(result.error, session.error_types)
+            return codec.decode(result.value, f"the result of {where}")
 
-        raw.add_done_callback(finish)
-        return result
+        return session.start_call(call, self._table.timeout, label=where, decode=decode)
 
 
 def _copy_outcome(target: concurrent.futures.Future[Any], source: asyncio.Future[Any]) -> None:

@@ -35,7 +35,7 @@ from backchannel.notify import HookPool, MethodHooks, wrap_async, wrap_sync
 from backchannel.portal import LoopThread
 from backchannel.protocol import Connection, Role
 from backchannel.reference import Proxy, Reference
-from backchannel.session import Session
+from backchannel.session import Outgoing, Session, serialize
 from backchannel.settings import DEFAULT_TIMEOUT, Keepalive, Limits, channel_options
 from backchannel.v1 import envelope_pb2 as pb
 
@@ -354,11 +354,11 @@ class AsyncClient:
                 )
         stub = self._channel.stream_stream(
             CONNECT_PATH,
-            request_serializer=pb.Frame.SerializeToString,
+            request_serializer=serialize,
             response_deserializer=pb.Frame.FromString,
         )
         stream = stub(None, metadata=self._metadata)
-        connection: Connection[asyncio.Future[pb.Result]] = Connection(
+        connection: Connection[Outgoing] = Connection(
             Role.CONSUMER,
             self._application,
             max_calls_in_flight=self._limits.max_calls_in_flight,

@@ -27,7 +27,7 @@ from backchannel.exports import DEFAULT_CALLBACK_LIMIT, Exports, to_json
 from backchannel.interface import Method
 from backchannel.portal import LoopThread
 from backchannel.protocol import PROTOCOL_VERSION, Connection, Role
-from backchannel.session import Session
+from backchannel.session import Outgoing, Session, serialize
 from backchannel.settings import DEFAULT_TIMEOUT, Keepalive, Limits, channel_options
 from backchannel.v1 import envelope_pb2 as pb
 
@@ -167,7 +167,7 @@ class AsyncServer:
                 "Connect": grpc.stream_stream_rpc_method_handler(
                     self._connect,
                     request_deserializer=pb.Frame.FromString,
-                    response_serializer=pb.Frame.SerializeToString,
+                    response_serializer=serialize,
                 ),
                 "Invoke": grpc.unary_unary_rpc_method_handler(
                     self._invoke,
@@ -248,7 +248,7 @@ class AsyncServer:
         if self._stopping:
             await _refuse(context, grpc.StatusCode.UNAVAILABLE, "the provider is shutting down")
         await self._authenticate(context, stream=True)
-        connection: Connection[asyncio.Future[pb.Result]] = Connection(
+        connection: Connection[Outgoing] = Connection(
             Role.PROVIDER,
             self._application,
             self._exports.services(),

@@ -12,8 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import contextvars
 import logging
-from collections.abc import Awaitable, Callable
+import threading
+import types
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from typing import Any, Protocol
 
 import grpc
@@ -54,8 +58,10 @@ MAX_BATCH_FRAMES = 32
 MAX_BATCH_BYTES = 1 << 20
 
 Read = Callable[[], Awaitable[Any]]
-Future = asyncio.Future[pb.Result]
-Write = Callable[[pb.Frame], Awaitable[None]]
+Future = asyncio.Future[Any]
+#: turns a call's Result into what its caller gets (raising what it should raise)
+Decode = Callable[[pb.Result], Any]
+Write = Callable[[bytes], Awaitable[None]]
 
 
 class Dispatcher(Protocol):
@@ -79,7 +85,7 @@ class Session:
 
     def __init__(
         self,
-        connection: Connection[Future],
+        connection: Connection[Outgoing],
         write: Write,
         dispatcher: Callable[[Session], Dispatcher],
         error_types: codec.ErrorTypes,
@@ -98,17 +104,19 @@ class Session:
         # what the peer accepts, until its handshake says otherwise
         self._peer_max_calls = limits.max_calls_in_flight
         self._peer_max_message = limits.max_message_size
-        self._sent: dict[int, _Outgoing] = {}
-        self._waiting: collections.deque[_Outgoing] = collections.deque()
+        self._sent: dict[int, Outgoing] = {}
+        self._waiting: collections.deque[Outgoing] = collections.deque()
+        self._loop_thread = threading.get_ident()
         # the call tree, for re-entrancy: outgoing call id -> the incoming call it was
         # made during, and incoming call id -> the outgoing call it was made during
         self._outgoing_parent: dict[int, int] = {}
         self._incoming_parent: dict[int, int] = {}
         self._queue: list[pb.Frame] = []
-        self._wake = asyncio.Event()
-        self._running: dict[int, asyncio.Task[None]] = {}
-        self._writer: asyncio.Task[None] | None = None
-        self._stopping = False
+        self._messages: collections.deque[bytes] = collections.deque()  # serialized, to write
+        self._writing: asyncio.Task[None] | None = None
+        # calls the peer sent that are running: their task, or None while running eagerly
+        self._running: dict[int, asyncio.Task[None] | None] = {}
+        self._one_way_tasks: set[asyncio.Task[None]] = set()  # strong references
         self._drained = asyncio.Event()  # set while the writer has nothing left to send
         self._closed = asyncio.Event()
         #: set once the handshake finished; holds the provider's services on the consumer
@@ -124,11 +132,8 @@ class Session:
         return self._loop
 
     def in_loop_thread(self) -> bool:
-        """True when called from code running on this session's loop."""
-        try:
-            return asyncio.get_running_loop() is self._loop
-        except RuntimeError:
-            return False
+        """True when called from the thread that runs this session's loop."""
+        return threading.get_ident() == self._loop_thread
 
     # ------------------------------------------------------------------ state
 
@@ -149,38 +154,61 @@ class Session:
     # ---------------------------------------------------------------- writing
 
     def flush(self) -> None:
-        """Hand what the protocol queued to the writer task."""
+        """Send what the protocol queued: at once when no write is under way, else when
+        the current one completes (all that is queued by then goes as one batch)."""
         frames = self.connection.take_outbox()
         if frames:
             self._queue.extend(frames)
             self._drained.clear()
-            self._wake.set()
+            if self._writing is None:
+                self._write_next()
 
-    async def _write_loop(self) -> None:
-        try:
-            while True:
+    def _write_next(self) -> None:
+        """Start the next write. Its first step runs here, so the message is handed to
+        gRPC without waiting for a loop turn; its completion runs in a task of its own,
+        which no caller's cancellation can reach (a cancelled write ends the RPC)."""
+        while True:
+            if not self._messages:
                 if not self._queue:
                     self._drained.set()
-                    if self._stopping:
-                        return
-                    await self._wake.wait()
-                    self._wake.clear()
-                    continue
+                    return
                 frames, self._queue = self._queue, []
-                for message in coalesce(frames, min(MAX_BATCH_BYTES, self._peer_max_message)):
-                    await self._write(message)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # the stream failed under us: the reader sees it too
-            self.lost(_translate(exc, self.peer))
+                limit = min(MAX_BATCH_BYTES, self._peer_max_message)
+                self._messages.extend(coalesce(frames, limit))
+            writing = self._write(self._messages.popleft())
+            try:
+                waiting_on = writing.send(None)  # type: ignore[attr-defined]
+            except StopIteration:
+                continue  # written already
+            except Exception as exc:
+                self._write_failed(exc)
+                return
+            completion = _resume(writing, waiting_on)  # type: ignore[arg-type]
+            self._writing = self._loop.create_task(completion)
+            self._writing.add_done_callback(self._written)
+            return
+
+    def _written(self, task: asyncio.Task[None]) -> None:
+        self._writing = None
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            self._write_failed(exc)
+        else:
+            self._write_next()
+
+    def _write_failed(self, exc: BaseException) -> None:
+        """The stream failed under a write: the reader sees it too."""
+        self._messages.clear()
+        self._queue.clear()
+        self._drained.set()
+        self.lost(_translate(exc, self.peer))
 
     # ---------------------------------------------------------------- reading
 
     async def run(self, read: Read) -> None:
         """Read frames until the stream ends; then fail what is pending and return."""
-        self._writer = asyncio.create_task(
-            self._write_loop(), name=f"backchannel-writer {self.peer}"
-        )
         cause: BaseException
         try:
             while True:
@@ -192,7 +220,8 @@ class Session:
                 self.flush()
         except asyncio.CancelledError:
             self.lost(StreamBroken(f"the stream to {self.peer} was closed"))
-            self._writer.cancel()
+            if self._writing is not None:
+                self._writing.cancel()
             raise
         except Exception as exc:
             cause = _translate(exc, self.peer)
@@ -200,30 +229,19 @@ class Session:
         await self._drain_writer()
 
     async def _drain_writer(self) -> None:
-        """Let the writer send what is queued (a last Fault, say) for a moment, then stop it."""
-        writer = self._writer
-        if writer is None or writer.done():
-            return
-        self._stopping = True
-        self._wake.set()
-        try:
-            await asyncio.wait_for(asyncio.shield(writer), 0.5)
-        except (TimeoutError, Exception):
-            writer.cancel()
-            await asyncio.gather(writer, return_exceptions=True)
+        """Let what is queued (a last Fault, say) be written for a moment, then stop."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._drained.wait(), 0.5)
+        if self._writing is not None:
+            self._writing.cancel()
 
     def _handle(self, events: list[Any]) -> None:
         for event in events:
             if type(event) is ResultReceived:
-                future = event.token
-                if not future.done():
-                    future.set_result(event.result)
+                event.token.resolve(event.result)
                 self._finished(event.result.id)
             elif type(event) is CallReceived:
-                call = event.call
-                task = self._loop.create_task(self._serve(call))
-                if not call.one_way:
-                    self._running[call.id] = task
+                self._start_serving(event.call)
             elif type(event) is CancelReceived:
                 victim = self._running.pop(event.call_id, None)
                 if victim is not None:
@@ -278,8 +296,27 @@ class Session:
                 f"message size limit of {self._peer_max_message} bytes (max_message_size)"
             )
             result = pb.Result(id=call.id, error=codec.encode_error(too_large, self.error_types))
-        if not call.one_way and self._running.pop(call.id, None) is not None:
+        if not call.one_way and call.id in self._running:
+            del self._running[call.id]
             self._answer(result)
+
+    def _start_serving(self, call: pb.Call) -> None:
+        """Run an incoming call eagerly: its first step runs now, in a context of its own,
+        and only a call that has to wait gets a task (most calls finish in one step)."""
+        if not call.one_way:
+            self._running[call.id] = None
+        context = contextvars.copy_context()
+        serving = self._serve(call)
+        try:
+            waiting_on = context.run(serving.send, None)
+        except StopIteration:
+            return
+        task = self._loop.create_task(_resume(serving, waiting_on), context=context)
+        if call.id in self._running:
+            self._running[call.id] = task
+        elif call.one_way:
+            self._one_way_tasks.add(task)
+            task.add_done_callback(self._one_way_tasks.discard)
 
     def _answer(self, result: pb.Result) -> None:
         try:
@@ -291,10 +328,15 @@ class Session:
     # ---------------------------------------------------------------- calling
 
     def start_call(
-        self, call: pb.Call, timeout: float | None, parent: int = 0, label: str = ""
+        self,
+        call: pb.Call,
+        timeout: float | None,
+        parent: int = 0,
+        label: str = "",
+        decode: Decode | None = None,
     ) -> Future:
         """Send a call (now, or as soon as the in-flight limit allows); return a future
-        for its Result.
+        for its Result, or for what ``decode`` makes of it (without another loop turn).
 
         ``parent`` is the id of the incoming call this one is made during (0: none). On
         timeout the future fails with DeadlineExceeded and the peer gets a Cancel. A call
@@ -309,7 +351,7 @@ class Session:
             )
         if parent:
             call.parent_id = parent
-        outgoing = _Outgoing(call, self._loop.create_future(), label, timeout)
+        outgoing = Outgoing(call, self._loop.create_future(), label, timeout, decode)
         if timeout is not None:
             outgoing.timer = self._loop.call_later(timeout, self._expire, outgoing)
         if self._waiting or self.connection.pending_outgoing >= self._peer_max_calls:
@@ -318,13 +360,12 @@ class Session:
             self._send(outgoing)
         return outgoing.future
 
-    def _send(self, outgoing: _Outgoing) -> None:
+    def _send(self, outgoing: Outgoing) -> None:
         call = outgoing.call
-        call_id = self.connection.send_call(call, outgoing.future)
+        call_id = self.connection.send_call(call, outgoing)
         self.flush()
         if call.one_way:
-            outgoing.settle()
-            outgoing.future.set_result(pb.Result(id=call_id, value=codec.NULL))
+            outgoing.resolve(pb.Result(id=call_id, value=codec.NULL))
             return
         self._sent[call_id] = outgoing
         if call.parent_id:
@@ -346,7 +387,7 @@ class Session:
         if self._waiting:
             self._admit()
 
-    def _expire(self, outgoing: _Outgoing) -> None:
+    def _expire(self, outgoing: Outgoing) -> None:
         outgoing.timer = None
         if outgoing.call.id:
             self.abandon(outgoing.call.id, f"deadline of {outgoing.timeout} s exceeded")
@@ -365,7 +406,8 @@ class Session:
         """Send a call and wait for its result; a cancelled caller cancels the call."""
         future = self.start_call(call, timeout, parent)
         try:
-            return await future
+            result: pb.Result = await future
+            return result
         except asyncio.CancelledError:
             if call.id:  # else it was still waiting for a slot: nothing was sent
                 self.abandon(call.id, "cancelled by the caller")
@@ -387,12 +429,13 @@ class Session:
         if self.cause is not None:
             return
         self.cause = cause
-        futures, _running_ids = self.connection.connection_lost(cause)
-        for future in futures:
-            if not future.done():
-                future.set_exception(type(cause)(str(cause)))
-        for task in self._running.values():
-            task.cancel("the stream ended")
+        pending, _running_ids = self.connection.connection_lost(cause)
+        for outgoing in pending:
+            if not outgoing.future.done():
+                outgoing.future.set_exception(type(cause)(str(cause)))
+        for task in [*self._running.values(), *self._one_way_tasks]:
+            if task is not None:
+                task.cancel("the stream ended")
         self._running.clear()
         if not self.handshake.done():
             self.handshake.set_exception(type(cause)(str(cause)))
@@ -415,42 +458,69 @@ class Session:
 
     async def wait_idle(self) -> None:
         """Wait until no call the peer sent is still running and their results are sent."""
-        while self._running:
-            await asyncio.gather(*self._running.values(), return_exceptions=True)
+        while tasks := [task for task in self._running.values() if task is not None]:
+            await asyncio.gather(*tasks, return_exceptions=True)
         if self.cause is None:
             await self._drained.wait()
 
 
-def coalesce(frames: list[pb.Frame], max_bytes: int = MAX_BATCH_BYTES) -> list[pb.Frame]:
-    """Pack ready frames into as few messages as the batch limits allow."""
-    if len(frames) == 1:
-        return frames
-    messages: list[pb.Frame] = []
-    batch: list[pb.Frame] = []
+def coalesce(frames: list[pb.Frame], max_bytes: int = MAX_BATCH_BYTES) -> list[bytes]:
+    """Serialize ready frames, packing them into as few messages as the batch limits allow.
+
+    Each frame is serialized once; a batch is put together from those bytes (a ``Frame``
+    whose ``batch`` holds them), not by copying the frames into a new message.
+    """
+    encoded = [frame.SerializeToString() for frame in frames]
+    if len(encoded) == 1:
+        return encoded
+    messages: list[bytes] = []
+    batch: list[bytes] = []
     size = 0
-    for frame in frames:
-        frame_size = frame.ByteSize()
-        if batch and (len(batch) >= MAX_BATCH_FRAMES or size + frame_size > max_bytes):
+    for data in encoded:
+        if batch and (len(batch) >= MAX_BATCH_FRAMES or size + len(data) > max_bytes):
             messages.append(_batch(batch))
             batch, size = [], 0
-        batch.append(frame)
-        size += frame_size
+        batch.append(data)
+        size += len(data)
     if batch:
         messages.append(_batch(batch))
     return messages
 
 
-class _Outgoing:
+class Outgoing:
     """A call this side sends: waiting for a slot, then for its result."""
 
-    __slots__ = ("call", "future", "label", "timeout", "timer")
+    __slots__ = ("call", "decode", "future", "label", "timeout", "timer")
 
-    def __init__(self, call: pb.Call, future: Future, label: str, timeout: float | None) -> None:
+    def __init__(
+        self,
+        call: pb.Call,
+        future: Future,
+        label: str,
+        timeout: float | None,
+        decode: Decode | None = None,
+    ) -> None:
         self.call = call
         self.future = future
         self.label = label
         self.timeout = timeout
+        self.decode = decode
         self.timer: asyncio.TimerHandle | None = None
+
+    def resolve(self, result: pb.Result) -> None:
+        """Its Result arrived: settle the future with it (or what ``decode`` makes of it)."""
+        self.settle()
+        if self.future.done():
+            return
+        if self.decode is None:
+            self.future.set_result(result)
+            return
+        try:
+            value = self.decode(result)
+        except Exception as exc:
+            self.future.set_exception(exc)
+        else:
+            self.future.set_result(value)
 
     def settle(self) -> None:
         """Stop its timer: the outcome is known or no longer awaited."""
@@ -459,8 +529,52 @@ class _Outgoing:
             self.timer = None
 
 
-def _batch(frames: list[pb.Frame]) -> pb.Frame:
-    return frames[0] if len(frames) == 1 else pb.Frame(batch=pb.Batch(frames=frames))
+# wire tags: Batch.frames is field 1, Frame.batch field 8, both length-delimited
+_BATCH_FRAMES_TAG = bytes([1 << 3 | 2])
+_FRAME_BATCH_TAG = bytes([8 << 3 | 2])
+
+
+def _batch(frames: list[bytes]) -> bytes:
+    if len(frames) == 1:
+        return frames[0]
+    body = b"".join(_BATCH_FRAMES_TAG + _varint(len(data)) + data for data in frames)
+    return _FRAME_BATCH_TAG + _varint(len(body)) + body
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def serialize(message: pb.Frame | bytes) -> bytes:
+    """The stream's serializer: the writer hands it frames it has serialized already."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+@types.coroutine
+def _resume(coroutine: Coroutine[Any, Any, None], waiting_on: Any) -> Generator[Any, Any, None]:
+    """Drive, inside a task, a coroutine whose first step already ran outside one.
+
+    Hands the task what the coroutine waits on, and the coroutine what the task sends or
+    throws (cancellation included), until it returns.
+    """
+    while True:
+        try:
+            sent = yield waiting_on
+        except BaseException as exc:
+            try:
+                waiting_on = coroutine.throw(exc)
+            except StopIteration:
+                return
+        else:
+            try:
+                waiting_on = coroutine.send(sent)
+            except StopIteration:
+                return
 
 
 def _call_name(call: pb.Call) -> str:
