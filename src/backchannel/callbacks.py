@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from backchannel import codec
 from backchannel.errors import (
     CallbackGone,
+    ChannelClosed,
     EncodeError,
     InvalidArguments,
     MethodNotFound,
@@ -35,6 +36,7 @@ from backchannel.errors import (
     UnknownCallback,
 )
 from backchannel.interface import InterfaceSpec, MethodSpec, find_interface_spec
+from backchannel.portal import wait_on_loop
 from backchannel.v1 import envelope_pb2 as pb
 
 if TYPE_CHECKING:
@@ -382,22 +384,12 @@ class ReverseProxy:
         parent = parent_in(session, CURRENT_CALL.get())
         if session.in_loop_thread():
             return self._start(method, one_way, args, parent)
-        outcome: concurrent.futures.Future[Any] = concurrent.futures.Future()
-
-        def start() -> None:
-            try:
-                future = self._start(method, one_way, args, parent)
-            except BaseException as exc:
-                outcome.set_exception(exc)
-                return
-            future.add_done_callback(functools.partial(_copy_outcome, outcome))
-
         try:
-            session.loop.call_soon_threadsafe(start)
-        except RuntimeError:  # the loop is closed: so is the stream
+            return wait_on_loop(session.loop, lambda: self._start(method, one_way, args, parent))
+        except ChannelClosed:  # the loop is closed: so is the stream
             self._ended("the stream ended")
             self._check_alive(method)
-        return outcome.result()
+            raise
 
     def _start(
         self, method: str, one_way: bool, args: tuple[Any, ...], parent: int
@@ -421,15 +413,6 @@ class ReverseProxy:
             return codec.decode(result.value, f"the result of {where}")
 
         return session.start_call(call, self._table.timeout, label=where, decode=decode)
-
-
-def _copy_outcome(target: concurrent.futures.Future[Any], source: asyncio.Future[Any]) -> None:
-    if source.cancelled():
-        target.cancel()
-    elif source.exception() is not None:
-        target.set_exception(source.exception())
-    else:
-        target.set_result(source.result())
 
 
 class ProviderCallbacks:

@@ -32,7 +32,7 @@ from backchannel.errors import (
 )
 from backchannel.interface import Method, MethodSpec
 from backchannel.notify import HookPool, MethodHooks, wrap_async, wrap_sync
-from backchannel.portal import LoopThread
+from backchannel.portal import LoopThread, wait_on_loop
 from backchannel.protocol import Connection, Role
 from backchannel.reference import Proxy, Reference
 from backchannel.session import Outgoing, Session, serialize
@@ -249,6 +249,24 @@ class AsyncClient:
         session = self._session
         if session is None or not session.usable:
             session = await self._ensure_session(ref.timeouts[method.name])
+        call, future = self.start(session, ref, method, positional, current)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if call.id and future.cancelled():  # sent, and not answered yet
+                session.abandon(call.id, "cancelled by the caller")
+            raise
+
+    def start(
+        self,
+        session: Session,
+        ref: Reference,
+        method: MethodSpec,
+        positional: tuple[Any, ...],
+        current: CurrentCall,
+    ) -> tuple[pb.Call, asyncio.Future[Any]]:
+        """On the loop: encode and send one call on ``session``; return it and the future
+        of its decoded outcome (the exception it raises, or its result)."""
         side: _ConsumerSide = session.dispatcher  # type: ignore[assignment]
         key = ref.key
         service = side.services.get(key)
@@ -256,27 +274,31 @@ class AsyncClient:
         values, fresh, removed = side.callbacks.encode_args(
             method, ref.spec.name, positional, info, service.callbacks if service else None
         )
-        one_way = info.one_way if info is not None else method.one_way
         call = pb.Call(
             service=ref.spec.name,
             group=ref.group,
             version=ref.version,
             method=method.name,
             args=values,
-            one_way=one_way,
+            one_way=info.one_way if info is not None else method.one_way,
         )
-        result = await session.call(call, ref.timeouts[method.name], parent_in(session, current))
-        if result.HasField("error"):
-            if result.error.code in _NOT_RUN:
-                for entry in fresh:  # the provider exported nothing: neither do we
-                    side.callbacks.remove(entry)
-            else:
-                self._removed(side, removed)
-            raise codec.decode_error(result.error, self._error_types)
-        self._removed(side, removed)
-        if not result.HasField("value"):
-            return None
-        return codec.decode(result.value, f"the result of {method.qualname}()")
+
+        def decode(result: pb.Result) -> Any:
+            if result.HasField("error"):
+                if result.error.code in _NOT_RUN:
+                    for entry in fresh:  # the provider exported nothing: neither do we
+                        side.callbacks.remove(entry)
+                else:
+                    self._removed(side, removed)
+                raise codec.decode_error(result.error, self._error_types)
+            self._removed(side, removed)
+            if not result.HasField("value"):
+                return None
+            return codec.decode(result.value, f"the result of {method.qualname}()")
+
+        timeout = ref.timeouts[method.name]
+        parent = parent_in(session, current)
+        return call, session.start_call(call, timeout, parent, decode=decode)
 
     def _removed(self, side: _ConsumerSide, entries: list[ExportedCallback]) -> None:
         """Un-export what a remover call removed, and forget its subscriptions."""
@@ -540,8 +562,26 @@ class Client:
         self, ref: Reference, method: MethodSpec, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
         # the caller's context (a callback it runs in) is read here, in its own thread
-        work = self._core.invoke(ref, method, args, kwargs, CURRENT_CALL.get())
-        return self._portal.run(work)
+        current = CURRENT_CALL.get()
+        core = self._core
+        session = core._session
+        if (
+            session is None
+            or not session.usable
+            or method.name in ref.retries
+            or method.name in ref.resubscribe
+            or self._portal.in_loop_thread()
+        ):
+            return self._portal.run(core.invoke(ref, method, args, kwargs, current))
+        # the common case, with no task on the loop: send there, wait here
+        positional = method.bind(args, kwargs)
+
+        def start() -> asyncio.Future[Any]:
+            if not session.usable:  # it went away meanwhile: the full path reconnects
+                return asyncio.ensure_future(core.invoke(ref, method, positional, {}, current))
+            return core.start(session, ref, method, positional, current)[1]
+
+        return wait_on_loop(self._portal.loop, start)
 
     def release(self, listener: object) -> None:
         """See :meth:`AsyncClient.release`."""

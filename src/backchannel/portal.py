@@ -10,13 +10,46 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from backchannel.errors import ChannelClosed
 
 T = TypeVar("T")
+
+
+def wait_on_loop(loop: asyncio.AbstractEventLoop, start: Callable[[], asyncio.Future[T]]) -> T:
+    """From another thread: run ``start`` on ``loop`` and block until its future is done.
+
+    Lighter than a coroutine handed to the loop (no task): ``start`` sends the call and
+    returns the future of its outcome. Raises ChannelClosed when the loop is closed.
+    """
+    outcome: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+    def begin() -> None:
+        try:
+            future = start()
+        except BaseException as exc:
+            outcome.set_exception(exc)
+            return
+        future.add_done_callback(functools.partial(_copy_outcome, outcome))
+
+    try:
+        loop.call_soon_threadsafe(begin)
+    except RuntimeError:
+        raise ChannelClosed("the event loop is closed") from None
+    return outcome.result()
+
+
+def _copy_outcome(target: concurrent.futures.Future[T], source: asyncio.Future[T]) -> None:
+    if source.cancelled():
+        target.cancel()
+    elif (exc := source.exception()) is not None:
+        target.set_exception(exc)
+    else:
+        target.set_result(source.result())
 
 
 class LoopThread:

@@ -402,17 +402,6 @@ class Session:
         self.flush()
         self._finished(call_id)
 
-    async def call(self, call: pb.Call, timeout: float | None, parent: int = 0) -> pb.Result:
-        """Send a call and wait for its result; a cancelled caller cancels the call."""
-        future = self.start_call(call, timeout, parent)
-        try:
-            result: pb.Result = await future
-            return result
-        except asyncio.CancelledError:
-            if call.id:  # else it was still waiting for a slot: nothing was sent
-                self.abandon(call.id, "cancelled by the caller")
-            raise
-
     def ancestors(self, parent_id: int) -> set[int]:
         """The incoming calls up the chain from an outgoing call ``parent_id``."""
         chain: set[int] = set()
