@@ -114,6 +114,7 @@ class Session:
         self._queue: list[pb.Frame] = []
         self._messages: collections.deque[bytes] = collections.deque()  # serialized, to write
         self._writing: asyncio.Task[None] | None = None
+        self._write_soon = False  # a _write_next is scheduled
         # calls the peer sent that are running: their task, or None while running eagerly
         self._running: dict[int, asyncio.Task[None] | None] = {}
         self._one_way_tasks: set[asyncio.Task[None]] = set()  # strong references
@@ -154,19 +155,24 @@ class Session:
     # ---------------------------------------------------------------- writing
 
     def flush(self) -> None:
-        """Send what the protocol queued: at once when no write is under way, else when
-        the current one completes (all that is queued by then goes as one batch)."""
+        """Send what the protocol queued: at the end of this turn of the event loop when
+        no write is under way (so what this turn produces goes as one batch), else when
+        the current write completes."""
         frames = self.connection.take_outbox()
         if frames:
             self._queue.extend(frames)
             self._drained.clear()
-            if self._writing is None:
-                self._write_next()
+            if self._writing is None and not self._write_soon:
+                self._write_soon = True
+                self._loop.call_soon(self._write_next)
 
     def _write_next(self) -> None:
         """Start the next write. Its first step runs here, so the message is handed to
         gRPC without waiting for a loop turn; its completion runs in a task of its own,
         which no caller's cancellation can reach (a cancelled write ends the RPC)."""
+        self._write_soon = False
+        if self._writing is not None:
+            return  # the completion of the current write carries on
         while True:
             if not self._messages:
                 if not self._queue:
