@@ -335,6 +335,16 @@ def test_empty_frame_is_faulted_as_an_unknown_kind() -> None:
     assert events == [PeerMistake(message)]
 
 
+def test_a_message_that_is_no_frame_is_faulted_and_the_stream_goes_on() -> None:
+    provider = open_provider()
+    events = provider.receive_unparseable(4, "Error parsing message")
+    message = "a message of 4 bytes is not a backchannel.v1.Frame (Error parsing message)"
+    assert events == [PeerMistake(message)]
+    assert single_fault(provider).message == message
+    assert provider.state is State.OPEN
+    assert isinstance(provider.receive(call_frame(1))[0], CallReceived)
+
+
 def test_batch_is_processed_in_order() -> None:
     provider: Connection[str] = Connection(Role.PROVIDER, "warehouse")
     batch = pb.Batch(frames=[hello(), call_frame(1), call_frame(2), call_frame(3)])

@@ -445,6 +445,10 @@ class ProviderCallbacks:
             kind = value.WhichOneof("kind")
             if index in method.callbacks and kind == "callback_value":
                 ref = value.callback_value
+                if ref.id == 0:  # Call.callback_id 0 means a forward call: never callable
+                    raise InvalidArguments(
+                        f"{place}: callback id 0 is not allowed; give a callback a non-zero id"
+                    )
                 proxy = self._proxies.get(ref.id) or fresh.get(ref.id)
                 if proxy is None:
                     spec = method.listener_interface(index)

@@ -35,7 +35,7 @@ from backchannel.notify import HookPool, MethodHooks, wrap_async, wrap_sync
 from backchannel.portal import LoopThread, wait_on_loop
 from backchannel.protocol import Connection, Role
 from backchannel.reference import Proxy, Reference
-from backchannel.session import Outgoing, Session, serialize
+from backchannel.session import Outgoing, Session, parse_frame, serialize
 from backchannel.settings import DEFAULT_TIMEOUT, Keepalive, Limits, channel_options
 from backchannel.v1 import envelope_pb2 as pb
 
@@ -377,7 +377,7 @@ class AsyncClient:
         stub = self._channel.stream_stream(
             CONNECT_PATH,
             request_serializer=serialize,
-            response_deserializer=pb.Frame.FromString,
+            response_deserializer=parse_frame,
         )
         stream = stub(None, metadata=self._metadata)
         connection: Connection[Outgoing] = Connection(

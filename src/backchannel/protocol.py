@@ -291,6 +291,15 @@ class Connection(Generic[Token]):
         self._receive(frame, events, nested=False)
         return events
 
+    def receive_unparseable(self, size: int, reason: str) -> list[Event[Token]]:
+        """Take a message that did not parse as a Frame: the peer is told, the stream goes
+        on (what the message meant cannot be known, so nothing else happens)."""
+        events: list[Event[Token]] = []
+        if self.state is not State.CLOSED:
+            message = f"a message of {size} bytes is not a backchannel.v1.Frame ({reason})"
+            self._mistake(events, message)
+        return events
+
     def _receive(self, frame: pb.Frame, events: list[Event[Token]], nested: bool) -> None:
         if self.state is State.CLOSED:
             return

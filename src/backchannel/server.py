@@ -27,7 +27,7 @@ from backchannel.exports import DEFAULT_CALLBACK_LIMIT, Exports, to_json
 from backchannel.interface import Method
 from backchannel.portal import LoopThread
 from backchannel.protocol import PROTOCOL_VERSION, Connection, Role
-from backchannel.session import Outgoing, Session, serialize
+from backchannel.session import Outgoing, Session, parse_frame, serialize
 from backchannel.settings import DEFAULT_TIMEOUT, Keepalive, Limits, channel_options
 from backchannel.v1 import envelope_pb2 as pb
 
@@ -166,7 +166,7 @@ class AsyncServer:
             {
                 "Connect": grpc.stream_stream_rpc_method_handler(
                     self._connect,
-                    request_deserializer=pb.Frame.FromString,
+                    request_deserializer=parse_frame,
                     response_serializer=serialize,
                 ),
                 "Invoke": grpc.unary_unary_rpc_method_handler(

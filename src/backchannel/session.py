@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Generator
 from typing import Any, Protocol
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from backchannel import codec
 from backchannel.callbacks import CURRENT_CALL
@@ -222,7 +223,10 @@ class Session:
                 if frame is EOF:
                     cause = StreamBroken(f"the peer {self.peer} closed the stream")
                     break
-                self._handle(self.connection.receive(frame))
+                if type(frame) is NotAFrame:
+                    self._handle(self.connection.receive_unparseable(frame.size, frame.reason))
+                else:
+                    self._handle(self.connection.receive(frame))
                 self.flush()
         except asyncio.CancelledError:
             self.lost(StreamBroken(f"the stream to {self.peer} was closed"))
@@ -543,6 +547,25 @@ def _varint(value: int) -> bytes:
         value >>= 7
     out.append(value)
     return bytes(out)
+
+
+class NotAFrame:
+    """A received message that did not parse as a Frame (the peer is told with a Fault)."""
+
+    __slots__ = ("reason", "size")
+
+    def __init__(self, size: int, reason: str) -> None:
+        self.size = size
+        self.reason = reason
+
+
+def parse_frame(data: bytes) -> pb.Frame | NotAFrame:
+    """The stream's deserializer. A message that is no Frame does not end the stream (as
+    a raising deserializer would, with no word to the peer): the reader answers it."""
+    try:
+        return pb.Frame.FromString(data)
+    except DecodeError as exc:
+        return NotAFrame(len(data), str(exc) or "unparseable protobuf")
 
 
 def serialize(message: pb.Frame | bytes) -> bytes:
