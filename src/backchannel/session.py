@@ -25,6 +25,7 @@ from google.protobuf.message import DecodeError
 
 from backchannel import codec
 from backchannel.callbacks import CURRENT_CALL
+from backchannel.deadlines import Deadlines, Entry
 from backchannel.errors import (
     CallCancelled,
     DeadlineExceeded,
@@ -106,6 +107,7 @@ class Session:
         self._peer_max_calls = limits.max_calls_in_flight
         self._peer_max_message = limits.max_message_size
         self._sent: dict[int, Outgoing] = {}
+        self._deadlines = Deadlines(self._loop, self._expire)
         self._waiting: collections.deque[Outgoing] = collections.deque()
         self._loop_thread = threading.get_ident()
         # the call tree, for re-entrancy: outgoing call id -> the incoming call it was
@@ -300,6 +302,8 @@ class Session:
             result = pb.Result(id=call.id, error=error)
         finally:
             self._incoming_parent.pop(call.id, None)
+            if call.one_way:  # its work is over: its in-flight slot is free
+                self.connection.one_way_done(call.id)
         if result.ByteSize() > self._peer_max_message:
             too_large = MessageTooLarge(
                 f"the result of {_call_name(call)} is {result.ByteSize()} bytes, over the "
@@ -363,7 +367,7 @@ class Session:
             call.parent_id = parent
         outgoing = Outgoing(call, self._loop.create_future(), label, timeout, decode)
         if timeout is not None:
-            outgoing.timer = self._loop.call_later(timeout, self._expire, outgoing)
+            outgoing.deadline = self._deadlines.add(outgoing, timeout)
         if self._waiting or self.connection.pending_outgoing >= self._peer_max_calls:
             self._waiting.append(outgoing)  # back-pressure: sent when a call finishes
         else:
@@ -398,7 +402,7 @@ class Session:
             self._admit()
 
     def _expire(self, outgoing: Outgoing) -> None:
-        outgoing.timer = None
+        outgoing.deadline = None
         if outgoing.call.id:
             self.abandon(outgoing.call.id, f"deadline of {outgoing.timeout} s exceeded")
         if not outgoing.future.done():
@@ -445,6 +449,7 @@ class Session:
                 outgoing.future.set_exception(type(cause)(str(cause)))
         self._sent.clear()
         self._waiting.clear()
+        self._deadlines.close()
         self._outgoing_parent.clear()
         self.dispatcher.ended(cause)
         self._closed.set()
@@ -489,7 +494,7 @@ def coalesce(frames: list[pb.Frame], max_bytes: int = MAX_BATCH_BYTES) -> list[b
 class Outgoing:
     """A call this side sends: waiting for a slot, then for its result."""
 
-    __slots__ = ("call", "decode", "future", "label", "timeout", "timer")
+    __slots__ = ("call", "deadline", "decode", "future", "label", "timeout")
 
     def __init__(
         self,
@@ -504,7 +509,7 @@ class Outgoing:
         self.label = label
         self.timeout = timeout
         self.decode = decode
-        self.timer: asyncio.TimerHandle | None = None
+        self.deadline: Entry | None = None
 
     def resolve(self, result: pb.Result) -> None:
         """Its Result arrived: settle the future with it (or what ``decode`` makes of it)."""
@@ -522,10 +527,10 @@ class Outgoing:
             self.future.set_result(value)
 
     def settle(self) -> None:
-        """Stop its timer: the outcome is known or no longer awaited."""
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        """Drop its deadline: the outcome is known or no longer awaited."""
+        if self.deadline is not None:
+            self.deadline.cancel()
+            self.deadline = None
 
 
 # wire tags: Batch.frames is field 1, Frame.batch field 8, both length-delimited
