@@ -75,6 +75,44 @@ def test_a_peer_that_ignores_the_limit_gets_a_clear_error() -> None:
         run(body())
 
 
+def test_one_way_calls_count_against_the_limit_until_their_work_ends(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    impl = EchoImpl()
+    with backchannel.Server(limits=Limits(max_calls_in_flight=2)) as server:
+        server.export(Echo, impl)
+
+        async def body() -> None:
+            stream = RawStream(server.address)
+            await stream.hello()
+            for call_id in range(1, 6):  # a peer that ignores the limit with one-way calls
+                call = pb.Call(
+                    id=call_id,
+                    service="test.Echo",
+                    method="tracked",
+                    args=[pb.Value(double_value=0.3)],
+                    one_way=True,
+                )
+                await stream.send(pb.Frame(call=call))
+            faults = [(await stream.recv()).fault for _ in range(3)]
+            assert [fault.call_id for fault in faults] == [3, 4, 5]
+            for fault in faults:
+                assert "runs at most 2 at once" in fault.message, fault.message
+            assert await asyncio.to_thread(impl.wait_running, 2)
+            deadline = asyncio.get_running_loop().time() + 5
+            while impl.running:  # the two accepted calls end on their own
+                assert asyncio.get_running_loop().time() < deadline, "one-way calls never ended"
+                await asyncio.sleep(0.01)
+            result = await stream.call_echo(6, 42)  # their slots are free again
+            assert result.value.int_value == 42
+            await stream.close()
+
+        run(body())
+    assert impl.most_running == 2
+    refusals = [r for r in caplog.records if "one-way call" in r.getMessage()]
+    assert len(refusals) == 3 and "protocol mistake" in refusals[0].getMessage()
+
+
 def test_a_call_over_the_size_limit_fails_before_it_is_sent() -> None:
     impl = EchoImpl()
     with backchannel.Server() as server:

@@ -306,6 +306,45 @@ def test_calls_over_the_in_flight_limit_are_refused_with_resource_exhausted() ->
     assert [type(event) for event in feed(provider, call_frame(3))] == [CallReceived]
 
 
+def test_one_way_calls_hold_an_in_flight_slot_until_their_work_is_done() -> None:
+    provider = open_provider(max_calls_in_flight=2)
+    assert [type(e) for e in feed(provider, call_frame(1, one_way=True))] == [CallReceived]
+    assert [type(e) for e in feed(provider, call_frame(2, one_way=True))] == [CallReceived]
+    assert provider.running_one_way == 2
+    events = feed(provider, call_frame(3, one_way=True))  # over the limit: refused
+    assert [type(event) for event in events] == [PeerMistake]
+    fault = single_fault(provider)  # nothing to answer: the peer is told by a Fault
+    assert fault.call_id == 3
+    assert "runs at most 2 at once" in fault.message and "one-way call 3 refused" in fault.message
+    events = feed(provider, call_frame(4))  # a two-way call is refused as well
+    assert [type(event) for event in events] == [PeerMistake]
+    assert provider.take_outbox()[0].result.error.code == pb.RESOURCE_EXHAUSTED
+    provider.one_way_done(1)
+    assert provider.running_one_way == 1
+    assert [type(e) for e in feed(provider, call_frame(5, one_way=True))] == [CallReceived]
+
+
+def test_one_way_done_frees_one_slot_per_call_even_when_ids_repeat() -> None:
+    provider = open_provider(max_calls_in_flight=3)
+    feed(provider, call_frame(7, one_way=True), call_frame(7, one_way=True))
+    assert provider.running_one_way == 2
+    provider.one_way_done(7)
+    provider.one_way_done(7)
+    provider.one_way_done(7)  # one too many, or unknown: nothing to free
+    provider.one_way_done(99)
+    assert provider.running_one_way == 0
+    assert provider.take_outbox() == []
+
+
+def test_connection_lost_frees_the_one_way_slots() -> None:
+    provider = open_provider(max_calls_in_flight=1)
+    feed(provider, call_frame(1, one_way=True))
+    provider.connection_lost(StreamBroken("gone"))
+    assert provider.running_one_way == 0
+    provider.one_way_done(1)  # the task that ran it ends later: harmless
+    assert provider.running_one_way == 0
+
+
 def test_send_result_for_an_unknown_id_is_a_local_error() -> None:
     link = Link()
     link.open()

@@ -178,6 +178,10 @@ class Connection(Generic[Token]):
         self._next_id = 1
         self._outgoing: dict[int, Token] = {}
         self._incoming: set[int] = set()
+        # one-way calls from the peer still running, by id (a count: ids may repeat); they
+        # hold an in-flight slot until the side running them calls one_way_done()
+        self._one_way: dict[int, int] = {}
+        self._one_way_count = 0
         # ids of calls the peer cancelled lately: a result for one is dropped quietly
         self._cancelled: collections.deque[int] = collections.deque(maxlen=4096)
         # ids of calls this side cancelled lately: a late result for one is dropped quietly
@@ -198,6 +202,11 @@ class Connection(Generic[Token]):
     def pending_incoming(self) -> int:
         """How many calls the peer sent that this side has not answered yet."""
         return len(self._incoming)
+
+    @property
+    def running_one_way(self) -> int:
+        """How many one-way calls the peer sent are still running on this side."""
+        return self._one_way_count
 
     def take_outbox(self) -> list[pb.Frame]:
         """The frames to write, in order; empties the outbox."""
@@ -243,6 +252,17 @@ class Connection(Generic[Token]):
         self._incoming.discard(result.id)
         self._outbox.append(pb.Frame(result=result))
 
+    def one_way_done(self, call_id: int) -> None:
+        """A one-way call from the peer finished its work: its in-flight slot is free."""
+        count = self._one_way.get(call_id, 0)
+        if count == 0:
+            return  # the stream ended meanwhile (or no such call): nothing to free
+        if count == 1:
+            del self._one_way[call_id]
+        else:
+            self._one_way[call_id] = count - 1
+        self._one_way_count -= 1
+
     def send_cancel(self, call_id: int, reason: str) -> None:
         """Stop waiting for a call this side sent and ask the peer to stop running it."""
         if self._outgoing.pop(call_id, _MISSING) is _MISSING or self.state is State.CLOSED:
@@ -273,6 +293,8 @@ class Connection(Generic[Token]):
         running = sorted(self._incoming)
         self._outgoing.clear()
         self._incoming.clear()
+        self._one_way.clear()
+        self._one_way_count = 0
         self._outbox.clear()
         return tokens, running
 
@@ -379,19 +401,27 @@ class Connection(Generic[Token]):
         elif call.id in self._incoming:
             message = f"duplicate call id {call.id}: a call with this id is still running"
             self._mistake(events, message, call.id)
-        elif 0 < self.max_calls_in_flight <= len(self._incoming):
+        elif 0 < self.max_calls_in_flight <= len(self._incoming) + self._one_way_count:
+            what = "one-way call" if call.one_way else "call"
             message = (
                 f"too many calls in flight on this stream: this side runs at most "
-                f"{self.max_calls_in_flight} at once (call {call.id} refused)"
+                f"{self.max_calls_in_flight} at once, one-way calls included "
+                f"({what} {call.id} refused)"
             )
-            self._answer_call_error(call, pb.RESOURCE_EXHAUSTED, message, events)
+            if call.one_way:  # nothing to answer: the peer hears of it by a Fault
+                self._mistake(events, message, call.id)
+            else:
+                self._answer_call_error(call, pb.RESOURCE_EXHAUSTED, message, events)
         elif self.going_away:
             if not call.one_way:
                 message = "shutting down: this side accepts no new calls on this stream"
                 result = error_result(call.id, pb.UNAVAILABLE, "backchannel.ShuttingDown", message)
                 self._outbox.append(pb.Frame(result=result))
         else:
-            if not call.one_way:
+            if call.one_way:
+                self._one_way[call.id] = self._one_way.get(call.id, 0) + 1
+                self._one_way_count += 1
+            else:
                 self._incoming.add(call.id)
             events.append(CallReceived(call))
 
