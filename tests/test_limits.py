@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import threading
+from typing import Any
 
 import pytest
 from conftest import RawStream, run
@@ -165,6 +167,44 @@ def test_new_calls_during_the_grace_period_get_a_clear_error() -> None:
             with pytest.raises(backchannel.BackchannelError, match="shutting down"):
                 while True:
                     await echo.add(1, 2)
+            assert await running == "done"
+            await stopping
+
+    run(body())
+
+
+def test_a_stream_authenticated_while_stop_begins_is_told_go_away_too() -> None:
+    impl = EchoImpl()
+    entered, release = threading.Event(), threading.Event()
+
+    async def authenticate(metadata: Any) -> str:
+        if metadata.get("x-late") == "yes":  # held here while stop() tells go-away
+            entered.set()
+            await asyncio.to_thread(release.wait, 5)
+        return "someone"
+
+    server = backchannel.Server(authenticator=authenticate)
+    server.export(Echo, impl)
+    server.start()
+
+    async def body() -> None:
+        early = backchannel.AsyncClient(server.address, timeout=10)
+        late = backchannel.AsyncClient(server.address, timeout=10, metadata=[("x-late", "yes")])
+        async with early, late:
+            running = asyncio.ensure_future(early.reference(Echo).wait(1.0))
+            assert await asyncio.to_thread(impl.started.wait, 5)
+            late_call = asyncio.ensure_future(late.reference(Echo).add(1, 2))
+            assert await asyncio.to_thread(entered.wait, 5)
+            stopping = asyncio.ensure_future(asyncio.to_thread(server.stop, 5))
+            session = early._session
+            assert session is not None
+            deadline = asyncio.get_running_loop().time() + 5
+            while not session.connection.peer_going_away:  # stop() told every session
+                assert asyncio.get_running_loop().time() < deadline, "no go-away arrived"
+                await asyncio.sleep(0.01)
+            release.set()  # the late stream joins the sessions now
+            with pytest.raises(backchannel.ShuttingDown, match="shutting down"):
+                await late_call
             assert await running == "done"
             await stopping
 

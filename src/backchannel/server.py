@@ -34,6 +34,7 @@ from backchannel.v1 import envelope_pb2 as pb
 logger = logging.getLogger("backchannel")
 
 SERVICE_NAME = "backchannel.v1.Envelope"
+_GOING_AWAY = "server shutting down"
 
 
 class _ProviderSide:
@@ -218,15 +219,21 @@ class AsyncServer:
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
         for session in list(self._sessions):
-            session.go_away("server shutting down")
+            session.go_away(_GOING_AWAY)
         if grace:
-            idle = [session.wait_idle() for session in self._sessions]
             try:
-                await asyncio.wait_for(asyncio.gather(*idle), grace)
+                await asyncio.wait_for(self._all_idle(), grace)
             except TimeoutError:
                 logger.warning("calls still running after %s s of grace; cancelling them", grace)
         await server.stop(0)
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _all_idle(self) -> None:
+        """Wait until every session is idle, sessions that join meanwhile included."""
+        waited: set[Session] = set()
+        while fresh := self._sessions - waited:
+            waited |= fresh
+            await asyncio.gather(*(session.wait_idle() for session in fresh))
 
     async def __aenter__(self) -> AsyncServer:
         await self.start()
@@ -265,6 +272,10 @@ class AsyncServer:
             send_tracebacks=self._send_tracebacks,
         )
         self._sessions.add(session)
+        if self._stopping:
+            # it passed the check above before stop() began and was authenticated after
+            # stop() told every session go-away: tell it too, before its first call
+            session.go_away(_GOING_AWAY)
         try:
             await session.run(context.read)
         finally:
