@@ -16,6 +16,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from backchannel.errors import ChannelClosed
+from backchannel.handoff import inbox
 
 T = TypeVar("T")
 
@@ -36,10 +37,7 @@ def wait_on_loop(loop: asyncio.AbstractEventLoop, start: Callable[[], asyncio.Fu
             return
         future.add_done_callback(functools.partial(_copy_outcome, outcome))
 
-    try:
-        loop.call_soon_threadsafe(begin)
-    except RuntimeError:
-        raise ChannelClosed("the event loop is closed") from None
+    inbox(loop).post(begin)  # raises ChannelClosed when the loop is closed
     return outcome.result()
 
 
