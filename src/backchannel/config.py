@@ -182,11 +182,17 @@ class _Reader:
         return value
 
     def number(self, data: dict[str, Any], name: str, key: str, integer: bool = False) -> Any:
+        """An integer >= 0, or (``integer=False``) a number of seconds > 0."""
         value = data.get(name)
         kinds = (int,) if integer else (int, float)
         if value is None:
             return None
-        if isinstance(value, bool) or not isinstance(value, kinds) or value < 0:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, kinds)
+            or value < 0
+            or (not integer and not value > 0)
+        ):
             raise self.fail(
                 f"{key}.{name}", "an integer >= 0" if integer else "a number > 0", value
             )
@@ -209,6 +215,10 @@ class _Reader:
             target: Any = importlib.import_module(module_name)
         except ImportError as exc:
             raise self.fail(key, f"an importable module ({exc})", dotted) from None
+        except Exception as exc:  # the module itself is broken: SyntaxError, NameError, ...
+            raise self.fail(
+                key, f"a module that imports cleanly ({_describe_error(exc)})", dotted
+            ) from None
         finally:
             sys.path.remove(folder)
         for part in attribute.split("."):
@@ -231,8 +241,9 @@ class _Reader:
         application = self.table(data.get("application", {}), "application", {"name"})
         registry = self.table(data.get("registry", {}), "registry", {"address"})
         address = self.string(registry, "address", "registry") or "127.0.0.1:0"
-        if ":" not in address:
-            raise self.fail("registry.address", "'host:port'", address)
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise self.fail("registry.address", "'host:port' with a port from 0 to 65535", address)
         services = tuple(
             self.service(item, f"service[{i}]")
             for i, item in enumerate(self.tables(data, "service", ""))
@@ -241,6 +252,14 @@ class _Reader:
             self.reference(item, f"reference[{i}]")
             for i, item in enumerate(self.tables(data, "reference", ""))
         )
+        keys = [(s.interface, s.group or "", s.version or "") for s in services]
+        for index, service_key in enumerate(keys):
+            if keys.index(service_key) != index:
+                raise self.fail(
+                    f"service[{index}]",
+                    "an interface, group and version no other service has "
+                    f"(service[{keys.index(service_key)}] has the same)",
+                )
         ids = [ref.id for ref in references]
         for index, ref_id in enumerate(ids):
             if ids.index(ref_id) != index:
@@ -263,6 +282,18 @@ class _Reader:
                 impl = impl()
             except TypeError as exc:
                 raise self.fail(f"{key}.ref", f"a class that takes no arguments ({exc})") from None
+            except Exception as exc:  # its __init__ failed
+                raise self.fail(
+                    f"{key}.ref", f"a class that can be made ({_describe_error(exc)})"
+                ) from None
+        spec = interface_spec(interface)
+        missing = [name for name in spec.methods if not callable(getattr(impl, name, None))]
+        if missing:
+            raise self.fail(
+                f"{key}.ref",
+                f"an implementation of {spec.name} ({type(impl).__name__} lacks "
+                f"{', '.join(m + '()' for m in missing)})",
+            )
         connections = self.number(data, "connections", key, integer=True)
         if connections not in (None, 1):
             raise self.fail(
@@ -287,8 +318,6 @@ class _Reader:
         allowed = {"id", "interface", "group", "version", "timeout", "method"}
         self.table(data, key, allowed)
         timeout = self.number(data, "timeout", key)
-        if timeout == 0:
-            raise self.fail(f"{key}.timeout", "a number > 0", timeout)
         methods = tuple(
             self.method(item, f"{key}.method[{i}]", provider=False)
             for i, item in enumerate(self.tables(data, "method", f"{key}."))
@@ -312,9 +341,17 @@ class _Reader:
             raise ConfigError(f"{self.path}: {key}.method: {exc}") from None
 
     def method(self, data: dict[str, Any], key: str, provider: bool) -> Method:
-        allowed = {"name", "timeout", "one_way", "argument"}
-        if not provider:
-            allowed |= {"async", "oninvoke", "onreturn", "onthrow", "retries", "resubscribe"}
+        allowed = {"name", "one_way", "argument"}
+        if provider:
+            if "timeout" in data:
+                raise self.fail(
+                    f"{key}.timeout",
+                    "no timeout on a provider's method (a timeout is the consumer's: "
+                    "give it in [[reference]] or [[reference.method]])",
+                )
+        else:
+            allowed |= {"timeout", "async", "oninvoke", "onreturn", "onthrow", "retries"}
+            allowed.add("resubscribe")
         self.table(data, key, allowed)
         hooks: dict[str, Callable[..., Any]] = {}
         for hook in ("oninvoke", "onreturn", "onthrow"):
@@ -331,7 +368,7 @@ class _Reader:
         timeout = self.number(data, "timeout", key)
         return Method(
             self.string(data, "name", key, required=True),
-            timeout=timeout or None,
+            timeout=timeout,
             arguments=arguments,
             one_way=self.boolean(data, "one_way", key),
             async_=bool(self.boolean(data, "async", key)),
@@ -353,3 +390,12 @@ class _Reader:
             raise self.fail(f"{key}.type", "a class", type_path)
         callback = self.boolean(data, "callback", key)
         return Argument(index=index, type=kind, callback=True if callback is None else callback)
+
+
+def _describe_error(exc: BaseException) -> str:
+    """``Type: message`` in one line, with the line of a SyntaxError."""
+    if isinstance(exc, SyntaxError):
+        where = f"{exc.filename}, line {exc.lineno}" if exc.filename else f"line {exc.lineno}"
+        return f"SyntaxError: {exc.msg} ({where})"
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

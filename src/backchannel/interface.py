@@ -233,6 +233,20 @@ class Method:
     #: so they keep receiving after a provider restart (for methods that add listeners)
     resubscribe: bool = False
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise TypeError(f"Method name must be a non-empty str, got {self.name!r}")
+        for flag in ("async_", "resubscribe"):
+            if not isinstance(getattr(self, flag), bool):
+                raise TypeError(
+                    f"Method({self.name!r}): {flag} must be True or False, "
+                    f"got {getattr(self, flag)!r}"
+                )
+        if self.one_way is not None and not isinstance(self.one_way, bool):
+            raise TypeError(
+                f"Method({self.name!r}): one_way must be True, False or None, got {self.one_way!r}"
+            )
+
     @classmethod
     def notify(
         cls,
@@ -322,7 +336,13 @@ def apply_settings(spec: InterfaceSpec, methods: Sequence[Method]) -> dict[str, 
     A name the interface lacks, or a bad timeout or argument, is a clear error.
     """
     by_name = dict(spec.methods)
+    seen: set[str] = set()
     for settings in methods:
+        if settings.name in seen:
+            raise ValueError(
+                f"{spec.name}.{settings.name}: more than one Method({settings.name!r})"
+            )
+        seen.add(settings.name)
         if settings.name not in spec.methods:
             known = ", ".join(sorted(spec.methods)) or "none"
             raise ValueError(f"{spec.name} has no method {settings.name!r} (its methods: {known})")
