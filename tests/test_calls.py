@@ -27,10 +27,23 @@ VALUES: list[Any] = [
     [],
     [1, "two", 3.0, None, [b"4"]],
     {"a": 1, "nested": {"list": [True, {"x": b"y"}]}},
+    timestamp_pb2.Timestamp(seconds=1700000000, nanos=5),  # a generated protobuf message
+    [timestamp_pb2.Timestamp(seconds=-1), {"when": timestamp_pb2.Timestamp()}],
 ]
 
 
-@pytest.mark.parametrize("value", VALUES, ids=repr)
+def value_id(value: Any) -> str:
+    """A one-line test id (a message's repr is its multi-line text format)."""
+    if isinstance(value, timestamp_pb2.Timestamp):
+        return f"Timestamp({value.seconds},{value.nanos})"
+    if isinstance(value, list):
+        return f"[{', '.join(map(value_id, value))}]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k!r}: {value_id(v)}" for k, v in value.items()) + "}"
+    return repr(value)
+
+
+@pytest.mark.parametrize("value", VALUES, ids=value_id)
 def test_every_value_kind_round_trips_sync(client: backchannel.Client, value: Any) -> None:
     echo = client.reference(Echo)
     result = echo.echo(value)
@@ -63,6 +76,17 @@ def test_every_value_kind_round_trips_async(server: backchannel.Server) -> None:
     run(body())
 
 
+def test_protobuf_message_round_trips_as_its_own_class_async(server: backchannel.Server) -> None:
+    async def body() -> None:
+        stamp = timestamp_pb2.Timestamp(seconds=1700000000, nanos=5)
+        async with backchannel.AsyncClient(server.address) as client:
+            result = await client.reference(Echo).echo({"when": stamp, "bare": stamp})
+        assert isinstance(result["when"], timestamp_pb2.Timestamp) and result["when"] == stamp
+        assert type(result["bare"]) is timestamp_pb2.Timestamp and result["bare"] == stamp
+
+    run(body())
+
+
 def test_keyword_and_default_arguments(client: backchannel.Client) -> None:
     echo = client.reference(Echo)
     assert echo.greet("Dubbo") == "Hello, Dubbo!"
@@ -80,6 +104,22 @@ def test_unsendable_argument_is_a_type_error_before_anything_is_sent(
         echo.echo([1, {"k": {1, 2}}])
     assert echo_impl.calls == 0
     assert echo.echo(1) == 1  # nothing broke
+
+
+def test_unsendable_argument_is_a_type_error_before_anything_is_sent_async(
+    server: backchannel.Server, echo_impl: EchoImpl
+) -> None:
+    async def body() -> None:
+        async with backchannel.AsyncClient(server.address) as client:
+            echo = client.reference(Echo)
+            with pytest.raises(TypeError, match=r"argument 0 'value' of test\.Echo\.echo\(\)"):
+                await echo.echo(object())
+            with pytest.raises(TypeError, match=r"argument 1 'greeting'.*\['k'\]"):
+                await echo.greet("name", greeting={"k": {1, 2}})
+            assert echo_impl.calls == 0
+            assert await echo.echo(1) == 1  # nothing broke
+
+    run(body())
 
 
 def test_wrong_argument_count_fails_on_the_consumer(client: backchannel.Client) -> None:
@@ -123,6 +163,26 @@ def test_unknown_exception_becomes_remote_error_without_traceback(
     # an unregistered type is not imported: the consumer registered only OutOfStock elsewhere
     with pytest.raises(backchannel.RemoteError):
         client.reference(Echo).fail("OutOfStock", "not registered here")
+
+
+def test_registered_and_unknown_exceptions_async(server: backchannel.Server) -> None:
+    async def body() -> None:
+        async with backchannel.AsyncClient(server.address, errors=[OutOfStock]) as client:
+            echo = client.reference(Echo)
+            with pytest.raises(OutOfStock, match="no more") as registered:
+                await echo.fail("OutOfStock", "no more")
+            assert type(registered.value) is OutOfStock
+            with pytest.raises(backchannel.RemoteError) as unknown:
+                await echo.fail("Unregistered", "secret")
+            assert unknown.value.type_name == "services.Unregistered"
+            assert unknown.value.remote_message == "secret"
+            assert unknown.value.remote_traceback == ""
+        async with backchannel.AsyncClient(server.address) as bare:
+            with pytest.raises(backchannel.RemoteError) as not_here:
+                await bare.reference(Echo).fail("OutOfStock", "not registered here")
+            assert not_here.value.type_name == "services.OutOfStock"
+
+    run(body())
 
 
 def test_traceback_travels_only_when_the_provider_opts_in() -> None:

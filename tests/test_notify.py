@@ -105,10 +105,38 @@ def example_provider() -> Iterator[str]:
         process.wait(WAIT)
 
 
-def test_seed_test_case(example_provider: str) -> None:
+class GatedProvider:
+    """The example's NormalDemoService in this process, each get() held at a gate."""
+
+    def __init__(self, example: ModuleType) -> None:
+        self.entered = threading.Event()  # a get() reached the provider
+        self.gate = threading.Event()  # set: get() goes on
+        gated = self
+
+        class GatedDemoService(example.NormalDemoService):  # type: ignore[name-defined,misc]
+            def get(self, id: int) -> Any:
+                gated.entered.set()
+                gated.gate.wait(WAIT)
+                return super().get(id)
+
+        self.server = backchannel.Server("127.0.0.1:0", application="rpc-callback-demo")
+        self.server.export(example.IDemoService, GatedDemoService(), group="cn", version="1.0.0")
+
+
+@pytest.fixture
+def gated_provider() -> Iterator[GatedProvider]:
+    provider = GatedProvider(load_example_service())
+    with provider.server:
+        try:
+            yield provider
+        finally:
+            provider.gate.set()  # a failed test leaves no provider thread waiting
+
+
+def test_seed_test_case(gated_provider: GatedProvider) -> None:
     example = load_example_service()
     notify = example.NotifyImpl()
-    with backchannel.Client(example_provider) as client:
+    with backchannel.Client(gated_provider.server.address) as client:
         # <dubbo:method name="get" async="true" onreturn="demoCallback.onreturn"
         #               onthrow="demoCallback.onthrow"/>
         demo_service = client.reference(
@@ -120,6 +148,10 @@ def test_seed_test_case(example_provider: str) -> None:
         request_id = 2
         ret = demo_service.get(request_id)
         assert isinstance(ret, concurrent.futures.Future)  # Dubbo's null: not the Person
+        # it really returned immediately: the provider is still inside get(), at the gate
+        assert gated_provider.entered.wait(WAIT)
+        assert not ret.done() and notify.ret == {}
+        gated_provider.gate.set()
         assert notify.wait_for(notify.ret, request_id, 2.0)
         assert notify.ret[request_id].id == request_id
         assert isinstance(notify.ret[request_id], example.Person)
@@ -688,3 +720,214 @@ def test_asyncio_provider_killed_mid_call_goes_to_onthrow() -> None:
     finally:
         process.kill()
         process.wait(WAIT)
+
+
+def test_asyncio_hook_shapes_one_parameter_and_many(server: backchannel.Server) -> None:
+    got: dict[str, tuple[Any, ...]] = {}
+
+    def result_only(result: int) -> None:
+        got["result_only"] = (result,)
+
+    async def async_result_only(result: int) -> None:
+        got["async_result_only"] = (result,)
+
+    def result_and_args(result: int, a: int, b: int) -> None:
+        got["result_and_args"] = (result, a, b)
+
+    async def async_result_and_rest(result: int, *args: int) -> None:
+        got["async_result_and_rest"] = (result, *args)
+
+    def exc_only(exc: BaseException) -> None:
+        got["exc_only"] = (exc,)
+
+    async def async_exc_only(exc: BaseException) -> None:
+        got["async_exc_only"] = (exc,)
+
+    def exc_and_args(exc: BaseException, kind: str, message: str) -> None:
+        got["exc_and_args"] = (exc, kind, message)
+
+    async def async_exc_and_args(exc: BaseException, kind: str, message: str) -> None:
+        got["async_exc_and_args"] = (exc, kind, message)
+
+    class Listener:
+        async def onthrow(self, exc: BaseException) -> None:  # bound: self is not counted
+            got["bound"] = (exc,)
+
+    async def body() -> None:
+        async with backchannel.AsyncClient(server.address) as client:
+            for onreturn in (result_only, async_result_only, result_and_args):
+                echo = client.reference(Echo, methods=[Method("add", onreturn=onreturn)])
+                assert await echo.add(3, 4) == 7
+            # async_=True: the hooks have run when the task resolves
+            hooked = Method("add", async_=True, onreturn=async_result_and_rest)
+            assert await client.reference(Echo, methods=[hooked]).add(3, 4) == 7
+
+            onthrows = (exc_only, async_exc_only, exc_and_args, async_exc_and_args)
+            for onthrow in (*onthrows, Listener().onthrow):
+                echo = client.reference(Echo, methods=[Method("fail", onthrow=onthrow)])
+                with pytest.raises(ValueError, match="v"):
+                    await echo.fail("ValueError", "v")
+
+    run(body())
+    assert got["result_only"] == (7,)
+    assert got["async_result_only"] == (7,)
+    assert got["result_and_args"] == (7, 3, 4)
+    assert got["async_result_and_rest"] == (7, 3, 4)
+    for one in ("exc_only", "async_exc_only", "bound"):
+        assert len(got[one]) == 1 and isinstance(got[one][0], ValueError), one
+    for many in ("exc_and_args", "async_exc_and_args"):
+        assert isinstance(got[many][0], ValueError) and got[many][1:] == ("ValueError", "v")
+
+
+@pytest.mark.parametrize("flavour", ["async def", "plain"])
+def test_asyncio_onthrow_raising_is_logged_and_nothing_else_breaks(
+    server: backchannel.Server, caplog: pytest.LogCaptureFixture, flavour: str
+) -> None:
+    seen: list[BaseException] = []
+
+    def plain_onthrow(exc: BaseException) -> None:
+        seen.append(exc)
+        raise RuntimeError("onthrow broke")
+
+    async def async_onthrow(exc: BaseException) -> None:
+        plain_onthrow(exc)
+
+    onthrow = async_onthrow if flavour == "async def" else plain_onthrow
+
+    async def body() -> None:
+        async with backchannel.AsyncClient(server.address) as client:
+            echo = client.reference(Echo, methods=[Method("fail", onthrow=onthrow)])
+            with pytest.raises(KeyError) as raised:
+                await echo.fail("KeyError", "k")  # the provider's exception, not onthrow's
+            assert seen == [raised.value]
+            assert await echo.add(2, 3) == 5  # the stream and the reference still work
+            with pytest.raises(KeyError):
+                await echo.fail("KeyError", "again")  # and the next failure goes the same way
+            assert len(seen) == 2
+            tasked = client.reference(Echo, methods=[Method("fail", onthrow=onthrow, async_=True)])
+            with pytest.raises(KeyError):
+                await tasked.fail("KeyError", "as a task")
+            assert len(seen) == 3
+
+    with caplog.at_level(logging.ERROR, logger="backchannel"):
+        run(body())
+    logged = [r for r in caplog.records if "onthrow hook of test.Echo.fail()" in r.getMessage()]
+    assert len(logged) == 3
+    assert all(r.exc_info is not None and "onthrow broke" in str(r.exc_info[1]) for r in logged)
+
+
+def test_asyncio_a_slow_async_def_hook_delays_only_its_own_task(
+    server: backchannel.Server,
+) -> None:
+    async def body() -> None:
+        gate = asyncio.Event()  # made on the test's loop: the hook awaits it there
+        entered = asyncio.Event()
+
+        async def onreturn(result: Any, value: Any) -> None:
+            if value == "slow":
+                entered.set()
+                await asyncio.wait_for(gate.wait(), WAIT)
+
+        async with backchannel.AsyncClient(server.address) as client:
+            methods = [Method("echo", async_=True, onreturn=onreturn)]
+            echo = client.reference(Echo, methods=methods)
+            slow = echo.echo("slow")
+            await asyncio.wait_for(entered.wait(), WAIT)  # the slow hook is running
+            fast = [echo.echo(i) for i in range(5)]
+            try:
+                assert await asyncio.wait_for(asyncio.gather(*fast), WAIT) == list(range(5))
+                assert await client.reference(Echo).add(1, 1) == 2  # nor is the stream held
+                assert not slow.done()
+            finally:
+                gate.set()
+            assert await asyncio.wait_for(slow, WAIT) == "slow"
+
+    run(body())
+
+
+def test_asyncio_a_slow_plain_hook_delays_only_its_own_task(server: backchannel.Server) -> None:
+    gate = threading.Event()
+    entered = threading.Event()
+
+    def onreturn(result: Any, value: Any) -> None:  # runs in the notify pool, may block
+        if value == "slow":
+            entered.set()
+            gate.wait(WAIT)
+
+    async def body() -> None:
+        async with backchannel.AsyncClient(server.address) as client:
+            methods = [Method("echo", async_=True, onreturn=onreturn)]
+            echo = client.reference(Echo, methods=methods)
+            slow = echo.echo("slow")
+            assert await asyncio.to_thread(entered.wait, WAIT)  # the slow hook is running
+            fast = [echo.echo(i) for i in range(5)]
+            try:
+                assert await asyncio.wait_for(asyncio.gather(*fast), WAIT) == list(range(5))
+                assert await client.reference(Echo).add(1, 1) == 2
+                assert not slow.done()
+            finally:
+                gate.set()
+            assert await asyncio.wait_for(slow, WAIT) == "slow"
+
+    run(body())
+
+
+# --- bad arguments, and what is done before an async_=True proxy returns -------------------
+
+
+def test_sync_bad_arguments_reach_onthrow_in_the_hooks_shape(client: backchannel.Client) -> None:
+    rec = Recorder()
+    echo = client.reference(Echo, methods=[all_hooks(rec, "add")])
+    with pytest.raises(backchannel.InvalidArguments) as raised:
+        echo.add(1)  # type: ignore[call-arg]
+    # onthrow(exc, a, b) hears it: the missing argument is None, not a TypeError of its own
+    assert rec.of("onthrow") == [(raised.value, 1, None)]
+    assert rec.of("oninvoke") == []
+
+    tasked = client.reference(Echo, methods=[all_hooks(rec, "greet", async_=True)])
+    future = tasked.greet(name="x", bogus=1)  # type: ignore[call-arg]
+    assert isinstance(future, concurrent.futures.Future)  # not raised: a failed future
+    error = future.exception(WAIT)
+    assert isinstance(error, backchannel.InvalidArguments)
+    assert rec.of("onthrow")[1] == (error, "x", None)
+
+
+def test_sync_async_unsendable_argument_is_a_failed_future_after_oninvoke(
+    client: backchannel.Client, echo_impl: EchoImpl
+) -> None:
+    rec = Recorder()
+    echo = client.reference(Echo, methods=[all_hooks(rec, "echo", async_=True)])
+    unsendable = object()
+    future = echo.echo(unsendable)
+    assert rec.of("oninvoke") == [(unsendable,)]  # ran in this thread, before the return
+    error = future.exception(WAIT)
+    assert isinstance(error, TypeError) and "argument 0 'value'" in str(error)
+    assert rec.of("onthrow") == [(error, unsendable)]
+    assert echo_impl.calls == 0
+
+
+def test_asyncio_async_runs_oninvoke_and_binding_inside_the_task(
+    server: backchannel.Server,
+) -> None:
+    async def body() -> None:
+        rec = AsyncRecorder()
+        async with backchannel.AsyncClient(server.address) as client:
+            echo = client.reference(Echo, methods=[rec.all("add", async_=True)])
+            task = echo.add(1, 2)
+            assert rec.calls == []  # the proxy returned before oninvoke ran
+            assert await task == 3
+            assert rec.of("oninvoke") == [(1, 2)]
+
+            bad = echo.add(1)  # not raised here: the Task binds the arguments
+            assert isinstance(bad, asyncio.Task)
+            with pytest.raises(backchannel.InvalidArguments) as raised:
+                await bad
+            assert rec.of("onthrow") == [(raised.value, 1, None)]
+            assert rec.of("oninvoke") == [(1, 2)]  # no oninvoke for a call that never bound
+
+            plain = client.reference(Echo, methods=[rec.all("add")])
+            with pytest.raises(backchannel.InvalidArguments):
+                await plain.add(b=2, c=3)
+            assert rec.of("onthrow")[1][1:] == (None, 2)
+
+    run(body())

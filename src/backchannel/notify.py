@@ -166,6 +166,24 @@ def _outcome(
     return _Outcome(hook, True, coroutine)
 
 
+def unbound_arguments(
+    method: MethodSpec, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[Any, ...]:
+    """The arguments of a call that did not fit ``method``, in a shape onthrow can take.
+
+    One per parameter: the positional ones first, then keywords by name, None for a
+    parameter given neither; extra positional arguments are dropped unless the method
+    takes ``*args``. (``onthrow(exc, *args)`` was checked against the method's
+    parameters, so the arguments as passed might not fit it.)
+    """
+    names = method.parameters
+    if method.variadic and len(args) >= len(names):
+        return args
+    given = list(args[: len(names)])
+    given += [kwargs.get(name) for name in names[len(given) :]]
+    return tuple(given)
+
+
 def _is_coroutine(hook: object) -> bool:
     """True for an ``async def`` function or method, or an object with an async __call__."""
     if inspect.iscoroutinefunction(hook):
@@ -289,9 +307,10 @@ def wrap_sync(
         try:
             bound = method.bind(args, kwargs)
         except Exception as exc:
+            fitted = unbound_arguments(method, args, kwargs)
             if hooks.async_:
-                return _failed_future(hooks, exc, args, pool)
-            _throw_sync(hooks, exc, args)
+                return _failed_future(hooks, exc, fitted, pool)
+            _throw_sync(hooks, exc, fitted)
             raise
         _invoke_sync(hooks, bound)
         if hooks.async_:
@@ -421,7 +440,7 @@ def wrap_async(
         try:
             bound = method.bind(args, kwargs)
         except Exception as exc:
-            await _throw_async(hooks, exc, args, pool)
+            await _throw_async(hooks, exc, unbound_arguments(method, args, kwargs), pool)
             raise
         if hooks.oninvoke is not None:
             try:
