@@ -118,6 +118,7 @@ class Session:
         self._messages: collections.deque[bytes] = collections.deque()  # serialized, to write
         self._writing: asyncio.Task[None] | None = None
         self._write_soon = False  # a _write_next is scheduled
+        self._handling = False  # the reader is acting on a message: it writes when done
         # calls the peer sent that are running: their task, or None while running eagerly
         self._running: dict[int, asyncio.Task[None] | None] = {}
         self._one_way_tasks: set[asyncio.Task[None]] = set()  # strong references
@@ -161,13 +162,23 @@ class Session:
         """Send what the protocol queued: at the end of this turn of the event loop when
         no write is under way (so what this turn produces goes as one batch), else when
         the current write completes."""
+        idle = self._writing is None and not self._write_soon and not self._handling
+        if self._enqueue() and idle:
+            self._write_soon = True
+            self._loop.call_soon(self._write_next)
+
+    def _write_now(self) -> None:
+        """Send what is queued without waiting for the end of the loop turn."""
+        if self._enqueue() and self._writing is None:
+            self._write_next()
+
+    def _enqueue(self) -> bool:
+        """Move what the protocol queued to the writer's queue; True if any is waiting."""
         frames = self.connection.take_outbox()
         if frames:
             self._queue.extend(frames)
             self._drained.clear()
-            if self._writing is None and not self._write_soon:
-                self._write_soon = True
-                self._loop.call_soon(self._write_next)
+        return bool(self._queue)
 
     def _write_next(self) -> None:
         """Start the next write. Its first step runs here, so the message is handed to
@@ -225,11 +236,18 @@ class Session:
                 if frame is EOF:
                     cause = StreamBroken(f"the peer {self.peer} closed the stream")
                     break
-                if type(frame) is NotAFrame:
-                    self._handle(self.connection.receive_unparseable(frame.size, frame.reason))
-                else:
-                    self._handle(self.connection.receive(frame))
-                self.flush()
+                # what acting on one message produces (results of calls that finish at
+                # once, say) is written as one batch as soon as it is done: no loop turn
+                self._handling = True
+                try:
+                    if type(frame) is NotAFrame:
+                        events = self.connection.receive_unparseable(frame.size, frame.reason)
+                    else:
+                        events = self.connection.receive(frame)
+                    self._handle(events)
+                finally:
+                    self._handling = False
+                self._write_now()
         except asyncio.CancelledError:
             self.lost(StreamBroken(f"the stream to {self.peer} was closed"))
             if self._writing is not None:
