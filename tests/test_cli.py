@@ -6,6 +6,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -53,6 +54,9 @@ def test_call_prints_the_result_as_json(forward: str) -> None:
     assert json.loads(greeting.stdout) == "Hi, Dubbo!"
 
 
+DEMO = ["--group", "demo", "--version", "1.0.0"]
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -61,6 +65,43 @@ def test_call_prints_the_result_as_json(forward: str) -> None:
         (["call", "127.0.0.1:1", "a.B", "c"], "UNAVAILABLE"),
         (["describe", "127.0.0.1:1"], "UNAVAILABLE"),
         (["call", "{forward}", "com.example.Calculator", "add", "1", "--timeout", "x"], "invalid"),
+        (["listen", "127.0.0.1:1", "a.B", "c", "--callback-arg", "0"], "UNAVAILABLE"),
+        (
+            ["listen", "{forward}", "com.example.Nope", "add", "--callback-arg", "0"],
+            "no service 'com.example.Nope'",
+        ),
+        (
+            ["listen", "{forward}", "com.example.Calculator", "add", "1", "--callback-arg", "5"],
+            "--callback-arg 5 must be between 0 and 1",
+        ),
+        (
+            ["listen", "{forward}", "com.example.Calculator", "add", "--callback-arg", "x"],
+            "--callback-arg: invalid int value: 'x'",
+        ),
+        (["listen", "{forward}", "com.example.Calculator", "add"], "--callback-arg"),
+        (
+            [
+                "listen",
+                "{forward}",
+                "com.example.Calculator",
+                "add",
+                "1",
+                "--callback-arg",
+                "1",
+                *DEMO,
+            ],
+            "argument 1 of com.example.Calculator.add() is not a callback argument "
+            "(its callback arguments: none)",
+        ),
+        (
+            ["listen", "{forward}", "com.example.Calculator", "nope", "--callback-arg", "0", *DEMO],
+            "has no method 'nope'",
+        ),
+        (
+            ["listen", "{forward}", "com.example.Calculator", "add", "--callback-arg", "0"],
+            "com.example.Calculator is not exported here; it is exported as: "
+            "group 'demo' version '1.0.0'",
+        ),
     ],
 )
 def test_mistakes_are_one_line_and_a_non_zero_exit(
@@ -131,3 +172,72 @@ def test_serve_reports_a_broken_config_in_one_line(tmp_path: Path) -> None:
     result = cli("serve", str(broken))
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and "service[0].interface" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["call", "listen"])
+@pytest.mark.parametrize("timeout", ["0", "-1", "nan"])
+def test_a_timeout_that_is_not_positive_is_a_usage_error(
+    forward: str, command: str, timeout: str
+) -> None:
+    args = [command, forward, "com.example.Calculator", "add", "1", "2", f"--timeout={timeout}"]
+    result = cli(*args, *(["--callback-arg", "0"] if command == "listen" else []))
+    assert result.returncode == 2
+    assert f"--timeout: must be > 0 seconds, got '{timeout}'" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_call_of_a_callback_method_says_to_use_listen(callback: str) -> None:
+    result = cli("call", callback, "com.callback.CallbackService", "addListener", '"k"', "null")
+    assert result.returncode == 1
+    assert "takes callback arguments" in result.stderr and "backchannel listen" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_listen_exits_when_the_provider_dies() -> None:
+    provider, address = start_example("callback", "--interval", "0.1")
+    try:
+        listen = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "backchannel",
+                "listen",
+                address,
+                "com.callback.CallbackService",
+                "addListener",
+                '"foo.bar"',
+                "--callback-arg",
+                "1",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert listen.stdout is not None
+        seen = [json.loads(listen.stdout.readline()) for _ in range(3)]
+        assert {"result": None} in seen  # addListener returned: now it only listens
+    finally:
+        provider.send_signal(signal.SIGKILL)
+        provider.wait(5)
+    killed = time.monotonic()
+    try:
+        _, stderr = listen.communicate(timeout=10)
+    finally:
+        listen.kill()
+    assert time.monotonic() - killed < 2.0
+    assert listen.returncode == 1
+    assert stderr.startswith(f"backchannel listen: the stream to {address} ended"), stderr
+    assert len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr
+
+
+def test_serve_of_a_config_without_services_is_an_error(tmp_path: Path) -> None:
+    text = (EXAMPLES / "callback" / "config.toml").read_text()
+    config = EXAMPLES / "callback" / f"no-services-{tmp_path.name}.toml"
+    config.write_text(text.split("[[service]]")[0])  # [application] and [registry] only
+    try:
+        result = cli("serve", str(config))
+    finally:
+        config.unlink()
+    assert result.returncode == 1
+    message = f"backchannel serve: {config}: no [[service]] to serve (nothing would listen)"
+    assert result.stderr == message + "\n"

@@ -7,6 +7,7 @@
     backchannel call ADDRESS SERVICE METHOD [JSON_ARG ...]   one call, result as JSON
     backchannel listen ADDRESS SERVICE METHOD [JSON_ARG ...] --callback-arg N
                                                   print every callback until Ctrl-C
+                                                  (exit 1 when the provider goes away)
 
 Mistakes (bad arguments, an unreachable address, an unknown service) print one line on
 stderr and exit non-zero, never a traceback.
@@ -15,6 +16,7 @@ stderr and exit non-zero, never a traceback.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import sys
 import threading
@@ -83,7 +85,7 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("args", nargs="*", metavar="JSON_ARG", help="one JSON value per argument")
         sub.add_argument("--group", default="", help="the export's group")
         sub.add_argument("--version", default="", help="the export's version")
-        sub.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
+        sub.add_argument("--timeout", type=_seconds, default=5.0, help="seconds (default 5)")
         sub.set_defaults(run=run)
         if name == "listen":
             sub.add_argument(
@@ -94,6 +96,17 @@ def _parser() -> argparse.ArgumentParser:
                 help="the index (from 0) of the callback argument; the listener goes there",
             )
     return parser
+
+
+def _seconds(text: str) -> float:
+    """A finite number of seconds > 0 (argparse reports a bad one as a usage mistake)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number of seconds: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be > 0 seconds, got {text!r}")
+    return value
 
 
 def _one_line(exc: BaseException) -> str:
@@ -117,14 +130,20 @@ def _json_args(values: Sequence[str]) -> list[Any]:
     return args
 
 
-def _describe(options: argparse.Namespace) -> int:
-    with grpc.insecure_channel(options.address) as channel:
+def _exports(address: str, timeout: float = 5) -> pb.DescribeResponse:
+    """What the provider at ``address`` exports (its Describe RPC)."""
+    with grpc.insecure_channel(address) as channel:
         describe = channel.unary_unary(
             "/backchannel.v1.Envelope/Describe",
             request_serializer=pb.DescribeRequest.SerializeToString,
             response_deserializer=pb.DescribeResponse.FromString,
         )
-        response = describe(pb.DescribeRequest(), timeout=5)
+        response: pb.DescribeResponse = describe(pb.DescribeRequest(), timeout=timeout)
+    return response
+
+
+def _describe(options: argparse.Namespace) -> int:
+    response = _exports(options.address)
     rows = [("SERVICE", "GROUP", "VERSION", "METHOD", "ARGS", "CALLBACKS", "REMOVERS", "ONE-WAY")]
     for service in response.services:
         for method in service.methods:
@@ -193,14 +212,65 @@ def _listen(options: argparse.Namespace) -> int:
     index = options.callback_arg
     if not 0 <= index <= len(args):
         raise CommandError(f"--callback-arg {index} must be between 0 and {len(args)}")
+    _check_callback_argument(_exports(options.address, options.timeout), options)
     args.insert(index, _PrintingListener())
     service = _dynamic_interface(options.service, options.method)
     with Client(options.address, timeout=options.timeout) as client:
         proxy: Any = client.reference(service, group=options.group, version=options.version)
         result = getattr(proxy, options.method)(*args)
         print(json.dumps({"result": json.loads(to_json(result))}), flush=True)
-        threading.Event().wait()  # callbacks print from the client's threads until Ctrl-C
-    return 0
+        # callbacks print from the client's threads until Ctrl-C or the stream ends
+        cause = _stream_end(client).result()
+    raise CommandError(
+        f"the stream to {options.address} ended, no more callbacks will come "
+        f"({_one_line(cause) if cause else 'closed'})"
+    )
+
+
+def _stream_end(client: Client) -> concurrent.futures.Future[BaseException | None]:
+    """Resolves with why the client's current stream ended (the provider went away,
+    the connection broke); the listener's callbacks come on that stream only.
+
+    The sync Client has no public hook for this, so it looks at its stream's session."""
+    core = client._core
+    session = core._session
+    if session is None:
+        raise CommandError(f"no stream to {client.address} is open")
+
+    async def ended() -> BaseException | None:
+        await session.closed.wait()
+        return session.cause
+
+    return client._portal.submit(ended())
+
+
+def _check_callback_argument(exports: pb.DescribeResponse, options: argparse.Namespace) -> None:
+    """The export, its method and the callback argument exist, or a clear CommandError."""
+    wanted = (options.service, options.group, options.version)
+    label = options.service + "".join(
+        f" {name} {value!r}"
+        for name, value in (("group", wanted[1]), ("version", wanted[2]))
+        if value
+    )
+    named = [s for s in exports.services if s.name == options.service]
+    if not named:
+        known = ", ".join(sorted({s.name for s in exports.services})) or "nothing"
+        raise CommandError(f"no service {options.service!r} is exported here (exported: {known})")
+    found = [s for s in named if (s.name, s.group, s.version) == wanted]
+    if not found:
+        exported = ", ".join(f"group {s.group!r} version {s.version!r}" for s in named)
+        raise CommandError(f"{label} is not exported here; it is exported as: {exported}")
+    methods = {m.name: m for m in found[0].methods}
+    method = methods.get(options.method)
+    if method is None:
+        known = ", ".join(sorted(methods)) or "none"
+        raise CommandError(f"{label} has no method {options.method!r} (its methods: {known})")
+    if options.callback_arg not in method.callback_arguments:
+        declared = ", ".join(map(str, method.callback_arguments)) or "none"
+        raise CommandError(
+            f"argument {options.callback_arg} of {options.service}.{options.method}() is not "
+            f"a callback argument (its callback arguments: {declared})"
+        )
 
 
 def _dynamic_interface(service: str, method: str) -> type:
@@ -218,6 +288,8 @@ def _serve(options: argparse.Namespace) -> int:
     from backchannel.config import load_config  # only `serve` needs it
 
     config = load_config(options.config)
+    if not config.services:
+        raise CommandError(f"{config.path}: no [[service]] to serve (nothing would listen)")
     servers = config.start_servers()
     for server in servers:
         print(f"listening on {server.address}", flush=True)

@@ -175,7 +175,8 @@ class Exports:
             if callbacks is None:
                 raise InvalidArguments(
                     f"{where} takes callback arguments, which need a stream: call it "
-                    "through Connect (a backchannel client), not Invoke"
+                    "through Connect (a backchannel client, or `backchannel listen` from "
+                    "a shell), not Invoke"
                 )
             if call.json_args:
                 raise InvalidArguments(
