@@ -10,7 +10,13 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+import backchannel
+from backchannel.v1 import envelope_pb2 as pb
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 GRPCURL = shutil.which("grpcurl", path=str(Path(sys.executable).parent)) or "grpcurl"
@@ -113,6 +119,7 @@ def test_invoke_of_a_callback_method_says_to_use_connect(callback_provider: str)
     result = grpcurl(callback_provider, "backchannel.v1.Envelope/Invoke", data=json.dumps(call))
     error = json.loads(result.stdout)["error"]
     assert "call it through Connect" in error["message"]
+    assert "backchannel listen" in error["message"]
 
 
 class Stream:
@@ -185,3 +192,103 @@ def test_connect_registers_a_callback_and_answers_it(callback_provider: str) -> 
     assert result["result"] == {"id": "1", "value": {"nullValue": "NULL_VALUE"}}
     stream.wait_for("call", 2)  # the provider's pusher thread calls again
     assert stream.close() == 0
+
+
+@pytest.fixture(scope="module")
+def notify_provider() -> Iterator[str]:
+    process, address = start_example("notify")
+    yield address
+    process.kill()
+    process.wait(5)
+
+
+def test_invoke_prints_an_any_payload_as_json(notify_provider: str) -> None:
+    call = {
+        "service": "com.alibaba.dubbo.callback.implicit.IDemoService",
+        "group": "cn",
+        "version": "1.0.0",
+        "method": "get",
+        "json_args": "[2]",
+    }
+    result = grpcurl(notify_provider, "backchannel.v1.Envelope/Invoke", data=json.dumps(call))
+    assert result.returncode == 0, result.stderr
+    # grpcurl resolved demo.Person through reflection and printed the Any as JSON
+    assert '"@type":"type.googleapis.com/demo.Person"' in result.stdout
+    person = json.loads(result.stdout)["value"]["messageValue"]
+    assert person == {
+        "@type": "type.googleapis.com/demo.Person",
+        "id": 2,
+        "name": "charles`son",
+        "age": 4,
+    }
+
+
+def test_describe_shows_an_example_message_with_its_comments(notify_provider: str) -> None:
+    person = grpcurl(notify_provider, "describe", "demo.Person").stdout
+    assert "// A person, as the seed's Person(id, name, age)" in person  # person.binpb
+    assert "// The person's age in years.\n  int32 age = 3;" in person
+
+
+def test_describe_rpc_shows_group_version_and_parameters(forward_provider: str) -> None:
+    result = json.loads(grpcurl(forward_provider, "backchannel.v1.Envelope/Describe").stdout)
+    assert result["application"] == "forward-provider"
+    (service,) = result["services"]
+    assert (service["name"], service["group"], service["version"]) == (
+        "com.example.Calculator",
+        "demo",
+        "1.0.0",
+    )
+    methods = {m["name"]: m for m in service["methods"]}
+    assert methods["add"] == {"name": "add", "parameters": ["a", "b"], "required": 2}
+    assert methods["greet"] == {"name": "greet", "parameters": ["name", "greeting"], "required": 1}
+    assert not any(m.get("oneWay") or m.get("callbackArguments") for m in methods.values())
+
+
+@backchannel.interface("test.Log")
+class Log:
+    @backchannel.method(one_way=True)
+    def write(self, line: str) -> None: ...
+
+    def size(self) -> int: ...
+
+
+class LogImpl:
+    def write(self, line: str) -> None:
+        pass
+
+    def size(self) -> int:
+        return 0
+
+
+def test_describe_rpc_shows_one_way_methods() -> None:
+    with backchannel.Server("127.0.0.1:0") as server:
+        server.export(Log, LogImpl())
+        result = json.loads(grpcurl(server.address, "backchannel.v1.Envelope/Describe").stdout)
+    methods = {m["name"]: m for m in result["services"][0]["methods"]}
+    assert methods["write"]["oneWay"] is True
+    assert "oneWay" not in methods["size"]  # false: proto3 JSON leaves it out
+
+
+def test_reflection_and_health_can_be_turned_off() -> None:
+    with backchannel.Server("127.0.0.1:0", reflection=False, health=False) as server:
+        server.export(Log, LogImpl())
+        listed = grpcurl(server.address, "list")
+        with grpc.insecure_channel(server.address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            with pytest.raises(grpc.RpcError) as no_health:
+                health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+            reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+            request = reflection_pb2.ServerReflectionRequest(list_services="")
+            with pytest.raises(grpc.RpcError) as no_reflection:
+                list(reflection.ServerReflectionInfo(iter([request]), timeout=5))
+            describe = channel.unary_unary(
+                "/backchannel.v1.Envelope/Describe",
+                request_serializer=pb.DescribeRequest.SerializeToString,
+                response_deserializer=pb.DescribeResponse.FromString,
+            )
+            still_served = describe(pb.DescribeRequest(), timeout=5)
+    assert listed.returncode != 0
+    assert "server does not support the reflection API" in listed.stderr
+    assert no_health.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert no_reflection.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert [s.name for s in still_served.services] == ["test.Log"]

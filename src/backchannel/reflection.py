@@ -3,17 +3,22 @@
 The generated ``*_pb2`` modules carry descriptors without source info, so stock
 reflection would serve the envelope without its comments. This servicer serves every
 file as stock reflection does, but swaps in the documented descriptor of each file that
-ships one (``backchannel/v1/envelope.binpb``, produced by ``scripts/gen_protos.py``).
+ships one: ``backchannel/v1/envelope.binpb``, and for any other file, a ``NAME.binpb``
+beside the imported ``NAME_pb2.py`` that describes it (``scripts/gen_protos.py`` writes
+both, e.g. ``examples/notify/generated/demo/person.binpb``).
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import grpc
-from google.protobuf import descriptor_pb2
+from google.protobuf import descriptor, descriptor_pb2
+from google.protobuf.message import DecodeError
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 from grpc_reflection.v1alpha._async import ReflectionServicer
 
@@ -25,12 +30,38 @@ def documented_files() -> dict[str, bytes]:
     return {file.name: file.SerializeToString() for file in files}
 
 
+def documented_beside_module(name: str) -> bytes | None:
+    """The documented descriptor of proto file ``name`` from the ``.binpb`` beside its
+    imported ``_pb2`` module, or None when there is none (or it describes another file)."""
+    for module in list(sys.modules.values()):
+        found = getattr(module, "DESCRIPTOR", None)
+        path = getattr(module, "__file__", None) or ""
+        if not isinstance(found, descriptor.FileDescriptor) or found.name != name:
+            continue
+        if not path.endswith("_pb2.py"):
+            continue
+        binpb = Path(path[: -len("_pb2.py")] + ".binpb")
+        try:
+            files = descriptor_pb2.FileDescriptorSet.FromString(binpb.read_bytes()).file
+        except (OSError, DecodeError):
+            return None
+        for file in files:
+            if file.name == name:
+                return file.SerializeToString()
+    return None
+
+
 class DocumentedReflection(ReflectionServicer):  # type: ignore[misc]
     """Stock reflection, with documented descriptors where we have them."""
 
     def __init__(self, service_names: Iterable[str], documented: dict[str, bytes]) -> None:
         super().__init__(tuple(service_names))
-        self._documented = documented
+        self._documented: dict[str, bytes | None] = dict(documented)
+
+    def _documented_file(self, name: str) -> bytes | None:
+        if name not in self._documented:
+            self._documented[name] = documented_beside_module(name)
+        return self._documented[name]
 
     async def ServerReflectionInfo(
         self,
@@ -42,8 +73,9 @@ class DocumentedReflection(ReflectionServicer):  # type: ignore[misc]
                 files = response.file_descriptor_response.file_descriptor_proto
                 for index, serialized in enumerate(files):
                     name = descriptor_pb2.FileDescriptorProto.FromString(serialized).name
-                    if name in self._documented:
-                        files[index] = self._documented[name]
+                    documented = self._documented_file(name)
+                    if documented is not None:
+                        files[index] = documented
             yield response
 
 
