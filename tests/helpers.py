@@ -6,6 +6,9 @@ side's ``receive``, so a test says exactly which frames cross and when.
 
 from __future__ import annotations
 
+import subprocess
+import threading
+
 from backchannel.protocol import Connection, Event, Role
 from backchannel.v1 import envelope_pb2 as pb
 
@@ -66,3 +69,25 @@ class Link:
         call_id = self.consumer.send_call(make_call(one_way=one_way), token)
         self.to_provider()
         return call_id
+
+
+def read_line(process: subprocess.Popen[str], timeout: float = 10.0, what: str = "") -> str:
+    """The next line a child process prints, stripped; "" if it exited first.
+
+    Waits at most ``timeout`` seconds: a child that hangs is killed and the test fails
+    with a clear message instead of hanging on ``readline()``.
+    """
+    stdout = process.stdout
+    assert stdout is not None, "start the child with stdout=subprocess.PIPE"
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.append(stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if reader.is_alive():
+        process.kill()
+        process.wait(5)
+        reader.join(5)
+        raise AssertionError(
+            f"{what or 'the child process'} printed no line within {timeout} s; killed it"
+        )
+    return lines[0].strip()

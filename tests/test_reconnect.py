@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
+import logging
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from notifier import Notifier, SyncRecorder
-from services import Echo
+from conftest import run
+from helpers import read_line
+from notifier import NOTIFIER_METHODS, Notifier, NotifierImpl, SyncRecorder
+from services import Echo, EchoImpl
 
 import backchannel
 from backchannel import Method
@@ -21,24 +27,37 @@ from backchannel import Method
 SCRIPT = Path(__file__).with_name("restartable_provider.py")
 
 
+def free_address() -> str:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{probe.getsockname()[1]}"
+
+
 class Provider:
     """A provider process that can be killed and started again on the same port."""
 
     def __init__(self) -> None:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.address = f"127.0.0.1:{probe.getsockname()[1]}"
+        self.address = ""
         self.process: subprocess.Popen[str] | None = None
 
     def start(self) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, str(SCRIPT), self.address],
-            stdout=subprocess.PIPE,
-            text=True,
-            cwd=SCRIPT.parent,
-        )
-        assert self.process.stdout is not None
-        assert self.process.stdout.readline().strip() == "ready"
+        """Start it: the first time on a free port (another if something else took that
+        one between the probe and the bind), then always on the same one."""
+        for _attempt in range(5):
+            address = self.address or free_address()
+            process = subprocess.Popen(
+                [sys.executable, str(SCRIPT), address],
+                stdout=subprocess.PIPE,
+                text=True,
+                cwd=SCRIPT.parent,
+            )
+            if read_line(process, 15, f"the provider on {address}") == "ready":
+                self.address, self.process = address, process
+                return
+            process.wait(5)  # it exited without listening: the port was taken
+            if self.address:
+                break
+        raise AssertionError(f"no provider could listen on {address}")
 
     def kill(self) -> None:
         if self.process is not None:
@@ -134,14 +153,13 @@ def test_keepalive_notices_a_frozen_provider(provider: Provider) -> None:
                 started = time.monotonic()
                 with pytest.raises(backchannel.StreamBroken):
                     in_flight.result(10)
-                assert time.monotonic() - started < 5  # not the call's 60 s timeout
+                # Keepalive(0.5, 0.5): a ping after 0.5 s of silence, no answer 0.5 s later
+                assert time.monotonic() - started < 2  # not the call's 60 s timeout
             finally:
                 provider.process.send_signal(signal.SIGCONT)
 
 
 def test_keepalive_notices_a_frozen_consumer() -> None:
-    from notifier import NOTIFIER_METHODS, NotifierImpl
-
     impl = NotifierImpl()
     keepalive = backchannel.Keepalive(time=0.5, timeout=0.5)
     with backchannel.Server(keepalive=keepalive) as server:
@@ -154,12 +172,156 @@ def test_keepalive_notices_a_frozen_consumer() -> None:
             cwd=script.parent,
         )
         try:
-            assert consumer.stdout is not None and consumer.stdout.readline().strip() == "ready"
+            assert read_line(consumer, 15, "the consumer") == "ready"
             (proxy,) = impl.listeners.values()
             consumer.send_signal(signal.SIGSTOP)
+            started = time.monotonic()
             assert proxy.wait_ended(5)  # the frozen consumer's callbacks end
+            assert time.monotonic() - started < 2
             with pytest.raises(backchannel.CallbackGone):
                 proxy.changed("anyone?")
         finally:
             consumer.kill()
             consumer.wait(5)
+
+
+class HeldRecorder(SyncRecorder):
+    """A listener that, once ``hold`` is set, blocks in its next "init" until released."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hold = False
+        self.holding = threading.Event()
+        self.release = threading.Event()
+
+    def changed(self, msg: str) -> Any:
+        reply = super().changed(msg)
+        if msg == "init" and self.hold:
+            self.holding.set()
+            self.release.wait(10)
+        return reply
+
+
+def test_a_replay_that_fails_is_tried_again_until_it_succeeds(provider: Provider) -> None:
+    with backchannel.Client(provider.address, timeout=10) as client:
+        notifier = client.reference(Notifier, methods=[Method("addListener", resubscribe=True)])
+        listener = HeldRecorder()
+        notifier.addListener("k", listener)
+        assert listener.wait_for(2)
+        listener.hold = True
+        provider.kill()
+        provider.start()  # restart 1: the replay starts and is held in the listener's init
+        assert listener.holding.wait(10), "no replay after the first restart"
+        provider.kill()  # killed during the replay: it fails with StreamBroken
+        listener.hold = False
+        listener.release.set()
+        before = len(listener.received)
+        provider.start()  # restart 2: the failed replay is tried again
+        assert listener.wait_for(before + 3, timeout=10), "the listener stopped receiving"
+        assert "init" in listener.received[before:]
+        assert client.callback_count == 1
+
+
+def test_retries_stop_after_the_declared_number(
+    provider: Provider, caplog: pytest.LogCaptureFixture
+) -> None:
+    with backchannel.Client(provider.address, timeout=5) as client:
+        echo = client.reference(Echo, methods=[Method("add", retries=2)])
+        assert echo.add(1, 1) == 2
+        provider.kill()
+        caplog.set_level(logging.INFO, "backchannel")
+        started = time.monotonic()
+        with pytest.raises(backchannel.StreamBroken):
+            echo.add(2, 2)
+        assert time.monotonic() - started < 3  # three quick attempts, not the timeout
+    retries = [r.getMessage() for r in caplog.records if "add() failed" in r.getMessage()]
+    assert len(retries) == 2, retries  # the first attempt and two retries: three in all
+    assert retries[-1].endswith("retry 2 of 2")
+
+
+def test_a_short_client_keepalive_is_welcome_at_a_default_server() -> None:
+    """A default server pings every 10 s; a client pinging every 0.5 s is not sent away
+    (gRPC's GOAWAY too_many_pings, which used to end its stream after about 2 s)."""
+    with backchannel.Server() as server:
+        server.export(Echo, EchoImpl())
+
+        async def body() -> None:
+            keepalive = backchannel.Keepalive(time=0.5, timeout=0.5)
+            async with backchannel.AsyncClient(server.address, keepalive=keepalive) as client:
+                echo = client.reference(Echo)
+                assert await echo.add(1, 1) == 2
+                session = client._session
+                assert session is not None
+                with pytest.raises(TimeoutError):  # idle, pinging: the stream stays up
+                    await asyncio.wait_for(session.closed.wait(), 3.5)
+                assert await echo.add(2, 2) == 4
+                assert client._session is session
+
+        run(body())
+    with pytest.raises(ValueError, match="MIN_KEEPALIVE_TIME"):
+        backchannel.Keepalive(time=0.01)
+
+
+def test_after_a_graceful_stop_callbacks_end_and_the_client_goes_on_with_a_new_provider() -> None:
+    """Client takes one address: "elsewhere" is a new provider on that address (a load
+    balancer or a restarted process); the same client carries on there."""
+    first_impl = NotifierImpl(greet=False)
+    server = backchannel.Server()
+    server.export(Notifier, first_impl, methods=NOTIFIER_METHODS)
+    server.start()
+    address = server.address
+    with backchannel.Client(address, timeout=10) as client:
+        kept = client.reference(Notifier, methods=[Method("addListener", resubscribe=True)])
+        listener = SyncRecorder()
+        kept.addListener("k", listener)
+        proxy = first_impl.listeners["k"]
+        assert proxy.changed("before") == "ok before"
+        server.stop(grace=2)
+        assert proxy.wait_ended(2)
+        with pytest.raises(backchannel.CallbackGone):
+            proxy.changed("after the stop")  # at once, no hang
+        second_impl = NotifierImpl(greet=False)
+        with backchannel.Server(address) as second:
+            second.export(Notifier, second_impl, methods=NOTIFIER_METHODS)
+            deadline = time.monotonic() + 10
+            while "k" not in second_impl.listeners:  # resubscribed in the background
+                assert time.monotonic() < deadline, "the listener was not resubscribed"
+                time.sleep(0.01)
+            assert second_impl.listeners["k"].changed("elsewhere") == "ok elsewhere"
+            assert listener.received == ["before", "elsewhere"]
+
+
+class SlowFirstNotifier(NotifierImpl):
+    """Its first addListener hangs until cancelled (the provider not ready yet)."""
+
+    def __init__(self) -> None:
+        super().__init__(greet=False)
+        self.attempts = 0
+
+    async def addListener(self, key: str, listener: Any) -> None:  # type: ignore[override]
+        self.attempts += 1
+        if self.attempts == 1:
+            await asyncio.sleep(30)  # cancelled when the consumer gives up on it
+        self.listeners[key] = listener
+
+
+def test_a_replay_that_times_out_is_tried_again() -> None:
+    first = backchannel.Server()
+    first.export(Notifier, NotifierImpl(greet=False), methods=NOTIFIER_METHODS)
+    first.start()
+    address = first.address
+    with backchannel.Client(address, timeout=0.5) as client:
+        kept = client.reference(Notifier, methods=[Method("addListener", resubscribe=True)])
+        listener = SyncRecorder()
+        kept.addListener("k", listener)
+        first.stop()
+        slow = SlowFirstNotifier()
+        with backchannel.Server(address) as second:
+            second.export(Notifier, slow, methods=NOTIFIER_METHODS)
+            deadline = time.monotonic() + 10
+            while "k" not in slow.listeners:  # the first replay times out; then again
+                assert time.monotonic() < deadline, f"not resubscribed ({slow.attempts} tries)"
+                time.sleep(0.01)
+            assert slow.attempts == 2
+            assert slow.listeners["k"].changed("again") == "ok again"
+            assert listener.received == ["again"]

@@ -423,19 +423,56 @@ class AsyncClient:
             self._resubscriber = asyncio.get_running_loop().create_task(self._resubscribe())
 
     async def _resubscribe(self) -> None:
-        """Reconnect (with backoff) and make every resubscribe call again."""
-        while not self._closed and self._subscriptions:
+        """Reconnect (with backoff) and make every resubscribe call again, until each one
+        succeeded on the stream that is open at the end, or the client closes.
+
+        A replay that fails for the connection's sake (the stream breaks again, no answer
+        in time, the provider is shutting down) is tried again after a backoff, on a new
+        stream if need be; one the provider refuses with any other error is logged and
+        dropped (replaying it again would be refused again).
+        """
+        retry = Backoff()
+        on: Session | None = None
+        todo: set[tuple[int, str, tuple[int, ...]]] = set()
+        while not self._closed:
             try:
-                await self._ensure_session(self._connect_timeout)
+                session = await self._ensure_session(self._connect_timeout)
             except (TransportError, TimeoutError) as exc:
                 logger.info("reconnecting to %s: %s", self.address, exc)
-                continue
-            for ref, method, args in list(self._subscriptions.values()):
+                continue  # _ensure_session spaces the attempts
+            if session is not on:  # a new stream: everything is to be replayed on it
+                # (what was subscribed on it meanwhile, by its caller, is not in this set)
+                on, todo = session, set(self._subscriptions)
+            failed = False
+            for key in list(todo):
+                subscription = self._subscriptions.get(key)
+                if subscription is None:  # removed or released meanwhile
+                    todo.discard(key)
+                    continue
+                ref, method, args = subscription
                 try:
                     await self._invoke_once(ref, method, args, None)
-                except Exception as exc:  # logged; tried again after the next reconnect
-                    logger.warning("resubscribing %s() failed: %s", method.qualname, exc)
-            return
+                except (TransportError, ShuttingDown, TimeoutError) as exc:
+                    logger.warning(
+                        "resubscribing %s() failed: %s; trying again", method.qualname, exc
+                    )
+                    failed = True
+                    break
+                except Exception as exc:
+                    logger.warning(
+                        "resubscribing %s() was refused: %s; not replayed again",
+                        method.qualname,
+                        exc,
+                    )
+                    self._subscriptions.pop(key, None)
+                todo.discard(key)
+            if failed:
+                retry.failed()
+                await asyncio.sleep(retry.wait())
+                continue
+            if self._session is session and session.cause is None:
+                return  # all replayed on the open stream; if it breaks, a new run starts
+            logger.info("the stream to %s ended during the replay; again", self.address)
 
     async def _drop_channel(self) -> None:
         channel, self._channel = self._channel, None

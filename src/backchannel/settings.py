@@ -14,6 +14,9 @@ DEFAULT_TIMEOUT = 1.0
 DEFAULT_MAX_CALLS_IN_FLIGHT = 1000
 #: the largest frame either side sends or accepts, in bytes (gRPC's own default)
 DEFAULT_MAX_MESSAGE_SIZE = 4 * 1024 * 1024
+#: the shortest keepalive time allowed, in seconds; every server accepts pings this often
+#: whatever its own keepalive, so a client with a short keepalive is never sent away
+MIN_KEEPALIVE_TIME = 0.1
 
 
 @dataclass(frozen=True)
@@ -21,7 +24,10 @@ class Keepalive:
     """HTTP/2 keepalive pings, so a peer that vanished without closing is noticed.
 
     A ping is sent after ``time`` seconds without traffic; no answer within ``timeout``
-    seconds ends the connection, and with it every pending call and callback.
+    seconds ends the connection, and with it every pending call and callback. ``time``
+    is at least :data:`MIN_KEEPALIVE_TIME`: a server accepts pings that often from any
+    client, whatever its own keepalive (gRPC's servers otherwise send a client that pings
+    more often than they do away with GOAWAY ``too_many_pings``).
     """
 
     time: float = 10.0
@@ -30,6 +36,11 @@ class Keepalive:
     def __post_init__(self) -> None:
         if not (self.time > 0 and self.timeout > 0):
             raise ValueError(f"keepalive time and timeout must be > 0, got {self}")
+        if self.time < MIN_KEEPALIVE_TIME:
+            raise ValueError(
+                f"keepalive time must be >= {MIN_KEEPALIVE_TIME} s (MIN_KEEPALIVE_TIME), "
+                f"got {self}"
+            )
 
 
 @dataclass(frozen=True)
@@ -49,6 +60,10 @@ class Limits:
             )
 
 
+# half the shortest keepalive time: a ping that comes a little early is no strike
+_PING_PERMIT_MS = int(MIN_KEEPALIVE_TIME * 500)
+
+
 def channel_options(limits: Limits, keepalive: Keepalive | None) -> list[tuple[str, int]]:
     """gRPC options for a client channel or a server with these settings."""
     # gRPC's own limit sits above ours, so an oversized frame is refused by us with a
@@ -57,6 +72,10 @@ def channel_options(limits: Limits, keepalive: Keepalive | None) -> list[tuple[s
     options = [
         ("grpc.max_send_message_length", wire_limit),
         ("grpc.max_receive_message_length", wire_limit),
+        # what a server accepts from its clients: not tied to its own keepalive (nor to
+        # having one), or a client with a shorter one gets GOAWAY too_many_pings
+        ("grpc.http2.min_ping_interval_without_data_ms", _PING_PERMIT_MS),
+        ("grpc.http2.min_time_between_pings_ms", _PING_PERMIT_MS),
     ]
     if keepalive is not None:
         options += [
@@ -66,7 +85,5 @@ def channel_options(limits: Limits, keepalive: Keepalive | None) -> list[tuple[s
             ("grpc.http2.ping_timeout_ms", int(keepalive.timeout * 1000)),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.max_pings_without_data", 0),
-            ("grpc.http2.min_ping_interval_without_data_ms", int(keepalive.time * 500)),
-            ("grpc.http2.min_time_between_pings_ms", int(keepalive.time * 500)),
         ]
     return options
