@@ -6,8 +6,11 @@ side's ``receive``, so a test says exactly which frames cross and when.
 
 from __future__ import annotations
 
+import socket
 import subprocess
+import sys
 import threading
+from pathlib import Path
 
 from backchannel.protocol import Connection, Event, Role
 from backchannel.v1 import envelope_pb2 as pb
@@ -91,3 +94,45 @@ def read_line(process: subprocess.Popen[str], timeout: float = 10.0, what: str =
             f"{what or 'the child process'} printed no line within {timeout} s; killed it"
         )
     return lines[0].strip()
+
+
+PROVIDER_SCRIPT = Path(__file__).with_name("restartable_provider.py")
+
+
+def free_address() -> str:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{probe.getsockname()[1]}"
+
+
+class Provider:
+    """A provider process that can be killed and started again on the same port."""
+
+    def __init__(self) -> None:
+        self.address = ""
+        self.process: subprocess.Popen[str] | None = None
+
+    def start(self) -> None:
+        """Start it: the first time on a free port (another if something else took that
+        one between the probe and the bind), then always on the same one."""
+        for _attempt in range(5):
+            address = self.address or free_address()
+            process = subprocess.Popen(
+                [sys.executable, str(PROVIDER_SCRIPT), address],
+                stdout=subprocess.PIPE,
+                text=True,
+                cwd=PROVIDER_SCRIPT.parent,
+            )
+            if read_line(process, 15, f"the provider on {address}") == "ready":
+                self.address, self.process = address, process
+                return
+            process.wait(5)  # it exited without listening: the port was taken
+            if self.address:
+                break
+        raise AssertionError(f"no provider could listen on {address}")
+
+    def kill(self) -> None:
+        """SIGKILL, reaped."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(5)

@@ -18,32 +18,30 @@ from pathlib import Path
 
 import pytest
 from conftest import run
-from services import Echo
+from helpers import Provider, read_line
+from notifier import AsyncRecorder, Notifier
+from services import Echo, EchoImpl
 
 import backchannel
 from backchannel.settings import Limits
 
-SCRIPT = Path(__file__).with_name("provider_process.py")
 #: how long after the kill every pending call must have failed (loopback: a reset is seen
 #: in milliseconds; the bound leaves room for a loaded CI machine)
 PROMPTLY = 2.0
 
 
 class ProviderProcess:
-    """``provider_process.py`` in a subprocess: its address, and a way to kill it."""
+    """``restartable_provider.py`` (Echo, and a Notifier that pushes to its listeners)
+    in a subprocess: its address, and a way to kill it."""
 
     def __init__(self) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, str(SCRIPT)], stdout=subprocess.PIPE, text=True, cwd=SCRIPT.parent
-        )
-        assert self.process.stdout is not None
-        self.address = self.process.stdout.readline().strip()
-        assert self.address.startswith("127.0.0.1:"), self.address
+        self._provider = Provider()
+        self._provider.start()
+        self.address = self._provider.address
 
     def kill(self) -> float:
         """SIGKILL, reaped; returns when it happened (time.monotonic())."""
-        self.process.kill()
-        self.process.wait(5)
+        self._provider.kill()
         return time.monotonic()
 
 
@@ -64,6 +62,9 @@ def test_async_consumer_many_calls_in_flight_and_queued_all_fail_promptly(
         client = backchannel.AsyncClient(provider.address, timeout=30, limits=limits)
         echo = client.reference(Echo)
         assert await echo.add(1, 2) == 3  # the stream is open
+        listener = AsyncRecorder()
+        await client.reference(Notifier).addListener("k", listener)
+        assert client.callback_count == 1
         calls = [asyncio.ensure_future(echo.wait(30)) for _ in range(in_flight + queued)]
         session = client._session
         assert session is not None
@@ -78,7 +79,7 @@ def test_async_consumer_many_calls_in_flight_and_queued_all_fail_promptly(
         assert time.monotonic() - killed < PROMPTLY
         for call in calls:
             assert isinstance(call.exception(), backchannel.StreamBroken), call.exception()
-        assert client.callback_count == 0
+        assert client.callback_count == 0  # the listener's callback ended with the stream
         started = time.monotonic()
         await asyncio.wait_for(client.close(), PROMPTLY)  # closing does not hang either
         assert time.monotonic() - started < PROMPTLY
@@ -112,3 +113,43 @@ def test_sync_consumer_calls_from_many_threads_all_fail_promptly(
                     call.result(0)
         started = time.monotonic()
     assert time.monotonic() - started < PROMPTLY  # close() did not hang
+
+
+CONSUMER = """
+import sys
+import backchannel
+from services import Echo
+
+client = backchannel.Client(sys.argv[1], timeout=60)
+echo = client.reference(Echo)
+assert echo.add(1, 2) == 3
+print("calling", flush=True)
+echo.wait(30)
+"""
+
+
+def test_a_killed_consumers_running_calls_are_cancelled_on_the_provider() -> None:
+    impl = EchoImpl()
+    with backchannel.Server() as server:
+        server.export(Echo, impl)
+        consumer = subprocess.Popen(
+            [sys.executable, "-c", CONSUMER, server.address],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=Path(__file__).parent,
+        )
+        try:
+            assert read_line(consumer, 15, "the consumer") == "calling"
+            assert impl.started.wait(5)  # its async def wait(30) is running on the provider
+            consumer.kill()
+            consumer.wait(5)
+            killed = time.monotonic()
+            assert impl.cancelled.wait(PROMPTLY), "the dead consumer's call still runs"
+            assert time.monotonic() - killed < PROMPTLY
+        finally:
+            consumer.kill()
+            consumer.wait(5)
+        deadline = time.monotonic() + PROMPTLY
+        while server._core.session_count:  # its stream is gone as well
+            assert time.monotonic() < deadline, "the dead consumer's stream is still open"
+            time.sleep(0.01)

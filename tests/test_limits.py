@@ -7,12 +7,14 @@ import concurrent.futures
 import threading
 from typing import Any
 
+import grpc
 import pytest
 from conftest import RawStream, run
+from notifier import Listener
 from services import Echo, EchoImpl
 
 import backchannel
-from backchannel import Limits
+from backchannel import Argument, Limits, Method
 from backchannel.v1 import envelope_pb2 as pb
 
 
@@ -165,7 +167,7 @@ def test_new_calls_during_the_grace_period_get_a_clear_error() -> None:
             # the go-away frame and the refusal of a new stream race with this call: either
             # way the caller hears that the provider is going away
             with pytest.raises(backchannel.BackchannelError, match="shutting down"):
-                while True:
+                for _ in range(10_000):  # bounded: the go-away comes within milliseconds
                     await echo.add(1, 2)
             assert await running == "done"
             await stopping
@@ -209,3 +211,90 @@ def test_a_stream_authenticated_while_stop_begins_is_told_go_away_too() -> None:
             await stopping
 
     run(body())
+
+
+@backchannel.interface("test.Fanout")
+class Fanout:
+    """Listeners by key, and a push to all of them at once."""
+
+    def subscribe(self, key: str, listener: Listener) -> None: ...
+    def fanout(self, msg: str) -> int: ...
+
+
+class FanoutImpl:
+    def __init__(self) -> None:
+        self.listeners: dict[str, Any] = {}
+
+    def subscribe(self, key: str, listener: Any) -> None:
+        self.listeners[key] = listener
+
+    async def fanout(self, msg: str) -> int:
+        replies = await asyncio.gather(*(lsnr.changed(msg) for lsnr in self.listeners.values()))
+        return len(replies)
+
+
+class CountingListener:
+    """An async listener that counts how many listener calls run at once."""
+
+    running = 0
+    most_running = 0
+    received: list[str] = []
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    async def changed(self, msg: str) -> str:
+        cls = CountingListener
+        cls.running += 1
+        cls.most_running = max(cls.most_running, cls.running)
+        try:
+            await asyncio.sleep(0.02)
+        finally:
+            cls.running -= 1
+        cls.received.append(self.key)
+        return msg
+
+
+def test_the_consumers_limit_holds_back_the_providers_callbacks() -> None:
+    methods = [Method("subscribe", arguments=[Argument(index=1, callback=True)])]
+    with backchannel.Server(callback_timeout=10) as server:
+        server.export(Fanout, FanoutImpl(), methods=methods)
+
+        async def body() -> None:
+            limits = Limits(max_calls_in_flight=2)
+            async with backchannel.AsyncClient(server.address, limits=limits, timeout=10) as client:
+                fanout = client.reference(Fanout)
+                for i in range(20):
+                    await fanout.subscribe(f"k{i}", CountingListener(f"k{i}"))
+                assert await fanout.fanout("hello") == 20  # 20 callbacks pushed at once
+
+        run(body())
+    assert CountingListener.most_running == 2  # never more than the consumer's limit
+    assert sorted(CountingListener.received) == sorted(f"k{i}" for i in range(20))
+
+
+def test_a_frame_over_the_size_limit_ends_only_its_own_stream_with_a_clear_error() -> None:
+    limits = Limits(max_message_size=64 * 1024)  # gRPC refuses messages over 128 KiB
+    with backchannel.Server(limits=limits) as server:
+        server.export(Echo, EchoImpl())
+
+        async def body() -> None:
+            stream = RawStream(server.address)
+            async with backchannel.AsyncClient(server.address, limits=limits) as good:
+                echo = good.reference(Echo)
+                assert await echo.add(1, 1) == 2
+                await stream.hello()
+                huge = pb.Value(bytes_value=b"x" * 200_000)  # what no backchannel client sends
+                call = pb.Call(id=1, service="test.Echo", method="echo", args=[huge])
+                await stream.send(pb.Frame(call=call))
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await stream.recv()
+                assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+                details = refused.value.details() or ""
+                assert "larger than max" in details and str(64 * 1024 + 64 * 1024) in details
+                assert await asyncio.gather(*(echo.add(i, 1) for i in range(50))) == [
+                    i + 1 for i in range(50)
+                ]  # the other consumer goes on
+                await stream.close()
+
+        run(body())

@@ -6,7 +6,6 @@ import asyncio
 import concurrent.futures
 import logging
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -17,52 +16,12 @@ from typing import Any
 
 import pytest
 from conftest import run
-from helpers import read_line
+from helpers import Provider, read_line
 from notifier import NOTIFIER_METHODS, Notifier, NotifierImpl, SyncRecorder
 from services import Echo, EchoImpl
 
 import backchannel
 from backchannel import Method
-
-SCRIPT = Path(__file__).with_name("restartable_provider.py")
-
-
-def free_address() -> str:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{probe.getsockname()[1]}"
-
-
-class Provider:
-    """A provider process that can be killed and started again on the same port."""
-
-    def __init__(self) -> None:
-        self.address = ""
-        self.process: subprocess.Popen[str] | None = None
-
-    def start(self) -> None:
-        """Start it: the first time on a free port (another if something else took that
-        one between the probe and the bind), then always on the same one."""
-        for _attempt in range(5):
-            address = self.address or free_address()
-            process = subprocess.Popen(
-                [sys.executable, str(SCRIPT), address],
-                stdout=subprocess.PIPE,
-                text=True,
-                cwd=SCRIPT.parent,
-            )
-            if read_line(process, 15, f"the provider on {address}") == "ready":
-                self.address, self.process = address, process
-                return
-            process.wait(5)  # it exited without listening: the port was taken
-            if self.address:
-                break
-        raise AssertionError(f"no provider could listen on {address}")
-
-    def kill(self) -> None:
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait(5)
 
 
 @pytest.fixture
@@ -325,3 +284,38 @@ def test_a_replay_that_times_out_is_tried_again() -> None:
             assert slow.attempts == 2
             assert slow.listeners["k"].changed("again") == "ok again"
             assert listener.received == ["again"]
+
+
+def test_backoff_doubles_from_50_ms_to_2_s_with_jitter_and_resets_after_a_success(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from backchannel import client as client_module
+
+    now = 100.0
+    jitter: list[tuple[float, float]] = []
+    factor = 1.0
+
+    def uniform(low: float, high: float) -> float:
+        jitter.append((low, high))
+        return factor
+
+    monkeypatch.setattr(client_module.time, "monotonic", lambda: now)
+    monkeypatch.setattr(client_module.random, "uniform", uniform)
+    backoff = client_module.Backoff()
+    assert backoff.wait() == 0  # the first attempt does not wait
+    delays = []
+    for _ in range(8):
+        backoff.failed()
+        delays.append(round(backoff.wait(), 6))
+    assert delays == [0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 2.0, 2.0]
+    assert set(jitter) == {(0.5, 1.0)}  # a half to all of the delay
+    factor = 0.5
+    backoff.failed()
+    assert backoff.wait() == pytest.approx(1.0)  # 2 s at half jitter
+    now += 0.4
+    assert backoff.wait() == pytest.approx(0.6)  # time spent counts
+    backoff.succeeded()
+    assert backoff.wait() == 0
+    factor = 1.0
+    backoff.failed()
+    assert backoff.wait() == pytest.approx(0.05)  # from the first delay again

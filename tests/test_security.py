@@ -156,3 +156,44 @@ def test_a_custom_async_authenticator_sees_the_metadata() -> None:
 def test_current_identity_outside_a_call_is_a_clear_error() -> None:
     with pytest.raises(LookupError, match="only known while a call is running"):
         backchannel.current_identity()
+
+
+def test_a_result_from_another_stream_cannot_answer_a_callback_call() -> None:
+    from conftest import RawStream
+    from notifier import NOTIFIER_METHODS, Notifier, NotifierImpl
+
+    from backchannel.v1 import envelope_pb2 as pb
+
+    with backchannel.Server(callback_timeout=5) as server:
+        server.export(Notifier, NotifierImpl(greet=False), methods=NOTIFIER_METHODS)
+
+        async def body() -> None:
+            a, b = RawStream(server.address), RawStream(server.address)
+            await a.hello()
+            await b.hello()
+            listener = pb.Value(callback_value=pb.CallbackRef(id=1, interface="test.Listener"))
+            key = pb.Value(string_value="k")
+            add = pb.Call(id=1, service="test.Notifier", method="addListener", args=[key, listener])
+            await a.send(pb.Frame(call=add))
+            assert (await a.recv()).result.id == 1
+            msg = pb.Value(string_value="hi")
+            await a.send(
+                pb.Frame(
+                    call=pb.Call(id=2, service="test.Notifier", method="poke", args=[key, msg])
+                )
+            )
+            callback = (await a.recv()).call  # the provider now awaits A's answer to it
+            assert callback.callback_id == 1 and callback.method == "changed"
+            forged = pb.Result(id=callback.id, value=pb.Value(string_value="forged by B"))
+            await b.send(pb.Frame(result=forged))
+            fault = (await b.recv()).fault  # B made no such call on its stream
+            assert fault.call_id == callback.id
+            assert f"result for unknown call id {callback.id}" in fault.message
+            mine = pb.Result(id=callback.id, value=pb.Value(string_value="A's own answer"))
+            await a.send(pb.Frame(result=mine))
+            answer = (await a.recv()).result
+            assert answer.id == 2 and answer.value.string_value == "A's own answer"
+            await a.close()
+            await b.close()
+
+        run(body())

@@ -16,11 +16,13 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import gc
+import logging
 import os
 import threading
 import time
 from typing import Any
 
+import pytest
 from notifier import Listener
 
 import backchannel
@@ -196,7 +198,10 @@ def wait_until(condition: Any, timeout: float) -> bool:
     return True
 
 
-def test_fifty_consumers_five_hundred_calls_each_with_pushes_leave_nothing_behind() -> None:
+def test_fifty_consumers_five_hundred_calls_each_with_pushes_leave_nothing_behind(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, "backchannel")
     impl = SoakImpl()
     sessions_before, proxies_before = len(live(Session)), len(live(ReverseProxy))
     with backchannel.Server(max_workers=64, callback_timeout=30) as server:
@@ -211,6 +216,13 @@ def test_fifty_consumers_five_hundred_calls_each_with_pushes_leave_nothing_behin
         baseline = rss_bytes()
 
         soak_round(server.address, impl, calls=CALLS, pushes=PUSHES, burst=BURST)
+        faults = [
+            record.getMessage()
+            for record in caplog.records
+            if "protocol mistake" in record.getMessage()
+            or "reports a protocol fault" in record.getMessage()
+        ]
+        assert faults == []  # well-behaved peers under load never break the protocol
 
         assert wait_until(lambda: core.session_count == 0, 5)  # every stream closed
         assert core._sessions == set()
