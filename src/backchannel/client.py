@@ -351,8 +351,10 @@ class AsyncClient:
             except TransportError:
                 self._backoff.failed()
                 # a new channel next time: gRPC's own reconnect backoff (up to minutes)
-                # would otherwise refuse our attempts after the provider is back
-                await self._drop_channel()
+                # would otherwise refuse our attempts after the provider is back; but not
+                # while a going-away stream still finishes its calls on this channel
+                if session is None or session.cause is not None:
+                    await self._drop_channel()
                 raise
             self._backoff.succeeded()
             return session
