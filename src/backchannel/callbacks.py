@@ -21,6 +21,8 @@ import contextvars
 import functools
 import inspect
 import threading
+import types
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -32,6 +34,7 @@ from backchannel.errors import (
     EncodeError,
     InvalidArguments,
     MethodNotFound,
+    StreamBroken,
     TooManyCallbacks,
     UnknownCallback,
 )
@@ -56,11 +59,23 @@ def parent_in(session: Session, current: tuple[Session, int] | None) -> int:
     return 0
 
 
-def limit_error(service: str, limit: int, live: int, adding: int) -> TooManyCallbacks:
-    """The error for a call that would pass a service's callback limit."""
+#: what a callback limit counts against: one exported service, (name, group, version)
+ServiceKey = tuple[str, str, str]
+
+
+def service_label(key: ServiceKey) -> str:
+    """An exported service in words, for messages: ``name (group='g', version='1')``."""
+    name, group, version = key
+    extras = [f"{k}={v!r}" for k, v in (("group", group), ("version", version)) if v]
+    return f"{name} ({', '.join(extras)})" if extras else name
+
+
+def limit_error(service: ServiceKey, limit: int, live: int, adding: int) -> TooManyCallbacks:
+    """The error for a call that would pass an exported service's callback limit."""
     return TooManyCallbacks(
-        f"{service} allows at most {limit} live callback instance{'s' if limit != 1 else ''} "
-        f"per stream; {live} {'is' if live == 1 else 'are'} live and this call adds {adding}. "
+        f"{service_label(service)} allows at most {limit} live callback "
+        f"instance{'s' if limit != 1 else ''} per stream; "
+        f"{live} {'is' if live == 1 else 'are'} live and this call adds {adding}. "
         "Release some (client.release(listener) or a remover method), or raise the "
         "limit with export(..., callbacks=N)"
     )
@@ -76,8 +91,8 @@ class ExportedCallback:
     id: int
     obj: object
     interface: InterfaceSpec | None
-    #: the services whose callback limit this instance counts against
-    services: set[str] = field(default_factory=set)
+    #: the exported services (name, group, version) whose limit this instance counts against
+    services: set[ServiceKey] = field(default_factory=set)
     #: calls to one instance run one at a time, in arrival order
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     #: the incoming call id that holds ``lock`` now (0 when none)
@@ -92,7 +107,7 @@ class ConsumerCallbacks:
         self._pool = pool
         self._by_id: dict[int, ExportedCallback] = {}
         self._by_object: dict[int, ExportedCallback] = {}  # id(obj) is safe: we hold obj
-        self._per_service: collections.Counter[str] = collections.Counter()
+        self._per_service: collections.Counter[ServiceKey] = collections.Counter()
         self._next_id = 1
 
     def __len__(self) -> int:
@@ -105,15 +120,16 @@ class ConsumerCallbacks:
     def encode_args(
         self,
         method: MethodSpec,
-        service: str,
+        service: ServiceKey,
         args: Sequence[object],
         info: pb.MethodInfo | None,
         limit: int | None,
     ) -> tuple[list[pb.Value], list[ExportedCallback], list[ExportedCallback]]:
         """Encode a forward call's arguments, exporting its callback arguments.
 
-        Returns (values, instances newly exported by this call, instances it removes).
-        Nothing is exported when this raises.
+        ``service`` is the exported service the call goes to: its limit counts the
+        instances passed to it. Returns (values, instances newly exported by this call,
+        instances it removes). Nothing is exported when this raises.
         """
         callbacks, removers = declared_arguments(method, info)
         where = f"{method.qualname}()"
@@ -128,12 +144,11 @@ class ConsumerCallbacks:
             name = f" {method.parameters[index]!r}" if index < len(method.parameters) else ""
             place = f"argument {index}{name} of {where}"
             if index in callbacks and arg is not None:
-                _check_listener(arg, place)
                 entry = self.find(arg) or next((e for e in fresh if e.obj is arg), None)
                 if entry is None:
-                    entry = ExportedCallback(
-                        self._next_id, arg, _listener_interface(method, index, arg)
-                    )
+                    interface = _listener_interface(method, index, arg)
+                    _check_listener(arg, place, interface)
+                    entry = ExportedCallback(self._next_id, arg, interface)
                     self._next_id += 1
                     fresh.append(entry)
                 if entry not in involved:
@@ -175,6 +190,17 @@ class ConsumerCallbacks:
                 del self._per_service[service]
         entry.obj = None
 
+    def drop(self, entries: Sequence[ExportedCallback], tell_peer: bool = False) -> None:
+        """Un-export instances; with ``tell_peer``, send the provider a Release for each
+        that was live, so both tables agree (the provider ignores ids it does not hold)."""
+        for entry in entries:
+            live = entry.id in self._by_id
+            self.remove(entry)
+            if tell_peer and live:
+                self._session.connection.send_release(entry.id)
+        if tell_peer:
+            self._session.flush()
+
     def remove_id(self, callback_id: int) -> None:
         """Un-export the instance with this id, if it is live (the provider released it)."""
         entry = self._by_id.get(callback_id)
@@ -199,24 +225,51 @@ class ConsumerCallbacks:
         args = codec.decode_args(call.args, where)
         if entry.holder and entry.holder in self._session.ancestors(call.parent_id):
             # re-entrant: the call that holds this instance is waiting for this one
-            return await self._invoke(function, args, call, where)
-        async with entry.lock:
-            entry.holder = call.id
-            try:
-                return await self._invoke(function, args, call, where)
-            finally:
-                entry.holder = 0
+            return await self._invoke(function, args, where, None)
+        await entry.lock.acquire()
+        entry.holder = call.id
+        thread: list[concurrent.futures.Future[Any]] = []
+        try:
+            return await self._invoke(function, args, where, thread)
+        finally:
+            if thread and not thread[0].done():
+                # cancelled (timed out, the provider gave up) while a plain listener still
+                # runs in its thread: the next call to this instance waits until it ends
+                loop = asyncio.get_running_loop()
+                thread[0].add_done_callback(
+                    lambda _: _call_soon(loop, self._unlock, entry, call.id)
+                )
+            else:
+                self._unlock(entry, call.id)
+
+    @staticmethod
+    def _unlock(entry: ExportedCallback, call_id: int) -> None:
+        if entry.holder == call_id:
+            entry.holder = 0
+        entry.lock.release()
 
     async def _invoke(
-        self, function: Callable[..., Any], args: list[object], call: pb.Call, where: str
+        self,
+        function: Callable[..., Any],
+        args: list[object],
+        where: str,
+        thread: list[concurrent.futures.Future[Any]] | None,
     ) -> pb.Value:
         if inspect.iscoroutinefunction(function):
             result = await function(*args)
         else:
             context = contextvars.copy_context()
-            work = functools.partial(context.run, function, *args)
-            result = await asyncio.get_running_loop().run_in_executor(self._pool, work)
+            running = self._pool.submit(context.run, function, *args)
+            if thread is not None:
+                thread.append(running)
+            result = await asyncio.wrap_future(running)
         return codec.encode(result, f"the result of {where}")
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, function: Callable[..., None], *args: Any) -> None:
+    """Run ``function`` on ``loop`` (from any thread); nothing when the loop is closed."""
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(function, *args)
 
 
 def declared_arguments(
@@ -265,18 +318,54 @@ def _encode_plain(arg: object, place: str, index: int) -> pb.Value:
 
 
 def _looks_like_listener(arg: object) -> bool:
-    return any(callable(getattr(arg, name, None)) for name in dir(arg) if not name.startswith("_"))
+    """True when the object's class (or a base, ``object`` aside) defines public methods
+    of its own in Python: a listener, not a value of a type the codec lacks (a datetime,
+    a set)."""
+    if isinstance(arg, type) or not hasattr(type(arg), "__mro__"):
+        return False
+    return any(
+        not name.startswith("_") and (inspect.isfunction(value) or isinstance(value, staticmethod))
+        for klass in type(arg).__mro__[:-1]
+        for name, value in vars(klass).items()
+    )
 
 
-def _check_listener(arg: object, place: str) -> None:
-    if isinstance(arg, str | bytes | int | float | bool | list | tuple | dict):
+def _check_listener(arg: object, place: str, interface: InterfaceSpec | None) -> None:
+    """Refuse, before anything is sent, what cannot be the declared listener."""
+    if isinstance(arg, str | bytes | int | float | bool | list | tuple | dict | set):
         raise InvalidArguments(
             f"{place} is declared a callback; pass a listener object, not {type(arg).__name__}"
         )
+    if interface is None:
+        return
+    missing = [name for name in interface.methods if not callable(getattr(arg, name, None))]
+    if missing:
+        raise InvalidArguments(
+            f"{place} is declared a callback of interface {interface.name}, but the "
+            f"{type(arg).__name__} passed does not implement "
+            f"{', '.join(name + '()' for name in missing)}; give it "
+            f"{'that method' if len(missing) == 1 else 'those methods'} (or subclass "
+            f"{interface.cls.__name__})"
+        )
+
+
+def listener_interface(method: MethodSpec, index: int) -> InterfaceSpec | None:
+    """The interface a callback argument is annotated with (``X`` or ``X | None``), if any."""
+    hint = method.parameter_type(index)
+    for candidate in typing.get_args(hint) if _is_union(hint) else (hint,):
+        if isinstance(candidate, type):
+            spec = find_interface_spec(candidate)
+            if spec is not None:
+                return spec
+    return None
+
+
+def _is_union(hint: object) -> bool:
+    return typing.get_origin(hint) in (typing.Union, types.UnionType)
 
 
 def _listener_interface(method: MethodSpec, index: int, arg: object) -> InterfaceSpec | None:
-    return method.listener_interface(index) or find_interface_spec(type(arg))
+    return listener_interface(method, index) or find_interface_spec(type(arg))
 
 
 def _interface_name(entry: ExportedCallback) -> str:
@@ -331,13 +420,13 @@ class ReverseProxy:
         self._labels: dict[str, str] = {}
         if spec is not None:
             for name, method in spec.methods.items():
-                setattr(self, name, functools.partial(self._call, name, method.one_way))
+                setattr(self, name, functools.partial(self._call, name, method))
 
     def __getattr__(self, name: str) -> Callable[..., Any]:
         # only for listeners of no known interface: any public method name may be called
         if name.startswith("_") or self.__dict__.get("_spec") is not None:
             raise AttributeError(name)
-        return functools.partial(self._call, name, False)
+        return functools.partial(self._call, name, None)
 
     def __repr__(self) -> str:
         state = f"gone: {self._gone}" if self._gone else "live"
@@ -378,23 +467,53 @@ class ReverseProxy:
                 f"the callback instance ended ({self._gone})"
             )
 
-    def _call(self, method: str, one_way: bool, *args: Any) -> Any:
+    def _call(self, method: str, spec: MethodSpec | None, *args: Any, **kwargs: Any) -> Any:
+        if spec is not None:
+            args = spec.bind(args, kwargs)  # InvalidArguments (a TypeError) saying what
+        elif kwargs:
+            raise InvalidArguments(
+                f"{self._interface_name or 'callback'} #{self._id}.{method}(): keyword "
+                f"arguments ({', '.join(kwargs)}) cannot travel to a listener of no known "
+                "interface; pass them positionally"
+            )
+        one_way = spec.one_way if spec is not None else False
         self._check_alive(method)
         session = self._table.session
         parent = parent_in(session, CURRENT_CALL.get())
         if session.in_loop_thread():
-            return self._start(method, one_way, args, parent)
+            return self._start(method, one_way, args, parent, chain=True)
         try:
             return wait_on_loop(session.loop, lambda: self._start(method, one_way, args, parent))
         except ChannelClosed:  # the loop is closed: so is the stream
             self._ended("the stream ended")
             self._check_alive(method)
             raise
+        except StreamBroken as exc:  # the stream ended while the call was in flight
+            raise self._gone_error(method, exc) from exc
+
+    def _gone_error(self, method: str, cause: BaseException) -> CallbackGone:
+        """The stream ended under a call: the instance is gone (CallbackGone, not the bare
+        StreamBroken, so a push loop that catches CallbackGone drops the listener)."""
+        self._ended(f"the stream ended: {cause}")
+        return CallbackGone(
+            f"{self._interface_name or 'callback'} #{self._id}.{method}(): the callback "
+            f"instance ended while the call was in flight ({cause})"
+        )
 
     def _start(
-        self, method: str, one_way: bool, args: tuple[Any, ...], parent: int
+        self,
+        method: str,
+        one_way: bool,
+        args: tuple[Any, ...],
+        parent: int,
+        chain: bool = False,
     ) -> asyncio.Future[Any]:
-        """On the loop: send the call now, return a future for its decoded outcome."""
+        """On the loop: send the call now, return a future for its decoded outcome.
+
+        With ``chain`` (the caller awaits on the loop), the future is one of our own that
+        turns a StreamBroken into CallbackGone; results still settle it without an extra
+        loop turn.
+        """
         self._check_alive(method)
         where = self._labels.get(method)
         if where is None:
@@ -406,13 +525,46 @@ class ReverseProxy:
             method=method, args=values, callback_id=self._id, parent_id=parent, one_way=one_way
         )
         session = self._table.session
+        table = self._table
+        outer: asyncio.Future[Any] | None = session.loop.create_future() if chain else None
 
         def decode(result: pb.Result) -> Any:
             if result.HasField("error"):
-                raise codec.decode_error(result.error, session.error_types)
-            return codec.decode(result.value, f"the result of {where}")
+                error = codec.decode_error(result.error, session.error_types)
+                if isinstance(error, CallbackGone):  # the consumer no longer has it
+                    table.release(call.callback_id)
+                if outer is not None and not outer.done():
+                    outer.set_exception(error)
+                raise error
+            value = codec.decode(result.value, f"the result of {where}")
+            if outer is not None and not outer.done():
+                outer.set_result(value)
+            return value
 
-        return session.start_call(call, self._table.timeout, label=where, decode=decode)
+        inner = session.start_call(call, self._table.timeout, label=where, decode=decode)
+        if outer is None:
+            return inner
+
+        def settle(done: asyncio.Future[Any]) -> None:  # what decode did not settle
+            exc = None if done.cancelled() else done.exception()  # retrieved, always
+            if outer.done():
+                return
+            if done.cancelled():
+                outer.cancel()
+            elif isinstance(exc, StreamBroken):
+                outer.set_exception(self._gone_error(method, exc))
+            elif exc is not None:
+                outer.set_exception(exc)
+            else:
+                outer.set_result(done.result())
+
+        def abandoned(done: asyncio.Future[Any]) -> None:
+            if done.cancelled() and not inner.done():
+                inner.cancel()
+
+        inner.add_done_callback(settle)
+        outer.add_done_callback(abandoned)
+        return outer
 
 
 class ProviderCallbacks:
@@ -422,23 +574,27 @@ class ProviderCallbacks:
         self.session = session
         self.timeout = timeout
         self._proxies: dict[int, ReverseProxy] = {}
-        self._service: dict[int, str] = {}
-        self._per_service: collections.Counter[str] = collections.Counter()
+        #: the exported services each live instance counts against (as on the consumer)
+        self._services: dict[int, set[ServiceKey]] = {}
+        self._per_service: collections.Counter[ServiceKey] = collections.Counter()
 
     def __len__(self) -> int:
         return len(self._proxies)
 
     def decode_args(
-        self, method: MethodSpec, export_name: str, limit: int, values: Sequence[pb.Value]
+        self, method: MethodSpec, service: ServiceKey, limit: int, values: Sequence[pb.Value]
     ) -> tuple[list[object], Callable[[], None], list[ReverseProxy]]:
         """Decode a forward call's arguments, making proxies for its callback arguments.
 
-        Returns (args, commit, removed): nothing is registered until ``commit()`` runs,
-        so a call that fails before its method starts leaves the table as it was.
+        ``service`` is the export the call targets; its limit counts the instances
+        passed to it. Returns (args, commit, removed): nothing is registered until
+        ``commit()`` runs, so a call that fails before its method starts leaves the
+        table as it was (:meth:`refuse` then tells the consumer).
         """
         where = f"{method.qualname}()"
         args: list[object] = []
         fresh: dict[int, ReverseProxy] = {}
+        involved: dict[int, ReverseProxy] = {}
         removed: list[ReverseProxy] = []
         for index, value in enumerate(values):
             place = f"argument {index} of {where}"
@@ -451,9 +607,10 @@ class ProviderCallbacks:
                     )
                 proxy = self._proxies.get(ref.id) or fresh.get(ref.id)
                 if proxy is None:
-                    spec = method.listener_interface(index)
+                    spec = listener_interface(method, index)
                     proxy = ReverseProxy(self, ref.id, ref.interface or _name(spec), spec)
                     fresh[ref.id] = proxy
+                involved[ref.id] = proxy
                 args.append(proxy)
             elif index in method.removers and kind == "callback_value":
                 proxy = self._proxies.get(value.callback_value.id)
@@ -468,28 +625,49 @@ class ProviderCallbacks:
                 raise InvalidArguments(f"{place} is declared a callback; got a {kind} value")
             else:
                 args.append(codec.decode(value, place))
-        if fresh:
-            live = self._per_service[export_name]
-            if live + len(fresh) > limit:
-                raise limit_error(export_name, limit, live, len(fresh))
+        counted = [i for i in involved if service not in self._services.get(i, ())]
+        if counted:
+            live = self._per_service[service]
+            if live + len(counted) > limit:
+                raise limit_error(service, limit, live, len(counted))
 
         def commit() -> None:
             for callback_id, proxy in fresh.items():
                 self._proxies[callback_id] = proxy
-                self._service[callback_id] = export_name
-                self._per_service[export_name] += 1
+                self._services[callback_id] = set()
+            for callback_id in counted:
+                services = self._services.get(callback_id)
+                if services is not None and service not in services:
+                    services.add(service)
+                    self._per_service[service] += 1
 
         return args, commit, removed
+
+    def refuse(self, method: MethodSpec, values: Sequence[pb.Value]) -> None:
+        """A forward call failed before its method ran: send the consumer a Release for
+        each callback it carried that is not live here, so the consumer un-exports what
+        the provider never took (the call's Result follows the Releases)."""
+        ids = {
+            value.callback_value.id
+            for index, value in enumerate(values)
+            if index in method.callbacks and value.WhichOneof("kind") == "callback_value"
+        }
+        ids.discard(0)
+        refused = sorted(ids - self._proxies.keys())
+        for callback_id in refused:
+            self.session.connection.send_release(callback_id)
+        if refused:
+            self.session.flush()
 
     def release(self, callback_id: int, tell_peer: bool = False) -> None:
         """End one instance (idempotent); with ``tell_peer``, send Release to the consumer."""
         proxy = self._proxies.pop(callback_id, None)
         if proxy is None:
             return
-        service = self._service.pop(callback_id)
-        self._per_service[service] -= 1
-        if not self._per_service[service]:
-            del self._per_service[service]
+        for service in self._services.pop(callback_id, ()):
+            self._per_service[service] -= 1
+            if not self._per_service[service]:
+                del self._per_service[service]
         proxy._ended("released")
         if tell_peer:
             self.session.connection.send_release(callback_id)
@@ -500,7 +678,7 @@ class ProviderCallbacks:
         for proxy in self._proxies.values():
             proxy._ended(why)
         self._proxies.clear()
-        self._service.clear()
+        self._services.clear()
         self._per_service.clear()
 
 

@@ -45,12 +45,13 @@ T = TypeVar("T")
 
 CONNECT_PATH = "/backchannel.v1.Envelope/Connect"
 
-# error codes that mean the provider refused the call before its method ran, so
-# callback instances the call would have exported were not
-_NOT_RUN = frozenset(
-    {pb.INVALID_ARGUMENT, pb.NOT_FOUND, pb.UNIMPLEMENTED, pb.RESOURCE_EXHAUSTED}
-    | {pb.FAILED_PRECONDITION, pb.UNAVAILABLE}
-)
+# errors a call gets when the provider refused it before looking at its arguments (the
+# stream's own refusals), so it did not take the callbacks the call carried; the consumer
+# drops them and tells the provider (the provider itself sends a Release for each
+# callback it refuses after reading the arguments)
+_REFUSED_UNREAD = frozenset({"backchannel.RemoteProtocolError", "backchannel.ShuttingDown"})
+# ... and these too when the provider did not announce the method in its handshake
+_NOT_FOUND = frozenset({"backchannel.ServiceNotFound", "backchannel.MethodNotFound"})
 
 CurrentCall = tuple[Session, int] | None
 #: a resubscribe=True call to replay: (reference, method, positional arguments)
@@ -272,8 +273,9 @@ class AsyncClient:
         service = side.services.get(key)
         info = side.methods.get((*key, method.name))
         values, fresh, removed = side.callbacks.encode_args(
-            method, ref.spec.name, positional, info, service.callbacks if service else None
+            method, key, positional, info, service.callbacks if service else None
         )
+        listeners = [entry.obj for entry in removed]  # a Release may clear entry.obj first
         call = pb.Call(
             service=ref.spec.name,
             group=ref.group,
@@ -285,26 +287,43 @@ class AsyncClient:
 
         def decode(result: pb.Result) -> Any:
             if result.HasField("error"):
-                if result.error.code in _NOT_RUN:
-                    for entry in fresh:  # the provider exported nothing: neither do we
-                        side.callbacks.remove(entry)
-                else:
-                    self._removed(side, removed)
+                # what the provider refused or removed it says with Release frames, which
+                # arrive before this Result; only refusals it sends without reading the
+                # arguments are left to us, and we tell it, so both tables agree
+                kind = result.error.type
+                if fresh and (kind in _REFUSED_UNREAD or (info is None and kind in _NOT_FOUND)):
+                    side.callbacks.drop(fresh, tell_peer=True)
+                listeners.clear()
                 raise codec.decode_error(result.error, self._error_types)
-            self._removed(side, removed)
+            self._removed(side, removed, listeners)
+            listeners.clear()  # no strong reference left behind in this closure
             if not result.HasField("value"):
                 return None
             return codec.decode(result.value, f"the result of {method.qualname}()")
 
         timeout = ref.timeouts[method.name]
         parent = parent_in(session, current)
-        return call, session.start_call(call, timeout, parent, decode=decode)
+        try:
+            future = session.start_call(call, timeout, parent, decode=decode)
+        except BaseException:  # not sent (MessageTooLarge): nothing was exported
+            side.callbacks.drop(fresh)
+            raise
+        if fresh:
 
-    def _removed(self, side: _ConsumerSide, entries: list[ExportedCallback]) -> None:
+            def unsent(done: asyncio.Future[Any]) -> None:
+                if not call.id:  # expired or cancelled while queued for a slot
+                    side.callbacks.drop(fresh)
+
+            future.add_done_callback(unsent)
+        return call, future
+
+    def _removed(
+        self, side: _ConsumerSide, entries: list[ExportedCallback], listeners: list[object]
+    ) -> None:
         """Un-export what a remover call removed, and forget its subscriptions."""
-        for entry in entries:
-            self._forget(entry.obj)
-            side.callbacks.remove(entry)
+        for listener in listeners:
+            self._forget(listener)
+        side.callbacks.drop(entries)
 
     def _forget(self, listener: object) -> None:
         """Drop the subscriptions that carry ``listener``: it is not to be replayed."""

@@ -10,9 +10,12 @@ import asyncio
 import base64
 import concurrent.futures
 import contextvars
+import dataclasses
 import functools
 import inspect
 import json
+import types
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +24,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from backchannel import codec
-from backchannel.callbacks import ProviderCallbacks, ReverseProxy
+from backchannel.callbacks import ProviderCallbacks, ReverseProxy, service_label
 from backchannel.errors import InvalidArguments, MethodNotFound, ServiceNotFound
 from backchannel.interface import InterfaceSpec, Method, MethodSpec, apply_settings, interface_spec
 from backchannel.v1 import envelope_pb2 as pb
@@ -81,8 +84,48 @@ class Export:
 
 
 def _label(name: str, group: str, version: str) -> str:
-    extras = [f"{k}={v!r}" for k, v in (("group", group), ("version", version)) if v]
-    return f"{name} ({', '.join(extras)})" if extras else name
+    return service_label((name, group, version))
+
+
+def _arguments_by_type(spec: InterfaceSpec, methods: Sequence[Method]) -> list[Method]:
+    """``methods`` with each ``Argument(type=X)`` turned into the index of the first
+    parameter annotated ``X`` or ``X | None``; annotations that cannot be resolved are a
+    clear error saying so (never a silent "no parameter is annotated")."""
+    resolved: list[Method] = []
+    for settings in methods:
+        method = spec.methods.get(settings.name)
+        if method is None or method.function is None:
+            resolved.append(settings)  # apply_settings explains what is wrong
+            continue
+        arguments = [
+            dataclasses.replace(a, index=_index_of_type(method, a.type), type=None)
+            if a.type is not None and a.index is None
+            else a
+            for a in settings.arguments
+        ]
+        resolved.append(dataclasses.replace(settings, arguments=arguments))
+    return resolved
+
+
+def _index_of_type(method: MethodSpec, wanted: type) -> int:
+    try:
+        hints = typing.get_type_hints(method.function)
+    except Exception as exc:
+        raise ValueError(
+            f"{method.qualname}: Argument(type={getattr(wanted, '__name__', wanted)}) "
+            f"picks a parameter by its annotation, but resolving the annotations of "
+            f"{method.qualname}() failed: {type(exc).__name__}: {exc}; give "
+            "Argument(index=...) instead, or make the name importable where it is defined"
+        ) from None
+    for index, name in enumerate(method.parameters):
+        hint = hints.get(name)
+        union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+        if hint is wanted or (union and wanted in typing.get_args(hint)):
+            return index
+    raise ValueError(
+        f"{method.qualname}: no parameter is annotated with {wanted!r} (or {wanted!r} | "
+        "None); Argument(type=...) picks the first parameter of that type"
+    )
 
 
 class Exports:
@@ -116,7 +159,7 @@ class Exports:
                     f"{spec.name}.{settings.name}: {', '.join(consumer_only)} are consumer "
                     "settings: give them to client.reference(), not to export()"
                 )
-        effective = apply_settings(spec, methods)
+        effective = apply_settings(spec, _arguments_by_type(spec, methods))
         if not isinstance(callbacks, int) or callbacks < 0:
             raise ValueError(f"callbacks must be an int >= 0, got {callbacks!r}")
         bound: dict[str, ExportedMethod] = {}
@@ -183,10 +226,14 @@ class Exports:
                     f"{where} takes callback arguments, which json_args cannot carry: "
                     "give args with callback_value references"
                 )
-            args, commit, removed = callbacks.decode_args(
-                spec, export.spec.name, export.callbacks, call.args
-            )
-            spec.check_count(len(args))
+            try:
+                args, commit, removed = callbacks.decode_args(
+                    spec, export.key, export.callbacks, call.args
+                )
+                spec.check_count(len(args))
+            except Exception:
+                callbacks.refuse(spec, call.args)  # the consumer un-exports them too
+                raise
             commit()
         else:
             args = (
@@ -203,8 +250,9 @@ class Exports:
                 work = functools.partial(context.run, method.function, *args)
                 result = await asyncio.get_running_loop().run_in_executor(self._pool, work)
         finally:
-            for proxy in removed:  # the consumer un-exports them when the result arrives
-                callbacks.release(proxy.callback_id)  # type: ignore[union-attr]
+            for proxy in removed:  # told, so the consumer un-exports them even when it
+                # no longer waits for the result (timed out, cancelled)
+                callbacks.release(proxy.callback_id, tell_peer=True)  # type: ignore[union-attr]
         return codec.encode(result, f"the result of {where}")
 
 
