@@ -6,7 +6,6 @@ calls the same way.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import concurrent.futures
 import contextvars
@@ -26,6 +25,7 @@ from google.protobuf.message import Message
 from backchannel import codec
 from backchannel.callbacks import ProviderCallbacks, ReverseProxy, service_label
 from backchannel.errors import InvalidArguments, MethodNotFound, ServiceNotFound
+from backchannel.handoff import run_in_pool
 from backchannel.interface import InterfaceSpec, Method, MethodSpec, apply_settings, interface_spec
 from backchannel.v1 import envelope_pb2 as pb
 
@@ -248,7 +248,7 @@ class Exports:
             else:
                 context = contextvars.copy_context()
                 work = functools.partial(context.run, method.function, *args)
-                result = await asyncio.get_running_loop().run_in_executor(self._pool, work)
+                result = await run_in_pool(self._pool, work)  # one loop wake-up per batch
         finally:
             for proxy in removed:  # told, so the consumer un-exports them even when it
                 # no longer waits for the result (timed out, cancelled)
