@@ -38,8 +38,7 @@ class Keepalive:
             raise ValueError(f"keepalive time and timeout must be > 0, got {self}")
         if self.time < MIN_KEEPALIVE_TIME:
             raise ValueError(
-                f"keepalive time must be >= {MIN_KEEPALIVE_TIME} s (MIN_KEEPALIVE_TIME), "
-                f"got {self}"
+                f"keepalive time must be >= {MIN_KEEPALIVE_TIME} s (MIN_KEEPALIVE_TIME), got {self}"
             )
 
 
