@@ -13,6 +13,7 @@ from notifier import Consumer
 
 import backchannel
 from backchannel import Argument, Method
+from backchannel.interface import interface_spec
 
 
 @backchannel.interface("decl.Listener")
@@ -247,3 +248,23 @@ def test_a_timed_out_plain_listener_still_holds_the_order(
         assert listener.overlapped == [False]  # ran after the slow call, not beside it
     finally:
         consumer.close()
+
+
+def test_a_type_declared_on_the_interface_matches_an_optional_annotation() -> None:
+    @backchannel.interface("decl.OptionalService")
+    class OptionalService:
+        @backchannel.method(arguments=[Argument(type=Listener)])
+        def add(self, key: str, listener: Listener | None) -> Any: ...
+
+    assert interface_spec(OptionalService).methods["add"].callbacks == frozenset({1})
+
+
+def test_a_type_declared_on_the_interface_that_does_not_resolve_says_so() -> None:
+    with pytest.raises(ValueError, match="resolving the annotations"):
+
+        @backchannel.interface("decl.Unresolved")
+        class Unresolved:
+            @backchannel.method(arguments=[Argument(type=Listener)])
+            def add(self, key: str, listener: NoSuchName) -> Any: ...  # type: ignore[name-defined]  # noqa: F821
+
+        interface_spec(Unresolved)

@@ -13,8 +13,6 @@ import dataclasses
 import functools
 import inspect
 import json
-import types
-import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +24,14 @@ from backchannel import codec
 from backchannel.callbacks import ProviderCallbacks, ReverseProxy, service_label
 from backchannel.errors import InvalidArguments, MethodNotFound, ServiceNotFound
 from backchannel.handoff import run_in_pool
-from backchannel.interface import InterfaceSpec, Method, MethodSpec, apply_settings, interface_spec
+from backchannel.interface import (
+    InterfaceSpec,
+    Method,
+    MethodSpec,
+    apply_settings,
+    index_of_type,
+    interface_spec,
+)
 from backchannel.v1 import envelope_pb2 as pb
 
 #: the seed's callbacks="1000": live callback instances per service per stream
@@ -98,34 +103,13 @@ def _arguments_by_type(spec: InterfaceSpec, methods: Sequence[Method]) -> list[M
             resolved.append(settings)  # apply_settings explains what is wrong
             continue
         arguments = [
-            dataclasses.replace(a, index=_index_of_type(method, a.type), type=None)
+            dataclasses.replace(a, index=index_of_type(method, a.type), type=None)
             if a.type is not None and a.index is None
             else a
             for a in settings.arguments
         ]
         resolved.append(dataclasses.replace(settings, arguments=arguments))
     return resolved
-
-
-def _index_of_type(method: MethodSpec, wanted: type) -> int:
-    try:
-        hints = typing.get_type_hints(method.function)
-    except Exception as exc:
-        raise ValueError(
-            f"{method.qualname}: Argument(type={getattr(wanted, '__name__', wanted)}) "
-            f"picks a parameter by its annotation, but resolving the annotations of "
-            f"{method.qualname}() failed: {type(exc).__name__}: {exc}; give "
-            "Argument(index=...) instead, or make the name importable where it is defined"
-        ) from None
-    for index, name in enumerate(method.parameters):
-        hint = hints.get(name)
-        union = typing.get_origin(hint) in (typing.Union, types.UnionType)
-        if hint is wanted or (union and wanted in typing.get_args(hint)):
-            return index
-    raise ValueError(
-        f"{method.qualname}: no parameter is annotated with {wanted!r} (or {wanted!r} | "
-        "None); Argument(type=...) picks the first parameter of that type"
-    )
 
 
 class Exports:

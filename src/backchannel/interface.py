@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import types
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -321,12 +322,28 @@ def _argument_index(spec: MethodSpec, argument: Argument) -> int:
                 f"its parameters are {', '.join(spec.parameters) or 'none'} (counted from 0)"
             )
         return argument.index
-    for index in range(len(spec.parameters)):
-        if spec.parameter_type(index) is argument.type:
+    return index_of_type(spec, argument.type)  # type: ignore[arg-type]
+
+
+def index_of_type(method: MethodSpec, wanted: type) -> int:
+    """The first parameter annotated ``wanted`` (or ``wanted | None``), for Argument(type=...)."""
+    try:
+        hints = typing.get_type_hints(method.function)
+    except Exception as exc:
+        raise ValueError(
+            f"{method.qualname}: Argument(type={getattr(wanted, '__name__', wanted)}) "
+            f"picks a parameter by its annotation, but resolving the annotations of "
+            f"{method.qualname}() failed: {type(exc).__name__}: {exc}; give "
+            "Argument(index=...) instead, or make the name importable where it is defined"
+        ) from None
+    for index, name in enumerate(method.parameters):
+        hint = hints.get(name)
+        union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+        if hint is wanted or (union and wanted in typing.get_args(hint)):
             return index
     raise ValueError(
-        f"{spec.qualname}: no parameter is annotated with {argument.type!r} "
-        "(Argument(type=...) picks the first parameter of that type)"
+        f"{method.qualname}: no parameter is annotated with {wanted!r} (or {wanted!r} | "
+        "None); Argument(type=...) picks the first parameter of that type"
     )
 
 
