@@ -250,6 +250,8 @@ def test_export_mistakes_are_clear_errors() -> None:
     with pytest.raises(ValueError, match="async_, onreturn are consumer settings"):
         hooked = backchannel.Method("echo", async_=True, onreturn=print)
         server.export(Echo, EchoImpl(), group="h", methods=[hooked])
+    with pytest.raises(ValueError, match="timeout are consumer settings"):
+        server.export(Echo, EchoImpl(), group="t", methods=[backchannel.Method("echo", timeout=2)])
 
 
 def test_blocking_call_from_the_loop_thread_is_refused() -> None:

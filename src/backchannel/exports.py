@@ -112,6 +112,19 @@ def _arguments_by_type(spec: InterfaceSpec, methods: Sequence[Method]) -> list[M
     return resolved
 
 
+#: Method settings that only a reference uses (a provider's callback timeout is
+#: Server(callback_timeout=...)); export() refuses them rather than ignore them
+CONSUMER_SETTINGS = (
+    "async_",
+    "oninvoke",
+    "onreturn",
+    "onthrow",
+    "retries",
+    "resubscribe",
+    "timeout",
+)
+
+
 class Exports:
     """The provider's exported services, and the code that runs calls against them."""
 
@@ -135,8 +148,8 @@ class Exports:
         for settings in methods:
             consumer_only = [
                 name
-                for name in ("async_", "oninvoke", "onreturn", "onthrow", "retries", "resubscribe")
-                if getattr(settings, name)
+                for name in CONSUMER_SETTINGS
+                if getattr(settings, name) not in (None, False, 0)
             ]
             if consumer_only:
                 raise ValueError(
