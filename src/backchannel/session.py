@@ -395,7 +395,10 @@ class Session:
     def _send(self, outgoing: Outgoing) -> None:
         call = outgoing.call
         call_id = self.connection.send_call(call, outgoing)
-        self.flush()
+        if self.connection.pending_outgoing <= 1 and not self._queue:
+            self._write_now()  # a lone call (a sequential caller): nothing to batch it with
+        else:
+            self.flush()
         if call.one_way:
             outgoing.resolve(pb.Result(id=call_id, value=codec.NULL))
             return
