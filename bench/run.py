@@ -333,7 +333,8 @@ Ratio is backchannel / raw grpc of the scenario's figure: for µs/call lower is 
 (target `<=`), for calls/s higher is better (target `>=`; a `k/s` target is also a floor
 for backchannel's own figure). Each figure is the median of {rounds} runs, interleaved
 with the raw figures (`--rounds`); single runs on this small shared machine vary by
-2-3x, so compare ratios rather than absolute figures.
+2-3x, so compare ratios rather than absolute figures. Where a target is not met, what
+limits it and what was tried is in [performance-notes.md](performance-notes.md).
 
 ## How it is measured
 
