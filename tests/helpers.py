@@ -10,6 +10,8 @@ import socket
 import subprocess
 import sys
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from backchannel.protocol import Connection, Event, Role
@@ -136,3 +138,13 @@ class Provider:
         if self.process is not None:
             self.process.kill()
             self.process.wait(5)
+
+
+def wait_until(condition: Callable[[], object], timeout: float, what: str = "") -> None:
+    """Wait, at most ``timeout`` seconds, for state that changes on another thread and
+    has no event to wait on (a provider's tables, say); fail naming ``what`` otherwise.
+    The one bounded poll of the suite: everything with an event waits on the event."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
+        time.sleep(0.01)

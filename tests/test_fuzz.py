@@ -34,6 +34,7 @@ import grpc
 import pytest
 from conftest import RawStream, run
 from google.protobuf import any_pb2
+from helpers import wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from notifier import NOTIFIER_METHODS, Notifier, NotifierImpl, SyncRecorder
@@ -779,10 +780,7 @@ def test_fuzzed_frames_never_break_the_provider_or_other_consumers(
     # what the examples exercised: fresh streams, raw bytes, checked answers, callbacks
     assert fuzzer.streams > 10 and fuzzer.garbage_sent > 0
     assert fuzzer.checked > 100 and fuzzer.provider_calls > 50
-    deadline = time.monotonic() + 2
-    while server._core.session_count and time.monotonic() < deadline:
-        time.sleep(0.01)  # polling the provider's table of streams, bounded
-    assert server._core.session_count == 0
+    wait_until(lambda: server._core.session_count == 0, 2, "the provider's streams closed")
 
 
 # ------------------------------------------------- messages that are no Frame

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from conftest import run
-from helpers import Provider, read_line
+from helpers import Provider, read_line, wait_until
 from notifier import AsyncRecorder, Notifier
 from services import Echo, EchoImpl
 
@@ -97,12 +97,14 @@ def test_sync_consumer_calls_from_many_threads_all_fail_promptly(
             calls = [pool.submit(echo.wait, 30) for _ in range(8)]
             # the sync client hands each call to its loop in order: once a later call is
             # answered, the provider has received all eight and is running them
-            deadline = time.monotonic() + 5
-            while client._core._session is None or (
-                client._core._session.connection.pending_outgoing < 8
-            ):
-                assert time.monotonic() < deadline, "the calls were never sent"
-                time.sleep(0.01)
+            wait_until(
+                lambda: (
+                    client._core._session is not None
+                    and client._core._session.connection.pending_outgoing >= 8
+                ),
+                5,
+                "the 8 calls sent",
+            )
             assert echo.add(2, 2) == 4
             killed = provider.kill()
             _done, pending = concurrent.futures.wait(calls, timeout=PROMPTLY)
@@ -149,7 +151,4 @@ def test_a_killed_consumers_running_calls_are_cancelled_on_the_provider() -> Non
         finally:
             consumer.kill()
             consumer.wait(5)
-        deadline = time.monotonic() + PROMPTLY
-        while server._core.session_count:  # its stream is gone as well
-            assert time.monotonic() < deadline, "the dead consumer's stream is still open"
-            time.sleep(0.01)
+        wait_until(lambda: not server._core.session_count, PROMPTLY, "the dead stream closed")

@@ -19,10 +19,10 @@ import gc
 import logging
 import os
 import threading
-import time
 from typing import Any
 
 import pytest
+from helpers import wait_until
 from notifier import Listener
 
 import backchannel
@@ -188,16 +188,6 @@ def live(kind: type) -> list[Any]:
     return [obj for obj in gc.get_objects() if isinstance(obj, kind)]
 
 
-def wait_until(condition: Any, timeout: float) -> bool:
-    """Poll a provider table that changes on its own loop thread, with a bound."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
-
-
 def test_fifty_consumers_five_hundred_calls_each_with_pushes_leave_nothing_behind(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -211,7 +201,7 @@ def test_fifty_consumers_five_hundred_calls_each_with_pushes_leave_nothing_behin
         # warm-up: the same shape, fewer calls, so pools, arenas and gRPC's own caches
         # have grown before memory is measured
         soak_round(server.address, impl, calls=WAVE, pushes=2, burst=BURST)
-        assert wait_until(lambda: core.session_count == 0, 5)
+        wait_until(lambda: core.session_count == 0, 5, "the provider's streams closed")
         gc.collect()
         baseline = rss_bytes()
 
@@ -224,7 +214,7 @@ def test_fifty_consumers_five_hundred_calls_each_with_pushes_leave_nothing_behin
         ]
         assert faults == []  # well-behaved peers under load never break the protocol
 
-        assert wait_until(lambda: core.session_count == 0, 5)  # every stream closed
+        wait_until(lambda: core.session_count == 0, 5, "every stream closed")
         assert core._sessions == set()
         # no stream state kept on either side, no callback table entry kept
         sessions = live(Session)
