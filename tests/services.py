@@ -91,12 +91,18 @@ class EchoImpl:
         finally:
             with self.running_changed:
                 self.running -= 1
+                self.running_changed.notify_all()
         return self.most_running
 
     def wait_running(self, count: int, timeout: float = 5) -> bool:
         """Block until ``count`` tracked calls run at once."""
         with self.running_changed:
             return self.running_changed.wait_for(lambda: self.running >= count, timeout)
+
+    def wait_idle(self, timeout: float = 5) -> bool:
+        """Block until no tracked call runs."""
+        with self.running_changed:
+            return self.running_changed.wait_for(lambda: self.running == 0, timeout)
 
     def big(self, size: int) -> bytes:
         return b"x" * size

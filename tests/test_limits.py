@@ -10,6 +10,7 @@ from typing import Any
 import grpc
 import pytest
 from conftest import RawStream, run
+from helpers import wait_until
 from notifier import Listener
 from services import Echo, EchoImpl
 
@@ -103,10 +104,8 @@ def test_one_way_calls_count_against_the_limit_until_their_work_ends(
             for fault in faults:
                 assert "runs at most 2 at once" in fault.message, fault.message
             assert await asyncio.to_thread(impl.wait_running, 2)
-            deadline = asyncio.get_running_loop().time() + 5
-            while impl.running:  # the two accepted calls end on their own
-                assert asyncio.get_running_loop().time() < deadline, "one-way calls never ended"
-                await asyncio.sleep(0.01)
+            # the two accepted calls end on their own
+            assert await asyncio.to_thread(impl.wait_idle, 5), "one-way calls never ended"
             result = await stream.call_echo(6, 42)  # their slots are free again
             assert result.value.int_value == 42
             await stream.close()
@@ -200,10 +199,10 @@ def test_a_stream_authenticated_while_stop_begins_is_told_go_away_too() -> None:
             stopping = asyncio.ensure_future(asyncio.to_thread(server.stop, 5))
             session = early._session
             assert session is not None
-            deadline = asyncio.get_running_loop().time() + 5
-            while not session.connection.peer_going_away:  # stop() told every session
-                assert asyncio.get_running_loop().time() < deadline, "no go-away arrived"
-                await asyncio.sleep(0.01)
+            # stop() told every session (a protocol flag, with no event to wait on)
+            await asyncio.to_thread(
+                wait_until, lambda: session.connection.peer_going_away, 5, "go-away arrived"
+            )
             release.set()  # the late stream joins the sessions now
             with pytest.raises(backchannel.ShuttingDown, match="shutting down"):
                 await late_call
