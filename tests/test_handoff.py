@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from backchannel.errors import ChannelClosed
-from backchannel.handoff import inbox, run_in_pool
+from backchannel.handoff import inbox, post_quietly, run_in_pool
 
 
 def test_every_post_from_many_threads_runs_once_in_each_threads_order() -> None:
@@ -85,3 +85,11 @@ def test_posting_to_a_closed_loop_is_channel_closed() -> None:
     loop.close()
     with pytest.raises(ChannelClosed):
         box.post(print)
+
+
+def test_posting_quietly_to_a_closed_loop_does_nothing() -> None:
+    loop = asyncio.new_event_loop()
+    loop.close()
+    ran: list[str] = []
+    post_quietly(loop, ran.append, "never")
+    assert ran == []

@@ -38,6 +38,7 @@ from backchannel.errors import (
     TooManyCallbacks,
     UnknownCallback,
 )
+from backchannel.handoff import post_quietly, submit
 from backchannel.interface import InterfaceSpec, MethodSpec, find_interface_spec
 from backchannel.portal import wait_on_loop
 from backchannel.v1 import envelope_pb2 as pb
@@ -228,7 +229,7 @@ class ConsumerCallbacks:
             return await self._invoke(function, args, where, None)
         await entry.lock.acquire()
         entry.holder = call.id
-        thread: list[concurrent.futures.Future[Any]] = []
+        thread: list[concurrent.futures.Future[None]] = []
         try:
             return await self._invoke(function, args, where, thread)
         finally:
@@ -237,7 +238,7 @@ class ConsumerCallbacks:
                 # runs in its thread: the next call to this instance waits until it ends
                 loop = asyncio.get_running_loop()
                 thread[0].add_done_callback(
-                    lambda _: _call_soon(loop, self._unlock, entry, call.id)
+                    lambda _: post_quietly(loop, self._unlock, entry, call.id)
                 )
             else:
                 self._unlock(entry, call.id)
@@ -253,23 +254,17 @@ class ConsumerCallbacks:
         function: Callable[..., Any],
         args: list[object],
         where: str,
-        thread: list[concurrent.futures.Future[Any]] | None,
+        thread: list[concurrent.futures.Future[None]] | None,
     ) -> pb.Value:
         if inspect.iscoroutinefunction(function):
             result = await function(*args)
         else:
             context = contextvars.copy_context()
-            running = self._pool.submit(context.run, function, *args)
+            outcome, running = submit(self._pool, functools.partial(context.run, function, *args))
             if thread is not None:
                 thread.append(running)
-            result = await asyncio.wrap_future(running)
+            result = await outcome
         return codec.encode(result, f"the result of {where}")
-
-
-def _call_soon(loop: asyncio.AbstractEventLoop, function: Callable[..., None], *args: Any) -> None:
-    """Run ``function`` on ``loop`` (from any thread); nothing when the loop is closed."""
-    with contextlib.suppress(RuntimeError):
-        loop.call_soon_threadsafe(function, *args)
 
 
 def declared_arguments(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import threading
 import weakref
 from collections.abc import Callable
@@ -73,6 +74,14 @@ def inbox(loop: asyncio.AbstractEventLoop) -> Inbox:
 def run_in_pool(pool: concurrent.futures.Executor, function: Callable[[], T]) -> asyncio.Future[T]:
     """Run ``function`` in ``pool``; the returned future (of the running loop) gets its
     outcome. Cancelling the future cancels the work if it has not started yet."""
+    return submit(pool, function)[0]
+
+
+def submit(
+    pool: concurrent.futures.Executor, function: Callable[[], T]
+) -> tuple[asyncio.Future[T], concurrent.futures.Future[None]]:
+    """:func:`run_in_pool`, also returning the pool's own future, which is done only when
+    the thread is done with ``function`` (the loop's future may be cancelled before)."""
     loop = asyncio.get_running_loop()
     future: asyncio.Future[T] = loop.create_future()
     box = inbox(loop)
@@ -87,7 +96,16 @@ def run_in_pool(pool: concurrent.futures.Executor, function: Callable[[], T]) ->
 
     submitted = pool.submit(work)
     future.add_done_callback(lambda done: submitted.cancel() if done.cancelled() else None)
-    return future
+    return future, submitted
+
+
+def post_quietly(
+    loop: asyncio.AbstractEventLoop, callback: Callable[..., None], *args: Any
+) -> None:
+    """Like ``inbox(loop).post``, but nothing happens when the loop is closed (for clean-up
+    that a closed loop no longer needs)."""
+    with contextlib.suppress(ChannelClosed):
+        inbox(loop).post(callback, *args)
 
 
 def _set_result(future: asyncio.Future[T], result: T) -> None:

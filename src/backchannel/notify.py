@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from backchannel.errors import CallCancelled
+from backchannel.handoff import run_in_pool
 from backchannel.interface import Method, MethodSpec
 
 logger = logging.getLogger("backchannel")
@@ -396,9 +397,10 @@ async def _run_async(
     if coroutine:
         result = function(*args)
     else:
-        loop = asyncio.get_running_loop()
         executor = pool.executor()
-        result = await loop.run_in_executor(executor, functools.partial(function, *args))
+        call = functools.partial(function, *args)
+        # once the pool is shut down (the client closed), hooks run inline, as in HookPool.run
+        result = call() if executor is None else await run_in_pool(executor, call)
     if inspect.isawaitable(result):
         await result
 
