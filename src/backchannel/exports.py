@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import contextvars
-import dataclasses
 import functools
 import inspect
 import json
@@ -29,7 +28,6 @@ from backchannel.interface import (
     Method,
     MethodSpec,
     apply_settings,
-    index_of_type,
     interface_spec,
 )
 from backchannel.v1 import envelope_pb2 as pb
@@ -65,7 +63,7 @@ class Export:
 
     def label(self) -> str:
         """The export in words, for messages."""
-        return _label(*self.key)
+        return service_label(self.key)
 
     def info(self) -> pb.ServiceInfo:
         """The export as the handshake and Describe show it."""
@@ -86,30 +84,6 @@ class Export:
                 for m in self.methods.values()
             ],
         )
-
-
-def _label(name: str, group: str, version: str) -> str:
-    return service_label((name, group, version))
-
-
-def _arguments_by_type(spec: InterfaceSpec, methods: Sequence[Method]) -> list[Method]:
-    """``methods`` with each ``Argument(type=X)`` turned into the index of the first
-    parameter annotated ``X`` or ``X | None``; annotations that cannot be resolved are a
-    clear error saying so (never a silent "no parameter is annotated")."""
-    resolved: list[Method] = []
-    for settings in methods:
-        method = spec.methods.get(settings.name)
-        if method is None or method.function is None:
-            resolved.append(settings)  # apply_settings explains what is wrong
-            continue
-        arguments = [
-            dataclasses.replace(a, index=index_of_type(method, a.type), type=None)
-            if a.type is not None and a.index is None
-            else a
-            for a in settings.arguments
-        ]
-        resolved.append(dataclasses.replace(settings, arguments=arguments))
-    return resolved
 
 
 #: Method settings that only a reference uses (a provider's callback timeout is
@@ -156,7 +130,7 @@ class Exports:
                     f"{spec.name}.{settings.name}: {', '.join(consumer_only)} are consumer "
                     "settings: give them to client.reference(), not to export()"
                 )
-        effective = apply_settings(spec, _arguments_by_type(spec, methods))
+        effective = apply_settings(spec, methods)
         if not isinstance(callbacks, int) or callbacks < 0:
             raise ValueError(f"callbacks must be an int >= 0, got {callbacks!r}")
         bound: dict[str, ExportedMethod] = {}
@@ -180,10 +154,10 @@ class Exports:
         export = self._by_key.get((name, group, version))
         if export is not None:
             return export
-        same_name = [_label(*key) for key in self._by_key if key[0] == name]
+        same_name = [service_label(key) for key in self._by_key if key[0] == name]
         if same_name:
             raise ServiceNotFound(
-                f"{_label(name, group, version)} is not exported here; "
+                f"{service_label((name, group, version))} is not exported here; "
                 f"{name} is exported as: {', '.join(same_name)}"
             )
         known = ", ".join(sorted({key[0] for key in self._by_key})) or "nothing"
