@@ -38,6 +38,7 @@ from backchannel.reference import Proxy, Reference
 from backchannel.session import Outgoing, Session, parse_frame, serialize
 from backchannel.settings import DEFAULT_TIMEOUT, Keepalive, Limits, channel_options
 from backchannel.v1 import envelope_pb2 as pb
+from backchannel.wiretext import wire_text
 
 logger = logging.getLogger("backchannel")
 
@@ -233,7 +234,11 @@ class AsyncClient:
                 if attempt == attempts:
                     raise
                 logger.info(
-                    "%s() failed (%s); retry %d of %d", method.qualname, exc, attempt, attempts - 1
+                    "%s() failed (%s); retry %d of %d",
+                    method.qualname,
+                    wire_text(exc),
+                    attempt,
+                    attempts - 1,
                 )
                 continue
             if method.name in ref.resubscribe:
@@ -459,7 +464,7 @@ class AsyncClient:
             try:
                 session = await self._ensure_session(self._connect_timeout)
             except (TransportError, TimeoutError) as exc:
-                logger.info("reconnecting to %s: %s", self.address, exc)
+                logger.info("reconnecting to %s: %s", self.address, wire_text(exc))
                 continue  # _ensure_session spaces the attempts
             if session is not on:  # a new stream: everything is to be replayed on it
                 # (what was subscribed on it meanwhile, by its caller, is not in this set)
@@ -475,7 +480,9 @@ class AsyncClient:
                     await self._invoke_once(ref, method, args, None)
                 except (TransportError, ShuttingDown, TimeoutError) as exc:
                     logger.warning(
-                        "resubscribing %s() failed: %s; trying again", method.qualname, exc
+                        "resubscribing %s() failed: %s; trying again",
+                        method.qualname,
+                        wire_text(exc),
                     )
                     failed = True
                     break
@@ -483,7 +490,7 @@ class AsyncClient:
                     logger.warning(
                         "resubscribing %s() was refused: %s; not replayed again",
                         method.qualname,
-                        exc,
+                        wire_text(exc),
                     )
                     self._subscriptions.pop(key, None)
                 todo.discard(key)

@@ -30,6 +30,7 @@ from backchannel.protocol import PROTOCOL_VERSION, Connection, Role
 from backchannel.session import Outgoing, Session, parse_frame, serialize
 from backchannel.settings import DEFAULT_TIMEOUT, Keepalive, Limits, channel_options
 from backchannel.v1 import envelope_pb2 as pb
+from backchannel.wiretext import wire_text
 
 logger = logging.getLogger("backchannel")
 
@@ -321,7 +322,7 @@ class AsyncServer:
             if inspect.isawaitable(identity):
                 identity = await identity
         except Unauthenticated as exc:
-            logger.info("refused %s: %s", context.peer(), exc)
+            logger.info("refused %s: %s", context.peer(), wire_text(exc))
             if stream:
                 await _refuse(context, grpc.StatusCode.UNAUTHENTICATED, str(exc))
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))

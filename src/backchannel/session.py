@@ -49,6 +49,7 @@ from backchannel.protocol import (
 )
 from backchannel.settings import Limits
 from backchannel.v1 import envelope_pb2 as pb
+from backchannel.wiretext import wire_text
 
 logger = logging.getLogger("backchannel")
 
@@ -275,7 +276,7 @@ class Session:
             elif type(event) is CancelReceived:
                 victim = self._running.pop(event.call_id, None)
                 if victim is not None:
-                    victim.cancel(f"cancelled by the peer: {event.reason}")
+                    victim.cancel(f"cancelled by the peer: {wire_text(event.reason)}")
             elif type(event) is HandshakeDone:
                 own = self._limits
                 self._peer_max_calls = min(
@@ -290,11 +291,13 @@ class Session:
             elif type(event) is ReleaseReceived:
                 self.dispatcher.released(event.callback_id)
             elif type(event) is GoAwayReceived:
-                logger.info("%s is going away: %s", self.peer, event.reason)
+                logger.info("%s is going away: %s", self.peer, wire_text(event.reason))
             elif type(event) is FaultReceived:
-                logger.warning("%s reports a protocol fault: %s", self.peer, event.message)
+                logger.warning(
+                    "%s reports a protocol fault: %s", self.peer, wire_text(event.message)
+                )
             elif type(event) is PeerMistake:
-                logger.warning("protocol mistake by %s: %s", self.peer, event.message)
+                logger.warning("protocol mistake by %s: %s", self.peer, wire_text(event.message))
 
     async def _serve(self, call: pb.Call) -> None:
         """Run one incoming call and send its result."""
@@ -474,7 +477,7 @@ class Session:
         self._outgoing_parent.clear()
         self.dispatcher.ended(cause)
         self._closed.set()
-        logger.debug("stream with %s ended: %s", self.peer, cause)
+        logger.debug("stream with %s ended: %s", self.peer, wire_text(cause))
 
     def go_away(self, reason: str) -> None:
         """Tell the peer this side accepts no new calls."""
