@@ -284,12 +284,26 @@ def test_error_whose_args_cannot_be_encoded_still_travels_with_its_message() -> 
     assert str(result) == "widget 7"
 
 
-def test_allowed_type_that_cannot_be_rebuilt_arrives_as_remote_error() -> None:
+def test_allowed_type_whose_init_wants_other_arguments_is_rebuilt_without_it() -> None:
     class NeedsTwo(Exception):
         def __init__(self, a: str, b: str) -> None:
             super().__init__(f"{a}/{b}")
 
     types = codec.ErrorTypes([NeedsTwo])
     result = error_round_trip(NeedsTwo("a", "b"), types)
+    assert type(result) is NeedsTwo
+    assert str(result) == "a/b"
+
+
+def test_allowed_type_that_cannot_be_rebuilt_arrives_as_remote_error() -> None:
+    class NewNeedsTwo(Exception):
+        def __new__(cls, a: str, b: str) -> NewNeedsTwo:
+            return super().__new__(cls, a, b)
+
+        def __init__(self, a: str, b: str) -> None:
+            super().__init__(f"{a}/{b}")
+
+    types = codec.ErrorTypes([NewNeedsTwo])
+    result = error_round_trip(NewNeedsTwo("a", "b"), types)
     assert type(result) is errors.RemoteError
     assert result.remote_message == "a/b"

@@ -8,8 +8,10 @@ registered).
 
 from __future__ import annotations
 
+import inspect
+import logging
 import traceback as traceback_module
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from google.protobuf import any_pb2, descriptor_pool, message_factory, struct_pb2
@@ -18,6 +20,9 @@ from google.protobuf.message import Message
 
 from backchannel import errors
 from backchannel.v1 import envelope_pb2 as pb
+from backchannel.wiretext import wire_text
+
+logger = logging.getLogger("backchannel")
 
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
@@ -271,8 +276,12 @@ class ErrorTypes:
     """The allow-list of exception types that cross the wire as themselves.
 
     Builtins travel by their bare name (``"ValueError"``), backchannel's own errors as
-    ``"backchannel.Name"``, and registered application types as ``"module.QualName"``.
-    A received name not on the list becomes a :class:`RemoteError`.
+    ``"backchannel.Name"``, and application types as ``"module.QualName"``. A received
+    name not on the list becomes a :class:`RemoteError`, so the *receiving* side is the
+    one that registers: the consumer for what provider methods raise, the provider for
+    what listeners raise. A registered type is rebuilt without calling its ``__init__``:
+    its args and its public attributes that are Values cross, so ``str(exc)`` and
+    ``exc.sku`` read as they did where it was raised.
     """
 
     def __init__(self, registered: Iterable[type[BaseException]] = ()) -> None:
@@ -283,7 +292,7 @@ class ErrorTypes:
             self.register(cls)
 
     def register(self, cls: type[BaseException]) -> None:
-        """Let ``cls`` arrive as itself instead of as a :class:`RemoteError`."""
+        """Let ``cls`` arrive as itself instead of as a :class:`RemoteError` (see above)."""
         if not (isinstance(cls, type) and issubclass(cls, BaseException)):
             raise TypeError(f"register() takes an exception class, got {cls!r}")
         self._by_name[self.name_of(cls)] = cls
@@ -303,7 +312,9 @@ class ErrorTypes:
 
 
 def encode_error(exc: BaseException, types: ErrorTypes, with_traceback: bool = False) -> pb.Error:
-    """Describe an exception for the wire; the traceback only when asked."""
+    """Describe an exception for the wire: its args and public attributes that are Values
+    (the rest is dropped: the message still says what happened), the traceback only when
+    asked."""
     code: int = pb.UNKNOWN
     for cls in type(exc).__mro__:
         if cls in _CODES:
@@ -318,6 +329,13 @@ def encode_error(exc: BaseException, types: ErrorTypes, with_traceback: bool = F
         error.args.extend(encode(arg, "exception argument") for arg in exc.args)
     except errors.EncodeError:
         del error.args[:]  # the message still says what happened
+    for name, value in vars(exc).items():
+        if name.startswith("_"):
+            continue  # private state, and __notes__, stay home
+        try:
+            error.attributes[name].CopyFrom(encode(value, f"exception attribute {name!r}"))
+        except errors.EncodeError:
+            del error.attributes[name]  # not a Value: this one attribute is dropped
     if with_traceback:
         error.traceback = "".join(traceback_module.format_exception(exc))
     return error
@@ -334,10 +352,59 @@ def decode_error(error: pb.Error, types: ErrorTypes) -> BaseException:
         args = decode_args(error.args, "exception")
     except errors.DecodeError:
         args = []
-    try:
-        exc = cls(*args) if args or not error.message else cls(error.message)
-    except Exception:  # an allowed type whose constructor wants something else
-        return errors.RemoteError(error.type, error.message, error.traceback)
+    if not args and error.message:
+        args = [error.message]  # the args could not travel: the message stands in
+    if cls in _KNOWN_ERRORS:
+        try:  # their constructors take their args as they are (OSError sets errno from them)
+            exc = cls(*args)
+        except Exception:
+            return errors.RemoteError(error.type, error.message, error.traceback)
+    else:
+        rebuilt = _rebuild(cls, args, error.attributes)
+        if rebuilt is None:
+            return errors.RemoteError(error.type, error.message, error.traceback)
+        exc = rebuilt
     if error.traceback:
         exc.add_note(f"remote traceback:\n{error.traceback}")
+    return exc
+
+
+_KNOWN_ERRORS = frozenset(_BUILTIN_ERRORS + _LIBRARY_ERRORS)
+
+
+def _rebuild(
+    cls: type[BaseException], args: list[object], attributes: Mapping[str, pb.Value]
+) -> BaseException | None:
+    """A registered exception as the sender had it, without calling its ``__init__``.
+
+    ``__init__`` is not called on purpose: ``args`` is what ``__init__`` passed to
+    ``BaseException`` (``Rich(sku, qty)`` passes one message), not what ``__init__``
+    takes, and it would run application code on values the peer chose. Instead the
+    instance is made with ``__new__`` (given the args, as ``BaseException.__new__``
+    takes them), ``args`` is set, and so is every public attribute that decodes and
+    that the class does not define as a method or property. None (logged, naming the
+    class and what it needs) when the class refuses that.
+    """
+    try:
+        exc = cls.__new__(cls, *args)
+        exc.args = tuple(args)
+        for name, value in attributes.items():
+            if name.startswith("_") or hasattr(inspect.getattr_static(cls, name, None), "__get__"):
+                continue  # never a private name, and never shadow a method or descriptor
+            try:
+                decoded = decode(value, f"exception attribute {name!r}")
+            except errors.DecodeError:
+                continue  # this one attribute makes no sense here: dropped
+            setattr(exc, name, decoded)
+    except Exception as failure:
+        logger.warning(
+            "registered exception %s arrived but cannot be rebuilt, so it is raised as "
+            "RemoteError: %s.__new__(cls, *args) must accept the exception's args and its "
+            "public attributes must be settable (%s: %s)",
+            ErrorTypes.name_of(cls),
+            cls.__qualname__,
+            type(failure).__name__,
+            wire_text(failure),
+        )
+        return None
     return exc

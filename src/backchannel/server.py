@@ -142,7 +142,8 @@ class AsyncServer:
         )
 
     def register_error(self, cls: type[BaseException]) -> None:
-        """Send ``cls`` under its own name so consumers that registered it get it back."""
+        """Receive ``cls`` as itself (not as RemoteError) when a consumer's listener raises
+        it. (What provider methods raise, consumers register on their side.)"""
         self._error_types.register(cls)
 
     # --------------------------------------------------------------- lifetime

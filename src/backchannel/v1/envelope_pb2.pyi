@@ -234,18 +234,27 @@ class CallbackRef(_message.Message):
     def __init__(self, id: _Optional[int] = ..., interface: _Optional[str] = ...) -> None: ...
 
 class Error(_message.Message):
-    __slots__ = ("code", "type", "message", "args", "traceback")
+    __slots__ = ("code", "type", "message", "args", "traceback", "attributes")
+    class AttributesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Value
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Value, _Mapping]] = ...) -> None: ...
     CODE_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     ARGS_FIELD_NUMBER: _ClassVar[int]
     TRACEBACK_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
     code: Code
     type: str
     message: str
     args: _containers.RepeatedCompositeFieldContainer[Value]
     traceback: str
-    def __init__(self, code: _Optional[_Union[Code, str]] = ..., type: _Optional[str] = ..., message: _Optional[str] = ..., args: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., traceback: _Optional[str] = ...) -> None: ...
+    attributes: _containers.MessageMap[str, Value]
+    def __init__(self, code: _Optional[_Union[Code, str]] = ..., type: _Optional[str] = ..., message: _Optional[str] = ..., args: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., traceback: _Optional[str] = ..., attributes: _Optional[_Mapping[str, Value]] = ...) -> None: ...
 
 class DescribeRequest(_message.Message):
     __slots__ = ()
