@@ -11,7 +11,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import read_line
 from test_grpcurl import EXAMPLES, start_example
+
+import backchannel
+from backchannel import Argument, Method
 
 
 @pytest.fixture(scope="module")
@@ -241,3 +245,71 @@ def test_serve_of_a_config_without_services_is_an_error(tmp_path: Path) -> None:
     assert result.returncode == 1
     message = f"backchannel serve: {config}: no [[service]] to serve (nothing would listen)"
     assert result.stderr == message + "\n"
+
+
+@pytest.mark.parametrize("command", [[], ["serve"], ["describe"], ["call"], ["listen"]])
+def test_help_is_plain_text(command: list[str]) -> None:
+    result = cli(*command, "--help")
+    assert result.returncode == 0 and result.stdout.startswith("usage: backchannel")
+    for markup in ("``", ":class:", ":meth:", ":func:", "::"):
+        assert markup not in result.stdout, result.stdout
+    if not command:
+        assert "backchannel listen ADDRESS SERVICE METHOD" in result.stdout  # the table
+
+
+@backchannel.interface("test.Approver")
+class Approver:
+    def approve(self, what: str) -> bool: ...
+
+
+@backchannel.interface("test.Vault")
+class Vault:
+    def open(self, approver: Approver) -> str: ...
+
+
+class VaultImpl:
+    def open(self, approver: Approver) -> str:
+        answer = approver.approve("the door")
+        return "opened" if answer is True else f"refused: {answer!r}"
+
+
+@pytest.fixture
+def vault() -> Iterator[str]:
+    with backchannel.Server("127.0.0.1:0") as server:
+        server.export(
+            Vault,
+            VaultImpl(),
+            methods=[Method("open", arguments=[Argument(index=0, callback=True)])],
+        )
+        yield server.address
+
+
+OPEN = ["test.Vault", "open", "--callback-arg", "0"]
+
+
+@pytest.mark.parametrize(
+    ("answer", "result"), [([], "refused: None"), (["--answer", "true"], "opened")]
+)
+def test_listen_answers_each_callback_with_null_or_the_answer_given(
+    vault: str, answer: list[str], result: str
+) -> None:
+    listen = subprocess.Popen(
+        [sys.executable, "-m", "backchannel", "listen", vault, *OPEN, *answer],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        first, second = read_line(listen), read_line(listen)
+    finally:
+        listen.send_signal(signal.SIGINT)
+        listen.wait(10)
+    assert json.loads(first) == {"callback": "approve", "args": ["the door"]}
+    assert json.loads(second) == {"result": result}
+
+
+def test_listen_refuses_an_answer_that_is_not_json(vault: str) -> None:
+    result = cli("listen", vault, "test.Vault", "open", "--callback-arg", "0", "--answer", "yes")
+    assert result.returncode == 2
+    assert "--answer: not JSON: 'yes'" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -5,9 +5,11 @@
     backchannel serve CONFIG                      start the providers a config file names
     backchannel describe ADDRESS                  what a provider exports, as a table
     backchannel call ADDRESS SERVICE METHOD [JSON_ARG ...]   one call, result as JSON
-    backchannel listen ADDRESS SERVICE METHOD [JSON_ARG ...] --callback-arg N
+    backchannel listen ADDRESS SERVICE METHOD [JSON_ARG ...] --callback-arg N [--answer JSON]
                                                   print every callback until Ctrl-C
-                                                  (exit 1 when the provider goes away)
+                                                  (exit 1 when the provider goes away);
+                                                  each callback returns --answer
+                                                  (default null)
 
 Mistakes (bad arguments, an unreachable address, an unknown service) print one line on
 stderr and exit non-zero, never a traceback.
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
+import re
 import sys
 import threading
 from collections.abc import Sequence
@@ -62,15 +65,35 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
+def _plain(text: str) -> str:
+    """A docstring as plain text for ``--help``: no reST markup (literals, roles, ``::``)."""
+    text = re.sub(r":[a-z]+:`~?([^`]+)`", r"\1", text)  # :class:`~a.B` -> a.B
+    text = text.replace("``", "")
+    text = re.sub(r"^::\n\n", "", text, flags=re.MULTILINE)  # a bare literal-block marker
+    return re.sub(r"::$", ":", text, flags=re.MULTILINE)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="backchannel", description=__doc__.split("\n\n")[0])
+    parser = _Parser(
+        prog="backchannel",
+        description=_plain(__doc__),
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # keep the table's layout
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser("serve", help="start the providers a config file names")
+    serve = commands.add_parser(
+        "serve",
+        help="start the providers a config file names",
+        description="Start the providers a TOML config file names; serve until Ctrl-C.",
+    )
     serve.add_argument("config", help="a TOML configuration file")
     serve.set_defaults(run=_serve)
 
-    describe = commands.add_parser("describe", help="print what a provider exports")
+    describe = commands.add_parser(
+        "describe",
+        help="print what a provider exports",
+        description="Print what the provider at ADDRESS exports, as a table.",
+    )
     describe.add_argument("address", help="HOST:PORT")
     describe.set_defaults(run=_describe)
 
@@ -78,7 +101,7 @@ def _parser() -> argparse.ArgumentParser:
         ("call", _call, "make one call and print its result as JSON"),
         ("listen", _listen, "call a method with a callback and print every callback"),
     ):
-        sub = commands.add_parser(name, help=text)
+        sub = commands.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
         sub.add_argument("address", help="HOST:PORT")
         sub.add_argument("service", help="the interface name, e.g. com.callback.CallbackService")
         sub.add_argument("method", help="the method name")
@@ -95,6 +118,14 @@ def _parser() -> argparse.ArgumentParser:
                 metavar="N",
                 help="the index (from 0) of the callback argument; the listener goes there",
             )
+            sub.add_argument(
+                "--answer",
+                type=_json_value,
+                default=None,
+                metavar="JSON",
+                help="what every callback returns, as JSON (default null); e.g. true for a "
+                "listener whose provider expects a bool",
+            )
     return parser
 
 
@@ -107,6 +138,16 @@ def _seconds(text: str) -> float:
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"must be > 0 seconds, got {text!r}")
     return value
+
+
+def _json_value(text: str) -> Any:
+    """One JSON value (argparse reports a bad one as a usage mistake)."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not JSON: {text!r} (quote strings: '\"text\"')"
+        ) from None
 
 
 def _one_line(exc: BaseException) -> str:
@@ -191,18 +232,21 @@ def _call(options: argparse.Namespace) -> int:
 
 
 class _PrintingListener:
-    """A listener of any interface: prints each callback as one JSON line."""
+    """A listener of any interface: prints each callback as one JSON line and returns
+    ``answer`` (``--answer``; None, sent as null, by default)."""
 
-    def __init__(self) -> None:
+    def __init__(self, answer: Any = None) -> None:
         self._lock = threading.Lock()
+        self._answer = answer
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
             raise AttributeError(name)
 
-        def callback(*args: Any) -> None:
+        def callback(*args: Any) -> Any:
             with self._lock:
                 print(json.dumps({"callback": name, "args": json.loads(to_json(args))}), flush=True)
+            return self._answer
 
         return callback
 
@@ -213,7 +257,7 @@ def _listen(options: argparse.Namespace) -> int:
     if not 0 <= index <= len(args):
         raise CommandError(f"--callback-arg {index} must be between 0 and {len(args)}")
     _check_callback_argument(_exports(options.address, options.timeout), options)
-    args.insert(index, _PrintingListener())
+    args.insert(index, _PrintingListener(options.answer))
     service = _dynamic_interface(options.service, options.method)
     with Client(options.address, timeout=options.timeout) as client:
         proxy: Any = client.reference(service, group=options.group, version=options.version)

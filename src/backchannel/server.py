@@ -11,6 +11,7 @@ import concurrent.futures
 import contextlib
 import inspect
 import logging
+import threading
 from collections.abc import AsyncIterator, Iterable, Sequence
 from types import TracebackType
 from typing import Any
@@ -244,10 +245,15 @@ class AsyncServer:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
 
-    async def wait_for_termination(self) -> None:
-        """Wait until the server is stopped."""
-        if self._grpc is not None:
-            await self._grpc.wait_for_termination()
+    async def wait_for_termination(self, timeout: float | None = None) -> bool:
+        """Wait until the server is stopped (by :meth:`stop` from another task), or for
+        at most ``timeout`` seconds; as grpc's, True when the timeout passed first.
+
+        Returns False at once when the server is not running (never started, or stopped).
+        """
+        if self._grpc is None:
+            return False
+        return bool(await self._grpc.wait_for_termination(timeout))
 
     # ------------------------------------------------------------- handlers
 
@@ -376,6 +382,8 @@ class Server:
             authenticator=authenticator,
         )
         self._portal: LoopThread | None = None
+        #: set by stop(): what wait_for_termination waits on (None when not running)
+        self._stopped: threading.Event | None = None
 
     def export(
         self,
@@ -412,20 +420,35 @@ class Server:
             raise RuntimeError("the server is already started")
         self._portal = LoopThread("backchannel-server")
         self._portal.run(self._core.start())
+        self._stopped = threading.Event()
 
     def stop(self, grace: float | None = None) -> None:
         """Stop serving; see :meth:`AsyncServer.stop`."""
         portal, self._portal = self._portal, None
         if portal is None:
             return
-        with contextlib.suppress(ChannelClosed):
-            portal.run(self._core.stop(grace))
-        portal.close()
+        try:
+            with contextlib.suppress(ChannelClosed):
+                portal.run(self._core.stop(grace))
+            portal.close()
+        finally:
+            stopped, self._stopped = self._stopped, None
+            if stopped is not None:
+                stopped.set()
 
-    def wait_for_termination(self) -> None:
-        """Block until the server is stopped (from another thread or by a signal)."""
-        if self._portal is not None:
-            self._portal.run(self._core.wait_for_termination())
+    def wait_for_termination(self, timeout: float | None = None) -> bool:
+        """Block until the server is stopped (by :meth:`stop` from another thread), or for
+        at most ``timeout`` seconds; as grpc's, True when the timeout passed first.
+
+        Returns False at once when the server is not running (never started, or
+        stopped). Ctrl-C interrupts the wait with KeyboardInterrupt, as usual.
+        """
+        stopped = self._stopped
+        if stopped is None:
+            return False
+        # an Event of this thread's own, not a wait on the loop: stop() closes the loop,
+        # and a wait handed to it could be left unanswered
+        return not stopped.wait(timeout)
 
     def __enter__(self) -> Server:
         self.start()
