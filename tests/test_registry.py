@@ -343,6 +343,8 @@ def test_while_zookeeper_is_down_subscribers_keep_providers_then_updates_resume(
         providers_side.register(late)
         assert subscription.providers == {known}
         assert changes == []
+        with pytest.raises(RegistryError, match="cannot subscribe .* is unreachable"):
+            consumers_side.subscribe(interface)
 
         own_zookeeper.start()
         wait_until(lambda: subscription.providers == {known, late}, 10, "updates again")
