@@ -351,3 +351,22 @@ def test_while_zookeeper_is_down_subscribers_keep_providers_then_updates_resume(
         after = provider(interface, 50053)
         providers_side.register(after)
         wait_until(lambda: after in subscription.providers, 2, "a provider added after")
+
+
+def test_a_listener_that_raises_does_not_stop_the_updates(
+    registry: ZookeeperRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    interface = fresh_interface()
+    seen: list[int] = []
+
+    def listener(providers: frozenset[ServiceURL]) -> None:
+        seen.append(len(providers))
+        raise RuntimeError("listener bug")
+
+    subscription = registry.subscribe(interface, listener)
+    registry.register(provider(interface, 50051))
+    wait_until(lambda: seen == [1], 2, "the first change")
+    registry.register(provider(interface, 50052))
+    wait_until(lambda: seen == [1, 2], 2, "the second change")
+    assert len(subscription.providers) == 2
+    assert "listener of" in caplog.text and "listener bug" in caplog.text

@@ -356,7 +356,10 @@ class Subscription:
             return
         self.providers = providers
         if self._listener is not None:
-            self._listener(providers)
+            try:
+                self._listener(providers)
+            except Exception:  # it must not stop the inbox (or kazoo's watch) it runs in
+                logger.exception("the listener of %s's providers raised", self.interface)
 
     def close(self) -> None:
         """Stop following changes."""
