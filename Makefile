@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv gen demo test lint typecheck unit bench clean
+.PHONY: venv gen demo test lint typecheck unit zookeeper bench clean
 
 $(STAMP): pyproject.toml
 	@$(PY) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "backchannel needs Python 3.11+; run make PY=python3.11 ...")'
@@ -30,7 +30,16 @@ lint: venv
 typecheck: venv
 	$(BIN)/mypy
 
-unit: venv
+# the registry tests run a real ZooKeeper: Debian's package, installed here when we can
+ZOOKEEPER_JAR := /usr/share/java/zookeeper.jar
+zookeeper:
+	@test -f $(ZOOKEEPER_JAR) || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  { DEBIAN_FRONTEND=noninteractive apt-get install -y -q zookeeper >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q zookeeper >/dev/null; }; } && \
+	  test -f $(ZOOKEEPER_JAR); } || \
+	  { echo "the tests need ZooKeeper: install Debian's zookeeper package (apt-get install zookeeper) as root"; exit 1; }
+
+unit: venv zookeeper
 	$(BIN)/pytest
 
 test: lint typecheck unit

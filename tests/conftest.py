@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Coroutine, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 import pytest
 from services import Echo, EchoImpl
+from zookeeper import ZooKeeper
+from zookeeper import missing as zookeeper_missing
 
 import backchannel
 from backchannel.v1 import envelope_pb2 as pb
@@ -85,3 +88,28 @@ class RawStream:
     async def close(self) -> None:
         self.call.cancel()
         await self.channel.close()
+
+
+@pytest.fixture(scope="session")
+def zookeeper(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ZooKeeper]:
+    """A real ZooKeeper server shared by the session's tests (which must not stop it;
+    each uses interface names of its own)."""
+    yield from _zookeeper(tmp_path_factory.mktemp("zookeeper"))
+
+
+@pytest.fixture
+def own_zookeeper(tmp_path: Path) -> Iterator[ZooKeeper]:
+    """A real ZooKeeper server of this test's own, free to stop and start again."""
+    yield from _zookeeper(tmp_path / "zookeeper")
+
+
+def _zookeeper(directory: Path) -> Iterator[ZooKeeper]:
+    why = zookeeper_missing()
+    if why:
+        pytest.fail(f"{why} (`make zookeeper` installs it)", pytrace=False)
+    server = ZooKeeper(directory)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -1,0 +1,644 @@
+"""Where providers are: service URLs in Dubbo's format, and registries that hold them.
+
+A provider registers one :class:`ServiceURL` per export; a consumer subscribes to an
+interface and keeps the current set of its providers. Two registries:
+
+* :class:`StaticRegistry` (``"127.0.0.1:50051,127.0.0.1:50052"`` or ``static://...``):
+  a fixed list, the embedded default that needs no server;
+* :class:`ZookeeperRegistry` (``zookeeper://127.0.0.1:2181``): Dubbo's own layout,
+  ``/dubbo/{interface}/providers/{URL-encoded provider URL}`` as ephemeral znodes under
+  persistent parents, so a Dubbo registry browser shows backchannel providers beside
+  Java ones.
+
+kazoo runs its own threads; nothing here blocks in them (kazoo's listeners must return
+at once) and a subscriber's listener runs on the subscriber's event loop when it gave
+one, through :mod:`backchannel.handoff`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.metadata
+import logging
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from kazoo.client import KazooClient, KazooState
+from kazoo.exceptions import (
+    ConnectionClosedError,
+    ConnectionLoss,
+    NodeExistsError,
+    NoNodeError,
+    SessionExpiredError,
+)
+from kazoo.handlers.threading import KazooTimeoutError
+from kazoo.recipe.watchers import ChildrenWatch
+from kazoo.retry import KazooRetry
+
+from backchannel.errors import BackchannelError, ChannelClosed
+from backchannel.handoff import inbox
+
+logger = logging.getLogger("backchannel.registry")
+
+# what an operation meets while ZooKeeper cannot be reached
+_UNREACHABLE = (ConnectionLoss, SessionExpiredError, ConnectionClosedError, KazooTimeoutError)
+
+PROVIDER = "provider"
+CONSUMER = "consumer"
+#: the provider URLs' scheme; a consumer's URL uses Dubbo's ``consumer://``
+PROTOCOL = "backchannel"
+#: Dubbo's default weight of a provider
+DEFAULT_WEIGHT = 100
+#: Dubbo's root znode
+DEFAULT_ROOT = "/dubbo"
+ZOOKEEPER_SCHEME = "zookeeper://"
+STATIC_SCHEME = "static://"
+
+# keys ServiceURL keeps in its own fields; every other key travels in ``parameters``
+_OWN_KEYS = frozenset(
+    {
+        "application",
+        "callbacks",
+        "category",
+        "group",
+        "interface",
+        "methods",
+        "release",
+        "side",
+        "timestamp",
+        "version",
+        "weight",
+    }
+)
+# Dubbo writes parameter values raw (URL.toFullString): these would change the URL's shape
+_UNSAFE_IN_VALUES = frozenset("&=?#/ \t\r\n")
+
+
+class RegistryError(BackchannelError):
+    """A registry could not be reached, or refused what was asked of it."""
+
+
+def release() -> str:
+    """This backchannel's version, for the URLs' ``release`` key."""
+    try:
+        return importlib.metadata.version("backchannel")
+    except importlib.metadata.PackageNotFoundError:  # running from a source tree
+        return "0+unknown"
+
+
+def encode(text: str) -> str:
+    """Java's ``URLEncoder.encode(text, "UTF-8")``, which Dubbo's ``URL.encode`` is.
+
+    It leaves letters, digits and ``.-*_`` alone and writes a space as ``+``; Python's
+    ``quote_plus`` also leaves ``~``, which Java escapes."""
+    return urllib.parse.quote_plus(text, safe="*").replace("~", "%7E")
+
+
+def decode(text: str) -> str:
+    """Java's ``URLDecoder.decode(text, "UTF-8")`` (``+`` is a space)."""
+    return urllib.parse.unquote_plus(text, errors="strict")
+
+
+def _check_value(key: str, value: str) -> str:
+    unsafe = _UNSAFE_IN_VALUES.intersection(value)
+    if unsafe:
+        raise ValueError(
+            f"the URL parameter {key}={value!r} contains {''.join(sorted(unsafe))!r}, "
+            "which Dubbo's URL format cannot carry (values are written raw)"
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class ServiceURL:
+    """One provider's (or consumer's) URL, as Dubbo writes it into the registry.
+
+    ``backchannel://{host}:{port}/{interface}?application=..&group=..&methods=a,b&...``
+    with the keys in sorted order (Dubbo's ``URL.toFullString``). Build one with
+    :meth:`provider` or :meth:`consumer`; :meth:`parse` reads any Dubbo URL, keeping the
+    keys it has no field for in ``parameters``."""
+
+    interface: str
+    host: str
+    port: int = 0
+    side: str = PROVIDER
+    application: str = ""
+    group: str = ""
+    version: str = ""
+    methods: tuple[str, ...] = ()
+    #: the provider's limit of callback instances per consumer (Dubbo's ``callbacks``)
+    callbacks: int | None = None
+    weight: int = DEFAULT_WEIGHT
+    #: when the provider started, in milliseconds since the epoch (0: not said)
+    timestamp: int = 0
+    release: str = ""
+    protocol: str = PROTOCOL
+    #: every other key, sorted, as read (a Java provider's ``dubbo``, ``pid``, ...)
+    parameters: tuple[tuple[str, str], ...] = field(default=())
+
+    @classmethod
+    def provider(
+        cls,
+        interface: str,
+        host: str,
+        port: int,
+        *,
+        application: str = "",
+        group: str = "",
+        version: str = "",
+        methods: Iterable[str] = (),
+        callbacks: int | None = None,
+        weight: int = DEFAULT_WEIGHT,
+        timestamp: int | None = None,
+    ) -> ServiceURL:
+        """A provider's URL; ``timestamp`` defaults to now."""
+        if not 0 < port < 65536:
+            raise ValueError(f"a provider URL needs a port in 1..65535, not {port}")
+        if weight < 0:
+            raise ValueError(f"a provider's weight cannot be negative ({weight})")
+        url = cls(
+            interface=interface,
+            host=host,
+            port=port,
+            side=PROVIDER,
+            application=application,
+            group=group,
+            version=version,
+            methods=tuple(methods),
+            callbacks=callbacks,
+            weight=weight,
+            timestamp=_now_ms() if timestamp is None else timestamp,
+            release=release(),
+        )
+        url.to_string()  # refuse now what could not be written later
+        return url
+
+    @classmethod
+    def consumer(
+        cls,
+        interface: str,
+        host: str,
+        *,
+        application: str = "",
+        group: str = "",
+        version: str = "",
+        methods: Iterable[str] = (),
+        timestamp: int | None = None,
+    ) -> ServiceURL:
+        """A consumer's URL: ``consumer://{host}/{interface}?...&category=consumers``."""
+        url = cls(
+            interface=interface,
+            host=host,
+            side=CONSUMER,
+            application=application,
+            group=group,
+            version=version,
+            methods=tuple(methods),
+            weight=DEFAULT_WEIGHT,
+            timestamp=_now_ms() if timestamp is None else timestamp,
+            release=release(),
+            protocol=CONSUMER,
+        )
+        url.to_string()
+        return url
+
+    @property
+    def address(self) -> str:
+        """``host:port`` (``[v6]:port``), what a consumer connects to."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}" if self.port else host
+
+    @property
+    def category(self) -> str:
+        """The znode folder it belongs in: ``providers`` or ``consumers``."""
+        return "consumers" if self.side == CONSUMER else "providers"
+
+    def query(self) -> dict[str, str]:
+        """The URL's parameters, every key as written."""
+        query = dict(self.parameters)
+        query["interface"] = self.interface
+        query["side"] = self.side
+        if self.side == CONSUMER:
+            query["category"] = "consumers"
+        else:
+            query["weight"] = str(self.weight)
+            if self.callbacks is not None:
+                query["callbacks"] = str(self.callbacks)
+        for key, value in (
+            ("application", self.application),
+            ("group", self.group),
+            ("version", self.version),
+            ("methods", ",".join(self.methods)),
+            ("release", self.release),
+        ):
+            if value:
+                query[key] = value
+        if self.timestamp:
+            query["timestamp"] = str(self.timestamp)
+        return query
+
+    def to_string(self) -> str:
+        """The URL, keys sorted and values raw, exactly as Dubbo's ``toFullString``."""
+        if not self.interface or _UNSAFE_IN_VALUES.intersection(self.interface) - {"/"}:
+            raise ValueError(f"{self.interface!r} is not an interface name a URL can carry")
+        query = "&".join(
+            f"{key}={_check_value(key, value)}" for key, value in sorted(self.query().items())
+        )
+        return f"{self.protocol}://{self.address}/{self.interface}?{query}"
+
+    __str__ = to_string
+
+    @classmethod
+    def parse(cls, text: str) -> ServiceURL:
+        """Read a URL written by :meth:`to_string` or by Dubbo (not URL-encoded)."""
+        parts = urllib.parse.urlsplit(text)
+        if not parts.scheme or not parts.hostname:
+            raise ValueError(f"not a service URL (no scheme://host): {text!r}")
+        try:
+            port = parts.port or 0
+        except ValueError as exc:
+            raise ValueError(f"not a service URL (bad port): {text!r}") from exc
+        query: dict[str, str] = {}
+        for pair in parts.query.split("&") if parts.query else ():
+            key, _, value = pair.partition("=")
+            if key:
+                query[key] = value
+        interface = query.get("interface") or parts.path.lstrip("/")
+        if not interface:
+            raise ValueError(f"not a service URL (no interface): {text!r}")
+        side = query.get("side") or (CONSUMER if parts.scheme == CONSUMER else PROVIDER)
+        return cls(
+            interface=interface,
+            host=parts.hostname,
+            port=port,
+            side=side,
+            application=query.get("application", ""),
+            group=query.get("group", ""),
+            version=query.get("version", ""),
+            methods=tuple(m for m in query.get("methods", "").split(",") if m),
+            callbacks=_int(query, "callbacks", None, text),
+            weight=_int(query, "weight", DEFAULT_WEIGHT, text) or 0,
+            timestamp=_int(query, "timestamp", 0, text) or 0,
+            release=query.get("release", ""),
+            protocol=parts.scheme,
+            parameters=tuple(sorted((k, v) for k, v in query.items() if k not in _OWN_KEYS)),
+        )
+
+    def matches(self, interface: str, group: str = "", version: str = "") -> bool:
+        """Whether a consumer of (interface, group, version) may use this provider, as
+        Dubbo's ``UrlUtils.isMatch``: ``*`` matches any group or version, and a group
+        may be a comma-separated list."""
+        if interface not in ("*", self.interface):
+            return False
+        group_ok = group == "*" or group == self.group or self.group in group.split(",")
+        return group_ok and version in ("*", self.version)
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _int(query: dict[str, str], key: str, default: int | None, text: str) -> int | None:
+    value = query.get(key)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"the URL parameter {key}={value!r} is not a number: {text!r}") from None
+
+
+Listener = Callable[[frozenset[ServiceURL]], None]
+
+
+class Subscription:
+    """A consumer's view of one service's providers: ``providers`` is the current set,
+    and the listener is told of every change after the first (with the whole new set).
+
+    With a ``loop``, both the set and the listener change on that loop only; without
+    one, in the registry's thread (then the listener must not block)."""
+
+    def __init__(
+        self,
+        interface: str,
+        group: str,
+        version: str,
+        listener: Listener | None,
+        loop: asyncio.AbstractEventLoop | None,
+        providers: frozenset[ServiceURL] = frozenset(),
+    ) -> None:
+        self.interface = interface
+        self.group = group
+        self.version = version
+        self.providers = providers
+        self.closed = False
+        self._listener = listener
+        self._loop = loop
+
+    def offer(self, urls: Iterable[ServiceURL]) -> None:
+        """From any thread: the providers are now ``urls`` (those that match are kept)."""
+        found = frozenset(u for u in urls if u.matches(self.interface, self.group, self.version))
+        if self._loop is None:
+            self._deliver(found)
+            return
+        try:
+            inbox(self._loop).post(self._deliver, found)
+        except ChannelClosed:  # the subscriber's loop is gone: nobody to tell
+            self.closed = True
+
+    def _deliver(self, providers: frozenset[ServiceURL]) -> None:
+        if self.closed or providers == self.providers:
+            return
+        self.providers = providers
+        if self._listener is not None:
+            try:
+                self._listener(providers)
+            except Exception:  # it must not stop the inbox (or kazoo's watch) it runs in
+                logger.exception("the listener of %s's providers raised", self.interface)
+
+    def close(self) -> None:
+        """Stop following changes."""
+        self.closed = True
+
+
+class Registry(Protocol):
+    """What providers register in and consumers subscribe to."""
+
+    def register(self, url: ServiceURL) -> None:
+        """Announce ``url`` (a provider's or a consumer's) until unregistered or closed."""
+
+    def unregister(self, url: ServiceURL) -> None:
+        """Withdraw ``url``; nothing happens if it is not registered."""
+
+    def subscribe(
+        self,
+        interface: str,
+        listener: Listener | None = None,
+        *,
+        group: str = "",
+        version: str = "",
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> Subscription:
+        """Follow the providers of (interface, group, version): the subscription holds
+        the current set, and ``listener`` hears of each change (on ``loop`` if given)."""
+        ...
+
+    def close(self) -> None:
+        """Withdraw everything registered through this registry and stop following."""
+
+
+class StaticRegistry:
+    """A fixed list of provider addresses (``"h1:p1,h2:p2"``, ``static://`` optional):
+    every interface is served by all of them, with Dubbo's default weight. Registering
+    only records the URL, as nobody else reads it."""
+
+    def __init__(self, addresses: str | Iterable[str]) -> None:
+        if isinstance(addresses, str):
+            text = addresses.removeprefix(STATIC_SCHEME)
+            addresses = text.split(",")
+        self.addresses = tuple(a.strip() for a in addresses if a.strip())
+        if not self.addresses:
+            raise ValueError("a static registry needs at least one host:port")
+        self._hosts = tuple(_split_address(a) for a in self.addresses)
+        self.registered: set[ServiceURL] = set()
+
+    def register(self, url: ServiceURL) -> None:
+        self.registered.add(url)
+
+    def unregister(self, url: ServiceURL) -> None:
+        self.registered.discard(url)
+
+    def subscribe(
+        self,
+        interface: str,
+        listener: Listener | None = None,
+        *,
+        group: str = "",
+        version: str = "",
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> Subscription:
+        # the list says nothing of groups and versions: the consumer's own are assumed
+        providers = frozenset(
+            ServiceURL(interface, host, port, group=group, version=version)
+            for host, port in self._hosts
+        )
+        return Subscription(interface, group, version, listener, loop, providers)
+
+    def close(self) -> None:
+        self.registered.clear()
+
+
+def _split_address(address: str) -> tuple[str, int]:
+    host, colon, port = address.rpartition(":")
+    if not colon or not port.isdigit() or not host:
+        raise ValueError(f"a static registry address must be host:port, not {address!r}")
+    return host.strip("[]"), int(port)
+
+
+class ZookeeperRegistry:
+    """Dubbo's ZooKeeper registry: ``{root}/{encoded interface}/{providers|consumers}/
+    {encoded URL}``, the last an ephemeral znode of this client's session.
+
+    On a new session (the old one expired, and its ephemeral nodes with it) every URL
+    registered is created again; ``ChildrenWatch`` sets its watch again by itself.
+    While ZooKeeper cannot be reached, subscriptions keep their last providers."""
+
+    def __init__(
+        self,
+        hosts: str,
+        *,
+        root: str = DEFAULT_ROOT,
+        session_timeout: float = 10.0,
+        connect_timeout: float = 10.0,
+        operation_timeout: float = 5.0,
+    ) -> None:
+        self.hosts = hosts.removeprefix(ZOOKEEPER_SCHEME).rstrip("/")
+        self.root = "/" + root.strip("/")
+        self._lock = threading.Lock()
+        self._registered: set[ServiceURL] = set()
+        self._subscriptions: list[Subscription] = []
+        self._closed = False
+        self._operation_timeout = operation_timeout
+        # reconnect soon after ZooKeeper comes back (kazoo's default backs off to an hour)
+        self._client: Any = KazooClient(
+            hosts=self.hosts,
+            timeout=session_timeout,
+            connection_retry=KazooRetry(max_tries=-1, delay=0.1, max_delay=1.0),
+            command_retry=KazooRetry(max_tries=3, delay=0.1, max_delay=1.0),
+        )
+        self._client.add_listener(self._state_changed)
+        try:
+            self._client.start(timeout=connect_timeout)
+        except KazooTimeoutError:
+            self._client.close()
+            raise RegistryError(
+                f"ZooKeeper at {self.hosts} did not answer within {connect_timeout} s"
+            ) from None
+
+    @property
+    def connected(self) -> bool:
+        """Whether the session is alive and the server reachable right now."""
+        return bool(self._client.connected)
+
+    @property
+    def session_id(self) -> int | None:
+        """The ZooKeeper session's id (None while disconnected)."""
+        client_id = self._client.client_id
+        return None if client_id is None else int(client_id[0])
+
+    def path_of(self, url: ServiceURL) -> str:
+        """The znode ``url`` is registered at."""
+        return f"{self._category_path(url.interface, url.category)}/{encode(url.to_string())}"
+
+    def _category_path(self, interface: str, category: str) -> str:
+        return f"{self.root}/{encode(interface)}/{category}"
+
+    def register(self, url: ServiceURL) -> None:
+        """Create ``url``'s ephemeral znode (and its persistent parents). If ZooKeeper is
+        unreachable the URL is still recorded, and created when the session is back."""
+        self._check_open()
+        with self._lock:
+            self._registered.add(url)
+        try:
+            self._create(url)
+        except _UNREACHABLE as exc:
+            logger.warning("registering %s later, ZooKeeper is unreachable: %r", url, exc)
+
+    def unregister(self, url: ServiceURL) -> None:
+        self._check_open()
+        with self._lock:
+            self._registered.discard(url)
+        try:
+            self._await(self._client.delete_async(self.path_of(url)))
+        except NoNodeError:
+            pass
+        except _UNREACHABLE as exc:  # its session's end removes it all the same
+            logger.warning("could not remove %s from ZooKeeper now: %r", url, exc)
+
+    def _create(self, url: ServiceURL) -> None:
+        # it exists if this session created it before a lost reply, or before a reconnect
+        with contextlib.suppress(NodeExistsError):
+            self._await(
+                self._client.create_async(self.path_of(url), b"", ephemeral=True, makepath=True)
+            )
+
+    def _await(self, result: Any) -> Any:
+        # kazoo queues requests while disconnected and its blocking calls wait for the
+        # reconnection without a bound: never wait longer than one operation may take
+        if not self._client.connected:
+            raise ConnectionLoss("not connected")
+        return result.get(timeout=self._operation_timeout)
+
+    def subscribe(
+        self,
+        interface: str,
+        listener: Listener | None = None,
+        *,
+        group: str = "",
+        version: str = "",
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> Subscription:
+        """Follow ``{root}/{interface}/providers`` (created if missing). Blocks for one
+        round trip to ZooKeeper, for the current set."""
+        self._check_open()
+        path = self._category_path(interface, "providers")
+        try:
+            self._await(self._client.ensure_path_async(path))
+        except _UNREACHABLE as exc:
+            raise RegistryError(
+                f"cannot subscribe to {path}: ZooKeeper {self.hosts} is unreachable ({exc!r})"
+            ) from exc
+        subscription = Subscription(interface, group, version, listener, loop)
+        first = True
+
+        def children_changed(children: list[str]) -> bool:
+            # runs in kazoo's thread: parse and hand over, never block
+            nonlocal first
+            if subscription.closed or self._closed:
+                return False  # stops the watch
+            urls = _parse_children(children, path)
+            if first:  # still inside subscribe(): no listener call for the first set
+                first = False
+                subscription.providers = frozenset(
+                    u for u in urls if u.matches(interface, group, version)
+                )
+            else:
+                subscription.offer(urls)
+            return True
+
+        ChildrenWatch(self._client, path, children_changed)
+        with self._lock:
+            self._subscriptions.append(subscription)
+        return subscription
+
+    def _state_changed(self, state: str) -> None:
+        # kazoo's connection thread: must return at once (its docs), so work is spawned
+        if state == KazooState.LOST:
+            logger.warning("ZooKeeper session at %s lost; registering again when back", self.hosts)
+        elif state == KazooState.SUSPENDED:
+            logger.info("ZooKeeper at %s unreachable; subscribers keep their providers", self.hosts)
+        elif state == KazooState.CONNECTED and not self._closed:
+            self._client.handler.spawn(self._recover)
+
+    def _recover(self) -> None:
+        # on a new session every node is gone; on the same one only those that failed are
+        # missing: creating what exists is a NodeExistsError, so both cases do the same
+        with self._lock:
+            urls = list(self._registered)
+        for url in urls:
+            try:
+                self._create(url)
+            except Exception as exc:  # the next CONNECTED tries again
+                logger.warning("could not register %s again: %r", url, exc)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ChannelClosed(f"the registry of ZooKeeper {self.hosts} is closed")
+
+    def close(self) -> None:
+        """End the session: ZooKeeper removes its ephemeral nodes at once."""
+        if self._closed:
+            return
+        self._closed = True
+        with self._lock:
+            subscriptions, self._subscriptions = self._subscriptions, []
+        for subscription in subscriptions:
+            subscription.close()
+        self._client.remove_listener(self._state_changed)
+        self._client.stop()
+        self._client.close()
+
+    def __enter__(self) -> ZookeeperRegistry:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _parse_children(children: list[str], path: str) -> list[ServiceURL]:
+    urls = []
+    for child in children:
+        try:
+            url = ServiceURL.parse(decode(child))
+        except ValueError as exc:
+            logger.warning("ignoring %s/%s: %s", path, child, exc)
+            continue
+        if url.protocol == PROTOCOL:  # a Java dubbo:// provider is not ours to call
+            urls.append(url)
+    return urls
+
+
+def open_registry(address: str, **options: Any) -> Registry:
+    """The registry an address names: ``zookeeper://host:port[,host:port]`` or a static
+    list (``static://h1:p1,h2:p2``, or just ``h1:p1,h2:p2``)."""
+    if address.startswith(ZOOKEEPER_SCHEME):
+        return ZookeeperRegistry(address, **options)
+    if "://" in address and not address.startswith(STATIC_SCHEME):
+        scheme = address.partition("://")[0]
+        raise ValueError(f"unknown registry {scheme}:// in {address!r} (zookeeper://, static://)")
+    return StaticRegistry(address)

@@ -1,0 +1,372 @@
+"""Service URLs in Dubbo's format, the static registry, and the ZooKeeper registry
+against a real ZooKeeper server (tests/zookeeper.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import urllib.parse
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from conftest import run
+from helpers import free_address, wait_until
+from kazoo.client import KazooClient
+from zookeeper import ZooKeeper
+
+from backchannel.registry import (
+    RegistryError,
+    ServiceURL,
+    StaticRegistry,
+    ZookeeperRegistry,
+    decode,
+    encode,
+    open_registry,
+    release,
+)
+
+_names = itertools.count()
+
+
+def fresh_interface() -> str:
+    """An interface name no other test on the shared server uses."""
+    return f"test.registry.Echo{next(_names)}"
+
+
+def provider(interface: str, port: int, **options: Any) -> ServiceURL:
+    options.setdefault("application", "tests")
+    return ServiceURL.provider(interface, "127.0.0.1", port, **options)
+
+
+@pytest.fixture
+def reader(zookeeper: ZooKeeper) -> Iterator[KazooClient]:
+    """A plain kazoo client, to look at the znodes as anyone else would."""
+    client = KazooClient(hosts=zookeeper.hosts)
+    client.start(timeout=10)
+    yield client
+    client.stop()
+    client.close()
+
+
+@pytest.fixture
+def registry(zookeeper: ZooKeeper) -> Iterator[ZookeeperRegistry]:
+    with ZookeeperRegistry(zookeeper.address) as registry:
+        yield registry
+
+
+# --- URLs -------------------------------------------------------------------------
+
+
+def test_provider_url_is_written_as_dubbo_writes_it_and_read_back() -> None:
+    url = ServiceURL.provider(
+        "demo.CallbackService",
+        "10.0.0.7",
+        50051,
+        application="ticker",
+        group="cn",
+        version="1.0.0",
+        methods=["addListener", "quote"],
+        callbacks=1000,
+        weight=200,
+        timestamp=1700000000000,
+    )
+    assert url.to_string() == (
+        "backchannel://10.0.0.7:50051/demo.CallbackService?application=ticker"
+        "&callbacks=1000&group=cn&interface=demo.CallbackService&methods=addListener,quote"
+        f"&release={release()}&side=provider&timestamp=1700000000000&version=1.0.0&weight=200"
+    )
+    assert ServiceURL.parse(url.to_string()) == url
+    assert url.address == "10.0.0.7:50051" and url.category == "providers"
+
+
+def test_consumer_url_has_dubbo_consumer_scheme_and_category() -> None:
+    url = ServiceURL.consumer("demo.Echo", "10.0.0.8", application="app", timestamp=5)
+    text = url.to_string()
+    assert text.startswith("consumer://10.0.0.8/demo.Echo?")
+    query = urllib.parse.parse_qs(text.partition("?")[2])
+    assert query["side"] == ["consumer"] and query["category"] == ["consumers"]
+    assert "weight" not in query
+    assert ServiceURL.parse(text) == url
+    assert url.category == "consumers"
+
+
+def test_ipv6_host_round_trips() -> None:
+    url = ServiceURL.provider("demo.Echo", "::1", 50051, timestamp=1)
+    assert url.address == "[::1]:50051"
+    assert ServiceURL.parse(url.to_string()) == url
+
+
+def test_znode_names_are_encoded_exactly_as_javas_urlencoder() -> None:
+    # the expected text is what java.net.URLEncoder.encode(text, "UTF-8") printed (Java 17)
+    text = "backchannel://[::1]:5/a.B?x=1 2&m=a,b~*_-.é!'()"
+    java = (
+        "backchannel%3A%2F%2F%5B%3A%3A1%5D%3A5%2Fa.B%3Fx%3D1+2%26m%3Da%2Cb%7E*_-.%C3%A9%21%27%28%29"
+    )
+    assert encode(text) == java
+    assert decode(java) == text
+
+
+def test_a_java_dubbo_provider_url_parses_keeping_its_own_keys() -> None:
+    text = (
+        "dubbo://192.168.1.5:20880/org.apache.dubbo.demo.DemoService?anyhost=true"
+        "&application=demo-provider&dubbo=2.0.2&interface=org.apache.dubbo.demo.DemoService"
+        "&methods=sayHello,sayHelloAsync&pid=4242&release=3.2.0&side=provider&timestamp=17"
+    )
+    url = ServiceURL.parse(text)
+    assert url.protocol == "dubbo" and url.port == 20880
+    assert url.methods == ("sayHello", "sayHelloAsync")
+    assert url.weight == 100  # Dubbo's default when the URL says none
+    assert dict(url.parameters) == {"anyhost": "true", "dubbo": "2.0.2", "pid": "4242"}
+    assert ServiceURL.parse(url.to_string()) == url
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"application": "a&b"}, "application='a&b'"),
+        ({"group": "x=y"}, "group='x=y'"),
+        ({"version": "1 0"}, "version='1 0'"),
+        ({"weight": -1}, "weight cannot be negative"),
+    ],
+)
+def test_values_a_dubbo_url_cannot_carry_are_refused(
+    options: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        provider("demo.Echo", 50051, **options)
+
+
+def test_bad_urls_are_refused_naming_the_problem() -> None:
+    with pytest.raises(ValueError, match="no scheme"):
+        ServiceURL.parse("127.0.0.1:50051/demo.Echo")
+    with pytest.raises(ValueError, match="weight='heavy' is not a number"):
+        ServiceURL.parse("backchannel://h:1/demo.Echo?weight=heavy")
+    with pytest.raises(ValueError, match="port in 1..65535"):
+        ServiceURL.provider("demo.Echo", "h", 0)
+
+
+def test_group_and_version_match_as_in_dubbo() -> None:
+    url = provider("demo.Echo", 1, group="cn", version="1.0.0")
+    assert url.matches("demo.Echo", "cn", "1.0.0")
+    assert url.matches("demo.Echo", "*", "*")
+    assert url.matches("demo.Echo", "us,cn", "1.0.0")
+    assert not url.matches("demo.Echo", "", "1.0.0")
+    assert not url.matches("demo.Echo", "cn", "2.0.0")
+    assert not url.matches("demo.Other", "cn", "1.0.0")
+
+
+# --- the static registry -----------------------------------------------------------
+
+
+def test_static_registry_serves_its_fixed_list() -> None:
+    registry = open_registry("static://127.0.0.1:50051, [::1]:50052")
+    assert isinstance(registry, StaticRegistry)
+    subscription = registry.subscribe("demo.Echo", group="cn")
+    assert {u.address for u in subscription.providers} == {"127.0.0.1:50051", "[::1]:50052"}
+    assert {u.group for u in subscription.providers} == {"cn"}
+    assert isinstance(open_registry("127.0.0.1:1,127.0.0.1:2"), StaticRegistry)
+
+
+def test_static_and_unknown_registry_addresses_are_refused_clearly() -> None:
+    with pytest.raises(ValueError, match="must be host:port, not 'nowhere'"):
+        StaticRegistry("nowhere")
+    with pytest.raises(ValueError, match="unknown registry etcd://"):
+        open_registry("etcd://127.0.0.1:2379")
+
+
+# --- ZooKeeper: layout and ephemeral nodes -------------------------------------------
+
+
+def test_registration_uses_dubbos_znode_layout(
+    registry: ZookeeperRegistry, reader: KazooClient
+) -> None:
+    interface = fresh_interface()
+    url = provider(interface, 50051, methods=["echo"], callbacks=1000)
+    consumer = ServiceURL.consumer(interface, "127.0.0.1", application="tests")
+    registry.register(url)
+    registry.register(consumer)
+
+    assert interface in reader.get_children("/dubbo")
+    (child,) = reader.get_children(f"/dubbo/{interface}/providers")
+    assert child == encode(url.to_string())
+    query = dict(urllib.parse.parse_qsl(decode(child).partition("?")[2]))
+    assert query["interface"] == interface and query["side"] == "provider"
+    assert query["methods"] == "echo" and query["weight"] == "100"
+    assert query["callbacks"] == "1000" and query["application"] == "tests"
+    assert query["release"] == release()
+    assert decode(child).startswith(f"backchannel://127.0.0.1:50051/{interface}?")
+    (consumer_child,) = reader.get_children(f"/dubbo/{interface}/consumers")
+    assert ServiceURL.parse(decode(consumer_child)) == consumer
+
+    # the URL's znode belongs to the registry's session; its parents to nobody
+    _data, stat = reader.get(registry.path_of(url))
+    assert stat.ephemeralOwner == registry.session_id
+    for parent in ("/dubbo", f"/dubbo/{interface}", f"/dubbo/{interface}/providers"):
+        assert reader.get(parent)[1].ephemeralOwner == 0, parent
+
+
+def test_nodes_vanish_when_the_registering_client_closes_or_unregisters(
+    zookeeper: ZooKeeper, reader: KazooClient
+) -> None:
+    interface = fresh_interface()
+    first, second = provider(interface, 50051), provider(interface, 50052)
+    registry = ZookeeperRegistry(zookeeper.address)
+    registry.register(first)
+    registry.register(second)
+    assert len(reader.get_children(f"/dubbo/{interface}/providers")) == 2
+    registry.unregister(first)
+    assert reader.get_children(f"/dubbo/{interface}/providers") == [encode(second.to_string())]
+    registry.close()
+    assert reader.get_children(f"/dubbo/{interface}/providers") == []
+
+
+def test_an_unreachable_zookeeper_is_reported_naming_it() -> None:
+    address = free_address()
+    with pytest.raises(RegistryError, match=f"ZooKeeper at {address} did not answer"):
+        ZookeeperRegistry(f"zookeeper://{address}", connect_timeout=0.5)
+
+
+# --- ZooKeeper: subscriptions ------------------------------------------------------------
+
+
+def test_a_subscriber_on_a_loop_sees_providers_come_and_go_within_2_s(
+    zookeeper: ZooKeeper,
+) -> None:
+    interface = fresh_interface()
+
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        changed = asyncio.Event()
+        threads: set[int] = set()
+
+        def listener(providers: frozenset[ServiceURL]) -> None:
+            threads.add(threading.get_ident())
+            changed.set()
+
+        with ZookeeperRegistry(zookeeper.address) as providers_side:
+            existing = provider(interface, 50051)
+            providers_side.register(existing)
+            with ZookeeperRegistry(zookeeper.address) as consumers_side:
+                subscription = await asyncio.to_thread(
+                    consumers_side.subscribe, interface, listener, loop=loop
+                )
+                assert subscription.providers == {existing}
+
+                added = provider(interface, 50052, weight=300)
+                await asyncio.to_thread(providers_side.register, added)
+                await asyncio.wait_for(changed.wait(), 2)
+                assert subscription.providers == {existing, added}
+                assert {u.weight for u in subscription.providers} == {100, 300}
+
+                changed.clear()
+                await asyncio.to_thread(providers_side.unregister, existing)
+                await asyncio.wait_for(changed.wait(), 2)
+                assert subscription.providers == {added}
+                assert threads == {threading.get_ident()}  # told on the loop, never elsewhere
+
+    run(body())
+
+
+def test_a_subscriber_sees_only_its_group_and_version_and_only_backchannel_urls(
+    registry: ZookeeperRegistry, reader: KazooClient
+) -> None:
+    interface = fresh_interface()
+    plain = provider(interface, 50051)
+    registry.register(plain)
+    registry.register(provider(interface, 50052, group="cn", version="1.0.0"))
+    java = f"dubbo://10.0.0.1:20880/{interface}?interface={interface}&side=provider"
+    reader.create(f"/dubbo/{interface}/providers/{encode(java)}", ephemeral=True)
+    reader.create(f"/dubbo/{interface}/providers/not-a-url", ephemeral=True)
+
+    assert registry.subscribe(interface).providers == {plain}
+    cn = registry.subscribe(interface, group="cn", version="1.0.0").providers
+    assert {u.port for u in cn} == {50052}
+    assert len(registry.subscribe(interface, group="*", version="*").providers) == 2
+
+
+def expire_session(zookeeper: ZooKeeper, registry: ZookeeperRegistry) -> None:
+    """End ``registry``'s session from the server's side: a second client joins it with
+    its id and password and closes it, as ZooKeeper's own tests expire sessions."""
+    intruder = KazooClient(hosts=zookeeper.hosts, client_id=registry._client.client_id)
+    intruder.start(timeout=10)
+    intruder.stop()
+    intruder.close()
+
+
+def test_after_session_expiry_registrations_come_back_and_subscriptions_go_on(
+    zookeeper: ZooKeeper, reader: KazooClient
+) -> None:
+    interface = fresh_interface()
+    registered = provider(interface, 50051)
+    changes: list[frozenset[ServiceURL]] = []
+    with (
+        ZookeeperRegistry(zookeeper.address) as registry,
+        ZookeeperRegistry(zookeeper.address) as other,
+    ):
+        registry.register(registered)
+        subscription = registry.subscribe(interface, changes.append)
+        old_session = registry.session_id
+
+        expire_session(zookeeper, registry)
+        wait_until(lambda: registry.session_id not in (None, old_session), 10, "a new session")
+        path = registry.path_of(registered)
+        wait_until(lambda: reader.exists(path) is not None, 5, "the provider node again")
+        assert reader.get(path)[1].ephemeralOwner == registry.session_id
+
+        added = provider(interface, 50052)
+        other.register(added)
+        wait_until(lambda: subscription.providers == {registered, added}, 2, "the new one")
+
+
+def test_while_zookeeper_is_down_subscribers_keep_providers_then_updates_resume(
+    own_zookeeper: ZooKeeper,
+) -> None:
+    interface = fresh_interface()
+    known = provider(interface, 50051)
+    with (
+        ZookeeperRegistry(own_zookeeper.address) as providers_side,
+        ZookeeperRegistry(own_zookeeper.address) as consumers_side,
+    ):
+        providers_side.register(known)
+        changes: list[frozenset[ServiceURL]] = []
+        subscription = consumers_side.subscribe(interface, changes.append)
+        assert subscription.providers == {known}
+
+        own_zookeeper.stop()
+        wait_until(lambda: not consumers_side.connected, 10, "the consumer to notice")
+        assert subscription.providers == {known}
+
+        # registering while it is down is kept, and done once it is back
+        late = provider(interface, 50052)
+        providers_side.register(late)
+        assert subscription.providers == {known}
+        assert changes == []
+        with pytest.raises(RegistryError, match="cannot subscribe .* is unreachable"):
+            consumers_side.subscribe(interface)
+
+        own_zookeeper.start()
+        wait_until(lambda: subscription.providers == {known, late}, 10, "updates again")
+        after = provider(interface, 50053)
+        providers_side.register(after)
+        wait_until(lambda: after in subscription.providers, 2, "a provider added after")
+
+
+def test_a_listener_that_raises_does_not_stop_the_updates(
+    registry: ZookeeperRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    interface = fresh_interface()
+    seen: list[int] = []
+
+    def listener(providers: frozenset[ServiceURL]) -> None:
+        seen.append(len(providers))
+        raise RuntimeError("listener bug")
+
+    subscription = registry.subscribe(interface, listener)
+    registry.register(provider(interface, 50051))
+    wait_until(lambda: seen == [1], 2, "the first change")
+    registry.register(provider(interface, 50052))
+    wait_until(lambda: seen == [1, 2], 2, "the second change")
+    assert len(subscription.providers) == 2
+    assert "listener of" in caplog.text and "listener bug" in caplog.text
