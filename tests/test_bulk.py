@@ -49,6 +49,7 @@ class Bulk:
     def table(self) -> dict[str, int]: ...
     def add(self, a: int, b: int) -> int: ...
     def size(self, value: dict[str, int]) -> int: ...
+    def echo(self, value: dict[str, int]) -> dict[str, int]: ...
 
 
 class SyncBulk:
@@ -63,6 +64,9 @@ class SyncBulk:
 
     def size(self, value: dict[str, int]) -> int:
         return len(value)
+
+    def echo(self, value: dict[str, int]) -> dict[str, int]:
+        return value
 
 
 class AsyncBulk(SyncBulk):
@@ -147,4 +151,31 @@ def test_arguments_are_decoded_off_the_loop_for_def_methods_and_bulk_data(
         assert client.reference(Bulk).size(value) == entries
     assert len(threads) == 1
     in_pool = threads[0].startswith("backchannel-provider")
+    assert in_pool == (where == "pool"), f"decoded in thread {threads[0]!r}"
+
+
+@pytest.mark.parametrize(
+    ("entries", "where"), [(10, "loop"), (20_000, "pool")], ids=["small", "big"]
+)
+def test_a_consumer_decodes_a_bulk_result_off_its_loop(
+    entries: int, where: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    threads: list[str] = []
+    decode = codec.decode
+
+    def spy(value: object, place: str, *args: object) -> object:
+        if place == "the result of test.Bulk.echo()":
+            threads.append(threading.current_thread().name)
+        return decode(value, place, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(codec, "decode", spy)
+    value = {f"key-{i}": i for i in range(entries)}
+    with (
+        backchannel.Server("127.0.0.1:0") as server,
+        backchannel.Client(server.address) as client,
+    ):
+        server.export(Bulk, SyncBulk(GatedDict(threading.Event())))
+        assert client.reference(Bulk).echo(value) == value
+    assert len(threads) == 1
+    in_pool = threads[0].startswith("backchannel-callback")
     assert in_pool == (where == "pool"), f"decoded in thread {threads[0]!r}"
