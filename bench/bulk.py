@@ -1,4 +1,5 @@
-"""The bulk-data benchmark (``make bench`` runs it after ``bench/run.py``).
+"""The bulk-data benchmark (``make bench`` runs it after ``bench/run.py``, which keeps
+the section this one writes).
 
 Three measurements, each printed as a table and written to the "Bulk data" section of
 ``docs/performance.md``:
