@@ -46,6 +46,7 @@ test: lint typecheck unit
 
 bench: venv
 	$(BIN)/python bench/run.py
+	$(BIN)/python bench/bulk.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

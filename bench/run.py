@@ -36,6 +36,7 @@ from consumer import FANOUT_PROCESSES, FIGURES
 HERE = Path(__file__).resolve().parent
 DOC = HERE.parent / "docs" / "performance.md"
 COMMAND = "make bench"
+BULK_SECTION = "## Bulk data"
 
 
 @dataclass(frozen=True)
@@ -367,7 +368,10 @@ limits it and what was tried is in [performance-notes.md](performance-notes.md).
 
 {markdown_table(DETAIL_HEADER, detail_rows(results))}
 """
-    DOC.write_text(text, encoding="utf-8")
+    # the Bulk data section is bench/bulk.py's: kept as it is
+    page = DOC.read_text(encoding="utf-8") if DOC.exists() else ""
+    bulk = page[page.index(BULK_SECTION) :] if BULK_SECTION in page else ""
+    DOC.write_text(text + ("\n" + bulk if bulk else ""), encoding="utf-8")
 
 
 def median_run(runs: list[dict[str, float]]) -> dict[str, float]:

@@ -30,13 +30,20 @@ from backchannel.errors import (
     TransportError,
     UnknownCallback,
 )
+from backchannel.handoff import run_in_pool
 from backchannel.interface import Method, MethodSpec
 from backchannel.notify import HookPool, MethodHooks, wrap_async, wrap_sync
 from backchannel.portal import LoopThread, wait_on_loop
 from backchannel.protocol import Connection, Role
 from backchannel.reference import Proxy, Reference
-from backchannel.session import Outgoing, Session, parse_frame, serialize
-from backchannel.settings import DEFAULT_TIMEOUT, Keepalive, Limits, channel_options
+from backchannel.session import Deferred, Outgoing, Session, parse_frame, serialize
+from backchannel.settings import (
+    BULK_BYTES,
+    DEFAULT_TIMEOUT,
+    Keepalive,
+    Limits,
+    channel_options,
+)
 from backchannel.v1 import envelope_pb2 as pb
 from backchannel.wiretext import wire_text
 
@@ -304,7 +311,10 @@ class AsyncClient:
             listeners.clear()  # no strong reference left behind in this closure
             if not result.HasField("value"):
                 return None
-            return codec.decode(result.value, f"the result of {method.qualname}()")
+            what = f"the result of {method.qualname}()"
+            if result.value.ByteSize() > BULK_BYTES:  # off the loop the other calls share
+                return Deferred(run_in_pool(self._pool, lambda: codec.decode(result.value, what)))
+            return codec.decode(result.value, what)
 
         timeout = ref.timeouts[method.name]
         parent = parent_in(session, current)

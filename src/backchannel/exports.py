@@ -30,6 +30,7 @@ from backchannel.interface import (
     apply_settings,
     interface_spec,
 )
+from backchannel.settings import BULK_BYTES, BULK_ITEMS
 from backchannel.v1 import envelope_pb2 as pb
 
 #: the seed's callbacks="1000": live callback instances per service per stream
@@ -175,8 +176,14 @@ class Exports:
         return export, method
 
     async def run(self, call: pb.Call, callbacks: ProviderCallbacks | None) -> pb.Value:
-        """Decode the arguments, run the method (async on the loop, sync in the pool),
-        and encode what it returned.
+        """Decode the arguments, run the method, and encode what it returned.
+
+        A ``def`` method does all three in the pool, so a big argument or result is
+        decoded and encoded there, not on the loop that serves every other stream; an
+        ``async def`` method runs on the loop, and its decoding and encoding move to the
+        pool only for bulk data (:data:`~backchannel.settings.BULK_BYTES`,
+        :data:`~backchannel.settings.BULK_ITEMS`), so small calls take no thread hop.
+        Arguments with callbacks are decoded on the loop, where the callback table is.
 
         ``callbacks`` is the stream's callback table; None on the unary Invoke, where a
         method with callback arguments cannot be called.
@@ -185,6 +192,7 @@ class Exports:
         spec = method.spec
         where = f"{spec.qualname}()"
         removed: list[ReverseProxy] = []
+        args: list[object] | None = None  # None: plain arguments, decoded where they run
         if spec.callbacks or spec.removers:
             if callbacks is None:
                 raise InvalidArguments(
@@ -206,25 +214,55 @@ class Exports:
                 callbacks.refuse(spec, call.args)  # the consumer un-exports them too
                 raise
             commit()
-        else:
-            args = (
-                json_arguments(call, where)
-                if call.json_args
-                else codec.decode_args(call.args, where)
-            )
-            spec.check_count(len(args))
+        what = f"the result of {where}"
         try:
-            if method.is_async:
-                result = await method.function(*args)
-            else:
+            if not method.is_async:
                 context = contextvars.copy_context()
-                work = functools.partial(context.run, method.function, *args)
-                result = await run_in_pool(self._pool, work)  # one loop wake-up per batch
+                work = functools.partial(
+                    context.run, _run_sync, method.function, call, spec, where, args
+                )
+                return await run_in_pool(self._pool, work)  # one loop wake-up per batch
+            if args is None:
+                if call.ByteSize() > BULK_BYTES:
+                    args = await run_in_pool(self._pool, lambda: plain_arguments(call, spec, where))
+                else:
+                    args = plain_arguments(call, spec, where)
+            result = await method.function(*args)
+            if is_bulk(result):
+                return await run_in_pool(self._pool, lambda: codec.encode(result, what))
+            return codec.encode(result, what)
         finally:
             for proxy in removed:  # told, so the consumer un-exports them even when it
                 # no longer waits for the result (timed out, cancelled)
                 callbacks.release(proxy.callback_id, tell_peer=True)  # type: ignore[union-attr]
-        return codec.encode(result, f"the result of {where}")
+
+
+def _run_sync(
+    function: Callable[..., Any],
+    call: pb.Call,
+    spec: MethodSpec,
+    where: str,
+    args: list[object] | None,
+) -> pb.Value:
+    """In a pool thread: decode the arguments (unless done already), call a ``def``
+    method, and encode its result."""
+    if args is None:
+        args = plain_arguments(call, spec, where)
+    return codec.encode(function(*args), f"the result of {where}")
+
+
+def plain_arguments(call: pb.Call, spec: MethodSpec, where: str) -> list[object]:
+    """The decoded and counted arguments of a call without callback arguments (args or
+    json_args)."""
+    args = json_arguments(call, where) if call.json_args else codec.decode_args(call.args, where)
+    spec.check_count(len(args))
+    return args
+
+
+def is_bulk(result: object) -> bool:
+    """Whether encoding ``result`` is worth a thread hop: a list, tuple or dict with more
+    than BULK_ITEMS items (encoding costs per item, not per byte)."""
+    return isinstance(result, dict | list | tuple) and len(result) > BULK_ITEMS
 
 
 def json_arguments(call: pb.Call, where: str) -> list[object]:

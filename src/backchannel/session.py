@@ -62,7 +62,8 @@ MAX_BATCH_BYTES = 1 << 20
 
 Read = Callable[[], Awaitable[Any]]
 Future = asyncio.Future[Any]
-#: turns a call's Result into what its caller gets (raising what it should raise)
+#: turns a call's Result into what its caller gets (raising what it should raise), or
+#: into a Deferred when it finishes the decoding off the loop
 Decode = Callable[[pb.Result], Any]
 Write = Callable[[bytes], Awaitable[None]]
 
@@ -548,13 +549,36 @@ class Outgoing:
         except Exception as exc:
             self.future.set_exception(exc)
         else:
-            self.future.set_result(value)
+            if type(value) is Deferred:
+                value.future.add_done_callback(self._deferred_done)
+            else:
+                self.future.set_result(value)
+
+    def _deferred_done(self, done: Future) -> None:
+        if self.future.done():
+            return
+        if done.cancelled():
+            self.future.cancel()
+        elif (exc := done.exception()) is not None:
+            self.future.set_exception(exc)
+        else:
+            self.future.set_result(done.result())
 
     def settle(self) -> None:
         """Drop its deadline: the outcome is known or no longer awaited."""
         if self.deadline is not None:
             self.deadline.cancel()
             self.deadline = None
+
+
+class Deferred:
+    """What a :data:`Decode` returns when the decoding goes on elsewhere (a bulk result,
+    decoded in a worker thread): the call's future gets this future's outcome."""
+
+    __slots__ = ("future",)
+
+    def __init__(self, future: Future) -> None:
+        self.future = future
 
 
 # wire tags: Batch.frames is field 1, Frame.batch field 8, both length-delimited

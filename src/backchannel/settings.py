@@ -14,6 +14,13 @@ DEFAULT_TIMEOUT = 1.0
 DEFAULT_MAX_CALLS_IN_FLIGHT = 1000
 #: the largest frame either side sends or accepts, in bytes (gRPC's own default)
 DEFAULT_MAX_MESSAGE_SIZE = 4 * 1024 * 1024
+#: arguments or a result bigger than this (bytes on the wire) are decoded in a worker
+#: thread, not on the event loop, where ~30 ms per MB of map or list entries would hold
+#: up every other call (bench/bulk.py); smaller ones stay on the loop's fast path
+BULK_BYTES = 64 * 1024
+#: a result of an ``async def`` method is encoded in a worker thread when it is a list,
+#: tuple or dict of more items than this (~3 ms of encoding on the loop)
+BULK_ITEMS = 1024
 #: the shortest keepalive time allowed, in seconds; every server accepts pings this often
 #: whatever its own keepalive, so a client with a short keepalive is never sent away
 MIN_KEEPALIVE_TIME = 0.1

@@ -1,0 +1,458 @@
+"""The bulk-data benchmark (``make bench`` runs it after ``bench/run.py``, which keeps
+the section this one writes).
+
+Three measurements, each printed as a table and written to the "Bulk data" section of
+``docs/performance.md``:
+
+- **stages**: in this process, the cost of every step one echo of a payload goes through,
+  timed on the library's own code paths and message classes: the consumer's codec encode,
+  the copies into ``Call`` and ``Frame``, serialization, the provider's protobuf parse and
+  codec decode, its codec encode, the copies into ``Result`` and ``Frame``, and the
+  consumer's parse and decode. The payloads are a 150k-entry ``{str: str-or-int}`` map
+  (~3.5 MB on the wire), the same data as JSON ``bytes``, and as a columnar protobuf
+  message (two repeated string fields). ``in-place encode`` is what codec.encode of the
+  map costs when it fills the ``ValueMap`` in place instead of building a ``Value`` per
+  entry and copying it in (a proposed codec change, measured here only).
+- **echo**: the wall time of ``echo(payload)`` through a sync ``Client``, against a
+  provider process (sync ``Server`` or ``AsyncServer``) whose ``echo`` is a ``def`` or an
+  ``async def`` method.
+- **blocking**: the latency of another consumer's small calls (``add(i, 1)``, one at a
+  time, on its own ``Client`` in its own process) while this process echoes the map back
+  to back, and without the bulk echoes as a baseline.
+
+``--profile DIR`` runs the AsyncServer provider of the blocking figure under cProfile (its
+loop is the main thread) and saves ``DIR/bulk-provider.prof``.
+
+Child modes (used by the parent): ``bulk.py provider sync|async`` prints its address and
+serves until SIGTERM; ``bulk.py prober ADDRESS SECONDS`` prints ``ready``, then one line of
+JSON with its latencies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf.message import Message
+
+import backchannel
+from backchannel import codec
+from backchannel.v1 import envelope_pb2 as pb
+
+HERE = Path(__file__).resolve().parent
+DOC = HERE.parent / "docs" / "performance.md"
+SECTION = "## Bulk data"
+COMMAND = "python bench/bulk.py"
+
+ENTRIES = 150_000
+ROUNDS = 3
+#: a small call slower than this (ms) was held up by the bulk call
+SLOW_MS = 50.0
+
+
+def _table_class() -> type[Message]:
+    """``bench.bulk.Table``: the map's data as two columns (what a schema would send)."""
+    file = descriptor_pb2.FileDescriptorProto(
+        name="bench_bulk.proto", package="bench.bulk", syntax="proto3"
+    )
+    table = file.message_type.add(name="Table")
+    for number, name in enumerate(("keys", "values"), start=1):
+        table.field.add(
+            name=name,
+            number=number,
+            type=descriptor_pb2.FieldDescriptorProto.TYPE_STRING,
+            label=descriptor_pb2.FieldDescriptorProto.LABEL_REPEATED,
+        )
+    pool = descriptor_pool.Default()
+    pool.Add(file)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("bench.bulk.Table"))
+
+
+Table = _table_class()
+
+
+def bulk_map(entries: int = ENTRIES) -> dict[str, object]:
+    """The payload of the issue: ``{str: str-or-int}``, ~3.5 MB as a Value."""
+    return {f"key-{i:06d}": (i if i % 2 else f"value-{i:06d}") for i in range(entries)}
+
+
+def payloads() -> dict[str, Callable[[], object]]:
+    """What is echoed, by name; each builds the same data in its own form."""
+    data = bulk_map()
+    return {
+        "map": lambda: data,
+        "json bytes": lambda: json.dumps(data).encode(),
+        "protobuf message": lambda: Table(
+            keys=list(data), values=[str(value) for value in data.values()]
+        ),
+    }
+
+
+@backchannel.interface("bench.Bulk")
+class Bulk:
+    """The bulk service: echo a payload, or add two ints (the other consumer's call)."""
+
+    def echo(self, value: object) -> object:
+        """Return ``value``."""
+        raise NotImplementedError
+
+    def add(self, a: int, b: int) -> int:
+        """a + b."""
+        raise NotImplementedError
+
+
+class SyncBulk:
+    """``def`` methods: run in the provider's thread pool."""
+
+    def echo(self, value: object) -> object:
+        """Return ``value``."""
+        return value
+
+    def add(self, a: int, b: int) -> int:
+        """a + b."""
+        return a + b
+
+
+class AsyncBulk:
+    """``async def`` methods: run on the provider's loop."""
+
+    async def echo(self, value: object) -> object:
+        """Return ``value``."""
+        return value
+
+    async def add(self, a: int, b: int) -> int:
+        """a + b."""
+        return a + b
+
+
+# ------------------------------------------------------------------ stages
+
+
+def best_ms(step: Callable[[], object], rounds: int = ROUNDS) -> tuple[float, Any]:
+    """The fastest of ``rounds`` runs of ``step`` in ms, and what it returned."""
+    best, out = float("inf"), None
+    for _ in range(rounds):
+        began = time.perf_counter()
+        out = step()
+        best = min(best, time.perf_counter() - began)
+    return best * 1e3, out
+
+
+def encode_in_place(obj: dict[str, object], target: pb.Value) -> pb.Value:
+    """The proposed codec change for a flat map: fill the ValueMap in place (no Value per
+    entry built and then copied in). Only str and int values, for the measurement."""
+    entries = target.map_value.entries
+    for key, item in obj.items():
+        if type(item) is str:
+            entries[key].string_value = item
+        else:
+            entries[key].int_value = item  # type: ignore[assignment]
+    return target
+
+
+def stages(name: str, make: Callable[[], object]) -> dict[str, float]:
+    """The cost in ms of every step of one echo of a payload, and its size in MB."""
+    obj = make()
+    where = "bench"
+    out: dict[str, float] = {}
+    out["consumer encode"], values = best_ms(lambda: codec.encode_args([obj], (), where, None))
+    out["Call(args=) copy"], call = best_ms(
+        lambda: pb.Call(id=1, service="bench.Bulk", method="echo", args=values)
+    )
+    out["Frame(call=) copy"], frame = best_ms(lambda: pb.Frame(call=call))
+    out["serialize call"], data = best_ms(frame.SerializeToString)
+    out["provider parse"], parsed = best_ms(lambda: pb.Frame.FromString(data))
+    out["provider decode"], args = best_ms(lambda: codec.decode_args(parsed.call.args, where))
+    out["provider encode"], value = best_ms(lambda: codec.encode(args[0], where))
+    out["Result(value=) copy"], result = best_ms(lambda: pb.Result(id=1, value=value))
+    out["Frame(result=) copy"], answer = best_ms(lambda: pb.Frame(result=result))
+    out["serialize result"], reply = best_ms(answer.SerializeToString)
+    out["consumer parse"], back = best_ms(lambda: pb.Frame.FromString(reply))
+    out["consumer decode"], echoed = best_ms(lambda: codec.decode(back.result.value, where))
+    if isinstance(obj, dict):
+        out["in-place encode"], filled = best_ms(lambda: encode_in_place(obj, pb.Value()))
+        if filled != values[0]:
+            raise RuntimeError("the in-place encoding differs from codec.encode's")
+    if echoed != obj:
+        raise RuntimeError(f"{name}: the stages did not round-trip the payload")
+    out["MB"] = len(data) / 1e6
+    return out
+
+
+# ------------------------------------------------------------------ processes
+
+
+def provider_main(kind: str) -> None:
+    """Child: serve Bulk (``def`` under group "sync", ``async def`` under "async")."""
+    if kind == "sync":
+        server = backchannel.Server("127.0.0.1:0", application="bulk-bench")
+        server.export(Bulk, SyncBulk(), group="sync")
+        server.export(Bulk, AsyncBulk(), group="async")
+        server.start()
+        stopped = False
+
+        def stop(signum: int, frame: object) -> None:
+            nonlocal stopped
+            stopped = True
+
+        signal.signal(signal.SIGTERM, stop)
+        print(server.address, flush=True)
+        while not stopped:
+            signal.pause()
+        server.stop()
+        return
+
+    async def serve() -> None:
+        server = backchannel.AsyncServer("127.0.0.1:0", application="bulk-bench")
+        server.export(Bulk, SyncBulk(), group="sync")
+        server.export(Bulk, AsyncBulk(), group="async")
+        await server.start()
+        stopped = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stopped.set)
+        print(server.address, flush=True)
+        await stopped.wait()
+        await server.stop()
+
+    asyncio.run(serve())
+
+
+def prober_main(address: str, seconds: float) -> None:
+    """Child: small calls one at a time for ``seconds``; print their latencies (ms)."""
+    with backchannel.Client(address, timeout=None) as client:
+        calc = client.reference(Bulk, group="async")
+        for i in range(200):  # warm up
+            calc.add(i, 1)
+        print("ready", flush=True)
+        latencies: list[float] = []
+        deadline = time.perf_counter() + seconds
+        i = 0
+        while (began := time.perf_counter()) < deadline:
+            if calc.add(i, 1) != i + 1:
+                raise RuntimeError("wrong answer")
+            latencies.append((time.perf_counter() - began) * 1e3)
+            i += 1
+    print(json.dumps(latencies), flush=True)
+
+
+@contextmanager
+def provider(kind: str, profile: Path | None = None) -> Iterator[str]:
+    """A provider process of ``kind``; yields its address."""
+    command = [sys.executable]
+    if profile is not None:
+        command += ["-m", "cProfile", "-o", str(profile)]
+    command += [str(Path(__file__)), "provider", kind]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        yield process.stdout.readline().strip()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(30)
+
+
+def latency_summary(latencies: list[float]) -> dict[str, float]:
+    """calls, p50, p99 and max of a list of ms latencies."""
+    cuts = statistics.quantiles(latencies, n=100, method="inclusive")
+    return {
+        "calls": len(latencies),
+        "p50": cuts[49],
+        "p99": cuts[98],
+        "max": max(latencies),
+        "slow": sum(1 for latency in latencies if latency > SLOW_MS),
+    }
+
+
+def probe(address: str, seconds: float, bulk: Callable[[], object] | None) -> dict[str, float]:
+    """Run a prober process for ``seconds``; meanwhile call ``bulk`` back to back (if
+    given). Returns the prober's latency summary and how many bulk calls ran."""
+    process = subprocess.Popen(
+        [sys.executable, str(Path(__file__)), "prober", address, str(seconds)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    if process.stdout.readline().strip() != "ready":
+        raise RuntimeError("the prober did not start")
+    bulk_calls = 0
+    began = time.perf_counter()
+    while bulk is not None and time.perf_counter() - began < seconds:
+        bulk()
+        bulk_calls += 1
+    latencies = json.loads(process.stdout.readline())
+    process.wait(30)
+    return {**latency_summary(latencies), "bulk calls": bulk_calls}
+
+
+def echo_figures(made: dict[str, object]) -> dict[tuple[str, str, str], float]:
+    """Median ms of ``echo(payload)``, by (provider kind, method kind, payload)."""
+    figures: dict[tuple[str, str, str], float] = {}
+    for kind in ("sync", "async"):
+        with provider(kind) as address, backchannel.Client(address, timeout=None) as client:
+            for group in ("sync", "async"):
+                bulk = client.reference(Bulk, group=group)
+                for name, obj in made.items():
+                    times = []
+                    for _ in range(ROUNDS):
+                        began = time.perf_counter()
+                        echoed = bulk.echo(obj)
+                        times.append((time.perf_counter() - began) * 1e3)
+                        if echoed != obj:
+                            raise RuntimeError(f"echo of {name} came back different")
+                    figures[(kind, group, name)] = statistics.median(times)
+    return figures
+
+
+def blocking_figures(
+    data: dict[str, object], seconds: float, profile: Path | None
+) -> dict[tuple[str, str], dict[str, float]]:
+    """The other consumer's latencies, by (provider kind, bulk method kind or "none")."""
+    figures: dict[tuple[str, str], dict[str, float]] = {}
+    for kind in ("sync", "async"):
+        prof = profile / "bulk-provider.prof" if profile is not None and kind == "async" else None
+        with provider(kind, prof) as address, backchannel.Client(address, timeout=None) as client:
+            figures[(kind, "none")] = probe(address, seconds, None)
+            for group in ("sync", "async"):
+                bulk = client.reference(Bulk, group=group)
+                figures[(kind, group)] = probe(address, seconds, lambda b=bulk: b.echo(data))
+    return figures
+
+
+# ------------------------------------------------------------------ output
+
+METHOD = {"sync": "def", "async": "async def", "none": "(no bulk call)"}
+SERVER = {"sync": "Server", "async": "AsyncServer"}
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A GitHub markdown table."""
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
+    return "\n".join(
+        [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+        + [line(r) for r in rows]
+    )
+
+
+def stage_table(all_stages: dict[str, dict[str, float]]) -> str:
+    """Stages (rows) by payload (columns), ms; and ms per MB for the map."""
+    names = list(all_stages)
+    steps = [step for step in all_stages["map"] if step != "MB"]
+    mb = all_stages["map"]["MB"]
+    rows = [
+        [
+            step,
+            *(f"{all_stages[n][step]:.1f}" if step in all_stages[n] else "-" for n in names),
+            f"{all_stages['map'][step] / mb:.1f}",
+        ]
+        for step in steps
+    ]
+    rows.append(["size (MB)", *(f"{all_stages[n]['MB']:.2f}" for n in names), ""])
+    return markdown_table(["step (ms)", *names, "map, ms per MB"], rows)
+
+
+def echo_table(figures: dict[tuple[str, str, str], float], names: list[str]) -> str:
+    """Echo wall time (ms) by provider and method (rows) and payload (columns)."""
+    rows = [
+        [SERVER[kind], METHOD[group], *(f"{figures[(kind, group, n)]:.0f}" for n in names)]
+        for kind in ("sync", "async")
+        for group in ("sync", "async")
+    ]
+    return markdown_table(["provider", "echo", *(f"{n} (ms)" for n in names)], rows)
+
+
+def blocking_table(figures: dict[tuple[str, str], dict[str, float]]) -> str:
+    """The other consumer's small-call latencies (ms) during bulk echoes."""
+    rows = [
+        [
+            SERVER[kind],
+            METHOD[group],
+            f"{f['bulk calls']:.0f}",
+            f"{f['calls']:.0f}",
+            f"{f['p50']:.1f}",
+            f"{f['p99']:.1f}",
+            f"{f['max']:.1f}",
+            f"{f['slow']:.0f}",
+        ]
+        for (kind, group), f in figures.items()
+    ]
+    header = [
+        "provider",
+        "bulk echo",
+        "bulk calls",
+        "small calls",
+        "p50 ms",
+        "p99 ms",
+        "max ms",
+        f"> {SLOW_MS:g} ms",
+    ]
+    return markdown_table(header, rows)
+
+
+def write_doc(text: str) -> None:
+    """Replace the Bulk data figures in docs/performance.md (everything after the
+    generated-figures marker of its section); the rest of the page stays."""
+    marker = "<!-- bench/bulk.py writes below this line -->"
+    page = DOC.read_text(encoding="utf-8")
+    if marker not in page:
+        raise SystemExit(f"{DOC}: no {marker!r} to write the figures under")
+    DOC.write_text(page.split(marker)[0] + marker + "\n\n" + text + "\n", encoding="utf-8")
+
+
+def main() -> None:
+    """Measure, print, and write the figures to docs/performance.md."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seconds", type=float, default=4.0, help="per blocking figure")
+    parser.add_argument("--profile", type=Path, help="save the provider's cProfile here")
+    parser.add_argument("--no-doc", action="store_true", help="do not write the docs page")
+    parser.add_argument(
+        "--only", choices=("stages", "echo", "blocking"), nargs="+", help="just these"
+    )
+    args = parser.parse_args()
+    if args.profile is not None:
+        args.profile.mkdir(parents=True, exist_ok=True)
+    wanted = args.only or ["stages", "echo", "blocking"]
+    builders = payloads()
+    made = {name: build() for name, build in builders.items()}
+    parts: list[str] = []
+    if "stages" in wanted:
+        all_stages = {name: stages(name, build) for name, build in builders.items()}
+        parts.append("### Where one echo's time goes (ms, best of 3)\n\n" + stage_table(all_stages))
+    if "echo" in wanted:
+        parts.append(
+            "### Echo through a sync Client (ms, median of 3)\n\n"
+            + echo_table(echo_figures(made), list(made))
+        )
+    if "blocking" in wanted:
+        figures = blocking_figures(made["map"], args.seconds, args.profile)  # type: ignore[arg-type]
+        parts.append(
+            f"### Another consumer's small calls during map echoes ({args.seconds:g} s each)"
+            "\n\n" + blocking_table(figures)
+        )
+    text = "\n\n".join(parts)
+    print(text)
+    if not args.no_doc and args.only is None:
+        write_doc(f"Measured by `{COMMAND}` on {time.strftime('%Y-%m-%d %H:%M')}.\n\n{text}")
+        print(f"\nwritten to {DOC.relative_to(HERE.parent)}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "provider":
+        provider_main(sys.argv[2])
+    elif len(sys.argv) > 1 and sys.argv[1] == "prober":
+        prober_main(sys.argv[2], float(sys.argv[3]))
+    else:
+        main()
