@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextvars
 import functools
 import ipaddress
+import os
 import threading
 import time
 import weakref
@@ -32,6 +33,7 @@ from backchannel.errors import RemoteError
 try:
     from opentelemetry import context as otel_context
     from opentelemetry import metrics, propagate, trace
+    from opentelemetry.metrics import _internal as metrics_internal
     from opentelemetry.propagators.textmap import Getter, Setter
     from opentelemetry.util.types import AttributeValue
 except ImportError:  # the otel extra is not installed: every hook stays off
@@ -78,6 +80,9 @@ class _State:
 
 _state = _State()
 _state_lock = threading.Lock()
+# a provider named by environment variable is made on first use of the global getter
+_TRACER_FROM_ENV = "OTEL_PYTHON_TRACER_PROVIDER" in os.environ
+_METER_FROM_ENV = "OTEL_PYTHON_METER_PROVIDER" in os.environ
 
 
 def configure(tracer_provider: Any = None, meter_provider: Any = None) -> None:
@@ -97,7 +102,13 @@ def _tracer() -> Any:
     state = _state
     if state.tracer is not None:
         return state.tracer
-    provider = state.tracer_provider or trace.get_tracer_provider()
+    provider = state.tracer_provider
+    if provider is None:
+        # the API's own getter reads os.environ on every call (~1 µs): while no global
+        # provider is set, its module variable says so for the cost of a look-up
+        if trace._TRACER_PROVIDER is None and not _TRACER_FROM_ENV:
+            return None
+        provider = trace.get_tracer_provider()
     if isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider):
         return None  # the API's default: nobody collects spans
     state.tracer = provider.get_tracer("backchannel", _version(), schema_url=SCHEMA_URL)
@@ -109,7 +120,11 @@ def _instruments() -> _Instruments | None:
     state = _state
     if state.instruments is not None:
         return state.instruments
-    provider = state.meter_provider or metrics.get_meter_provider()
+    provider = state.meter_provider
+    if provider is None:
+        if metrics_internal._METER_PROVIDER is None and not _METER_FROM_ENV:
+            return None  # as for the tracer: no global provider set
+        provider = metrics.get_meter_provider()
     # the API's default before a provider is set is a private _ProxyMeterProvider
     if isinstance(provider, metrics.NoOpMeterProvider) or type(provider).__name__.startswith(
         "_Proxy"
