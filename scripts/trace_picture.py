@@ -102,7 +102,7 @@ def svg(rows: list[tuple[int, ReadableSpan]]) -> str:
     start = min(span.start_time or 0 for _d, span in rows)
     end = max(span.end_time or 0 for _d, span in rows)
     total = max(end - start, 1)
-    label_width, bar_width, row_height, top = 430, 380, 26, 40
+    label_width, bar_width, row_height, top = 480, 380, 26, 40
     width = label_width + bar_width + 90
     height = top + row_height * len(rows) + 30
     trace_id = rows[0][1].context.trace_id if rows[0][1].context else 0
