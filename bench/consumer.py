@@ -188,6 +188,8 @@ class Figure:
     pushed: PushedRun | None = None
     clients: int = 1
     processes: int = 1
+    #: OpenTelemetry's state in both processes (bench/tracing.py); "" leaves it alone
+    tracing: str = ""
 
 
 FIGURES: dict[str, Figure] = {
@@ -195,6 +197,11 @@ FIGURES: dict[str, Figure] = {
     "raw-aio-pingpong": Figure("raw", 1, async_setup=_raw_aio_pingpong),
     "bc-async-64": Figure("backchannel", 64, async_setup=_bc_async("")),
     "raw-aio-unary-64": Figure("raw", 64, async_setup=_raw_aio_unary),
+    # the same 64 callers with OpenTelemetry not installed, installed with no provider,
+    # and the SDK tracing every call (both ends; spans dropped by a no-op exporter)
+    "bc-async-64-otel-absent": Figure("backchannel", 64, _bc_async(""), tracing="absent"),
+    "bc-async-64-otel-no-provider": Figure("backchannel", 64, _bc_async(""), tracing="no-provider"),
+    "bc-async-64-otel-sdk": Figure("backchannel", 64, _bc_async(""), tracing="sdk"),
     "bc-sync-seq": Figure("backchannel", 1, sync_setup=_bc_sync("")),
     "bc-sync-seq-def": Figure("backchannel", 1, sync_setup=_bc_sync(SYNC_GROUP)),
     "raw-sync-seq": Figure("raw", 1, sync_setup=_raw_sync_unary),

@@ -168,18 +168,44 @@ SCENARIOS = [
 ]
 
 
-def _python(script: str, *args: str, profile: Path | None, name: str) -> list[str]:
-    """The command line running ``bench/script`` (under cProfile when ``profile``)."""
+#: the tracing figures (64 callers, as scenario b): OpenTelemetry's state, the figure
+TRACING = [
+    ("not installed", "bc-async-64-otel-absent"),
+    ("installed, no provider configured", "bc-async-64-otel-no-provider"),
+    ("SDK, spans dropped by a no-op exporter", "bc-async-64-otel-sdk"),
+]
+TRACING_HEADER = ["OpenTelemetry", "calls/s", "vs not installed"]
+
+
+def tracing_rows(results: dict[str, dict[str, float]]) -> list[list[str]]:
+    """The tracing table: each state's throughput, and its ratio to 'not installed'."""
+    base = results[TRACING[0][1]]["calls_per_second"]
+    return [
+        [state, _fmt(results[name]["calls_per_second"], "throughput"),
+         f"{results[name]['calls_per_second'] / base:.3f}x"]
+        for state, name in TRACING
+    ]  # fmt: skip
+
+
+def _python(
+    script: str, *args: str, profile: Path | None, name: str, tracing: str = ""
+) -> list[str]:
+    """The command line running ``bench/script`` (under cProfile when ``profile``; with
+    OpenTelemetry in the state ``tracing`` names, through bench/tracing.py, if any)."""
     command = [sys.executable]
     if profile is not None:
         command += ["-m", "cProfile", "-o", str(profile / f"{name}.prof")]
+    if tracing:
+        command += [str(HERE / "tracing.py"), tracing]
     return [*command, str(HERE / script), *args]
 
 
 @contextlib.contextmanager
 def provider(kind: str, profile: Path | None, figure: str) -> Iterator[str]:
     """Run a provider process of ``kind``; yield the address it printed; stop it."""
-    command = _python("provider.py", kind, profile=profile, name=f"{figure}-provider")
+    tracing = FIGURES[figure].tracing
+    name = f"{figure}-provider"
+    command = _python("provider.py", kind, profile=profile, name=name, tracing=tracing)
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     try:
         assert process.stdout is not None
@@ -225,7 +251,8 @@ def measure(figure: str, warmup: float, duration: float, profile: Path | None) -
         runs = []
         for n in range(processes):
             name = f"{figure}-consumer{n if processes > 1 else ''}"
-            command = _python("consumer.py", *args, profile=profile, name=name)
+            tracing = FIGURES[figure].tracing
+            command = _python("consumer.py", *args, profile=profile, name=name, tracing=tracing)
             runs.append(stack.enter_context(consumer(command)))
         for process, out in runs:
             try:
@@ -360,6 +387,13 @@ limits it and what was tried is in [performance-notes.md](performance-notes.md).
 
 {scenarios}
 
+## Tracing overhead
+
+Scenario b (64 asyncio callers on one `AsyncClient`) with OpenTelemetry in three states,
+both processes alike (`bench/tracing.py`); see [observability.md](observability.md).
+
+{markdown_table(TRACING_HEADER, tracing_rows(results))}
+
 ## Machine
 
 {chr(10).join(f"- {item}" for item in machine())}
@@ -399,7 +433,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.profile is not None:
         args.profile.mkdir(parents=True, exist_ok=True)
-    figures = args.only or dict.fromkeys(n for s in SCENARIOS for n in (s.backchannel, s.raw))
+    figures = args.only or [
+        *dict.fromkeys(n for s in SCENARIOS for n in (s.backchannel, s.raw)),
+        *(name for _state, name in TRACING),
+    ]
     # rounds interleave backchannel and raw figures, so a noisy moment on a shared
     # machine hits both sides of a ratio alike; the median run of each figure is kept
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in figures}
@@ -410,8 +447,13 @@ def main() -> None:
     results = {name: median_run(found) for name, found in runs.items()}
     if args.only:
         print(markdown_table(DETAIL_HEADER, detail_rows(results)))
+        if all(name in results for _state, name in TRACING):
+            print()
+            print(markdown_table(TRACING_HEADER, tracing_rows(results)))
         return
     print(markdown_table(SUMMARY_HEADER, summary_rows(results)))
+    print()
+    print(markdown_table(TRACING_HEADER, tracing_rows(results)))
     print()
     print(markdown_table(DETAIL_HEADER, detail_rows(results)))
     if not args.no_doc:

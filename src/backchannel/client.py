@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from backchannel import codec
+from backchannel import codec, telemetry
 from backchannel.auth import bearer_metadata
 from backchannel.callbacks import CURRENT_CALL, ConsumerCallbacks, ExportedCallback, parent_in
 from backchannel.errors import (
@@ -430,6 +430,8 @@ class AsyncClient:
             peer=self.address,
             limits=self._limits,
         )
+        if telemetry.AVAILABLE:  # OpenTelemetry: the stream's addresses, for spans and gauges
+            telemetry.track(session, self.address)
         connection.start()
         session.flush()
         reader = asyncio.create_task(

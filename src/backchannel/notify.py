@@ -33,6 +33,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
+from backchannel import telemetry
 from backchannel.errors import CallCancelled
 from backchannel.handoff import run_in_pool
 from backchannel.interface import Method, MethodSpec
@@ -324,6 +325,8 @@ def wrap_sync(
         _return_sync(hooks, result, bound)
         return result
 
+    if telemetry.AVAILABLE:  # OpenTelemetry: the hooks run inside the call's span
+        return telemetry.hooks_sync(method.service, method.name, call)
     return call
 
 
@@ -336,7 +339,7 @@ def _failed_future(
         _throw_sync(hooks, exc, args)
         _settle(outer, exc, None)
 
-    pool.run(finish)
+    pool.run(telemetry.carry(finish) if telemetry.AVAILABLE else finish)
     return outer
 
 
@@ -371,6 +374,8 @@ def _start_sync(
             inner.cancel()  # the caller gave up: so does the call (onthrow sees it)
 
     outer.add_done_callback(cancelled)
+    if telemetry.AVAILABLE:  # OpenTelemetry: the hooks run inside the call's span
+        finish = telemetry.carry(finish)
     # the inner future completes on the client's loop thread: hooks go to the pool
     inner.add_done_callback(lambda done: pool.run(functools.partial(finish, done)))
     return outer
@@ -398,7 +403,9 @@ async def _run_async(
         result = function(*args)
     else:
         executor = pool.executor()
-        call = functools.partial(function, *args)
+        call: Callable[[], Any] = functools.partial(function, *args)
+        if telemetry.AVAILABLE:  # OpenTelemetry: the hook runs inside the call's span
+            call = telemetry.carry(call)
         # once the pool is shut down (the client closed), hooks run inline, as in HookPool.run
         result = call() if executor is None else await run_in_pool(executor, call)
     if inspect.isawaitable(result):
@@ -462,6 +469,9 @@ def wrap_async(
             except Exception as exc:
                 await _hook_failed_async(hooks, "onreturn", exc, bound, pool)
         return result
+
+    if telemetry.AVAILABLE:  # OpenTelemetry: the hooks run inside the call's span
+        run = telemetry.hooks_async(method.service, method.name, run)
 
     def call(*args: Any, **kwargs: Any) -> Any:
         if not hooks.async_:

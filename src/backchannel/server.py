@@ -20,7 +20,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
-from backchannel import codec, reflection
+from backchannel import codec, reflection, telemetry
 from backchannel.auth import Authenticator, set_identity
 from backchannel.callbacks import ProviderCallbacks
 from backchannel.errors import ChannelClosed, Unauthenticated, UnknownCallback
@@ -280,6 +280,8 @@ class AsyncServer:
             send_tracebacks=self._send_tracebacks,
         )
         self._sessions.add(session)
+        if telemetry.AVAILABLE:  # OpenTelemetry: the stream's addresses, for spans and gauges
+            telemetry.track(session, self.address)
         if self._stopping:
             # it passed the check above before stop() began and was authenticated after
             # stop() told every session go-away: tell it too, before its first call
@@ -294,7 +296,12 @@ class AsyncServer:
     ) -> pb.Result:
         await self._authenticate(context)
         try:
-            value = await self._exports.run(call, None)
+            if telemetry.AVAILABLE:  # OpenTelemetry: the server span around the call
+                value = await telemetry.serve(
+                    None, call, self._run_unary, context.peer(), self.address
+                )
+            else:
+                value = await self._run_unary(call)
         except Exception as exc:
             error = codec.encode_error(exc, self._error_types, self._send_tracebacks)
             return pb.Result(id=call.id, error=error)
@@ -302,6 +309,9 @@ class AsyncServer:
         if call.json_args:
             result.json = to_json(codec.decode(value, "the result"))
         return result
+
+    async def _run_unary(self, call: pb.Call) -> pb.Value:
+        return await self._exports.run(call, None)
 
     async def _describe(
         self, request: pb.DescribeRequest, context: grpc.aio.ServicerContext[Any, Any]

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import grpc
 from google.protobuf.message import DecodeError
 
-from backchannel import codec
+from backchannel import codec, telemetry
 from backchannel.callbacks import CURRENT_CALL
 from backchannel.deadlines import Deadlines, Entry
 from backchannel.errors import (
@@ -308,7 +308,10 @@ class Session:
         if call.parent_id:
             self._incoming_parent[call.id] = call.parent_id
         try:
-            value = await self.dispatcher.dispatch(call)
+            if telemetry.AVAILABLE:  # OpenTelemetry: the server span around the call
+                value = await telemetry.serve(self, call, self.dispatcher.dispatch)
+            else:
+                value = await self.dispatcher.dispatch(call)
             result = pb.Result(id=call.id, value=value)
         except asyncio.CancelledError:
             if call.id in self._running and self.cause is None:
@@ -388,6 +391,8 @@ class Session:
         if parent:
             call.parent_id = parent
         outgoing = Outgoing(call, self._loop.create_future(), label, timeout, decode)
+        if telemetry.AVAILABLE:  # OpenTelemetry: the client span, its context into the call
+            telemetry.sending(self, call, outgoing.future)
         if timeout is not None:
             outgoing.deadline = self._deadlines.add(outgoing, timeout)
         if self._waiting or self.connection.pending_outgoing >= self._peer_max_calls:

@@ -26,19 +26,21 @@ from google.protobuf import any_pb2 as google_dot_protobuf_dot_any__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x62\x61\x63kchannel/v1/envelope.proto\x12\x0e\x62\x61\x63kchannel.v1\x1a\x19google/protobuf/any.proto\x1a\x1cgoogle/protobuf/struct.proto\"\x84\x03\n\x05\x46rame\x12&\n\x05hello\x18\x01 \x01(\x0b\x32\x15.backchannel.v1.HelloH\x00\x12*\n\x07welcome\x18\x02 \x01(\x0b\x32\x17.backchannel.v1.WelcomeH\x00\x12$\n\x04\x63\x61ll\x18\x03 \x01(\x0b\x32\x14.backchannel.v1.CallH\x00\x12(\n\x06result\x18\x04 \x01(\x0b\x32\x16.backchannel.v1.ResultH\x00\x12(\n\x06\x63\x61ncel\x18\x05 \x01(\x0b\x32\x16.backchannel.v1.CancelH\x00\x12*\n\x07release\x18\x06 \x01(\x0b\x32\x17.backchannel.v1.ReleaseH\x00\x12)\n\x07go_away\x18\x07 \x01(\x0b\x32\x16.backchannel.v1.GoAwayH\x00\x12&\n\x05\x62\x61tch\x18\x08 \x01(\x0b\x32\x15.backchannel.v1.BatchH\x00\x12&\n\x05\x66\x61ult\x18\t \x01(\x0b\x32\x15.backchannel.v1.FaultH\x00\x42\x06\n\x04kind\"m\n\x05Hello\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x13\n\x0b\x61pplication\x18\x02 \x01(\t\x12\x1b\n\x13max_calls_in_flight\x18\x03 \x01(\r\x12\x18\n\x10max_message_size\x18\x04 \x01(\r\"\x9e\x01\n\x07Welcome\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x13\n\x0b\x61pplication\x18\x02 \x01(\t\x12-\n\x08services\x18\x03 \x03(\x0b\x32\x1b.backchannel.v1.ServiceInfo\x12\x1b\n\x13max_calls_in_flight\x18\x04 \x01(\r\x12\x18\n\x10max_message_size\x18\x05 \x01(\r\"{\n\x0bServiceInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05group\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12+\n\x07methods\x18\x04 \x03(\x0b\x32\x1a.backchannel.v1.MethodInfo\x12\x11\n\tcallbacks\x18\x05 \x01(\r\"\x88\x01\n\nMethodInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nparameters\x18\x02 \x03(\t\x12\x10\n\x08required\x18\x03 \x01(\r\x12\x1a\n\x12\x63\x61llback_arguments\x18\x04 \x03(\r\x12\x19\n\x11remover_arguments\x18\x05 \x03(\r\x12\x0f\n\x07one_way\x18\x06 \x01(\x08\"\xc4\x01\n\x04\x43\x61ll\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0f\n\x07service\x18\x02 \x01(\t\x12\r\n\x05group\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x0e\n\x06method\x18\x05 \x01(\t\x12#\n\x04\x61rgs\x18\x06 \x03(\x0b\x32\x15.backchannel.v1.Value\x12\x13\n\x0b\x63\x61llback_id\x18\x07 \x01(\x04\x12\x11\n\tparent_id\x18\x08 \x01(\x04\x12\x0f\n\x07one_way\x18\t \x01(\x08\x12\x11\n\tjson_args\x18\n \x01(\t\"}\n\x06Result\x12\n\n\x02id\x18\x01 \x01(\x04\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x15.backchannel.v1.ValueH\x00\x12&\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x15.backchannel.v1.ErrorH\x00\x12\x0c\n\x04json\x18\x04 \x01(\tB\t\n\x07outcome\"$\n\x06\x43\x61ncel\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x1e\n\x07Release\x12\x13\n\x0b\x63\x61llback_id\x18\x01 \x01(\x04\"\x18\n\x06GoAway\x12\x0e\n\x06reason\x18\x01 \x01(\t\".\n\x05\x42\x61tch\x12%\n\x06\x66rames\x18\x01 \x03(\x0b\x32\x15.backchannel.v1.Frame\")\n\x05\x46\x61ult\x12\x0f\n\x07message\x18\x01 \x01(\t\x12\x0f\n\x07\x63\x61ll_id\x18\x02 \x01(\x04\"\xf9\x02\n\x05Value\x12\x30\n\nnull_value\x18\x01 \x01(\x0e\x32\x1a.google.protobuf.NullValueH\x00\x12\x14\n\nbool_value\x18\x02 \x01(\x08H\x00\x12\x13\n\tint_value\x18\x03 \x01(\x12H\x00\x12\x16\n\x0c\x64ouble_value\x18\x04 \x01(\x01H\x00\x12\x16\n\x0cstring_value\x18\x05 \x01(\tH\x00\x12\x15\n\x0b\x62ytes_value\x18\x06 \x01(\x0cH\x00\x12/\n\nlist_value\x18\x07 \x01(\x0b\x32\x19.backchannel.v1.ValueListH\x00\x12-\n\tmap_value\x18\x08 \x01(\x0b\x32\x18.backchannel.v1.ValueMapH\x00\x12-\n\rmessage_value\x18\t \x01(\x0b\x32\x14.google.protobuf.AnyH\x00\x12\x35\n\x0e\x63\x61llback_value\x18\n \x01(\x0b\x32\x1b.backchannel.v1.CallbackRefH\x00\x42\x06\n\x04kind\"1\n\tValueList\x12$\n\x05items\x18\x01 \x03(\x0b\x32\x15.backchannel.v1.Value\"\x89\x01\n\x08ValueMap\x12\x36\n\x07\x65ntries\x18\x01 \x03(\x0b\x32%.backchannel.v1.ValueMap.EntriesEntry\x1a\x45\n\x0c\x45ntriesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12$\n\x05value\x18\x02 \x01(\x0b\x32\x15.backchannel.v1.Value:\x02\x38\x01\",\n\x0b\x43\x61llbackRef\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x11\n\tinterface\x18\x02 \x01(\t\"\x87\x02\n\x05\x45rror\x12\"\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x14.backchannel.v1.Code\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12#\n\x04\x61rgs\x18\x04 \x03(\x0b\x32\x15.backchannel.v1.Value\x12\x11\n\ttraceback\x18\x05 \x01(\t\x12\x39\n\nattributes\x18\x06 \x03(\x0b\x32%.backchannel.v1.Error.AttributesEntry\x1aH\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12$\n\x05value\x18\x02 \x01(\x0b\x32\x15.backchannel.v1.Value:\x02\x38\x01\"\x11\n\x0f\x44\x65scribeRequest\"p\n\x10\x44\x65scribeResponse\x12\x13\n\x0b\x61pplication\x18\x01 \x01(\t\x12\x18\n\x10protocol_version\x18\x02 \x01(\r\x12-\n\x08services\x18\x03 \x03(\x0b\x32\x1b.backchannel.v1.ServiceInfo*\xc9\x01\n\x04\x43ode\x12\x06\n\x02OK\x10\x00\x12\r\n\tCANCELLED\x10\x01\x12\x0b\n\x07UNKNOWN\x10\x02\x12\x14\n\x10INVALID_ARGUMENT\x10\x03\x12\x15\n\x11\x44\x45\x41\x44LINE_EXCEEDED\x10\x04\x12\r\n\tNOT_FOUND\x10\x05\x12\x16\n\x12RESOURCE_EXHAUSTED\x10\x08\x12\x17\n\x13\x46\x41ILED_PRECONDITION\x10\t\x12\x11\n\rUNIMPLEMENTED\x10\x0c\x12\x0c\n\x08INTERNAL\x10\r\x12\x0f\n\x0bUNAVAILABLE\x10\x0e\x32\xce\x01\n\x08\x45nvelope\x12;\n\x07\x43onnect\x12\x15.backchannel.v1.Frame\x1a\x15.backchannel.v1.Frame(\x01\x30\x01\x12\x36\n\x06Invoke\x12\x14.backchannel.v1.Call\x1a\x16.backchannel.v1.Result\x12M\n\x08\x44\x65scribe\x12\x1f.backchannel.v1.DescribeRequest\x1a .backchannel.v1.DescribeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x62\x61\x63kchannel/v1/envelope.proto\x12\x0e\x62\x61\x63kchannel.v1\x1a\x19google/protobuf/any.proto\x1a\x1cgoogle/protobuf/struct.proto\"\x84\x03\n\x05\x46rame\x12&\n\x05hello\x18\x01 \x01(\x0b\x32\x15.backchannel.v1.HelloH\x00\x12*\n\x07welcome\x18\x02 \x01(\x0b\x32\x17.backchannel.v1.WelcomeH\x00\x12$\n\x04\x63\x61ll\x18\x03 \x01(\x0b\x32\x14.backchannel.v1.CallH\x00\x12(\n\x06result\x18\x04 \x01(\x0b\x32\x16.backchannel.v1.ResultH\x00\x12(\n\x06\x63\x61ncel\x18\x05 \x01(\x0b\x32\x16.backchannel.v1.CancelH\x00\x12*\n\x07release\x18\x06 \x01(\x0b\x32\x17.backchannel.v1.ReleaseH\x00\x12)\n\x07go_away\x18\x07 \x01(\x0b\x32\x16.backchannel.v1.GoAwayH\x00\x12&\n\x05\x62\x61tch\x18\x08 \x01(\x0b\x32\x15.backchannel.v1.BatchH\x00\x12&\n\x05\x66\x61ult\x18\t \x01(\x0b\x32\x15.backchannel.v1.FaultH\x00\x42\x06\n\x04kind\"m\n\x05Hello\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x13\n\x0b\x61pplication\x18\x02 \x01(\t\x12\x1b\n\x13max_calls_in_flight\x18\x03 \x01(\r\x12\x18\n\x10max_message_size\x18\x04 \x01(\r\"\x9e\x01\n\x07Welcome\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x13\n\x0b\x61pplication\x18\x02 \x01(\t\x12-\n\x08services\x18\x03 \x03(\x0b\x32\x1b.backchannel.v1.ServiceInfo\x12\x1b\n\x13max_calls_in_flight\x18\x04 \x01(\r\x12\x18\n\x10max_message_size\x18\x05 \x01(\r\"{\n\x0bServiceInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05group\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12+\n\x07methods\x18\x04 \x03(\x0b\x32\x1a.backchannel.v1.MethodInfo\x12\x11\n\tcallbacks\x18\x05 \x01(\r\"\x88\x01\n\nMethodInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nparameters\x18\x02 \x03(\t\x12\x10\n\x08required\x18\x03 \x01(\r\x12\x1a\n\x12\x63\x61llback_arguments\x18\x04 \x03(\r\x12\x19\n\x11remover_arguments\x18\x05 \x03(\r\x12\x0f\n\x07one_way\x18\x06 \x01(\x08\"\xb8\x02\n\x04\x43\x61ll\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0f\n\x07service\x18\x02 \x01(\t\x12\r\n\x05group\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x0e\n\x06method\x18\x05 \x01(\t\x12#\n\x04\x61rgs\x18\x06 \x03(\x0b\x32\x15.backchannel.v1.Value\x12\x13\n\x0b\x63\x61llback_id\x18\x07 \x01(\x04\x12\x11\n\tparent_id\x18\x08 \x01(\x04\x12\x0f\n\x07one_way\x18\t \x01(\x08\x12\x11\n\tjson_args\x18\n \x01(\t\x12=\n\rtrace_context\x18\x0b \x03(\x0b\x32&.backchannel.v1.Call.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"}\n\x06Result\x12\n\n\x02id\x18\x01 \x01(\x04\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x15.backchannel.v1.ValueH\x00\x12&\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x15.backchannel.v1.ErrorH\x00\x12\x0c\n\x04json\x18\x04 \x01(\tB\t\n\x07outcome\"$\n\x06\x43\x61ncel\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x1e\n\x07Release\x12\x13\n\x0b\x63\x61llback_id\x18\x01 \x01(\x04\"\x18\n\x06GoAway\x12\x0e\n\x06reason\x18\x01 \x01(\t\".\n\x05\x42\x61tch\x12%\n\x06\x66rames\x18\x01 \x03(\x0b\x32\x15.backchannel.v1.Frame\")\n\x05\x46\x61ult\x12\x0f\n\x07message\x18\x01 \x01(\t\x12\x0f\n\x07\x63\x61ll_id\x18\x02 \x01(\x04\"\xf9\x02\n\x05Value\x12\x30\n\nnull_value\x18\x01 \x01(\x0e\x32\x1a.google.protobuf.NullValueH\x00\x12\x14\n\nbool_value\x18\x02 \x01(\x08H\x00\x12\x13\n\tint_value\x18\x03 \x01(\x12H\x00\x12\x16\n\x0c\x64ouble_value\x18\x04 \x01(\x01H\x00\x12\x16\n\x0cstring_value\x18\x05 \x01(\tH\x00\x12\x15\n\x0b\x62ytes_value\x18\x06 \x01(\x0cH\x00\x12/\n\nlist_value\x18\x07 \x01(\x0b\x32\x19.backchannel.v1.ValueListH\x00\x12-\n\tmap_value\x18\x08 \x01(\x0b\x32\x18.backchannel.v1.ValueMapH\x00\x12-\n\rmessage_value\x18\t \x01(\x0b\x32\x14.google.protobuf.AnyH\x00\x12\x35\n\x0e\x63\x61llback_value\x18\n \x01(\x0b\x32\x1b.backchannel.v1.CallbackRefH\x00\x42\x06\n\x04kind\"1\n\tValueList\x12$\n\x05items\x18\x01 \x03(\x0b\x32\x15.backchannel.v1.Value\"\x89\x01\n\x08ValueMap\x12\x36\n\x07\x65ntries\x18\x01 \x03(\x0b\x32%.backchannel.v1.ValueMap.EntriesEntry\x1a\x45\n\x0c\x45ntriesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12$\n\x05value\x18\x02 \x01(\x0b\x32\x15.backchannel.v1.Value:\x02\x38\x01\",\n\x0b\x43\x61llbackRef\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x11\n\tinterface\x18\x02 \x01(\t\"\x87\x02\n\x05\x45rror\x12\"\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x14.backchannel.v1.Code\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12#\n\x04\x61rgs\x18\x04 \x03(\x0b\x32\x15.backchannel.v1.Value\x12\x11\n\ttraceback\x18\x05 \x01(\t\x12\x39\n\nattributes\x18\x06 \x03(\x0b\x32%.backchannel.v1.Error.AttributesEntry\x1aH\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12$\n\x05value\x18\x02 \x01(\x0b\x32\x15.backchannel.v1.Value:\x02\x38\x01\"\x11\n\x0f\x44\x65scribeRequest\"p\n\x10\x44\x65scribeResponse\x12\x13\n\x0b\x61pplication\x18\x01 \x01(\t\x12\x18\n\x10protocol_version\x18\x02 \x01(\r\x12-\n\x08services\x18\x03 \x03(\x0b\x32\x1b.backchannel.v1.ServiceInfo*\xc9\x01\n\x04\x43ode\x12\x06\n\x02OK\x10\x00\x12\r\n\tCANCELLED\x10\x01\x12\x0b\n\x07UNKNOWN\x10\x02\x12\x14\n\x10INVALID_ARGUMENT\x10\x03\x12\x15\n\x11\x44\x45\x41\x44LINE_EXCEEDED\x10\x04\x12\r\n\tNOT_FOUND\x10\x05\x12\x16\n\x12RESOURCE_EXHAUSTED\x10\x08\x12\x17\n\x13\x46\x41ILED_PRECONDITION\x10\t\x12\x11\n\rUNIMPLEMENTED\x10\x0c\x12\x0c\n\x08INTERNAL\x10\r\x12\x0f\n\x0bUNAVAILABLE\x10\x0e\x32\xce\x01\n\x08\x45nvelope\x12;\n\x07\x43onnect\x12\x15.backchannel.v1.Frame\x1a\x15.backchannel.v1.Frame(\x01\x30\x01\x12\x36\n\x06Invoke\x12\x14.backchannel.v1.Call\x1a\x16.backchannel.v1.Result\x12M\n\x08\x44\x65scribe\x12\x1f.backchannel.v1.DescribeRequest\x1a .backchannel.v1.DescribeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'backchannel.v1.envelope_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_CALL_TRACECONTEXTENTRY']._loaded_options = None
+  _globals['_CALL_TRACECONTEXTENTRY']._serialized_options = b'8\001'
   _globals['_VALUEMAP_ENTRIESENTRY']._loaded_options = None
   _globals['_VALUEMAP_ENTRIESENTRY']._serialized_options = b'8\001'
   _globals['_ERROR_ATTRIBUTESENTRY']._loaded_options = None
   _globals['_ERROR_ATTRIBUTESENTRY']._serialized_options = b'8\001'
-  _globals['_CODE']._serialized_start=2563
-  _globals['_CODE']._serialized_end=2764
+  _globals['_CODE']._serialized_start=2679
+  _globals['_CODE']._serialized_end=2880
   _globals['_FRAME']._serialized_start=107
   _globals['_FRAME']._serialized_end=495
   _globals['_HELLO']._serialized_start=497
@@ -50,37 +52,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_METHODINFO']._serialized_start=895
   _globals['_METHODINFO']._serialized_end=1031
   _globals['_CALL']._serialized_start=1034
-  _globals['_CALL']._serialized_end=1230
-  _globals['_RESULT']._serialized_start=1232
-  _globals['_RESULT']._serialized_end=1357
-  _globals['_CANCEL']._serialized_start=1359
-  _globals['_CANCEL']._serialized_end=1395
-  _globals['_RELEASE']._serialized_start=1397
-  _globals['_RELEASE']._serialized_end=1427
-  _globals['_GOAWAY']._serialized_start=1429
-  _globals['_GOAWAY']._serialized_end=1453
-  _globals['_BATCH']._serialized_start=1455
-  _globals['_BATCH']._serialized_end=1501
-  _globals['_FAULT']._serialized_start=1503
-  _globals['_FAULT']._serialized_end=1544
-  _globals['_VALUE']._serialized_start=1547
-  _globals['_VALUE']._serialized_end=1924
-  _globals['_VALUELIST']._serialized_start=1926
-  _globals['_VALUELIST']._serialized_end=1975
-  _globals['_VALUEMAP']._serialized_start=1978
-  _globals['_VALUEMAP']._serialized_end=2115
-  _globals['_VALUEMAP_ENTRIESENTRY']._serialized_start=2046
-  _globals['_VALUEMAP_ENTRIESENTRY']._serialized_end=2115
-  _globals['_CALLBACKREF']._serialized_start=2117
-  _globals['_CALLBACKREF']._serialized_end=2161
-  _globals['_ERROR']._serialized_start=2164
-  _globals['_ERROR']._serialized_end=2427
-  _globals['_ERROR_ATTRIBUTESENTRY']._serialized_start=2355
-  _globals['_ERROR_ATTRIBUTESENTRY']._serialized_end=2427
-  _globals['_DESCRIBEREQUEST']._serialized_start=2429
-  _globals['_DESCRIBEREQUEST']._serialized_end=2446
-  _globals['_DESCRIBERESPONSE']._serialized_start=2448
-  _globals['_DESCRIBERESPONSE']._serialized_end=2560
-  _globals['_ENVELOPE']._serialized_start=2767
-  _globals['_ENVELOPE']._serialized_end=2973
+  _globals['_CALL']._serialized_end=1346
+  _globals['_CALL_TRACECONTEXTENTRY']._serialized_start=1295
+  _globals['_CALL_TRACECONTEXTENTRY']._serialized_end=1346
+  _globals['_RESULT']._serialized_start=1348
+  _globals['_RESULT']._serialized_end=1473
+  _globals['_CANCEL']._serialized_start=1475
+  _globals['_CANCEL']._serialized_end=1511
+  _globals['_RELEASE']._serialized_start=1513
+  _globals['_RELEASE']._serialized_end=1543
+  _globals['_GOAWAY']._serialized_start=1545
+  _globals['_GOAWAY']._serialized_end=1569
+  _globals['_BATCH']._serialized_start=1571
+  _globals['_BATCH']._serialized_end=1617
+  _globals['_FAULT']._serialized_start=1619
+  _globals['_FAULT']._serialized_end=1660
+  _globals['_VALUE']._serialized_start=1663
+  _globals['_VALUE']._serialized_end=2040
+  _globals['_VALUELIST']._serialized_start=2042
+  _globals['_VALUELIST']._serialized_end=2091
+  _globals['_VALUEMAP']._serialized_start=2094
+  _globals['_VALUEMAP']._serialized_end=2231
+  _globals['_VALUEMAP_ENTRIESENTRY']._serialized_start=2162
+  _globals['_VALUEMAP_ENTRIESENTRY']._serialized_end=2231
+  _globals['_CALLBACKREF']._serialized_start=2233
+  _globals['_CALLBACKREF']._serialized_end=2277
+  _globals['_ERROR']._serialized_start=2280
+  _globals['_ERROR']._serialized_end=2543
+  _globals['_ERROR_ATTRIBUTESENTRY']._serialized_start=2471
+  _globals['_ERROR_ATTRIBUTESENTRY']._serialized_end=2543
+  _globals['_DESCRIBEREQUEST']._serialized_start=2545
+  _globals['_DESCRIBEREQUEST']._serialized_end=2562
+  _globals['_DESCRIBERESPONSE']._serialized_start=2564
+  _globals['_DESCRIBERESPONSE']._serialized_end=2676
+  _globals['_ENVELOPE']._serialized_start=2883
+  _globals['_ENVELOPE']._serialized_end=3089
 # @@protoc_insertion_point(module_scope)

@@ -113,7 +113,14 @@ class MethodInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., parameters: _Optional[_Iterable[str]] = ..., required: _Optional[int] = ..., callback_arguments: _Optional[_Iterable[int]] = ..., remover_arguments: _Optional[_Iterable[int]] = ..., one_way: _Optional[bool] = ...) -> None: ...
 
 class Call(_message.Message):
-    __slots__ = ("id", "service", "group", "version", "method", "args", "callback_id", "parent_id", "one_way", "json_args")
+    __slots__ = ("id", "service", "group", "version", "method", "args", "callback_id", "parent_id", "one_way", "json_args", "trace_context")
+    class TraceContextEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     ID_FIELD_NUMBER: _ClassVar[int]
     SERVICE_FIELD_NUMBER: _ClassVar[int]
     GROUP_FIELD_NUMBER: _ClassVar[int]
@@ -124,6 +131,7 @@ class Call(_message.Message):
     PARENT_ID_FIELD_NUMBER: _ClassVar[int]
     ONE_WAY_FIELD_NUMBER: _ClassVar[int]
     JSON_ARGS_FIELD_NUMBER: _ClassVar[int]
+    TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     id: int
     service: str
     group: str
@@ -134,7 +142,8 @@ class Call(_message.Message):
     parent_id: int
     one_way: bool
     json_args: str
-    def __init__(self, id: _Optional[int] = ..., service: _Optional[str] = ..., group: _Optional[str] = ..., version: _Optional[str] = ..., method: _Optional[str] = ..., args: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., callback_id: _Optional[int] = ..., parent_id: _Optional[int] = ..., one_way: _Optional[bool] = ..., json_args: _Optional[str] = ...) -> None: ...
+    trace_context: _containers.ScalarMap[str, str]
+    def __init__(self, id: _Optional[int] = ..., service: _Optional[str] = ..., group: _Optional[str] = ..., version: _Optional[str] = ..., method: _Optional[str] = ..., args: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., callback_id: _Optional[int] = ..., parent_id: _Optional[int] = ..., one_way: _Optional[bool] = ..., json_args: _Optional[str] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class Result(_message.Message):
     __slots__ = ("id", "value", "error", "json")
