@@ -42,6 +42,7 @@ from services import Echo, EchoImpl
 
 import backchannel
 from backchannel.portal import LoopThread
+from backchannel.session import SplitBatch, parse_frame
 from backchannel.v1 import envelope_pb2 as pb
 
 #: ids of the calls that check the stream after each example; the generator stays below
@@ -427,6 +428,7 @@ class Book:
     faults_total: int = 0
     refused_before_hello: int = 0  # calls before the hello: each is a logged mistake
     faults_sent: int = 0  # Faults this side sent: each is logged
+    unreadable: int = 0  # calls in frames that did not parse, answered: each is logged
     # the provider's log lines before this stream
     logged_mistakes: int = 0
     logged_faults: int = 0
@@ -479,8 +481,8 @@ class Fuzzer:
             await self._reopen()
         assert self.stream is not None
         for action in example.actions:
-            if isinstance(action, bytes):  # no Frame: a Fault says so, the stream goes on
-                self.book.generic_expected += 1
+            if isinstance(action, bytes):  # no Frame: the stream goes on, nothing is lost
+                self._model_bytes(action)
                 await self.stream.send(action)  # type: ignore[arg-type]
                 self.garbage_sent += 1
                 continue
@@ -547,7 +549,7 @@ class Fuzzer:
         # deterministic got its Fault; each was logged, as was every fault this side sent
         assert book.generic_faults == book.generic_expected
         mistakes = self.log.counts["mistake"] - book.logged_mistakes
-        assert mistakes == book.faults_total + book.refused_before_hello
+        assert mistakes == book.faults_total + book.refused_before_hello + book.unreadable
         assert self.log.counts["fault"] - book.logged_faults == book.faults_sent
 
     # --------------------------------------------------------------- model
@@ -601,6 +603,23 @@ class Fuzzer:
             book.required[call_id] -= len(dropped)  # a cancelled call may go unanswered
         elif kind == "fault":
             self.book.faults_sent += 1
+
+    def _model_bytes(self, data: bytes) -> None:
+        """What the provider must answer to a message that is no Frame.
+
+        The model reads it as the provider's deserializer does (``parse_frame``: a Batch
+        is split and its frames parsed one by one, an unparseable frame is searched for a
+        Call's or Result's id); the rules for what each piece is owed are the model's.
+        """
+        parsed = parse_frame(data)
+        pieces = parsed.frames if isinstance(parsed, SplitBatch) else [parsed]
+        for piece in pieces:
+            if isinstance(piece, pb.Frame):
+                self._model(piece, nested=True)
+            elif piece.call_id and not piece.one_way:  # an error Result (or duplicate Fault)
+                self._call_sent(pb.Call(id=piece.call_id), required=True, checked=False)
+            else:  # a one-way call, a Result, anything else: one Fault says so
+                self.book.generic_expected += 1
 
     def _call_sent(self, call: pb.Call, required: bool, checked: bool) -> None:
         book = self.book
@@ -671,6 +690,8 @@ class Fuzzer:
             book.failures.append(f"a result with no outcome: {result}")
         elif outcome == "error":
             error = result.error
+            if error.message.startswith(f"call {result.id} could not be read:"):
+                book.unreadable += 1  # answered for the unparseable frame it came in
             if not error.type:
                 book.failures.append(f"an error that does not say what went wrong: {result}")
             if error.code not in pb.Code.values():

@@ -16,16 +16,25 @@ from typing import Any
 
 from google.protobuf import any_pb2, descriptor_pool, message_factory, struct_pb2
 from google.protobuf.message import DecodeError as ProtobufDecodeError
+from google.protobuf.message import EncodeError as ProtobufEncodeError
 from google.protobuf.message import Message
 
 from backchannel import errors
 from backchannel.v1 import envelope_pb2 as pb
-from backchannel.wiretext import wire_text
+from backchannel.wiretext import sendable_text, wire_text
 
 logger = logging.getLogger("backchannel")
 
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
+
+#: the deepest a value may nest lists, tuples and dicts, on either side. The wire spends
+#: up to three protobuf levels on each (Value > ValueMap > entry), and upb parses at most
+#: 100: at this limit the deepest frame there can be (Frame > Batch > Frame > Result >
+#: Error > args Value, 24 dicts, a CallbackRef) is 79 levels, well under.
+MAX_NESTING = 24
+
+_TOO_DEEP = f"nested deeper than {MAX_NESTING} levels (the nesting limit, codec.MAX_NESTING)"
 
 #: the Value of None (shared: Values are copied into the messages that hold them)
 NULL = pb.Value(null_value=struct_pb2.NULL_VALUE)  # type: ignore[arg-type]
@@ -44,6 +53,8 @@ class _Failure(Exception):
         self.reason = reason
         self.decoding = decoding
         self.path = ""
+        #: the list or dict the failure left last, which its parent holds as an item
+        self.culprit: object = None
 
     def located(self, where: str) -> errors.CodecError:
         cls = errors.DecodeError if self.decoding else errors.EncodeError
@@ -56,16 +67,19 @@ def encode(obj: object, where: str, callbacks: CallbackEncoder | None = None) ->
     Raises :class:`EncodeError` (a TypeError) with the path to what could not be sent.
     """
     try:
-        return _encode(obj, callbacks)
+        return _encode(obj, callbacks, 0)
     except _Failure as failure:
         raise failure.located(where) from None
 
 
-def _encode(obj: object, callbacks: CallbackEncoder | None) -> pb.Value:
+def _encode(obj: object, callbacks: CallbackEncoder | None, depth: int) -> pb.Value:
     kind = type(obj)
     # exact-type checks first: the hot path, and bool must not pass as int
     if kind is str:
-        return pb.Value(string_value=obj)  # type: ignore[arg-type]
+        try:
+            return pb.Value(string_value=obj)  # type: ignore[arg-type]
+        except UnicodeEncodeError as exc:
+            raise _Failure(_not_utf8("str", exc), False) from None
     if kind is int:
         return _encode_int(obj)  # type: ignore[arg-type]
     if obj is None:
@@ -77,31 +91,50 @@ def _encode(obj: object, callbacks: CallbackEncoder | None) -> pb.Value:
     if kind is bytes:
         return pb.Value(bytes_value=obj)  # type: ignore[arg-type]
     if isinstance(obj, list | tuple):
+        if depth >= MAX_NESTING:
+            raise _Failure(_TOO_DEEP, False)
+        deeper = depth + 1
         try:
-            items = [_encode(item, callbacks) for item in obj]
+            items = [_encode(item, callbacks, deeper) for item in obj]
         except _Failure as failure:
-            raise _locate(failure, enumerate(obj), lambda item: _encode(item, callbacks)) from None
+            raise _locate(
+                failure, obj, enumerate(obj), lambda v: _encode(v, callbacks, deeper)
+            ) from None
         return pb.Value(list_value=pb.ValueList(items=items))
     if isinstance(obj, dict):
+        if depth >= MAX_NESTING:
+            raise _Failure(_TOO_DEEP, False)
+        deeper = depth + 1
         for key in obj:
             if not isinstance(key, str):
                 raise _Failure(
                     f"dict keys must be str, got {type(key).__name__} key {key!r}", False
                 )
         try:
-            entries = {key: _encode(item, callbacks) for key, item in obj.items()}
+            entries = {key: _encode(item, callbacks, deeper) for key, item in obj.items()}
         except _Failure as failure:
-            raise _locate(failure, obj.items(), lambda item: _encode(item, callbacks)) from None
-        return pb.Value(map_value=pb.ValueMap(entries=entries))
+            raise _locate(
+                failure, obj, obj.items(), lambda v: _encode(v, callbacks, deeper)
+            ) from None
+        try:
+            return pb.Value(map_value=pb.ValueMap(entries=entries))
+        except UnicodeEncodeError:
+            for key in obj:  # the error path: say which key
+                _check_utf8(key, f"dict key {key!a}")
+            raise
     if isinstance(obj, Message):
         packed = any_pb2.Any()
-        packed.Pack(obj)
+        try:
+            packed.Pack(obj)
+        except (ProtobufEncodeError, UnicodeEncodeError) as exc:  # proto2 required fields
+            raise _Failure(f"cannot serialize protobuf message: {exc}", False) from None
         return pb.Value(message_value=packed)
     if isinstance(obj, bool):  # subclasses of the exact types above
         return pb.Value(bool_value=bool(obj))
     if isinstance(obj, int):
         return _encode_int(int(obj))
     if isinstance(obj, str):
+        _check_utf8(obj, "str")
         return pb.Value(string_value=str(obj))
     if isinstance(obj, float):
         return pb.Value(double_value=float(obj))
@@ -120,16 +153,50 @@ def _encode(obj: object, callbacks: CallbackEncoder | None) -> pb.Value:
 
 
 def _locate(
-    failure: _Failure, items: Iterable[tuple[Any, Any]], convert: Callable[[Any], object]
+    failure: _Failure,
+    container: object,
+    items: Iterable[tuple[Any, Any]],
+    convert: Callable[[Any], object],
 ) -> _Failure:
-    """On the error path only: find which item failed and put it in the path."""
+    """On the error path only: put the key of the item that failed in the path.
+
+    A failure from deeper down names the item it left (``culprit``), found by identity;
+    else the item failed at its own level and converting it again fails at once. Either
+    way nothing is converted twice more than one level down, however deep the value.
+    """
+    culprit = failure.culprit
     for key, item in items:
-        try:
-            convert(item)
-        except _Failure as inner:
-            inner.path = f"[{key!r}]{inner.path}"
-            return inner
+        if culprit is not None:
+            if item is not culprit:
+                continue
+        else:
+            try:
+                convert(item)
+            except _Failure:
+                pass
+            else:
+                continue
+        failure.path = f"[{key!r}]{failure.path}"
+        break
+    failure.culprit = container
     return failure
+
+
+def _check_utf8(text: str, what: str) -> None:
+    try:
+        text.encode()
+    except UnicodeEncodeError as exc:
+        raise _Failure(_not_utf8(what, exc), False) from None
+
+
+def _not_utf8(what: str, exc: UnicodeEncodeError) -> str:
+    """Why a str cannot travel: protobuf strings are UTF-8, lone surrogates are not (a file
+    name from ``os.listdir`` of bytes that are no UTF-8, say)."""
+    return (
+        f"{what} is not valid UTF-8 (lone surrogate {exc.object[exc.start]!a} at index "
+        f"{exc.start}); send bytes instead (os.fsencode(name)), or escape it first "
+        "(name.encode(errors='backslashreplace').decode())"
+    )
 
 
 def _encode_int(value: int) -> pb.Value:
@@ -141,12 +208,12 @@ def _encode_int(value: int) -> pb.Value:
 def decode(value: pb.Value, where: str, callbacks: CallbackDecoder | None = None) -> object:
     """Decode one Value; raise :class:`DecodeError` naming ``where`` if it makes no sense."""
     try:
-        return _decode(value, callbacks)
+        return _decode(value, callbacks, 0)
     except _Failure as failure:
         raise failure.located(where) from None
 
 
-def _decode(value: pb.Value, callbacks: CallbackDecoder | None) -> object:
+def _decode(value: pb.Value, callbacks: CallbackDecoder | None, depth: int) -> object:
     kind = value.WhichOneof("kind")
     if kind == "string_value":
         return value.string_value
@@ -161,17 +228,27 @@ def _decode(value: pb.Value, callbacks: CallbackDecoder | None) -> object:
     if kind == "bytes_value":
         return value.bytes_value
     if kind == "list_value":
+        if depth >= MAX_NESTING:
+            raise _Failure(_TOO_DEEP, True)
+        deeper = depth + 1
         items = value.list_value.items
         try:
-            return [_decode(item, callbacks) for item in items]
+            return [_decode(item, callbacks, deeper) for item in items]
         except _Failure as failure:
-            raise _locate(failure, enumerate(items), lambda v: _decode(v, callbacks)) from None
+            raise _locate(
+                failure, value, enumerate(items), lambda v: _decode(v, callbacks, deeper)
+            ) from None
     if kind == "map_value":
+        if depth >= MAX_NESTING:
+            raise _Failure(_TOO_DEEP, True)
+        deeper = depth + 1
         entries = value.map_value.entries
         try:
-            return {key: _decode(item, callbacks) for key, item in entries.items()}
+            return {key: _decode(item, callbacks, deeper) for key, item in entries.items()}
         except _Failure as failure:
-            raise _locate(failure, entries.items(), lambda v: _decode(v, callbacks)) from None
+            raise _locate(
+                failure, value, entries.items(), lambda v: _decode(v, callbacks, deeper)
+            ) from None
     if kind == "message_value":
         return _unpack_message(value.message_value)
     if kind == "callback_value":
@@ -211,7 +288,7 @@ def encode_args(
 ) -> list[pb.Value]:
     """Encode positional arguments; errors name the argument by index and name."""
     try:
-        return [_encode(arg, callbacks) for arg in args]
+        return [_encode(arg, callbacks, 0) for arg in args]
     except _Failure:
         for index, arg in enumerate(args):  # the error path: say which argument
             encode(arg, argument_place(index, names, where), callbacks)
@@ -225,7 +302,7 @@ def decode_args(
 ) -> list[object]:
     """Decode positional arguments; errors name the argument by index."""
     try:
-        return [_decode(value, callbacks) for value in values]
+        return [_decode(value, callbacks, 0) for value in values]
     except _Failure:
         for index, value in enumerate(values):  # the error path: say which argument
             decode(value, argument_place(index, (), where), callbacks)
@@ -323,7 +400,7 @@ def encode_error(exc: BaseException, types: ErrorTypes, with_traceback: bool = F
     error = pb.Error(
         code=code,  # type: ignore[arg-type]
         type=types.name_of(type(exc)),
-        message=str(exc),
+        message=sendable_text(str(exc)),
     )
     try:
         error.args.extend(encode(arg, "exception argument") for arg in exc.args)
@@ -337,7 +414,7 @@ def encode_error(exc: BaseException, types: ErrorTypes, with_traceback: bool = F
         except errors.EncodeError:
             del error.attributes[name]  # not a Value: this one attribute is dropped
     if with_traceback:
-        error.traceback = "".join(traceback_module.format_exception(exc))
+        error.traceback = sendable_text("".join(traceback_module.format_exception(exc)))
     return error
 
 

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import collections
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from backchannel.errors import LocalProtocolError, TransportError
 from backchannel.v1 import envelope_pb2 as pb
+from backchannel.wiretext import sendable_text
 
 PROTOCOL_VERSION = 1
 
@@ -129,6 +131,20 @@ class PeerMistake:
     message: str
 
 
+@dataclass(frozen=True, slots=True)
+class Unparseable:
+    """A received message, or a frame of a Batch, that did not parse as a Frame: what
+    could still be read of it (see :mod:`backchannel.wire`)."""
+
+    size: int
+    reason: str
+    #: the id of the Call it holds, when one can be read (0: none)
+    call_id: int = 0
+    one_way: bool = False
+    #: the id of the Result it holds, when one can be read (0: none)
+    result_id: int = 0
+
+
 Event = (
     HandshakeDone
     | CallReceived
@@ -234,11 +250,16 @@ class Connection(Generic[Token]):
         if self.state is not State.OPEN:
             raise LocalProtocolError(f"cannot send a call in state {self.state.value!r}")
         call_id = self._next_id
-        self._next_id += 1
         call.id = call_id
+        try:  # before anything is registered: building the frame may raise
+            frame = pb.Frame(call=call)
+        except BaseException:
+            call.id = 0
+            raise
+        self._next_id += 1
         if not call.one_way:
             self._outgoing[call_id] = token
-        self._outbox.append(pb.Frame(call=call))
+        self._outbox.append(frame)
         return call_id
 
     def send_result(self, result: pb.Result) -> None:
@@ -268,7 +289,8 @@ class Connection(Generic[Token]):
         if self._outgoing.pop(call_id, _MISSING) is _MISSING or self.state is State.CLOSED:
             return  # already answered: nothing to cancel
         self._abandoned.append(call_id)
-        self._outbox.append(pb.Frame(cancel=pb.Cancel(id=call_id, reason=reason)))
+        cancel = pb.Cancel(id=call_id, reason=sendable_text(reason))
+        self._outbox.append(pb.Frame(cancel=cancel))
 
     def send_release(self, callback_id: int) -> None:
         """Queue a Release of a callback instance."""
@@ -280,7 +302,7 @@ class Connection(Generic[Token]):
         if self.state is State.CLOSED or self.going_away:
             return
         self.going_away = True
-        self._outbox.append(pb.Frame(go_away=pb.GoAway(reason=reason)))
+        self._outbox.append(pb.Frame(go_away=pb.GoAway(reason=sendable_text(reason))))
 
     def connection_lost(self, cause: BaseException) -> tuple[list[Token], list[int]]:
         """The stream ended. Returns (tokens of calls still awaiting a result, ids of
@@ -313,14 +335,55 @@ class Connection(Generic[Token]):
         self._receive(frame, events, nested=False)
         return events
 
-    def receive_unparseable(self, size: int, reason: str) -> list[Event[Token]]:
+    def receive_unparseable(
+        self, size: int, reason: str, call_id: int = 0, one_way: bool = False, result_id: int = 0
+    ) -> list[Event[Token]]:
         """Take a message that did not parse as a Frame: the peer is told, the stream goes
-        on (what the message meant cannot be known, so nothing else happens)."""
+        on. A Call whose id could be read is answered with an error Result, and a Result
+        for a call this side awaits fails that call: neither is lost."""
         events: list[Event[Token]] = []
-        if self.state is not State.CLOSED:
-            message = f"a message of {size} bytes is not a backchannel.v1.Frame ({reason})"
-            self._mistake(events, message)
+        self._unparseable(Unparseable(size, reason, call_id, one_way, result_id), events)
         return events
+
+    def receive_batch(self, frames: Sequence[pb.Frame | Unparseable]) -> list[Event[Token]]:
+        """Take a Batch that was split and its frames parsed one by one (it did not parse
+        as a whole): as :meth:`receive` would take it, each unparseable frame costing only
+        itself."""
+        events: list[Event[Token]] = []
+        if self.state is not State.CLOSED and "batch" not in self._accepts:
+            self._refuse(pb.Frame(batch=pb.Batch()), "batch", events)
+            return events
+        for frame in frames:
+            if type(frame) is Unparseable:
+                self._unparseable(frame, events)
+            else:
+                self._receive(frame, events, nested=True)  # type: ignore[arg-type]
+        return events
+
+    def _unparseable(self, piece: Unparseable, events: list[Event[Token]]) -> None:
+        if self.state is State.CLOSED:
+            return
+        what = f"a message of {piece.size} bytes is not a backchannel.v1.Frame ({piece.reason})"
+        call_id = piece.call_id
+        if call_id and not piece.one_way and call_id not in self._incoming:
+            message = f"call {call_id} could not be read: {what}"
+            self._answer_call_error(pb.Call(id=call_id), pb.INVALID_ARGUMENT, message, events)
+        elif call_id and not piece.one_way:
+            message = f"duplicate call id {call_id}: a call with this id is still running ({what})"
+            self._mistake(events, message, call_id)
+        elif call_id:
+            self._mistake(events, f"one-way call {call_id} could not be read: {what}", call_id)
+        elif piece.result_id and piece.result_id in self._outgoing:
+            token = self._outgoing.pop(piece.result_id)
+            self._abandoned.append(piece.result_id)  # a later Result for it: dropped quietly
+            message = f"the result of call {piece.result_id} could not be read: {what}"
+            failed = error_result(
+                piece.result_id, pb.INVALID_ARGUMENT, "backchannel.RemoteProtocolError", message
+            )
+            events.append(ResultReceived(failed, token))
+            self._mistake(events, message, piece.result_id)
+        else:
+            self._mistake(events, what)
 
     def _receive(self, frame: pb.Frame, events: list[Event[Token]], nested: bool) -> None:
         if self.state is State.CLOSED:
@@ -359,7 +422,8 @@ class Connection(Generic[Token]):
         self._mistake(events, f"unexpected {kind} frame {where} ({self.role.value} side)")
 
     def _mistake(self, events: list[Event[Token]], message: str, call_id: int = 0) -> None:
-        self._outbox.append(pb.Frame(fault=pb.Fault(message=message, call_id=call_id)))
+        fault = pb.Fault(message=sendable_text(message), call_id=call_id)
+        self._outbox.append(pb.Frame(fault=fault))
         events.append(PeerMistake(message))
 
     def _answer_call_error(

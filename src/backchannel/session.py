@@ -23,12 +23,13 @@ from typing import Any, Protocol
 import grpc
 from google.protobuf.message import DecodeError
 
-from backchannel import codec, telemetry
+from backchannel import codec, telemetry, wire
 from backchannel.callbacks import CURRENT_CALL
 from backchannel.deadlines import Deadlines, Entry
 from backchannel.errors import (
     CallCancelled,
     DeadlineExceeded,
+    EncodeError,
     LocalProtocolError,
     MessageTooLarge,
     StreamBroken,
@@ -46,6 +47,7 @@ from backchannel.protocol import (
     ReleaseReceived,
     ResultReceived,
     State,
+    Unparseable,
 )
 from backchannel.settings import Limits
 from backchannel.v1 import envelope_pb2 as pb
@@ -242,8 +244,12 @@ class Session:
                 # once, say) is written as one batch as soon as it is done: no loop turn
                 self._handling = True
                 try:
-                    if type(frame) is NotAFrame:
-                        events = self.connection.receive_unparseable(frame.size, frame.reason)
+                    if type(frame) is Unparseable:
+                        events = self.connection.receive_unparseable(
+                            frame.size, frame.reason, frame.call_id, frame.one_way, frame.result_id
+                        )
+                    elif type(frame) is SplitBatch:
+                        events = self.connection.receive_batch(frame.frames)
                     else:
                         events = self.connection.receive(frame)
                     self._handle(events)
@@ -323,8 +329,7 @@ class Session:
                 self._answer(pb.Result(id=call.id, error=error))
             raise
         except Exception as exc:
-            error = codec.encode_error(exc, self.error_types, self._send_tracebacks)
-            result = pb.Result(id=call.id, error=error)
+            result = pb.Result(id=call.id, error=self._encode_error(call, exc))
         finally:
             self._incoming_parent.pop(call.id, None)
             if call.one_way:  # its work is over: its in-flight slot is free
@@ -338,6 +343,18 @@ class Session:
         if not call.one_way and call.id in self._running:
             del self._running[call.id]
             self._answer(result)
+
+    def _encode_error(self, call: pb.Call, exc: Exception) -> pb.Error:
+        """The Error to answer ``call`` with; never raises, so the call is always answered
+        (and an eager call raising here would end the reader, and the stream)."""
+        try:
+            return codec.encode_error(exc, self.error_types, self._send_tracebacks)
+        except Exception as failure:
+            unsendable = EncodeError(
+                f"{_call_name(call)} raised {type(exc).__name__}, which could not be sent: "
+                f"{type(failure).__name__}: {failure}"
+            )
+            return codec.encode_error(unsendable, self.error_types)
 
     def _start_serving(self, call: pb.Call) -> None:
         """Run an incoming call eagerly: its first step runs now, in a context of its own,
@@ -398,7 +415,11 @@ class Session:
         if self._waiting or self.connection.pending_outgoing >= self._peer_max_calls:
             self._waiting.append(outgoing)  # back-pressure: sent when a call finishes
         else:
-            self._send(outgoing)
+            try:
+                self._send(outgoing)
+            except BaseException:  # not sent: nothing of it may stay behind
+                outgoing.settle()
+                raise
         return outgoing.future
 
     def _send(self, outgoing: Outgoing) -> None:
@@ -419,8 +440,13 @@ class Session:
         """Send waiting calls while the in-flight limit allows."""
         while self._waiting and self.connection.pending_outgoing < self._peer_max_calls:
             outgoing = self._waiting.popleft()
-            if not outgoing.future.done():  # else it expired or was cancelled waiting
+            if outgoing.future.done():  # it expired or was cancelled waiting
+                continue
+            try:
                 self._send(outgoing)
+            except Exception as exc:  # its caller hears of it, not the reader running this
+                outgoing.settle()
+                outgoing.future.set_exception(exc)
 
     def _finished(self, call_id: int) -> None:
         """An outgoing call is over (answered, expired, cancelled): free its slot."""
@@ -607,23 +633,39 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
-class NotAFrame:
-    """A received message that did not parse as a Frame (the peer is told with a Fault)."""
+class SplitBatch:
+    """A received Batch that did not parse as a whole, its frames parsed one by one."""
 
-    __slots__ = ("reason", "size")
+    __slots__ = ("frames",)
 
-    def __init__(self, size: int, reason: str) -> None:
-        self.size = size
-        self.reason = reason
+    def __init__(self, frames: list[pb.Frame | Unparseable]) -> None:
+        self.frames = frames
 
 
-def parse_frame(data: bytes) -> pb.Frame | NotAFrame:
+def parse_frame(data: bytes) -> pb.Frame | Unparseable | SplitBatch:
     """The stream's deserializer. A message that is no Frame does not end the stream (as
-    a raising deserializer would, with no word to the peer): the reader answers it."""
+    a raising deserializer would, with no word to the peer): the reader answers it. A
+    Batch that does not parse (one frame too deep, or not UTF-8) is split and its frames
+    parsed one by one, so only what is wrong is refused, and every Call in it answered."""
     try:
         return pb.Frame.FromString(data)
     except DecodeError as exc:
-        return NotAFrame(len(data), str(exc) or "unparseable protobuf")
+        reason = str(exc) or "unparseable protobuf"
+    inner = wire.split_batch(data)
+    if inner is None:
+        return _unparseable(data, reason)
+    frames: list[pb.Frame | Unparseable] = []
+    for frame in inner:
+        try:
+            frames.append(pb.Frame.FromString(frame))
+        except DecodeError as exc:
+            frames.append(_unparseable(frame, str(exc) or "unparseable protobuf"))
+    return SplitBatch(frames)
+
+
+def _unparseable(data: bytes, reason: str) -> Unparseable:
+    call_id, one_way, result_id = wire.find_ids(data)
+    return Unparseable(len(data), reason, call_id, one_way, result_id)
 
 
 def serialize(message: pb.Frame | bytes) -> bytes:

@@ -1,4 +1,4 @@
-"""Text that came off the wire, made safe to log.
+"""Text and the wire: what came off it, made safe to log; what goes on it, made sendable.
 
 A peer chooses its Fault messages, GoAway and Cancel reasons, error messages and the
 service and method names it quotes; logged verbatim, a newline in one forges a whole log
@@ -36,3 +36,14 @@ def wire_text(text: object, limit: int = WIRE_TEXT_LIMIT) -> str:
         pieces.append(piece)
         length += len(piece)
     return "".join(pieces)
+
+
+def sendable_text(text: str) -> str:
+    """``text`` with what UTF-8 cannot carry (lone surrogates) backslash-escaped: for
+    words this side sends (exception messages, Fault, GoAway and Cancel reasons), which
+    protobuf would otherwise refuse to encode, losing the message that carries them."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode()
+    return text

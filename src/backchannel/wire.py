@@ -1,0 +1,104 @@
+"""Reading a Frame's wire format by hand, for messages protobuf refuses to parse.
+
+A Batch is split into its frames' bytes so that each is parsed on its own (one frame the
+parser refuses, too deep say, costs only itself), and an unparseable frame is searched
+for the id of the Call or Result it holds, so that call is answered, not lost. Only the
+envelope's own layout is read: Frame.batch is field 8 holding Batch.frames, field 1;
+Frame.call is field 3 and Frame.result field 4, each with its id in field 1 (a varint),
+and Call.one_way is field 9.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+_VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
+_FRAME_CALL, _FRAME_RESULT, _FRAME_BATCH = 3, 4, 8
+_BATCH_FRAMES = 1
+_ID = 1
+_CALL_ONE_WAY = 9
+
+
+class Malformed(Exception):
+    """The bytes do not follow protobuf's wire format."""
+
+
+def _varint(data: bytes, position: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if position >= len(data) or shift > 63:
+            raise Malformed("truncated or overlong varint")
+        byte = data[position]
+        position += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return value, position
+
+
+def fields(data: bytes) -> Iterator[tuple[int, int, int | bytes]]:
+    """(field number, wire type, value) of each field, in order: ints for varints,
+    bytes for the rest. Raises :class:`Malformed` where the bytes stop making sense."""
+    position = 0
+    while position < len(data):
+        key, position = _varint(data, position)
+        number, kind = key >> 3, key & 7
+        if kind == _VARINT:
+            value, position = _varint(data, position)
+            yield number, kind, value
+            continue
+        if kind == _LEN:
+            size, position = _varint(data, position)
+        elif kind in (_I64, _I32):
+            size = 8 if kind == _I64 else 4
+        else:
+            raise Malformed(f"wire type {kind}")
+        if number == 0 or position + size > len(data):
+            raise Malformed("truncated field")
+        yield number, kind, data[position : position + size]
+        position += size
+
+
+def split_batch(data: bytes) -> list[bytes] | None:
+    """The frames of a Frame that holds only a Batch, as bytes; None if it is anything else."""
+    frames: list[bytes] = []
+    try:
+        for number, kind, body in fields(data):
+            if number != _FRAME_BATCH or kind != _LEN:
+                return None
+            assert isinstance(body, bytes)
+            for inner_number, inner_kind, frame in fields(body):
+                if inner_number == _BATCH_FRAMES and inner_kind == _LEN:
+                    assert isinstance(frame, bytes)
+                    frames.append(frame)
+    except Malformed:
+        return None
+    return frames or None
+
+
+def find_ids(data: bytes) -> tuple[int, bool, int]:
+    """(call id, one way, result id) of the Call or Result an unparseable frame holds, as
+    far as its bytes can be read; zeros when it holds neither (or no id can be found)."""
+    kind_field, body = 0, b""
+    try:
+        for number, kind, value in fields(data):
+            if kind == _LEN and number in (_FRAME_CALL, _FRAME_RESULT):
+                kind_field, body = number, value  # type: ignore[assignment]
+            elif 1 <= number <= _FRAME_BATCH + 1:  # another kind of the oneof: the last wins
+                kind_field, body = 0, b""
+    except Malformed:
+        pass
+    if not kind_field:
+        return 0, False, 0
+    found, one_way = 0, False
+    try:
+        for number, kind, value in fields(body):
+            if number == _ID and kind == _VARINT:
+                found = value  # type: ignore[assignment]
+            elif kind_field == _FRAME_CALL and number == _CALL_ONE_WAY and kind == _VARINT:
+                one_way = bool(value)
+    except Malformed:
+        pass
+    if kind_field == _FRAME_CALL:
+        return found, one_way, 0
+    return 0, False, found
