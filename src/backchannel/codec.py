@@ -73,35 +73,53 @@ def encode(obj: object, where: str, callbacks: CallbackEncoder | None = None) ->
 
 
 def _encode(obj: object, callbacks: CallbackEncoder | None, depth: int) -> pb.Value:
+    value = pb.Value()
+    _fill(obj, value, callbacks, depth)
+    return value
+
+
+def _fill(obj: object, value: pb.Value, callbacks: CallbackEncoder | None, depth: int) -> None:
+    """Encode ``obj`` into ``value``, in place.
+
+    Lists and dicts are filled item by item where they stand (``items.add()``,
+    ``entries[key]``): building a Value and then assigning it copies it, so a container
+    built bottom-up would be copied once per level, and each copy of a big one is a long
+    C call that holds the GIL. In place, encoding a 150k-entry dict is ~8x faster.
+    """
     kind = type(obj)
     # exact-type checks first: the hot path, and bool must not pass as int
     if kind is str:
         try:
-            return pb.Value(string_value=obj)  # type: ignore[arg-type]
+            value.string_value = obj  # type: ignore[assignment]
         except UnicodeEncodeError as exc:
             raise _Failure(_not_utf8("str", exc), False) from None
-    if kind is int:
-        return _encode_int(obj)  # type: ignore[arg-type]
-    if obj is None:
-        return NULL
-    if kind is bool:
-        return pb.Value(bool_value=obj)  # type: ignore[arg-type]
-    if kind is float:
-        return pb.Value(double_value=obj)  # type: ignore[arg-type]
-    if kind is bytes:
-        return pb.Value(bytes_value=obj)  # type: ignore[arg-type]
-    if isinstance(obj, list | tuple):
+    elif kind is int:
+        if not INT64_MIN <= obj <= INT64_MAX:  # type: ignore[operator]
+            raise _Failure(f"int {obj} does not fit in 64 bits", False)
+        value.int_value = obj  # type: ignore[assignment]
+    elif obj is None:
+        value.null_value = struct_pb2.NULL_VALUE  # type: ignore[assignment]
+    elif kind is bool:
+        value.bool_value = obj  # type: ignore[assignment]
+    elif kind is float:
+        value.double_value = obj  # type: ignore[assignment]
+    elif kind is bytes:
+        value.bytes_value = obj  # type: ignore[assignment]
+    elif isinstance(obj, list | tuple):
         if depth >= MAX_NESTING:
             raise _Failure(_TOO_DEEP, False)
         deeper = depth + 1
+        target = value.list_value
+        target.SetInParent()  # an empty list is still a list
+        add = target.items.add
         try:
-            items = [_encode(item, callbacks, deeper) for item in obj]
+            for item in obj:
+                _fill(item, add(), callbacks, deeper)
         except _Failure as failure:
             raise _locate(
                 failure, obj, enumerate(obj), lambda v: _encode(v, callbacks, deeper)
             ) from None
-        return pb.Value(list_value=pb.ValueList(items=items))
-    if isinstance(obj, dict):
+    elif isinstance(obj, dict):
         if depth >= MAX_NESTING:
             raise _Failure(_TOO_DEEP, False)
         deeper = depth + 1
@@ -110,46 +128,45 @@ def _encode(obj: object, callbacks: CallbackEncoder | None, depth: int) -> pb.Va
                 raise _Failure(
                     f"dict keys must be str, got {type(key).__name__} key {key!r}", False
                 )
+        value.map_value.SetInParent()  # an empty dict is still a dict
+        entries = value.map_value.entries
         try:
-            entries = {key: _encode(item, callbacks, deeper) for key, item in obj.items()}
+            for key, item in obj.items():
+                _fill(item, entries[key], callbacks, deeper)
         except _Failure as failure:
             raise _locate(
                 failure, obj, obj.items(), lambda v: _encode(v, callbacks, deeper)
             ) from None
-        try:
-            return pb.Value(map_value=pb.ValueMap(entries=entries))
         except UnicodeEncodeError:
             for key in obj:  # the error path: say which key
                 _check_utf8(key, f"dict key {key!a}")
             raise
-    if isinstance(obj, Message):
-        packed = any_pb2.Any()
+    elif isinstance(obj, Message):
         try:
-            packed.Pack(obj)
+            value.message_value.Pack(obj)
         except (ProtobufEncodeError, UnicodeEncodeError) as exc:  # proto2 required fields
             raise _Failure(f"cannot serialize protobuf message: {exc}", False) from None
-        return pb.Value(message_value=packed)
-    if isinstance(obj, bool):  # subclasses of the exact types above
-        return pb.Value(bool_value=bool(obj))
-    if isinstance(obj, int):
-        return _encode_int(int(obj))
-    if isinstance(obj, str):
+    elif isinstance(obj, bool):  # subclasses of the exact types above
+        value.bool_value = bool(obj)
+    elif isinstance(obj, int):
+        _fill(int(obj), value, callbacks, depth)
+    elif isinstance(obj, str):
         _check_utf8(obj, "str")
-        return pb.Value(string_value=str(obj))
-    if isinstance(obj, float):
-        return pb.Value(double_value=float(obj))
-    if isinstance(obj, bytes | bytearray | memoryview):
-        return pb.Value(bytes_value=bytes(obj))
-    if callbacks is not None:
-        ref = callbacks(obj, "")
-        if ref is not None:
-            return pb.Value(callback_value=ref)
-    raise _Failure(
-        f"cannot send an object of type {kind.__module__}.{kind.__qualname__}; "
-        "backchannel carries None, bool, int, float, str, bytes, list, tuple, dict with "
-        "str keys, protobuf messages and declared callback arguments",
-        False,
-    )
+        value.string_value = str(obj)
+    elif isinstance(obj, float):
+        value.double_value = float(obj)
+    elif isinstance(obj, bytes | bytearray | memoryview):
+        value.bytes_value = bytes(obj)
+    else:
+        ref = callbacks(obj, "") if callbacks is not None else None
+        if ref is None:
+            raise _Failure(
+                f"cannot send an object of type {kind.__module__}.{kind.__qualname__}; "
+                "backchannel carries None, bool, int, float, str, bytes, list, tuple, dict "
+                "with str keys, protobuf messages and declared callback arguments",
+                False,
+            )
+        value.callback_value.CopyFrom(ref)
 
 
 def _locate(
@@ -197,12 +214,6 @@ def _not_utf8(what: str, exc: UnicodeEncodeError) -> str:
         f"{exc.start}); send bytes instead (os.fsencode(name)), or escape it first "
         "(name.encode(errors='backslashreplace').decode())"
     )
-
-
-def _encode_int(value: int) -> pb.Value:
-    if not INT64_MIN <= value <= INT64_MAX:
-        raise _Failure(f"int {value} does not fit in 64 bits", False)
-    return pb.Value(int_value=value)
 
 
 def decode(value: pb.Value, where: str, callbacks: CallbackDecoder | None = None) -> object:
