@@ -7,7 +7,6 @@ calls the same way.
 from __future__ import annotations
 
 import base64
-import concurrent.futures
 import contextvars
 import functools
 import inspect
@@ -30,6 +29,7 @@ from backchannel.interface import (
     apply_settings,
     interface_spec,
 )
+from backchannel.pools import CallPools
 from backchannel.v1 import envelope_pb2 as pb
 
 #: the seed's callbacks="1000": live callback instances per service per stream
@@ -102,9 +102,9 @@ CONSUMER_SETTINGS = (
 class Exports:
     """The provider's exported services, and the code that runs calls against them."""
 
-    def __init__(self, pool: concurrent.futures.Executor, error_types: codec.ErrorTypes) -> None:
+    def __init__(self, pools: CallPools, error_types: codec.ErrorTypes) -> None:
         self._by_key: dict[tuple[str, str, str], Export] = {}
-        self._pool = pool
+        self._pools = pools
         self.error_types = error_types
 
     def add(
@@ -219,7 +219,9 @@ class Exports:
             else:
                 context = contextvars.copy_context()
                 work = functools.partial(context.run, method.function, *args)
-                result = await run_in_pool(self._pool, work)  # one loop wake-up per batch
+                # a call nested in one this side waits for never queues for a thread
+                pool = self._pools.for_call(call, callbacks.session if callbacks else None)
+                result = await run_in_pool(pool, work)  # one loop wake-up per batch
         finally:
             for proxy in removed:  # told, so the consumer un-exports them even when it
                 # no longer waits for the result (timed out, cancelled)
