@@ -1,6 +1,6 @@
-"""Re-entrant calls never wait for a free pool thread (docs/callbacks.md, *Ordering and
-re-entrancy*): more concurrent re-entrant chains than ``max_workers``, over real loopback,
-with the default pool sizes; and a pool that runs out says so, once."""
+"""Re-entrant calls never wait for a free pool thread (docs/callbacks.md, *Thread pools
+and re-entrancy*): more concurrent re-entrant chains than ``max_workers``, over real
+loopback, with the default pool sizes; and a pool that runs out says so, once."""
 
 from __future__ import annotations
 
