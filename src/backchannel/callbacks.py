@@ -44,6 +44,7 @@ from backchannel.portal import wait_on_loop
 from backchannel.v1 import envelope_pb2 as pb
 
 if TYPE_CHECKING:
+    from backchannel.pools import CallPools
     from backchannel.session import Session
 
 #: (session, id of the incoming call) while this side runs a call the peer sent; calls
@@ -103,9 +104,9 @@ class ExportedCallback:
 class ConsumerCallbacks:
     """The consumer's side of one stream: its exported listeners, and running their calls."""
 
-    def __init__(self, session: Session, pool: concurrent.futures.Executor) -> None:
+    def __init__(self, session: Session, pools: CallPools) -> None:
         self._session = session
-        self._pool = pool
+        self._pools = pools
         self._by_id: dict[int, ExportedCallback] = {}
         self._by_object: dict[int, ExportedCallback] = {}  # id(obj) is safe: we hold obj
         self._per_service: collections.Counter[ServiceKey] = collections.Counter()
@@ -226,12 +227,12 @@ class ConsumerCallbacks:
         args = codec.decode_args(call.args, where)
         if entry.holder and entry.holder in self._session.ancestors(call.parent_id):
             # re-entrant: the call that holds this instance is waiting for this one
-            return await self._invoke(function, args, where, None)
+            return await self._invoke(call, function, args, where, None)
         await entry.lock.acquire()
         entry.holder = call.id
         thread: list[concurrent.futures.Future[None]] = []
         try:
-            return await self._invoke(function, args, where, thread)
+            return await self._invoke(call, function, args, where, thread)
         finally:
             if thread and not thread[0].done():
                 # cancelled (timed out, the provider gave up) while a plain listener still
@@ -251,6 +252,7 @@ class ConsumerCallbacks:
 
     async def _invoke(
         self,
+        call: pb.Call,
         function: Callable[..., Any],
         args: list[object],
         where: str,
@@ -260,7 +262,9 @@ class ConsumerCallbacks:
             result = await function(*args)
         else:
             context = contextvars.copy_context()
-            outcome, running = submit(self._pool, functools.partial(context.run, function, *args))
+            # a call nested in one this side waits for never queues for a thread
+            pool = self._pools.for_call(call, self._session)
+            outcome, running = submit(pool, functools.partial(context.run, function, *args))
             if thread is not None:
                 thread.append(running)
             result = await outcome

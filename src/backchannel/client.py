@@ -33,6 +33,7 @@ from backchannel.errors import (
 from backchannel.handoff import run_in_pool
 from backchannel.interface import Method, MethodSpec
 from backchannel.notify import HookPool, MethodHooks, wrap_async, wrap_sync
+from backchannel.pools import CallPools
 from backchannel.portal import LoopThread, wait_on_loop
 from backchannel.protocol import Connection, Role
 from backchannel.reference import Proxy, Reference
@@ -97,8 +98,8 @@ class Backoff:
 class _ConsumerSide:
     """The consumer's handling of one stream: the provider's declarations and callbacks."""
 
-    def __init__(self, session: Session, pool: concurrent.futures.Executor) -> None:
-        self.callbacks = ConsumerCallbacks(session, pool)
+    def __init__(self, session: Session, pools: CallPools) -> None:
+        self.callbacks = ConsumerCallbacks(session, pools)
         self.services: dict[tuple[str, str, str], pb.ServiceInfo] = {}
         self.methods: dict[tuple[str, str, str, str], pb.MethodInfo] = {}
 
@@ -136,7 +137,9 @@ class AsyncClient:
 
     One Connect stream is opened on the first call and every call shares it; when it
     breaks, the next call opens a new one. Sync listener methods run in a thread pool of
-    ``max_workers`` threads, ``async def`` ones on the loop.
+    ``max_workers`` threads, ``async def`` ones on the loop; a listener call nested in a
+    call this client waits for runs at once, on up to ``max_reentrant_workers`` extra
+    threads when the pool is full (docs/callbacks.md).
     """
 
     def __init__(
@@ -148,6 +151,7 @@ class AsyncClient:
         connect_timeout: float = 5.0,
         errors: Iterable[type[BaseException]] = (),
         max_workers: int = 32,
+        max_reentrant_workers: int = 256,
         limits: Limits = Limits(),
         keepalive: Keepalive | None = Keepalive(),
         credentials: grpc.ChannelCredentials | None = None,
@@ -167,8 +171,8 @@ class AsyncClient:
         self._credentials = credentials
         self._metadata = tuple(metadata) + (bearer_metadata(token) if token else ())
         self._error_types = codec.ErrorTypes(errors)
-        self._pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=max_workers, thread_name_prefix="backchannel-callback"
+        self._pools = CallPools(
+            max_workers, max_reentrant_workers, role="callback", owners="Client or AsyncClient"
         )
         self._channel: grpc.aio.Channel | None = None
         self._stream: Any = None
@@ -313,7 +317,8 @@ class AsyncClient:
                 return None
             what = f"the result of {method.qualname}()"
             if result.value.ByteSize() > BULK_BYTES:  # off the loop the other calls share
-                return Deferred(run_in_pool(self._pool, lambda: codec.decode(result.value, what)))
+                pool = self._pools.regular
+                return Deferred(run_in_pool(pool, lambda: codec.decode(result.value, what)))
             return codec.decode(result.value, what)
 
         timeout = ref.timeouts[method.name]
@@ -425,7 +430,7 @@ class AsyncClient:
         session = Session(
             connection,
             stream.write,
-            lambda session: _ConsumerSide(session, self._pool),
+            lambda session: _ConsumerSide(session, self._pools),
             self._error_types,
             peer=self.address,
             limits=self._limits,
@@ -539,7 +544,7 @@ class AsyncClient:
         if self._channel is not None:
             await self._channel.close(None)
             self._channel = None
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pools.shutdown()
         self._hooks.shutdown()
 
     async def __aenter__(self) -> AsyncClient:
@@ -570,6 +575,7 @@ class Client:
         connect_timeout: float = 5.0,
         errors: Iterable[type[BaseException]] = (),
         max_workers: int = 32,
+        max_reentrant_workers: int = 256,
         limits: Limits = Limits(),
         keepalive: Keepalive | None = Keepalive(),
         credentials: grpc.ChannelCredentials | None = None,
@@ -583,6 +589,7 @@ class Client:
             connect_timeout=connect_timeout,
             errors=errors,
             max_workers=max_workers,
+            max_reentrant_workers=max_reentrant_workers,
             limits=limits,
             keepalive=keepalive,
             credentials=credentials,

@@ -7,7 +7,6 @@ calls the same way.
 from __future__ import annotations
 
 import base64
-import concurrent.futures
 import contextvars
 import functools
 import inspect
@@ -30,6 +29,7 @@ from backchannel.interface import (
     apply_settings,
     interface_spec,
 )
+from backchannel.pools import CallPools
 from backchannel.settings import BULK_BYTES, BULK_ITEMS
 from backchannel.v1 import envelope_pb2 as pb
 
@@ -103,9 +103,9 @@ CONSUMER_SETTINGS = (
 class Exports:
     """The provider's exported services, and the code that runs calls against them."""
 
-    def __init__(self, pool: concurrent.futures.Executor, error_types: codec.ErrorTypes) -> None:
+    def __init__(self, pools: CallPools, error_types: codec.ErrorTypes) -> None:
         self._by_key: dict[tuple[str, str, str], Export] = {}
-        self._pool = pool
+        self._pools = pools
         self.error_types = error_types
 
     def add(
@@ -221,15 +221,19 @@ class Exports:
                 work = functools.partial(
                     context.run, _run_sync, method.function, call, spec, where, args
                 )
-                return await run_in_pool(self._pool, work)  # one loop wake-up per batch
+                # a call nested in one this side waits for never queues for a thread
+                pool = self._pools.for_call(call, callbacks.session if callbacks else None)
+                return await run_in_pool(pool, work)  # one loop wake-up per batch
             if args is None:
                 if call.ByteSize() > BULK_BYTES:
-                    args = await run_in_pool(self._pool, lambda: plain_arguments(call, spec, where))
+                    args = await run_in_pool(
+                        self._pools.regular, lambda: plain_arguments(call, spec, where)
+                    )
                 else:
                     args = plain_arguments(call, spec, where)
             result = await method.function(*args)
             if is_bulk(result):
-                return await run_in_pool(self._pool, lambda: codec.encode(result, what))
+                return await run_in_pool(self._pools.regular, lambda: codec.encode(result, what))
             return codec.encode(result, what)
         finally:
             for proxy in removed:  # told, so the consumer un-exports them even when it

@@ -7,7 +7,6 @@ holds no logic of its own: it runs an :class:`AsyncServer` on a background loop 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import inspect
 import logging
@@ -26,6 +25,7 @@ from backchannel.callbacks import ProviderCallbacks
 from backchannel.errors import ChannelClosed, Unauthenticated, UnknownCallback
 from backchannel.exports import DEFAULT_CALLBACK_LIMIT, Exports, to_json
 from backchannel.interface import Method
+from backchannel.pools import CallPools
 from backchannel.portal import LoopThread
 from backchannel.protocol import PROTOCOL_VERSION, Connection, Role
 from backchannel.session import Outgoing, Session, parse_frame, serialize
@@ -83,6 +83,10 @@ class AsyncServer:
         server.export(CallbackService, CallbackServiceImpl())
         async with server:
             ...
+
+    Plain (``def``) methods run in a pool of ``max_workers`` threads; a call nested in a
+    call this provider waits for (a listener's call back) runs at once, on up to
+    ``max_reentrant_workers`` extra threads when the pool is full (docs/callbacks.md).
     """
 
     def __init__(
@@ -91,6 +95,7 @@ class AsyncServer:
         *,
         application: str = "",
         max_workers: int = 32,
+        max_reentrant_workers: int = 256,
         send_tracebacks: bool = False,
         errors: Iterable[type[BaseException]] = (),
         callback_timeout: float | None = DEFAULT_TIMEOUT,
@@ -111,10 +116,10 @@ class AsyncServer:
         self._application = application
         self._send_tracebacks = send_tracebacks
         self._error_types = codec.ErrorTypes(errors)
-        self._pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=max_workers, thread_name_prefix="backchannel-provider"
+        self._pools = CallPools(
+            max_workers, max_reentrant_workers, role="provider", owners="Server or AsyncServer"
         )
-        self._exports = Exports(self._pool, self._error_types)
+        self._exports = Exports(self._pools, self._error_types)
         self._callback_timeout = callback_timeout
         self._grpc: grpc.aio.Server | None = None
         self._port = 0
@@ -229,7 +234,7 @@ class AsyncServer:
             except TimeoutError:
                 logger.warning("calls still running after %s s of grace; cancelling them", grace)
         await server.stop(0)
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pools.shutdown()
 
     async def _all_idle(self) -> None:
         """Wait until every session is idle, sessions that join meanwhile included."""
@@ -367,6 +372,7 @@ class Server:
         *,
         application: str = "",
         max_workers: int = 32,
+        max_reentrant_workers: int = 256,
         send_tracebacks: bool = False,
         errors: Iterable[type[BaseException]] = (),
         callback_timeout: float | None = DEFAULT_TIMEOUT,
@@ -381,6 +387,7 @@ class Server:
             address,
             application=application,
             max_workers=max_workers,
+            max_reentrant_workers=max_reentrant_workers,
             send_tracebacks=send_tracebacks,
             errors=errors,
             callback_timeout=callback_timeout,

@@ -472,6 +472,10 @@ class Session:
         self.flush()
         self._finished(call_id)
 
+    def awaits(self, call_id: int) -> bool:
+        """True while this side waits for the answer to its outgoing call ``call_id``."""
+        return call_id in self._sent
+
     def ancestors(self, parent_id: int) -> set[int]:
         """The incoming calls up the chain from an outgoing call ``parent_id``."""
         chain: set[int] = set()
