@@ -58,6 +58,12 @@ EOF = grpc.aio.EOF  # type: ignore[attr-defined]
 #: frames per Batch message, and roughly how many bytes one Batch may hold
 MAX_BATCH_FRAMES = 32
 MAX_BATCH_BYTES = 1 << 20
+#: a call that waited for an in-flight slot is sent only while more than this share of
+#: its timeout is left: a peer that holds its slots until calls expire then gets at most
+#: ten calls per slot per timeout, not every call that waited (each sent, then cancelled)
+MIN_TIME_LEFT_TO_SEND = 0.1
+#: waiting calls (expired or cancelled ones included) held before the queue is compacted
+_COMPACT_WAITING_AT = 4096
 
 Read = Callable[[], Awaitable[Any]]
 Future = asyncio.Future[Any]
@@ -109,6 +115,7 @@ class Session:
         self._sent: dict[int, Outgoing] = {}
         self._deadlines = Deadlines(self._loop, self._expire)
         self._waiting: collections.deque[Outgoing] = collections.deque()
+        self._compact_waiting_at = _COMPACT_WAITING_AT
         self._loop_thread = threading.get_ident()
         # the call tree, for re-entrancy: outgoing call id -> the incoming call it was
         # made during, and incoming call id -> the outgoing call it was made during
@@ -387,7 +394,7 @@ class Session:
         if timeout is not None:
             outgoing.deadline = self._deadlines.add(outgoing, timeout)
         if self._waiting or self.connection.pending_outgoing >= self._peer_max_calls:
-            self._waiting.append(outgoing)  # back-pressure: sent when a call finishes
+            self._wait_for_a_slot(outgoing)
         else:
             self._send(outgoing)
         return outgoing.future
@@ -406,12 +413,46 @@ class Session:
         if call.parent_id:
             self._outgoing_parent[call_id] = call.parent_id
 
+    def _wait_for_a_slot(self, outgoing: Outgoing) -> None:
+        """Back-pressure: queue a call until one in flight finishes. Calls that expire or
+        are cancelled while they wait are dropped when the queue doubles (amortized O(1)),
+        so a peer that never frees a slot does not make the queue grow without bound."""
+        waiting = self._waiting
+        waiting.append(outgoing)
+        if len(waiting) > self._compact_waiting_at:
+            live = [kept for kept in waiting if not kept.future.done()]
+            waiting.clear()
+            waiting.extend(live)
+            self._compact_waiting_at = max(_COMPACT_WAITING_AT, 2 * len(live))
+
     def _admit(self) -> None:
-        """Send waiting calls while the in-flight limit allows."""
+        """Send waiting calls while the in-flight limit allows. A call whose time ran
+        (nearly) out while it waited fails here and is never sent: sending it would only
+        add a Cancel, and when its peer's slots free up as calls expire, every waiting
+        call would be sent and cancelled in turn."""
+        now = self._loop.time()
         while self._waiting and self.connection.pending_outgoing < self._peer_max_calls:
             outgoing = self._waiting.popleft()
-            if not outgoing.future.done():  # else it expired or was cancelled waiting
-                self._send(outgoing)
+            if outgoing.future.done():  # it expired or was cancelled waiting
+                continue
+            entry = outgoing.deadline
+            timeout = outgoing.timeout
+            if (
+                entry is not None
+                and timeout
+                and entry.deadline - now <= (MIN_TIME_LEFT_TO_SEND * timeout)
+            ):
+                outgoing.settle()
+                outgoing.future.set_exception(
+                    DeadlineExceeded(
+                        f"{outgoing.label} was not sent: it waited for one of the "
+                        f"{self._peer_max_calls} calls the peer runs at once "
+                        f"(max_calls_in_flight) until less than a tenth of its {timeout} s "
+                        "timeout was left"
+                    )
+                )
+                continue
+            self._send(outgoing)
 
     def _finished(self, call_id: int) -> None:
         """An outgoing call is over (answered, expired, cancelled): free its slot."""
