@@ -130,6 +130,15 @@ class Session:
         self._running: dict[int, asyncio.Task[None] | None] = {}
         self._one_way_tasks: set[asyncio.Task[None]] = set()  # strong references
         self._drained = asyncio.Event()  # set while the writer has nothing left to send
+        # bytes waiting to be written: frames not yet serialized, and serialized messages
+        self._queue_bytes = 0
+        self._message_bytes = 0
+        # set while they are under max_queued_bytes: the reader reads and calls are sent
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._reader: asyncio.Task[Any] | None = None
+        #: why this side ended the stream for holding too much unwritten (a status text)
+        self.overflow: str | None = None
         self._closed = asyncio.Event()
         #: set once the handshake finished; holds the provider's services on the consumer
         self.handshake: asyncio.Future[tuple[pb.ServiceInfo, ...]] = self._loop.create_future()
@@ -185,7 +194,45 @@ class Session:
         if frames:
             self._queue.extend(frames)
             self._drained.clear()
+            for frame in frames:
+                self._queue_bytes += frame.ByteSize()
+            if self._queue_bytes + self._message_bytes > self._limits.max_queued_bytes:
+                self._over_limit()
         return bool(self._queue)
+
+    def _over_limit(self) -> None:
+        """More than max_queued_bytes waits to be written: the peer reads slower than it
+        asks. Stop reading from it (and sending it calls) until the queue drains; past
+        twice the limit, end the stream: only results of calls already running got here."""
+        if self.cause is not None:
+            return
+        limit = self._limits.max_queued_bytes
+        queued = self._queue_bytes + self._message_bytes
+        if queued > 2 * limit:
+            self.overflow = (
+                f"{self.peer} did not read what was sent to it: {queued} bytes queued for "
+                f"it, over twice the limit of {limit} bytes (max_queued_bytes); "
+                "the stream is ended"
+            )
+            logger.warning("%s", self.overflow)
+            self._queue.clear()
+            self._messages.clear()
+            self._queue_bytes = self._message_bytes = 0
+            self._drained.set()
+            if self._writing is not None:
+                self._writing.cancel()
+            self.lost(StreamBroken(self.overflow))
+            if self._reader is not None and self._reader is not asyncio.current_task():
+                self._reader.cancel()  # it may wait for a frame the peer never sends
+        elif self._writable.is_set():
+            self._writable.clear()
+            logger.info(
+                "%s reads slower than it asks: %d bytes queued for it, over the limit of %d "
+                "bytes (max_queued_bytes); not reading from it until they are written",
+                self.peer,
+                queued,
+                limit,
+            )
 
     def _write_next(self) -> None:
         """Start the next write. Its first step runs here, so the message is handed to
@@ -202,7 +249,13 @@ class Session:
                 frames, self._queue = self._queue, []
                 limit = min(MAX_BATCH_BYTES, self._peer_max_message)
                 self._messages.extend(coalesce(frames, limit))
-            writing = self._write(self._messages.popleft())
+                self._queue_bytes = 0
+                self._message_bytes = sum(map(len, self._messages))
+            message = self._messages.popleft()
+            self._message_bytes -= len(message)
+            if not self._writable.is_set():
+                self._drained_some()
+            writing = self._write(message)
             try:
                 waiting_on = writing.send(None)  # type: ignore[attr-defined]
             except StopIteration:
@@ -214,6 +267,13 @@ class Session:
             self._writing = self._loop.create_task(completion)
             self._writing.add_done_callback(self._written)
             return
+
+    def _drained_some(self) -> None:
+        """The writer took a message: back under max_queued_bytes, read and send again."""
+        if self._queue_bytes + self._message_bytes <= self._limits.max_queued_bytes:
+            self._writable.set()
+            if self._waiting:
+                self._admit()
 
     def _written(self, task: asyncio.Task[None]) -> None:
         self._writing = None
@@ -229,6 +289,7 @@ class Session:
         """The stream failed under a write: the reader sees it too."""
         self._messages.clear()
         self._queue.clear()
+        self._queue_bytes = self._message_bytes = 0
         self._drained.set()
         self.lost(_translate(exc, self.peer))
 
@@ -237,8 +298,14 @@ class Session:
     async def run(self, read: Read) -> None:
         """Read frames until the stream ends; then fail what is pending and return."""
         cause: BaseException
+        self._reader = asyncio.current_task()
         try:
             while True:
+                if not self._writable.is_set():  # back-pressure: the peer does not read
+                    await self._writable.wait()
+                if self.cause is not None:
+                    cause = self.cause
+                    break
                 frame = await read()
                 if frame is EOF:
                     cause = StreamBroken(f"the peer {self.peer} closed the stream")
@@ -256,6 +323,9 @@ class Session:
                     self._handling = False
                 self._write_now()
         except asyncio.CancelledError:
+            if self.overflow is not None and self._reader is not None:
+                self._reader.uncancel()  # this side ended it: the caller ends the RPC
+                return
             self.lost(StreamBroken(f"the stream to {self.peer} was closed"))
             if self._writing is not None:
                 self._writing.cancel()
@@ -393,7 +463,11 @@ class Session:
         outgoing = Outgoing(call, self._loop.create_future(), label, timeout, decode)
         if timeout is not None:
             outgoing.deadline = self._deadlines.add(outgoing, timeout)
-        if self._waiting or self.connection.pending_outgoing >= self._peer_max_calls:
+        if (
+            self._waiting
+            or self.connection.pending_outgoing >= self._peer_max_calls
+            or not self._writable.is_set()
+        ):
             self._wait_for_a_slot(outgoing)
         else:
             self._send(outgoing)
@@ -431,7 +505,11 @@ class Session:
         add a Cancel, and when its peer's slots free up as calls expire, every waiting
         call would be sent and cancelled in turn."""
         now = self._loop.time()
-        while self._waiting and self.connection.pending_outgoing < self._peer_max_calls:
+        while (
+            self._waiting
+            and self.connection.pending_outgoing < self._peer_max_calls
+            and self._writable.is_set()
+        ):
             outgoing = self._waiting.popleft()
             if outgoing.future.done():  # it expired or was cancelled waiting
                 continue
@@ -513,6 +591,7 @@ class Session:
         self._waiting.clear()
         self._deadlines.close()
         self._outgoing_parent.clear()
+        self._writable.set()  # a reader held back by back-pressure sees the end
         self.dispatcher.ended(cause)
         self._closed.set()
         logger.debug("stream with %s ended: %s", self.peer, cause)
