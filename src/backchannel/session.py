@@ -272,8 +272,8 @@ class Session:
         """The writer took a message: back under max_queued_bytes, read and send again."""
         if self._queue_bytes + self._message_bytes <= self._limits.max_queued_bytes:
             self._writable.set()
-            if self._waiting:
-                self._admit()
+            if self._waiting:  # not from here: sending one would start a second write
+                self._loop.call_soon(self._admit)
 
     def _written(self, task: asyncio.Task[None]) -> None:
         self._writing = None
