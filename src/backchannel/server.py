@@ -295,6 +295,8 @@ class AsyncServer:
             await session.run(context.read)
         finally:
             self._sessions.discard(session)
+        if session.overflow is not None:  # the consumer did not read: say so, not CANCELLED
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, session.overflow)
 
     async def _invoke(
         self, call: pb.Call, context: grpc.aio.ServicerContext[Any, Any]

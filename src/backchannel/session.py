@@ -61,6 +61,12 @@ EOF = grpc.aio.EOF  # type: ignore[attr-defined]
 #: frames per Batch message, and roughly how many bytes one Batch may hold
 MAX_BATCH_FRAMES = 32
 MAX_BATCH_BYTES = 1 << 20
+#: a call that waited for an in-flight slot is sent only while more than this share of
+#: its timeout is left: a peer that holds its slots until calls expire then gets at most
+#: ten calls per slot per timeout, not every call that waited (each sent, then cancelled)
+MIN_TIME_LEFT_TO_SEND = 0.1
+#: waiting calls (expired or cancelled ones included) held before the queue is compacted
+_COMPACT_WAITING_AT = 4096
 
 Read = Callable[[], Awaitable[Any]]
 Future = asyncio.Future[Any]
@@ -113,6 +119,7 @@ class Session:
         self._sent: dict[int, Outgoing] = {}
         self._deadlines = Deadlines(self._loop, self._expire)
         self._waiting: collections.deque[Outgoing] = collections.deque()
+        self._compact_waiting_at = _COMPACT_WAITING_AT
         self._loop_thread = threading.get_ident()
         # the call tree, for re-entrancy: outgoing call id -> the incoming call it was
         # made during, and incoming call id -> the outgoing call it was made during
@@ -127,6 +134,15 @@ class Session:
         self._running: dict[int, asyncio.Task[None] | None] = {}
         self._one_way_tasks: set[asyncio.Task[None]] = set()  # strong references
         self._drained = asyncio.Event()  # set while the writer has nothing left to send
+        # bytes waiting to be written: frames not yet serialized, and serialized messages
+        self._queue_bytes = 0
+        self._message_bytes = 0
+        # set while they are under max_queued_bytes: the reader reads and calls are sent
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._reader: asyncio.Task[Any] | None = None
+        #: why this side ended the stream for holding too much unwritten (a status text)
+        self.overflow: str | None = None
         self._closed = asyncio.Event()
         #: set once the handshake finished; holds the provider's services on the consumer
         self.handshake: asyncio.Future[tuple[pb.ServiceInfo, ...]] = self._loop.create_future()
@@ -182,7 +198,45 @@ class Session:
         if frames:
             self._queue.extend(frames)
             self._drained.clear()
+            for frame in frames:
+                self._queue_bytes += frame.ByteSize()
+            if self._queue_bytes + self._message_bytes > self._limits.max_queued_bytes:
+                self._over_limit()
         return bool(self._queue)
+
+    def _over_limit(self) -> None:
+        """More than max_queued_bytes waits to be written: the peer reads slower than it
+        asks. Stop reading from it (and sending it calls) until the queue drains; past
+        twice the limit, end the stream: only results of calls already running got here."""
+        if self.cause is not None:
+            return
+        limit = self._limits.max_queued_bytes
+        queued = self._queue_bytes + self._message_bytes
+        if queued > 2 * limit:
+            self.overflow = (
+                f"{self.peer} did not read what was sent to it: {queued} bytes queued for "
+                f"it, over twice the limit of {limit} bytes (max_queued_bytes); "
+                "the stream is ended"
+            )
+            logger.warning("%s", self.overflow)
+            self._queue.clear()
+            self._messages.clear()
+            self._queue_bytes = self._message_bytes = 0
+            self._drained.set()
+            if self._writing is not None:
+                self._writing.cancel()
+            self.lost(StreamBroken(self.overflow))
+            if self._reader is not None and self._reader is not asyncio.current_task():
+                self._reader.cancel()  # it may wait for a frame the peer never sends
+        elif self._writable.is_set():
+            self._writable.clear()
+            logger.info(
+                "%s reads slower than it asks: %d bytes queued for it, over the limit of %d "
+                "bytes (max_queued_bytes); not reading from it until they are written",
+                self.peer,
+                queued,
+                limit,
+            )
 
     def _write_next(self) -> None:
         """Start the next write. Its first step runs here, so the message is handed to
@@ -199,7 +253,13 @@ class Session:
                 frames, self._queue = self._queue, []
                 limit = min(MAX_BATCH_BYTES, self._peer_max_message)
                 self._messages.extend(coalesce(frames, limit))
-            writing = self._write(self._messages.popleft())
+                self._queue_bytes = 0
+                self._message_bytes = sum(map(len, self._messages))
+            message = self._messages.popleft()
+            self._message_bytes -= len(message)
+            if not self._writable.is_set():
+                self._drained_some()
+            writing = self._write(message)
             try:
                 waiting_on = writing.send(None)  # type: ignore[attr-defined]
             except StopIteration:
@@ -211,6 +271,13 @@ class Session:
             self._writing = self._loop.create_task(completion)
             self._writing.add_done_callback(self._written)
             return
+
+    def _drained_some(self) -> None:
+        """The writer took a message: back under max_queued_bytes, read and send again."""
+        if self._queue_bytes + self._message_bytes <= self._limits.max_queued_bytes:
+            self._writable.set()
+            if self._waiting:  # not from here: sending one would start a second write
+                self._loop.call_soon(self._admit)
 
     def _written(self, task: asyncio.Task[None]) -> None:
         self._writing = None
@@ -226,6 +293,7 @@ class Session:
         """The stream failed under a write: the reader sees it too."""
         self._messages.clear()
         self._queue.clear()
+        self._queue_bytes = self._message_bytes = 0
         self._drained.set()
         self.lost(_translate(exc, self.peer))
 
@@ -234,8 +302,14 @@ class Session:
     async def run(self, read: Read) -> None:
         """Read frames until the stream ends; then fail what is pending and return."""
         cause: BaseException
+        self._reader = asyncio.current_task()
         try:
             while True:
+                if not self._writable.is_set():  # back-pressure: the peer does not read
+                    await self._writable.wait()
+                if self.cause is not None:
+                    cause = self.cause
+                    break
                 frame = await read()
                 if frame is EOF:
                     cause = StreamBroken(f"the peer {self.peer} closed the stream")
@@ -257,6 +331,9 @@ class Session:
                     self._handling = False
                 self._write_now()
         except asyncio.CancelledError:
+            if self.overflow is not None and self._reader is not None:
+                self._reader.uncancel()  # this side ended it: the caller ends the RPC
+                return
             self.lost(StreamBroken(f"the stream to {self.peer} was closed"))
             if self._writing is not None:
                 self._writing.cancel()
@@ -412,8 +489,12 @@ class Session:
             telemetry.sending(self, call, outgoing.future)
         if timeout is not None:
             outgoing.deadline = self._deadlines.add(outgoing, timeout)
-        if self._waiting or self.connection.pending_outgoing >= self._peer_max_calls:
-            self._waiting.append(outgoing)  # back-pressure: sent when a call finishes
+        if (
+            self._waiting
+            or self.connection.pending_outgoing >= self._peer_max_calls
+            or not self._writable.is_set()
+        ):
+            self._wait_for_a_slot(outgoing)
         else:
             try:
                 self._send(outgoing)
@@ -436,11 +517,48 @@ class Session:
         if call.parent_id:
             self._outgoing_parent[call_id] = call.parent_id
 
+    def _wait_for_a_slot(self, outgoing: Outgoing) -> None:
+        """Back-pressure: queue a call until one in flight finishes. Calls that expire or
+        are cancelled while they wait are dropped when the queue doubles (amortized O(1)),
+        so a peer that never frees a slot does not make the queue grow without bound."""
+        waiting = self._waiting
+        waiting.append(outgoing)
+        if len(waiting) > self._compact_waiting_at:
+            live = [kept for kept in waiting if not kept.future.done()]
+            waiting.clear()
+            waiting.extend(live)
+            self._compact_waiting_at = max(_COMPACT_WAITING_AT, 2 * len(live))
+
     def _admit(self) -> None:
-        """Send waiting calls while the in-flight limit allows."""
-        while self._waiting and self.connection.pending_outgoing < self._peer_max_calls:
+        """Send waiting calls while the in-flight limit allows. A call whose time ran
+        (nearly) out while it waited fails here and is never sent: sending it would only
+        add a Cancel, and when its peer's slots free up as calls expire, every waiting
+        call would be sent and cancelled in turn."""
+        now = self._loop.time()
+        while (
+            self._waiting
+            and self.connection.pending_outgoing < self._peer_max_calls
+            and self._writable.is_set()
+        ):
             outgoing = self._waiting.popleft()
             if outgoing.future.done():  # it expired or was cancelled waiting
+                continue
+            entry = outgoing.deadline
+            timeout = outgoing.timeout
+            if (
+                entry is not None
+                and timeout
+                and entry.deadline - now <= (MIN_TIME_LEFT_TO_SEND * timeout)
+            ):
+                outgoing.settle()
+                outgoing.future.set_exception(
+                    DeadlineExceeded(
+                        f"{outgoing.label} was not sent: it waited for one of the "
+                        f"{self._peer_max_calls} calls the peer runs at once "
+                        f"(max_calls_in_flight) until less than a tenth of its {timeout} s "
+                        "timeout was left"
+                    )
+                )
                 continue
             try:
                 self._send(outgoing)
@@ -511,6 +629,7 @@ class Session:
         self._waiting.clear()
         self._deadlines.close()
         self._outgoing_parent.clear()
+        self._writable.set()  # a reader held back by back-pressure sees the end
         self.dispatcher.ended(cause)
         self._closed.set()
         logger.debug("stream with %s ended: %s", self.peer, wire_text(cause))

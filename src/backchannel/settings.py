@@ -21,6 +21,11 @@ BULK_BYTES = 64 * 1024
 #: a result of an ``async def`` method is encoded in a worker thread when it is a list,
 #: tuple or dict of more items than this (~3 ms of encoding on the loop)
 BULK_ITEMS = 1024
+#: bytes one stream may hold queued for writing before it stops reading from its peer:
+#: eight messages of the largest default size, which a peer that reads catches up on in
+#: well under a second on a LAN, while a stream whose peer stops reading holds at most
+#: twice this (then it is ended): 64 MiB, not whatever the peer asked for
+DEFAULT_MAX_QUEUED_BYTES = 32 * 1024 * 1024
 #: the shortest keepalive time allowed, in seconds; every server accepts pings this often
 #: whatever its own keepalive, so a client with a short keepalive is never sent away
 MIN_KEEPALIVE_TIME = 0.1
@@ -51,18 +56,35 @@ class Keepalive:
 
 @dataclass(frozen=True)
 class Limits:
-    """Per-stream limits of one side; each side tells the other in the handshake."""
+    """Per-stream limits of one side; the first two are told the peer in the handshake.
+
+    ``max_queued_bytes`` bounds what one stream holds serialized or queued for writing
+    (results, calls, every frame) while its peer does not read: past it this side stops
+    reading from that peer (no new calls are taken from it, new outgoing calls wait), and
+    reads again once the queue is back under it; past twice the limit (the results of
+    calls already running still queue) the stream is ended, the provider with status
+    ``RESOURCE_EXHAUSTED`` naming the limit. Other streams never notice. It must hold at
+    least one message of ``max_message_size``.
+    """
 
     #: calls that may run at once on one stream in each direction; past it new calls
     #: wait (asyncio) or block (sync) until one finishes
     max_calls_in_flight: int = DEFAULT_MAX_CALLS_IN_FLIGHT
     #: the largest frame in bytes; a call or result over it fails with MessageTooLarge
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
+    #: bytes one stream may hold queued for writing; past it this side stops reading
+    #: from the peer, past twice it the stream ends with RESOURCE_EXHAUSTED
+    max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES
 
     def __post_init__(self) -> None:
         if self.max_calls_in_flight < 1 or self.max_message_size < 1024:
             raise ValueError(
                 f"max_calls_in_flight must be >= 1 and max_message_size >= 1024, got {self}"
+            )
+        if self.max_queued_bytes < self.max_message_size:
+            raise ValueError(
+                f"max_queued_bytes must be >= max_message_size (a stream must be able to "
+                f"queue one message of the largest size), got {self}"
             )
 
 
