@@ -325,9 +325,11 @@ def test_while_zookeeper_is_down_subscribers_keep_providers_then_updates_resume(
 ) -> None:
     interface = fresh_interface()
     known = provider(interface, 50051)
+    # a short session: kazoo's attempts to reach a server that is starting up time out
+    # after a share of it, so under load a 10 s session could outlast the wait below
     with (
-        ZookeeperRegistry(own_zookeeper.address) as providers_side,
-        ZookeeperRegistry(own_zookeeper.address) as consumers_side,
+        ZookeeperRegistry(own_zookeeper.address, session_timeout=4.0) as providers_side,
+        ZookeeperRegistry(own_zookeeper.address, session_timeout=4.0) as consumers_side,
     ):
         providers_side.register(known)
         changes: list[frozenset[ServiceURL]] = []
@@ -347,7 +349,7 @@ def test_while_zookeeper_is_down_subscribers_keep_providers_then_updates_resume(
             consumers_side.subscribe(interface)
 
         own_zookeeper.start()
-        wait_until(lambda: subscription.providers == {known, late}, 10, "updates again")
+        wait_until(lambda: subscription.providers == {known, late}, 20, "updates again")
         after = provider(interface, 50053)
         providers_side.register(after)
         wait_until(lambda: after in subscription.providers, 2, "a provider added after")
