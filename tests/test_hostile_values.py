@@ -148,7 +148,7 @@ def test_the_deepest_frame_the_codec_makes_parses_inside_a_batch() -> None:
     deepest = codec.encode(dicts(LIMIT, object()), "x", lambda obj, where: ref)
     result = pb.Result(id=1, error=pb.Error(type="ValueError", args=[deepest]))
     frames = [pb.Frame(result=result), pb.Frame(call=pb.Call(id=2, method="m"))]
-    (message,) = coalesce(frames)
+    (message,) = coalesce([frame.SerializeToString() for frame in frames])
     parsed = parse_frame(message)
     assert isinstance(parsed, pb.Frame) and len(parsed.batch.frames) == 2
     assert parsed.batch.frames[0] == frames[0]
@@ -162,19 +162,33 @@ def open_consumer() -> Connection[str]:
     return link.consumer
 
 
-def test_a_call_that_cannot_be_framed_registers_nothing() -> None:
-    """A Call built by hand too deep for protobuf: building its Frame fails before the
-    id is registered, so no in-flight slot leaks."""
+def test_a_call_too_deep_for_protobuf_is_answered_not_lost() -> None:
+    """A Call built by hand too deep for protobuf to parse (the codec never makes one) is
+    sent as it is: serializing checks no depth. The receiver cannot parse it, finds its
+    id in the bytes and answers it with an error, which frees the sender's slot."""
+    link = Link()
+    link.open()
     call = pb.Call(service="test.Echo", method="echo")
     value = call.args.add()
     for _ in range(60):  # built in place: copying it would already fail
         value = value.list_value.items.add()
     value.int_value = 1
-    connection = open_consumer()
-    with pytest.raises(Exception, match="depth|Depth"):
-        connection.send_call(call, "token")
-    assert connection.pending_outgoing == 0 and connection.take_outbox() == []
-    assert call.id == 0
+    call_id = link.consumer.send_call(call, "token")
+    (data,) = link.consumer.take_encoded()
+    piece = parse_frame(data)
+    assert not isinstance(piece, pb.Frame) and piece.call_id == call_id  # type: ignore[union-attr]
+    link.provider.receive_unparseable(
+        piece.size,  # type: ignore[union-attr]
+        piece.reason,  # type: ignore[union-attr]
+        call_id=piece.call_id,  # type: ignore[union-attr]
+    )
+    (answer,) = link.provider.take_outbox()
+    (answered,) = link.consumer.receive(answer)
+    assert isinstance(answered, ResultReceived) and answered.token == "token"
+    error = codec.decode_error(answered.result.error, codec.ErrorTypes())
+    assert isinstance(error, RemoteProtocolError)
+    assert f"call {call_id} could not be read" in str(error)
+    assert link.consumer.pending_outgoing == 0
 
 
 # -------------------------------------------------- Batches that do not parse

@@ -3,8 +3,8 @@
 Feed it the frames that arrive (:meth:`Connection.receive`) and tell it what this side
 wants to send (:meth:`Connection.send_call`, :meth:`Connection.send_result`, ...); it
 keeps track of call ids, pending results and the handshake, returns :mod:`events
-<backchannel.protocol>` to act on, and collects the frames to write in an outbox
-(:meth:`Connection.take_outbox`). It does no I/O and imports neither asyncio nor grpc,
+<backchannel.protocol>` to act on, and collects the frames to write, serialized, in an outbox
+(:meth:`Connection.take_encoded`). It does no I/O and imports neither asyncio nor grpc,
 so it is tested by feeding it lists of frames.
 
 A mistake by the peer never breaks the stream: it is answered with a ``Fault`` frame (or
@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from backchannel import wire
 from backchannel.errors import LocalProtocolError, TransportError
 from backchannel.v1 import envelope_pb2 as pb
 from backchannel.wiretext import sendable_text
@@ -190,7 +191,7 @@ class Connection(Generic[Token]):
         self.peer_going_away = False
         #: this side said go-away: new calls from the peer are refused
         self.going_away = False
-        self._outbox: list[pb.Frame] = []
+        self._outbox: list[bytes] = []  # serialized frames, in order
         self._next_id = 1
         self._outgoing: dict[int, Token] = {}
         self._incoming: set[int] = set()
@@ -224,10 +225,18 @@ class Connection(Generic[Token]):
         """How many one-way calls the peer sent are still running on this side."""
         return self._one_way_count
 
-    def take_outbox(self) -> list[pb.Frame]:
-        """The frames to write, in order; empties the outbox."""
+    def take_encoded(self) -> list[bytes]:
+        """The frames to write, serialized, in order; empties the outbox."""
         frames, self._outbox = self._outbox, []
         return frames
+
+    def take_outbox(self) -> list[pb.Frame]:
+        """The frames to write, parsed back into messages, in order; empties the outbox.
+        For looking at them (tests): a transport takes :meth:`take_encoded`."""
+        return [pb.Frame.FromString(data) for data in self.take_encoded()]
+
+    def _put(self, frame: pb.Frame) -> None:
+        self._outbox.append(frame.SerializeToString())
 
     # ---------------------------------------------------------------- sending
 
@@ -242,7 +251,7 @@ class Connection(Generic[Token]):
             max_calls_in_flight=self.max_calls_in_flight,
             max_message_size=self.max_message_size,
         )
-        self._outbox.append(pb.Frame(hello=hello))
+        self._put(pb.Frame(hello=hello))
 
     def send_call(self, call: pb.Call, token: Token) -> int:
         """Queue a Call; assigns and returns its id. ``token`` returns with its result."""
@@ -251,8 +260,8 @@ class Connection(Generic[Token]):
             raise LocalProtocolError(f"cannot send a call in state {self.state.value!r}")
         call_id = self._next_id
         call.id = call_id
-        try:  # before anything is registered: building the frame may raise
-            frame = pb.Frame(call=call)
+        try:  # before anything is registered: serializing may raise
+            frame = wire.call_frame(call.SerializeToString())
         except BaseException:
             call.id = 0
             raise
@@ -264,14 +273,25 @@ class Connection(Generic[Token]):
 
     def send_result(self, result: pb.Result) -> None:
         """Queue the Result of a call the peer sent and this side has not answered yet."""
+        if self._answering(result.id):
+            self._outbox.append(wire.result_frame(result.SerializeToString()))
+
+    def send_encoded_result(self, call_id: int, result: bytes) -> None:
+        """:meth:`send_result` of a Result serialized already (a big value is serialized
+        once, not copied into a Result and a Frame)."""
+        if self._answering(call_id):
+            self._outbox.append(wire.result_frame(result))
+
+    def _answering(self, call_id: int) -> bool:
+        """Whether a Result for ``call_id`` is to be sent; the call is answered from now."""
         if self.state is State.CLOSED:
-            return  # nobody is left to read it
-        if result.id not in self._incoming:
-            if result.id in self._cancelled:
-                return  # the peer cancelled it meanwhile and wants no result
-            raise LocalProtocolError(f"no unanswered call with id {result.id} to send a result for")
-        self._incoming.discard(result.id)
-        self._outbox.append(pb.Frame(result=result))
+            return False  # nobody is left to read it
+        if call_id not in self._incoming:
+            if call_id in self._cancelled:
+                return False  # the peer cancelled it meanwhile and wants no result
+            raise LocalProtocolError(f"no unanswered call with id {call_id} to send a result for")
+        self._incoming.discard(call_id)
+        return True
 
     def one_way_done(self, call_id: int) -> None:
         """A one-way call from the peer finished its work: its in-flight slot is free."""
@@ -290,19 +310,19 @@ class Connection(Generic[Token]):
             return  # already answered: nothing to cancel
         self._abandoned.append(call_id)
         cancel = pb.Cancel(id=call_id, reason=sendable_text(reason))
-        self._outbox.append(pb.Frame(cancel=cancel))
+        self._put(pb.Frame(cancel=cancel))
 
     def send_release(self, callback_id: int) -> None:
         """Queue a Release of a callback instance."""
         if self.state is State.OPEN:
-            self._outbox.append(pb.Frame(release=pb.Release(callback_id=callback_id)))
+            self._put(pb.Frame(release=pb.Release(callback_id=callback_id)))
 
     def send_go_away(self, reason: str) -> None:
         """Tell the peer this side accepts no new calls."""
         if self.state is State.CLOSED or self.going_away:
             return
         self.going_away = True
-        self._outbox.append(pb.Frame(go_away=pb.GoAway(reason=sendable_text(reason))))
+        self._put(pb.Frame(go_away=pb.GoAway(reason=sendable_text(reason))))
 
     def connection_lost(self, cause: BaseException) -> tuple[list[Token], list[int]]:
         """The stream ended. Returns (tokens of calls still awaiting a result, ids of
@@ -423,7 +443,7 @@ class Connection(Generic[Token]):
 
     def _mistake(self, events: list[Event[Token]], message: str, call_id: int = 0) -> None:
         fault = pb.Fault(message=sendable_text(message), call_id=call_id)
-        self._outbox.append(pb.Frame(fault=fault))
+        self._put(pb.Frame(fault=fault))
         events.append(PeerMistake(message))
 
     def _answer_call_error(
@@ -432,7 +452,7 @@ class Connection(Generic[Token]):
         events.append(PeerMistake(message))
         if call.id and not call.one_way:
             result = error_result(call.id, code, "backchannel.RemoteProtocolError", message)
-            self._outbox.append(pb.Frame(result=result))
+            self._put(pb.Frame(result=result))
 
     def _on_hello(self, hello: pb.Hello, events: list[Event[Token]]) -> None:
         if hello.protocol_version > PROTOCOL_VERSION:
@@ -449,7 +469,7 @@ class Connection(Generic[Token]):
             max_calls_in_flight=self.max_calls_in_flight,
             max_message_size=self.max_message_size,
         )
-        self._outbox.append(pb.Frame(welcome=welcome))
+        self._put(pb.Frame(welcome=welcome))
         events.append(
             HandshakeDone(hello.application, (), hello.max_calls_in_flight, hello.max_message_size)
         )
@@ -480,7 +500,7 @@ class Connection(Generic[Token]):
             if not call.one_way:
                 message = "shutting down: this side accepts no new calls on this stream"
                 result = error_result(call.id, pb.UNAVAILABLE, "backchannel.ShuttingDown", message)
-                self._outbox.append(pb.Frame(result=result))
+                self._put(pb.Frame(result=result))
         else:
             if call.one_way:
                 self._one_way[call.id] = self._one_way.get(call.id, 0) + 1

@@ -125,7 +125,7 @@ class Session:
         # made during, and incoming call id -> the outgoing call it was made during
         self._outgoing_parent: dict[int, int] = {}
         self._incoming_parent: dict[int, int] = {}
-        self._queue: list[pb.Frame] = []
+        self._queue: list[bytes] = []  # serialized frames, to batch
         self._messages: collections.deque[bytes] = collections.deque()  # serialized, to write
         self._writing: asyncio.Task[None] | None = None
         self._write_soon = False  # a _write_next is scheduled
@@ -194,12 +194,11 @@ class Session:
 
     def _enqueue(self) -> bool:
         """Move what the protocol queued to the writer's queue; True if any is waiting."""
-        frames = self.connection.take_outbox()
+        frames = self.connection.take_encoded()
         if frames:
             self._queue.extend(frames)
             self._drained.clear()
-            for frame in frames:
-                self._queue_bytes += frame.ByteSize()
+            self._queue_bytes += sum(map(len, frames))
             if self._queue_bytes + self._message_bytes > self._limits.max_queued_bytes:
                 self._over_limit()
         return bool(self._queue)
@@ -395,7 +394,9 @@ class Session:
                 value = await telemetry.serve(self, call, self.dispatcher.dispatch)
             else:
                 value = await self.dispatcher.dispatch(call)
-            result = pb.Result(id=call.id, value=value)
+            # serialized once and framed by hand: a Result(value=...) and its Frame would
+            # each copy the value, on the loop (bench/bulk.py: ~60 ms per MB each)
+            result: pb.Result | bytes = wire.value_result(call.id, value.SerializeToString())
         except asyncio.CancelledError:
             if call.id in self._running and self.cause is None:
                 # cancelled locally, not by the peer: the peer still waits for an answer
@@ -411,15 +412,16 @@ class Session:
             self._incoming_parent.pop(call.id, None)
             if call.one_way:  # its work is over: its in-flight slot is free
                 self.connection.one_way_done(call.id)
-        if result.ByteSize() > self._peer_max_message:
+        size = len(result) if isinstance(result, bytes) else result.ByteSize()
+        if size > self._peer_max_message:
             too_large = MessageTooLarge(
-                f"the result of {_call_name(call)} is {result.ByteSize()} bytes, over the "
+                f"the result of {_call_name(call)} is {size} bytes, over the "
                 f"message size limit of {self._peer_max_message} bytes (max_message_size)"
             )
             result = pb.Result(id=call.id, error=codec.encode_error(too_large, self.error_types))
         if not call.one_way and call.id in self._running:
             del self._running[call.id]
-            self._answer(result)
+            self._answer(result, call.id)
 
     def _encode_error(self, call: pb.Call, exc: Exception) -> pb.Error:
         """The Error to answer ``call`` with; never raises, so the call is always answered
@@ -451,9 +453,13 @@ class Session:
             self._one_way_tasks.add(task)
             task.add_done_callback(self._one_way_tasks.discard)
 
-    def _answer(self, result: pb.Result) -> None:
+    def _answer(self, result: pb.Result | bytes, call_id: int = 0) -> None:
+        """Send the Result of call ``call_id``: a message, or serialized already."""
         try:
-            self.connection.send_result(result)
+            if isinstance(result, bytes):
+                self.connection.send_encoded_result(call_id, result)
+            else:
+                self.connection.send_result(result)
         except LocalProtocolError:  # the stream ended meanwhile
             return
         self.flush()
@@ -647,13 +653,12 @@ class Session:
             await self._drained.wait()
 
 
-def coalesce(frames: list[pb.Frame], max_bytes: int = MAX_BATCH_BYTES) -> list[bytes]:
-    """Serialize ready frames, packing them into as few messages as the batch limits allow.
+def coalesce(encoded: list[bytes], max_bytes: int = MAX_BATCH_BYTES) -> list[bytes]:
+    """Pack serialized frames into as few messages as the batch limits allow.
 
-    Each frame is serialized once; a batch is put together from those bytes (a ``Frame``
-    whose ``batch`` holds them), not by copying the frames into a new message.
+    A batch is put together from the frames' bytes (a ``Frame`` whose ``batch`` holds
+    them), not by copying the frames into a new message.
     """
-    encoded = [frame.SerializeToString() for frame in frames]
     if len(encoded) == 1:
         return encoded
     messages: list[bytes] = []
@@ -661,12 +666,12 @@ def coalesce(frames: list[pb.Frame], max_bytes: int = MAX_BATCH_BYTES) -> list[b
     size = 0
     for data in encoded:
         if batch and (len(batch) >= MAX_BATCH_FRAMES or size + len(data) > max_bytes):
-            messages.append(_batch(batch))
+            messages.append(wire.batch_frame(batch))
             batch, size = [], 0
         batch.append(data)
         size += len(data)
     if batch:
-        messages.append(_batch(batch))
+        messages.append(wire.batch_frame(batch))
     return messages
 
 
@@ -733,27 +738,6 @@ class Deferred:
 
     def __init__(self, future: Future) -> None:
         self.future = future
-
-
-# wire tags: Batch.frames is field 1, Frame.batch field 8, both length-delimited
-_BATCH_FRAMES_TAG = bytes([1 << 3 | 2])
-_FRAME_BATCH_TAG = bytes([8 << 3 | 2])
-
-
-def _batch(frames: list[bytes]) -> bytes:
-    if len(frames) == 1:
-        return frames[0]
-    body = b"".join(_BATCH_FRAMES_TAG + _varint(len(data)) + data for data in frames)
-    return _FRAME_BATCH_TAG + _varint(len(body)) + body
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
 
 
 class SplitBatch:
