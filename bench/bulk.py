@@ -6,13 +6,12 @@ Three measurements, each printed as a table and written to the "Bulk data" secti
 
 - **stages**: in this process, the cost of every step one echo of a payload goes through,
   timed on the library's own code paths and message classes: the consumer's codec encode,
-  the copies into ``Call`` and ``Frame``, serialization, the provider's protobuf parse and
-  codec decode, its codec encode, the copies into ``Result`` and ``Frame``, and the
+  the copy into ``Call``, serialization, the provider's protobuf parse and codec
+  decode, its codec encode, the serialization of its result, and the
   consumer's parse and decode. The payloads are a 150k-entry ``{str: str-or-int}`` map
   (~3.5 MB on the wire), the same data as JSON ``bytes``, and as a columnar protobuf
-  message (two repeated string fields). ``in-place encode`` is what codec.encode of the
-  map costs when it fills the ``ValueMap`` in place instead of building a ``Value`` per
-  entry and copying it in (a proposed codec change, measured here only).
+  message (two repeated string fields). Frames are written from serialized parts, as the
+  library writes them (``backchannel.wire``).
 - **echo**: the wall time of ``echo(payload)`` through a sync ``Client``, against a
   provider process (sync ``Server`` or ``AsyncServer``) whose ``echo`` is a ``def`` or an
   ``async def`` method.
@@ -47,7 +46,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import Message
 
 import backchannel
-from backchannel import codec
+from backchannel import codec, wire
 from backchannel.v1 import envelope_pb2 as pb
 
 HERE = Path(__file__).resolve().parent
@@ -149,18 +148,6 @@ def best_ms(step: Callable[[], object], rounds: int = ROUNDS) -> tuple[float, An
     return best * 1e3, out
 
 
-def encode_in_place(obj: dict[str, object], target: pb.Value) -> pb.Value:
-    """The proposed codec change for a flat map: fill the ValueMap in place (no Value per
-    entry built and then copied in). Only str and int values, for the measurement."""
-    entries = target.map_value.entries
-    for key, item in obj.items():
-        if type(item) is str:
-            entries[key].string_value = item
-        else:
-            entries[key].int_value = item  # type: ignore[assignment]
-    return target
-
-
 def stages(name: str, make: Callable[[], object]) -> dict[str, float]:
     """The cost in ms of every step of one echo of a payload, and its size in MB."""
     obj = make()
@@ -170,20 +157,15 @@ def stages(name: str, make: Callable[[], object]) -> dict[str, float]:
     out["Call(args=) copy"], call = best_ms(
         lambda: pb.Call(id=1, service="bench.Bulk", method="echo", args=values)
     )
-    out["Frame(call=) copy"], frame = best_ms(lambda: pb.Frame(call=call))
-    out["serialize call"], data = best_ms(frame.SerializeToString)
+    out["serialize call"], data = best_ms(lambda: wire.call_frame(call.SerializeToString()))
     out["provider parse"], parsed = best_ms(lambda: pb.Frame.FromString(data))
     out["provider decode"], args = best_ms(lambda: codec.decode_args(parsed.call.args, where))
     out["provider encode"], value = best_ms(lambda: codec.encode(args[0], where))
-    out["Result(value=) copy"], result = best_ms(lambda: pb.Result(id=1, value=value))
-    out["Frame(result=) copy"], answer = best_ms(lambda: pb.Frame(result=result))
-    out["serialize result"], reply = best_ms(answer.SerializeToString)
+    out["serialize result"], reply = best_ms(
+        lambda: wire.result_frame(wire.value_result(1, value.SerializeToString()))
+    )
     out["consumer parse"], back = best_ms(lambda: pb.Frame.FromString(reply))
     out["consumer decode"], echoed = best_ms(lambda: codec.decode(back.result.value, where))
-    if isinstance(obj, dict):
-        out["in-place encode"], filled = best_ms(lambda: encode_in_place(obj, pb.Value()))
-        if filled != values[0]:
-            raise RuntimeError("the in-place encoding differs from codec.encode's")
     if echoed != obj:
         raise RuntimeError(f"{name}: the stages did not round-trip the payload")
     out["MB"] = len(data) / 1e6
