@@ -13,6 +13,9 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import grpc
 
 from backchannel.protocol import Connection, Event, Role
 from backchannel.v1 import envelope_pb2 as pb
@@ -148,3 +151,17 @@ def wait_until(condition: Callable[[], object], timeout: float, what: str = "") 
     while not condition():
         assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
         time.sleep(0.01)
+
+
+async def raw_stream(address: str) -> tuple[grpc.aio.Channel, Any]:
+    """A Connect stream that writes raw bytes (crafted frames) and reads Frames, after a
+    real handshake."""
+    channel = grpc.aio.insecure_channel(address)
+    call = channel.stream_stream(
+        "/backchannel.v1.Envelope/Connect",
+        request_serializer=lambda m: m,
+        response_deserializer=pb.Frame.FromString,
+    )()
+    await call.write(pb.Frame(hello=pb.Hello(protocol_version=1)).SerializeToString())
+    assert (await call.read()).WhichOneof("kind") == "welcome"
+    return channel, call

@@ -28,13 +28,12 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 import grpc
 import pytest
 from conftest import RawStream, run
 from google.protobuf import any_pb2
-from helpers import wait_until
+from helpers import raw_stream, wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from notifier import NOTIFIER_METHODS, Notifier, NotifierImpl, SyncRecorder
@@ -807,18 +806,6 @@ def test_fuzzed_frames_never_break_the_provider_or_other_consumers(
 # ------------------------------------------------- messages that are no Frame
 
 
-async def connect_bytes(address: str) -> tuple[grpc.aio.Channel, Any]:
-    channel = grpc.aio.insecure_channel(address)
-    call = channel.stream_stream(
-        "/backchannel.v1.Envelope/Connect",
-        request_serializer=lambda m: m,
-        response_deserializer=pb.Frame.FromString,
-    )()
-    await call.write(pb.Frame(hello=pb.Hello(protocol_version=1)).SerializeToString())
-    assert (await call.read()).WhichOneof("kind") == "welcome"
-    return channel, call
-
-
 def test_a_message_that_is_no_frame_gets_a_fault_and_the_stream_goes_on(
     server: backchannel.Server,
 ) -> None:
@@ -826,7 +813,7 @@ def test_a_message_that_is_no_frame_gets_a_fault_and_the_stream_goes_on(
         async with backchannel.AsyncClient(server.address) as good:
             echo = good.reference(Echo)
             assert await echo.echo("before") == "before"
-            channel, call = await connect_bytes(server.address)
+            channel, call = await raw_stream(server.address)
             try:
                 await call.write(b"\xff\xff\xff\xff")  # not a Frame: gRPC's framing is intact
                 reply = await asyncio.wait_for(call.read(), 2)

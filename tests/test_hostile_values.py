@@ -7,10 +7,9 @@ import asyncio
 from collections.abc import Iterator
 from typing import Any
 
-import grpc
 import pytest
 from conftest import run
-from helpers import Link
+from helpers import Link, raw_stream
 
 import backchannel
 from backchannel import Argument, Method, codec
@@ -18,6 +17,7 @@ from backchannel.errors import DecodeError, EncodeError, RemoteProtocolError
 from backchannel.protocol import Connection, ResultReceived
 from backchannel.session import coalesce, parse_frame
 from backchannel.v1 import envelope_pb2 as pb
+from backchannel.wire import varint
 
 LIMIT = codec.MAX_NESTING
 BAD_NAME = "report-\udcff.txt"  # what os.listdir gives for a file name that is no UTF-8
@@ -199,15 +199,6 @@ def field(number: int, payload: bytes) -> bytes:
     return bytes([number << 3 | 2]) + varint(len(payload)) + payload
 
 
-def varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
 def deep_value(depth: int) -> bytes:
     """A Value that is ``depth`` lists deep, as bytes (protobuf could not build it)."""
     value = pb.Value(int_value=1).SerializeToString()
@@ -224,18 +215,6 @@ def echo_call(call_id: int, arg: bytes) -> bytes:
 
 def batch(*frames: bytes) -> bytes:
     return field(8, b"".join(field(1, frame) for frame in frames))
-
-
-async def raw_stream(address: str) -> tuple[grpc.aio.Channel, Any]:
-    channel = grpc.aio.insecure_channel(address)
-    call = channel.stream_stream(
-        "/backchannel.v1.Envelope/Connect",
-        request_serializer=lambda m: m,
-        response_deserializer=pb.Frame.FromString,
-    )()
-    await call.write(pb.Frame(hello=pb.Hello(protocol_version=1)).SerializeToString())
-    assert (await call.read()).WhichOneof("kind") == "welcome"
-    return channel, call
 
 
 async def answers(call: Any, count: int) -> tuple[dict[int, pb.Result], list[pb.Fault]]:
