@@ -358,6 +358,35 @@ def test_a_slow_hook_delays_only_its_own_future(client: backchannel.Client) -> N
     assert slow.result(WAIT) == "slow"
 
 
+def test_a_full_hook_pool_is_logged_once_with_what_to_change(
+    server: backchannel.Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Hooks queue once every hook thread is taken: said once, naming the keyword."""
+    gate = threading.Event()
+    started = threading.Semaphore(0)
+
+    def onreturn(result: Any, value: Any) -> None:
+        started.release()
+        gate.wait(WAIT)
+
+    with (
+        caplog.at_level(logging.WARNING, "backchannel"),
+        backchannel.Client(server.address, max_workers=2) as client,
+    ):
+        echo = client.reference(Echo, methods=[Method("echo", async_=True, onreturn=onreturn)])
+        futures = [echo.echo(i) for i in range(6)]  # 2 hooks run, 4 queue
+        try:
+            assert started.acquire(timeout=WAIT) and started.acquire(timeout=WAIT)
+        finally:
+            gate.set()
+        assert [future.result(WAIT) for future in futures] == list(range(6))
+    warnings = [
+        r.getMessage() for r in caplog.records if "hook pool is exhausted" in r.getMessage()
+    ]
+    assert len(warnings) == 1
+    assert "all 2 threads (max_workers=2)" in warnings[0] and "raise max_workers=" in warnings[0]
+
+
 def test_timeout_goes_to_onthrow(client: backchannel.Client) -> None:
     rec = Recorder()
     echo = client.reference(Echo, methods=[all_hooks(rec, "wait", timeout=0.2)])

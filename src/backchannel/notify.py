@@ -37,6 +37,7 @@ from backchannel import telemetry
 from backchannel.errors import CallCancelled
 from backchannel.handoff import run_in_pool
 from backchannel.interface import Method, MethodSpec
+from backchannel.pools import CountedPool
 
 logger = logging.getLogger("backchannel")
 
@@ -195,21 +196,30 @@ def _is_coroutine(hook: object) -> bool:
 
 
 class HookPool:
-    """The threads hooks run in when they may not run on the caller: created on first use."""
+    """The threads hooks run in when they may not run on the caller: created on first use.
+
+    It warns once when hooks start to queue for a thread (slow hooks then delay the hooks
+    of every later call)."""
 
     def __init__(self, max_workers: int, name: str = "backchannel-notify") -> None:
         self._max_workers = max_workers
         self._name = name
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._pool: CountedPool | None = None
         self._lock = threading.Lock()
         self._closed = False
 
-    def executor(self) -> concurrent.futures.ThreadPoolExecutor | None:
+    def executor(self) -> CountedPool | None:
         """The pool, or None once shut down (hooks then run inline)."""
         with self._lock:
             if self._pool is None and not self._closed:
-                self._pool = concurrent.futures.ThreadPoolExecutor(
-                    self._max_workers, thread_name_prefix=self._name
+                size = self._max_workers
+                self._pool = CountedPool(
+                    size,
+                    self._name,
+                    f"the event-notify hook pool is exhausted: all {size} threads "
+                    f"(max_workers={size}) run hooks and more hooks now queue, so they run "
+                    "late; make oninvoke/onreturn/onthrow quick, or raise max_workers= on "
+                    "the Client or AsyncClient (logged once)",
                 )
             return self._pool
 
