@@ -313,3 +313,35 @@ def test_a_consumer_that_never_reads_while_results_pile_up_gets_resource_exhaust
     status = out.splitlines()[-1]
     assert status.startswith("status RESOURCE_EXHAUSTED"), out
     assert "over twice the limit of 8388608 bytes (max_queued_bytes)" in status
+
+
+def test_a_consumer_that_stays_unread_past_max_write_stall_is_ended() -> None:
+    """Held back and then never read again: after max_write_stall seconds over the limit
+    (0.5 s here) the provider ends the stream with RESOURCE_EXHAUSTED naming the stall, so
+    a peer that stopped reading for good (or two peers each waiting for the other to read)
+    is not kept for ever; another consumer goes on."""
+    limits = Limits(max_queued_bytes=4 * MiB, max_write_stall=0.5)
+    with (
+        backchannel.Server(limits=limits) as server,
+        watching("reads slower than it asks") as held,
+        watching("max_write_stall") as ended,
+    ):
+        server.export(Echo, EchoImpl())
+        with backchannel.Client(server.address, timeout=5) as other:
+            echo = other.reference(Echo)
+            silent = start_silent(server.address, "test.Echo.big", CALLS)
+            try:
+                assert held.seen.wait(20), "the provider never held the silent stream back"
+                assert ended.seen.wait(5), "the held stream was not ended after the stall"
+                assert [echo.add(i, 1) for i in range(50)] == [i + 1 for i in range(50)]
+                assert silent.stdin is not None
+                silent.stdin.write("read\n")
+                silent.stdin.flush()
+                out, _ = silent.communicate(timeout=30)
+            finally:
+                silent.kill()
+                silent.wait(5)
+    assert len(ended.lines) == 1
+    status = out.splitlines()[-1]
+    assert status.startswith("status RESOURCE_EXHAUSTED"), out
+    assert "for 0.5 s (max_write_stall)" in status

@@ -141,6 +141,7 @@ class Session:
         self._writable = asyncio.Event()
         self._writable.set()
         self._reader: asyncio.Task[Any] | None = None
+        self._stall: asyncio.TimerHandle | None = None  # ends a stream over the limit too long
         #: why this side ended the stream for holding too much unwritten (a status text)
         self.overflow: str | None = None
         self._closed = asyncio.Event()
@@ -212,23 +213,14 @@ class Session:
         limit = self._limits.max_queued_bytes
         queued = self._queue_bytes + self._message_bytes
         if queued > 2 * limit:
-            self.overflow = (
+            self._end_overflowing(
                 f"{self.peer} did not read what was sent to it: {queued} bytes queued for "
                 f"it, over twice the limit of {limit} bytes (max_queued_bytes); "
                 "the stream is ended"
             )
-            logger.warning("%s", self.overflow)
-            self._queue.clear()
-            self._messages.clear()
-            self._queue_bytes = self._message_bytes = 0
-            self._drained.set()
-            if self._writing is not None:
-                self._writing.cancel()
-            self.lost(StreamBroken(self.overflow))
-            if self._reader is not None and self._reader is not asyncio.current_task():
-                self._reader.cancel()  # it may wait for a frame the peer never sends
         elif self._writable.is_set():
             self._writable.clear()
+            self._stall = self._loop.call_later(self._limits.max_write_stall, self._stalled)
             logger.info(
                 "%s reads slower than it asks: %d bytes queued for it, over the limit of %d "
                 "bytes (max_queued_bytes); not reading from it until they are written",
@@ -236,6 +228,31 @@ class Session:
                 queued,
                 limit,
             )
+
+    def _stalled(self) -> None:
+        """Over max_queued_bytes for max_write_stall seconds: the peer reads nothing more
+        (or waits, as this side does, for the other to read first)."""
+        self._end_overflowing(
+            f"{self.peer} read nothing of what was queued for it for "
+            f"{self._limits.max_write_stall} s (max_write_stall) while over the limit of "
+            f"{self._limits.max_queued_bytes} bytes (max_queued_bytes); the stream is ended"
+        )
+
+    def _end_overflowing(self, why: str) -> None:
+        """End the stream of a peer that does not read, dropping what is queued for it."""
+        if self.cause is not None:
+            return
+        self.overflow = why
+        logger.warning("%s", why)
+        self._queue.clear()
+        self._messages.clear()
+        self._queue_bytes = self._message_bytes = 0
+        self._drained.set()
+        if self._writing is not None:
+            self._writing.cancel()
+        self.lost(StreamBroken(why))
+        if self._reader is not None and self._reader is not asyncio.current_task():
+            self._reader.cancel()  # it may wait for a frame the peer never sends
 
     def _write_next(self) -> None:
         """Start the next write. Its first step runs here, so the message is handed to
@@ -275,6 +292,9 @@ class Session:
         """The writer took a message: back under max_queued_bytes, read and send again."""
         if self._queue_bytes + self._message_bytes <= self._limits.max_queued_bytes:
             self._writable.set()
+            if self._stall is not None:
+                self._stall.cancel()
+                self._stall = None
             if self._waiting:  # not from here: sending one would start a second write
                 self._loop.call_soon(self._admit)
 
@@ -636,6 +656,9 @@ class Session:
         self._deadlines.close()
         self._outgoing_parent.clear()
         self._writable.set()  # a reader held back by back-pressure sees the end
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
         self.dispatcher.ended(cause)
         self._closed.set()
         logger.debug("stream with %s ended: %s", self.peer, wire_text(cause))

@@ -26,6 +26,10 @@ BULK_ITEMS = 1024
 #: well under a second on a LAN, while a stream whose peer stops reading holds at most
 #: twice this (then it is ended): 64 MiB, not whatever the peer asked for
 DEFAULT_MAX_QUEUED_BYTES = 32 * 1024 * 1024
+#: seconds a stream may stay over max_queued_bytes, its peer reading nothing more,
+#: before it is ended: far longer than a reading peer needs to catch up, short enough
+#: that a peer that stopped for good (or two that wait for each other) is not kept
+DEFAULT_MAX_WRITE_STALL = 30.0
 #: the shortest keepalive time allowed, in seconds; every server accepts pings this often
 #: whatever its own keepalive, so a client with a short keepalive is never sent away
 MIN_KEEPALIVE_TIME = 0.1
@@ -62,7 +66,9 @@ class Limits:
     (results, calls, every frame) while its peer does not read: past it this side stops
     reading from that peer (no new calls are taken from it, new outgoing calls wait), and
     reads again once the queue is back under it; past twice the limit (the results of
-    calls already running still queue) the stream is ended, the provider with status
+    calls already running still queue), or when it stays over the limit for
+    ``max_write_stall`` seconds (a peer that stopped reading for good, or two peers each
+    waiting for the other to read), the stream is ended, the provider with status
     ``RESOURCE_EXHAUSTED`` naming the limit. Other streams never notice. It must hold at
     least one message of ``max_message_size``.
     """
@@ -75,8 +81,12 @@ class Limits:
     #: bytes one stream may hold queued for writing; past it this side stops reading
     #: from the peer, past twice it the stream ends with RESOURCE_EXHAUSTED
     max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES
+    #: seconds a stream may stay over max_queued_bytes before it is ended
+    max_write_stall: float = DEFAULT_MAX_WRITE_STALL
 
     def __post_init__(self) -> None:
+        if not self.max_write_stall > 0:
+            raise ValueError(f"max_write_stall must be > 0 seconds, got {self}")
         if self.max_calls_in_flight < 1 or self.max_message_size < 1024:
             raise ValueError(
                 f"max_calls_in_flight must be >= 1 and max_message_size >= 1024, got {self}"
