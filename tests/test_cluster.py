@@ -4,17 +4,22 @@ consumers choosing among them, failing over, and callbacks following their consu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+import logging
+import time
 from collections.abc import Iterator
 
 import pytest
 from conftest import run
-from helpers import wait_until
+from helpers import free_address, wait_until
 from kazoo.client import KazooClient
+from notifier import NOTIFIER_METHODS, Notifier, NotifierImpl, SyncRecorder
 from services import Echo, EchoImpl
 from zookeeper import ZooKeeper
 
 import backchannel
+from backchannel import Method
 from backchannel.interface import interface_spec
 from backchannel.registry import ServiceURL, decode, encode, reachable_host
 
@@ -116,3 +121,214 @@ def test_an_async_server_withdraws_its_urls_before_its_calls_finish(
             await stopping
 
     run(body())
+
+
+# --- consumers choose -------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def echo_servers(
+    count: int, group: str = "", registry: str | None = None, weights: tuple[int, ...] = ()
+) -> Iterator[list[tuple[backchannel.Server, EchoImpl]]]:
+    """``count`` started in-process providers of Echo, each with its own impl."""
+    started: list[tuple[backchannel.Server, EchoImpl]] = []
+    try:
+        for i in range(count):
+            server, impl = backchannel.Server(registry=registry), EchoImpl()
+            weight = weights[i] if weights else 100
+            server.export(Echo, impl, group=group or None, weight=weight)
+            server.start()
+            started.append((server, impl))
+        yield started
+    finally:
+        for server, _impl in started:
+            server.stop()
+
+
+def test_a_static_list_spreads_calls_as_roundrobin_and_random_say() -> None:
+    """roundrobin: exactly a third each; random: a third each within ±5 points over 600
+    calls (the chance of falling outside by luck is under 0.1 %)."""
+    with echo_servers(3) as servers:
+        addresses = ",".join(server.address for server, _ in servers)
+        with backchannel.Client(addresses) as client:
+            rr = client.reference(Echo, loadbalance="roundrobin")
+            for i in range(300):
+                assert rr.echo(i) == i
+            assert [impl.calls for _, impl in servers] == [100, 100, 100]
+            rnd = client.reference(Echo)  # random is the default
+            for i in range(600):
+                assert rnd.echo(i) == i
+            shares = [(impl.calls - 100) / 600 for _, impl in servers]
+            assert all(abs(share - 1 / 3) < 0.05 for share in shares), shares
+
+
+def test_a_call_that_cannot_be_sent_fails_over_whatever_the_mode(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """One address of the list has nobody listening: every call, failfast ones too,
+    ends on a live provider; one that fails on the provider is not re-sent."""
+    with echo_servers(2) as servers:
+        addresses = ",".join([free_address()] + [server.address for server, _ in servers])
+        with backchannel.Client(addresses, timeout=5) as client:
+            for mode in ("failover", "failfast", "failsafe"):
+                echo = client.reference(Echo, cluster=mode)
+                for i in range(30):
+                    assert echo.echo(i) == i
+            assert sum(impl.calls for _, impl in servers) == 90
+            failfast = client.reference(Echo, cluster="failfast")
+            with pytest.raises(ValueError, match="boom"):
+                failfast.fail("ValueError", "boom")
+            failsafe = client.reference(Echo, cluster="failsafe")
+            with caplog.at_level(logging.WARNING, "backchannel"):
+                assert failsafe.fail("ValueError", "boom") is None
+            assert "ignored (failsafe)" in caplog.text and "boom" in caplog.text
+
+
+def test_forking_returns_the_first_success_and_broadcast_reaches_every_provider() -> None:
+    with echo_servers(3) as servers:
+        addresses = ",".join(server.address for server, _ in servers)
+        with backchannel.Client(addresses, timeout=5) as client:
+            forking = client.reference(Echo, cluster="forking", forks=3)
+            assert forking.echo("x") == "x"
+            wait_until(lambda: sum(impl.calls for _, impl in servers) == 3, 5, "3 forks")
+            broadcast = client.reference(Echo, cluster="broadcast")
+            assert broadcast.echo("y") == "y"
+            assert [impl.calls for _, impl in servers] == [2, 2, 2]
+            with pytest.raises(ValueError, match="every"):
+                broadcast.fail("ValueError", "every")
+    with pytest.raises(ValueError, match="unknown cluster 'sideways'"):
+        backchannel.Client("127.0.0.1:1,127.0.0.1:2").reference(Echo, cluster="sideways")
+
+
+def test_a_provider_going_away_gets_no_new_calls_while_its_running_calls_finish() -> None:
+    with echo_servers(2) as servers:
+        (first, first_impl), (_second, second_impl) = servers
+        addresses = ",".join(server.address for server, _ in servers)
+
+        async def body() -> None:
+            async with backchannel.AsyncClient(addresses, timeout=10) as client:
+                echo = client.reference(Echo, loadbalance="roundrobin")
+                await asyncio.gather(*(echo.echo(i) for i in range(4)))  # both streams open
+                slow = client.reference(Echo, cluster="broadcast", timeout=10)
+                running = asyncio.ensure_future(slow.wait(1.0))
+                assert await asyncio.to_thread(first_impl.started.wait, 5)
+                stopping = asyncio.ensure_future(asyncio.to_thread(first.stop, 5))
+                link = client._links[first.address]
+                await asyncio.to_thread(wait_until, lambda: not link.available, 5, "GoAway")
+                before = first_impl.calls
+                for i in range(50):
+                    assert await echo.echo(i) == i
+                assert first_impl.calls == before  # all 50 went to the other
+                assert await running == "done"  # the running call finished
+                await stopping
+
+        run(body())
+        assert second_impl.calls >= 50
+
+
+def test_zookeeper_consumers_follow_providers_and_register_themselves(
+    zookeeper: ZooKeeper, reader: KazooClient
+) -> None:
+    """The client registers under consumers/; a provider that registers gets calls
+    within 2 s, one that stops gets none after its znode is gone."""
+    group = fresh_group()
+    with echo_servers(2, group, zookeeper.address, weights=(100, 300)) as servers:
+
+        async def body() -> None:
+            async with backchannel.AsyncClient(
+                zookeeper.address, application="watcher", timeout=5
+            ) as client:
+                echo = client.reference(Echo, group=group)
+                for i in range(400):
+                    assert await echo.echo(i) == i
+                light, heavy = servers[0][1].calls, servers[1][1].calls
+                assert light + heavy == 400 and 0.65 < heavy / 400 < 0.85, (light, heavy)
+                consumers = reader.get_children("/dubbo/test.Echo/consumers")
+                urls = [ServiceURL.parse(decode(child)) for child in consumers]
+                mine = [u for u in urls if u.group == group]
+                assert len(mine) == 1 and mine[0].application == "watcher"
+                assert mine[0].side == "consumer"
+                with echo_servers(1, group, zookeeper.address) as ((_late, late_impl),):
+                    loop = asyncio.get_running_loop()
+                    deadline = loop.time() + 2
+                    while late_impl.calls == 0:
+                        assert loop.time() < deadline, "the new provider got no call in 2 s"
+                        await echo.echo(0)
+                servers[0][0].stop()
+                before = servers[0][1].calls
+                for i in range(50):
+                    assert await echo.echo(i) == i
+                assert servers[0][1].calls == before
+
+        run(body())
+        assert not [
+            u
+            for u in map(
+                ServiceURL.parse, map(decode, reader.get_children("/dubbo/test.Echo/consumers"))
+            )
+            if u.group == group
+        ]
+
+
+# --- callbacks in a cluster -------------------------------------------------------
+
+
+@contextlib.contextmanager
+def notifier_servers(count: int) -> Iterator[list[tuple[backchannel.Server, NotifierImpl]]]:
+    started: list[tuple[backchannel.Server, NotifierImpl]] = []
+    try:
+        for _ in range(count):
+            server, impl = backchannel.Server(), NotifierImpl()
+            server.export(Notifier, impl, methods=NOTIFIER_METHODS)
+            server.start()
+            started.append((server, impl))
+        yield started
+    finally:
+        for server, _impl in started:
+            server.stop()
+
+
+def test_each_provider_gets_its_own_reverse_proxy_and_identity_holds_per_provider() -> None:
+    with notifier_servers(2) as servers:
+        addresses = ",".join(server.address for server, _ in servers)
+        with backchannel.Client(addresses, timeout=5) as client:
+            everywhere = client.reference(Notifier, cluster="broadcast")
+            recorder = SyncRecorder()
+            everywhere.addListener("a", recorder)
+            everywhere.addListener("b", recorder)
+            assert client.callback_count == 2  # one instance per provider's stream
+            (_, first), (_, second) = servers
+            assert first.listeners["a"] is first.listeners["b"]  # identity, per provider
+            assert second.listeners["a"] is second.listeners["b"]
+            assert first.listeners["a"] is not second.listeners["a"]
+            assert recorder.received.count("init") == 4
+            client.release(recorder)  # on both streams
+            assert client.callback_count == 0
+
+
+def test_a_resubscribed_listener_moves_to_a_live_provider_within_2_s() -> None:
+    """Its provider stops: within 2 s of its stream's end the addListener call is made
+    again on the other provider, once, in the order the listeners were added."""
+    with notifier_servers(2) as servers:
+        addresses = ",".join(server.address for server, _ in servers)
+        with backchannel.Client(addresses, timeout=5) as client:
+            kept = client.reference(
+                Notifier,
+                loadbalance="roundrobin",
+                methods=[Method("addListener", resubscribe=True)],
+            )
+            recorders = [SyncRecorder() for _ in range(4)]
+            for i, recorder in enumerate(recorders):
+                kept.addListener(f"k{i}", recorder)
+            (first, first_impl), (_, second_impl) = servers
+            moving = sorted(first_impl.listeners)
+            assert moving == ["k0", "k2"]
+            first.stop()
+            started = time.monotonic()
+            wait_until(lambda: len(second_impl.listeners) == 4, 2, "replayed on the other")
+            assert time.monotonic() - started < 2
+            keys = [key for key in second_impl.listeners]
+            assert keys == ["k1", "k3", "k0", "k2"]  # the moved ones in order, after
+            assert [r.received.count("init") for r in recorders] == [2, 1, 2, 1]  # once each
+            second_impl.listeners["k0"].changed("after")
+            assert recorders[0].received[-1] == "after"
