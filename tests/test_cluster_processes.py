@@ -162,3 +162,53 @@ def test_a_resubscribed_listener_keeps_receiving_after_its_provider_is_killed(
         (new_holder,) = [a for a, link in client._core._links.items() if link.subscriptions]
         assert new_holder != holder
         assert client.callback_count == 1
+
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "cluster"
+
+
+def test_the_cluster_example_consumer_survives_its_provider_being_killed(
+    zookeeper: ZooKeeper,
+) -> None:
+    """examples/cluster: three providers, a consumer; SIGKILL the provider its lines
+    name, and the lines go on, naming another."""
+    providers: dict[str, subprocess.Popen[str]] = {}
+    consumer = None
+    try:
+        for _ in range(3):
+            process = subprocess.Popen(
+                [
+                    sys.executable,
+                    str(EXAMPLE / "provider.py"),
+                    zookeeper.address,
+                    "--interval",
+                    "0.2",
+                ],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            line = read_line(process, 20, "examples/cluster/provider.py")
+            assert line.startswith("registered "), line
+            providers[line.split()[1]] = process
+        consumer = subprocess.Popen(
+            [sys.executable, str(EXAMPLE / "consumer.py"), zookeeper.address],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        first = read_line(consumer, 20, "examples/cluster/consumer.py")
+        assert first.startswith("callback1:Changed: "), first
+        holder = first.rsplit(" from ", 1)[1]
+        providers[holder].kill()
+        providers[holder].wait(5)
+        for _ in range(30):  # lines already on their way may still name the dead one
+            line = read_line(consumer, 3, "the consumer, after the kill")
+            assert line.startswith("callback1:Changed: "), line
+            if line.rsplit(" from ", 1)[1] != holder:
+                break
+        else:
+            raise AssertionError("no notification from another provider after the kill")
+        assert line.rsplit(" from ", 1)[1] in providers
+    finally:
+        for process in [*providers.values(), *([consumer] if consumer else [])]:
+            process.kill()
+            process.wait(5)
