@@ -8,7 +8,9 @@ import contextlib
 import itertools
 import logging
 import time
+import warnings
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from conftest import run
@@ -254,11 +256,16 @@ def test_zookeeper_consumers_follow_providers_and_register_themselves(
                     while late_impl.calls == 0:
                         assert loop.time() < deadline, "the new provider got no call in 2 s"
                         await echo.echo(0)
-                servers[0][0].stop()
-                before = servers[0][1].calls
+                stopped, stopped_impl = servers[0]
+                link = client._links[stopped.address]
+                session = link.session
+                assert session is not None
+                await asyncio.to_thread(stopped.stop)  # the loop reads its GoAway meanwhile
+                await asyncio.wait_for(session.closed.wait(), 5)
+                before = stopped_impl.calls
                 for i in range(50):
                     assert await echo.echo(i) == i
-                assert servers[0][1].calls == before
+                assert stopped_impl.calls == before
 
         run(body())
         assert not [
@@ -320,9 +327,11 @@ def test_a_resubscribed_listener_moves_to_a_live_provider_within_2_s() -> None:
             recorders = [SyncRecorder() for _ in range(4)]
             for i, recorder in enumerate(recorders):
                 kept.addListener(f"k{i}", recorder)
-            (first, first_impl), (_, second_impl) = servers
-            moving = sorted(first_impl.listeners)
-            assert moving == ["k0", "k2"]
+            # roundrobin: alternate listeners on each provider, k0 on whichever came first
+            (first, first_impl), (_, second_impl) = sorted(
+                servers, key=lambda pair: "k0" not in pair[1].listeners
+            )
+            assert sorted(first_impl.listeners) == ["k0", "k2"]
             first.stop()
             started = time.monotonic()
             wait_until(lambda: len(second_impl.listeners) == 4, 2, "replayed on the other")
@@ -332,3 +341,66 @@ def test_a_resubscribed_listener_moves_to_a_live_provider_within_2_s() -> None:
             assert [r.received.count("init") for r in recorders] == [2, 1, 2, 1]  # once each
             second_impl.listeners["k0"].changed("after")
             assert recorders[0].received[-1] == "after"
+
+
+# --- configuration ----------------------------------------------------------------
+
+
+def test_config_registry_means_a_registry_and_protocol_the_listen_address(
+    zookeeper: ZooKeeper, reader: KazooClient, tmp_path: Path
+) -> None:
+    group = fresh_group()
+    config_path = tmp_path / "cluster.toml"
+    config_path.write_text(
+        f"""
+[application]
+name = "configured"
+
+[registry]
+address = "{zookeeper.address}"
+
+[protocol]
+host = "127.0.0.1"
+port = 0
+
+[[service]]
+interface = "services:Echo"
+ref = "services:EchoImpl"
+group = "{group}"
+
+[[reference]]
+id = "echo"
+interface = "services:Echo"
+group = "{group}"
+cluster = "failfast"
+loadbalance = "roundrobin"
+"""
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the new form warns of nothing
+        config = backchannel.load_config(config_path)
+    assert (config.registry, config.address) == (zookeeper.address, "127.0.0.1:0")
+    server = config.server()
+    server.start()
+    try:
+        (url,) = providers_of(reader, "test.Echo", group)
+        assert url.address == server.address and url.application == "configured"
+        with config.client() as client:
+            echo = config.reference(client, "echo")
+            assert echo.echo("via zookeeper") == "via zookeeper"
+    finally:
+        server.stop()
+
+    old = tmp_path / "old.toml"
+    old.write_text('[registry]\naddress = "127.0.0.1:50051"\n')
+    with pytest.warns(DeprecationWarning) as warned:
+        config = backchannel.load_config(old)
+    assert (config.registry, config.address) == (None, "127.0.0.1:50051")
+    (warning,) = warned
+    message = str(warning.message)
+    assert "[registry] address = '127.0.0.1:50051' as a listen address is deprecated" in message
+    assert '[protocol] host = "127.0.0.1" and port = 50051' in message
+    both = tmp_path / "both.toml"
+    both.write_text('[registry]\naddress = "127.0.0.1:50051"\n[protocol]\nport = 50052\n')
+    with pytest.raises(backchannel.ConfigError, match="registry.address: expected a registry"):
+        backchannel.load_config(both)
