@@ -197,7 +197,9 @@ def test_the_cluster_example_consumer_survives_its_provider_being_killed(
         )
         first = read_line(consumer, 20, "examples/cluster/consumer.py")
         assert first.startswith("callback1:Changed: "), first
-        holder = first.rsplit(" from ", 1)[1]
+        second = read_line(consumer, 5, "examples/cluster/consumer.py")  # a push: added
+        assert second.startswith("callback1:Changed: "), second
+        holder = second.rsplit(" from ", 1)[1]
         providers[holder].kill()
         providers[holder].wait(5)
         for _ in range(30):  # lines already on their way may still name the dead one

@@ -48,11 +48,14 @@ def main() -> None:
         callback_service = client.reference(
             CallbackService,
             methods=[
-                # replayed on a live provider when the one holding it dies
+                # replayed on a live provider when the one holding it dies; and, as
+                # adding a key's listener again replaces it (idempotent), re-sent
+                # elsewhere if its provider dies during the call itself
                 Method(
                     "addListener",
                     arguments=[Argument(index=1, callback=True)],
                     resubscribe=True,
+                    retries=2,
                 ),
             ],
         )
