@@ -1,4 +1,5 @@
-"""The consumer: one Connect stream per provider address, references that call through it.
+"""The consumer: one Connect stream per provider address, references that call through it,
+choosing a provider per call when there are several (a list or a registry).
 
 :class:`AsyncClient` is the asyncio core; :class:`Client` gives sync code the same API
 and holds no logic of its own: it runs an :class:`AsyncClient` on a background loop
@@ -19,12 +20,11 @@ from typing import Any, TypeVar
 
 import grpc
 
-from backchannel import codec, telemetry
+from backchannel import codec
 from backchannel.auth import bearer_metadata
-from backchannel.callbacks import CURRENT_CALL, ConsumerCallbacks, ExportedCallback, parent_in
+from backchannel.callbacks import CURRENT_CALL, ExportedCallback, parent_in
 from backchannel.errors import (
     ChannelClosed,
-    ServiceNotFound,
     ShuttingDown,
     StreamBroken,
     TransportError,
@@ -32,27 +32,35 @@ from backchannel.errors import (
 )
 from backchannel.handoff import run_in_pool
 from backchannel.interface import Method, MethodSpec
+from backchannel.loadbalance import LeastActiveLoadBalance, LoadBalance, NoProvider
 from backchannel.notify import HookPool, MethodHooks, wrap_async, wrap_sync
 from backchannel.pools import CallPools
 from backchannel.portal import LoopThread, wait_on_loop
-from backchannel.protocol import Connection, Role
-from backchannel.reference import Proxy, Reference
-from backchannel.session import Deferred, Outgoing, Session, parse_frame, serialize
-from backchannel.settings import (
-    BULK_BYTES,
-    DEFAULT_TIMEOUT,
-    Keepalive,
-    Limits,
-    channel_options,
+from backchannel.providers import (
+    ConsumerSide,
+    LinkSettings,
+    ProviderLink,
+    Subscription,
+    SubscriptionKey,
 )
+from backchannel.reference import Proxy, Reference
+from backchannel.registry import (
+    ZOOKEEPER_SCHEME,
+    Registry,
+    ServiceURL,
+    StaticRegistry,
+    open_registry,
+    reachable_host,
+)
+from backchannel.registry import Subscription as RegistrySubscription
+from backchannel.session import Deferred, Session
+from backchannel.settings import BULK_BYTES, DEFAULT_TIMEOUT, Keepalive, Limits
 from backchannel.v1 import envelope_pb2 as pb
 from backchannel.wiretext import wire_text
 
 logger = logging.getLogger("backchannel")
 
 T = TypeVar("T")
-
-CONNECT_PATH = "/backchannel.v1.Envelope/Connect"
 
 # errors a call gets when the provider refused it before looking at its arguments (the
 # stream's own refusals), so it did not take the callbacks the call carried; the consumer
@@ -63,13 +71,7 @@ _REFUSED_UNREAD = frozenset({"backchannel.RemoteProtocolError", "backchannel.Shu
 _NOT_FOUND = frozenset({"backchannel.ServiceNotFound", "backchannel.MethodNotFound"})
 
 CurrentCall = tuple[Session, int] | None
-#: a resubscribe=True call to replay: (reference, method, positional arguments)
-Subscription = tuple[Reference, MethodSpec, tuple[Any, ...]]
-
-
-def _identity(args: tuple[Any, ...]) -> tuple[int, ...]:
-    """What makes two subscriptions the same: the very same argument objects."""
-    return tuple(id(arg) for arg in args)
+ServiceKey = tuple[str, str, str]
 
 
 class Backoff:
@@ -95,39 +97,50 @@ class Backoff:
         self._not_before = 0.0
 
 
-class _ConsumerSide:
-    """The consumer's handling of one stream: the provider's declarations and callbacks."""
+def _identity(args: tuple[Any, ...]) -> tuple[int, ...]:
+    """What makes two subscriptions the same: the very same argument objects."""
+    return tuple(id(arg) for arg in args)
 
-    def __init__(self, session: Session, pools: CallPools) -> None:
-        self.callbacks = ConsumerCallbacks(session, pools)
-        self.services: dict[tuple[str, str, str], pb.ServiceInfo] = {}
-        self.methods: dict[tuple[str, str, str, str], pb.MethodInfo] = {}
 
-    def learn(self, services: Iterable[pb.ServiceInfo]) -> None:
-        """Index the provider's exports from its Welcome."""
-        for service in services:
-            key = (service.name, service.group, service.version)
-            self.services[key] = service
-            for method in service.methods:
-                self.methods[(*key, method.name)] = method
+class _NotSent(Exception):
+    """A call that never reached a provider (no stream, refused at connect, refused
+    unread by a provider going away): it may always be sent elsewhere."""
 
-    async def dispatch(self, call: pb.Call) -> pb.Value:
-        if not call.callback_id:
-            raise ServiceNotFound(
-                f"a consumer exports no services (got a call to {call.service}.{call.method}); "
-                "it only runs callbacks it passed to the provider"
-            )
-        return await self.callbacks.run(call)
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
 
-    def released(self, callback_id: int) -> None:
-        self.callbacks.remove_id(callback_id)
 
-    def ended(self, cause: BaseException) -> None:
-        self.callbacks.clear()
+def _is_cluster(address: str | Registry) -> bool:
+    if not isinstance(address, str):
+        return True
+    return "," in address or address.startswith((ZOOKEEPER_SCHEME, "static://"))
+
+
+class _Directory:
+    """The providers of one (interface, group, version), as this consumer knows them."""
+
+    def __init__(self, key: ServiceKey) -> None:
+        self.key = key
+        #: one URL per provider address, in address order (what strategies choose from)
+        self.urls: tuple[ServiceURL, ...] = ()
+        self.ready = False
+        self.subscription: RegistrySubscription | None = None
+
+    def update(self, urls: Iterable[ServiceURL]) -> None:
+        """The providers are now ``urls``: one per address, the newest one kept (a
+        restarted provider's old node may linger until its session expires)."""
+        newest: dict[str, ServiceURL] = {}
+        for url in urls:
+            known = newest.get(url.address)
+            if known is None or url.timestamp > known.timestamp:
+                newest[url.address] = url
+        self.urls = tuple(newest[address] for address in sorted(newest))
+        self.ready = True
 
 
 class AsyncClient:
-    """An asyncio consumer of the provider at ``address``.
+    """An asyncio consumer of the provider at ``address``, or of a cluster.
 
     ::
 
@@ -135,16 +148,23 @@ class AsyncClient:
             demo = client.reference(IDemoService, group="cn", version="1.0.0")
             person = await demo.get(2)
 
-    One Connect stream is opened on the first call and every call shares it; when it
-    breaks, the next call opens a new one. Sync listener methods run in a thread pool of
-    ``max_workers`` threads, ``async def`` ones on the loop; a listener call nested in a
-    call this client waits for runs at once, on up to ``max_reentrant_workers`` extra
-    threads when the pool is full (docs/callbacks.md).
+    ``address`` is one ``host:port``, a static list (``"h1:p1,h2:p2"`` or
+    ``static://h1:p1,h2:p2``), a registry address (``zookeeper://host:port``) or a
+    :class:`~backchannel.registry.Registry`. With a list or a registry, each call picks
+    one provider by its reference's ``loadbalance`` and meets failures as its
+    ``cluster`` mode says (docs/cluster.md).
+
+    One Connect stream per provider is opened on the first call it is chosen for, and
+    every call to it shares that stream; when it breaks, the next call opens a new
+    one. Sync listener methods run in a thread pool of ``max_workers`` threads, ``async
+    def`` ones on the loop; a listener call nested in a call this client waits for runs
+    at once, on up to ``max_reentrant_workers`` extra threads when the pool is full
+    (docs/callbacks.md).
     """
 
     def __init__(
         self,
-        address: str,
+        address: str | Registry,
         *,
         application: str = "",
         timeout: float | None = DEFAULT_TIMEOUT,
@@ -158,33 +178,72 @@ class AsyncClient:
         metadata: Sequence[tuple[str, str]] = (),
         token: str | None = None,
     ) -> None:
-        if not isinstance(address, str) or ":" not in address:
-            raise ValueError(f"address must be 'host:port', got {address!r}")
+        if isinstance(address, str) and ":" not in address:
+            raise ValueError(
+                f"address must be 'host:port', 'h1:p1,h2:p2' or a registry "
+                f"('zookeeper://host:port'), got {address!r}"
+            )
+        if not isinstance(address, str) and not hasattr(address, "subscribe"):
+            raise ValueError(f"address must be a str or a Registry, got {address!r}")
         if timeout is not None and not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds or None, got {timeout!r}")
-        self.address = address
+        self.address = address if isinstance(address, str) else repr(address)
         self.timeout = timeout
         self._application = application
         self._connect_timeout = connect_timeout
-        self._limits = limits
-        self._keepalive = keepalive
-        self._credentials = credentials
-        self._metadata = tuple(metadata) + (bearer_metadata(token) if token else ())
         self._error_types = codec.ErrorTypes(errors)
         self._pools = CallPools(
             max_workers, max_reentrant_workers, role="callback", owners="Client or AsyncClient"
         )
-        self._channel: grpc.aio.Channel | None = None
-        self._stream: Any = None
-        self._session: Session | None = None
-        self._reader: asyncio.Task[None] | None = None
-        self._opening: asyncio.Lock | None = None
+        self._settings = LinkSettings(
+            application=application,
+            connect_timeout=connect_timeout,
+            limits=limits,
+            keepalive=keepalive,
+            credentials=credentials,
+            metadata=tuple(metadata) + (bearer_metadata(token) if token else ()),
+            error_types=self._error_types,
+            pools=self._pools,
+        )
         self._closed = False
-        self._backoff = Backoff()
-        # resubscribe=True calls that succeeded: replayed after a reconnect
-        self._subscriptions: dict[tuple[int, str, tuple[int, ...]], Subscription] = {}
+        #: one link per provider address, made when first chosen
+        self._links: dict[str, ProviderLink] = {}
+        #: a plain address: its one link (and the fast paths that go with it)
+        self._single: ProviderLink | None = None
+        #: a list or a registry: what to subscribe to, opened on the first call
+        self._registry_spec: str | Registry | None = None
+        self._registry: Registry | None = None
+        self._static: StaticRegistry | None = None
+        self._directories: dict[ServiceKey, _Directory] = {}
+        self._discovering: asyncio.Lock | None = None
+        self._consumer_urls: list[ServiceURL] = []
+        if not _is_cluster(address):
+            assert isinstance(address, str)
+            self._single = self._link(address)
+        elif isinstance(address, str) and not address.startswith(ZOOKEEPER_SCHEME):
+            # a static list: no server, checked now
+            registry = open_registry(address)
+            assert isinstance(registry, StaticRegistry)
+            self._static = registry
+        else:
+            self._registry_spec = address
+        # resubscribe=True calls whose stream ended: replayed, in order, on a live provider
+        self._orphans: dict[SubscriptionKey, Subscription] = {}
         self._resubscriber: asyncio.Task[None] | None = None
         self._hooks = HookPool(max_workers)  # plain event-notify hooks run here
+
+    @property
+    def _session(self) -> Session | None:
+        """The stream of a single-address client (None for a cluster)."""
+        return self._single.session if self._single is not None else None
+
+    def _link(self, address: str) -> ProviderLink:
+        link = self._links.get(address)
+        if link is None:
+            link = self._links[address] = ProviderLink(
+                address, self._settings, self._link_ended, Backoff()
+            )
+        return link
 
     def register_error(self, cls: type[BaseException]) -> None:
         """Receive ``cls`` as itself (not as RemoteError) when the provider raises it."""
@@ -198,17 +257,46 @@ class AsyncClient:
         version: str | None = None,
         timeout: float | None = None,
         methods: Sequence[Method] = (),
+        cluster: str = "failover",
+        loadbalance: str | LoadBalance = "random",
+        forks: int = 2,
     ) -> T:
         """A proxy whose methods are coroutines calling the provider's ``interface``.
 
         A method with ``Method(..., async_=True)`` returns a running Task instead; one with
         event-notify hooks runs them around each call (``async def`` hooks are awaited,
-        plain ones run in a thread pool). A bad hook is a TypeError here.
+        plain ones run in a thread pool). A bad hook is a TypeError here. ``cluster``,
+        ``loadbalance`` and ``forks`` matter when there is more than one provider
+        (docs/cluster.md).
         """
-        ref = Reference(
-            interface, group, version, self.timeout if timeout is None else timeout, methods
+        ref = self._reference(
+            interface, group, version, timeout, methods, cluster, loadbalance, forks
         )
         return Proxy(ref, self._invoke_coroutine, self._notify)  # type: ignore[return-value]
+
+    def _reference(
+        self,
+        interface: type,
+        group: str | None,
+        version: str | None,
+        timeout: float | None,
+        methods: Sequence[Method],
+        cluster: str,
+        loadbalance: str | LoadBalance,
+        forks: int,
+    ) -> Reference:
+        if loadbalance == "leastactive":  # counted by this consumer, per provider address
+            loadbalance = LeastActiveLoadBalance(lambda url: self._link(url.address).active)
+        return Reference(
+            interface,
+            group,
+            version,
+            self.timeout if timeout is None else timeout,
+            methods,
+            cluster=cluster,
+            loadbalance=loadbalance,
+            forks=forks,
+        )
 
     def _notify(self, ref: Reference, method: MethodSpec, hooks: MethodHooks) -> Any:
         def invoke(args: tuple[Any, ...]) -> Any:
@@ -221,6 +309,97 @@ class AsyncClient:
     ) -> Any:
         return self.invoke(ref, method, args, kwargs, CURRENT_CALL.get())
 
+    # ------------------------------------------------------------ choosing
+
+    async def _directory(self, ref: Reference) -> _Directory:
+        """The providers of the reference's export, subscribed to on first use."""
+        directory = self._directories.get(ref.key)
+        if directory is not None and directory.ready:
+            return directory
+        if self._closed:
+            raise ChannelClosed(f"the client for {self.address} is closed")
+        if self._discovering is None:
+            self._discovering = asyncio.Lock()
+        async with self._discovering:
+            directory = self._directories.get(ref.key)
+            if directory is None:
+                directory = self._directories[ref.key] = _Directory(ref.key)
+            if directory.ready:
+                return directory
+            if self._single is not None:
+                directory.update([_fixed_url(ref, self._single.address)])
+            elif self._static is not None:
+                directory.update(self._static.subscribe(ref.spec.name).providers)
+            else:
+                await asyncio.to_thread(self._subscribe, ref, directory, asyncio.get_running_loop())
+            return directory
+
+    def _subscribe(
+        self, ref: Reference, directory: _Directory, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        # in a thread: opening ZooKeeper and subscribing block for round trips
+        if self._registry is None:
+            spec = self._registry_spec
+            self._registry = open_registry(spec) if isinstance(spec, str) else spec
+        registry = self._registry
+        assert registry is not None
+        name, group, version = ref.key
+
+        def changed(providers: frozenset[ServiceURL]) -> None:  # on the loop
+            directory.update(providers)
+            logger.info(
+                "providers of %s: %s", name, ", ".join(u.address for u in directory.urls) or "none"
+            )
+
+        subscription = registry.subscribe(name, changed, group=group, version=version, loop=loop)
+        directory.subscription = subscription
+        directory.update(subscription.providers)
+        consumer = ServiceURL.consumer(
+            name,
+            reachable_host(),
+            application=self._application,
+            group=group,
+            version=version,
+            methods=ref.methods,
+        )
+        registry.register(consumer)
+        self._consumer_urls.append(consumer)
+
+    def _choose(
+        self,
+        ref: Reference,
+        directory: _Directory,
+        positional: tuple[Any, ...],
+        exclude: set[str] | frozenset[str] = frozenset(),
+    ) -> ProviderLink:
+        """One provider for a call: among the available ones not tried yet if any, else
+        the available ones, else any (all backing off: one may be back)."""
+        if self._single is not None:
+            return self._single
+        urls = directory.urls
+        if len(urls) == 1:
+            return self._link(urls[0].address)
+        if not urls:
+            raise NoProvider(
+                f"no provider of {_label(ref.key)} in {self.address} (none registered, or all gone)"
+            )
+        links = self._links
+        candidates = [
+            url
+            for url in urls
+            if url.address not in exclude
+            and (url.address not in links or links[url.address].available)
+        ]
+        if len(candidates) == len(urls):
+            chosen = ref.balance.select(urls, positional)  # the usual case: the cached tuple
+        else:
+            if not candidates:
+                candidates = [u for u in urls if u.address not in exclude] or list(urls)
+            chosen = ref.balance.select(tuple(candidates), positional)
+        return self._link(chosen.address)
+
+    # ------------------------------------------------------------- calling
+
     async def invoke(
         self,
         ref: Reference,
@@ -232,47 +411,163 @@ class AsyncClient:
         """Make one call through a reference (what proxy methods do).
 
         ``current`` is the incoming callback call the caller runs in, if any: the call
-        carries it as its parent so the provider's nested callbacks run at once. A method
-        declared with ``retries=N`` is re-sent on a new stream when its stream breaks;
-        any other call in flight then fails with the connection error.
+        carries it as its parent so the provider's nested callbacks run at once. A call
+        that could not be sent at all goes to another provider when there is one. A
+        method declared with ``retries=N`` (``failover``, the default mode) is re-sent,
+        on another provider when there is one, when its stream breaks or its provider
+        goes away; any other call in flight then fails with the connection error.
         """
         positional = method.bind(args, kwargs)
-        attempts = 1 + ref.retries.get(method.name, 0)
-        for attempt in range(1, attempts + 1):
+        directory = await self._directory(ref)
+        mode = ref.clusters[method.name]
+        if mode == "broadcast":
+            return await self._broadcast(ref, method, positional, current, directory)
+        if mode == "forking":
+            return await self._forking(ref, method, positional, current, directory)
+        attempts = 1 + (ref.retries.get(method.name, 0) if mode == "failover" else 0)
+        tried: set[str] = set()
+        attempt = 1
+        while True:
             try:
-                result = await self._invoke_once(ref, method, positional, current)
-            except (StreamBroken, ShuttingDown) as exc:
-                if attempt == attempts:
-                    raise
-                logger.info(
-                    "%s() failed (%s); retry %d of %d",
-                    method.qualname,
-                    wire_text(exc),
-                    attempt,
-                    attempts - 1,
-                )
-                continue
-            if method.name in ref.resubscribe:
-                self._subscriptions[(id(ref), method.name, _identity(positional))] = (
-                    ref,
-                    method,
-                    positional,
-                )
-            return result
+                link = self._choose(ref, directory, positional, tried)
+                return await self._invoke_on(link, ref, method, positional, current)
+            except _NotSent as unsent:
+                tried.add(link.address)
+                if any(url.address not in tried for url in directory.urls):
+                    logger.info(
+                        "%s() not sent to %s (%s); failing over",
+                        method.qualname,
+                        link.address,
+                        wire_text(unsent.error),
+                    )
+                    continue
+                error: BaseException = unsent.error
+            except StreamBroken as exc:  # it may have reached the provider
+                tried.add(link.address)
+                error = exc
+            except Exception as exc:
+                if mode == "failsafe":
+                    return _ignored(method, exc)
+                raise
+            if attempt >= attempts:
+                if mode == "failsafe":
+                    return _ignored(method, error)
+                raise error
+            logger.info(
+                "%s() failed (%s); retry %d of %d",
+                method.qualname,
+                wire_text(error),
+                attempt,
+                attempts - 1,
+            )
+            attempt += 1
 
-    async def _invoke_once(
-        self, ref: Reference, method: MethodSpec, positional: tuple[Any, ...], current: CurrentCall
+    async def _invoke_on(
+        self,
+        link: ProviderLink,
+        ref: Reference,
+        method: MethodSpec,
+        positional: tuple[Any, ...],
+        current: CurrentCall,
     ) -> Any:
-        session = self._session
+        """One attempt on one provider; :class:`_NotSent` when it never reached it."""
+        session = link.session
         if session is None or not session.usable:
-            session = await self._ensure_session(ref.timeouts[method.name])
+            if self._closed:
+                raise ChannelClosed(f"the client for {self.address} is closed")
+            try:
+                session = await link.ensure_session(
+                    ref.timeouts[method.name], wait_backoff=self._single is not None
+                )
+            except ChannelClosed:
+                raise
+            except TransportError as exc:
+                raise _NotSent(exc) from None
         call, future = self.start(session, ref, method, positional, current)
+        link.active += 1
+        link.sent += 1
         try:
-            return await future
+            result = await future
+        except ShuttingDown as exc:  # refused unread: it never ran
+            raise _NotSent(exc) from None
+        except StreamBroken as exc:
+            if not call.id:  # it was waiting for a slot: never sent
+                raise _NotSent(exc) from None
+            raise
         except asyncio.CancelledError:
             if call.id and future.cancelled():  # sent, and not answered yet
                 session.abandon(call.id, "cancelled by the caller")
             raise
+        finally:
+            link.active -= 1
+        if method.name in ref.resubscribe:
+            key = (id(ref), method.name, _identity(positional))
+            subscription = (ref, method, positional)
+            self._orphans.pop(key, None)
+            if link.session is session and session.cause is None:
+                link.subscriptions[key] = subscription
+            else:  # its stream ended meanwhile: replay it like the others
+                self._orphans[key] = subscription
+                self._kick_resubscriber()
+        return result
+
+    async def _forking(
+        self,
+        ref: Reference,
+        method: MethodSpec,
+        positional: tuple[Any, ...],
+        current: CurrentCall,
+        directory: _Directory,
+    ) -> Any:
+        """Dubbo's ``forking``: the call goes to ``forks`` providers at once, the first
+        success is the result; it fails only when every one of them failed."""
+        chosen: list[ProviderLink] = []
+        for _ in range(min(ref.forks, len(directory.urls))):
+            link = self._choose(ref, directory, positional, {c.address for c in chosen})
+            if link in chosen:
+                break
+            chosen.append(link)
+        tasks = [
+            asyncio.ensure_future(self._invoke_on(link, ref, method, positional, current))
+            for link in chosen
+        ]
+        for task in tasks:  # the losers run on; their outcomes are not wanted
+            task.add_done_callback(_consume)
+        error: BaseException | None = None
+        for next_done in asyncio.as_completed(tasks):
+            try:
+                return await next_done
+            except _NotSent as unsent:
+                error = unsent.error
+            except Exception as exc:
+                error = exc
+        if error is None:  # no provider at all
+            raise NoProvider(f"no provider of {_label(ref.key)} in {self.address}")
+        raise error
+
+    async def _broadcast(
+        self,
+        ref: Reference,
+        method: MethodSpec,
+        positional: tuple[Any, ...],
+        current: CurrentCall,
+        directory: _Directory,
+    ) -> Any:
+        """Dubbo's ``broadcast``: the call goes to every provider; it raises the first
+        failure if any failed, else returns the last provider's result."""
+        if not directory.urls:
+            raise NoProvider(f"no provider of {_label(ref.key)} in {self.address}")
+        links = [self._link(url.address) for url in directory.urls]
+        outcomes = await asyncio.gather(
+            *(self._invoke_on(link, ref, method, positional, current) for link in links),
+            return_exceptions=True,
+        )
+        for outcome in outcomes:
+            if isinstance(outcome, _NotSent):
+                raise outcome.error
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return outcomes[-1]
 
     def start(
         self,
@@ -284,7 +579,7 @@ class AsyncClient:
     ) -> tuple[pb.Call, asyncio.Future[Any]]:
         """On the loop: encode and send one call on ``session``; return it and the future
         of its decoded outcome (the exception it raises, or its result)."""
-        side: _ConsumerSide = session.dispatcher  # type: ignore[assignment]
+        side: ConsumerSide = session.dispatcher  # type: ignore[assignment]
         key = ref.key
         service = side.services.get(key)
         info = side.methods.get((*key, method.name))
@@ -337,8 +632,10 @@ class AsyncClient:
             future.add_done_callback(unsent)
         return call, future
 
+    # ----------------------------------------------------------- callbacks
+
     def _removed(
-        self, side: _ConsumerSide, entries: list[ExportedCallback], listeners: list[object]
+        self, side: ConsumerSide, entries: list[ExportedCallback], listeners: list[object]
     ) -> None:
         """Un-export what a remover call removed, and forget its subscriptions."""
         for listener in listeners:
@@ -347,203 +644,113 @@ class AsyncClient:
 
     def _forget(self, listener: object) -> None:
         """Drop the subscriptions that carry ``listener``: it is not to be replayed."""
-        for key, (_ref, _method, args) in list(self._subscriptions.items()):
-            if any(arg is listener for arg in args):
-                del self._subscriptions[key]
+        for table in (self._orphans, *(link.subscriptions for link in self._links.values())):
+            for key, (_ref, _method, args) in list(table.items()):
+                if any(arg is listener for arg in args):
+                    del table[key]
 
     async def release(self, listener: object) -> None:
-        """End a callback instance this client exported (Dubbo has no such thing)."""
-        session = self._session
-        side: _ConsumerSide | None = session.dispatcher if session else None  # type: ignore[assignment]
-        entry = side.callbacks.find(listener) if side else None
-        if session is None or side is None or entry is None:
+        """End a callback instance this client exported (Dubbo has no such thing), on
+        every provider's stream it was passed on."""
+        found = False
+        for link in self._links.values():
+            session, side = link.session, link.side
+            entry = side.callbacks.find(listener) if side else None
+            if session is None or side is None or entry is None:
+                continue
+            found = True
+            side.callbacks.remove(entry)
+            session.connection.send_release(entry.id)
+            session.flush()
+        if not found:
             raise UnknownCallback(
                 f"{listener!r} is not a live callback on the stream to {self.address}"
             )
         self._forget(listener)
-        side.callbacks.remove(entry)
-        session.connection.send_release(entry.id)
-        session.flush()
 
     @property
     def callback_count(self) -> int:
-        """How many callback instances this client has exported on its current stream."""
-        side: _ConsumerSide | None = self._session.dispatcher if self._session else None  # type: ignore[assignment]
-        return len(side.callbacks) if side else 0
+        """How many callback instances this client has exported on its current streams."""
+        return sum(len(link.side.callbacks) for link in self._links.values() if link.side)
 
-    async def _ensure_session(self, timeout: float | None = None) -> Session:
-        """The usable stream, opening one if needed; attempts after a failure are spaced
-        by exponential backoff with jitter, and a caller waits at most ``timeout``."""
+    def _link_ended(self, link: ProviderLink) -> None:
+        """A provider's stream is gone: replay its subscriptions, in the background, on
+        a live provider of the same export (the same one, once back, if it is the only
+        one)."""
         if self._closed:
-            raise ChannelClosed(f"the client for {self.address} is closed")
-        if self._opening is None:
-            self._opening = asyncio.Lock()
-        async with asyncio.timeout(timeout), self._opening:
-            session = self._session
-            if session is not None and session.usable:
-                return session
-            if session is not None and session.cause is not None:
-                await self._drop_channel()  # broken: start afresh
-            await asyncio.sleep(self._backoff.wait())
-            try:
-                session = await self._open_session()
-            except TransportError:
-                self._backoff.failed()
-                # a new channel next time: gRPC's own reconnect backoff (up to minutes)
-                # would otherwise refuse our attempts after the provider is back; but not
-                # while a going-away stream still finishes its calls on this channel
-                if session is None or session.cause is not None:
-                    await self._drop_channel()
-                raise
-            self._backoff.succeeded()
-            return session
+            return
+        if link.subscriptions:
+            self._orphans.update(link.subscriptions)
+            link.subscriptions = {}
+        self._kick_resubscriber()
 
-    async def _open_session(self) -> Session:
-        if self._channel is None:
-            options = [
-                *channel_options(self._limits, self._keepalive),
-                # our own backoff spaces attempts; gRPC's would refuse them for minutes,
-                # and its shared subchannels would carry that state into a new channel
-                ("grpc.use_local_subchannel_pool", 1),
-                ("grpc.initial_reconnect_backoff_ms", 100),
-                ("grpc.min_reconnect_backoff_ms", 100),
-                ("grpc.max_reconnect_backoff_ms", 2000),
-            ]
-            if self._credentials is None:
-                self._channel = grpc.aio.insecure_channel(self.address, options=options)
-            else:
-                self._channel = grpc.aio.secure_channel(
-                    self.address, self._credentials, options=options
-                )
-        stub = self._channel.stream_stream(
-            CONNECT_PATH,
-            request_serializer=serialize,
-            response_deserializer=parse_frame,
-        )
-        stream = stub(None, metadata=self._metadata)
-        connection: Connection[Outgoing] = Connection(
-            Role.CONSUMER,
-            self._application,
-            max_calls_in_flight=self._limits.max_calls_in_flight,
-            max_message_size=self._limits.max_message_size,
-        )
-        session = Session(
-            connection,
-            stream.write,
-            lambda session: _ConsumerSide(session, self._pools),
-            self._error_types,
-            peer=self.address,
-            limits=self._limits,
-        )
-        if telemetry.AVAILABLE:  # OpenTelemetry: the stream's addresses, for spans and gauges
-            telemetry.track(session, self.address)
-        connection.start()
-        session.flush()
-        reader = asyncio.create_task(
-            session.run(stream.read), name=f"backchannel-reader {self.address}"
-        )
-        try:
-            services = await asyncio.wait_for(
-                asyncio.shield(session.handshake), self._connect_timeout
-            )
-        except TimeoutError:
-            stream.cancel()
-            raise StreamBroken(
-                f"no handshake from {self.address} within {self._connect_timeout} s"
-            ) from None
-        except StreamBroken as exc:
-            raise StreamBroken(f"cannot connect to {self.address}: {exc}") from exc
-        session.dispatcher.learn(services)  # type: ignore[attr-defined]
-        self._session, self._stream, self._reader = session, stream, reader
-        reader.add_done_callback(self._stream_ended)
-        return session
-
-    def _stream_ended(self, reader: asyncio.Task[None]) -> None:
-        """The stream is gone: replay subscriptions on a new one, in the background."""
-        if self._closed or not self._subscriptions:
+    def _kick_resubscriber(self) -> None:
+        if self._closed or not self._orphans:
             return
         if self._resubscriber is None or self._resubscriber.done():
             self._resubscriber = asyncio.get_running_loop().create_task(self._resubscribe())
 
     async def _resubscribe(self) -> None:
-        """Reconnect (with backoff) and make every resubscribe call again, until each one
-        succeeded on the stream that is open at the end, or the client closes.
+        """Make every orphaned resubscribe call again, in order, each on a provider
+        chosen as for any call, until each one succeeded on a stream that is still
+        open, or the client closes.
 
-        A replay that fails for the connection's sake (the stream breaks again, no answer
-        in time, the provider is shutting down) is tried again after a backoff, on a new
-        stream if need be; one the provider refuses with any other error is logged and
+        A replay that fails for the connection's sake (no provider reachable, the stream
+        breaks again, no answer in time, the provider is shutting down) is tried again
+        after a backoff; one the provider refuses with any other error is logged and
         dropped (replaying it again would be refused again).
         """
         retry = Backoff()
-        on: Session | None = None
-        todo: set[tuple[int, str, tuple[int, ...]]] = set()
-        while not self._closed:
+        while not self._closed and self._orphans:
+            key, (ref, method, args) = next(iter(self._orphans.items()))
+            if any(
+                key in link.subscriptions and link.session is not None and link.session.usable
+                for link in self._links.values()
+            ):  # made again meanwhile, by its caller (or broadcast to several)
+                self._orphans.pop(key, None)
+                continue
             try:
-                session = await self._ensure_session(self._connect_timeout)
-            except (TransportError, TimeoutError) as exc:
-                logger.info("reconnecting to %s: %s", self.address, wire_text(exc))
-                continue  # _ensure_session spaces the attempts
-            if session is not on:  # a new stream: everything is to be replayed on it
-                # (what was subscribed on it meanwhile, by its caller, is not in this set)
-                on, todo = session, set(self._subscriptions)
-            failed = False
-            for key in list(todo):
-                subscription = self._subscriptions.get(key)
-                if subscription is None:  # removed or released meanwhile
-                    todo.discard(key)
-                    continue
-                ref, method, args = subscription
-                try:
-                    await self._invoke_once(ref, method, args, None)
-                except (TransportError, ShuttingDown, TimeoutError) as exc:
-                    logger.warning(
-                        "resubscribing %s() failed: %s; trying again",
-                        method.qualname,
-                        wire_text(exc),
-                    )
-                    failed = True
-                    break
-                except Exception as exc:
-                    logger.warning(
-                        "resubscribing %s() was refused: %s; not replayed again",
-                        method.qualname,
-                        wire_text(exc),
-                    )
-                    self._subscriptions.pop(key, None)
-                todo.discard(key)
-            if failed:
+                directory = await self._directory(ref)
+                link = self._choose(ref, directory, args)
+                await self._invoke_on(link, ref, method, args, None)
+            except (_NotSent, TransportError, ShuttingDown, TimeoutError, LookupError) as exc:
+                error = exc.error if isinstance(exc, _NotSent) else exc
+                logger.warning(
+                    "resubscribing %s() failed: %s; trying again", method.qualname, wire_text(error)
+                )
                 retry.failed()
                 await asyncio.sleep(retry.wait())
                 continue
-            if self._session is session and session.cause is None:
-                return  # all replayed on the open stream; if it breaks, a new run starts
-            logger.info("the stream to %s ended during the replay; again", self.address)
+            except Exception as exc:
+                logger.warning(
+                    "resubscribing %s() was refused: %s; not replayed again",
+                    method.qualname,
+                    wire_text(exc),
+                )
+                self._orphans.pop(key, None)
+                continue
+            retry.succeeded()
 
-    async def _drop_channel(self) -> None:
-        channel, self._channel = self._channel, None
-        if channel is not None:
-            await channel.close(None)
+    # ------------------------------------------------------------- closing
 
     async def close(self) -> None:
-        """End the stream (half-close, then cancel) and the channel."""
+        """End every stream (half-close, then cancel) and channel, and the registry."""
         self._closed = True
         if self._resubscriber is not None:
             self._resubscriber.cancel()
-        session, self._session = self._session, None
-        reader, self._reader = self._reader, None
-        if session is not None and session.cause is None:
-            # half-close politely; a broken stream has nothing left to close
-            with contextlib.suppress(Exception):
-                await self._stream.done_writing()
-            if reader is not None:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(asyncio.shield(reader), 1.0)
-        if reader is not None and not reader.done():
-            reader.cancel()
-            await asyncio.gather(reader, return_exceptions=True)
-        if self._channel is not None:
-            await self._channel.close(None)
-            self._channel = None
+        links = list(self._links.values())
+        await asyncio.gather(*(link.close() for link in links))
+        for directory in self._directories.values():
+            if directory.subscription is not None:
+                directory.subscription.close()
+        registry, self._registry = self._registry, None
+        if registry is not None:
+            if isinstance(self._registry_spec, str):  # ours: closing removes our nodes
+                await asyncio.to_thread(registry.close)
+            else:
+                urls, self._consumer_urls = self._consumer_urls, []
+                for url in urls:
+                    await asyncio.to_thread(registry.unregister, url)
         self._pools.shutdown()
         self._hooks.shutdown()
 
@@ -552,6 +759,27 @@ class AsyncClient:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
+
+
+def _fixed_url(ref: Reference, address: str) -> ServiceURL:
+    host, _, port = address.rpartition(":")
+    return ServiceURL(ref.spec.name, host.strip("[]"), int(port) if port.isdigit() else 0)
+
+
+def _label(key: ServiceKey) -> str:
+    name, group, version = key
+    return name + (f" group={group}" if group else "") + (f" version={version}" if version else "")
+
+
+def _ignored(method: MethodSpec, error: BaseException) -> None:
+    """Dubbo's ``failsafe``: the failure is logged, the caller gets None."""
+    logger.warning("%s() failed, ignored (failsafe): %s", method.qualname, wire_text(error))
+    return None
+
+
+def _consume(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 class Client:
@@ -568,7 +796,7 @@ class Client:
 
     def __init__(
         self,
-        address: str,
+        address: str | Registry,
         *,
         application: str = "",
         timeout: float | None = DEFAULT_TIMEOUT,
@@ -596,12 +824,12 @@ class Client:
             metadata=metadata,
             token=token,
         )
-        self._portal = LoopThread(f"backchannel-client {address}")
+        self._portal = LoopThread(f"backchannel-client {self._core.address}")
         self._hooks = HookPool(max_workers)  # hooks of async_=True calls run here
 
     @property
     def address(self) -> str:
-        """The provider address."""
+        """The provider address (or the list, or the registry) given."""
         return self._core.address
 
     @property
@@ -621,15 +849,19 @@ class Client:
         version: str | None = None,
         timeout: float | None = None,
         methods: Sequence[Method] = (),
+        cluster: str = "failover",
+        loadbalance: str | LoadBalance = "random",
+        forks: int = 2,
     ) -> T:
         """A proxy whose methods call the provider's ``interface`` and block for the result.
 
         A method with ``Method(..., async_=True)`` returns a ``concurrent.futures.Future``
         at once instead; one with event-notify hooks runs them around each call (in the
         calling thread, or in a thread pool for async_=True). A bad hook is a TypeError here.
+        ``cluster``, ``loadbalance`` and ``forks``: see :meth:`AsyncClient.reference`.
         """
-        ref = Reference(
-            interface, group, version, self._core.timeout if timeout is None else timeout, methods
+        ref = self._core._reference(
+            interface, group, version, timeout, methods, cluster, loadbalance, forks
         )
         return Proxy(ref, self._invoke_blocking, self._notify)  # type: ignore[return-value]
 
@@ -654,6 +886,7 @@ class Client:
             or not session.usable
             or method.name in ref.retries
             or method.name in ref.resubscribe
+            or ref.clusters[method.name] != "failover"
             or self._portal.in_loop_thread()
         ):
             return self._portal.run(core.invoke(ref, method, args, kwargs, current))
@@ -672,7 +905,7 @@ class Client:
         self._portal.run(self._core.release(listener))
 
     def close(self) -> None:
-        """End the stream and stop the background loop."""
+        """End the streams and stop the background loop."""
         with contextlib.suppress(ChannelClosed):
             self._portal.run(self._core.close())
         self._portal.close()

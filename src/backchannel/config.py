@@ -5,8 +5,12 @@
     [application]
     name = "callback-provider"
 
-    [registry]
-    address = "127.0.0.1:50051"        # where providers listen and references connect
+    [registry]                         # <dubbo:registry address="zookeeper://...">
+    address = "zookeeper://127.0.0.1:2181"
+
+    [protocol]                         # <dubbo:protocol port="50051">: where providers listen
+    host = "127.0.0.1"
+    port = 50051
 
     [[service]]                        # <dubbo:service interface=... ref=... callbacks="1000">
     interface = "service:CallbackService"
@@ -39,6 +43,7 @@ from __future__ import annotations
 import importlib
 import sys
 import tomllib
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +59,7 @@ from backchannel.interface import (
     interface_spec,
 )
 from backchannel.reference import Reference
+from backchannel.registry import STATIC_SCHEME, ZOOKEEPER_SCHEME
 from backchannel.server import Server
 
 
@@ -83,6 +89,9 @@ class ReferenceConfig:
     version: str | None = None
     timeout: float | None = None
     methods: tuple[Method, ...] = ()
+    cluster: str = "failover"
+    loadbalance: str = "random"
+    forks: int = 2
 
 
 @dataclass(frozen=True)
@@ -91,13 +100,18 @@ class Config:
 
     path: Path
     application: str = ""
+    #: where providers listen ([protocol] host and port); without a registry, also
+    #: where references connect
     address: str = "127.0.0.1:0"
     services: tuple[ServiceConfig, ...] = ()
     references: tuple[ReferenceConfig, ...] = field(default=())
+    #: [registry] address when it names a registry (zookeeper://, static://, a list)
+    registry: str | None = None
 
     def server(self) -> Server:
-        """A :class:`Server` on the registry address with every service exported."""
-        server = Server(self.address, application=self.application)
+        """A :class:`Server` on the protocol address with every service exported,
+        registered in the registry when there is one."""
+        server = Server(self.address, application=self.application, registry=self.registry)
         for service in self.services:
             server.export(
                 service.interface,
@@ -118,8 +132,8 @@ class Config:
         return [server]
 
     def client(self) -> Client:
-        """A :class:`Client` of the registry address."""
-        return Client(self.address, application=self.application)
+        """A :class:`Client` of the registry (or, without one, of the protocol address)."""
+        return Client(self.registry or self.address, application=self.application)
 
     def reference(self, client: Any, id: str) -> Any:
         """The proxy of reference ``id`` made on ``client`` (a Client or an AsyncClient)."""
@@ -131,6 +145,9 @@ class Config:
                     version=ref.version,
                     timeout=ref.timeout,
                     methods=ref.methods,
+                    cluster=ref.cluster,
+                    loadbalance=ref.loadbalance,
+                    forks=ref.forks,
                 )
         known = ", ".join(ref.id for ref in self.references) or "none"
         raise KeyError(f"{self.path}: no reference with id {id!r} (references: {known})")
@@ -237,13 +254,11 @@ class _Reader:
         return cls
 
     def config(self, data: dict[str, Any]) -> Config:
-        self.table(data, "(top level)", {"application", "registry", "service", "reference"})
+        self.table(
+            data, "(top level)", {"application", "registry", "protocol", "service", "reference"}
+        )
         application = self.table(data.get("application", {}), "application", {"name"})
-        registry = self.table(data.get("registry", {}), "registry", {"address"})
-        address = self.string(registry, "address", "registry") or "127.0.0.1:0"
-        host, _, port = address.rpartition(":")
-        if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-            raise self.fail("registry.address", "'host:port' with a port from 0 to 65535", address)
+        registry, address = self.addresses(data)
         services = tuple(
             self.service(item, f"service[{i}]")
             for i, item in enumerate(self.tables(data, "service", ""))
@@ -270,7 +285,49 @@ class _Reader:
             address,
             services,
             references,
+            registry,
         )
+
+    def addresses(self, data: dict[str, Any]) -> tuple[str | None, str]:
+        """([registry] address if it names a registry, the [protocol] listen address).
+
+        ``[registry] address = "host:port"`` is the old form, from before registries: it
+        still means the listen address (and where references connect), with a warning."""
+        registry = self.table(data.get("registry", {}), "registry", {"address"})
+        protocol = self.table(data.get("protocol", {}), "protocol", {"host", "port"})
+        given = self.string(registry, "address", "registry")
+        host = self.string(protocol, "host", "protocol") or "127.0.0.1"
+        port = self.number(protocol, "port", "protocol", integer=True)
+        if port is not None and port > 65535:
+            raise self.fail("protocol.port", "a port from 0 to 65535", port)
+        address = f"{host}:{port or 0}"
+        if given is None:
+            return None, address
+        if given.startswith((ZOOKEEPER_SCHEME, STATIC_SCHEME)) or "," in given:
+            return given, address
+        host, _, old_port = given.rpartition(":")
+        if not host or not old_port.isdigit() or not 0 <= int(old_port) <= 65535:
+            raise self.fail(
+                "registry.address",
+                "'host:port' with a port from 0 to 65535",
+                given,
+            )
+        if protocol:
+            raise self.fail(
+                "registry.address",
+                "a registry ('zookeeper://host:port') when [protocol] gives the listen address",
+                given,
+            )
+        # a DeprecationWarning (not a log line): shown by -W default and by pytest, and
+        # kept out of the output of `backchannel serve` with old files
+        warnings.warn(
+            f"{self.path}: [registry] address = {given!r} as a listen address is "
+            f'deprecated: write [protocol] host = "{host}" and port = {old_port}, and keep '
+            "[registry] for a registry (zookeeper://...)",
+            DeprecationWarning,
+            stacklevel=4,
+        )
+        return None, given
 
     def service(self, data: dict[str, Any], key: str) -> ServiceConfig:
         allowed = {"interface", "ref", "group", "version", "callbacks", "connections", "method"}
@@ -316,8 +373,12 @@ class _Reader:
 
     def reference(self, data: dict[str, Any], key: str) -> ReferenceConfig:
         allowed = {"id", "interface", "group", "version", "timeout", "method"}
+        allowed |= {"cluster", "loadbalance", "forks"}
         self.table(data, key, allowed)
         timeout = self.number(data, "timeout", key)
+        cluster = self.string(data, "cluster", key) or "failover"
+        loadbalance = self.string(data, "loadbalance", key) or "random"
+        forks = self.number(data, "forks", key, integer=True) or 2
         methods = tuple(
             self.method(item, f"{key}.method[{i}]", provider=False)
             for i, item in enumerate(self.tables(data, "method", f"{key}."))
@@ -329,8 +390,23 @@ class _Reader:
             self.string(data, "version", key),
             timeout,
             methods,
+            cluster,
+            loadbalance,
+            forks,
         )
-        self.check(key, lambda: Reference(reference.interface, None, None, timeout, methods))
+        self.check(
+            key,
+            lambda: Reference(
+                reference.interface,
+                None,
+                None,
+                timeout,
+                methods,
+                cluster=cluster,
+                loadbalance=loadbalance,
+                forks=forks,
+            ),
+        )
         return reference
 
     def check(self, key: str, build: Callable[[], object]) -> None:
@@ -351,7 +427,7 @@ class _Reader:
                 )
         else:
             allowed |= {"timeout", "async", "oninvoke", "onreturn", "onthrow", "retries"}
-            allowed.add("resubscribe")
+            allowed |= {"resubscribe", "cluster"}
         self.table(data, key, allowed)
         hooks: dict[str, Callable[..., Any]] = {}
         for hook in ("oninvoke", "onreturn", "onthrow"):
@@ -377,6 +453,7 @@ class _Reader:
             onthrow=hooks.get("onthrow"),
             retries=self.number(data, "retries", key, integer=True) or 0,
             resubscribe=bool(self.boolean(data, "resubscribe", key)),
+            cluster=None if provider else self.string(data, "cluster", key),
         )
 
     def argument(self, data: dict[str, Any], key: str) -> Argument:

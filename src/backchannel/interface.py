@@ -233,6 +233,9 @@ class Method:
     #: consumer: after a reconnect, make this call again with the same listener objects,
     #: so they keep receiving after a provider restart (for methods that add listeners)
     resubscribe: bool = False
+    #: consumer: how a call meets a cluster of providers (``failover``, ``failfast``,
+    #: ``failsafe``, ``forking``, ``broadcast``); None keeps the reference's
+    cluster: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:

@@ -8,12 +8,16 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from backchannel.interface import InterfaceSpec, Method, MethodSpec, apply_settings, interface_spec
+from backchannel.loadbalance import LoadBalance, load_balance
 from backchannel.notify import MethodHooks, method_hooks
 
 #: what a proxy method calls: (reference, method, positional args, keyword args)
 Invoke = Callable[["Reference", MethodSpec, tuple[Any, ...], dict[str, Any]], Any]
 #: builds the proxy method of a method with event-notify hooks or async_
 Notify = Callable[["Reference", MethodSpec, MethodHooks], Callable[..., Any]]
+
+#: Dubbo's cluster modes (docs/cluster.md); failover is Dubbo's default, and ours
+CLUSTER_MODES = ("failover", "failfast", "failsafe", "forking", "broadcast")
 
 
 class Reference:
@@ -26,9 +30,21 @@ class Reference:
         version: str | None,
         timeout: float | None,
         methods: Sequence[Method],
+        *,
+        cluster: str = "failover",
+        loadbalance: str | LoadBalance = "random",
+        forks: int = 2,
     ) -> None:
         if timeout is not None and not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds or None, got {timeout!r}")
+        if not isinstance(forks, int) or forks < 1:
+            raise ValueError(f"forks must be an int >= 1, got {forks!r}")
+        #: the strategy choosing a provider for each call (one per reference)
+        self.balance: LoadBalance = (
+            load_balance(loadbalance) if isinstance(loadbalance, str) else loadbalance
+        )
+        #: how many providers a ``forking`` call is sent to at once
+        self.forks = forks
         self.spec: InterfaceSpec = interface_spec(interface)
         self.group = group or ""
         self.version = version or ""
@@ -49,6 +65,17 @@ class Reference:
         self.retries = {method.name: method.retries for method in methods if method.retries}
         #: methods replayed with the same listener objects after a reconnect
         self.resubscribe = {method.name for method in methods if method.resubscribe}
+        #: each method's cluster mode
+        self.clusters: dict[str, str] = {name: cluster for name in self.spec.methods}
+        for method in methods:
+            if method.cluster is not None:
+                self.clusters[method.name] = method.cluster
+        for name, mode in {"": cluster, **self.clusters}.items():
+            if mode not in CLUSTER_MODES:
+                where = f"{self.spec.name}.{name}" if name else self.spec.name
+                raise ValueError(
+                    f"{where}: unknown cluster {mode!r} (known: {', '.join(CLUSTER_MODES)})"
+                )
         #: event notify (hooks, async_) of the methods that have any, checked against them
         self.hooks: dict[str, MethodHooks] = {}
         for name, method in settings.items():

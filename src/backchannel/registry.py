@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import importlib.metadata
 import logging
+import socket
 import threading
 import time
 import urllib.parse
@@ -631,6 +632,36 @@ def _parse_children(children: list[str], path: str) -> list[ServiceURL]:
         if url.protocol == PROTOCOL:  # a Java dubbo:// provider is not ours to call
             urls.append(url)
     return urls
+
+
+#: hosts a server may bind to that no peer can connect to
+_ANY_HOSTS = frozenset({"", "0.0.0.0", "::", "[::]", "*"})
+
+
+def reachable_host(bound: str = "", advertise: str | None = None) -> str:
+    """The host to write into a URL for a server bound to ``bound``: ``advertise`` when
+    given, the bound host unless it is a wildcard (``0.0.0.0``, ``[::]``), else this
+    machine's first non-loopback address, else ``127.0.0.1``."""
+    if advertise:
+        return advertise.strip("[]")
+    if bound not in _ANY_HOSTS:
+        return bound.strip("[]")
+    return _first_non_loopback() or "127.0.0.1"
+
+
+def _first_non_loopback() -> str | None:
+    # the address the default route leaves from; a UDP connect sends nothing
+    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect(("192.0.2.1", 9))  # TEST-NET-1: never answered, only routed
+        host = str(s.getsockname()[0])
+        if not host.startswith("127.") and host != "0.0.0.0":
+            return host
+    with contextlib.suppress(OSError):
+        for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET):
+            host = str(info[4][0])
+            if not host.startswith("127."):
+                return host
+    return None
 
 
 def open_registry(address: str, **options: Any) -> Registry:

@@ -28,6 +28,7 @@ from backchannel.interface import Method
 from backchannel.pools import CallPools
 from backchannel.portal import LoopThread
 from backchannel.protocol import PROTOCOL_VERSION, Connection, Role
+from backchannel.registry import DEFAULT_WEIGHT, Registry, ServiceURL, open_registry, reachable_host
 from backchannel.session import Outgoing, Session, parse_frame, serialize
 from backchannel.settings import DEFAULT_TIMEOUT, Keepalive, Limits, channel_options
 from backchannel.v1 import envelope_pb2 as pb
@@ -105,8 +106,17 @@ class AsyncServer:
         keepalive: Keepalive | None = Keepalive(),
         credentials: grpc.ServerCredentials | None = None,
         authenticator: Authenticator | None = None,
+        registry: str | Registry | None = None,
+        advertise_host: str | None = None,
     ) -> None:
         self._requested_address = address
+        # a str is opened on start() and closed on stop(); a Registry object is the
+        # caller's: only what this server registered is withdrawn from it
+        self._registry_spec = registry
+        self._registry: Registry | None = None
+        self._advertise_host = advertise_host
+        self._weights: dict[tuple[str, str, str], int] = {}
+        self._registered: list[ServiceURL] = []
         self._credentials = credentials
         self._authenticator = authenticator
         self._limits = limits
@@ -137,15 +147,20 @@ class AsyncServer:
         version: str | None = None,
         callbacks: int = DEFAULT_CALLBACK_LIMIT,
         methods: Sequence[Method] = (),
+        weight: int = DEFAULT_WEIGHT,
     ) -> None:
         """Serve ``impl`` as ``interface`` under ``group`` and ``version``.
 
         Two exports that differ only by group or version coexist. ``callbacks`` limits
-        the live callback instances per stream for this service.
+        the live callback instances per stream for this service. ``weight`` is the
+        load-balancing weight written into its provider URL when a registry is used.
         """
-        self._exports.add(
+        if not isinstance(weight, int) or weight < 0:
+            raise ValueError(f"weight must be an int >= 0, got {weight!r}")
+        export = self._exports.add(
             interface, impl, group=group, version=version, callbacks=callbacks, methods=methods
         )
+        self._weights[export.key] = weight
 
     def register_error(self, cls: type[BaseException]) -> None:
         """Receive ``cls`` as itself (not as RemoteError) when a consumer's listener raises
@@ -211,6 +226,63 @@ class AsyncServer:
         await server.start()
         self._grpc = server
         logger.info("backchannel provider listening on %s", self.address)
+        if self._registry_spec is not None:
+            try:
+                await asyncio.to_thread(self._register)
+            except BaseException:
+                self._grpc = None
+                await server.stop(0)
+                raise
+
+    @property
+    def advertised_address(self) -> str:
+        """``host:port`` written into the registry: ``advertise_host``, or the bound host
+        unless it is a wildcard (then this machine's first non-loopback address)."""
+        host = reachable_host(self._requested_address.rpartition(":")[0], self._advertise_host)
+        return f"[{host}]:{self._port}" if ":" in host else f"{host}:{self._port}"
+
+    def provider_urls(self) -> list[ServiceURL]:
+        """One provider URL per export, as :meth:`start` registers them."""
+        host = reachable_host(self._requested_address.rpartition(":")[0], self._advertise_host)
+        return [
+            ServiceURL.provider(
+                service.name,
+                host,
+                self._port,
+                application=self._application,
+                group=service.group,
+                version=service.version,
+                methods=[method.name for method in service.methods],
+                callbacks=service.callbacks,
+                weight=self._weights.get(
+                    (service.name, service.group, service.version), DEFAULT_WEIGHT
+                ),
+            )
+            for service in self._exports.services()
+        ]
+
+    def _register(self) -> None:
+        # in a thread: ZooKeeper's round trips block
+        spec = self._registry_spec
+        registry = open_registry(spec) if isinstance(spec, str) else spec
+        assert registry is not None
+        self._registry = registry
+        for url in self.provider_urls():
+            registry.register(url)
+            self._registered.append(url)
+            logger.info("registered %s", url)
+
+    def _unregister(self) -> None:
+        registry, self._registry = self._registry, None
+        urls, self._registered = self._registered, []
+        if registry is None:
+            return
+        try:
+            for url in urls:
+                registry.unregister(url)
+        finally:
+            if isinstance(self._registry_spec, str):  # ours: its session ends too
+                registry.close()
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop serving.
@@ -224,6 +296,12 @@ class AsyncServer:
         if server is None:
             return
         self._stopping = True
+        if self._registry is not None:
+            # first: consumers stop choosing this provider while its calls finish
+            try:
+                await asyncio.to_thread(self._unregister)
+            except Exception as exc:  # the session's end removes the nodes all the same
+                logger.warning("could not unregister from the registry: %s", wire_text(exc))
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
         for session in list(self._sessions):
@@ -384,6 +462,8 @@ class Server:
         keepalive: Keepalive | None = Keepalive(),
         credentials: grpc.ServerCredentials | None = None,
         authenticator: Authenticator | None = None,
+        registry: str | Registry | None = None,
+        advertise_host: str | None = None,
     ) -> None:
         self._core = AsyncServer(
             address,
@@ -399,6 +479,8 @@ class Server:
             keepalive=keepalive,
             credentials=credentials,
             authenticator=authenticator,
+            registry=registry,
+            advertise_host=advertise_host,
         )
         self._portal: LoopThread | None = None
         #: set by stop(): what wait_for_termination waits on (None when not running)
@@ -413,10 +495,17 @@ class Server:
         version: str | None = None,
         callbacks: int = DEFAULT_CALLBACK_LIMIT,
         methods: Sequence[Method] = (),
+        weight: int = DEFAULT_WEIGHT,
     ) -> None:
         """Serve ``impl`` as ``interface``; see :meth:`AsyncServer.export`."""
         self._core.export(
-            interface, impl, group=group, version=version, callbacks=callbacks, methods=methods
+            interface,
+            impl,
+            group=group,
+            version=version,
+            callbacks=callbacks,
+            methods=methods,
+            weight=weight,
         )
 
     def register_error(self, cls: type[BaseException]) -> None:
@@ -433,12 +522,22 @@ class Server:
         """``host:port`` to give to a client (after :meth:`start`)."""
         return self._core.address
 
+    @property
+    def advertised_address(self) -> str:
+        """See :attr:`AsyncServer.advertised_address`."""
+        return self._core.advertised_address
+
     def start(self) -> None:
         """Bind and start serving on a background thread."""
         if self._portal is not None:
             raise RuntimeError("the server is already started")
         self._portal = LoopThread("backchannel-server")
-        self._portal.run(self._core.start())
+        try:
+            self._portal.run(self._core.start())
+        except BaseException:  # not listening (or not registered): no loop left behind
+            portal, self._portal = self._portal, None
+            portal.close()
+            raise
         self._stopped = threading.Event()
 
     def stop(self, grace: float | None = None) -> None:

@@ -1,0 +1,267 @@
+"""A consumer's link to one provider address: its channel, its Connect stream, the
+backoff between attempts to open one, and the resubscribe calls made on it.
+
+An :class:`~backchannel.client.AsyncClient` holds one link for a plain address, or one
+per provider of a cluster; each link is opened lazily, on the first call it is chosen for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from backchannel import codec, telemetry
+from backchannel.callbacks import ConsumerCallbacks
+from backchannel.errors import ChannelClosed, ServiceNotFound, StreamBroken, TransportError
+from backchannel.interface import MethodSpec
+from backchannel.pools import CallPools
+from backchannel.protocol import Connection, Role
+from backchannel.reference import Reference
+from backchannel.session import Outgoing, Session, parse_frame, serialize
+from backchannel.settings import Keepalive, Limits, channel_options
+from backchannel.v1 import envelope_pb2 as pb
+
+if TYPE_CHECKING:
+    from backchannel.client import Backoff
+
+CONNECT_PATH = "/backchannel.v1.Envelope/Connect"
+
+#: a resubscribe=True call to replay: (reference, method, positional arguments)
+Subscription = tuple[Reference, MethodSpec, tuple[Any, ...]]
+#: what makes two subscriptions the same: the reference, the method, the very objects
+SubscriptionKey = tuple[int, str, tuple[int, ...]]
+
+
+class ConsumerSide:
+    """The consumer's handling of one stream: the provider's declarations and callbacks."""
+
+    def __init__(self, session: Session, pools: CallPools) -> None:
+        self.callbacks = ConsumerCallbacks(session, pools)
+        self.services: dict[tuple[str, str, str], pb.ServiceInfo] = {}
+        self.methods: dict[tuple[str, str, str, str], pb.MethodInfo] = {}
+
+    def learn(self, services: Iterable[pb.ServiceInfo]) -> None:
+        """Index the provider's exports from its Welcome."""
+        for service in services:
+            key = (service.name, service.group, service.version)
+            self.services[key] = service
+            for method in service.methods:
+                self.methods[(*key, method.name)] = method
+
+    async def dispatch(self, call: pb.Call) -> pb.Value:
+        if not call.callback_id:
+            raise ServiceNotFound(
+                f"a consumer exports no services (got a call to {call.service}.{call.method}); "
+                "it only runs callbacks it passed to the provider"
+            )
+        return await self.callbacks.run(call)
+
+    def released(self, callback_id: int) -> None:
+        self.callbacks.remove_id(callback_id)
+
+    def ended(self, cause: BaseException) -> None:
+        self.callbacks.clear()
+
+
+class LinkSettings:
+    """What every link of one client shares: how to open a stream."""
+
+    def __init__(
+        self,
+        *,
+        application: str,
+        connect_timeout: float,
+        limits: Limits,
+        keepalive: Keepalive | None,
+        credentials: grpc.ChannelCredentials | None,
+        metadata: Sequence[tuple[str, str]],
+        error_types: codec.ErrorTypes,
+        pools: CallPools,
+    ) -> None:
+        self.application = application
+        self.connect_timeout = connect_timeout
+        self.limits = limits
+        self.keepalive = keepalive
+        self.credentials = credentials
+        self.metadata = tuple(metadata)
+        self.error_types = error_types
+        self.pools = pools
+
+
+class ProviderLink:
+    """One provider address as a consumer uses it.
+
+    ``on_ended(link)`` runs on the loop when a stream that was open ends (the client
+    then replays the resubscribe calls that were made on it); ``backoff`` spaces the
+    attempts to open a stream."""
+
+    def __init__(
+        self,
+        address: str,
+        settings: LinkSettings,
+        on_ended: Callable[[ProviderLink], None],
+        backoff: Backoff,
+    ) -> None:
+        self.address = address
+        self.settings = settings
+        self._on_ended = on_ended
+        self._channel: grpc.aio.Channel | None = None
+        self._stream: Any = None
+        self.session: Session | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._opening: asyncio.Lock | None = None
+        self.closed = False
+        self.backoff = backoff
+        #: calls this consumer has in flight on the link (for ``leastactive``)
+        self.active = 0
+        #: calls started on the link's streams, ever
+        self.sent = 0
+        #: resubscribe=True calls that succeeded on the open stream, in order
+        self.subscriptions: dict[SubscriptionKey, Subscription] = {}
+
+    @property
+    def available(self) -> bool:
+        """Worth choosing for a new call: its stream is usable, or none is open and no
+        backoff after a failed attempt is running. A provider going away (GoAway) is
+        not: its running calls finish, it gets no new ones."""
+        session = self.session
+        if session is not None:
+            if session.usable:
+                return True
+            if session.cause is None:  # going away, still finishing its calls
+                return False
+        return self.backoff.wait() == 0
+
+    @property
+    def side(self) -> ConsumerSide | None:
+        """The open stream's callbacks and declarations (None before the first stream)."""
+        return self.session.dispatcher if self.session else None  # type: ignore[return-value]
+
+    async def ensure_session(self, timeout: float | None, wait_backoff: bool = True) -> Session:
+        """The usable stream, opening one if needed; attempts after a failure are spaced
+        by exponential backoff with jitter, and a caller waits at most ``timeout``.
+
+        With ``wait_backoff=False`` (a cluster, where another provider may serve the
+        call) a running backoff fails the call at once instead of making it wait."""
+        if self.closed:
+            raise ChannelClosed(f"the client for {self.address} is closed")
+        if self._opening is None:
+            self._opening = asyncio.Lock()
+        async with asyncio.timeout(timeout), self._opening:
+            session = self.session
+            if session is not None and session.usable:
+                return session
+            if session is not None and session.cause is not None:
+                await self._drop_channel()  # broken: start afresh
+            wait = self.backoff.wait()
+            if wait and not wait_backoff:
+                raise StreamBroken(
+                    f"{self.address} failed its last connection attempt; the next one is "
+                    f"in {wait:.2f} s"
+                )
+            await asyncio.sleep(wait)
+            try:
+                session = await self._open_session()
+            except TransportError:
+                self.backoff.failed()
+                # a new channel next time: gRPC's own reconnect backoff (up to minutes)
+                # would otherwise refuse our attempts after the provider is back; but not
+                # while a going-away stream still finishes its calls on this channel
+                if session is None or session.cause is not None:
+                    await self._drop_channel()
+                raise
+            self.backoff.succeeded()
+            return session
+
+    async def _open_session(self) -> Session:
+        settings = self.settings
+        if self._channel is None:
+            options = [
+                *channel_options(settings.limits, settings.keepalive),
+                # our own backoff spaces attempts; gRPC's would refuse them for minutes,
+                # and its shared subchannels would carry that state into a new channel
+                ("grpc.use_local_subchannel_pool", 1),
+                ("grpc.initial_reconnect_backoff_ms", 100),
+                ("grpc.min_reconnect_backoff_ms", 100),
+                ("grpc.max_reconnect_backoff_ms", 2000),
+            ]
+            if settings.credentials is None:
+                self._channel = grpc.aio.insecure_channel(self.address, options=options)
+            else:
+                self._channel = grpc.aio.secure_channel(
+                    self.address, settings.credentials, options=options
+                )
+        stub = self._channel.stream_stream(
+            CONNECT_PATH,
+            request_serializer=serialize,
+            response_deserializer=parse_frame,
+        )
+        stream = stub(None, metadata=settings.metadata)
+        connection: Connection[Outgoing] = Connection(
+            Role.CONSUMER,
+            settings.application,
+            max_calls_in_flight=settings.limits.max_calls_in_flight,
+            max_message_size=settings.limits.max_message_size,
+        )
+        session = Session(
+            connection,
+            stream.write,
+            lambda session: ConsumerSide(session, settings.pools),
+            settings.error_types,
+            peer=self.address,
+            limits=settings.limits,
+        )
+        if telemetry.AVAILABLE:  # OpenTelemetry: the stream's addresses, for spans and gauges
+            telemetry.track(session, self.address)
+        connection.start()
+        session.flush()
+        reader = asyncio.create_task(
+            session.run(stream.read), name=f"backchannel-reader {self.address}"
+        )
+        try:
+            services = await asyncio.wait_for(
+                asyncio.shield(session.handshake), settings.connect_timeout
+            )
+        except TimeoutError:
+            stream.cancel()
+            raise StreamBroken(
+                f"no handshake from {self.address} within {settings.connect_timeout} s"
+            ) from None
+        except StreamBroken as exc:
+            raise StreamBroken(f"cannot connect to {self.address}: {exc}") from exc
+        session.dispatcher.learn(services)  # type: ignore[attr-defined]
+        self.session, self._stream, self._reader = session, stream, reader
+        reader.add_done_callback(self._stream_ended)
+        return session
+
+    def _stream_ended(self, reader: asyncio.Task[None]) -> None:
+        if not self.closed:
+            self._on_ended(self)
+
+    async def _drop_channel(self) -> None:
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            await channel.close(None)
+
+    async def close(self) -> None:
+        """End the stream (half-close, then cancel) and the channel."""
+        self.closed = True
+        session, self.session = self.session, None
+        reader, self._reader = self._reader, None
+        if session is not None and session.cause is None:
+            # half-close politely; a broken stream has nothing left to close
+            with contextlib.suppress(Exception):
+                await self._stream.done_writing()
+            if reader is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(asyncio.shield(reader), 1.0)
+        if reader is not None and not reader.done():
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+        if self._channel is not None:
+            await self._channel.close(None)
+            self._channel = None

@@ -1,0 +1,216 @@
+"""Clusters with real provider processes (tests/cluster_provider.py) behind the real
+ZooKeeper fixture: spreading, a provider SIGKILLed under load, a provider joining, and
+a resubscribed listener that outlives its provider."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cluster_provider import Node
+from conftest import run
+from helpers import read_line
+from notifier import Notifier, SyncRecorder
+from zookeeper import ZooKeeper
+
+import backchannel
+from backchannel import Method
+
+SCRIPT = Path(__file__).with_name("cluster_provider.py")
+_groups = itertools.count()
+
+
+class Cluster:
+    """Provider processes of one group, registered in ZooKeeper."""
+
+    def __init__(self, registry: str) -> None:
+        self.registry = registry
+        self.group = f"cluster{next(_groups)}"
+        self.processes: dict[str, subprocess.Popen[str]] = {}
+
+    def start(self, count: int) -> list[str]:
+        """Start ``count`` providers at once; their addresses, once all are registered."""
+        started = [
+            subprocess.Popen(
+                [sys.executable, str(SCRIPT), self.registry, self.group],
+                stdout=subprocess.PIPE,
+                text=True,
+                cwd=SCRIPT.parent,
+            )
+            for _ in range(count)
+        ]
+        addresses = []
+        for process in started:
+            line = read_line(process, 20, "a cluster provider")
+            assert line.startswith("ready "), f"a cluster provider printed {line!r}"
+            address = line.removeprefix("ready ")
+            self.processes[address] = process
+            addresses.append(address)
+        return addresses
+
+    def kill(self, address: str) -> None:
+        process = self.processes.pop(address)
+        process.kill()
+        process.wait(5)
+
+    def close(self) -> None:
+        for address in list(self.processes):
+            self.kill(address)
+
+
+@pytest.fixture
+def cluster(zookeeper: ZooKeeper) -> Iterator[Cluster]:
+    cluster = Cluster(zookeeper.address)
+    yield cluster
+    cluster.close()
+
+
+def test_calls_spread_over_three_provider_processes_as_each_strategy_says(
+    cluster: Cluster,
+) -> None:
+    """roundrobin: exactly 100 of 300 each; random: a third each within ±5 points of
+    600 calls (outside by chance: under 0.1 %)."""
+    addresses = cluster.start(3)
+    with backchannel.Client(cluster.registry, timeout=5) as client:
+        rr = client.reference(Node, group=cluster.group, loadbalance="roundrobin")
+        answered = Counter(rr.whoami(i)[0] for i in range(300))
+        assert answered == {address: 100 for address in addresses}
+        rnd = client.reference(Node, group=cluster.group)
+        answered = Counter(rnd.whoami(i)[0] for i in range(600))
+        assert set(answered) == set(addresses)
+        assert all(abs(n / 600 - 1 / 3) < 0.05 for n in answered.values()), answered
+
+
+def test_a_provider_killed_under_64_callers(cluster: Cluster) -> None:
+    """SIGKILL one of three under 64 concurrent callers: every call succeeds or fails
+    with a clear connection error (only those that were in flight on the dead stream),
+    none hangs; from 2 s after the kill the dead provider is given no call; a provider
+    that registers meanwhile gets calls within 2 s."""
+    addresses = cluster.start(3)
+    victim = addresses[0]
+
+    async def body() -> None:
+        async with backchannel.AsyncClient(cluster.registry, timeout=5) as client:
+            node = client.reference(Node, group=cluster.group)
+            outcomes: list[tuple[float, Any]] = []
+            stop = asyncio.Event()
+
+            async def caller(n: int) -> None:
+                for i in itertools.count():
+                    if stop.is_set():
+                        return
+                    try:
+                        outcome: Any = await node.whoami(n * 1_000_000 + i)
+                    except backchannel.BackchannelError as exc:
+                        outcome = exc
+                    outcomes.append((time.monotonic(), outcome))
+
+            callers = [asyncio.ensure_future(caller(n)) for n in range(64)]
+            loop = asyncio.get_running_loop()
+            await asyncio.sleep(0.5)  # load runs for a while before the kill
+            assert {o[0] for _, o in outcomes if isinstance(o, list)} == set(addresses)
+            killed = time.monotonic()
+            await loop.run_in_executor(None, cluster.kill, victim)
+            await asyncio.sleep(2.0)  # the bound under test
+            sent_at_2s = client._links[victim].sent
+            (joined,) = await loop.run_in_executor(None, cluster.start, 1)
+            registered = time.monotonic()
+            while not any(
+                isinstance(o, list) and o[0] == joined for t, o in outcomes if t > registered
+            ):
+                assert time.monotonic() - registered < 2, "the new provider got no call in 2 s"
+                await asyncio.sleep(0.05)  # load is running; look again
+            await asyncio.sleep(0.5)  # more load after the join
+            stop.set()
+            await asyncio.wait_for(asyncio.gather(*callers), 10)  # none hangs
+            assert client._links[victim].sent == sent_at_2s  # nothing given to it after 2 s
+            failures = [o for _, o in outcomes if not isinstance(o, list)]
+            assert all(isinstance(f, backchannel.StreamBroken) for f in failures), failures[:3]
+            assert len(failures) <= 64  # at most the calls in flight on the dead stream
+            late = [o for t, o in outcomes if t > killed + 0.5]
+            assert late and all(isinstance(o, list) and o[0] != victim for o in late)
+            assert len(outcomes) > 1000
+
+    run(body())
+
+
+def test_a_resubscribed_listener_keeps_receiving_after_its_provider_is_killed(
+    cluster: Cluster,
+) -> None:
+    cluster.start(3)
+    with backchannel.Client(cluster.registry, timeout=5) as client:
+        ticker = client.reference(
+            Notifier, group=cluster.group, methods=[Method("addListener", resubscribe=True)]
+        )
+        recorder = SyncRecorder()
+        ticker.addListener("ticks", recorder)
+        assert recorder.wait_for(3)
+        (holder,) = [a for a, link in client._core._links.items() if link.subscriptions]
+        cluster.kill(holder)
+        killed = len(recorder.received)
+        assert recorder.wait_for(killed + 1, timeout=2)  # "init" from its new provider
+        assert "init" in recorder.received[killed:]
+        assert recorder.wait_for(len(recorder.received) + 5, timeout=2)  # and ticks
+        (new_holder,) = [a for a, link in client._core._links.items() if link.subscriptions]
+        assert new_holder != holder
+        assert client.callback_count == 1
+
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "cluster"
+
+
+def test_the_cluster_example_consumer_survives_its_provider_being_killed(
+    zookeeper: ZooKeeper,
+) -> None:
+    """examples/cluster: three providers, a consumer; SIGKILL the provider its lines
+    name, and the lines go on, naming another."""
+    providers: dict[str, subprocess.Popen[str]] = {}
+    consumer = None
+    try:
+        for _ in range(3):
+            process = subprocess.Popen(
+                [
+                    sys.executable,
+                    str(EXAMPLE / "provider.py"),
+                    zookeeper.address,
+                    "--interval",
+                    "0.2",
+                ],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            line = read_line(process, 20, "examples/cluster/provider.py")
+            assert line.startswith("registered "), line
+            providers[line.split()[1]] = process
+        consumer = subprocess.Popen(
+            [sys.executable, str(EXAMPLE / "consumer.py"), zookeeper.address],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        first = read_line(consumer, 20, "examples/cluster/consumer.py")
+        assert first.startswith("callback1:Changed: "), first
+        second = read_line(consumer, 5, "examples/cluster/consumer.py")  # a push: added
+        assert second.startswith("callback1:Changed: "), second
+        holder = second.rsplit(" from ", 1)[1]
+        providers[holder].kill()
+        providers[holder].wait(5)
+        for _ in range(30):  # lines already on their way may still name the dead one
+            line = read_line(consumer, 3, "the consumer, after the kill")
+            assert line.startswith("callback1:Changed: "), line
+            if line.rsplit(" from ", 1)[1] != holder:
+                break
+        else:
+            raise AssertionError("no notification from another provider after the kill")
+        assert line.rsplit(" from ", 1)[1] in providers
+    finally:
+        for process in [*providers.values(), *([consumer] if consumer else [])]:
+            process.kill()
+            process.wait(5)
