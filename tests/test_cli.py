@@ -150,7 +150,7 @@ def test_listen_prints_callbacks_until_interrupted(callback: str) -> None:
 def test_serve_starts_the_providers_of_a_config_file(tmp_path: Path) -> None:
     text = (EXAMPLES / "callback" / "config.toml").read_text()
     config = EXAMPLES / "callback" / f"serve-{tmp_path.name}.toml"
-    config.write_text(text.replace('"127.0.0.1:50051"', '"127.0.0.1:0"'))
+    config.write_text(text.replace("port = 50051", "port = 0"))
     try:
         process = subprocess.Popen(
             [sys.executable, "-m", "backchannel", "serve", str(config)],
@@ -237,7 +237,7 @@ def test_listen_exits_when_the_provider_dies() -> None:
 def test_serve_of_a_config_without_services_is_an_error(tmp_path: Path) -> None:
     text = (EXAMPLES / "callback" / "config.toml").read_text()
     config = EXAMPLES / "callback" / f"no-services-{tmp_path.name}.toml"
-    config.write_text(text.split("[[service]]")[0])  # [application] and [registry] only
+    config.write_text(text.split("[[service]]")[0])  # [application] and [protocol] only
     try:
         result = cli("serve", str(config))
     finally:

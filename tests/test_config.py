@@ -60,7 +60,7 @@ def test_callback_config_equals_the_code_api(tmp_path: Path) -> None:
 
 def test_a_provider_and_a_reference_from_config_run_the_seed(tmp_path: Path) -> None:
     text = (EXAMPLES / "callback" / "config.toml").read_text()
-    text = text.replace('address = "127.0.0.1:50051"', 'address = "127.0.0.1:0"')
+    text = text.replace("port = 50051", "port = 0")
     config_path = EXAMPLES / "callback" / f"test-{tmp_path.name}.toml"
     config_path.write_text(text)
     try:
