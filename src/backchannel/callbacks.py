@@ -126,19 +126,22 @@ class ConsumerCallbacks:
         args: Sequence[object],
         info: pb.MethodInfo | None,
         limit: int | None,
-    ) -> tuple[list[pb.Value], list[ExportedCallback], list[ExportedCallback]]:
-        """Encode a forward call's arguments, exporting its callback arguments.
+        into: codec.Args,
+    ) -> tuple[list[ExportedCallback], list[ExportedCallback]]:
+        """Encode a forward call's arguments into ``into`` (its Call's ``args``, filled in
+        place), exporting its callback arguments.
 
         ``service`` is the exported service the call goes to: its limit counts the
-        instances passed to it. Returns (values, instances newly exported by this call,
-        instances it removes). Nothing is exported when this raises.
+        instances passed to it. Returns (instances newly exported by this call, instances
+        it removes). Nothing is exported when this raises.
         """
         callbacks, removers = declared_arguments(method, info)
         where = f"{method.qualname}()"
         if not callbacks and not removers:  # the common case, fast
             with contextlib.suppress(EncodeError):  # the loop below explains the error
-                return codec.encode_args(args, method.parameters, where, None), [], []
-        values: list[pb.Value] = []
+                codec.encode_args(args, method.parameters, where, None, into)
+                return [], []
+            del into[:]
         fresh: list[ExportedCallback] = []
         involved: list[ExportedCallback] = []
         removed: list[ExportedCallback] = []
@@ -155,8 +158,8 @@ class ConsumerCallbacks:
                     fresh.append(entry)
                 if entry not in involved:
                     involved.append(entry)
-                ref = pb.CallbackRef(id=entry.id, interface=_interface_name(entry))
-                values.append(pb.Value(callback_value=ref))
+                ref = into.add().callback_value
+                ref.id, ref.interface = entry.id, _interface_name(entry)
             elif index in removers and arg is not None:
                 entry = self.find(arg)
                 if entry is None:
@@ -165,9 +168,9 @@ class ConsumerCallbacks:
                         "(or was already removed), so there is nothing to remove"
                     )
                 removed.append(entry)
-                values.append(pb.Value(callback_value=pb.CallbackRef(id=entry.id)))
+                into.add().callback_value.id = entry.id
             else:
-                values.append(_encode_plain(arg, place, index))
+                _encode_plain(into.add(), arg, place, index)
         counted = [entry for entry in involved if service not in entry.services]
         if limit is not None and counted:
             live = self._per_service[service]
@@ -179,7 +182,7 @@ class ConsumerCallbacks:
         for entry in counted:
             entry.services.add(service)
             self._per_service[service] += 1
-        return values, fresh, removed
+        return fresh, removed
 
     def remove(self, entry: ExportedCallback) -> None:
         """Un-export one instance (idempotent); drops the strong reference to its object."""
@@ -303,9 +306,9 @@ def declared_arguments(
 _NONE: frozenset[int] = frozenset()
 
 
-def _encode_plain(arg: object, place: str, index: int) -> pb.Value:
+def _encode_plain(value: pb.Value, arg: object, place: str, index: int) -> None:
     try:
-        return codec.encode(arg, place)
+        codec.encode_into(value, arg, place)
     except EncodeError as exc:
         if not _looks_like_listener(arg):
             raise

@@ -583,18 +583,17 @@ class AsyncClient:
         key = ref.key
         service = side.services.get(key)
         info = side.methods.get((*key, method.name))
-        values, fresh, removed = side.callbacks.encode_args(
-            method, key, positional, info, service.callbacks if service else None
-        )
-        listeners = [entry.obj for entry in removed]  # a Release may clear entry.obj first
         call = pb.Call(
             service=ref.spec.name,
             group=ref.group,
             version=ref.version,
             method=method.name,
-            args=values,
             one_way=info.one_way if info is not None else method.one_way,
         )
+        fresh, removed = side.callbacks.encode_args(  # in place: no copy into the Call
+            method, key, positional, info, service.callbacks if service else None, call.args
+        )
+        listeners = [entry.obj for entry in removed]  # a Release may clear entry.obj first
 
         def decode(result: pb.Result) -> Any:
             if result.HasField("error"):

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from google.protobuf import any_pb2, descriptor_pool, message_factory, struct_pb2
+from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 from google.protobuf.message import DecodeError as ProtobufDecodeError
 from google.protobuf.message import EncodeError as ProtobufEncodeError
 from google.protobuf.message import Message
@@ -38,6 +39,9 @@ _TOO_DEEP = f"nested deeper than {MAX_NESTING} levels (the nesting limit, codec.
 
 #: the Value of None (shared: Values are copied into the messages that hold them)
 NULL = pb.Value(null_value=struct_pb2.NULL_VALUE)  # type: ignore[arg-type]
+
+#: a message's repeated Value field (``call.args``): arguments are encoded in place there
+Args = RepeatedCompositeFieldContainer[pb.Value]
 
 #: turns an object into a CallbackRef, or returns None when it is not a callback here
 CallbackEncoder = Callable[[object, str], "pb.CallbackRef | None"]
@@ -68,6 +72,17 @@ def encode(obj: object, where: str, callbacks: CallbackEncoder | None = None) ->
     """
     try:
         return _encode(obj, callbacks, 0)
+    except _Failure as failure:
+        raise failure.located(where) from None
+
+
+def encode_into(
+    value: pb.Value, obj: object, where: str, callbacks: CallbackEncoder | None = None
+) -> None:
+    """:func:`encode`, filling ``value`` (one that stands in its message already, such as
+    ``call.args.add()``) in place: a Value built apart is copied when put in a message."""
+    try:
+        _fill(obj, value, callbacks, 0)
     except _Failure as failure:
         raise failure.located(where) from None
 
@@ -295,11 +310,24 @@ def argument_place(index: int, names: Sequence[str], where: str) -> str:
 
 
 def encode_args(
-    args: Sequence[object], names: Sequence[str], where: str, callbacks: CallbackEncoder | None
-) -> list[pb.Value]:
-    """Encode positional arguments; errors name the argument by index and name."""
+    args: Sequence[object],
+    names: Sequence[str],
+    where: str,
+    callbacks: CallbackEncoder | None,
+    into: Args | None = None,
+) -> Sequence[pb.Value]:
+    """Encode positional arguments; errors name the argument by index and name.
+
+    With ``into`` (a Call's ``args``) they are encoded in place there, and ``into`` is
+    returned: no Value is built apart and copied into the Call.
+    """
     try:
-        return [_encode(arg, callbacks, 0) for arg in args]
+        if into is None:
+            return [_encode(arg, callbacks, 0) for arg in args]
+        add = into.add
+        for arg in args:
+            _fill(arg, add(), callbacks, 0)
+        return into
     except _Failure:
         for index, arg in enumerate(args):  # the error path: say which argument
             encode(arg, argument_place(index, names, where), callbacks)
