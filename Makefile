@@ -46,6 +46,7 @@ test: lint typecheck unit
 
 bench: venv
 	$(BIN)/python bench/run.py
+	$(BIN)/python bench/peers.py
 	$(BIN)/python bench/bulk.py
 
 clean:

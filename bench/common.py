@@ -111,6 +111,11 @@ class CallbackBench:
         for ``warmup`` then ``seconds``; every caller gets the same Measurement as JSON."""
         raise NotImplementedError
 
+    def driveGather(self, listeners: int, warmup: float, seconds: float) -> dict[str, float]:
+        """As :meth:`drive`, but one caller notifies every listener at once with
+        ``backchannel.gather`` in rounds; each callback's latency is its round's."""
+        raise NotImplementedError
+
 
 class EchoListener:
     """The consumer's listener: an ``async def`` method that returns at once."""

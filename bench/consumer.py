@@ -122,7 +122,8 @@ async def _bc_pushed(
     figure: Figure, clients: int, address: str, warmup: float, duration: float
 ) -> Measurement:
     """backchannel callbacks: open ``clients`` AsyncClients, add the figure's share of
-    listeners on each, then ask the provider to time callbacks to every listener."""
+    listeners on each, then ask the provider to time callbacks to every listener (with
+    ``backchannel.gather`` when the figure says so)."""
     per_client = figure.concurrency // figure.clients
     budget = JOIN_TIMEOUT + warmup + duration + 30
     async with contextlib.AsyncExitStack() as stack:
@@ -134,7 +135,8 @@ async def _bc_pushed(
         await asyncio.gather(
             *(bench.addListener(EchoListener()) for bench in benches for _ in range(per_client))
         )
-        result = await benches[0].drive(figure.concurrency, warmup, duration)
+        drive = benches[0].driveGather if figure.gather else benches[0].drive
+        result = await drive(figure.concurrency, warmup, duration)
     return Measurement.from_json(result)
 
 
@@ -190,6 +192,8 @@ class Figure:
     processes: int = 1
     #: OpenTelemetry's state in both processes (bench/tracing.py); "" leaves it alone
     tracing: str = ""
+    #: a pushed figure whose provider notifies with backchannel.gather, one caller
+    gather: bool = False
 
 
 FIGURES: dict[str, Figure] = {
@@ -206,6 +210,8 @@ FIGURES: dict[str, Figure] = {
     "bc-sync-seq-def": Figure("backchannel", 1, sync_setup=_bc_sync(SYNC_GROUP)),
     "raw-sync-seq": Figure("raw", 1, sync_setup=_raw_sync_unary),
     "bc-sync-8": Figure("backchannel", 8, sync_setup=_bc_sync("")),
+    # bench/peers.py: 64 threads on one sync Client, beside the peers' 64 threads
+    "bc-sync-64": Figure("backchannel", 64, sync_setup=_bc_sync("")),
     "bc-sync-8-def": Figure("backchannel", 8, sync_setup=_bc_sync(SYNC_GROUP)),
     "raw-sync-8": Figure("raw", 8, sync_setup=_raw_sync_unary),
     "bc-callback-seq": Figure("backchannel", 1, pushed=_bc_pushed),
@@ -216,6 +222,14 @@ FIGURES: dict[str, Figure] = {
         pushed=_bc_pushed,
         clients=FANOUT_CLIENTS,
         processes=FANOUT_PROCESSES,
+    ),
+    "bc-fanout-1000-gather": Figure(
+        "backchannel",
+        FANOUT_LISTENERS,
+        pushed=_bc_pushed,
+        clients=FANOUT_CLIENTS,
+        processes=FANOUT_PROCESSES,
+        gather=True,
     ),
     "raw-fanout-1000": Figure(
         "raw",

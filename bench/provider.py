@@ -22,6 +22,7 @@ import contextvars
 import json
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -38,6 +39,7 @@ from common import (
     Listener,
     Measurement,
     SyncCalculator,
+    summarise,
     warm_then_drive,
 )
 
@@ -89,6 +91,35 @@ class AsyncCallbackBench:
             # during this forward call (which would make each one its nested child)
             run = warm_then_drive(op, listeners, warmup, seconds)
             self._run = asyncio.create_task(run, context=contextvars.Context())
+        return (await asyncio.shield(self._run)).to_json()
+
+    async def driveGather(self, listeners: int, warmup: float, seconds: float) -> dict[str, float]:
+        """Wait for ``listeners`` listeners, then time rounds of ``await
+        backchannel.gather(listener.changed(i) for listener in listeners)``."""
+        async with asyncio.timeout(JOIN_TIMEOUT):
+            while len(self._listeners) < listeners:
+                self._added.clear()
+                await self._added.wait()
+        if self._run is None:
+            proxies = self._listeners[:listeners]
+
+            async def rounds(seconds: float) -> Measurement:
+                latencies: list[float] = []
+                began = time.perf_counter()
+                deadline, i = began + seconds, 0
+                while (start := time.perf_counter()) < deadline:
+                    i += 1
+                    answers = await backchannel.gather(proxy.changed(i) for proxy in proxies)
+                    if any(answer != i for answer in answers):
+                        raise AssertionError(f"changed({i}) answered {answers[:3]!r}...")
+                    latencies += [time.perf_counter() - start] * len(proxies)
+                return summarise([latencies], time.perf_counter() - began)
+
+            async def run() -> Measurement:
+                await rounds(warmup)
+                return await rounds(seconds)
+
+            self._run = asyncio.create_task(run(), context=contextvars.Context())
         return (await asyncio.shield(self._run)).to_json()
 
 

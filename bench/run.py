@@ -37,6 +37,7 @@ HERE = Path(__file__).resolve().parent
 DOC = HERE.parent / "docs" / "performance.md"
 COMMAND = "make bench"
 BULK_SECTION = "## Bulk data"
+PEERS_SECTION = "## Against RPyC and Pyro5"
 
 
 @dataclass(frozen=True)
@@ -163,6 +164,17 @@ SCENARIOS = [
         "message, with the same tasks and outstanding count. Both are timed in the "
         "server. The figure is callbacks finished per second; the target is also an "
         "absolute one.",
+        floor=50_000.0,
+    ),
+    Scenario(
+        f"e. fan-out, {FANOUT_LISTENERS:,} listeners, gather (callbacks/s)",
+        "bc-fanout-1000-gather",
+        "raw-fanout-1000",
+        "throughput",
+        10.0,
+        "As e, but the provider notifies all the listeners at once from one task, in "
+        "rounds of `await backchannel.gather(listener.changed(i) for listener in "
+        "listeners)`; each callback's latency is its round's. The baseline is the same.",
         floor=50_000.0,
     ),
 ]
@@ -402,9 +414,10 @@ both processes alike (`bench/tracing.py`); see [observability.md](observability.
 
 {markdown_table(DETAIL_HEADER, detail_rows(results))}
 """
-    # the Bulk data section is bench/bulk.py's: kept as it is
+    # the peers' section (bench/peers.py) and Bulk data (bench/bulk.py): kept as they are
     page = DOC.read_text(encoding="utf-8") if DOC.exists() else ""
-    bulk = page[page.index(BULK_SECTION) :] if BULK_SECTION in page else ""
+    kept = [page.index(s) for s in (PEERS_SECTION, BULK_SECTION) if s in page]
+    bulk = page[min(kept) :] if kept else ""
     DOC.write_text(text + ("\n" + bulk if bulk else ""), encoding="utf-8")
 
 

@@ -6,6 +6,7 @@ reference; every call of a consumer travels on one long-lived gRPC stream.
 """
 
 from backchannel.auth import Authenticator, bearer_tokens, current_identity
+from backchannel.broadcast import gather
 from backchannel.callbacks import ReverseProxy
 from backchannel.client import AsyncClient, Client
 from backchannel.config import Config, ConfigError, load_config
@@ -79,6 +80,7 @@ __all__ = [
     "UnknownCallback",
     "bearer_tokens",
     "current_identity",
+    "gather",
     "interface",
     "load_config",
     "method",

@@ -390,6 +390,26 @@ def _listener_method(entry: ExportedCallback, name: str) -> Callable[..., Any]:
 
 # ------------------------------------------------------------------ provider
 
+# ---- hook for backchannel.broadcast (gather): a proxy call collected, not yet made
+
+#: True while :func:`backchannel.gather` collects proxy calls: each returns a PendingCall
+COLLECTING: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "backchannel_collecting", default=False
+)
+
+
+class PendingCall(typing.NamedTuple):
+    """A reverse proxy call made while :func:`backchannel.gather` collects: not sent yet."""
+
+    proxy: ReverseProxy
+    method: str
+    one_way: bool
+    args: tuple[Any, ...]
+    parent: int
+
+
+# ---- end of the hook
+
 
 class ReverseProxy:
     """The provider's handle on a consumer's listener.
@@ -479,9 +499,11 @@ class ReverseProxy:
                 "interface; pass them positionally"
             )
         one_way = spec.one_way if spec is not None else False
-        self._check_alive(method)
         session = self._table.session
         parent = parent_in(session, CURRENT_CALL.get())
+        if COLLECTING.get():  # hook: backchannel.gather() collects the call, starts it later
+            return PendingCall(self, method, one_way, args, parent)
+        self._check_alive(method)
         if session.in_loop_thread():
             return self._start(method, one_way, args, parent, chain=True)
         try:
@@ -502,12 +524,36 @@ class ReverseProxy:
             f"instance ended while the call was in flight ({cause})"
         )
 
+    # ---- hook for backchannel.broadcast (gather): start a collected call, do not wait
+    def begin(self, pending: PendingCall, values: list[pb.Value] | None) -> asyncio.Future[Any]:
+        """On the loop: send a call :func:`backchannel.gather` collected and return its
+        future without waiting; ``values`` are its arguments encoded already (shared by
+        many calls), or None to encode them here. A StreamBroken is left untranslated:
+        :meth:`gone_error` makes the CallbackGone."""
+        return self._start(pending.method, pending.one_way, pending.args, pending.parent, values)
+
+    def gone_error(self, method: str, cause: BaseException) -> CallbackGone:
+        """The CallbackGone for a call whose stream ended under it (see :meth:`begin`)."""
+        return self._gone_error(method, cause)
+
+    def label(self, method: str) -> str:
+        """The call in words, for messages: ``Interface #id.method()``."""
+        where = self._labels.get(method)
+        if where is None:
+            where = self._labels[method] = (
+                f"{self._interface_name or 'callback'} #{self._id}.{method}()"
+            )
+        return where
+
+    # ---- end of the hook
+
     def _start(
         self,
         method: str,
         one_way: bool,
         args: tuple[Any, ...],
         parent: int,
+        values: list[pb.Value] | None = None,
         chain: bool = False,
     ) -> asyncio.Future[Any]:
         """On the loop: send the call now, return a future for its decoded outcome.
@@ -517,12 +563,9 @@ class ReverseProxy:
         loop turn.
         """
         self._check_alive(method)
-        where = self._labels.get(method)
-        if where is None:
-            where = self._labels[method] = (
-                f"{self._interface_name or 'callback'} #{self._id}.{method}()"
-            )
-        values = codec.encode_args(args, (), where, None)
+        where = self.label(method)
+        if values is None:
+            values = codec.encode_args(args, (), where, None)
         call = pb.Call(
             method=method, args=values, callback_id=self._id, parent_id=parent, one_way=one_way
         )

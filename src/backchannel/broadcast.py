@@ -1,0 +1,223 @@
+"""Calling many reverse proxies at once: :func:`gather`.
+
+A provider that notifies its listeners one after the other waits for a round trip per
+listener: with a thousand of them, a thousand round trips back to back. :func:`gather`
+collects the proxy calls of a generator expression instead of making them, then starts
+every one of them in one turn of the provider's event loop: arguments that are the same
+objects as the previous call's are encoded once, and the calls to one stream leave in
+the same batch (the session writes at the end of the loop turn). It waits for all of
+them with no task per call (a done-callback per call's future and a counter) and gives
+back each call's result, or the exception it raised, in the order of the calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from collections.abc import Awaitable, Iterable, Sequence
+from typing import Any
+
+from backchannel import codec, telemetry
+from backchannel.callbacks import COLLECTING, PendingCall
+from backchannel.errors import CallbackGone, CallCancelled, ChannelClosed, StreamBroken
+from backchannel.handoff import inbox
+from backchannel.v1 import envelope_pb2 as pb
+
+
+def gather(calls: Iterable[Any]) -> Any:
+    """Make many reverse proxy calls at once; each call's result or exception, in order.
+
+    Pass a generator expression of proxy calls::
+
+        outcomes = backchannel.gather(listener.changed(msg) for listener in listeners)
+
+    The calls are collected while the generator runs (nothing is sent yet), then all
+    started together: an argument that is the very object the previous call passed (the
+    shared ``msg``) is encoded once, and the calls to one consumer's stream travel in one
+    batch. The outcome is a list with one entry per call, in order: what the listener
+    returned, or the exception the call raised (``CallbackGone`` once the listener's
+    consumer went away, ``DeadlineExceeded`` after ``callback_timeout``, the listener's
+    own error). One call failing never stops the others.
+
+    - **From a thread** (a plain provider method, a background pusher) it blocks that
+      thread until every call is over and returns the list.
+    - **On the provider's event loop** (an ``async def`` provider method) it returns an
+      awaitable of the list; the calls are sent before it returns, so they keep their
+      order with calls made after it: ``outcomes = await backchannel.gather(...)``.
+    - On a thread that runs another event loop it raises ``RuntimeError``: blocking there
+      would stop that loop, and the calls' futures belong to the provider's loop.
+
+    Calls to one listener keep their order, whether made through ``gather`` or one by one.
+    A list of calls made on the loop beforehand (``[l.changed(m) for l in listeners]``, each
+    already started) is accepted too, without the shared encoding; from a thread such a
+    list would have made the calls one by one, so it is refused with a ``TypeError``.
+    """
+    token = COLLECTING.set(True)
+    try:
+        items = list(calls)
+    finally:
+        COLLECTING.reset(token)
+    try:
+        running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    for index, item in enumerate(items):
+        _check_item(index, item, running)
+    if running is not None:
+        return _gather_on_loop(running, items)
+    return _gather_from_thread(items)
+
+
+def _check_item(index: int, item: object, running: asyncio.AbstractEventLoop | None) -> None:
+    """Refuse what is not a collected proxy call (or, on the loop, a started one)."""
+    if isinstance(item, PendingCall):
+        loop = item.proxy._table.session.loop
+    elif running is not None and isinstance(item, asyncio.Future):
+        loop = item.get_loop()
+    else:
+        how = (
+            "pass a generator expression, gather(listener.changed(msg) for listener in "
+            "listeners), so that gather() collects the calls instead of their being made "
+            "one by one before it runs"
+        )
+        raise TypeError(
+            f"gather(): item {index} is a {type(item).__name__}, not a reverse proxy call; {how}"
+        )
+    if running is not None and loop is not running:
+        raise RuntimeError(
+            "gather() was called on the thread of an event loop that is not the provider's "
+            "(the listeners' streams run on another loop): blocking here would stop this "
+            "loop; call it from the provider's loop (await) or from a plain thread"
+        )
+
+
+class _Outcomes:
+    """Collects the outcomes of started calls into their slots; ``done`` fires once all
+    are in. Runs on one loop only, so it needs no lock."""
+
+    __slots__ = ("done", "remaining", "results")
+
+    def __init__(self, results: list[Any], remaining: int, done: Any) -> None:
+        self.results = results
+        self.remaining = remaining
+        #: called with the results once ``remaining`` reaches 0
+        self.done = done
+
+    def fill(self, slot: int, outcome: Any) -> None:
+        self.results[slot] = outcome
+        self.remaining -= 1
+        if not self.remaining:
+            self.done(self.results)
+
+    def watch(self, slot: int, pending: PendingCall | None, future: asyncio.Future[Any]) -> None:
+        def finished(done: asyncio.Future[Any]) -> None:
+            self.fill(slot, _outcome(pending, done))
+
+        future.add_done_callback(finished)
+
+
+def _outcome(pending: PendingCall | None, done: asyncio.Future[Any]) -> Any:
+    """What a finished call's slot holds: its result, or the exception it raised."""
+    if done.cancelled():
+        return CallCancelled("the call was cancelled before it finished")
+    exc = done.exception()
+    if exc is None:
+        return done.result()
+    if pending is not None and isinstance(exc, StreamBroken):  # as a lone proxy call says
+        return pending.proxy.gone_error(pending.method, exc)
+    return exc
+
+
+def _start_all(
+    slots: Sequence[int], items: Sequence[Any], outcomes: _Outcomes
+) -> list[asyncio.Future[Any]]:
+    """On the calls' loop: start each collected call, sharing encoded arguments between
+    consecutive calls that pass the same objects. Returns the futures started."""
+    started: list[asyncio.Future[Any]] = []
+    shared_args: tuple[Any, ...] | None = None
+    shared_values: list[pb.Value] | None = None
+    for slot in slots:
+        item = items[slot]
+        if not isinstance(item, PendingCall):  # a call started on the loop already
+            started.append(item)
+            outcomes.watch(slot, None, item)
+            continue
+        try:
+            if shared_args is None or not _same_objects(item.args, shared_args):
+                shared_args = item.args
+                shared_values = None  # encoding may fail: then each such call says so
+                shared_values = codec.encode_args(
+                    item.args, (), item.proxy.label(item.method), None
+                )
+            future = item.proxy.begin(item, shared_values)
+        except Exception as exc:  # this call only: CallbackGone, EncodeError, too large
+            outcomes.fill(slot, exc)
+            continue
+        started.append(future)
+        outcomes.watch(slot, item, future)
+    return started
+
+
+def _same_objects(args: tuple[Any, ...], shared: tuple[Any, ...]) -> bool:
+    return len(args) == len(shared) and all(a is b for a, b in zip(args, shared, strict=True))
+
+
+async def _wait(aggregate: asyncio.Future[list[Any]], started: list[asyncio.Future[Any]]) -> Any:
+    try:
+        return await aggregate
+    except asyncio.CancelledError:  # the caller gave up: so do the calls
+        for future in started:
+            future.cancel()
+        raise
+
+
+def _gather_on_loop(loop: asyncio.AbstractEventLoop, items: list[Any]) -> Awaitable[list[Any]]:
+    """On the calls' own loop: start them all now; an awaitable of the outcomes."""
+    aggregate: asyncio.Future[list[Any]] = loop.create_future()
+    if not items:
+        aggregate.set_result([])
+        return _wait(aggregate, [])
+
+    def done(results: list[Any]) -> None:
+        if not aggregate.done():
+            aggregate.set_result(results)
+
+    outcomes = _Outcomes([None] * len(items), len(items), done)
+    started = _start_all(range(len(items)), items, outcomes)
+    return _wait(aggregate, started)
+
+
+def _gather_from_thread(items: list[PendingCall]) -> list[Any]:
+    """From a thread: start the calls on their loops (one hand-off per loop) and block
+    until all are over."""
+    results: list[Any] = [None] * len(items)
+    by_loop: dict[asyncio.AbstractEventLoop, list[int]] = {}
+    for slot, item in enumerate(items):
+        by_loop.setdefault(item.proxy._table.session.loop, []).append(slot)
+    waits: list[concurrent.futures.Future[None]] = []
+    for loop, slots in by_loop.items():
+        finished: concurrent.futures.Future[None] = concurrent.futures.Future()
+        waits.append(finished)
+        outcomes = _Outcomes(results, len(slots), lambda _, f=finished: f.set_result(None))
+
+        def begin(slots: list[int] = slots, outcomes: _Outcomes = outcomes) -> None:
+            _start_all(slots, items, outcomes)
+
+        if telemetry.AVAILABLE:  # OpenTelemetry: the calls are made in the caller's span
+            begin = telemetry.carry(begin)
+        try:
+            inbox(loop).post(begin)
+        except ChannelClosed as exc:  # the loop is closed: so are its streams
+            for slot in slots:
+                results[slot] = _closed(items[slot], exc)
+            finished.set_result(None)
+    for wait in waits:
+        wait.result()
+    return results
+
+
+def _closed(pending: PendingCall, cause: ChannelClosed) -> CallbackGone:
+    pending.proxy._ended("the stream ended")
+    return CallbackGone(
+        f"{pending.proxy.label(pending.method)}: the callback instance ended ({cause})"
+    )
