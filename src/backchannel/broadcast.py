@@ -135,7 +135,7 @@ def _start_all(
     consecutive calls that pass the same objects. Returns the futures started."""
     started: list[asyncio.Future[Any]] = []
     shared_args: tuple[Any, ...] | None = None
-    shared_values: list[pb.Value] | None = None
+    shared_values: Sequence[pb.Value] | None = None
     for slot in slots:
         item = items[slot]
         if not isinstance(item, PendingCall):  # a call started on the loop already

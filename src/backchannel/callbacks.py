@@ -525,7 +525,7 @@ class ReverseProxy:
         )
 
     # ---- hook for backchannel.broadcast (gather): start a collected call, do not wait
-    def begin(self, pending: PendingCall, values: list[pb.Value] | None) -> asyncio.Future[Any]:
+    def begin(self, pending: PendingCall, values: Sequence[pb.Value] | None) -> asyncio.Future[Any]:
         """On the loop: send a call :func:`backchannel.gather` collected and return its
         future without waiting; ``values`` are its arguments encoded already (shared by
         many calls), or None to encode them here. A StreamBroken is left untranslated:
@@ -553,7 +553,7 @@ class ReverseProxy:
         one_way: bool,
         args: tuple[Any, ...],
         parent: int,
-        values: list[pb.Value] | None = None,
+        values: Sequence[pb.Value] | None = None,
         chain: bool = False,
     ) -> asyncio.Future[Any]:
         """On the loop: send the call now, return a future for its decoded outcome.
