@@ -245,7 +245,7 @@ class _PrintingListener:
 
         def callback(*args: Any) -> Any:
             with self._lock:
-                print(json.dumps({"callback": name, "args": json.loads(to_json(args))}), flush=True)
+                _print_line(json.dumps({"callback": name, "args": json.loads(to_json(args))}))
             return self._answer
 
         return callback
@@ -262,7 +262,7 @@ def _listen(options: argparse.Namespace) -> int:
     with Client(options.address, timeout=options.timeout) as client:
         proxy: Any = client.reference(service, group=options.group, version=options.version)
         result = getattr(proxy, options.method)(*args)
-        print(json.dumps({"result": json.loads(to_json(result))}), flush=True)
+        _print_line(json.dumps({"result": json.loads(to_json(result))}))
         # callbacks print from the client's threads until Ctrl-C or the stream ends
         cause = _stream_end(client).result()
     raise CommandError(
@@ -343,3 +343,14 @@ def _serve(options: argparse.Namespace) -> int:
         for server in servers:
             server.stop(grace=1)
     return 0
+
+
+_print_lock = threading.Lock()
+
+
+def _print_line(line: str) -> None:
+    """One whole line on stdout: listeners run in several threads, and print() writes a
+    line and its newline separately, so two lines could interleave."""
+    with _print_lock:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
