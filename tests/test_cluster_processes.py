@@ -282,6 +282,19 @@ def test_zookeeper_killed_and_restarted_under_load(own_zookeeper: ZooKeeper, dat
                         }
 
                     wait_until(lambda: registered() == set(addresses), 10, "nodes back")
+                    consumers = "/dubbo/test.cluster.Node/consumers"
+
+                    def consumer_back() -> bool:  # connected, and its own node made again
+                        try:
+                            children = zk.get_children(consumers)
+                        except NoNodeError:
+                            return False
+                        registry = client._core._registry
+                        return bool(registry and registry.connected) and any(
+                            ServiceURL.parse(decode(c)).group == cluster.group for c in children
+                        )
+
+                    wait_until(consumer_back, 10, "the consumer back in ZooKeeper")
                     (joined,) = cluster.start(1)
                     joined_at = time.monotonic()
                     assert joined in registered()
