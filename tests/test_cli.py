@@ -12,7 +12,10 @@ from pathlib import Path
 
 import pytest
 from helpers import read_line
+from notifier import NOTIFIER_METHODS, Notifier, NotifierImpl
+from services import Echo, EchoImpl
 from test_grpcurl import EXAMPLES, start_example
+from zookeeper import ZooKeeper
 
 import backchannel
 from backchannel import Argument, Method
@@ -313,3 +316,116 @@ def test_listen_refuses_an_answer_that_is_not_json(vault: str) -> None:
     assert result.returncode == 2
     assert "--answer: not JSON: 'yes'" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+# --- through a registry -----------------------------------------------------------
+
+
+def test_describe_call_and_listen_through_a_registry(zookeeper: ZooKeeper) -> None:
+    """With a registry address, describe lists the providers it finds for an interface,
+    call and listen pick one of them (naming it on stderr); none is a one-line error."""
+    group = f"cli{time.monotonic_ns()}"
+    servers = []
+    try:
+        for _ in range(2):
+            server = backchannel.Server(registry=zookeeper.address)
+            server.export(Echo, EchoImpl(), group=group, weight=200)
+            server.start()
+            servers.append(server)
+        addresses = sorted(server.address for server in servers)
+        described = cli("describe", zookeeper.address, "test.Echo", "--group", group)
+        assert described.returncode == 0, described.stderr
+        lines = described.stdout.splitlines()
+        assert lines[0] == f"{zookeeper.address}: 2 provider(s) of test.Echo group {group!r}"
+        assert lines[1].split() == [
+            "ADDRESS",
+            "GROUP",
+            "VERSION",
+            "WEIGHT",
+            "APPLICATION",
+            "METHODS",
+        ]
+        assert [line.split()[:4] for line in lines[2:]] == [
+            [address, group, "-", "200"] for address in addresses
+        ]
+        called = cli("call", zookeeper.address, "test.Echo", "echo", '"hi"', "--group", group)
+        assert (called.returncode, called.stdout.strip()) == (0, '"hi"'), called.stderr
+        picked = called.stderr.split()
+        assert picked[0] == "provider" and picked[1] in addresses and picked[2:] == ["(of", "2)"]
+        listed = cli("call", ",".join(addresses), "test.Echo", "echo", "7", "--group", group)
+        assert (listed.returncode, listed.stdout.strip()) == (0, "7"), listed.stderr
+        nobody = cli("call", zookeeper.address, "test.Echo", "echo", "1", "--group", "nobody")
+        assert nobody.returncode == 1
+        assert nobody.stderr.strip() == (
+            f"backchannel call: {zookeeper.address} lists no provider of test.Echo group 'nobody'"
+        )
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def test_listen_through_a_registry(zookeeper: ZooKeeper) -> None:
+    group = f"cli{time.monotonic_ns()}"
+    server = backchannel.Server(registry=zookeeper.address)
+    server.export(Notifier, NotifierImpl(), group=group, methods=NOTIFIER_METHODS)
+    server.start()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "backchannel",
+            "listen",
+            zookeeper.address,
+            "test.Notifier",
+            "addListener",
+            '"k"',
+            "--callback-arg",
+            "1",
+            "--group",
+            group,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        first = json.loads(read_line(process, 20, "backchannel listen"))
+        assert first["callback"] and first["args"][0] == "init", first
+    finally:
+        process.kill()
+        process.wait(5)
+        server.stop()
+    assert process.stderr is not None
+    assert process.stderr.readline().startswith(f"provider {server.address} (of 1)")
+
+
+def test_serve_of_a_config_with_a_zookeeper_registry_registers(
+    tmp_path: Path, zookeeper: ZooKeeper
+) -> None:
+    text = (EXAMPLES / "callback" / "config.toml").read_text()
+    text = text.replace("port = 50051", "port = 0")
+    text += f'\n[registry]\naddress = "{zookeeper.address}"\n'
+    config = EXAMPLES / "callback" / f"serve-{tmp_path.name}.toml"
+    config.write_text(text)
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "backchannel", "serve", str(config)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert process.stdout is not None and process.stderr is not None
+        line = process.stdout.readline()
+    finally:
+        config.unlink()
+    try:
+        assert line.startswith("listening on "), process.stderr.read()
+        address = line.split()[-1]
+        described = cli("describe", zookeeper.address, "com.callback.CallbackService")
+        assert described.returncode == 0, described.stderr
+        assert address in described.stdout.split()
+    finally:
+        process.send_signal(signal.SIGINT)
+        assert process.wait(10) == 130
+    gone = cli("describe", zookeeper.address, "com.callback.CallbackService")
+    assert address not in gone.stdout.split()  # withdrawn when it stopped

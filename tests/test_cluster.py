@@ -277,6 +277,61 @@ def test_zookeeper_consumers_follow_providers_and_register_themselves(
         ]
 
 
+def test_a_provider_whose_znode_disappears_gets_no_new_calls_and_its_idle_stream_closes(
+    zookeeper: ZooKeeper, reader: KazooClient
+) -> None:
+    """Its node deleted, its process alive: within 2 s it is given no new call; its
+    running call finishes on the open stream, which the consumer then closes; when the
+    node is back, calls go to it again (on a new stream) within 2 s."""
+    group = fresh_group()
+    with echo_servers(2, group, zookeeper.address) as servers:
+        (victim, victim_impl), (_other, other_impl) = servers
+
+        async def body() -> None:
+            async with backchannel.AsyncClient(zookeeper.address, timeout=10) as client:
+                echo = client.reference(Echo, group=group, loadbalance="roundrobin")
+                await asyncio.gather(*(echo.echo(i) for i in range(4)))  # both streams open
+                link = client._links[victim.address]
+                session = link.session
+                assert session is not None
+                slow = client.reference(Echo, group=group, cluster="broadcast")
+                running = asyncio.ensure_future(slow.wait(1.0))
+                assert await asyncio.to_thread(victim_impl.started.wait, 5)
+                (url,) = [
+                    u for u in providers_of(reader, "test.Echo", group) if u.port == victim.port
+                ]
+                path = f"/dubbo/test.Echo/providers/{encode(url.to_string())}"
+                await asyncio.to_thread(reader.delete, path)
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + 2
+                before = victim_impl.calls
+                while victim_impl.calls != before or any(
+                    u.address == victim.address
+                    for d in client._directories.values()
+                    for u in d.urls
+                ):
+                    assert loop.time() < deadline, "the unregistered provider is still chosen"
+                    before = victim_impl.calls
+                    await echo.echo(0)
+                for i in range(50):
+                    assert await echo.echo(i) == i
+                assert victim_impl.calls == before  # none of the 50 went to it
+                assert not session.closed.is_set()  # its running call holds the stream
+                assert not running.done()
+                assert await running == "done"
+                await asyncio.wait_for(session.closed.wait(), 2)  # then it is closed
+                assert victim.address not in client._links
+                await asyncio.to_thread(reader.create, path, b"", ephemeral=True)
+                deadline = loop.time() + 2
+                while victim_impl.calls == before:
+                    assert loop.time() < deadline, "the provider back in ZooKeeper got no call"
+                    await echo.echo(0)
+                assert client._links[victim.address].session is not session
+
+        run(body())
+        assert other_impl.calls >= 50
+
+
 # --- callbacks in a cluster -------------------------------------------------------
 
 

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -17,12 +19,15 @@ from typing import Any
 import pytest
 from cluster_provider import Node
 from conftest import run
-from helpers import read_line
+from helpers import read_line, wait_until
+from kazoo.client import KazooClient
+from kazoo.exceptions import NoNodeError
 from notifier import Notifier, SyncRecorder
 from zookeeper import ZooKeeper
 
 import backchannel
 from backchannel import Method
+from backchannel.registry import ServiceURL, decode
 
 SCRIPT = Path(__file__).with_name("cluster_provider.py")
 _groups = itertools.count()
@@ -214,3 +219,105 @@ def test_the_cluster_example_consumer_survives_its_provider_being_killed(
         for process in [*providers.values(), *([consumer] if consumer else [])]:
             process.kill()
             process.wait(5)
+
+
+@pytest.mark.parametrize("data", ["kept", "lost"])
+def test_zookeeper_killed_and_restarted_under_load(own_zookeeper: ZooKeeper, data: str) -> None:
+    """Three provider processes and a Client calling from 8 threads, all with 2 s
+    sessions: with ZooKeeper killed, every call still succeeds (the consumer keeps its
+    last providers); once it is back on the same port, the providers' nodes are there
+    again, and a provider that registers after the restart gets calls within 2 s.
+
+    "kept": back with its data after 1 s, within the sessions, which live on. "lost":
+    back after 3 s with no data at all (it refuses the old sessions, having never seen
+    their transactions): everyone starts a new session and makes its nodes again."""
+    cluster = Cluster(f"{own_zookeeper.address}?session=2000")
+    down = 1.0 if data == "kept" else 3.0
+    try:
+        addresses = cluster.start(3)
+        with backchannel.Client(cluster.registry, timeout=5) as client:
+            node = client.reference(Node, group=cluster.group)
+            outcomes: list[tuple[float, Any]] = []
+            stop = threading.Event()
+
+            def caller(n: int) -> None:
+                for i in itertools.count():
+                    if stop.is_set():
+                        return
+                    try:
+                        outcome: Any = node.whoami(n * 1_000_000 + i)
+                    except Exception as exc:  # any failure is counted
+                        outcome = exc
+                    outcomes.append((time.monotonic(), outcome))
+
+            callers = [threading.Thread(target=caller, args=(n,)) for n in range(8)]
+            for thread in callers:
+                thread.start()
+            try:
+                wait_until(lambda: len(outcomes) > 100, 10, "calls before the kill")
+                own_zookeeper.stop()
+                stopped = time.monotonic()
+                # the load runs on while ZooKeeper is gone
+                wait_until(lambda: time.monotonic() - stopped > down, down + 5, "load while down")
+                during = [o for t, o in outcomes if t > stopped]
+                if data == "lost":
+                    shutil.rmtree(own_zookeeper.directory / "data")
+                    (own_zookeeper.directory / "data").mkdir()
+                own_zookeeper.start()
+                restarted = time.monotonic()
+                zk = KazooClient(hosts=own_zookeeper.hosts)
+                zk.start(10)
+                try:
+                    path = "/dubbo/test.cluster.Node/providers"
+
+                    def registered() -> set[str]:
+                        try:
+                            children = zk.get_children(path)
+                        except NoNodeError:  # a new ZooKeeper, before any node
+                            return set()
+                        return {
+                            f"{u.host}:{u.port}"
+                            for u in (ServiceURL.parse(decode(c)) for c in children)
+                            if u.group == cluster.group
+                        }
+
+                    wait_until(lambda: registered() == set(addresses), 10, "nodes back")
+                    consumers = "/dubbo/test.cluster.Node/consumers"
+
+                    def consumer_back() -> bool:  # connected, and its own node made again
+                        try:
+                            children = zk.get_children(consumers)
+                        except NoNodeError:
+                            return False
+                        registry = client._core._registry
+                        return bool(registry and registry.connected) and any(
+                            ServiceURL.parse(decode(c)).group == cluster.group for c in children
+                        )
+
+                    wait_until(consumer_back, 10, "the consumer back in ZooKeeper")
+                    (joined,) = cluster.start(1)
+                    joined_at = time.monotonic()
+                    assert joined in registered()
+                finally:
+                    zk.stop()
+                    zk.close()
+                wait_until(
+                    lambda: any(
+                        isinstance(o, list) and o[0] == joined for t, o in outcomes if t > joined_at
+                    ),
+                    2,
+                    "a call to the provider that registered after the restart",
+                )
+            finally:
+                stop.set()
+                for thread in callers:
+                    thread.join(10)
+            assert not any(thread.is_alive() for thread in callers)  # none hangs
+            failures = [o for _, o in outcomes if not isinstance(o, list)]
+            assert not failures, failures[:3]
+            assert len(during) > 100, len(during)  # calls went on while it was down
+            assert {o[0] for o in during} == set(addresses)
+            after = [o for t, o in outcomes if t > restarted]
+            assert after
+    finally:
+        cluster.close()

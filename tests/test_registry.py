@@ -222,6 +222,17 @@ def test_nodes_vanish_when_the_registering_client_closes_or_unregisters(
     assert reader.get_children(f"/dubbo/{interface}/providers") == []
 
 
+def test_a_registry_address_may_carry_dubbos_session_timeout(zookeeper: ZooKeeper) -> None:
+    """``?session=MS``, as in Dubbo's registry URLs; the server is asked for it."""
+    with ZookeeperRegistry(f"{zookeeper.address}?session=3000") as registry:
+        assert registry.hosts == zookeeper.hosts
+        assert registry.session_timeout == 3.0
+        assert registry._client._session_timeout == 3000
+        assert registry.connected
+    with pytest.raises(ValueError, match="session='soon' is not a number"):
+        ZookeeperRegistry(f"{zookeeper.address}?session=soon")
+
+
 def test_an_unreachable_zookeeper_is_reported_naming_it() -> None:
     address = free_address()
     with pytest.raises(RegistryError, match=f"ZooKeeper at {address} did not answer"):

@@ -4,12 +4,17 @@
 
     backchannel serve CONFIG                      start the providers a config file names
     backchannel describe ADDRESS                  what a provider exports, as a table
+    backchannel describe REGISTRY SERVICE         the providers a registry lists for it
     backchannel call ADDRESS SERVICE METHOD [JSON_ARG ...]   one call, result as JSON
     backchannel listen ADDRESS SERVICE METHOD [JSON_ARG ...] --callback-arg N [--answer JSON]
                                                   print every callback until Ctrl-C
                                                   (exit 1 when the provider goes away);
                                                   each callback returns --answer
                                                   (default null)
+
+ADDRESS is HOST:PORT, or a registry (zookeeper://HOST:PORT, static://H1:P1,H2:P2 or
+H1:P1,H2:P2): call and listen then pick one provider of SERVICE through it (weighted
+random, as a Client does) and say which on stderr.
 
 Mistakes (bad arguments, an unreachable address, an unknown service) print one line on
 stderr and exit non-zero, never a traceback.
@@ -32,6 +37,8 @@ from backchannel.client import Client
 from backchannel.errors import BackchannelError
 from backchannel.exports import to_json
 from backchannel.interface import interface
+from backchannel.loadbalance import load_balance
+from backchannel.registry import RegistryError, ServiceURL, open_registry
 from backchannel.v1 import envelope_pb2 as pb
 
 EXIT_USAGE = 2
@@ -94,7 +101,12 @@ def _parser() -> argparse.ArgumentParser:
         help="print what a provider exports",
         description="Print what the provider at ADDRESS exports, as a table.",
     )
-    describe.add_argument("address", help="HOST:PORT")
+    describe.add_argument("address", help="HOST:PORT, or a registry (zookeeper://HOST:PORT)")
+    describe.add_argument(
+        "service", nargs="?", help="with a registry: the interface whose providers to list"
+    )
+    describe.add_argument("--group", default="", help="with a registry: the export's group")
+    describe.add_argument("--version", default="", help="with a registry: the export's version")
     describe.set_defaults(run=_describe)
 
     for name, run, text in (
@@ -102,7 +114,7 @@ def _parser() -> argparse.ArgumentParser:
         ("listen", _listen, "call a method with a callback and print every callback"),
     ):
         sub = commands.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
-        sub.add_argument("address", help="HOST:PORT")
+        sub.add_argument("address", help="HOST:PORT, or a registry (zookeeper://HOST:PORT)")
         sub.add_argument("service", help="the interface name, e.g. com.callback.CallbackService")
         sub.add_argument("method", help="the method name")
         sub.add_argument("args", nargs="*", metavar="JSON_ARG", help="one JSON value per argument")
@@ -183,7 +195,77 @@ def _exports(address: str, timeout: float = 5) -> pb.DescribeResponse:
     return response
 
 
+def _is_registry(address: str) -> bool:
+    return "," in address or "://" in address
+
+
+def _providers(options: argparse.Namespace) -> list[ServiceURL]:
+    """The providers a registry lists for the options' service, group and version."""
+    try:
+        zookeeper = options.address.startswith("zookeeper://")
+        registry = open_registry(options.address, **({"connect_timeout": 5.0} if zookeeper else {}))
+    except (ValueError, RegistryError) as exc:
+        raise CommandError(str(exc)) from None
+    try:
+        subscription = registry.subscribe(
+            options.service, group=options.group, version=options.version
+        )
+        return sorted(subscription.providers, key=lambda url: url.address)
+    except RegistryError as exc:
+        raise CommandError(str(exc)) from None
+    finally:
+        registry.close()
+
+
+def _pick(options: argparse.Namespace) -> str:
+    """HOST:PORT of one provider: the address itself, or one a registry lists."""
+    if not _is_registry(options.address):
+        return str(options.address)
+    providers = _providers(options)
+    if not providers:
+        raise CommandError(f"{options.address} lists no provider of {_label(options)}")
+    chosen = load_balance("random").select(tuple(providers), ())
+    print(f"provider {chosen.address} (of {len(providers)})", file=sys.stderr, flush=True)
+    return chosen.address
+
+
+def _label(options: argparse.Namespace) -> str:
+    return str(options.service) + "".join(
+        f" {name} {value!r}"
+        for name, value in (("group", options.group), ("version", options.version))
+        if value
+    )
+
+
+def _describe_providers(options: argparse.Namespace) -> int:
+    if not options.service:
+        raise CommandError(f"describe {options.address} needs a SERVICE (an interface name)")
+    providers = _providers(options)
+    print(f"{options.address}: {len(providers)} provider(s) of {_label(options)}")
+    rows = [("ADDRESS", "GROUP", "VERSION", "WEIGHT", "APPLICATION", "METHODS")]
+    for url in providers:
+        rows.append(
+            (
+                url.address,
+                url.group or "-",
+                url.version or "-",
+                str(url.weight),
+                url.application or "-",
+                ",".join(url.methods) or "-",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        print("  ".join(cells).rstrip())
+    return 0
+
+
 def _describe(options: argparse.Namespace) -> int:
+    if _is_registry(options.address):
+        return _describe_providers(options)
+    if options.service:
+        raise CommandError(f"describe {options.address} takes no SERVICE (it is no registry)")
     response = _exports(options.address)
     rows = [("SERVICE", "GROUP", "VERSION", "METHOD", "ARGS", "CALLBACKS", "REMOVERS", "ONE-WAY")]
     for service in response.services:
@@ -211,6 +293,7 @@ def _describe(options: argparse.Namespace) -> int:
 
 def _call(options: argparse.Namespace) -> int:
     args = _json_args(options.args)
+    options.address = _pick(options)
     with grpc.insecure_channel(options.address) as channel:
         invoke = channel.unary_unary(
             "/backchannel.v1.Envelope/Invoke",
@@ -256,6 +339,7 @@ def _listen(options: argparse.Namespace) -> int:
     index = options.callback_arg
     if not 0 <= index <= len(args):
         raise CommandError(f"--callback-arg {index} must be between 0 and {len(args)}")
+    options.address = _pick(options)
     _check_callback_argument(_exports(options.address, options.timeout), options)
     args.insert(index, _PrintingListener(options.answer))
     service = _dynamic_interface(options.service, options.method)

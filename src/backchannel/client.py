@@ -230,6 +230,8 @@ class AsyncClient:
         # resubscribe=True calls whose stream ended: replayed, in order, on a live provider
         self._orphans: dict[SubscriptionKey, Subscription] = {}
         self._resubscriber: asyncio.Task[None] | None = None
+        #: streams being closed because their provider is no longer registered
+        self._retiring: set[asyncio.Task[None]] = set()
         self._hooks = HookPool(max_workers)  # plain event-notify hooks run here
 
     @property
@@ -346,10 +348,21 @@ class AsyncClient:
         name, group, version = ref.key
 
         def changed(providers: frozenset[ServiceURL]) -> None:  # on the loop
+            if not providers and directory.urls:
+                # Dubbo's empty protection: a ZooKeeper that came back without its data
+                # lists nobody until the providers register again; calling the last ones
+                # beats failing every call with NoProvider meanwhile
+                logger.warning(
+                    "the registry lists no provider of %s; keeping the last %d",
+                    name,
+                    len(directory.urls),
+                )
+                return
             directory.update(providers)
             logger.info(
                 "providers of %s: %s", name, ", ".join(u.address for u in directory.urls) or "none"
             )
+            self._retire_unlisted()
 
         subscription = registry.subscribe(name, changed, group=group, version=version, loop=loop)
         directory.subscription = subscription
@@ -397,6 +410,34 @@ class AsyncClient:
                 candidates = [u for u in urls if u.address not in exclude] or list(urls)
             chosen = ref.balance.select(tuple(candidates), positional)
         return self._link(chosen.address)
+
+    def _retire_unlisted(self) -> None:
+        """On the loop: close the stream of each provider no directory lists any more
+        (its znodes are gone, its process may be alive), once its running calls are done."""
+        listed = {url.address for d in self._directories.values() for url in d.urls}
+        for address, link in list(self._links.items()):
+            link.unlisted = address not in listed
+            if link.unlisted:
+                self._retire_if_idle(link)
+
+    def _retire_if_idle(self, link: ProviderLink) -> None:
+        """Close an unlisted link that has no call in flight, replaying its resubscribe
+        calls elsewhere. One whose stream carries other callbacks is kept: its provider
+        may still call them, and nothing would bring them back."""
+        if self._closed or link.active or self._links.get(link.address) is not link:
+            return
+        side = link.side
+        if side is not None and len(side.callbacks) > _replayable(link, side):
+            return
+        del self._links[link.address]
+        logger.info("closing the stream to %s: it is no longer registered", link.address)
+        if link.subscriptions:
+            self._orphans.update(link.subscriptions)
+            link.subscriptions = {}
+            self._kick_resubscriber()
+        closing = asyncio.get_running_loop().create_task(link.close())
+        self._retiring.add(closing)
+        closing.add_done_callback(self._retiring.discard)
 
     # ------------------------------------------------------------- calling
 
@@ -471,35 +512,38 @@ class AsyncClient:
         current: CurrentCall,
     ) -> Any:
         """One attempt on one provider; :class:`_NotSent` when it never reached it."""
-        session = link.session
-        if session is None or not session.usable:
-            if self._closed:
-                raise ChannelClosed(f"the client for {self.address} is closed")
-            try:
-                session = await link.ensure_session(
-                    ref.timeouts[method.name], wait_backoff=self._single is not None
-                )
-            except ChannelClosed:
-                raise
-            except TransportError as exc:
-                raise _NotSent(exc) from None
-        call, future = self.start(session, ref, method, positional, current)
-        link.active += 1
-        link.sent += 1
+        link.active += 1  # from now: a call opening the stream holds the link too
         try:
-            result = await future
-        except ShuttingDown as exc:  # refused unread: it never ran
-            raise _NotSent(exc) from None
-        except StreamBroken as exc:
-            if not call.id:  # it was waiting for a slot: never sent
+            session = link.session
+            if session is None or not session.usable:
+                if self._closed:
+                    raise ChannelClosed(f"the client for {self.address} is closed")
+                try:
+                    session = await link.ensure_session(
+                        ref.timeouts[method.name], wait_backoff=self._single is not None
+                    )
+                except ChannelClosed:
+                    raise
+                except TransportError as exc:
+                    raise _NotSent(exc) from None
+            call, future = self.start(session, ref, method, positional, current)
+            link.sent += 1
+            try:
+                result = await future
+            except ShuttingDown as exc:  # refused unread: it never ran
                 raise _NotSent(exc) from None
-            raise
-        except asyncio.CancelledError:
-            if call.id and future.cancelled():  # sent, and not answered yet
-                session.abandon(call.id, "cancelled by the caller")
-            raise
+            except StreamBroken as exc:
+                if not call.id:  # it was waiting for a slot: never sent
+                    raise _NotSent(exc) from None
+                raise
+            except asyncio.CancelledError:
+                if call.id and future.cancelled():  # sent, and not answered yet
+                    session.abandon(call.id, "cancelled by the caller")
+                raise
         finally:
             link.active -= 1
+            if link.unlisted and not link.active:
+                self._retire_if_idle(link)
         if method.name in ref.resubscribe:
             key = (id(ref), method.name, _identity(positional))
             subscription = (ref, method, positional)
@@ -738,7 +782,7 @@ class AsyncClient:
         if self._resubscriber is not None:
             self._resubscriber.cancel()
         links = list(self._links.values())
-        await asyncio.gather(*(link.close() for link in links))
+        await asyncio.gather(*(link.close() for link in links), *self._retiring)
         for directory in self._directories.values():
             if directory.subscription is not None:
                 directory.subscription.close()
@@ -758,6 +802,18 @@ class AsyncClient:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
+
+
+def _replayable(link: ProviderLink, side: ConsumerSide) -> int:
+    """How many of the stream's callback instances its resubscribe calls carry (those
+    are made again elsewhere when it closes)."""
+    carried = {
+        id(arg)
+        for _ref, _method, args in link.subscriptions.values()
+        for arg in args
+        if side.callbacks.find(arg) is not None
+    }
+    return len(carried)
 
 
 def _fixed_url(ref: Reference, address: str) -> ServiceURL:

@@ -116,8 +116,11 @@ class ProviderLink:
         self._opening: asyncio.Lock | None = None
         self.closed = False
         self.backoff = backoff
-        #: calls this consumer has in flight on the link (for ``leastactive``)
+        #: calls this consumer has in flight on the link, opening its stream included
+        #: (for ``leastactive``, and to know when an unlisted provider's stream is idle)
         self.active = 0
+        #: no registry lists the provider any more: closed once idle (see the client)
+        self.unlisted = False
         #: calls started on the link's streams, ever
         self.sent = 0
         #: resubscribe=True calls that succeeded on the open stream, in order

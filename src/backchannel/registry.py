@@ -446,8 +446,14 @@ class ZookeeperRegistry:
     {encoded URL}``, the last an ephemeral znode of this client's session.
 
     On a new session (the old one expired, and its ephemeral nodes with it) every URL
-    registered is created again; ``ChildrenWatch`` sets its watch again by itself.
-    While ZooKeeper cannot be reached, subscriptions keep their last providers."""
+    registered is created again, and every subscription watches its folder again.
+    While ZooKeeper cannot be reached, subscriptions keep their last providers; once it
+    has been unreachable for a whole session timeout, the session is given up and a new
+    one started, as Curator does (a ZooKeeper that lost its data would refuse the old
+    one forever: it has seen transactions the server never had).
+
+    ``hosts`` may carry Dubbo's ``?session=MS`` (the session timeout in milliseconds),
+    which wins over ``session_timeout``."""
 
     def __init__(
         self,
@@ -458,13 +464,24 @@ class ZookeeperRegistry:
         connect_timeout: float = 10.0,
         operation_timeout: float = 5.0,
     ) -> None:
-        self.hosts = hosts.removeprefix(ZOOKEEPER_SCHEME).rstrip("/")
+        hosts, _, query = hosts.removeprefix(ZOOKEEPER_SCHEME).partition("?")
+        self.hosts = hosts.rstrip("/")
+        session = _int(dict(urllib.parse.parse_qsl(query)), "session", None, hosts)
+        if session is not None:
+            session_timeout = session / 1000
         self.root = "/" + root.strip("/")
+        self.session_timeout = session_timeout
         self._lock = threading.Lock()
+        #: held while the session is ended, by close() or to start a new one (never taken
+        #: in kazoo's threads: ending a session waits for them)
+        self._session_lock = threading.Lock()
         self._registered: set[ServiceURL] = set()
-        self._subscriptions: list[Subscription] = []
+        #: each subscription and the watch that feeds it now (a new one per session)
+        self._subscriptions: dict[Subscription, _Watch] = {}
         self._closed = False
         self._operation_timeout = operation_timeout
+        #: counts disconnections, so a timer knows whether its own one is still going on
+        self._outage = 0
         # reconnect soon after ZooKeeper comes back (kazoo's default backs off to an hour)
         self._client: Any = KazooClient(
             hosts=self.hosts,
@@ -555,26 +572,10 @@ class ZookeeperRegistry:
                 f"cannot subscribe to {path}: ZooKeeper {self.hosts} is unreachable ({exc!r})"
             ) from exc
         subscription = Subscription(interface, group, version, listener, loop)
-        first = True
-
-        def children_changed(children: list[str]) -> bool:
-            # runs in kazoo's thread: parse and hand over, never block
-            nonlocal first
-            if subscription.closed or self._closed:
-                return False  # stops the watch
-            urls = _parse_children(children, path)
-            if first:  # still inside subscribe(): no listener call for the first set
-                first = False
-                subscription.providers = frozenset(
-                    u for u in urls if u.matches(interface, group, version)
-                )
-            else:
-                subscription.offer(urls)
-            return True
-
-        ChildrenWatch(self._client, path, children_changed)
+        watch = _Watch(subscription, path, first=True)
+        ChildrenWatch(self._client, path, watch.changed)
         with self._lock:
-            self._subscriptions.append(subscription)
+            self._subscriptions[subscription] = watch
         return subscription
 
     def _state_changed(self, state: str) -> None:
@@ -583,8 +584,27 @@ class ZookeeperRegistry:
             logger.warning("ZooKeeper session at %s lost; registering again when back", self.hosts)
         elif state == KazooState.SUSPENDED:
             logger.info("ZooKeeper at %s unreachable; subscribers keep their providers", self.hosts)
+            self._outage += 1
+            timer = threading.Timer(self.session_timeout, self._give_up_session, (self._outage,))
+            timer.daemon = True
+            timer.start()
         elif state == KazooState.CONNECTED and not self._closed:
+            self._outage += 1
             self._client.handler.spawn(self._recover)
+
+    def _give_up_session(self, outage: int) -> None:
+        # a timer's thread, a whole session timeout after the disconnection: the server
+        # has expired the session if it is up; if it lost its data it refuses it forever
+        with self._session_lock:
+            if self._closed or outage != self._outage or self._client.connected:
+                return
+            logger.warning(
+                "ZooKeeper at %s unreachable for %s s: starting a new session",
+                self.hosts,
+                self.session_timeout,
+            )
+            self._client.stop()  # LOST: kazoo forgets the session and what it had seen
+            self._client.start_async()
 
     def _recover(self) -> None:
         # on a new session every node is gone; on the same one only those that failed are
@@ -596,6 +616,22 @@ class ZookeeperRegistry:
                 self._create(url)
             except Exception as exc:  # the next CONNECTED tries again
                 logger.warning("could not register %s again: %r", url, exc)
+        # kazoo's ChildrenWatch stops for good on a folder that is missing (a ZooKeeper
+        # that lost its data): make the folder, and a new watch (the old one stops)
+        with self._lock:
+            watches = list(self._subscriptions.items())
+        for subscription, old in watches:
+            try:
+                self._await(self._client.ensure_path_async(old.path))
+            except Exception as exc:  # the next CONNECTED tries again
+                logger.warning("could not watch %s again: %r", old.path, exc)
+                continue
+            with self._lock:
+                if self._closed or self._subscriptions.get(subscription) is not old:
+                    continue
+                old.active = False
+                watch = self._subscriptions[subscription] = _Watch(subscription, old.path)
+            ChildrenWatch(self._client, watch.path, watch.changed)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -603,15 +639,16 @@ class ZookeeperRegistry:
 
     def close(self) -> None:
         """End the session: ZooKeeper removes its ephemeral nodes at once."""
-        if self._closed:
-            return
-        self._closed = True
-        with self._lock:
-            subscriptions, self._subscriptions = self._subscriptions, []
-        for subscription in subscriptions:
-            subscription.close()
-        self._client.remove_listener(self._state_changed)
-        self._client.stop()
+        with self._session_lock:
+            if self._closed:
+                return
+            self._closed = True
+            with self._lock:
+                subscriptions, self._subscriptions = self._subscriptions, {}
+            for subscription in subscriptions:
+                subscription.close()
+            self._client.remove_listener(self._state_changed)
+            self._client.stop()
         self._client.close()
 
     def __enter__(self) -> ZookeeperRegistry:
@@ -619,6 +656,34 @@ class ZookeeperRegistry:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+class _Watch:
+    """What one ``ChildrenWatch`` of a folder feeds into its subscription; inactive
+    once replaced by the watch of a new session."""
+
+    def __init__(self, subscription: Subscription, path: str, first: bool = False) -> None:
+        self.subscription = subscription
+        self.path = path
+        self.active = True
+        self._first = first
+
+    def changed(self, children: list[str]) -> bool:
+        # runs in kazoo's thread: parse and hand over, never block
+        subscription = self.subscription
+        if subscription.closed or not self.active:
+            return False  # stops the watch
+        urls = _parse_children(children, self.path)
+        if self._first:  # still inside subscribe(): no listener call for the first set
+            self._first = False
+            subscription.providers = frozenset(
+                u
+                for u in urls
+                if u.matches(subscription.interface, subscription.group, subscription.version)
+            )
+        else:
+            subscription.offer(urls)
+        return True
 
 
 def _parse_children(children: list[str], path: str) -> list[ServiceURL]:
