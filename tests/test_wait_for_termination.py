@@ -53,7 +53,8 @@ def test_async_wait_times_out_with_true_and_returns_false_when_stopped() -> None
         async with server:
             assert await server.wait_for_termination(0.1) is True
             waiter = asyncio.ensure_future(server.wait_for_termination(10))
-            await asyncio.sleep(0)  # let it start waiting before the stop
+            await asyncio.sleep(0)  # one loop turn: the waiter starts waiting (not a delay)
+            assert not waiter.done()
             await server.stop()
             assert await asyncio.wait_for(waiter, 5) is False
 
