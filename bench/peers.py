@@ -40,7 +40,7 @@ from typing import Any
 
 from common import FANOUT_CLIENTS, FANOUT_LISTENERS, JOIN_TIMEOUT, drive_threads, summarise
 from consumer import FANOUT_PROCESSES
-from run import DOC, consumer, markdown_table, median_run
+from run import DOC, consumer, consumers_result, markdown_table, median_run
 from run import measure as measure_backchannel
 
 HERE = Path(__file__).resolve().parent
@@ -321,17 +321,7 @@ def measure(figure: str, warmup: float, duration: float) -> dict[str, float]:
         command += ["--warmup", str(warmup), "--duration", str(duration)]
         command += ["--clients", str(clients)]
         runs = [stack.enter_context(consumer(command)) for _ in range(processes)]
-        for process, out in runs:
-            try:
-                code = process.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                raise RuntimeError(f"a consumer for {figure} timed out") from None
-            if code != 0:
-                stderr = (out / "stderr").read_text(errors="replace")
-                raise RuntimeError(f"consumer for {figure} exited with {code}:\n{stderr}")
-        stdout = (runs[0][1] / "stdout").read_text()
-    result: dict[str, float] = json.loads(stdout.strip().splitlines()[-1])
-    return result
+        return consumers_result(figure, runs, deadline)
 
 
 def _fmt(value: float, metric: str) -> str:

@@ -266,16 +266,24 @@ def measure(figure: str, warmup: float, duration: float, profile: Path | None) -
             tracing = FIGURES[figure].tracing
             command = _python("consumer.py", *args, profile=profile, name=name, tracing=tracing)
             runs.append(stack.enter_context(consumer(command)))
-        for process, out in runs:
-            try:
-                code = process.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                raise RuntimeError(f"a consumer for {figure} timed out") from None
-            if code != 0:
-                stderr = (out / "stderr").read_text(errors="replace")
-                raise RuntimeError(f"consumer for {figure} exited with {code}:\n{stderr}")
         # with several consumers each prints the same Measurement, the provider's
-        stdout = (runs[0][1] / "stdout").read_text()
+        return consumers_result(figure, runs, deadline)
+
+
+def consumers_result(
+    figure: str, runs: list[tuple[subprocess.Popen[bytes], Path]], deadline: float
+) -> dict[str, float]:
+    """Wait (until ``deadline``) for a figure's consumer processes; the last line of
+    JSON the first one printed."""
+    for process, out in runs:
+        try:
+            code = process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"a consumer for {figure} timed out") from None
+        if code != 0:
+            stderr = (out / "stderr").read_text(errors="replace")
+            raise RuntimeError(f"consumer for {figure} exited with {code}:\n{stderr}")
+    stdout = (runs[0][1] / "stdout").read_text()
     result: dict[str, float] = json.loads(stdout.strip().splitlines()[-1])
     return result
 

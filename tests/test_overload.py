@@ -177,6 +177,15 @@ def start_silent(address: str, method: str, count: int) -> subprocess.Popen[str]
     )
 
 
+def read_to_the_end(silent: subprocess.Popen[str]) -> str:
+    """Let a silent consumer read its stream to the end; the status line it prints."""
+    assert silent.stdin is not None
+    silent.stdin.write("read\n")
+    silent.stdin.flush()
+    out, _ = silent.communicate(timeout=30)
+    return out.splitlines()[-1]
+
+
 class LogEvent(logging.Handler):
     """Set once a backchannel log line containing ``text`` is emitted (by any thread)."""
 
@@ -302,16 +311,12 @@ def test_a_consumer_that_never_reads_while_results_pile_up_gets_resource_exhaust
                 assert ended.seen.wait(10), "the provider did not end the stream"
                 assert [echo.add(i, 1) for i in range(100)] == [i + 1 for i in range(100)]
                 assert rss() - before < 64 * MiB
-                assert silent.stdin is not None
-                silent.stdin.write("read\n")
-                silent.stdin.flush()
-                out, _ = silent.communicate(timeout=30)
+                status = read_to_the_end(silent)
             finally:
                 silent.kill()
                 silent.wait(5)
     assert len(ended.lines) == 1
-    status = out.splitlines()[-1]
-    assert status.startswith("status RESOURCE_EXHAUSTED"), out
+    assert status.startswith("status RESOURCE_EXHAUSTED"), status
     assert "over twice the limit of 8388608 bytes (max_queued_bytes)" in status
 
 
@@ -334,14 +339,10 @@ def test_a_consumer_that_stays_unread_past_max_write_stall_is_ended() -> None:
                 assert held.seen.wait(20), "the provider never held the silent stream back"
                 assert ended.seen.wait(5), "the held stream was not ended after the stall"
                 assert [echo.add(i, 1) for i in range(50)] == [i + 1 for i in range(50)]
-                assert silent.stdin is not None
-                silent.stdin.write("read\n")
-                silent.stdin.flush()
-                out, _ = silent.communicate(timeout=30)
+                status = read_to_the_end(silent)
             finally:
                 silent.kill()
                 silent.wait(5)
     assert len(ended.lines) == 1
-    status = out.splitlines()[-1]
-    assert status.startswith("status RESOURCE_EXHAUSTED"), out
+    assert status.startswith("status RESOURCE_EXHAUSTED"), status
     assert "for 0.5 s (max_write_stall)" in status
