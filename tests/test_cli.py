@@ -150,10 +150,12 @@ def test_listen_prints_callbacks_until_interrupted(callback: str) -> None:
     assert "Traceback" not in process.stderr.read()
 
 
-def test_serve_starts_the_providers_of_a_config_file(tmp_path: Path) -> None:
+def serve_callback_config(tmp_path: Path, extra: str = "") -> tuple[subprocess.Popen[str], str]:
+    """`backchannel serve` of the callback example's config on a free port (plus
+    ``extra`` TOML); the process and its first line of output."""
     text = (EXAMPLES / "callback" / "config.toml").read_text()
     config = EXAMPLES / "callback" / f"serve-{tmp_path.name}.toml"
-    config.write_text(text.replace("port = 50051", "port = 0"))
+    config.write_text(text.replace("port = 50051", "port = 0") + extra)
     try:
         process = subprocess.Popen(
             [sys.executable, "-m", "backchannel", "serve", str(config)],
@@ -165,6 +167,11 @@ def test_serve_starts_the_providers_of_a_config_file(tmp_path: Path) -> None:
         line = process.stdout.readline()
     finally:
         config.unlink()
+    return process, line
+
+
+def test_serve_starts_the_providers_of_a_config_file(tmp_path: Path) -> None:
+    process, line = serve_callback_config(tmp_path)
     assert line.startswith("listening on "), process.stderr.read()
     described = cli("describe", line.split()[-1])
     assert "addListener" in described.stdout
@@ -402,22 +409,8 @@ def test_listen_through_a_registry(zookeeper: ZooKeeper) -> None:
 def test_serve_of_a_config_with_a_zookeeper_registry_registers(
     tmp_path: Path, zookeeper: ZooKeeper
 ) -> None:
-    text = (EXAMPLES / "callback" / "config.toml").read_text()
-    text = text.replace("port = 50051", "port = 0")
-    text += f'\n[registry]\naddress = "{zookeeper.address}"\n'
-    config = EXAMPLES / "callback" / f"serve-{tmp_path.name}.toml"
-    config.write_text(text)
-    try:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "backchannel", "serve", str(config)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        assert process.stdout is not None and process.stderr is not None
-        line = process.stdout.readline()
-    finally:
-        config.unlink()
+    registry = f'\n[registry]\naddress = "{zookeeper.address}"\n'
+    process, line = serve_callback_config(tmp_path, registry)
     try:
         assert line.startswith("listening on "), process.stderr.read()
         address = line.split()[-1]
