@@ -393,6 +393,8 @@ def test_a_resubscribed_listener_moves_to_a_live_provider_within_2_s() -> None:
             assert time.monotonic() - started < 2
             keys = [key for key in second_impl.listeners]
             assert keys == ["k1", "k3", "k0", "k2"]  # the moved ones in order, after
+            # the provider stores a listener before it greets it: wait for the greetings
+            assert recorders[0].wait_for(2) and recorders[2].wait_for(2)
             assert [r.received.count("init") for r in recorders] == [2, 1, 2, 1]  # once each
             second_impl.listeners["k0"].changed("after")
             assert recorders[0].received[-1] == "after"
