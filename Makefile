@@ -48,6 +48,7 @@ bench: venv
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/peers.py
 	$(BIN)/python bench/bulk.py
+	$(BIN)/python bench/loadbalance.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

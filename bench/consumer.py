@@ -194,6 +194,9 @@ class Figure:
     tracing: str = ""
     #: a pushed figure whose provider notifies with backchannel.gather, one caller
     gather: bool = False
+    #: provider processes; the consumer gets ``static://`` and their addresses when it
+    #: is more than 0 (a cluster, whose calls each choose a provider), else one address
+    cluster: int = 0
 
 
 FIGURES: dict[str, Figure] = {
@@ -206,6 +209,9 @@ FIGURES: dict[str, Figure] = {
     "bc-async-64-otel-absent": Figure("backchannel", 64, _bc_async(""), tracing="absent"),
     "bc-async-64-otel-no-provider": Figure("backchannel", 64, _bc_async(""), tracing="no-provider"),
     "bc-async-64-otel-sdk": Figure("backchannel", 64, _bc_async(""), tracing="sdk"),
+    # the 64 callers on a cluster: one provider (the cost of choosing per call), three
+    "bc-async-64-cluster-1": Figure("backchannel", 64, _bc_async(""), cluster=1),
+    "bc-async-64-cluster-3": Figure("backchannel", 64, _bc_async(""), cluster=3),
     "bc-sync-seq": Figure("backchannel", 1, sync_setup=_bc_sync("")),
     "bc-sync-seq-def": Figure("backchannel", 1, sync_setup=_bc_sync(SYNC_GROUP)),
     "raw-sync-seq": Figure("raw", 1, sync_setup=_raw_sync_unary),

@@ -1,16 +1,23 @@
-"""The cost of choosing a provider: each strategy's ``select``, timed with timeit.
+"""The cost of choosing a provider, timed with timeit (the best of 5 repeats of 100,000).
 
-``python bench/loadbalance.py`` prints microseconds per pick (the best of 5 repeats of
-100,000 picks) over 3 and 10 providers; docs/cluster.md quotes it. Not yet part of
-``make bench``, whose figure of calls over several providers needs the Client wired.
+``python bench/loadbalance.py`` (part of ``make bench``) prints microseconds per pick:
+each strategy's ``select`` alone over 3 and 10 providers, then the whole choice an
+``AsyncClient`` makes for each call (the streams' states checked, then ``select``) with
+streams open to 3 live providers in this process. docs/cluster.md quotes it; the same
+cost inside calls is bench/run.py's "Several providers" table.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import timeit
 from dataclasses import dataclass
 
+from common import AsyncCalculator, Calculator
+
+import backchannel
 from backchannel.loadbalance import (
     ConsistentHashLoadBalance,
     LeastActiveLoadBalance,
@@ -29,7 +36,8 @@ class Provider:
     active: int = 0
 
 
-def main() -> None:
+def time_select() -> None:
+    """Each strategy's ``select`` alone."""
     print("providers  strategy            us/pick")
     for count in (3, 10):
         equal = tuple(Provider(f"10.0.0.{i}:50051") for i in range(count))
@@ -45,6 +53,34 @@ def main() -> None:
             pick = functools.partial(strategy.select, providers, arguments)
             best = min(timeit.repeat(pick, number=PICKS, repeat=5))
             print(f"{count:9d}  {name:18s}  {best / PICKS * 1e6:7.2f}")
+
+
+async def time_client_choice(count: int = 3) -> None:
+    """A client's whole choice per call, its streams to ``count`` providers open."""
+    async with contextlib.AsyncExitStack() as stack:
+        servers = [backchannel.AsyncServer("127.0.0.1:0") for _ in range(count)]
+        for server in servers:
+            server.export(Calculator, AsyncCalculator())
+            await server.start()
+            stack.push_async_callback(server.stop)
+        addresses = ",".join(server.address for server in servers)
+        client = await stack.enter_async_context(backchannel.AsyncClient(f"static://{addresses}"))
+        print("\nproviders  strategy            us/pick  (an AsyncClient's choice, streams open)")
+        for strategy in ("random", "roundrobin", "leastactive", "consistenthash"):
+            calc = client.reference(Calculator, loadbalance="roundrobin")
+            for i in range(count):  # roundrobin: one call opens each provider's stream
+                await calc.add(i, 1)
+            reference = client.reference(Calculator, loadbalance=strategy)._reference
+            directory = await client._directory(reference)
+            pick = functools.partial(client._choose, reference, directory, (1, 1))
+            best = min(timeit.repeat(pick, number=PICKS, repeat=5))
+            print(f"{count:9d}  {strategy:18s}  {best / PICKS * 1e6:7.2f}")
+
+
+def main() -> None:
+    """Time the strategies alone, then inside a client."""
+    time_select()
+    asyncio.run(time_client_choice())
 
 
 if __name__ == "__main__":

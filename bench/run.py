@@ -186,17 +186,30 @@ TRACING = [
     ("installed, no provider configured", "bc-async-64-otel-no-provider"),
     ("SDK, spans dropped by a no-op exporter", "bc-async-64-otel-sdk"),
 ]
-TRACING_HEADER = ["OpenTelemetry", "calls/s", "vs not installed"]
+TRACING_HEADER = ["OpenTelemetry", "calls/s", "vs not installed", "time per call"]
+
+#: the cluster figures (64 callers, as scenario b): how the client was given providers
+CLUSTER = [
+    ("one address (no choice to make)", "bc-async-64"),
+    ("`static://` list of 1 provider (the cluster path)", "bc-async-64-cluster-1"),
+    ("`static://` list of 3 providers, `random`", "bc-async-64-cluster-3"),
+]
+CLUSTER_HEADER = ["providers", "calls/s", "vs one address", "time per call"]
+RELATIVE_TABLES = [(TRACING_HEADER, TRACING), (CLUSTER_HEADER, CLUSTER)]
 
 
-def tracing_rows(results: dict[str, dict[str, float]]) -> list[list[str]]:
-    """The tracing table: each state's throughput, and its ratio to 'not installed'."""
-    base = results[TRACING[0][1]]["calls_per_second"]
-    return [
-        [state, _fmt(results[name]["calls_per_second"], "throughput"),
-         f"{results[name]['calls_per_second'] / base:.3f}x"]
-        for state, name in TRACING
-    ]  # fmt: skip
+def relative_rows(
+    table: list[tuple[str, str]], results: dict[str, dict[str, float]]
+) -> list[list[str]]:
+    """A table of throughputs relative to its first row's: calls/s, the ratio, and the
+    time per call as a percentage more (or less) than the first row's."""
+    base = results[table[0][1]]["calls_per_second"]
+    rows = []
+    for label, name in table:
+        rate = results[name]["calls_per_second"]
+        row = [label, _fmt(rate, "throughput"), f"{rate / base:.3f}x", f"{base / rate - 1:+.1%}"]
+        rows.append(row)
+    return rows
 
 
 def _python(
@@ -213,10 +226,10 @@ def _python(
 
 
 @contextlib.contextmanager
-def provider(kind: str, profile: Path | None, figure: str) -> Iterator[str]:
-    """Run a provider process of ``kind``; yield the address it printed; stop it."""
-    tracing = FIGURES[figure].tracing
-    name = f"{figure}-provider"
+def provider(kind: str, profile: Path | None, name: str, tracing: str = "") -> Iterator[str]:
+    """Run a provider process of ``kind`` (its profile saved as ``name``-provider, with
+    OpenTelemetry in the state ``tracing``); yield the address it printed; stop it."""
+    name = f"{name}-provider"
     command = _python("provider.py", kind, profile=profile, name=name, tracing=tracing)
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     try:
@@ -252,18 +265,17 @@ def consumer(command: list[str]) -> Iterator[tuple[subprocess.Popen[bytes], Path
 
 def measure(figure: str, warmup: float, duration: float, profile: Path | None) -> dict[str, float]:
     """Measure one figure in a fresh provider process and fresh consumer process(es)."""
-    processes = FIGURES[figure].processes
+    processes, cluster = FIGURES[figure].processes, FIGURES[figure].cluster
     args = [figure, "", "--warmup", str(warmup), "--duration", str(duration)]
     deadline = time.monotonic() + 60 + warmup + duration
-    with (
-        provider(FIGURES[figure].provider, profile, figure) as address,
-        contextlib.ExitStack() as stack,
-    ):
-        args[1] = address
+    with contextlib.ExitStack() as stack:
+        kind, tracing = FIGURES[figure].provider, FIGURES[figure].tracing
+        names = [f"{figure}{n if cluster > 1 else ''}" for n in range(max(cluster, 1))]
+        addresses = [stack.enter_context(provider(kind, profile, n, tracing)) for n in names]
+        args[1] = "static://" + ",".join(addresses) if cluster else addresses[0]
         runs = []
         for n in range(processes):
             name = f"{figure}-consumer{n if processes > 1 else ''}"
-            tracing = FIGURES[figure].tracing
             command = _python("consumer.py", *args, profile=profile, name=name, tracing=tracing)
             runs.append(stack.enter_context(consumer(command)))
         # with several consumers each prints the same Measurement, the provider's
@@ -412,7 +424,19 @@ limits it and what was tried is in [performance-notes.md](performance-notes.md).
 Scenario b (64 asyncio callers on one `AsyncClient`) with OpenTelemetry in three states,
 both processes alike (`bench/tracing.py`); see [observability.md](observability.md).
 
-{markdown_table(TRACING_HEADER, tracing_rows(results))}
+{markdown_table(TRACING_HEADER, relative_rows(TRACING, results))}
+
+## Several providers
+
+Scenario b (64 asyncio callers on one `AsyncClient`) against one provider process given
+as a plain address, the same provider given as a `static://` list (each call then takes
+the cluster path: the directory, the availability check, failover bookkeeping; with one
+provider the strategy has nothing to choose), and three provider processes, chosen per
+call by `random`; see [cluster.md](cluster.md). "time per call" is how much longer each
+call takes than with the plain address. `python bench/loadbalance.py` (also run by
+`make bench`) times the choice alone.
+
+{markdown_table(CLUSTER_HEADER, relative_rows(CLUSTER, results))}
 
 ## Machine
 
@@ -454,10 +478,15 @@ def main() -> None:
     args = parser.parse_args()
     if args.profile is not None:
         args.profile.mkdir(parents=True, exist_ok=True)
-    figures = args.only or [
-        *dict.fromkeys(n for s in SCENARIOS for n in (s.backchannel, s.raw)),
-        *(name for _state, name in TRACING),
-    ]
+    figures = args.only or list(
+        dict.fromkeys(
+            [
+                *(n for s in SCENARIOS for n in (s.backchannel, s.raw)),
+                *(name for _state, name in TRACING),
+                *(name for _label, name in CLUSTER),
+            ]
+        )
+    )
     # rounds interleave backchannel and raw figures, so a noisy moment on a shared
     # machine hits both sides of a ratio alike; the median run of each figure is kept
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in figures}
@@ -468,13 +497,15 @@ def main() -> None:
     results = {name: median_run(found) for name, found in runs.items()}
     if args.only:
         print(markdown_table(DETAIL_HEADER, detail_rows(results)))
-        if all(name in results for _state, name in TRACING):
-            print()
-            print(markdown_table(TRACING_HEADER, tracing_rows(results)))
+        for header, table in RELATIVE_TABLES:
+            if all(name in results for _label, name in table):
+                print()
+                print(markdown_table(header, relative_rows(table, results)))
         return
     print(markdown_table(SUMMARY_HEADER, summary_rows(results)))
-    print()
-    print(markdown_table(TRACING_HEADER, tracing_rows(results)))
+    for header, table in RELATIVE_TABLES:
+        print()
+        print(markdown_table(header, relative_rows(table, results)))
     print()
     print(markdown_table(DETAIL_HEADER, detail_rows(results)))
     if not args.no_doc:

@@ -397,6 +397,13 @@ class AsyncClient:
                 f"no provider of {_label(ref.key)} in {self.address} (none registered, or all gone)"
             )
         links = self._links
+        if not exclude:  # the usual case: every stream open and usable, choose among all
+            for url in urls:
+                session = links[url.address].session if url.address in links else None
+                if session is None or not session.usable:
+                    break
+            else:
+                return self._link(ref.balance.select(urls, positional).address)
         candidates = [
             url
             for url in urls
@@ -404,7 +411,7 @@ class AsyncClient:
             and (url.address not in links or links[url.address].available)
         ]
         if len(candidates) == len(urls):
-            chosen = ref.balance.select(urls, positional)  # the usual case: the cached tuple
+            chosen = ref.balance.select(urls, positional)  # the strategy's cached tuple
         else:
             if not candidates:
                 candidates = [u for u in urls if u.address not in exclude] or list(urls)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import importlib.metadata
 import logging
 import socket
@@ -208,7 +209,7 @@ class ServiceURL:
         url.to_string()
         return url
 
-    @property
+    @functools.cached_property  # read for every provider on every call's choice
     def address(self) -> str:
         """``host:port`` (``[v6]:port``), what a consumer connects to."""
         host = f"[{self.host}]" if ":" in self.host else self.host
