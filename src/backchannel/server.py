@@ -381,7 +381,7 @@ class AsyncServer:
     ) -> pb.Result:
         await self._authenticate(context)
         try:
-            if telemetry.AVAILABLE:  # OpenTelemetry: the server span around the call
+            if telemetry.AVAILABLE and telemetry.collecting():  # the server span around it
                 value = await telemetry.serve(
                     None, call, self._run_unary, context.peer(), self.address
                 )

@@ -410,7 +410,7 @@ class Session:
         if call.parent_id:
             self._incoming_parent[call.id] = call.parent_id
         try:
-            if telemetry.AVAILABLE:  # OpenTelemetry: the server span around the call
+            if telemetry.AVAILABLE and telemetry.collecting():  # the server span around it
                 value = await telemetry.serve(self, call, self.dispatcher.dispatch)
             else:
                 value = await self.dispatcher.dispatch(call)
@@ -511,7 +511,7 @@ class Session:
         if parent:
             call.parent_id = parent
         outgoing = Outgoing(call, self._loop.create_future(), label, timeout, decode)
-        if telemetry.AVAILABLE:  # OpenTelemetry: the client span, its context into the call
+        if telemetry.AVAILABLE and telemetry.collecting():  # the client span, its context
             telemetry.sending(self, call, outgoing.future)
         if timeout is not None:
             outgoing.deadline = self._deadlines.add(outgoing, timeout)

@@ -115,6 +115,17 @@ def _tracer() -> Any:
     return state.tracer
 
 
+def collecting() -> bool:
+    """True when a tracer or meter provider is configured (spans or metrics are kept).
+
+    The hot paths ask this before wrapping a call: with OpenTelemetry installed and no
+    provider, a call then costs two look-ups, not a wrapper coroutine and its frame."""
+    state = _state
+    if state.tracer is not None or state.instruments is not None:
+        return True
+    return _tracer() is not None or _instruments() is not None
+
+
 def _instruments() -> _Instruments | None:
     """The instruments, or None while no real meter provider is configured."""
     state = _state
