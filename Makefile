@@ -49,6 +49,7 @@ bench: venv
 	$(BIN)/python bench/peers.py
 	$(BIN)/python bench/bulk.py
 	$(BIN)/python bench/loadbalance.py
+	$(BIN)/python bench/loop_turns.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -558,9 +558,8 @@ class ReverseProxy:
     ) -> asyncio.Future[Any]:
         """On the loop: send the call now, return a future for its decoded outcome.
 
-        With ``chain`` (the caller awaits on the loop), the future is one of our own that
-        turns a StreamBroken into CallbackGone; results still settle it without an extra
-        loop turn.
+        With ``chain`` (the caller awaits on the loop), a stream that ends under the call
+        fails it with CallbackGone rather than the bare StreamBroken.
         """
         self._check_alive(method)
         where = self.label(method)
@@ -571,45 +570,23 @@ class ReverseProxy:
         )
         session = self._table.session
         table = self._table
-        outer: asyncio.Future[Any] | None = session.loop.create_future() if chain else None
 
         def decode(result: pb.Result) -> Any:
             if result.HasField("error"):
                 error = codec.decode_error(result.error, session.error_types)
                 if isinstance(error, CallbackGone):  # the consumer no longer has it
                     table.release(call.callback_id)
-                if outer is not None and not outer.done():
-                    outer.set_exception(error)
                 raise error
-            value = codec.decode(result.value, f"the result of {where}")
-            if outer is not None and not outer.done():
-                outer.set_result(value)
-            return value
+            return codec.decode(result.value, f"the result of {where}")
 
-        inner = session.start_call(call, self._table.timeout, label=where, decode=decode)
-        if outer is None:
-            return inner
+        def broken(error: BaseException) -> BaseException:
+            if isinstance(error, StreamBroken):  # the instance went with its stream
+                return self._gone_error(method, error)
+            return error
 
-        def settle(done: asyncio.Future[Any]) -> None:  # what decode did not settle
-            exc = None if done.cancelled() else done.exception()  # retrieved, always
-            if outer.done():
-                return
-            if done.cancelled():
-                outer.cancel()
-            elif isinstance(exc, StreamBroken):
-                outer.set_exception(self._gone_error(method, exc))
-            elif exc is not None:
-                outer.set_exception(exc)
-            else:
-                outer.set_result(done.result())
-
-        def abandoned(done: asyncio.Future[Any]) -> None:
-            if done.cancelled() and not inner.done():
-                inner.cancel()
-
-        inner.add_done_callback(settle)
-        outer.add_done_callback(abandoned)
-        return outer
+        return session.start_call(
+            call, table.timeout, label=where, decode=decode, broken=broken if chain else None
+        )
 
 
 class ProviderCallbacks:

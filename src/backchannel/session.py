@@ -73,6 +73,8 @@ Future = asyncio.Future[Any]
 #: turns a call's Result into what its caller gets (raising what it should raise), or
 #: into a Deferred when it finishes the decoding off the loop
 Decode = Callable[[pb.Result], Any]
+#: turns the error of a stream that ended under a call into the one its caller gets
+Broken = Callable[[BaseException], BaseException]
 Write = Callable[[bytes], Awaitable[None]]
 
 
@@ -493,9 +495,12 @@ class Session:
         parent: int = 0,
         label: str = "",
         decode: Decode | None = None,
+        broken: Broken | None = None,
     ) -> Future:
         """Send a call (now, or as soon as the in-flight limit allows); return a future
         for its Result, or for what ``decode`` makes of it (without another loop turn).
+        If the stream ends under it, it fails with the error, or what ``broken`` makes of
+        it.
 
         ``parent`` is the id of the incoming call this one is made during (0: none). On
         timeout the future fails with DeadlineExceeded and the peer gets a Cancel. A call
@@ -510,7 +515,7 @@ class Session:
             )
         if parent:
             call.parent_id = parent
-        outgoing = Outgoing(call, self._loop.create_future(), label, timeout, decode)
+        outgoing = Outgoing(call, self._loop.create_future(), label, timeout, decode, broken)
         if telemetry.AVAILABLE and telemetry.collecting():  # the client span, its context
             telemetry.sending(self, call, outgoing.future)
         if timeout is not None:
@@ -638,8 +643,7 @@ class Session:
         self.cause = cause
         pending, _running_ids = self.connection.connection_lost(cause)
         for outgoing in pending:
-            if not outgoing.future.done():
-                outgoing.future.set_exception(type(cause)(str(cause)))
+            outgoing.fail_lost(cause)
         for task in [*self._running.values(), *self._one_way_tasks]:
             if task is not None:
                 task.cancel("the stream ended")
@@ -649,8 +653,7 @@ class Session:
             self.handshake.exception()  # retrieved: nobody may be waiting
         for outgoing in [*self._sent.values(), *self._waiting]:
             outgoing.settle()
-            if not outgoing.future.done():
-                outgoing.future.set_exception(type(cause)(str(cause)))
+            outgoing.fail_lost(cause)
         self._sent.clear()
         self._waiting.clear()
         self._deadlines.close()
@@ -701,7 +704,7 @@ def coalesce(encoded: list[bytes], max_bytes: int = MAX_BATCH_BYTES) -> list[byt
 class Outgoing:
     """A call this side sends: waiting for a slot, then for its result."""
 
-    __slots__ = ("call", "deadline", "decode", "future", "label", "timeout")
+    __slots__ = ("broken", "call", "deadline", "decode", "future", "label", "timeout")
 
     def __init__(
         self,
@@ -710,13 +713,22 @@ class Outgoing:
         label: str,
         timeout: float | None,
         decode: Decode | None = None,
+        broken: Broken | None = None,
     ) -> None:
         self.call = call
         self.future = future
         self.label = label
         self.timeout = timeout
         self.decode = decode
+        self.broken = broken
         self.deadline: Entry | None = None
+
+    def fail_lost(self, cause: BaseException) -> None:
+        """The stream ended under it: fail it with (a copy of) ``cause``, or with what
+        ``broken`` makes of that."""
+        if not self.future.done():
+            error = type(cause)(str(cause))
+            self.future.set_exception(self.broken(error) if self.broken else error)
 
     def resolve(self, result: pb.Result) -> None:
         """Its Result arrived: settle the future with it (or what ``decode`` makes of it)."""
