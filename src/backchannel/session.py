@@ -129,7 +129,8 @@ class Session:
         self._incoming_parent: dict[int, int] = {}
         self._queue: list[bytes] = []  # serialized frames, to batch
         self._messages: collections.deque[bytes] = collections.deque()  # serialized, to write
-        self._writing: asyncio.Task[None] | None = None
+        self._writing: _Driven | None = None  # the write under way
+        self._write_context = contextvars.Context()  # where writes run: no caller's
         self._write_soon = False  # a _write_next is scheduled
         self._handling = False  # the reader is acting on a message: it writes when done
         # calls the peer sent that are running: their task, or None while running eagerly
@@ -285,9 +286,13 @@ class Session:
             except Exception as exc:
                 self._write_failed(exc)
                 return
-            completion = _resume(writing, waiting_on)  # type: ignore[arg-type]
-            self._writing = self._loop.create_task(completion)
-            self._writing.add_done_callback(self._written)
+            self._writing = _Driven(
+                self._loop,
+                self._write_context,
+                writing,  # type: ignore[arg-type]
+                waiting_on,
+                self._written,
+            )
             return
 
     def _drained_some(self) -> None:
@@ -300,15 +305,19 @@ class Session:
             if self._waiting:  # not from here: sending one would start a second write
                 self._loop.call_soon(self._admit)
 
-    def _written(self, task: asyncio.Task[None]) -> None:
+    def _written(self, exc: BaseException | None) -> None:
+        """A write ended. The next one starts at the end of this loop turn, so what the
+        calls it woke produce goes with it (as flush does)."""
         self._writing = None
-        if task.cancelled():
+        if isinstance(exc, asyncio.CancelledError):
             return
-        exc = task.exception()
         if exc is not None:
             self._write_failed(exc)
-        else:
-            self._write_next()
+        elif not self._messages and not self._queue:
+            self._drained.set()
+        elif not self._write_soon:
+            self._write_soon = True
+            self._loop.call_soon(self._write_next)
 
     def _write_failed(self, exc: BaseException) -> None:
         """The stream failed under a write: the reader sees it too."""
@@ -813,6 +822,59 @@ def _unparseable(data: bytes, reason: str) -> Unparseable:
 def serialize(message: pb.Frame | bytes) -> bytes:
     """The stream's serializer: the writer hands it frames it has serialized already."""
     return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+class _Driven:
+    """Drives a coroutine whose first step already ran, without a task: each future it
+    waits on wakes it through a done-callback, and ``done`` gets what it ended with
+    (None, or its exception). A task would take two more callbacks per write: its first
+    step, and its done-callback.
+    """
+
+    __slots__ = ("_context", "_coroutine", "_done", "_loop", "_waiting")
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        context: contextvars.Context,
+        coroutine: Coroutine[Any, Any, None],
+        waiting_on: Any,
+        done: Callable[[BaseException | None], None],
+    ) -> None:
+        self._loop = loop
+        self._context = context
+        self._coroutine = coroutine
+        self._done = done
+        self._waiting: asyncio.Future[Any] | None = None
+        self._wait(waiting_on)
+
+    def _wait(self, waiting_on: Any) -> None:
+        if waiting_on is None:  # a bare yield: go on at the next turn, as a task would
+            self._waiting = None
+            self._loop.call_soon(self._step, context=self._context)
+            return
+        if not getattr(waiting_on, "_asyncio_future_blocking", False):
+            self._coroutine.close()
+            self._done(RuntimeError(f"a write waited on {waiting_on!r}, not a future"))
+            return
+        waiting_on._asyncio_future_blocking = False
+        self._waiting = waiting_on
+        waiting_on.add_done_callback(self._step, context=self._context)
+
+    def _step(self, _future: object = None) -> None:
+        try:
+            waiting_on = self._coroutine.send(None)
+        except StopIteration:
+            self._done(None)
+        except (Exception, asyncio.CancelledError) as exc:
+            self._done(exc)
+        else:
+            self._wait(waiting_on)
+
+    def cancel(self) -> None:
+        """Cancel what it waits on: the coroutine then ends with CancelledError."""
+        if self._waiting is not None:
+            self._waiting.cancel()
 
 
 @types.coroutine
