@@ -466,7 +466,9 @@ class AsyncClient:
         goes away; any other call in flight then fails with the connection error.
         """
         positional = method.bind(args, kwargs)
-        directory = await self._directory(ref)
+        directory = self._directories.get(ref.key)  # known already: no coroutine to await
+        if directory is None or not directory.ready:
+            directory = await self._directory(ref)
         mode = ref.clusters[method.name]
         if mode == "broadcast":
             return await self._broadcast(ref, method, positional, current, directory)
