@@ -2,10 +2,11 @@
 
 Used by both ends: the provider wraps the server side of ``Connect``, the consumer the
 client side. One reader task takes frames off the stream and never waits on user code
-(incoming calls run in tasks of their own); one writer task sends what the protocol
-queued, coalescing every frame that is ready into one ``Batch`` message, and awaits
-gRPC's flow control between writes. The first failure of the stream is stored and fails
-every pending call at once.
+(an incoming call runs eagerly, and gets a task of its own only if it has to wait); the
+writer sends what the protocol queued, one write at a time, coalescing every frame that
+is ready into one ``Batch`` message: each write's completion (gRPC's flow control)
+starts the next, through done-callbacks rather than a task. The first failure of the
+stream is stored and fails every pending call at once.
 """
 
 from __future__ import annotations
@@ -259,8 +260,9 @@ class Session:
 
     def _write_next(self) -> None:
         """Start the next write. Its first step runs here, so the message is handed to
-        gRPC without waiting for a loop turn; its completion runs in a task of its own,
-        which no caller's cancellation can reach (a cancelled write ends the RPC)."""
+        gRPC without waiting for a loop turn; the rest is driven by done-callbacks
+        (``_Driven``) outside every task, so no caller's cancellation can reach it (a
+        cancelled write ends the RPC)."""
         self._write_soon = False
         if self._writing is not None:
             return  # the completion of the current write carries on
