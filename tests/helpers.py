@@ -165,3 +165,8 @@ async def raw_stream(address: str) -> tuple[grpc.aio.Channel, Any]:
     await call.write(pb.Frame(hello=pb.Hello(protocol_version=1)).SerializeToString())
     assert (await call.read()).WhichOneof("kind") == "welcome"
     return channel, call
+
+
+#: calls in the statistical checks of the random strategy's spread over three providers:
+#: ±5 points of a third is then 4.1 standard deviations (outside about once in 8,000 runs)
+RANDOM_CALLS = 1_500
