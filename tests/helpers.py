@@ -6,6 +6,7 @@ side's ``receive``, so a test says exactly which frames cross and when.
 
 from __future__ import annotations
 
+import logging
 import socket
 import subprocess
 import sys
@@ -170,3 +171,24 @@ async def raw_stream(address: str) -> tuple[grpc.aio.Channel, Any]:
 #: calls in the statistical checks of the random strategy's spread over three providers:
 #: ±5 points of a third is then 4.1 standard deviations (outside about once in 8,000 runs)
 RANDOM_CALLS = 1_500
+
+
+class LogSeen(logging.Handler):
+    """Sets ``seen`` when the ``backchannel`` logger writes a message holding ``text``
+    (from any thread): a test waits on it instead of polling the captured records."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(logging.DEBUG)
+        self.text = text
+        self.seen = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            self.seen.set()
+
+    def __enter__(self) -> LogSeen:
+        logging.getLogger("backchannel").addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        logging.getLogger("backchannel").removeHandler(self)

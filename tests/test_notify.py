@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 from conftest import run
+from helpers import LogSeen
 from services import Echo, EchoImpl
 
 import backchannel
@@ -371,12 +372,16 @@ def test_a_full_hook_pool_is_logged_once_with_what_to_change(
 
     with (
         caplog.at_level(logging.WARNING, "backchannel"),
+        LogSeen("hook pool is exhausted") as exhausted,
         backchannel.Client(server.address, max_workers=2) as client,
     ):
         echo = client.reference(Echo, methods=[Method("echo", async_=True, onreturn=onreturn)])
         futures = [echo.echo(i) for i in range(6)]  # 2 hooks run, 4 queue
         try:
             assert started.acquire(timeout=WAIT) and started.acquire(timeout=WAIT)
+            # the hooks stay blocked until a later result had to queue (on a slow
+            # machine the other results may arrive after the first two hooks began)
+            assert exhausted.seen.wait(WAIT)
         finally:
             gate.set()
         assert [future.result(WAIT) for future in futures] == list(range(6))
