@@ -6,13 +6,14 @@ side's ``receive``, so a test says exactly which frames cross and when.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -192,3 +193,25 @@ class LogSeen(logging.Handler):
 
     def __exit__(self, *exc: object) -> None:
         logging.getLogger("backchannel").removeHandler(self)
+
+
+@contextlib.contextmanager
+def consumer_process(
+    address: str,
+    count: int,
+    mode: str = "sync",
+    service: str = "test.Notifier",
+    prefix: str = "k",
+) -> Iterator[subprocess.Popen[str]]:
+    """A consumer in a child process (``consumer_process.py``) that has added ``count``
+    listeners (keys ``prefix0``, ``prefix1``...) to ``service`` at ``address``, for a test
+    to kill or freeze; killed on the way out."""
+    script = Path(__file__).with_name("consumer_process.py")
+    command = [sys.executable, str(script), address, str(count), mode, service, prefix]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=script.parent)
+    try:
+        assert read_line(process, 15, "the consumer process") == "ready"
+        yield process
+    finally:
+        process.kill()
+        process.wait(5)

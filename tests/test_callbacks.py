@@ -6,18 +6,16 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import gc
-import subprocess
-import sys
 import threading
 import time
 import weakref
 from asyncio import gather
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import RawStream, run
+from helpers import consumer_process
 from notifier import (
     NOTIFIER_METHODS,
     AsyncNotifierImpl,
@@ -282,15 +280,7 @@ def test_a_crafted_frame_cannot_reach_another_consumers_callback(
 def test_consumer_killed_every_proxy_gone_within_two_seconds(
     provider: backchannel.Server, impl: NotifierImpl, mode: str
 ) -> None:
-    script = Path(__file__).with_name("consumer_process.py")
-    process = subprocess.Popen(
-        [sys.executable, str(script), provider.address, "3", mode],
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=script.parent,
-    )
-    try:
-        assert process.stdout is not None and process.stdout.readline().strip() == "ready"
+    with consumer_process(provider.address, 3, mode) as process:
         proxies = list(impl.listeners.values())
         assert len(proxies) == 3 and all(p.alive for p in proxies)
         process.kill()
@@ -301,9 +291,6 @@ def test_consumer_killed_every_proxy_gone_within_two_seconds(
             with pytest.raises(backchannel.CallbackGone):
                 proxy.changed("anyone?")
         assert provider_tables(provider) in ([], [0])
-    finally:
-        process.kill()
-        process.wait(5)
 
 
 def test_ten_thousand_add_remove_cycles_leave_nothing_behind(

@@ -4,15 +4,14 @@ methods) and from the provider's loop (``async def`` methods), over real loopbac
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
+import contextlib
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import run
+from helpers import consumer_process
 from notifier import Consumer, Listener
 
 import backchannel
@@ -125,15 +124,10 @@ def test_a_consumer_killed_mid_fan_out_raises_callback_gone_others_succeed(
     provider: backchannel.Server, impl: BroadcasterImpl
 ) -> None:
     local = Consumer("sync", provider.address)
-    script = Path(__file__).with_name("gather_consumer_process.py")
-    process = subprocess.Popen(
-        [sys.executable, str(script), provider.address, "3"],
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=script.parent,
-    )
-    try:
-        assert process.stdout is not None and process.stdout.readline().strip() == "ready"
+    with (
+        contextlib.closing(local),
+        consumer_process(provider.address, 3, "sync", "test.Broadcaster", "far") as process,
+    ):
         near = [add(local, f"near{i}") for i in range(3)]
         far = [key for key in impl.listeners if key.startswith("far")]
         assert len(far) == 3
@@ -157,10 +151,6 @@ def test_a_consumer_killed_mid_fan_out_raises_callback_gone_others_succeed(
         for key in far:
             assert isinstance(by_key[key], backchannel.CallbackGone), by_key[key]
             assert not impl.listeners[key].alive
-    finally:
-        process.kill()
-        process.wait(5)
-        local.close()
 
 
 def test_gather_mixed_with_plain_calls_keeps_each_listeners_order(

@@ -6,17 +6,14 @@ import asyncio
 import concurrent.futures
 import logging
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import run
-from helpers import Provider, read_line, wait_until
+from helpers import Provider, consumer_process, wait_until
 from notifier import NOTIFIER_METHODS, Notifier, NotifierImpl, SyncRecorder
 from services import Echo, EchoImpl
 
@@ -123,15 +120,7 @@ def test_keepalive_notices_a_frozen_consumer() -> None:
     keepalive = backchannel.Keepalive(time=0.5, timeout=0.5)
     with backchannel.Server(keepalive=keepalive) as server:
         server.export(Notifier, impl, methods=NOTIFIER_METHODS)
-        script = Path(__file__).with_name("consumer_process.py")
-        consumer = subprocess.Popen(
-            [sys.executable, str(script), server.address, "1"],
-            stdout=subprocess.PIPE,
-            text=True,
-            cwd=script.parent,
-        )
-        try:
-            assert read_line(consumer, 15, "the consumer") == "ready"
+        with consumer_process(server.address, 1) as consumer:
             (proxy,) = impl.listeners.values()
             consumer.send_signal(signal.SIGSTOP)
             started = time.monotonic()
@@ -139,9 +128,6 @@ def test_keepalive_notices_a_frozen_consumer() -> None:
             assert time.monotonic() - started < 2
             with pytest.raises(backchannel.CallbackGone):
                 proxy.changed("anyone?")
-        finally:
-            consumer.kill()
-            consumer.wait(5)
 
 
 class HeldRecorder(SyncRecorder):

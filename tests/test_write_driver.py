@@ -40,7 +40,7 @@ async def _a_write_that_waits_on_futures_and_a_bare_yield_ends_once_with_none() 
 
     _, ended = await _drive(write())
     first.set_result(None)
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # one loop turn, not a delay: the done-callback's step runs
     assert steps == ["first"] and not ended.done()
     second.set_result(None)
     assert await asyncio.wait_for(ended, 1) is None
