@@ -30,7 +30,6 @@ import datetime
 import itertools
 import json
 import re
-import subprocess
 import sys
 import threading
 import time
@@ -40,7 +39,7 @@ from typing import Any
 
 from common import FANOUT_CLIENTS, FANOUT_LISTENERS, JOIN_TIMEOUT, drive_threads, summarise
 from consumer import FANOUT_PROCESSES
-from run import DOC, consumer, consumers_result, markdown_table, median_run
+from run import DOC, consumer, consumers_result, markdown_table, median_run, serving
 from run import measure as measure_backchannel
 
 HERE = Path(__file__).resolve().parent
@@ -294,18 +293,11 @@ SCENARIOS: list[tuple[str, str, list[tuple[str, str]], str]] = [
 
 @contextlib.contextmanager
 def peer_provider(peer: str) -> Iterator[str]:
-    process = subprocess.Popen(
-        [sys.executable, str(Path(__file__)), "serve", peer], stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert process.stdout is not None
-        address = process.stdout.readline().strip()
-        if not address:
-            raise RuntimeError(f"the {peer} provider exited with {process.wait()}")
+    """Run ``peer``'s provider process (this script's ``serve``); yield its address."""
+    with serving(
+        [sys.executable, str(Path(__file__)), "serve", peer], f"the {peer} provider"
+    ) as address:
         yield address
-    finally:
-        process.kill()
-        process.wait()
 
 
 def measure(figure: str, warmup: float, duration: float) -> dict[str, float]:

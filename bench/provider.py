@@ -72,15 +72,19 @@ class AsyncCallbackBench:
         self._listeners.append(listener)
         self._added.set()
 
-    async def drive(self, listeners: int, warmup: float, seconds: float) -> dict[str, float]:
-        """Wait for ``listeners`` listeners, then time ``await listener.changed(i)`` with
-        one caller per listener. Every consumer calling this gets the same Measurement."""
+    async def _joined(self, listeners: int) -> list[Listener]:
+        """The first ``listeners`` listeners, once that many are in (JOIN_TIMEOUT)."""
         async with asyncio.timeout(JOIN_TIMEOUT):
             while len(self._listeners) < listeners:
                 self._added.clear()
                 await self._added.wait()
+        return self._listeners[:listeners]
+
+    async def drive(self, listeners: int, warmup: float, seconds: float) -> dict[str, float]:
+        """Wait for ``listeners`` listeners, then time ``await listener.changed(i)`` with
+        one caller per listener. Every consumer calling this gets the same Measurement."""
+        proxies = await self._joined(listeners)
         if self._run is None:
-            proxies = self._listeners[:listeners]
 
             async def op(i: int) -> None:
                 answer = await proxies[i % listeners].changed(i)
@@ -96,12 +100,8 @@ class AsyncCallbackBench:
     async def driveGather(self, listeners: int, warmup: float, seconds: float) -> dict[str, float]:
         """Wait for ``listeners`` listeners, then time rounds of ``await
         backchannel.gather(listener.changed(i) for listener in listeners)``."""
-        async with asyncio.timeout(JOIN_TIMEOUT):
-            while len(self._listeners) < listeners:
-                self._added.clear()
-                await self._added.wait()
+        proxies = await self._joined(listeners)
         if self._run is None:
-            proxies = self._listeners[:listeners]
 
             async def rounds(seconds: float) -> Measurement:
                 latencies: list[float] = []

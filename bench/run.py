@@ -231,12 +231,20 @@ def provider(kind: str, profile: Path | None, name: str, tracing: str = "") -> I
     OpenTelemetry in the state ``tracing``); yield the address it printed; stop it."""
     name = f"{name}-provider"
     command = _python("provider.py", kind, profile=profile, name=name, tracing=tracing)
+    with serving(command, f"the {kind} provider") as address:
+        yield address
+
+
+@contextlib.contextmanager
+def serving(command: list[str], what: str) -> Iterator[str]:
+    """Run a provider process (``what``, for the error); yield the address it prints
+    first; stop it (terminate, then kill after 10 s) on the way out."""
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     try:
         assert process.stdout is not None
         address = process.stdout.readline().strip()
         if not address:
-            raise RuntimeError(f"the {kind} provider exited with {process.wait()}")
+            raise RuntimeError(f"{what} exited with {process.wait()}")
         yield address
     finally:
         process.terminate()
