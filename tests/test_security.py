@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
 from collections.abc import Iterator
@@ -17,6 +18,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 import backchannel
+from backchannel import providers
+from backchannel.registry import reachable_host
 
 
 @backchannel.interface("test.WhoAmI")
@@ -43,7 +46,7 @@ class Pems:
 
 
 def _issue(
-    name: str, issuer: x509.Name | None, signer: Any, ca: bool = False
+    name: str, issuer: x509.Name | None, signer: Any, ca: bool = False, host: str = "127.0.0.1"
 ) -> tuple[bytes, bytes, Any]:
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
@@ -59,7 +62,7 @@ def _issue(
         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
     )
     if not ca:
-        names = [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+        names = [x509.IPAddress(ipaddress.ip_address(host)), x509.DNSName("localhost")]
         builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
     cert = builder.sign(signer or key, hashes.SHA256())
     key_pem = key.private_bytes(
@@ -197,3 +200,183 @@ def test_a_result_from_another_stream_cannot_answer_a_callback_call() -> None:
             await b.close()
 
         run(body())
+
+
+# ------------------------------------------------ where a consumer's token may go
+
+
+@backchannel.interface("test.security.Listed")
+class Listed:
+    def name(self) -> Any: ...
+
+
+class ListedImpl:
+    def name(self) -> Any:
+        return backchannel.current_identity()
+
+
+class Recorder:
+    """An authenticator that lets everyone in as ``label`` and keeps the metadata of
+    every stream and Invoke that reached it: what a provider collecting tokens sees."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.seen: list[dict[str, str]] = []
+
+    def __call__(self, metadata: Any) -> str:
+        self.seen.append(dict(metadata))
+        return self.label
+
+
+@contextlib.contextmanager
+def listed(address: str, recorder: Recorder, **options: Any) -> Iterator[backchannel.Server]:
+    server = backchannel.Server(address, authenticator=recorder, **options)
+    server.export(Listed, ListedImpl())  # before start(): start() registers the exports
+    with server:
+        yield server
+
+
+@pytest.fixture
+def outside_host(monkeypatch: pytest.MonkeyPatch) -> str:
+    """An address of this machine that is not loopback, for a provider to listen on: the
+    one its default route leaves from. On a machine with none, 127.0.0.2 stands in for
+    it, declared not loopback by the test (a seam in the predicate, not in gRPC)."""
+    host = reachable_host("0.0.0.0")
+    if not host.startswith("127."):
+        return host
+    real = providers.is_loopback
+    monkeypatch.setattr(
+        providers, "is_loopback", lambda address: real(address) and "127.0.0.2:" not in address
+    )
+    return "127.0.0.2"
+
+
+TOKEN = "s3cret"
+BEARER = f"Bearer {TOKEN}"
+
+
+def test_a_registry_cannot_lure_the_token_to_a_plaintext_address_off_the_machine(
+    zookeeper: Any, outside_host: str
+) -> None:
+    outside, loopback = Recorder("outside"), Recorder("loopback")
+    with (
+        listed(f"{outside_host}:0", outside, registry=zookeeper.address) as far,
+        listed("127.0.0.1:0", loopback, registry=zookeeper.address) as near,
+    ):
+        with backchannel.Client(zookeeper.address, token=TOKEN) as client:
+            who = client.reference(Listed, loadbalance="roundrobin")
+            assert [who.name() for _ in range(20)] == ["loopback"] * 20
+        assert outside.seen == []  # never reached: not a stream, not a connection
+        assert loopback.seen and all(m["authorization"] == BEARER for m in loopback.seen)
+
+        # the application's explicit opt-in sends it there all the same
+        with backchannel.Client(
+            zookeeper.address, token=TOKEN, send_token_over_plaintext=True
+        ) as client:
+            who = client.reference(Listed, loadbalance="roundrobin")
+            assert {who.name() for _ in range(4)} == {"outside", "loopback"}
+        assert [m["authorization"] for m in outside.seen] == [BEARER]
+        outside.seen.clear()
+
+        near.stop()  # now the registry lists only the provider off the machine
+        with backchannel.Client(zookeeper.address, token=TOKEN) as client:
+            with pytest.raises(backchannel.CredentialsNotSent) as refused:
+                client.reference(Listed).name()
+        message = str(refused.value)
+        assert far.address in message and "send_token_over_plaintext=True" in message
+        assert "credentials=" in message
+    assert outside.seen == []
+
+
+def test_authorization_metadata_is_held_back_like_a_token(outside_host: str) -> None:
+    far1, far2, near = Recorder("outside"), Recorder("outside 2"), Recorder("loopback")
+    header = [("authorization", BEARER)]
+    with (
+        listed(f"{outside_host}:0", far1) as a,
+        listed(f"{outside_host}:0", far2) as b,
+        listed("127.0.0.1:0", near) as c,
+    ):
+        with backchannel.Client(
+            f"static://{a.address},{b.address},{c.address}", metadata=header
+        ) as client:
+            who = client.reference(Listed, loadbalance="roundrobin")
+            assert [who.name() for _ in range(30)] == ["loopback"] * 30
+
+        # every provider refused: the error names each address, and the setting
+        with backchannel.Client(f"{a.address},{b.address}", metadata=header) as client:
+            with pytest.raises(backchannel.CredentialsNotSent) as refused:
+                client.reference(Listed).name()
+        message = str(refused.value)
+        assert a.address in message and b.address in message
+        assert "send_token_over_plaintext=True" in message
+
+        # a single address is refused when the client is made, sync and async alike
+        with pytest.raises(backchannel.CredentialsNotSent, match=a.address):
+            backchannel.Client(a.address, token=TOKEN)
+        with pytest.raises(backchannel.CredentialsNotSent, match=a.address):
+            backchannel.AsyncClient(a.address, metadata=header)
+        assert isinstance(refused.value, backchannel.TransportError)
+
+        # metadata that is no credential goes anywhere, as before
+        with backchannel.Client(a.address, metadata=[("x-team", "blue")]) as client:
+            assert client.reference(Listed).name() == "outside"
+        assert [(m.get("x-team"), m.get("authorization")) for m in far1.seen] == [("blue", None)]
+    assert far2.seen == []
+    assert [m["authorization"] for m in near.seen] == [BEARER] * len(near.seen)
+
+
+def test_the_token_goes_over_verified_tls_and_to_loopback(outside_host: str) -> None:
+    _, ca_cert, (ca_key, ca_name) = _issue("test CA", None, None, ca=True)
+    key, cert, _ = _issue(outside_host, ca_name, ca_key, host=outside_host)
+    tls = grpc.ssl_server_credentials([(key, cert)])
+    far, near = Recorder("outside"), Recorder("loopback")
+    with listed(f"{outside_host}:0", far, credentials=tls) as a, listed("127.0.0.1:0", near) as b:
+        trusted = grpc.ssl_channel_credentials(root_certificates=ca_cert)
+        with backchannel.Client(a.address, token=TOKEN, credentials=trusted) as client:
+            assert client.reference(Listed).name() == "outside"
+        assert [m["authorization"] for m in far.seen] == [BEARER]
+
+        port = b.port
+        for address in (f"127.0.0.1:{port}", f"localhost:{port}", f"static://localhost:{port}"):
+            with backchannel.Client(address, token=TOKEN) as client:
+                assert client.reference(Listed).name() == "loopback"
+
+        async def async_client() -> None:
+            async with backchannel.AsyncClient(b.address, token=TOKEN) as client:
+                assert await client.reference(Listed).name() == "loopback"
+
+        run(async_client())
+        assert [m["authorization"] for m in near.seen] == [BEARER] * 4
+
+
+def test_what_counts_as_loopback() -> None:
+    from backchannel.auth import is_loopback
+
+    for address in (
+        "127.0.0.1:1",
+        "127.8.9.10:1",
+        "localhost:1",
+        "LOCALHOST:1",
+        "[::1]:1",
+        "dns:///localhost:1",
+        "dns://8.8.8.8/127.0.0.1:1",
+        "ipv4:127.0.0.1:1,127.0.0.2:2",
+        "ipv6:[::1]:1",
+        "unix:/tmp/socket",
+        "unix-abstract:name",
+    ):
+        assert is_loopback(address), address
+    for address in (
+        "192.0.2.2:1",
+        "10.0.0.1:1",
+        "example.com:1",
+        "localhost.example.com:1",
+        "127.0.0.1.example.com:1",
+        "[::2]:1",
+        "::1",  # an IPv6 host with a port must be bracketed: not understood
+        "ipv4:127.0.0.1:1,10.0.0.1:2",
+        "dns:///example.com:1",
+        "xds:///service",
+        "",
+    ):
+        assert not is_loopback(address), address

@@ -1,16 +1,23 @@
-"""Who a consumer is: a pluggable authenticator on the provider, and a bearer-token helper.
+"""Who a consumer is: a pluggable authenticator on the provider, a bearer-token helper,
+and the consumer's rule for where its token may go.
 
 The provider's authenticator sees the metadata a consumer's stream (or ``Invoke``) opened
 with, and returns an identity (any object) or raises :class:`Unauthenticated`, which
 refuses the stream. Provider code reads the identity of the consumer it is serving with
 :func:`current_identity`, during a call.
+
+A consumer sends its token (``authorization`` metadata) only where nobody on the way
+can read it, as gRPC does with call credentials: over TLS, whose server certificate gRPC
+verifies, or to a loopback address; anywhere else unless the application opts in with
+``send_token_over_plaintext=True`` (:func:`token_refusal`).
 """
 
 from __future__ import annotations
 
 import contextvars
 import hmac
-from collections.abc import Awaitable, Callable, Mapping
+import ipaddress
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 from backchannel.errors import Unauthenticated
@@ -60,3 +67,64 @@ def bearer_tokens(tokens: Mapping[str, object]) -> Authenticator:
 def bearer_metadata(token: str) -> tuple[tuple[str, str], ...]:
     """The metadata a client sends to authenticate with ``token``."""
     return (("authorization", f"Bearer {token}"),)
+
+
+#: metadata keys whose value is a credential: never sent in plaintext to another host
+CREDENTIAL_KEYS = frozenset({"authorization"})
+#: the client setting that sends credentials over plaintext all the same
+PLAINTEXT_OPT_IN = "send_token_over_plaintext=True"
+# gRPC target schemes that never leave the machine
+_LOCAL_SCHEMES = ("unix:", "unix-abstract:")
+
+
+def carries_credentials(metadata: Iterable[tuple[str, str]]) -> bool:
+    """Whether ``metadata`` holds a credential (an ``authorization`` entry)."""
+    return any(key.lower() in CREDENTIAL_KEYS for key, _value in metadata)
+
+
+def is_loopback(address: str) -> bool:
+    """Whether a gRPC target never leaves this machine: a host of 127.0.0.0/8, ``::1``
+    or ``localhost`` (``host:port``, ``[::1]:port``, ``dns:``, ``ipv4:``/``ipv6:``
+    lists whose every address is loopback), or a Unix socket. Anything not understood
+    is not loopback."""
+    if address.startswith(_LOCAL_SCHEMES):
+        return True
+    if address.startswith(("ipv4:", "ipv6:")):
+        hosts = [_host(item) for item in address.partition(":")[2].split(",")]
+        return bool(hosts) and all(_loopback_host(host) for host in hosts)
+    if address.startswith("dns:"):
+        rest = address[len("dns:") :]
+        if rest.startswith("//"):  # dns://[authority]/host:port
+            rest = rest[2:].partition("/")[2]
+        address = rest
+    return _loopback_host(_host(address))
+
+
+def _host(address: str) -> str:
+    host, colon, _port = address.rpartition(":")
+    if not colon:
+        host = address
+    if host.startswith("[") and host.endswith("]"):
+        return host[1:-1]
+    return "" if ":" in host else host  # an IPv6 address must be bracketed before a port
+
+
+def _loopback_host(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name: it could resolve anywhere
+        return False
+
+
+def token_refusal(addresses: Iterable[str]) -> str:
+    """Why the token is not sent to ``addresses`` (plaintext, not loopback), naming the
+    settings that would allow it."""
+    listed = ", ".join(addresses)
+    return (
+        f"not sending the token (authorization metadata) to {listed}: the connection "
+        "would be plaintext and the address is not loopback, so anyone on the way could "
+        "read it; give credentials=grpc.ssl_channel_credentials(...) for TLS, or set "
+        f"{PLAINTEXT_OPT_IN} to send it anyway"
+    )

@@ -21,10 +21,11 @@ from typing import Any, TypeVar
 import grpc
 
 from backchannel import codec
-from backchannel.auth import bearer_metadata
+from backchannel.auth import bearer_metadata, token_refusal
 from backchannel.callbacks import CURRENT_CALL, ExportedCallback, parent_in
 from backchannel.errors import (
     ChannelClosed,
+    CredentialsNotSent,
     ShuttingDown,
     StreamBroken,
     TransportError,
@@ -160,6 +161,12 @@ class AsyncClient:
     def`` ones on the loop; a listener call nested in a call this client waits for runs
     at once, on up to ``max_reentrant_workers`` extra threads when the pool is full
     (docs/callbacks.md).
+
+    ``token`` (sent as ``authorization: Bearer <token>``) and any ``authorization`` entry
+    of ``metadata`` go to a provider only over TLS (``credentials=``) or to a loopback
+    address, unless ``send_token_over_plaintext=True``; any other address is refused with
+    :class:`~backchannel.errors.CredentialsNotSent`, at once for a single address, per
+    call for a list or a registry (docs/cluster.md, *Where the token goes*).
     """
 
     def __init__(
@@ -177,6 +184,7 @@ class AsyncClient:
         credentials: grpc.ChannelCredentials | None = None,
         metadata: Sequence[tuple[str, str]] = (),
         token: str | None = None,
+        send_token_over_plaintext: bool = False,
     ) -> None:
         if isinstance(address, str) and ":" not in address:
             raise ValueError(
@@ -204,6 +212,7 @@ class AsyncClient:
             metadata=tuple(metadata) + (bearer_metadata(token) if token else ()),
             error_types=self._error_types,
             pools=self._pools,
+            send_token_over_plaintext=send_token_over_plaintext,
         )
         self._closed = False
         #: one link per provider address, made when first chosen
@@ -219,6 +228,8 @@ class AsyncClient:
         self._consumer_urls: list[ServiceURL] = []
         if not _is_cluster(address):
             assert isinstance(address, str)
+            if self._settings.token_refused(address):  # known now: say so now
+                raise CredentialsNotSent(token_refusal([address]))
             self._single = self._link(address)
         elif isinstance(address, str) and not address.startswith(ZOOKEEPER_SCHEME):
             # a static list: no server, checked now
@@ -476,6 +487,7 @@ class AsyncClient:
             return await self._forking(ref, method, positional, current, directory)
         attempts = 1 + (ref.retries.get(method.name, 0) if mode == "failover" else 0)
         tried: set[str] = set()
+        refused: set[str] = set()  # the token may not go there (CredentialsNotSent)
         attempt = 1
         while True:
             try:
@@ -483,15 +495,19 @@ class AsyncClient:
                 return await self._invoke_on(link, ref, method, positional, current)
             except _NotSent as unsent:
                 tried.add(link.address)
+                if isinstance(unsent.error, CredentialsNotSent):
+                    refused.add(link.address)
                 if any(url.address not in tried for url in directory.urls):
                     logger.info(
                         "%s() not sent to %s (%s); failing over",
                         method.qualname,
-                        link.address,
+                        wire_text(link.address),
                         wire_text(unsent.error),
                     )
                     continue
                 error: BaseException = unsent.error
+                if len(refused) > 1 and refused == tried:  # every one: name them all
+                    error = CredentialsNotSent(token_refusal(sorted(refused)))
             except StreamBroken as exc:  # it may have reached the provider
                 tried.add(link.address)
                 error = exc
@@ -873,6 +889,7 @@ class Client:
         credentials: grpc.ChannelCredentials | None = None,
         metadata: Sequence[tuple[str, str]] = (),
         token: str | None = None,
+        send_token_over_plaintext: bool = False,
     ) -> None:
         self._core = AsyncClient(
             address,
@@ -887,6 +904,7 @@ class Client:
             credentials=credentials,
             metadata=metadata,
             token=token,
+            send_token_over_plaintext=send_token_over_plaintext,
         )
         self._portal = LoopThread(f"backchannel-client {self._core.address}")
         self._hooks = HookPool(max_workers)  # hooks of async_=True calls run here

@@ -13,6 +13,7 @@
     │   ├── StreamBroken              the Connect stream ended under a pending call
     │   ├── CallbackGone              the callback instance was released or its stream ended
     │   ├── ChannelClosed             the client or server was closed
+    │   ├── CredentialsNotSent        the client would not send its token to that address
     │   └── Unauthenticated (PermissionError)  the provider refused the consumer's credentials
     └── CallError                     a call failed; the remote side answered
         ├── RemoteError               the remote method raised something not on the allow-list
@@ -75,6 +76,14 @@ class CallbackGone(TransportError):
 
 class ChannelClosed(TransportError):
     """The client or server was closed; no more calls can be made on it."""
+
+
+class CredentialsNotSent(TransportError):
+    """The client would not send its token (or ``authorization`` metadata) to a provider:
+    the connection would be plaintext and the address is not loopback.
+
+    Nothing was sent to that address. The message names it and the settings that allow
+    it (``credentials=`` for TLS, or ``send_token_over_plaintext=True``)."""
 
 
 class Unauthenticated(TransportError, PermissionError):

@@ -9,14 +9,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from backchannel import codec, telemetry
+from backchannel.auth import carries_credentials, is_loopback, token_refusal
 from backchannel.callbacks import ConsumerCallbacks
-from backchannel.errors import ChannelClosed, ServiceNotFound, StreamBroken, TransportError
+from backchannel.errors import (
+    ChannelClosed,
+    CredentialsNotSent,
+    ServiceNotFound,
+    StreamBroken,
+    TransportError,
+)
 from backchannel.interface import MethodSpec
 from backchannel.pools import CallPools
 from backchannel.protocol import Connection, Role
@@ -24,9 +32,12 @@ from backchannel.reference import Reference
 from backchannel.session import Outgoing, Session, parse_frame, serialize
 from backchannel.settings import Keepalive, Limits, channel_options
 from backchannel.v1 import envelope_pb2 as pb
+from backchannel.wiretext import wire_text
 
 if TYPE_CHECKING:
     from backchannel.client import Backoff
+
+logger = logging.getLogger("backchannel")
 
 CONNECT_PATH = "/backchannel.v1.Envelope/Connect"
 
@@ -81,6 +92,7 @@ class LinkSettings:
         metadata: Sequence[tuple[str, str]],
         error_types: codec.ErrorTypes,
         pools: CallPools,
+        send_token_over_plaintext: bool = False,
     ) -> None:
         self.application = application
         self.connect_timeout = connect_timeout
@@ -90,6 +102,18 @@ class LinkSettings:
         self.metadata = tuple(metadata)
         self.error_types = error_types
         self.pools = pools
+        self.send_token_over_plaintext = send_token_over_plaintext
+
+    def token_refused(self, address: str) -> bool:
+        """Whether the metadata must not go to ``address``: it holds a credential, the
+        connection would be plaintext, the address is not loopback, and the application
+        did not opt in (gRPC sends call credentials only on a secure channel)."""
+        return (
+            self.credentials is None
+            and not self.send_token_over_plaintext
+            and carries_credentials(self.metadata)
+            and not is_loopback(address)
+        )
 
 
 class ProviderLink:
@@ -125,12 +149,20 @@ class ProviderLink:
         self.sent = 0
         #: resubscribe=True calls that succeeded on the open stream, in order
         self.subscriptions: dict[SubscriptionKey, Subscription] = {}
+        #: the token must not go there: no stream is ever opened (CredentialsNotSent)
+        self.token_refused = settings.token_refused(address)
+        if self.token_refused:
+            # once per link: a registry's address is anyone's who can write a znode
+            logger.warning("%s", token_refusal([wire_text(address)]))
 
     @property
     def available(self) -> bool:
         """Worth choosing for a new call: its stream is usable, or none is open and no
         backoff after a failed attempt is running. A provider going away (GoAway) is
-        not: its running calls finish, it gets no new ones."""
+        not: its running calls finish, it gets no new ones; nor is one the token may not
+        go to."""
+        if self.token_refused:
+            return False
         session = self.session
         if session is not None:
             if session.usable:
@@ -152,6 +184,8 @@ class ProviderLink:
         call) a running backoff fails the call at once instead of making it wait."""
         if self.closed:
             raise ChannelClosed(f"the client for {self.address} is closed")
+        if self.token_refused:  # checked before any channel exists: nothing is sent
+            raise CredentialsNotSent(token_refusal([self.address]))
         if self._opening is None:
             self._opening = asyncio.Lock()
         async with asyncio.timeout(timeout), self._opening:
