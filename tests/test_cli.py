@@ -422,3 +422,54 @@ def test_serve_of_a_config_with_a_zookeeper_registry_registers(
         assert process.wait(10) == 130
     gone = cli("describe", zookeeper.address, "com.callback.CallbackService")
     assert address not in gone.stdout.split()  # withdrawn when it stopped
+
+
+GUARDED_SERVICE = """
+import backchannel
+
+authenticate = backchannel.bearer_tokens({"s3cret": "ops"})
+
+
+@backchannel.interface("test.Guarded")
+class Guarded:
+    def ping(self) -> str: ...
+
+
+class GuardedImpl:
+    def ping(self) -> str:
+        return "pong"
+"""
+
+
+def test_serve_puts_health_and_reflection_behind_the_configured_authenticator(
+    tmp_path: Path,
+) -> None:
+    from test_grpcurl import BEARER, grpcurl
+
+    (tmp_path / "guarded_service.py").write_text(GUARDED_SERVICE)
+    config = tmp_path / "guarded.toml"
+    config.write_text(
+        "[protocol]\nport = 0\nauthenticator = 'guarded_service:authenticate'\n"
+        "authenticate_health = true\n\n"
+        "[[service]]\ninterface = 'guarded_service:Guarded'\nref = 'guarded_service:GuardedImpl'\n"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "backchannel", "serve", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = read_line(process, what="serve's listening line")
+        assert line.startswith("listening on "), line
+        address = line.split()[-1]
+        listed = grpcurl(address, "list")
+        checked = grpcurl(address, "grpc.health.v1.Health/Check")
+        with_token = grpcurl("-H", BEARER, address, "grpc.health.v1.Health/Check")
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(10)
+    for refused in (listed, checked):
+        assert refused.returncode != 0
+        assert "Unauthenticated" in refused.stderr and "no bearer token" in refused.stderr
+    assert json.loads(with_token.stdout) == {"status": "SERVING"}

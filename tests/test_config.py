@@ -199,6 +199,20 @@ BROKEN = [
         "onreturn = 'callback_service:CallbackServiceImpl.get_changed'\n",
         "reference[0].method: com.callback.CallbackService.addListener: onreturn",
     ),
+    (
+        "[protocol]\nauthenticate_health = 'yes'\n",
+        "protocol.authenticate_health: expected true or false, got 'yes'",
+    ),
+    ("[protocol]\nreflection = 0\n", "protocol.reflection: expected true or false, got 0"),
+    (
+        "[protocol]\nauthenticator = 'callback_service:time'\n",
+        "protocol.authenticator: expected a callable taking the metadata (a dict), "
+        "got 'callback_service:time'",
+    ),
+    (
+        "[protocol]\nauthenticator = 'no_such_module:check'\n",
+        "protocol.authenticator: expected an importable module",
+    ),
     ("[surprise]\n", "(top level).surprise: expected one of the keys"),
     ("this is = not toml", "not valid TOML"),
 ]
@@ -405,3 +419,27 @@ def test_the_code_api_rejects_duplicate_methods_and_non_bool_flags() -> None:
         backchannel.Method("get", resubscribe="yes")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="one_way must be True, False or None"):
         backchannel.Method("get", one_way=0)  # type: ignore[arg-type]
+
+
+def test_protocol_settings_reach_the_server(tmp_path: Path) -> None:
+    (tmp_path / "protocol_auth.py").write_text(
+        "import backchannel\nauthenticate = backchannel.bearer_tokens({'t': 'ops'})\n"
+    )
+    path = tmp_path / "protocol.toml"
+    path.write_text(
+        "[protocol]\nport = 0\nauthenticator = 'protocol_auth:authenticate'\n"
+        "reflection = false\nauthenticate_health = true\nauthenticate_reflection = false\n"
+    )
+    config = backchannel.load_config(path)
+    protocol = config.protocol
+    assert callable(protocol.authenticator)
+    assert (protocol.reflection, protocol.health) == (False, True)
+    assert (protocol.authenticate_reflection, protocol.authenticate_health) == (False, True)
+    core = config.server()._core
+    assert core._authenticator is protocol.authenticator and core._reflection is False
+    assert core._health is not None and core._health.guard is not None
+    assert core._reflection_guard is None
+    defaults = backchannel.load_config(EXAMPLES / "callback" / "config.toml").protocol
+    assert defaults == type(protocol)()  # the Server's own defaults
+    default_core = backchannel.load_config(EXAMPLES / "callback" / "config.toml").server()._core
+    assert default_core._authenticator is None and default_core._health is not None

@@ -292,3 +292,62 @@ def test_reflection_and_health_can_be_turned_off() -> None:
     assert no_health.value.code() == grpc.StatusCode.UNIMPLEMENTED
     assert no_reflection.value.code() == grpc.StatusCode.UNIMPLEMENTED
     assert [s.name for s in still_served.services] == ["test.Log"]
+
+
+BEARER = "authorization: Bearer s3cret"
+
+
+def test_reflection_needs_the_token_by_default_and_health_does_not() -> None:
+    tokens = backchannel.bearer_tokens({"s3cret": "ops"})
+    with backchannel.Server("127.0.0.1:0", authenticator=tokens) as server:
+        server.export(Log, LogImpl())
+        anonymous_list = grpcurl(server.address, "list")
+        anonymous_describe = grpcurl(server.address, "describe", "backchannel.v1.Frame")
+        listed = grpcurl("-H", BEARER, server.address, "list")
+        described = grpcurl("-H", BEARER, server.address, "describe", "backchannel.v1.Frame")
+        # the token goes to reflection only (-reflect-header): Check itself carries none
+        checked = grpcurl("-reflect-header", BEARER, server.address, "grpc.health.v1.Health/Check")
+        with grpc.insecure_channel(server.address) as channel:  # a probe that sends no token
+            probe = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=5
+            )
+    for refused in (anonymous_list, anonymous_describe):
+        assert refused.returncode != 0
+        assert "Unauthenticated" in refused.stderr and "no bearer token" in refused.stderr
+    assert listed.returncode == 0 and "backchannel.v1.Envelope" in listed.stdout.split()
+    assert "// One unit on a Connect stream." in described.stdout
+    assert json.loads(checked.stdout) == {"status": "SERVING"}
+    assert probe.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_health_can_be_put_behind_the_authenticator_and_reflection_left_open() -> None:
+    tokens = backchannel.bearer_tokens({"s3cret": "ops"})
+    with backchannel.Server(
+        "127.0.0.1:0",
+        authenticator=tokens,
+        authenticate_health=True,
+        authenticate_reflection=False,
+    ) as server:
+        server.export(Log, LogImpl())
+        listed = grpcurl(server.address, "list")
+        refused = grpcurl(server.address, "grpc.health.v1.Health/Check")
+        checked = grpcurl("-H", BEARER, server.address, "grpc.health.v1.Health/Check")
+        with grpc.insecure_channel(server.address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            with pytest.raises(grpc.RpcError) as no_watch:
+                next(iter(health.Watch(health_pb2.HealthCheckRequest(), timeout=5)))
+            watched = next(
+                iter(
+                    health.Watch(
+                        health_pb2.HealthCheckRequest(),
+                        timeout=5,
+                        metadata=[("authorization", "Bearer s3cret")],
+                    )
+                )
+            )
+    assert listed.returncode == 0 and "grpc.health.v1.Health" in listed.stdout.split()
+    assert refused.returncode != 0
+    assert "Unauthenticated" in refused.stderr and "no bearer token" in refused.stderr
+    assert json.loads(checked.stdout) == {"status": "SERVING"}
+    assert no_watch.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert watched.status == health_pb2.HealthCheckResponse.SERVING

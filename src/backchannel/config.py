@@ -11,6 +11,8 @@
     [protocol]                         # <dubbo:protocol port="50051">: where providers listen
     host = "127.0.0.1"
     port = 50051
+    authenticator = "auth:authenticate"  # optional, as Server(authenticator=...); so are
+    authenticate_health = false          # reflection, health, authenticate_reflection
 
     [[service]]                        # <dubbo:service interface=... ref=... callbacks="1000">
     interface = "service:CallbackService"
@@ -49,6 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from backchannel.auth import Authenticator
 from backchannel.client import Client
 from backchannel.exports import DEFAULT_CALLBACK_LIMIT
 from backchannel.interface import (
@@ -61,6 +64,9 @@ from backchannel.interface import (
 from backchannel.reference import Reference
 from backchannel.registry import STATIC_SCHEME, ZOOKEEPER_SCHEME
 from backchannel.server import Server
+
+#: the [protocol] keys that are Server's boolean keywords of the same names
+_PROTOCOL_FLAGS = ("reflection", "health", "authenticate_reflection", "authenticate_health")
 
 
 class ConfigError(ValueError):
@@ -95,6 +101,18 @@ class ReferenceConfig:
 
 
 @dataclass(frozen=True)
+class ProtocolConfig:
+    """The provider's ``[protocol]`` settings beyond its address: the keywords of
+    :class:`Server` of the same names, with the same defaults."""
+
+    authenticator: Authenticator | None = None
+    reflection: bool = True
+    health: bool = True
+    authenticate_reflection: bool = True
+    authenticate_health: bool = False
+
+
+@dataclass(frozen=True)
 class Config:
     """A loaded configuration: what the code API would be given."""
 
@@ -107,11 +125,24 @@ class Config:
     references: tuple[ReferenceConfig, ...] = field(default=())
     #: [registry] address when it names a registry (zookeeper://, static://, a list)
     registry: str | None = None
+    #: [protocol] authenticator, reflection, health, authenticate_reflection and
+    #: authenticate_health: the Server keywords of the same names
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
 
     def server(self) -> Server:
         """A :class:`Server` on the protocol address with every service exported,
         registered in the registry when there is one."""
-        server = Server(self.address, application=self.application, registry=self.registry)
+        protocol = self.protocol
+        server = Server(
+            self.address,
+            application=self.application,
+            registry=self.registry,
+            authenticator=protocol.authenticator,
+            reflection=protocol.reflection,
+            health=protocol.health,
+            authenticate_reflection=protocol.authenticate_reflection,
+            authenticate_health=protocol.authenticate_health,
+        )
         for service in self.services:
             server.export(
                 service.interface,
@@ -259,6 +290,7 @@ class _Reader:
         )
         application = self.table(data.get("application", {}), "application", {"name"})
         registry, address = self.addresses(data)
+        protocol = self.protocol(data.get("protocol", {}))
         services = tuple(
             self.service(item, f"service[{i}]")
             for i, item in enumerate(self.tables(data, "service", ""))
@@ -286,7 +318,25 @@ class _Reader:
             services,
             references,
             registry,
+            protocol,
         )
+
+    def protocol(self, data: dict[str, Any]) -> ProtocolConfig:
+        """The ``[protocol]`` keys that are Server settings (checked by :meth:`addresses`)."""
+        path = self.string(data, "authenticator", "protocol")
+        authenticator = None
+        if path is not None:
+            authenticator = self.resolve(path, "protocol.authenticator")
+            if not callable(authenticator):
+                raise self.fail(
+                    "protocol.authenticator", "a callable taking the metadata (a dict)", path
+                )
+        flags: dict[str, bool] = {}
+        for name in _PROTOCOL_FLAGS:
+            value = self.boolean(data, name, "protocol")
+            if value is not None:
+                flags[name] = value
+        return ProtocolConfig(authenticator, **flags)
 
     def addresses(self, data: dict[str, Any]) -> tuple[str | None, str]:
         """([registry] address if it names a registry, the [protocol] listen address).
@@ -294,7 +344,11 @@ class _Reader:
         ``[registry] address = "host:port"`` is the old form, from before registries: it
         still means the listen address (and where references connect), with a warning."""
         registry = self.table(data.get("registry", {}), "registry", {"address"})
-        protocol = self.table(data.get("protocol", {}), "protocol", {"host", "port"})
+        protocol = self.table(
+            data.get("protocol", {}),
+            "protocol",
+            {"host", "port", "authenticator", *_PROTOCOL_FLAGS},
+        )
         given = self.string(registry, "address", "registry")
         host = self.string(protocol, "host", "protocol") or "127.0.0.1"
         port = self.number(protocol, "port", "protocol", integer=True)
@@ -312,7 +366,7 @@ class _Reader:
                 "'host:port' with a port from 0 to 65535",
                 given,
             )
-        if protocol:
+        if "host" in protocol or "port" in protocol:
             raise self.fail(
                 "registry.address",
                 "a registry ('zookeeper://host:port') when [protocol] gives the listen address",

@@ -6,12 +6,14 @@ file as stock reflection does, but swaps in the documented descriptor of each fi
 ships one: ``backchannel/v1/envelope.binpb``, and for any other file, a ``NAME.binpb``
 beside the imported ``NAME_pb2.py`` that describes it (``scripts/gen_protos.py`` writes
 both, e.g. ``examples/notify/generated/demo/person.binpb``).
+
+With a ``guard`` (the server's authenticator), each reflection stream must pass it first.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -51,12 +53,21 @@ def documented_beside_module(name: str) -> bytes | None:
     return None
 
 
-class DocumentedReflection(ReflectionServicer):  # type: ignore[misc]
-    """Stock reflection, with documented descriptors where we have them."""
+#: refuses an RPC (aborts its context) unless its metadata is accepted; the flag says
+#: the RPC is a stream
+Guard = Callable[[grpc.aio.ServicerContext[Any, Any], bool], Awaitable[None]]
 
-    def __init__(self, service_names: Iterable[str], documented: dict[str, bytes]) -> None:
+
+class DocumentedReflection(ReflectionServicer):  # type: ignore[misc]
+    """Stock reflection, with documented descriptors where we have them; behind
+    ``guard`` when one is given."""
+
+    def __init__(
+        self, service_names: Iterable[str], documented: dict[str, bytes], guard: Guard | None = None
+    ) -> None:
         super().__init__(tuple(service_names))
         self._documented: dict[str, bytes | None] = dict(documented)
+        self._guard = guard
 
     def _documented_file(self, name: str) -> bytes | None:
         if name not in self._documented:
@@ -68,6 +79,8 @@ class DocumentedReflection(ReflectionServicer):  # type: ignore[misc]
         request_iterator: AsyncIterable[reflection_pb2.ServerReflectionRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[reflection_pb2.ServerReflectionResponse]:
+        if self._guard is not None:
+            await self._guard(context, True)
         async for response in super().ServerReflectionInfo(request_iterator, context):
             if response.HasField("file_descriptor_response"):
                 files = response.file_descriptor_response.file_descriptor_proto
@@ -79,8 +92,11 @@ class DocumentedReflection(ReflectionServicer):  # type: ignore[misc]
             yield response
 
 
-def enable(server: grpc.aio.Server, service_names: Iterable[str]) -> None:
-    """Serve reflection for ``service_names`` (the reflection service itself included)."""
+def enable(
+    server: grpc.aio.Server, service_names: Iterable[str], guard: Guard | None = None
+) -> None:
+    """Serve reflection for ``service_names`` (the reflection service itself included),
+    each stream first passing ``guard`` when one is given."""
     names = [*service_names, reflection.SERVICE_NAME]
-    servicer = DocumentedReflection(names, documented_files())
+    servicer = DocumentedReflection(names, documented_files(), guard)
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)

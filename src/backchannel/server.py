@@ -62,6 +62,28 @@ class _ProviderSide:
         self.callbacks.clear(f"the stream ended: {cause}")
 
 
+class _Health(HealthServicer):  # type: ignore[misc]
+    """The standard health service; behind ``guard`` (the authenticator) when set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.guard: reflection.Guard | None = None
+
+    async def Check(
+        self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> health_pb2.HealthCheckResponse:
+        if self.guard is not None:
+            await self.guard(context, False)
+        return await super().Check(request, context)
+
+    async def Watch(
+        self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        if self.guard is not None:
+            await self.guard(context, False)
+        await super().Watch(request, context)
+
+
 async def _refuse(
     context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusCode, message: str
 ) -> None:
@@ -88,6 +110,12 @@ class AsyncServer:
     Plain (``def``) methods run in a pool of ``max_workers`` threads; a call nested in a
     call this provider waits for (a listener's call back) runs at once, on up to
     ``max_reentrant_workers`` extra threads when the pool is full (docs/callbacks.md).
+
+    With an ``authenticator``, every ``Connect``, ``Invoke`` and ``Describe`` must pass
+    it; so must server reflection (``authenticate_reflection=True``, the default: it
+    serves the descriptors of every message type the process imported) and, with
+    ``authenticate_health=True``, the health service (open by default, for probes that
+    send no token). ``reflection=False`` / ``health=False`` turn them off.
     """
 
     def __init__(
@@ -106,6 +134,8 @@ class AsyncServer:
         keepalive: Keepalive | None = Keepalive(),
         credentials: grpc.ServerCredentials | None = None,
         authenticator: Authenticator | None = None,
+        authenticate_reflection: bool = True,
+        authenticate_health: bool = False,
         registry: str | Registry | None = None,
         advertise_host: str | None = None,
     ) -> None:
@@ -122,7 +152,12 @@ class AsyncServer:
         self._limits = limits
         self._keepalive = keepalive
         self._reflection = reflection
-        self._health: HealthServicer | None = HealthServicer() if health else None
+        self._health: _Health | None = _Health() if health else None
+        # health and reflection reveal no exports; each is behind the authenticator
+        # when its setting says so (docs/grpcurl.md)
+        self._reflection_guard = self._authenticate if authenticate_reflection else None
+        if self._health is not None and authenticate_health:
+            self._health.guard = self._authenticate
         self._application = application
         self._send_tracebacks = send_tracebacks
         self._error_types = codec.ErrorTypes(errors)
@@ -215,7 +250,7 @@ class AsyncServer:
         if self._reflection:
             # grpcurl resolves Any payloads through reflection over the default pool,
             # where every generated message module this process imported is registered
-            reflection.enable(server, served)
+            reflection.enable(server, served, self._reflection_guard)
         try:
             if self._credentials is None:
                 self._port = server.add_insecure_port(self._requested_address)
@@ -462,6 +497,8 @@ class Server:
         keepalive: Keepalive | None = Keepalive(),
         credentials: grpc.ServerCredentials | None = None,
         authenticator: Authenticator | None = None,
+        authenticate_reflection: bool = True,
+        authenticate_health: bool = False,
         registry: str | Registry | None = None,
         advertise_host: str | None = None,
     ) -> None:
@@ -479,6 +516,8 @@ class Server:
             keepalive=keepalive,
             credentials=credentials,
             authenticator=authenticator,
+            authenticate_reflection=authenticate_reflection,
+            authenticate_health=authenticate_health,
             registry=registry,
             advertise_host=advertise_host,
         )
