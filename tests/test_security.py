@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+import grpc.experimental
 import pytest
 from conftest import run
 from cryptography import x509
@@ -315,6 +316,9 @@ def test_authorization_metadata_is_held_back_like_a_token(outside_host: str) -> 
             backchannel.Client(a.address, token=TOKEN)
         with pytest.raises(backchannel.CredentialsNotSent, match=a.address):
             backchannel.AsyncClient(a.address, metadata=header)
+        plaintext = grpc.experimental.insecure_channel_credentials()  # "credentials", no TLS
+        with pytest.raises(backchannel.CredentialsNotSent, match=a.address):
+            backchannel.Client(a.address, token=TOKEN, credentials=plaintext)
         assert isinstance(refused.value, backchannel.TransportError)
 
         # metadata that is no credential goes anywhere, as before

@@ -121,10 +121,14 @@ def _loopback_host(host: str) -> bool:
 def token_refusal(addresses: Iterable[str]) -> str:
     """Why the token is not sent to ``addresses`` (plaintext, not loopback), naming the
     settings that would allow it."""
-    listed = ", ".join(addresses)
+    listed = list(addresses)
+    what = (
+        "the connection would be plaintext and the address is not loopback"
+        if len(listed) == 1
+        else "the connections would be plaintext and the addresses are not loopback"
+    )
     return (
-        f"not sending the token (authorization metadata) to {listed}: the connection "
-        "would be plaintext and the address is not loopback, so anyone on the way could "
-        "read it; give credentials=grpc.ssl_channel_credentials(...) for TLS, or set "
-        f"{PLAINTEXT_OPT_IN} to send it anyway"
+        f"not sending the token (authorization metadata) to {', '.join(listed)}: {what}, "
+        "so anyone on the way could read it; give credentials=grpc.ssl_channel_credentials"
+        f"(...) for TLS, or set {PLAINTEXT_OPT_IN} to send it anyway"
     )

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import grpc
+import grpc.experimental
 
 from backchannel import codec, telemetry
 from backchannel.auth import carries_credentials, is_loopback, token_refusal
@@ -38,6 +39,9 @@ if TYPE_CHECKING:
     from backchannel.client import Backoff
 
 logger = logging.getLogger("backchannel")
+
+#: grpc's "credentials" for a plaintext channel (one shared object): no TLS either
+_PLAINTEXT = grpc.experimental.insecure_channel_credentials()  # type: ignore[no-untyped-call]
 
 CONNECT_PATH = "/backchannel.v1.Envelope/Connect"
 
@@ -109,7 +113,7 @@ class LinkSettings:
         connection would be plaintext, the address is not loopback, and the application
         did not opt in (gRPC sends call credentials only on a secure channel)."""
         return (
-            self.credentials is None
+            (self.credentials is None or self.credentials is _PLAINTEXT)
             and not self.send_token_over_plaintext
             and carries_credentials(self.metadata)
             and not is_loopback(address)
