@@ -73,6 +73,9 @@ _COMPACT_WAITING_AT = 4096
 #: Batch of 150,000 calls refused past the in-flight limit would otherwise hold the loop
 #: for over a second (one slice of refusals takes a few milliseconds)
 RECEIVE_SLICE = 500
+#: frames the writer packs into messages at a time (~1 ms), so a long queue of small
+#: frames never holds the loop while it is packed all at once
+_COALESCE_FRAMES = 64 * MAX_BATCH_FRAMES
 
 Read = Callable[[], Awaitable[Any]]
 Future = asyncio.Future[Any]
@@ -285,10 +288,15 @@ class Session:
                 if not self._queue:
                     self._drained.set()
                     return
-                frames, self._queue = self._queue, []
+                if len(self._queue) <= _COALESCE_FRAMES:
+                    frames, self._queue = self._queue, []
+                    self._queue_bytes = 0
+                else:  # a bounded piece: coalescing 100,000 frames at once takes ~80 ms
+                    frames = self._queue[:_COALESCE_FRAMES]
+                    del self._queue[:_COALESCE_FRAMES]
+                    self._queue_bytes -= sum(map(len, frames))
                 limit = min(MAX_BATCH_BYTES, self._peer_max_message)
                 self._messages.extend(coalesce(frames, limit))
-                self._queue_bytes = 0
                 self._message_bytes = sum(map(len, self._messages))
             message = self._messages.popleft()
             self._message_bytes -= len(message)
