@@ -25,6 +25,7 @@ from services import Echo, EchoImpl
 from test_security import _issue
 
 import backchannel
+from backchannel import peerlog
 from backchannel.peerlog import PEER_WARNINGS
 from backchannel.portal import LoopThread
 from backchannel.server import AsyncServer
@@ -400,3 +401,52 @@ async def _until_no_session(server: AsyncServer) -> None:
     async with asyncio.timeout(5):
         while server.session_count:
             await asyncio.sleep(0.01)
+
+
+def test_peer_warnings_past_the_rate_go_to_debug_and_a_summary_follows_the_window(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """25 warnings in one window: PEER_WARNINGS at WARNING, the other 15 at DEBUG, and
+    one summary line when the window ends (its timer: the stream is still open); the next
+    window starts afresh."""
+    monkeypatch.setattr(peerlog, "PEER_WARNING_WINDOW", 0.05)
+    logger = logging.getLogger("backchannel.test-peerlog")
+    logger.setLevel(logging.DEBUG)
+    seen: list[tuple[int, str]] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append((record.levelno, record.getMessage()))
+
+    keep = Keep()
+    logger.addHandler(keep)
+
+    async def body() -> None:
+        log = peerlog.PeerLog(asyncio.get_running_loop(), "peer:1", logger)
+        for i in range(25):
+            log.warning("protocol mistake by %s: %s", f"mistake {i}\n")
+        assert sum(level == logging.WARNING for level, _ in seen) == PEER_WARNINGS
+        assert sum(level == logging.DEBUG for level, _ in seen) == 15
+        async with asyncio.timeout(5):
+            while not any("suppressed" in message for _, message in seen):
+                await asyncio.sleep(0.01)
+        summary = seen[-1][1]
+        assert summary.startswith("peer:1: 15 more warnings about what it sent were suppressed")
+        log.warning("protocol mistake by %s: %s", "again")
+        assert seen[-1] == (logging.WARNING, "protocol mistake by peer:1: again")
+        assert "mistake 0\\n" in seen[0][1]  # escaped: one line each
+
+    try:
+        run(body())
+    finally:
+        logger.removeHandler(keep)
+
+
+def test_limits_refuse_nonsense() -> None:
+    for bad in (
+        {"handshake_timeout": 0},
+        {"max_streams": 0},
+        {"max_faults": 0},
+    ):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            backchannel.Limits(**bad)  # type: ignore[arg-type]

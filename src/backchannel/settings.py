@@ -82,6 +82,10 @@ class Limits:
     waiting for the other to read), the stream is ended, the provider with status
     ``RESOURCE_EXHAUSTED`` naming the limit. Other streams never notice. It must hold at
     least one message of ``max_message_size``.
+
+    ``handshake_timeout`` and ``max_streams`` bound what a provider holds for consumers
+    that connect and say nothing, or open stream after stream (a consumer ignores them);
+    ``max_faults`` ends, on either side, the stream of a peer that floods it with Faults.
     """
 
     #: calls that may run at once on one stream in each direction; past it new calls
