@@ -95,10 +95,11 @@ CALLING_BACK = {"poke": 1, "apoke": 1, "push": 3, "burst": 3}
 
 
 class MistakeLog(logging.Handler):
-    """Counts the provider's log lines about protocol mistakes and faults it was sent."""
+    """Counts the provider's log lines about protocol mistakes and faults it was sent:
+    at WARNING, and at DEBUG those past a stream's share of warnings (PEER_WARNINGS)."""
 
     def __init__(self) -> None:
-        super().__init__(logging.WARNING)
+        super().__init__(logging.DEBUG)
         self.counts: collections.Counter[str] = collections.Counter()
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -763,6 +764,8 @@ def provider() -> Iterator[tuple[backchannel.Server, MistakeLog]]:
     log = MistakeLog()
     logger = logging.getLogger("backchannel")
     logger.addHandler(log)
+    level = logger.level
+    logger.setLevel(logging.DEBUG)  # every mistake is logged: past the rate, at DEBUG
     try:
         with backchannel.Server(callback_timeout=CALLBACK_TIMEOUT) as server:
             server.export(Echo, SafeEcho())
@@ -770,6 +773,7 @@ def provider() -> Iterator[tuple[backchannel.Server, MistakeLog]]:
             server.export(Notifier, SafeNotifier(greet=False), methods=NOTIFIER_METHODS)
             yield server, log
     finally:
+        logger.setLevel(level)
         logger.removeHandler(log)
 
 

@@ -30,7 +30,7 @@ from backchannel.portal import LoopThread
 from backchannel.protocol import PROTOCOL_VERSION, Connection, Role
 from backchannel.registry import DEFAULT_WEIGHT, Registry, ServiceURL, open_registry, reachable_host
 from backchannel.session import Outgoing, Session, parse_frame, serialize
-from backchannel.settings import DEFAULT_TIMEOUT, Keepalive, Limits, channel_options
+from backchannel.settings import DEFAULT_TIMEOUT, Keepalive, Limits, server_options
 from backchannel.v1 import envelope_pb2 as pb
 from backchannel.wiretext import wire_text
 
@@ -169,6 +169,8 @@ class AsyncServer:
         self._grpc: grpc.aio.Server | None = None
         self._port = 0
         self._sessions: set[Session] = set()
+        self._streams = 0  # Connect streams in _connect, authenticating ones included
+        self._full = False  # max_streams was reached (logged once until back under it)
         self._stopping = False
 
     # ---------------------------------------------------------------- exports
@@ -219,7 +221,7 @@ class AsyncServer:
         """Bind and start serving."""
         if self._grpc is not None:
             raise RuntimeError("the server is already started")
-        server = grpc.aio.server(options=channel_options(self._limits, self._keepalive))
+        server = grpc.aio.server(options=server_options(self._limits, self._keepalive))
         handler = grpc.method_handlers_generic_handler(
             SERVICE_NAME,
             {
@@ -380,6 +382,30 @@ class AsyncServer:
     ) -> None:
         if self._stopping:
             await _refuse(context, grpc.StatusCode.UNAVAILABLE, "the provider is shutting down")
+        limit = self._limits.max_streams
+        if self._streams >= limit:
+            if not self._full:  # once, not per refused stream: a flood would flood the log
+                self._full = True
+                logger.warning(
+                    "refusing new Connect streams: %d are open (Limits.max_streams)", limit
+                )
+            await _refuse(
+                context,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"this provider holds {limit} Connect streams already (Limits.max_streams); "
+                "try again later",
+            )
+        self._streams += 1
+        try:
+            await self._serve_stream(context)
+        finally:
+            self._streams -= 1
+            if self._full and self._streams < limit:
+                self._full = False
+                logger.info("accepting new Connect streams again (Limits.max_streams)")
+
+    async def _serve_stream(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        """Authenticate one Connect stream and run its session until it ends."""
         await self._authenticate(context, stream=True)
         connection: Connection[Outgoing] = Connection(
             Role.PROVIDER,
@@ -404,12 +430,25 @@ class AsyncServer:
             # it passed the check above before stop() began and was authenticated after
             # stop() told every session go-away: tell it too, before its first call
             session.go_away(_GOING_AWAY)
+        # a stream that sends no Hello would be held (with its memory) for ever
+        no_hello = asyncio.get_running_loop().call_later(
+            self._limits.handshake_timeout, self._no_hello, session
+        )
         try:
             await session.run(context.read)
         finally:
+            no_hello.cancel()
             self._sessions.discard(session)
-        if session.overflow is not None:  # the consumer did not read: say so, not CANCELLED
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, session.overflow)
+        if session.ending is not None:  # it broke a limit: say which, not CANCELLED
+            await context.abort(*session.ending)
+
+    def _no_hello(self, session: Session) -> None:
+        if not session.handshake.done():
+            session.end(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"{session.peer} sent no Hello within {self._limits.handshake_timeout} s "
+                "(Limits.handshake_timeout); the stream is ended",
+            )
 
     async def _invoke(
         self, call: pb.Call, context: grpc.aio.ServicerContext[Any, Any]

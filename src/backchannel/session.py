@@ -18,7 +18,7 @@ import contextvars
 import logging
 import threading
 import types
-from collections.abc import Awaitable, Callable, Coroutine, Generator
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Sequence
 from typing import Any, Protocol
 
 import grpc
@@ -37,6 +37,7 @@ from backchannel.errors import (
     TransportError,
     Unauthenticated,
 )
+from backchannel.peerlog import PeerLog
 from backchannel.protocol import (
     CallReceived,
     CancelReceived,
@@ -68,6 +69,13 @@ MAX_BATCH_BYTES = 1 << 20
 MIN_TIME_LEFT_TO_SEND = 0.1
 #: waiting calls (expired or cancelled ones included) held before the queue is compacted
 _COMPACT_WAITING_AT = 4096
+#: frames of one received Batch acted on before the reader yields to the event loop: a
+#: Batch of 150,000 calls refused past the in-flight limit would otherwise hold the loop
+#: for over a second (one slice of refusals takes a few milliseconds)
+RECEIVE_SLICE = 500
+#: frames the writer packs into messages at a time (~1 ms), so a long queue of small
+#: frames never holds the loop while it is packed all at once
+_COALESCE_FRAMES = 64 * MAX_BATCH_FRAMES
 
 Read = Callable[[], Awaitable[Any]]
 Future = asyncio.Future[Any]
@@ -146,8 +154,14 @@ class Session:
         self._writable.set()
         self._reader: asyncio.Task[Any] | None = None
         self._stall: asyncio.TimerHandle | None = None  # ends a stream over the limit too long
-        #: why this side ended the stream for holding too much unwritten (a status text)
-        self.overflow: str | None = None
+        #: the status this side ended the stream with, when it did (a peer that broke a
+        #: limit: did not read, sent no Hello, kept sending Faults)
+        self.ending: tuple[grpc.StatusCode, str] | None = None
+        #: the rate-limited warnings about what the peer sent
+        self.peer_log = PeerLog(self._loop, peer, logger)
+        # Faults the peer may still send: max_faults at once, refilled at that a minute
+        self._fault_allowance = float(limits.max_faults)
+        self._fault_time = self._loop.time()
         self._closed = asyncio.Event()
         #: set once the handshake finished; holds the provider's services on the consumer
         self.handshake: asyncio.Future[tuple[pb.ServiceInfo, ...]] = self._loop.create_future()
@@ -217,10 +231,11 @@ class Session:
         limit = self._limits.max_queued_bytes
         queued = self._queue_bytes + self._message_bytes
         if queued > 2 * limit:
-            self._end_overflowing(
+            self.end(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"{self.peer} did not read what was sent to it: {queued} bytes queued for "
                 f"it, over twice the limit of {limit} bytes (max_queued_bytes); "
-                "the stream is ended"
+                "the stream is ended",
             )
         elif self._writable.is_set():
             self._writable.clear()
@@ -236,17 +251,19 @@ class Session:
     def _stalled(self) -> None:
         """Over max_queued_bytes for max_write_stall seconds: the peer reads nothing more
         (or waits, as this side does, for the other to read first)."""
-        self._end_overflowing(
+        self.end(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
             f"{self.peer} read nothing of what was queued for it for "
             f"{self._limits.max_write_stall} s (max_write_stall) while over the limit of "
-            f"{self._limits.max_queued_bytes} bytes (max_queued_bytes); the stream is ended"
+            f"{self._limits.max_queued_bytes} bytes (max_queued_bytes); the stream is ended",
         )
 
-    def _end_overflowing(self, why: str) -> None:
-        """End the stream of a peer that does not read, dropping what is queued for it."""
+    def end(self, code: grpc.StatusCode, why: str) -> None:
+        """End the stream of a peer that broke a limit, dropping what is queued for it;
+        the provider ends the RPC with ``code`` and ``why`` (:attr:`ending`)."""
         if self.cause is not None:
             return
-        self.overflow = why
+        self.ending = (code, why)
         logger.warning("%s", why)
         self._queue.clear()
         self._messages.clear()
@@ -271,10 +288,15 @@ class Session:
                 if not self._queue:
                     self._drained.set()
                     return
-                frames, self._queue = self._queue, []
+                if len(self._queue) <= _COALESCE_FRAMES:
+                    frames, self._queue = self._queue, []
+                    self._queue_bytes = 0
+                else:  # a bounded piece: coalescing 100,000 frames at once takes ~80 ms
+                    frames = self._queue[:_COALESCE_FRAMES]
+                    del self._queue[:_COALESCE_FRAMES]
+                    self._queue_bytes -= sum(map(len, frames))
                 limit = min(MAX_BATCH_BYTES, self._peer_max_message)
                 self._messages.extend(coalesce(frames, limit))
-                self._queue_bytes = 0
                 self._message_bytes = sum(map(len, self._messages))
             message = self._messages.popleft()
             self._message_bytes -= len(message)
@@ -346,6 +368,10 @@ class Session:
                 if frame is EOF:
                     cause = StreamBroken(f"the peer {self.peer} closed the stream")
                     break
+                batch = _many_frames(frame)
+                if batch is not None:
+                    await self._receive_in_slices(batch)
+                    continue
                 # what acting on one message produces (results of calls that finish at
                 # once, say) is written as one batch as soon as it is done: no loop turn
                 self._handling = True
@@ -363,7 +389,7 @@ class Session:
                     self._handling = False
                 self._write_now()
         except asyncio.CancelledError:
-            if self.overflow is not None and self._reader is not None:
+            if self.ending is not None and self._reader is not None:
                 self._reader.uncancel()  # this side ended it: the caller ends the RPC
                 return
             self.lost(StreamBroken(f"the stream to {self.peer} was closed"))
@@ -375,6 +401,25 @@ class Session:
         self.lost(cause)
         await self._drain_writer()
 
+    async def _receive_in_slices(self, frames: Sequence[pb.Frame | Unparseable]) -> None:
+        """Act on the frames of one big Batch, :data:`RECEIVE_SLICE` at a time, yielding
+        to the loop between slices (and waiting, as the reader does, while the peer reads
+        too slowly), so no single message holds the loop for long."""
+        for start in range(0, len(frames), RECEIVE_SLICE):
+            if start:
+                await asyncio.sleep(0)
+                if not self._writable.is_set():
+                    await self._writable.wait()
+                if self.cause is not None:
+                    return
+            self._handling = True
+            try:
+                piece = frames[start : start + RECEIVE_SLICE]
+                self._handle(self.connection.receive_batch(piece))
+            finally:
+                self._handling = False
+            self._write_now()
+
     async def _drain_writer(self) -> None:
         """Let what is queued (a last Fault, say) be written for a moment, then stop."""
         with contextlib.suppress(TimeoutError):
@@ -384,6 +429,8 @@ class Session:
 
     def _handle(self, events: list[Any]) -> None:
         for event in events:
+            if self.cause is not None:  # ended by one of them (too many Faults)
+                return
             if type(event) is ResultReceived:
                 event.token.resolve(event.result)
                 self._finished(event.result.id)
@@ -409,11 +456,25 @@ class Session:
             elif type(event) is GoAwayReceived:
                 logger.info("%s is going away: %s", self.peer, wire_text(event.reason))
             elif type(event) is FaultReceived:
-                logger.warning(
-                    "%s reports a protocol fault: %s", self.peer, wire_text(event.message)
-                )
+                self.peer_log.warning("%s reports a protocol fault: %s", event.message)
+                self._count_fault()
             elif type(event) is PeerMistake:
-                logger.warning("protocol mistake by %s: %s", self.peer, wire_text(event.message))
+                self.peer_log.warning("protocol mistake by %s: %s", event.message)
+
+    def _count_fault(self) -> None:
+        """A Fault came: past ``max_faults`` at once (refilled at that many a minute),
+        the peer is not reporting this side's mistakes but flooding: end the stream."""
+        now = self._loop.time()
+        limit = self._limits.max_faults
+        refill = (now - self._fault_time) * limit / 60.0
+        self._fault_allowance = min(float(limit), self._fault_allowance + refill) - 1.0
+        self._fault_time = now
+        if self._fault_allowance < 0:
+            self.end(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{self.peer} sent more than {limit} Faults (max_faults at once, or more "
+                f"than {limit} a minute after that); the stream is ended",
+            )
 
     async def _serve(self, call: pb.Call) -> None:
         """Run one incoming call and send its result."""
@@ -674,6 +735,7 @@ class Session:
             self._stall.cancel()
             self._stall = None
         self.dispatcher.ended(cause)
+        self.peer_log.summarize()
         self._closed.set()
         logger.debug("stream with %s ended: %s", self.peer, wire_text(cause))
 
@@ -899,6 +961,17 @@ def _resume(coroutine: Coroutine[Any, Any, None], waiting_on: Any) -> Generator[
                 waiting_on = coroutine.send(sent)
             except StopIteration:
                 return
+
+
+def _many_frames(frame: Any) -> Sequence[pb.Frame | Unparseable] | None:
+    """The frames of a received Batch too big to act on in one go, else None."""
+    if type(frame) is SplitBatch:
+        frames: Sequence[pb.Frame | Unparseable] = frame.frames
+    elif type(frame) is pb.Frame and frame.HasField("batch"):
+        frames = frame.batch.frames
+    else:
+        return None
+    return frames if len(frames) > RECEIVE_SLICE else None
 
 
 def _call_name(call: pb.Call) -> str:

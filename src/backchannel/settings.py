@@ -30,6 +30,17 @@ DEFAULT_MAX_QUEUED_BYTES = 32 * 1024 * 1024
 #: before it is ended: far longer than a reading peer needs to catch up, short enough
 #: that a peer that stopped for good (or two that wait for each other) is not kept
 DEFAULT_MAX_WRITE_STALL = 30.0
+#: seconds an incoming connection may take to finish its TLS and HTTP/2 handshake, and a
+#: Connect stream to send its Hello: a peer that connects and says nothing holds a file
+#: descriptor and memory only this long (gRPC's own handshake timeout is 120 s)
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+#: Connect streams one provider holds at once (~40 KiB each while idle): past it a new
+#: stream is refused with RESOURCE_EXHAUSTED
+DEFAULT_MAX_STREAMS = 4096
+#: Faults a peer may send on one stream at once; the allowance refills at this many a
+#: minute. A backchannel peer sends one only when this side breaks the protocol, which
+#: it does not: a peer that keeps sending them is lying, and its stream is ended
+DEFAULT_MAX_FAULTS = 100
 #: the shortest keepalive time allowed, in seconds; every server accepts pings this often
 #: whatever its own keepalive, so a client with a short keepalive is never sent away
 MIN_KEEPALIVE_TIME = 0.1
@@ -71,6 +82,10 @@ class Limits:
     waiting for the other to read), the stream is ended, the provider with status
     ``RESOURCE_EXHAUSTED`` naming the limit. Other streams never notice. It must hold at
     least one message of ``max_message_size``.
+
+    ``handshake_timeout`` and ``max_streams`` bound what a provider holds for consumers
+    that connect and say nothing, or open stream after stream (a consumer ignores them);
+    ``max_faults`` ends, on either side, the stream of a peer that floods it with Faults.
     """
 
     #: calls that may run at once on one stream in each direction; past it new calls
@@ -83,10 +98,23 @@ class Limits:
     max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES
     #: seconds a stream may stay over max_queued_bytes before it is ended
     max_write_stall: float = DEFAULT_MAX_WRITE_STALL
+    #: provider: seconds a new connection may take to finish its TLS and HTTP/2
+    #: handshake (then gRPC closes it), and a Connect stream to send its Hello (then it
+    #: is ended with DEADLINE_EXCEEDED)
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
+    #: provider: Connect streams held at once; one more is refused with RESOURCE_EXHAUSTED
+    max_streams: int = DEFAULT_MAX_STREAMS
+    #: Faults the peer may send on one stream at once (refilled at this many a minute);
+    #: one more ends the stream
+    max_faults: int = DEFAULT_MAX_FAULTS
 
     def __post_init__(self) -> None:
-        if not self.max_write_stall > 0:
-            raise ValueError(f"max_write_stall must be > 0 seconds, got {self}")
+        if not (self.max_write_stall > 0 and self.handshake_timeout > 0):
+            raise ValueError(
+                f"max_write_stall and handshake_timeout must be > 0 seconds, got {self}"
+            )
+        if self.max_streams < 1 or self.max_faults < 1:
+            raise ValueError(f"max_streams and max_faults must be >= 1, got {self}")
         if self.max_calls_in_flight < 1 or self.max_message_size < 1024:
             raise ValueError(
                 f"max_calls_in_flight must be >= 1 and max_message_size >= 1024, got {self}"
@@ -125,3 +153,14 @@ def channel_options(limits: Limits, keepalive: Keepalive | None) -> list[tuple[s
             ("grpc.http2.max_pings_without_data", 0),
         ]
     return options
+
+
+def server_options(limits: Limits, keepalive: Keepalive | None) -> list[tuple[str, int]]:
+    """gRPC options for a server with these settings: a channel's, and the handshake
+    timeout, without which a connection that never finishes its TLS or HTTP/2 handshake
+    holds its file descriptor for gRPC's default of 120 s."""
+    timeout_ms = max(1, int(limits.handshake_timeout * 1000))
+    return [
+        *channel_options(limits, keepalive),
+        ("grpc.server_handshake_timeout_ms", timeout_ms),
+    ]
