@@ -333,6 +333,43 @@ def test_a_provider_whose_znode_disappears_gets_no_new_calls_and_its_idle_stream
         assert other_impl.calls >= 50
 
 
+@pytest.mark.parametrize("weight", ["1" + "0" * 400, "-5"], ids=["huge", "negative"])
+def test_a_znode_with_a_weight_out_of_bounds_is_skipped_with_one_warning_naming_it(
+    zookeeper: ZooKeeper, reader: KazooClient, caplog: pytest.LogCaptureFixture, weight: str
+) -> None:
+    """A hand-written provider znode beside a good provider: its weight out of 0..2^31-1
+    (the issue's 1 and 400 zeros, or negative). Every one of 500 calls succeeds on the
+    good provider, and one warning names the bad znode, however often the folder changes."""
+    group = fresh_group()
+    caplog.set_level(logging.WARNING, logger="backchannel")
+    with echo_servers(1, group, zookeeper.address) as ((server, impl),):
+        bad = (
+            f"backchannel://127.0.0.1:{free_address().rpartition(':')[2]}/test.Echo"
+            f"?group={group}&interface=test.Echo&methods=echo&side=provider&weight={weight}"
+        )
+        folder = "/dubbo/test.Echo/providers"
+        bad_path = f"{folder}/{encode(bad)}"
+        reader.create(bad_path, ephemeral=True)
+        with backchannel.Client(zookeeper.address, timeout=5) as client:
+            echo = client.reference(Echo, group=group)
+            for i in range(500):
+                assert echo.echo(i) == i
+            assert impl.calls == 500
+            # the folder changes again and again (a provider comes and goes, three times)
+            (directory,) = (d for d in client._core._directories.values() if d.key[1] == group)
+            assert [u.address for u in directory.urls] == [server.address]  # not the bad one
+            for _ in range(3):
+                with echo_servers(1, group, zookeeper.address):
+                    wait_until(lambda: len(directory.urls) == 2, 5, "the second provider")
+                wait_until(lambda: len(directory.urls) == 1, 5, "the second one gone")
+            assert echo.echo("after") == "after"
+    warnings_ = [
+        r for r in caplog.records if r.levelno >= logging.WARNING and bad_path in r.getMessage()
+    ]
+    assert len(warnings_) == 1, [r.getMessage()[:200] for r in caplog.records]
+    assert "weight" in warnings_[0].getMessage()
+
+
 # --- callbacks in a cluster -------------------------------------------------------
 
 

@@ -128,7 +128,8 @@ def test_a_java_dubbo_provider_url_parses_keeping_its_own_keys() -> None:
         ({"application": "a&b"}, "application='a&b'"),
         ({"group": "x=y"}, "group='x=y'"),
         ({"version": "1 0"}, "version='1 0'"),
-        ({"weight": -1}, "weight cannot be negative"),
+        ({"weight": -1}, r"weight must be an int in 0..2147483647, not -1"),
+        ({"weight": 2**31}, r"weight must be an int in 0..2147483647, not 2147483648"),
     ],
 )
 def test_values_a_dubbo_url_cannot_carry_are_refused(
@@ -145,6 +146,54 @@ def test_bad_urls_are_refused_naming_the_problem() -> None:
         ServiceURL.parse("backchannel://h:1/demo.Echo?weight=heavy")
     with pytest.raises(ValueError, match="port in 1..65535"):
         ServiceURL.provider("demo.Echo", "h", 0)
+
+
+@pytest.mark.parametrize(
+    ("query", "message"),
+    [
+        ("weight=1" + "0" * 400, r"weight='10000.*' is out of its bounds 0..2147483647"),
+        ("weight=2147483648", "weight='2147483648' is out of its bounds 0..2147483647"),
+        ("weight=-1", "weight='-1' is out of its bounds 0..2147483647"),
+        ("weight=1_000", "weight='1_000' is not a number"),
+        ("weight=%20100", "weight='%20100' is not a number"),
+        ("weight=\u0665", "weight='\u0665' is not a number"),  # Arabic-Indic 5: int() takes it
+        ("callbacks=-1", "callbacks='-1' is out of its bounds 0..2147483647"),
+        ("callbacks=2147483648", "callbacks='2147483648' is out of its bounds"),
+        ("timestamp=-1", "timestamp='-1' is out of its bounds 0..9223372036854775807"),
+        ("timestamp=9223372036854775808", "timestamp='9223372036854775808' is out of"),
+        ("timestamp=" + "9" * 5000, "timestamp='9999.*' is out of its bounds"),
+    ],
+)
+def test_numbers_out_of_their_bounds_are_refused_naming_key_value_and_bounds(
+    query: str, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message) as refused:
+        ServiceURL.parse(f"backchannel://h:1/demo.Echo?{query}")
+    assert len(str(refused.value)) < 400  # the value and the URL quoted cut short
+
+
+def test_numbers_at_their_bounds_are_read() -> None:
+    url = ServiceURL.parse(
+        "backchannel://h:65535/demo.Echo?callbacks=2147483647&timestamp=9223372036854775807"
+        "&weight=2147483647"
+    )
+    assert (url.port, url.weight, url.callbacks) == (65535, 2**31 - 1, 2**31 - 1)
+    assert url.timestamp == 2**63 - 1
+    lowest = ServiceURL.parse("backchannel://h:1/demo.Echo?callbacks=0&timestamp=0&weight=0")
+    assert (lowest.port, lowest.weight, lowest.callbacks, lowest.timestamp) == (1, 0, 0, 0)
+    assert ServiceURL.parse("backchannel://h:1/demo.Echo?weight=+7").weight == 7
+
+
+def test_a_provider_url_needs_a_port_in_1_to_65535() -> None:
+    for text in ("backchannel://h/demo.Echo", "backchannel://h:0/demo.Echo"):
+        with pytest.raises(ValueError, match="needs a port in 1..65535, not 0"):
+            ServiceURL.parse(text)
+    with pytest.raises(ValueError, match="out of range 0-65535"):
+        ServiceURL.parse("backchannel://h:65536/demo.Echo")
+    with pytest.raises(ValueError, match="could not be cast"):
+        ServiceURL.parse("backchannel://h:8x/demo.Echo")
+    # a consumer's URL has no port
+    assert ServiceURL.parse("consumer://h/demo.Echo?side=consumer").port == 0
 
 
 def test_group_and_version_match_as_in_dubbo() -> None:
@@ -231,6 +280,12 @@ def test_a_registry_address_may_carry_dubbos_session_timeout(zookeeper: ZooKeepe
         assert registry.connected
     with pytest.raises(ValueError, match="session='soon' is not a number"):
         ZookeeperRegistry(f"{zookeeper.address}?session=soon")
+
+
+def test_a_session_timeout_out_of_its_bounds_is_refused() -> None:
+    for session in ("0", "-1", "2147483648"):
+        with pytest.raises(ValueError, match=f"session='{session}' is out of its bounds"):
+            ZookeeperRegistry(f"zookeeper://{free_address()}?session={session}")
 
 
 def test_an_unreachable_zookeeper_is_reported_naming_it() -> None:

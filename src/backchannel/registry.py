@@ -44,6 +44,8 @@ from kazoo.retry import KazooRetry
 
 from backchannel.errors import BackchannelError, ChannelClosed
 from backchannel.handoff import inbox
+from backchannel.loadbalance import MAX_WEIGHT
+from backchannel.wiretext import wire_text
 
 logger = logging.getLogger("backchannel.registry")
 
@@ -79,6 +81,25 @@ _OWN_KEYS = frozenset(
 )
 # Dubbo writes parameter values raw (URL.toFullString): these would change the URL's shape
 _UNSAFE_IN_VALUES = frozenset("&=?#/ \t\r\n")
+
+#: the numbers a URL may carry, inclusive (docs/cluster.md, "Numbers in a URL"): what a
+#: Java Dubbo peer can write there (an ``int`` or a ``long``), so every URL Dubbo itself
+#: accepts is read, and a value outside is refused, not guessed at
+JAVA_INT_MAX = 2**31 - 1
+JAVA_LONG_MAX = 2**63 - 1
+BOUNDS: dict[str, tuple[int, int]] = {
+    "weight": (0, MAX_WEIGHT),
+    "callbacks": (0, JAVA_INT_MAX),
+    "timestamp": (0, JAVA_LONG_MAX),
+    # the registry address's ``?session=MS`` (Dubbo's ``session``, an int)
+    "session": (1, JAVA_INT_MAX),
+}
+#: a provider URL's port (a consumer's URL has none: 0)
+PORTS = (1, 65535)
+# digits read at most: a longer number is out of every bound without converting it
+_MOST_DIGITS = len(str(JAVA_LONG_MAX))
+#: the most of a znode's name a log line quotes
+ZNODE_TEXT_LIMIT = 1000
 
 
 class RegistryError(BackchannelError):
@@ -159,10 +180,9 @@ class ServiceURL:
         timestamp: int | None = None,
     ) -> ServiceURL:
         """A provider's URL; ``timestamp`` defaults to now."""
-        if not 0 < port < 65536:
+        if not PORTS[0] <= port <= PORTS[1]:
             raise ValueError(f"a provider URL needs a port in 1..65535, not {port}")
-        if weight < 0:
-            raise ValueError(f"a provider's weight cannot be negative ({weight})")
+        check_weight(weight)
         url = cls(
             interface=interface,
             host=host,
@@ -257,14 +277,17 @@ class ServiceURL:
 
     @classmethod
     def parse(cls, text: str) -> ServiceURL:
-        """Read a URL written by :meth:`to_string` or by Dubbo (not URL-encoded)."""
+        """Read a URL written by :meth:`to_string` or by Dubbo (not URL-encoded).
+
+        A ValueError names what is wrong: no scheme, host or interface; a number that is
+        not one, or out of its bounds (:data:`BOUNDS`; a provider's port in 1..65535)."""
         parts = urllib.parse.urlsplit(text)
         if not parts.scheme or not parts.hostname:
-            raise ValueError(f"not a service URL (no scheme://host): {text!r}")
+            raise ValueError(f"not a service URL (no scheme://host): {_quote(text)}")
         try:
             port = parts.port or 0
         except ValueError as exc:
-            raise ValueError(f"not a service URL (bad port): {text!r}") from exc
+            raise ValueError(f"not a service URL ({exc}): {_quote(text)}") from None
         query: dict[str, str] = {}
         for pair in parts.query.split("&") if parts.query else ():
             key, _, value = pair.partition("=")
@@ -272,8 +295,10 @@ class ServiceURL:
                 query[key] = value
         interface = query.get("interface") or parts.path.lstrip("/")
         if not interface:
-            raise ValueError(f"not a service URL (no interface): {text!r}")
+            raise ValueError(f"not a service URL (no interface): {_quote(text)}")
         side = query.get("side") or (CONSUMER if parts.scheme == CONSUMER else PROVIDER)
+        if side != CONSUMER and not PORTS[0] <= port <= PORTS[1]:
+            raise ValueError(f"a provider URL needs a port in 1..65535, not {port}: {_quote(text)}")
         return cls(
             interface=interface,
             host=parts.hostname,
@@ -305,14 +330,38 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+def check_weight(weight: int) -> int:
+    """``weight`` if it is a provider's weight (an int in 0..MAX_WEIGHT), else ValueError."""
+    if not isinstance(weight, int) or not 0 <= weight <= MAX_WEIGHT:
+        raise ValueError(f"a provider's weight must be an int in 0..{MAX_WEIGHT}, not {weight!r}")
+    return weight
+
+
 def _int(query: dict[str, str], key: str, default: int | None, text: str) -> int | None:
+    """The number at ``key`` (``default`` when absent or empty), within ``BOUNDS[key]``.
+
+    Only ASCII digits with an optional sign are a number (not ``int()``'s underscores,
+    spaces or other scripts' digits); a longer one than any bound is refused unconverted."""
     value = query.get(key)
     if value is None or value == "":
         return default
-    try:
-        return int(value)
-    except ValueError:
-        raise ValueError(f"the URL parameter {key}={value!r} is not a number: {text!r}") from None
+    low, high = BOUNDS[key]
+    digits = value[1:] if value[0] in "+-" else value
+    if not (digits.isascii() and digits.isdigit()):
+        raise ValueError(
+            f"the URL parameter {key}={_quote(value, 40)} is not a number: {_quote(text)}"
+        )
+    if len(digits) > _MOST_DIGITS or not low <= int(value) <= high:
+        raise ValueError(
+            f"the URL parameter {key}={_quote(value, 40)} is out of its bounds "
+            f"{low}..{high}: {_quote(text)}"
+        )
+    return int(value)
+
+
+def _quote(text: str, limit: int = 200) -> str:
+    """``text`` for an error message: quoted, escaped and cut (it may come off a znode)."""
+    return f"'{wire_text(text, limit)}'"
 
 
 Listener = Callable[[frozenset[ServiceURL]], None]
@@ -631,7 +680,9 @@ class ZookeeperRegistry:
                 if self._closed or self._subscriptions.get(subscription) is not old:
                     continue
                 old.active = False
-                watch = self._subscriptions[subscription] = _Watch(subscription, old.path)
+                watch = self._subscriptions[subscription] = _Watch(
+                    subscription, old.path, refused=old.refused
+                )
             ChildrenWatch(self._client, watch.path, watch.changed)
 
     def _check_open(self) -> None:
@@ -661,12 +712,23 @@ class ZookeeperRegistry:
 
 class _Watch:
     """What one ``ChildrenWatch`` of a folder feeds into its subscription; inactive
-    once replaced by the watch of a new session."""
+    once replaced by the watch of a new session.
 
-    def __init__(self, subscription: Subscription, path: str, first: bool = False) -> None:
+    ``refused`` holds the children that are not a URL we can read, each warned of once:
+    one bad znode costs one log line while it stays listed, however often the folder
+    changes (a new session's watch takes it over, so it is not warned of again)."""
+
+    def __init__(
+        self,
+        subscription: Subscription,
+        path: str,
+        first: bool = False,
+        refused: set[str] | None = None,
+    ) -> None:
         self.subscription = subscription
         self.path = path
         self.active = True
+        self.refused: set[str] = set() if refused is None else refused
         self._first = first
 
     def changed(self, children: list[str]) -> bool:
@@ -674,7 +736,7 @@ class _Watch:
         subscription = self.subscription
         if subscription.closed or not self.active:
             return False  # stops the watch
-        urls = _parse_children(children, self.path)
+        urls = _parse_children(children, self.path, self.refused)
         if self._first:  # still inside subscribe(): no listener call for the first set
             self._first = False
             subscription.providers = frozenset(
@@ -687,16 +749,31 @@ class _Watch:
         return True
 
 
-def _parse_children(children: list[str], path: str) -> list[ServiceURL]:
+def _parse_children(children: list[str], path: str, refused: set[str]) -> list[ServiceURL]:
+    """The URLs of a ``providers`` folder's children that are backchannel providers.
+
+    A child that is not a URL we can read (not one at all, or a number out of its
+    bounds) is skipped, with a warning naming it the first time it is seen in
+    ``refused``; ``refused`` is left holding exactly the children skipped now, so it
+    never outgrows the folder."""
     urls = []
+    skipped: set[str] = set()
     for child in children:
         try:
             url = ServiceURL.parse(decode(child))
         except ValueError as exc:
-            logger.warning("ignoring %s/%s: %s", path, child, exc)
+            skipped.add(child)
+            if child not in refused:
+                logger.warning(
+                    "ignoring the znode %s: %s",
+                    wire_text(f"{path}/{child}", ZNODE_TEXT_LIMIT),
+                    wire_text(exc),
+                )
             continue
         if url.protocol == PROTOCOL:  # a Java dubbo:// provider is not ours to call
             urls.append(url)
+    refused.intersection_update(skipped)
+    refused.update(skipped)
     return urls
 
 

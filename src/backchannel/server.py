@@ -28,7 +28,14 @@ from backchannel.interface import Method
 from backchannel.pools import CallPools
 from backchannel.portal import LoopThread
 from backchannel.protocol import PROTOCOL_VERSION, Connection, Role
-from backchannel.registry import DEFAULT_WEIGHT, Registry, ServiceURL, open_registry, reachable_host
+from backchannel.registry import (
+    DEFAULT_WEIGHT,
+    Registry,
+    ServiceURL,
+    check_weight,
+    open_registry,
+    reachable_host,
+)
 from backchannel.session import Outgoing, Session, parse_frame, serialize
 from backchannel.settings import DEFAULT_TIMEOUT, Keepalive, Limits, channel_options
 from backchannel.v1 import envelope_pb2 as pb
@@ -155,8 +162,7 @@ class AsyncServer:
         the live callback instances per stream for this service. ``weight`` is the
         load-balancing weight written into its provider URL when a registry is used.
         """
-        if not isinstance(weight, int) or weight < 0:
-            raise ValueError(f"weight must be an int >= 0, got {weight!r}")
+        check_weight(weight)
         export = self._exports.add(
             interface, impl, group=group, version=version, callbacks=callbacks, methods=methods
         )
