@@ -6,16 +6,19 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
+import time
 import urllib.parse
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from conftest import run
-from helpers import free_address, wait_until
+from helpers import LogSeen, free_address, wait_until
 from kazoo.client import KazooClient
+from services import Echo, EchoImpl
 from zookeeper import ZooKeeper
 
+import backchannel
 from backchannel.registry import (
     RegistryError,
     ServiceURL,
@@ -419,6 +422,86 @@ def test_while_zookeeper_is_down_subscribers_keep_providers_then_updates_resume(
         after = provider(interface, 50053)
         providers_side.register(after)
         wait_until(lambda: after in subscription.providers, 2, "a provider added after")
+
+
+def test_a_node_of_another_session_in_the_way_is_replaced(
+    registry: ZookeeperRegistry, reader: KazooClient
+) -> None:
+    """The URL's node already there, ephemeral of another live session (or persistent):
+    registering makes it this session's, so it lives and dies with this registry."""
+    interface = fresh_interface()
+    first, second = provider(interface, 50051), provider(interface, 50052)
+    reader.create(registry.path_of(first), ephemeral=True, makepath=True)
+    reader.create(registry.path_of(second))  # persistent: nobody's
+    registry.register(first)
+    registry.register(second)
+    for url in (first, second):
+        assert reader.get(registry.path_of(url))[1].ephemeralOwner == registry.session_id
+    registry.register(first)  # its own node: left alone
+    assert reader.get(registry.path_of(first))[1].ephemeralOwner == registry.session_id
+
+
+def test_live_providers_are_listed_again_after_an_outage_longer_than_the_session(
+    own_zookeeper: ZooKeeper,
+) -> None:
+    """ZooKeeper stopped for longer than the session timeout, then started with its data:
+    the server brings the provider's old session back and expires it one session timeout
+    later, with the node the provider's new session found there. The registry replaces
+    a node of another session at once (as Curator does), so the provider is listed, by
+    its current session, within one session timeout of ZooKeeper's return, and still
+    once the old session has expired; a new consumer calls it."""
+    timeout = 3.0
+    address = f"{own_zookeeper.address}?session={int(timeout * 1000)}"
+    server = backchannel.Server(registry=address)
+    server.export(Echo, EchoImpl())
+    with server:
+        registry = server._core._registry
+        assert isinstance(registry, ZookeeperRegistry)
+        (url,) = server._core._registered
+        path = registry.path_of(url)
+        old_session = registry.session_id
+        # a session that dies with the outage, as the provider's old one: its node's
+        # deletion is the moment the server expires the sessions it brought back
+        canary = KazooClient(hosts=own_zookeeper.hosts, timeout=timeout)
+        canary.start(timeout=10)
+        canary.create("/canary", ephemeral=True)
+
+        with LogSeen("starting a new session") as given_up:
+            own_zookeeper.stop()
+            canary.stop()  # no server to tell: its session stays in the server's data
+            canary.close()
+            # the outage outlasts the session: the registry gives it up (1.5 x its timeout)
+            assert given_up.seen.wait(timeout * 2 + 5), "the registry kept its session"
+            time.sleep(timeout / 2)  # the outage itself, not a synchronisation
+        own_zookeeper.start()
+        back = time.monotonic()
+        reader = KazooClient(hosts=own_zookeeper.hosts)
+        reader.start(timeout=10)
+        try:
+
+            def listed_by_the_current_session() -> bool:
+                stat = reader.exists(path)
+                current = registry.session_id
+                return (
+                    stat is not None
+                    and current not in (None, old_session)
+                    and (stat.ephemeralOwner == current)
+                )
+
+            wait_until(listed_by_the_current_session, timeout * 3, "listed by the new session")
+            took = time.monotonic() - back
+            assert took <= timeout, f"listed again {took:.1f} s after ZooKeeper's return"
+
+            expired = threading.Event()
+            if reader.exists("/canary", watch=lambda event: expired.set()) is None:
+                expired.set()
+            assert expired.wait(timeout * 3 + 5), "the old sessions never expired"
+            assert listed_by_the_current_session(), "the node went with the old session"
+            with backchannel.Client(own_zookeeper.address, timeout=5) as client:
+                assert client.reference(Echo).echo("still here") == "still here"
+        finally:
+            reader.stop()
+            reader.close()
 
 
 def test_a_listener_that_raises_does_not_stop_the_updates(

@@ -32,6 +32,7 @@ from typing import Any, Protocol
 
 from kazoo.client import KazooClient, KazooState
 from kazoo.exceptions import (
+    BadVersionError,
     ConnectionClosedError,
     ConnectionLoss,
     NodeExistsError,
@@ -98,6 +99,8 @@ BOUNDS: dict[str, tuple[int, int]] = {
 PORTS = (1, 65535)
 # digits read at most: a longer number is out of every bound without converting it
 _MOST_DIGITS = len(str(JAVA_LONG_MAX))
+# tries at making a URL's node while another session's is in the way (each deletes it)
+_CREATE_ATTEMPTS = 3
 #: the most of a znode's name a log line quotes
 ZNODE_TEXT_LIMIT = 1000
 
@@ -589,11 +592,33 @@ class ZookeeperRegistry:
             logger.warning("could not remove %s from ZooKeeper now: %r", url, exc)
 
     def _create(self, url: ServiceURL) -> None:
-        # it exists if this session created it before a lost reply, or before a reconnect
-        with contextlib.suppress(NodeExistsError):
-            self._await(
-                self._client.create_async(self.path_of(url), b"", ephemeral=True, makepath=True)
+        path = self.path_of(url)
+        for _attempt in range(_CREATE_ATTEMPTS):
+            try:
+                self._await(self._client.create_async(path, b"", ephemeral=True, makepath=True))
+                return
+            except NodeExistsError:
+                pass
+            # this session made it (before a lost reply, or before a reconnect): done.
+            # Another session's (ours before it was given up, which a server back with
+            # its data expires a session timeout later, taking the node along; or a
+            # former process's): replace it now, as Curator does
+            stat = self._await(self._client.exists_async(path))
+            if stat is None:
+                continue  # gone meanwhile: create it
+            if stat.ephemeralOwner == self.session_id:
+                return
+            logger.info(
+                "replacing %s's znode, which belongs to session 0x%x, not this one",
+                url,
+                stat.ephemeralOwner,
             )
+            with contextlib.suppress(NoNodeError, BadVersionError):  # changed meanwhile
+                self._await(self._client.delete_async(path, version=stat.version))
+        raise RegistryError(
+            f"could not register {url}: its znode was made again by another session "
+            f"{_CREATE_ATTEMPTS} times"
+        )
 
     def _await(self, result: Any) -> Any:
         # kazoo queues requests while disconnected and its blocking calls wait for the
