@@ -125,6 +125,42 @@ def test_an_async_server_withdraws_its_urls_before_its_calls_finish(
     run(body())
 
 
+def test_an_export_made_while_the_server_runs_is_registered_at_once_and_withdrawn_on_stop(
+    zookeeper: ZooKeeper, reader: KazooClient
+) -> None:
+    """The documented asyncio pattern: export() inside ``async with AsyncServer(...,
+    registry=...)``. The export is registered within 2 s, a consumer calls it, and its
+    node is withdrawn on stop like the others'. The sync Server's export() returns once
+    its URL is registered. A value the URL cannot carry is refused by export() itself."""
+    group, late_group, sync_group = fresh_group(), fresh_group(), fresh_group()
+
+    async def body() -> None:
+        server = backchannel.AsyncServer(registry=zookeeper.address)
+        server.export(Echo, EchoImpl(), group=group)
+        async with server:
+            server.export(Echo, EchoImpl(), group=late_group, weight=7)
+            await asyncio.to_thread(
+                wait_until, lambda: providers_of(reader, "test.Echo", late_group), 2, "registered"
+            )
+            (url,) = providers_of(reader, "test.Echo", late_group)
+            assert url.address == server.advertised_address and url.weight == 7
+            async with backchannel.AsyncClient(zookeeper.address, timeout=5) as client:
+                assert await client.reference(Echo, group=late_group).echo("late") == "late"
+            with pytest.raises(ValueError, match="group='a&b'"):
+                server.export(Echo, EchoImpl(), group="a&b")
+            assert "a&b" not in {s.group for s in server._exports.services()}
+        assert not providers_of(reader, "test.Echo", group)
+        assert not providers_of(reader, "test.Echo", late_group)
+
+    run(body())
+
+    with backchannel.Server(registry=zookeeper.address) as server:
+        server.export(Echo, EchoImpl(), group=sync_group)
+        (url,) = providers_of(reader, "test.Echo", sync_group)  # at once: no wait
+        assert url.address == server.advertised_address
+    assert not providers_of(reader, "test.Echo", sync_group)
+
+
 # --- consumers choose -------------------------------------------------------------
 
 
