@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import threading
 import time
 import urllib.parse
@@ -502,6 +503,51 @@ def test_live_providers_are_listed_again_after_an_outage_longer_than_the_session
         finally:
             reader.stop()
             reader.close()
+
+
+@pytest.mark.parametrize(
+    ("session", "outage", "expected"),
+    [
+        (10.0, 2.5, ["unreachable", "reachable again"]),
+        (2.0, 4.0, ["unreachable", "starting a new session", "reachable again"]),
+    ],
+    ids=["session-kept", "session-given-up"],
+)
+def test_an_outage_is_logged_once_per_change_of_state_not_per_retry(
+    own_zookeeper: ZooKeeper,
+    caplog: pytest.LogCaptureFixture,
+    session: float,
+    outage: float,
+    expected: list[str],
+) -> None:
+    """ZooKeeper stopped for some seconds while a registry is open: kazoo retries
+    several times a second, and used to log each attempt (``Connecting to``,
+    ``Connection dropped: ... Connection refused``). Now each change of state is one
+    line of ours, whatever the outage's length: unreachable (with kazoo's reason), the
+    session given up if it was, reachable again; kazoo's own lines are at DEBUG."""
+    caplog.set_level(logging.INFO)
+    interface = fresh_interface()
+    with ZookeeperRegistry(own_zookeeper.address, session_timeout=session) as registry:
+        registry.subscribe(interface)
+        caplog.clear()
+        own_zookeeper.stop()
+        wait_until(lambda: not registry.connected, 10, "the registry to notice")
+        time.sleep(outage)  # the outage itself, not a synchronisation
+        own_zookeeper.start()
+        wait_until(
+            lambda: any("reachable again" in r.getMessage() for r in caplog.records),
+            10,
+            "a line saying ZooKeeper is reachable again",
+        )
+        lines = [
+            (r.name, r.levelname, r.getMessage())
+            for r in caplog.records
+            if r.name.startswith(("kazoo", "backchannel"))
+        ]
+    assert len(lines) == len(expected), lines
+    for (name, _level, message), text in zip(lines, expected, strict=True):
+        assert name == "backchannel.registry" and text in message, lines
+    assert "socket connection broken" in lines[0][2]  # kazoo's reason, said once
 
 
 def test_a_listener_that_raises_does_not_stop_the_updates(

@@ -50,6 +50,30 @@ from backchannel.wiretext import wire_text
 
 logger = logging.getLogger("backchannel.registry")
 
+# kazoo's lines said on every connection attempt (several a second while ZooKeeper is
+# down) or on a change of state this module logs itself: at DEBUG, so an outage costs
+# one line per change of state, not one per retry
+_KAZOO_PER_ATTEMPT = frozenset(
+    {
+        "Connecting to %s(%s):%s, use_ssl: %r",
+        "Connection dropped: %s",
+        "Connection time-out: %s",
+        "Cannot resolve %s: %s",
+        "Transition to CONNECTING",
+        "Closing connection to %s:%s",
+        "Zookeeper connection lost",
+        "Zookeeper connection established, state: %s",
+        "Zookeeper session closed, state: %s",
+        "Session has expired",
+        # the connection retries end so only when this module stops the client
+        "Failed connecting to Zookeeper within the connection retry policy.",
+    }
+)
+# those of them that say why a connection failed
+_KAZOO_FAILURES = frozenset(
+    {"Connection dropped: %s", "Connection time-out: %s", "Cannot resolve %s: %s"}
+)
+
 # what an operation meets while ZooKeeper cannot be reached
 _UNREACHABLE = (ConnectionLoss, SessionExpiredError, ConnectionClosedError, KazooTimeoutError)
 
@@ -103,6 +127,23 @@ _MOST_DIGITS = len(str(JAVA_LONG_MAX))
 _CREATE_ATTEMPTS = 3
 #: the most of a znode's name a log line quotes
 ZNODE_TEXT_LIMIT = 1000
+
+
+class _KazooLog(logging.LoggerAdapter[logging.Logger]):
+    """kazoo's logger (``kazoo.client``, as configured), its per-attempt and per-state
+    lines (:data:`_KAZOO_PER_ATTEMPT`) lowered to DEBUG. The last reason it gave for a
+    failed connection is kept in ``reason``, for this module's own line to say."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.getLogger("kazoo.client"), {})
+        self.reason = ""
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        if msg in _KAZOO_PER_ATTEMPT:
+            if msg in _KAZOO_FAILURES:
+                self.reason = wire_text(str(msg) % args)
+            level = logging.DEBUG
+        super().log(level, msg, *args, **kwargs)
 
 
 class RegistryError(BackchannelError):
@@ -535,12 +576,16 @@ class ZookeeperRegistry:
         self._operation_timeout = operation_timeout
         #: counts disconnections, so a timer knows whether its own one is still going on
         self._outage = 0
+        #: whether the coming LOST is the end of a session this registry gave up
+        self._giving_up = False
+        self._kazoo_log = _KazooLog()
         # reconnect soon after ZooKeeper comes back (kazoo's default backs off to an hour)
         self._client: Any = KazooClient(
             hosts=self.hosts,
             timeout=session_timeout,
             connection_retry=KazooRetry(max_tries=-1, delay=0.1, max_delay=1.0),
             command_retry=KazooRetry(max_tries=3, delay=0.1, max_delay=1.0),
+            logger=self._kazoo_log,
         )
         self._client.add_listener(self._state_changed)
         try:
@@ -654,16 +699,34 @@ class ZookeeperRegistry:
         return subscription
 
     def _state_changed(self, state: str) -> None:
-        # kazoo's connection thread: must return at once (its docs), so work is spawned
+        # kazoo's connection thread: must return at once (its docs), so work is spawned.
+        # One line per change of state (kazoo's own lines are at DEBUG: _KazooLog)
         if state == KazooState.LOST:
-            logger.warning("ZooKeeper session at %s lost; registering again when back", self.hosts)
+            if self._giving_up:  # said by _give_up_session
+                self._giving_up = False
+            else:
+                logger.warning(
+                    "ZooKeeper session at %s lost; registering again when back", self.hosts
+                )
         elif state == KazooState.SUSPENDED:
-            logger.info("ZooKeeper at %s unreachable; subscribers keep their providers", self.hosts)
+            logger.warning(
+                "ZooKeeper at %s unreachable (%s); subscribers keep their providers, reconnecting",
+                self.hosts,
+                self._kazoo_log.reason or "no reason given",
+            )
             self._outage += 1
             timer = threading.Timer(self.session_timeout, self._give_up_session, (self._outage,))
             timer.daemon = True
             timer.start()
         elif state == KazooState.CONNECTED and not self._closed:
+            self._giving_up = False
+            self._kazoo_log.reason = ""
+            logger.info(
+                "ZooKeeper at %s %s (session 0x%x)",
+                self.hosts,
+                "reachable again" if self._outage else "connected",
+                self.session_id or 0,
+            )
             self._outage += 1
             self._client.handler.spawn(self._recover)
 
@@ -678,6 +741,7 @@ class ZookeeperRegistry:
                 self.hosts,
                 self.session_timeout,
             )
+            self._giving_up = True
             self._client.stop()  # LOST: kazoo forgets the session and what it had seen
             self._client.start_async()
 
