@@ -540,14 +540,20 @@ class ZookeeperRegistry:
     {encoded URL}``, the last an ephemeral znode of this client's session.
 
     On a new session (the old one expired, and its ephemeral nodes with it) every URL
-    registered is created again, and every subscription watches its folder again.
+    registered is created again, and every subscription watches its folder again; a
+    URL's node found belonging to another session (an old one the server has yet to
+    expire) is deleted and created again, as Curator does.
     While ZooKeeper cannot be reached, subscriptions keep their last providers; once it
     has been unreachable for a whole session timeout, the session is given up and a new
     one started, as Curator does (a ZooKeeper that lost its data would refuse the old
     one forever: it has seen transactions the server never had).
 
-    ``hosts`` may carry Dubbo's ``?session=MS`` (the session timeout in milliseconds),
-    which wins over ``session_timeout``."""
+    ``hosts`` may carry Dubbo's ``?session=MS`` (the session timeout in milliseconds,
+    1..2**31-1), which wins over ``session_timeout``.
+
+    The connection's changes of state are logged once each (kazoo's own line for every
+    reconnection attempt is lowered to DEBUG): unreachable, session given up or lost,
+    connected again."""
 
     def __init__(
         self,
