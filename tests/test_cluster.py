@@ -23,7 +23,7 @@ from zookeeper import ZooKeeper
 import backchannel
 from backchannel import Method
 from backchannel.interface import interface_spec
-from backchannel.registry import ServiceURL, decode, encode, reachable_host
+from backchannel.registry import ServiceURL, ZookeeperRegistry, decode, encode, reachable_host
 
 _names = itertools.count()
 
@@ -375,7 +375,8 @@ def test_a_znode_with_a_weight_out_of_bounds_is_skipped_with_one_warning_naming_
 ) -> None:
     """A hand-written provider znode beside a good provider: its weight out of 0..2^31-1
     (the issue's 1 and 400 zeros, or negative). Every one of 500 calls succeeds on the
-    good provider, and one warning names the bad znode, however often the folder changes."""
+    good provider, and one warning names the bad znode, however often the folder changes
+    and however many subscribe to it."""
     group = fresh_group()
     caplog.set_level(logging.WARNING, logger="backchannel")
     with echo_servers(1, group, zookeeper.address) as ((server, impl),):
@@ -386,7 +387,10 @@ def test_a_znode_with_a_weight_out_of_bounds_is_skipped_with_one_warning_naming_
         folder = "/dubbo/test.Echo/providers"
         bad_path = f"{folder}/{encode(bad)}"
         reader.create(bad_path, ephemeral=True)
-        with backchannel.Client(zookeeper.address, timeout=5) as client:
+        with (
+            ZookeeperRegistry(zookeeper.address) as registry,
+            backchannel.Client(registry, timeout=5) as client,
+        ):
             echo = client.reference(Echo, group=group)
             for i in range(500):
                 assert echo.echo(i) == i
@@ -399,6 +403,9 @@ def test_a_znode_with_a_weight_out_of_bounds_is_skipped_with_one_warning_naming_
                     wait_until(lambda: len(directory.urls) == 2, 5, "the second provider")
                 wait_until(lambda: len(directory.urls) == 1, 5, "the second one gone")
             assert echo.echo("after") == "after"
+            # a second subscriber to the same folder through the same registry: no warning
+            again = registry.subscribe("test.Echo", group=group, version="*")
+            assert [u.address for u in again.providers] == [server.address]
     warnings_ = [
         r for r in caplog.records if r.levelno >= logging.WARNING and bad_path in r.getMessage()
     ]

@@ -143,6 +143,7 @@ class _KazooLog(logging.LoggerAdapter[logging.Logger]):
             if msg in _KAZOO_FAILURES:
                 self.reason = wire_text(str(msg) % args)
             level = logging.DEBUG
+        kwargs.setdefault("stacklevel", 2)  # the record names kazoo's line, not this one
         super().log(level, msg, *args, **kwargs)
 
 
@@ -578,6 +579,9 @@ class ZookeeperRegistry:
         self._registered: set[ServiceURL] = set()
         #: each subscription and the watch that feeds it now (a new one per session)
         self._subscriptions: dict[Subscription, _Watch] = {}
+        #: per folder, its children skipped and warned of once (see _Watch), shared by
+        #: every subscription to it: one warning per bad znode, however many subscribe
+        self._refused: dict[str, set[str]] = {}
         self._closed = False
         self._operation_timeout = operation_timeout
         #: counts disconnections, so a timer knows whether its own one is still going on
@@ -698,7 +702,9 @@ class ZookeeperRegistry:
                 f"cannot subscribe to {path}: ZooKeeper {self.hosts} is unreachable ({exc!r})"
             ) from exc
         subscription = Subscription(interface, group, version, listener, loop)
-        watch = _Watch(subscription, path, first=True)
+        with self._lock:
+            refused = self._refused.setdefault(path, set())
+        watch = _Watch(subscription, path, first=True, refused=refused)
         ChildrenWatch(self._client, path, watch.changed)
         with self._lock:
             self._subscriptions[subscription] = watch
@@ -809,9 +815,10 @@ class _Watch:
     """What one ``ChildrenWatch`` of a folder feeds into its subscription; inactive
     once replaced by the watch of a new session.
 
-    ``refused`` holds the children that are not a URL we can read, each warned of once:
-    one bad znode costs one log line while it stays listed, however often the folder
-    changes (a new session's watch takes it over, so it is not warned of again)."""
+    ``refused`` holds the folder's children that are not a URL we can read, each
+    warned of once: one bad znode costs one log line while it stays listed, however
+    often the folder changes (shared by every watch of the folder, a new session's
+    included, so it is not warned of again)."""
 
     def __init__(
         self,
