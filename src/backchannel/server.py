@@ -181,8 +181,8 @@ class AsyncServer:
         self._weights[export.key] = weight
         if self._registry_spec is None:
             return
-        try:  # refuse now what could not be registered (the port is not known yet: any)
-            self._provider_url(export.info(), self._advertised_host(), self._port or 1)
+        try:  # refuse now what could not be registered (host and port do not matter)
+            self._provider_url(export.info(), "127.0.0.1", 1)
         except ValueError:
             self._exports.remove(export.key)
             del self._weights[export.key]
