@@ -23,7 +23,7 @@ from zookeeper import ZooKeeper
 import backchannel
 from backchannel import Method
 from backchannel.interface import interface_spec
-from backchannel.registry import ServiceURL, decode, encode, reachable_host
+from backchannel.registry import ServiceURL, ZookeeperRegistry, decode, encode, reachable_host
 
 _names = itertools.count()
 
@@ -123,6 +123,42 @@ def test_an_async_server_withdraws_its_urls_before_its_calls_finish(
             await stopping
 
     run(body())
+
+
+def test_an_export_made_while_the_server_runs_is_registered_at_once_and_withdrawn_on_stop(
+    zookeeper: ZooKeeper, reader: KazooClient
+) -> None:
+    """The documented asyncio pattern: export() inside ``async with AsyncServer(...,
+    registry=...)``. The export is registered within 2 s, a consumer calls it, and its
+    node is withdrawn on stop like the others'. The sync Server's export() returns once
+    its URL is registered. A value the URL cannot carry is refused by export() itself."""
+    group, late_group, sync_group = fresh_group(), fresh_group(), fresh_group()
+
+    async def body() -> None:
+        server = backchannel.AsyncServer(registry=zookeeper.address)
+        server.export(Echo, EchoImpl(), group=group)
+        async with server:
+            server.export(Echo, EchoImpl(), group=late_group, weight=7)
+            await asyncio.to_thread(
+                wait_until, lambda: providers_of(reader, "test.Echo", late_group), 2, "registered"
+            )
+            (url,) = providers_of(reader, "test.Echo", late_group)
+            assert url.address == server.advertised_address and url.weight == 7
+            async with backchannel.AsyncClient(zookeeper.address, timeout=5) as client:
+                assert await client.reference(Echo, group=late_group).echo("late") == "late"
+            with pytest.raises(ValueError, match="group='a&b'"):
+                server.export(Echo, EchoImpl(), group="a&b")
+            assert "a&b" not in {s.group for s in server._exports.services()}
+        assert not providers_of(reader, "test.Echo", group)
+        assert not providers_of(reader, "test.Echo", late_group)
+
+    run(body())
+
+    with backchannel.Server(registry=zookeeper.address) as server:
+        server.export(Echo, EchoImpl(), group=sync_group)
+        (url,) = providers_of(reader, "test.Echo", sync_group)  # at once: no wait
+        assert url.address == server.advertised_address
+    assert not providers_of(reader, "test.Echo", sync_group)
 
 
 # --- consumers choose -------------------------------------------------------------
@@ -331,6 +367,50 @@ def test_a_provider_whose_znode_disappears_gets_no_new_calls_and_its_idle_stream
 
         run(body())
         assert other_impl.calls >= 50
+
+
+@pytest.mark.parametrize("weight", ["1" + "0" * 400, "-5"], ids=["huge", "negative"])
+def test_a_znode_with_a_weight_out_of_bounds_is_skipped_with_one_warning_naming_it(
+    zookeeper: ZooKeeper, reader: KazooClient, caplog: pytest.LogCaptureFixture, weight: str
+) -> None:
+    """A hand-written provider znode beside a good provider: its weight out of 0..2^31-1
+    (the issue's 1 and 400 zeros, or negative). Every one of 500 calls succeeds on the
+    good provider, and one warning names the bad znode, however often the folder changes
+    and however many subscribe to it."""
+    group = fresh_group()
+    caplog.set_level(logging.WARNING, logger="backchannel")
+    with echo_servers(1, group, zookeeper.address) as ((server, impl),):
+        bad = (
+            f"backchannel://127.0.0.1:{free_address().rpartition(':')[2]}/test.Echo"
+            f"?group={group}&interface=test.Echo&methods=echo&side=provider&weight={weight}"
+        )
+        folder = "/dubbo/test.Echo/providers"
+        bad_path = f"{folder}/{encode(bad)}"
+        reader.create(bad_path, ephemeral=True)
+        with (
+            ZookeeperRegistry(zookeeper.address) as registry,
+            backchannel.Client(registry, timeout=5) as client,
+        ):
+            echo = client.reference(Echo, group=group)
+            for i in range(500):
+                assert echo.echo(i) == i
+            assert impl.calls == 500
+            # the folder changes again and again (a provider comes and goes, three times)
+            (directory,) = (d for d in client._core._directories.values() if d.key[1] == group)
+            assert [u.address for u in directory.urls] == [server.address]  # not the bad one
+            for _ in range(3):
+                with echo_servers(1, group, zookeeper.address):
+                    wait_until(lambda: len(directory.urls) == 2, 5, "the second provider")
+                wait_until(lambda: len(directory.urls) == 1, 5, "the second one gone")
+            assert echo.echo("after") == "after"
+            # a second subscriber to the same folder through the same registry: no warning
+            again = registry.subscribe("test.Echo", group=group, version="*")
+            assert [u.address for u in again.providers] == [server.address]
+    warnings_ = [
+        r for r in caplog.records if r.levelno >= logging.WARNING and bad_path in r.getMessage()
+    ]
+    assert len(warnings_) == 1, [r.getMessage()[:200] for r in caplog.records]
+    assert "weight" in warnings_[0].getMessage()
 
 
 # --- callbacks in a cluster -------------------------------------------------------

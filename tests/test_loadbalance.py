@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import pytest
 
 from backchannel.loadbalance import (
+    MAX_WEIGHT,
     ConsistentHashLoadBalance,
     LeastActiveLoadBalance,
     NoProvider,
@@ -158,3 +159,20 @@ def test_strategies_take_service_urls_and_refuse_an_empty_set() -> None:
         load_balance("fastest")
     with pytest.raises(ValueError, match="at least 4 nodes"):
         ConsistentHashLoadBalance(nodes=2)
+
+
+def test_weights_outside_their_bounds_are_read_as_the_nearest_bound() -> None:
+    """A caller's own providers may carry any int (a URL's are checked when parsed):
+    10**400 is read as MAX_WEIGHT and -5 as 0, by random (which raised OverflowError on
+    a weight too large for a float) and by roundrobin (where a negative weight took
+    calls away from the others)."""
+    huge, light, negative = nodes(10**400, 1, -5)
+    strategy = RandomLoadBalance(random.Random(7))
+    picks = [strategy.select((huge, light, negative)) for _ in range(1000)]
+    assert set(picks) == {huge}  # light's share is 1 in 2**31
+    assert [strategy.select((light, negative)) for _ in range(100)] == [light] * 100
+    rr = RoundRobinLoadBalance()
+    turns = [rr.select((light, negative)) for _ in range(10)]
+    assert turns == [light] * 10
+    big = Node("10.0.0.9:50051", MAX_WEIGHT + 1)
+    assert {rr.select((big, light)) for _ in range(3)} == {big}

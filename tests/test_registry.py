@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import threading
+import time
 import urllib.parse
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from conftest import run
-from helpers import free_address, wait_until
+from helpers import LogSeen, free_address, wait_until
 from kazoo.client import KazooClient
+from services import Echo, EchoImpl
 from zookeeper import ZooKeeper
 
+import backchannel
 from backchannel.registry import (
     RegistryError,
     ServiceURL,
@@ -128,7 +132,8 @@ def test_a_java_dubbo_provider_url_parses_keeping_its_own_keys() -> None:
         ({"application": "a&b"}, "application='a&b'"),
         ({"group": "x=y"}, "group='x=y'"),
         ({"version": "1 0"}, "version='1 0'"),
-        ({"weight": -1}, "weight cannot be negative"),
+        ({"weight": -1}, r"weight must be an int in 0..2147483647, not -1"),
+        ({"weight": 2**31}, r"weight must be an int in 0..2147483647, not 2147483648"),
     ],
 )
 def test_values_a_dubbo_url_cannot_carry_are_refused(
@@ -145,6 +150,54 @@ def test_bad_urls_are_refused_naming_the_problem() -> None:
         ServiceURL.parse("backchannel://h:1/demo.Echo?weight=heavy")
     with pytest.raises(ValueError, match="port in 1..65535"):
         ServiceURL.provider("demo.Echo", "h", 0)
+
+
+@pytest.mark.parametrize(
+    ("query", "message"),
+    [
+        ("weight=1" + "0" * 400, r"weight='10000.*' is out of its bounds 0..2147483647"),
+        ("weight=2147483648", "weight='2147483648' is out of its bounds 0..2147483647"),
+        ("weight=-1", "weight='-1' is out of its bounds 0..2147483647"),
+        ("weight=1_000", "weight='1_000' is not a number"),
+        ("weight=%20100", "weight='%20100' is not a number"),
+        ("weight=\u0665", "weight='\u0665' is not a number"),  # Arabic-Indic 5: int() takes it
+        ("callbacks=-1", "callbacks='-1' is out of its bounds 0..2147483647"),
+        ("callbacks=2147483648", "callbacks='2147483648' is out of its bounds"),
+        ("timestamp=-1", "timestamp='-1' is out of its bounds 0..9223372036854775807"),
+        ("timestamp=9223372036854775808", "timestamp='9223372036854775808' is out of"),
+        ("timestamp=" + "9" * 5000, "timestamp='9999.*' is out of its bounds"),
+    ],
+)
+def test_numbers_out_of_their_bounds_are_refused_naming_key_value_and_bounds(
+    query: str, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message) as refused:
+        ServiceURL.parse(f"backchannel://h:1/demo.Echo?{query}")
+    assert len(str(refused.value)) < 400  # the value and the URL quoted cut short
+
+
+def test_numbers_at_their_bounds_are_read() -> None:
+    url = ServiceURL.parse(
+        "backchannel://h:65535/demo.Echo?callbacks=2147483647&timestamp=9223372036854775807"
+        "&weight=2147483647"
+    )
+    assert (url.port, url.weight, url.callbacks) == (65535, 2**31 - 1, 2**31 - 1)
+    assert url.timestamp == 2**63 - 1
+    lowest = ServiceURL.parse("backchannel://h:1/demo.Echo?callbacks=0&timestamp=0&weight=0")
+    assert (lowest.port, lowest.weight, lowest.callbacks, lowest.timestamp) == (1, 0, 0, 0)
+    assert ServiceURL.parse("backchannel://h:1/demo.Echo?weight=+7").weight == 7
+
+
+def test_a_provider_url_needs_a_port_in_1_to_65535() -> None:
+    for text in ("backchannel://h/demo.Echo", "backchannel://h:0/demo.Echo"):
+        with pytest.raises(ValueError, match="needs a port in 1..65535, not 0"):
+            ServiceURL.parse(text)
+    with pytest.raises(ValueError, match="out of range 0-65535"):
+        ServiceURL.parse("backchannel://h:65536/demo.Echo")
+    with pytest.raises(ValueError, match="could not be cast"):
+        ServiceURL.parse("backchannel://h:8x/demo.Echo")
+    # a consumer's URL has no port
+    assert ServiceURL.parse("consumer://h/demo.Echo?side=consumer").port == 0
 
 
 def test_group_and_version_match_as_in_dubbo() -> None:
@@ -231,6 +284,12 @@ def test_a_registry_address_may_carry_dubbos_session_timeout(zookeeper: ZooKeepe
         assert registry.connected
     with pytest.raises(ValueError, match="session='soon' is not a number"):
         ZookeeperRegistry(f"{zookeeper.address}?session=soon")
+
+
+def test_a_session_timeout_out_of_its_bounds_is_refused() -> None:
+    for session in ("0", "-1", "2147483648"):
+        with pytest.raises(ValueError, match=f"session='{session}' is out of its bounds"):
+            ZookeeperRegistry(f"zookeeper://{free_address()}?session={session}")
 
 
 def test_an_unreachable_zookeeper_is_reported_naming_it() -> None:
@@ -364,6 +423,131 @@ def test_while_zookeeper_is_down_subscribers_keep_providers_then_updates_resume(
         after = provider(interface, 50053)
         providers_side.register(after)
         wait_until(lambda: after in subscription.providers, 2, "a provider added after")
+
+
+def test_a_node_of_another_session_in_the_way_is_replaced(
+    registry: ZookeeperRegistry, reader: KazooClient
+) -> None:
+    """The URL's node already there, ephemeral of another live session (or persistent):
+    registering makes it this session's, so it lives and dies with this registry."""
+    interface = fresh_interface()
+    first, second = provider(interface, 50051), provider(interface, 50052)
+    reader.create(registry.path_of(first), ephemeral=True, makepath=True)
+    reader.create(registry.path_of(second))  # persistent: nobody's
+    registry.register(first)
+    registry.register(second)
+    for url in (first, second):
+        assert reader.get(registry.path_of(url))[1].ephemeralOwner == registry.session_id
+    registry.register(first)  # its own node: left alone
+    assert reader.get(registry.path_of(first))[1].ephemeralOwner == registry.session_id
+
+
+def test_live_providers_are_listed_again_after_an_outage_longer_than_the_session(
+    own_zookeeper: ZooKeeper,
+) -> None:
+    """ZooKeeper stopped for longer than the session timeout, then started with its data:
+    the server brings the provider's old session back and expires it one session timeout
+    later, with the node the provider's new session found there. The registry replaces
+    a node of another session at once (as Curator does), so the provider is listed, by
+    its current session, within one session timeout of ZooKeeper's return, and still
+    once the old session has expired; a new consumer calls it."""
+    timeout = 3.0
+    address = f"{own_zookeeper.address}?session={int(timeout * 1000)}"
+    server = backchannel.Server(registry=address)
+    server.export(Echo, EchoImpl())
+    with server:
+        registry = server._core._registry
+        assert isinstance(registry, ZookeeperRegistry)
+        (url,) = server._core._registered
+        path = registry.path_of(url)
+        old_session = registry.session_id
+        # a session that dies with the outage, as the provider's old one: its node's
+        # deletion is the moment the server expires the sessions it brought back
+        canary = KazooClient(hosts=own_zookeeper.hosts, timeout=timeout)
+        canary.start(timeout=10)
+        canary.create("/canary", ephemeral=True)
+
+        with LogSeen("starting a new session") as given_up:
+            own_zookeeper.stop()
+            canary.stop()  # no server to tell: its session stays in the server's data
+            canary.close()
+            # the outage outlasts the session: the registry gives it up (1.5 x its timeout)
+            assert given_up.seen.wait(timeout * 2 + 5), "the registry kept its session"
+            time.sleep(timeout / 2)  # the outage itself, not a synchronisation
+        own_zookeeper.start()
+        back = time.monotonic()
+        reader = KazooClient(hosts=own_zookeeper.hosts)
+        reader.start(timeout=10)
+        try:
+
+            def listed_by_the_current_session() -> bool:
+                stat = reader.exists(path)
+                current = registry.session_id
+                return (
+                    stat is not None
+                    and current not in (None, old_session)
+                    and (stat.ephemeralOwner == current)
+                )
+
+            wait_until(listed_by_the_current_session, timeout * 3, "listed by the new session")
+            took = time.monotonic() - back
+            assert took <= timeout, f"listed again {took:.1f} s after ZooKeeper's return"
+
+            expired = threading.Event()
+            if reader.exists("/canary", watch=lambda event: expired.set()) is None:
+                expired.set()
+            assert expired.wait(timeout * 3 + 5), "the old sessions never expired"
+            assert listed_by_the_current_session(), "the node went with the old session"
+            with backchannel.Client(own_zookeeper.address, timeout=5) as client:
+                assert client.reference(Echo).echo("still here") == "still here"
+        finally:
+            reader.stop()
+            reader.close()
+
+
+@pytest.mark.parametrize(
+    ("session", "outage", "expected"),
+    [
+        (10.0, 2.5, ["unreachable", "reachable again"]),
+        (2.0, 4.0, ["unreachable", "starting a new session", "reachable again"]),
+    ],
+    ids=["session-kept", "session-given-up"],
+)
+def test_an_outage_is_logged_once_per_change_of_state_not_per_retry(
+    own_zookeeper: ZooKeeper,
+    caplog: pytest.LogCaptureFixture,
+    session: float,
+    outage: float,
+    expected: list[str],
+) -> None:
+    """ZooKeeper stopped for some seconds while a registry is open: kazoo retries
+    several times a second, and used to log each attempt (``Connecting to``,
+    ``Connection dropped: ... Connection refused``). Now each change of state is one
+    line of ours, whatever the outage's length: unreachable (with kazoo's reason), the
+    session given up if it was, reachable again; kazoo's own lines are at DEBUG."""
+    caplog.set_level(logging.INFO)
+    interface = fresh_interface()
+    with ZookeeperRegistry(own_zookeeper.address, session_timeout=session) as registry:
+        registry.subscribe(interface)
+        caplog.clear()
+        own_zookeeper.stop()
+        wait_until(lambda: not registry.connected, 10, "the registry to notice")
+        time.sleep(outage)  # the outage itself, not a synchronisation
+        own_zookeeper.start()
+        wait_until(
+            lambda: any("reachable again" in r.getMessage() for r in caplog.records),
+            10,
+            "a line saying ZooKeeper is reachable again",
+        )
+        lines = [
+            (r.name, r.levelname, r.getMessage())
+            for r in caplog.records
+            if r.name.startswith(("kazoo", "backchannel"))
+        ]
+    assert len(lines) == len(expected), lines
+    for (name, _level, message), text in zip(lines, expected, strict=True):
+        assert name == "backchannel.registry" and text in message, lines
+    assert "socket connection broken" in lines[0][2]  # kazoo's reason, said once
 
 
 def test_a_listener_that_raises_does_not_stop_the_updates(

@@ -146,6 +146,10 @@ class Exports:
         self._by_key[export.key] = export
         return export
 
+    def remove(self, key: tuple[str, str, str]) -> None:
+        """Export ``key`` no more (an export refused after it was added); nothing if absent."""
+        self._by_key.pop(key, None)
+
     def services(self) -> tuple[pb.ServiceInfo, ...]:
         """Every export as ServiceInfo."""
         return tuple(export.info() for export in self._by_key.values())

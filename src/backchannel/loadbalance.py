@@ -1,11 +1,12 @@
 """Choosing a provider for each call: Dubbo's four load-balancing strategies.
 
 Each strategy picks one of a sequence of providers, anything with an ``address`` (its
-identity) and a ``weight`` (from its URL; Dubbo's default is 100). They run once per
-forward call, so they are cheap: about a microsecond for a handful of providers (see
-docs/cluster.md). Pass a *tuple* of providers and keep passing the same one until the
-set changes: what a strategy derives from the set (cumulative weights, the hash ring)
-is then computed once per set instead of once per call.
+identity) and a ``weight`` (from its URL; Dubbo's default is 100; read as 0 when
+negative and :data:`MAX_WEIGHT` when larger, so no weight can break the arithmetic).
+They run once per forward call, so they are cheap: about a microsecond for a handful
+of providers (see docs/cluster.md). Pass a *tuple* of providers and keep passing the
+same one until the set changes: what a strategy derives from the set (cumulative
+weights, the hash ring) is then computed once per set instead of once per call.
 
 Not thread-safe: one instance serves one event loop (a reference's, or a method's to
 keep Dubbo's per-method state).
@@ -24,6 +25,10 @@ from backchannel.errors import BackchannelError
 
 #: virtual nodes per provider on the consistent-hash ring (Dubbo's ``hash.nodes``)
 DEFAULT_HASH_NODES = 160
+#: the largest weight: Java's ``Integer.MAX_VALUE``, the most a Dubbo URL's ``weight``
+#: can hold. Strategies treat a weight outside 0..MAX_WEIGHT as its nearest bound, so
+#: a set of 2**22 providers at the most still sums exactly in a float (below 2**53)
+MAX_WEIGHT = 2**31 - 1
 
 
 class NoProvider(BackchannelError, LookupError):
@@ -49,6 +54,12 @@ class LoadBalance(Protocol):
     name: str
 
     def select(self, providers: Sequence[P], arguments: Sequence[object] = ()) -> P: ...
+
+
+def _weight(provider: Weighted) -> int:
+    """The provider's weight within 0..MAX_WEIGHT (a URL's is already; a caller's own
+    objects may say anything)."""
+    return min(max(provider.weight, 0), MAX_WEIGHT)
 
 
 def _no_provider() -> NoProvider:
@@ -82,11 +93,12 @@ class RandomLoadBalance:
         return providers[bisect.bisect_right(self._cumulative, self._random() * self._total)]
 
     def _prepare(self, providers: Sequence[Any]) -> None:
+        weights = [_weight(provider) for provider in providers]
         cumulative, total = [], 0
-        for provider in providers:
-            total += max(provider.weight, 0)
+        for weight in weights:
+            total += weight
             cumulative.append(total)
-        same = total == 0 or all(max(p.weight, 0) * len(providers) == total for p in providers)
+        same = total == 0 or all(weight * len(weights) == total for weight in weights)
         self._cumulative = [] if same else cumulative
         self._total = total
         # a list may change in place: only a tuple's derived state is kept between calls
@@ -102,7 +114,8 @@ class RoundRobinLoadBalance:
     name = "roundrobin"
 
     def __init__(self) -> None:
-        # address -> [weight, current]; a changed weight starts again from 0, as Dubbo
+        # address -> [weight as said, current, weight within bounds]; a changed weight
+        # starts again from 0, as Dubbo
         self._state: dict[str, list[int]] = {}
 
     def select(self, providers: Sequence[P], arguments: Sequence[object] = ()) -> P:
@@ -120,12 +133,13 @@ class RoundRobinLoadBalance:
         chosen_state: list[int] = []
         highest = -(1 << 62)
         for provider in providers:
-            weight = provider.weight
+            said = provider.weight
             entry = state.get(provider.address)
             if entry is None:
-                entry = state[provider.address] = [weight, 0]
-            elif entry[0] != weight:
-                entry[0], entry[1] = weight, 0
+                entry = state[provider.address] = [said, 0, _weight(provider)]
+            elif entry[0] != said:
+                entry[0], entry[1], entry[2] = said, 0, _weight(provider)
+            weight = entry[2]
             current = entry[1] = entry[1] + weight
             if current > highest:
                 highest, chosen, chosen_state = current, provider, entry

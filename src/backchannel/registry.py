@@ -32,6 +32,7 @@ from typing import Any, Protocol
 
 from kazoo.client import KazooClient, KazooState
 from kazoo.exceptions import (
+    BadVersionError,
     ConnectionClosedError,
     ConnectionLoss,
     NodeExistsError,
@@ -44,8 +45,34 @@ from kazoo.retry import KazooRetry
 
 from backchannel.errors import BackchannelError, ChannelClosed
 from backchannel.handoff import inbox
+from backchannel.loadbalance import MAX_WEIGHT
+from backchannel.wiretext import wire_text
 
 logger = logging.getLogger("backchannel.registry")
+
+# kazoo's lines said on every connection attempt (several a second while ZooKeeper is
+# down) or on a change of state this module logs itself: at DEBUG, so an outage costs
+# one line per change of state, not one per retry
+_KAZOO_PER_ATTEMPT = frozenset(
+    {
+        "Connecting to %s(%s):%s, use_ssl: %r",
+        "Connection dropped: %s",
+        "Connection time-out: %s",
+        "Cannot resolve %s: %s",
+        "Transition to CONNECTING",
+        "Closing connection to %s:%s",
+        "Zookeeper connection lost",
+        "Zookeeper connection established, state: %s",
+        "Zookeeper session closed, state: %s",
+        "Session has expired",
+        # the connection retries end so only when this module stops the client
+        "Failed connecting to Zookeeper within the connection retry policy.",
+    }
+)
+# those of them that say why a connection failed
+_KAZOO_FAILURES = frozenset(
+    {"Connection dropped: %s", "Connection time-out: %s", "Cannot resolve %s: %s"}
+)
 
 # what an operation meets while ZooKeeper cannot be reached
 _UNREACHABLE = (ConnectionLoss, SessionExpiredError, ConnectionClosedError, KazooTimeoutError)
@@ -79,6 +106,45 @@ _OWN_KEYS = frozenset(
 )
 # Dubbo writes parameter values raw (URL.toFullString): these would change the URL's shape
 _UNSAFE_IN_VALUES = frozenset("&=?#/ \t\r\n")
+
+#: the numbers a URL may carry, inclusive (docs/cluster.md, "Numbers in a URL"): what a
+#: Java Dubbo peer can write there (an ``int`` or a ``long``), so every URL Dubbo itself
+#: accepts is read, and a value outside is refused, not guessed at
+JAVA_INT_MAX = 2**31 - 1
+JAVA_LONG_MAX = 2**63 - 1
+BOUNDS: dict[str, tuple[int, int]] = {
+    "weight": (0, MAX_WEIGHT),
+    "callbacks": (0, JAVA_INT_MAX),
+    "timestamp": (0, JAVA_LONG_MAX),
+    # the registry address's ``?session=MS`` (Dubbo's ``session``, an int)
+    "session": (1, JAVA_INT_MAX),
+}
+#: a provider URL's port (a consumer's URL has none: 0)
+PORTS = (1, 65535)
+# digits read at most: a longer number is out of every bound without converting it
+_MOST_DIGITS = len(str(JAVA_LONG_MAX))
+# tries at making a URL's node while another session's is in the way (each deletes it)
+_CREATE_ATTEMPTS = 3
+#: the most of a znode's name a log line quotes
+ZNODE_TEXT_LIMIT = 1000
+
+
+class _KazooLog(logging.LoggerAdapter[logging.Logger]):
+    """kazoo's logger (``kazoo.client``, as configured), its per-attempt and per-state
+    lines (:data:`_KAZOO_PER_ATTEMPT`) lowered to DEBUG. The last reason it gave for a
+    failed connection is kept in ``reason``, for this module's own line to say."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.getLogger("kazoo.client"), {})
+        self.reason = ""
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        if msg in _KAZOO_PER_ATTEMPT:
+            if msg in _KAZOO_FAILURES:
+                self.reason = wire_text(str(msg) % args)
+            level = logging.DEBUG
+        kwargs.setdefault("stacklevel", 2)  # the record names kazoo's line, not this one
+        super().log(level, msg, *args, **kwargs)
 
 
 class RegistryError(BackchannelError):
@@ -159,10 +225,9 @@ class ServiceURL:
         timestamp: int | None = None,
     ) -> ServiceURL:
         """A provider's URL; ``timestamp`` defaults to now."""
-        if not 0 < port < 65536:
+        if not PORTS[0] <= port <= PORTS[1]:
             raise ValueError(f"a provider URL needs a port in 1..65535, not {port}")
-        if weight < 0:
-            raise ValueError(f"a provider's weight cannot be negative ({weight})")
+        check_weight(weight)
         url = cls(
             interface=interface,
             host=host,
@@ -257,14 +322,17 @@ class ServiceURL:
 
     @classmethod
     def parse(cls, text: str) -> ServiceURL:
-        """Read a URL written by :meth:`to_string` or by Dubbo (not URL-encoded)."""
+        """Read a URL written by :meth:`to_string` or by Dubbo (not URL-encoded).
+
+        A ValueError names what is wrong: no scheme, host or interface; a number that is
+        not one, or out of its bounds (:data:`BOUNDS`; a provider's port in 1..65535)."""
         parts = urllib.parse.urlsplit(text)
         if not parts.scheme or not parts.hostname:
-            raise ValueError(f"not a service URL (no scheme://host): {text!r}")
+            raise ValueError(f"not a service URL (no scheme://host): {_quote(text)}")
         try:
             port = parts.port or 0
         except ValueError as exc:
-            raise ValueError(f"not a service URL (bad port): {text!r}") from exc
+            raise ValueError(f"not a service URL ({exc}): {_quote(text)}") from None
         query: dict[str, str] = {}
         for pair in parts.query.split("&") if parts.query else ():
             key, _, value = pair.partition("=")
@@ -272,8 +340,10 @@ class ServiceURL:
                 query[key] = value
         interface = query.get("interface") or parts.path.lstrip("/")
         if not interface:
-            raise ValueError(f"not a service URL (no interface): {text!r}")
+            raise ValueError(f"not a service URL (no interface): {_quote(text)}")
         side = query.get("side") or (CONSUMER if parts.scheme == CONSUMER else PROVIDER)
+        if side != CONSUMER and not PORTS[0] <= port <= PORTS[1]:
+            raise ValueError(f"a provider URL needs a port in 1..65535, not {port}: {_quote(text)}")
         return cls(
             interface=interface,
             host=parts.hostname,
@@ -305,14 +375,38 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+def check_weight(weight: int) -> int:
+    """``weight`` if it is a provider's weight (an int in 0..MAX_WEIGHT), else ValueError."""
+    if not isinstance(weight, int) or not 0 <= weight <= MAX_WEIGHT:
+        raise ValueError(f"a provider's weight must be an int in 0..{MAX_WEIGHT}, not {weight!r}")
+    return weight
+
+
 def _int(query: dict[str, str], key: str, default: int | None, text: str) -> int | None:
+    """The number at ``key`` (``default`` when absent or empty), within ``BOUNDS[key]``.
+
+    Only ASCII digits with an optional sign are a number (not ``int()``'s underscores,
+    spaces or other scripts' digits); a longer one than any bound is refused unconverted."""
     value = query.get(key)
     if value is None or value == "":
         return default
-    try:
-        return int(value)
-    except ValueError:
-        raise ValueError(f"the URL parameter {key}={value!r} is not a number: {text!r}") from None
+    low, high = BOUNDS[key]
+    digits = value[1:] if value[0] in "+-" else value
+    if not (digits.isascii() and digits.isdigit()):
+        raise ValueError(
+            f"the URL parameter {key}={_quote(value, 40)} is not a number: {_quote(text)}"
+        )
+    if len(digits) > _MOST_DIGITS or not low <= int(value) <= high:
+        raise ValueError(
+            f"the URL parameter {key}={_quote(value, 40)} is out of its bounds "
+            f"{low}..{high}: {_quote(text)}"
+        )
+    return int(value)
+
+
+def _quote(text: str, limit: int = 200) -> str:
+    """``text`` for an error message: quoted, escaped and cut (it may come off a znode)."""
+    return f"'{wire_text(text, limit)}'"
 
 
 Listener = Callable[[frozenset[ServiceURL]], None]
@@ -447,14 +541,20 @@ class ZookeeperRegistry:
     {encoded URL}``, the last an ephemeral znode of this client's session.
 
     On a new session (the old one expired, and its ephemeral nodes with it) every URL
-    registered is created again, and every subscription watches its folder again.
+    registered is created again, and every subscription watches its folder again; a
+    URL's node found belonging to another session (an old one the server has yet to
+    expire) is deleted and created again, as Curator does.
     While ZooKeeper cannot be reached, subscriptions keep their last providers; once it
     has been unreachable for a whole session timeout, the session is given up and a new
     one started, as Curator does (a ZooKeeper that lost its data would refuse the old
     one forever: it has seen transactions the server never had).
 
-    ``hosts`` may carry Dubbo's ``?session=MS`` (the session timeout in milliseconds),
-    which wins over ``session_timeout``."""
+    ``hosts`` may carry Dubbo's ``?session=MS`` (the session timeout in milliseconds,
+    1..2**31-1), which wins over ``session_timeout``.
+
+    The connection's changes of state are logged once each (kazoo's own line for every
+    reconnection attempt is lowered to DEBUG): unreachable, session given up or lost,
+    connected again."""
 
     def __init__(
         self,
@@ -479,16 +579,23 @@ class ZookeeperRegistry:
         self._registered: set[ServiceURL] = set()
         #: each subscription and the watch that feeds it now (a new one per session)
         self._subscriptions: dict[Subscription, _Watch] = {}
+        #: per folder, its children skipped and warned of once (see _Watch), shared by
+        #: every subscription to it: one warning per bad znode, however many subscribe
+        self._refused: dict[str, set[str]] = {}
         self._closed = False
         self._operation_timeout = operation_timeout
         #: counts disconnections, so a timer knows whether its own one is still going on
         self._outage = 0
+        #: whether the coming LOST is the end of a session this registry gave up
+        self._giving_up = False
+        self._kazoo_log = _KazooLog()
         # reconnect soon after ZooKeeper comes back (kazoo's default backs off to an hour)
         self._client: Any = KazooClient(
             hosts=self.hosts,
             timeout=session_timeout,
             connection_retry=KazooRetry(max_tries=-1, delay=0.1, max_delay=1.0),
             command_retry=KazooRetry(max_tries=3, delay=0.1, max_delay=1.0),
+            logger=self._kazoo_log,
         )
         self._client.add_listener(self._state_changed)
         try:
@@ -540,11 +647,33 @@ class ZookeeperRegistry:
             logger.warning("could not remove %s from ZooKeeper now: %r", url, exc)
 
     def _create(self, url: ServiceURL) -> None:
-        # it exists if this session created it before a lost reply, or before a reconnect
-        with contextlib.suppress(NodeExistsError):
-            self._await(
-                self._client.create_async(self.path_of(url), b"", ephemeral=True, makepath=True)
+        path = self.path_of(url)
+        for _attempt in range(_CREATE_ATTEMPTS):
+            try:
+                self._await(self._client.create_async(path, b"", ephemeral=True, makepath=True))
+                return
+            except NodeExistsError:
+                pass
+            # this session made it (before a lost reply, or before a reconnect): done.
+            # Another session's (ours before it was given up, which a server back with
+            # its data expires a session timeout later, taking the node along; or a
+            # former process's): replace it now, as Curator does
+            stat = self._await(self._client.exists_async(path))
+            if stat is None:
+                continue  # gone meanwhile: create it
+            if stat.ephemeralOwner == self.session_id:
+                return
+            logger.info(
+                "replacing %s's znode, which belongs to session 0x%x, not this one",
+                url,
+                stat.ephemeralOwner,
             )
+            with contextlib.suppress(NoNodeError, BadVersionError):  # changed meanwhile
+                self._await(self._client.delete_async(path, version=stat.version))
+        raise RegistryError(
+            f"could not register {url}: its znode was made again by another session "
+            f"{_CREATE_ATTEMPTS} times"
+        )
 
     def _await(self, result: Any) -> Any:
         # kazoo queues requests while disconnected and its blocking calls wait for the
@@ -573,23 +702,43 @@ class ZookeeperRegistry:
                 f"cannot subscribe to {path}: ZooKeeper {self.hosts} is unreachable ({exc!r})"
             ) from exc
         subscription = Subscription(interface, group, version, listener, loop)
-        watch = _Watch(subscription, path, first=True)
+        with self._lock:
+            refused = self._refused.setdefault(path, set())
+        watch = _Watch(subscription, path, first=True, refused=refused)
         ChildrenWatch(self._client, path, watch.changed)
         with self._lock:
             self._subscriptions[subscription] = watch
         return subscription
 
     def _state_changed(self, state: str) -> None:
-        # kazoo's connection thread: must return at once (its docs), so work is spawned
+        # kazoo's connection thread: must return at once (its docs), so work is spawned.
+        # One line per change of state (kazoo's own lines are at DEBUG: _KazooLog)
         if state == KazooState.LOST:
-            logger.warning("ZooKeeper session at %s lost; registering again when back", self.hosts)
+            if self._giving_up:  # said by _give_up_session
+                self._giving_up = False
+            else:
+                logger.warning(
+                    "ZooKeeper session at %s lost; registering again when back", self.hosts
+                )
         elif state == KazooState.SUSPENDED:
-            logger.info("ZooKeeper at %s unreachable; subscribers keep their providers", self.hosts)
+            logger.warning(
+                "ZooKeeper at %s unreachable (%s); subscribers keep their providers, reconnecting",
+                self.hosts,
+                self._kazoo_log.reason or "no reason given",
+            )
             self._outage += 1
             timer = threading.Timer(self.session_timeout, self._give_up_session, (self._outage,))
             timer.daemon = True
             timer.start()
         elif state == KazooState.CONNECTED and not self._closed:
+            self._giving_up = False
+            self._kazoo_log.reason = ""
+            logger.info(
+                "ZooKeeper at %s %s (session 0x%x)",
+                self.hosts,
+                "reachable again" if self._outage else "connected",
+                self.session_id or 0,
+            )
             self._outage += 1
             self._client.handler.spawn(self._recover)
 
@@ -604,6 +753,7 @@ class ZookeeperRegistry:
                 self.hosts,
                 self.session_timeout,
             )
+            self._giving_up = True
             self._client.stop()  # LOST: kazoo forgets the session and what it had seen
             self._client.start_async()
 
@@ -631,7 +781,9 @@ class ZookeeperRegistry:
                 if self._closed or self._subscriptions.get(subscription) is not old:
                     continue
                 old.active = False
-                watch = self._subscriptions[subscription] = _Watch(subscription, old.path)
+                watch = self._subscriptions[subscription] = _Watch(
+                    subscription, old.path, refused=old.refused
+                )
             ChildrenWatch(self._client, watch.path, watch.changed)
 
     def _check_open(self) -> None:
@@ -661,12 +813,24 @@ class ZookeeperRegistry:
 
 class _Watch:
     """What one ``ChildrenWatch`` of a folder feeds into its subscription; inactive
-    once replaced by the watch of a new session."""
+    once replaced by the watch of a new session.
 
-    def __init__(self, subscription: Subscription, path: str, first: bool = False) -> None:
+    ``refused`` holds the folder's children that are not a URL we can read, each
+    warned of once: one bad znode costs one log line while it stays listed, however
+    often the folder changes (shared by every watch of the folder, a new session's
+    included, so it is not warned of again)."""
+
+    def __init__(
+        self,
+        subscription: Subscription,
+        path: str,
+        first: bool = False,
+        refused: set[str] | None = None,
+    ) -> None:
         self.subscription = subscription
         self.path = path
         self.active = True
+        self.refused: set[str] = set() if refused is None else refused
         self._first = first
 
     def changed(self, children: list[str]) -> bool:
@@ -674,7 +838,7 @@ class _Watch:
         subscription = self.subscription
         if subscription.closed or not self.active:
             return False  # stops the watch
-        urls = _parse_children(children, self.path)
+        urls = _parse_children(children, self.path, self.refused)
         if self._first:  # still inside subscribe(): no listener call for the first set
             self._first = False
             subscription.providers = frozenset(
@@ -687,16 +851,31 @@ class _Watch:
         return True
 
 
-def _parse_children(children: list[str], path: str) -> list[ServiceURL]:
+def _parse_children(children: list[str], path: str, refused: set[str]) -> list[ServiceURL]:
+    """The URLs of a ``providers`` folder's children that are backchannel providers.
+
+    A child that is not a URL we can read (not one at all, or a number out of its
+    bounds) is skipped, with a warning naming it the first time it is seen in
+    ``refused``; ``refused`` is left holding exactly the children skipped now, so it
+    never outgrows the folder."""
     urls = []
+    skipped: set[str] = set()
     for child in children:
         try:
             url = ServiceURL.parse(decode(child))
         except ValueError as exc:
-            logger.warning("ignoring %s/%s: %s", path, child, exc)
+            skipped.add(child)
+            if child not in refused:
+                logger.warning(
+                    "ignoring the znode %s: %s",
+                    wire_text(f"{path}/{child}", ZNODE_TEXT_LIMIT),
+                    wire_text(exc),
+                )
             continue
         if url.protocol == PROTOCOL:  # a Java dubbo:// provider is not ours to call
             urls.append(url)
+    refused.intersection_update(skipped)
+    refused.update(skipped)
     return urls
 
 

@@ -28,7 +28,14 @@ from backchannel.interface import Method
 from backchannel.pools import CallPools
 from backchannel.portal import LoopThread
 from backchannel.protocol import PROTOCOL_VERSION, Connection, Role
-from backchannel.registry import DEFAULT_WEIGHT, Registry, ServiceURL, open_registry, reachable_host
+from backchannel.registry import (
+    DEFAULT_WEIGHT,
+    Registry,
+    ServiceURL,
+    check_weight,
+    open_registry,
+    reachable_host,
+)
 from backchannel.session import Outgoing, Session, parse_frame, serialize
 from backchannel.settings import DEFAULT_TIMEOUT, Keepalive, Limits, server_options
 from backchannel.v1 import envelope_pb2 as pb
@@ -147,6 +154,12 @@ class AsyncServer:
         self._advertise_host = advertise_host
         self._weights: dict[tuple[str, str, str], int] = {}
         self._registered: list[ServiceURL] = []
+        # held while URLs are registered or withdrawn (in a thread), so an export made
+        # while running is registered once, and before stop() withdraws everything
+        self._registry_lock = asyncio.Lock()
+        #: registrations of exports made on the loop while running (kept from the GC)
+        self._registering: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._credentials = credentials
         self._authenticator = authenticator
         self._limits = limits
@@ -191,13 +204,39 @@ class AsyncServer:
         Two exports that differ only by group or version coexist. ``callbacks`` limits
         the live callback instances per stream for this service. ``weight`` is the
         load-balancing weight written into its provider URL when a registry is used.
+
+        With a registry, an export made while the server runs is registered at once,
+        and withdrawn on stop like the others: called on the server's loop, in a task
+        (one round trip; a failure is logged as a warning); from another thread (the
+        sync :class:`Server`), before this returns, a failure raised. A value its URL
+        cannot carry (``&`` in a group, say) is refused here, the export undone.
         """
-        if not isinstance(weight, int) or weight < 0:
-            raise ValueError(f"weight must be an int >= 0, got {weight!r}")
+        check_weight(weight)
         export = self._exports.add(
             interface, impl, group=group, version=version, callbacks=callbacks, methods=methods
         )
         self._weights[export.key] = weight
+        if self._registry_spec is None:
+            return
+        try:  # refuse now what could not be registered (host and port do not matter)
+            self._provider_url(export.info(), "127.0.0.1", 1)
+        except ValueError:
+            self._exports.remove(export.key)
+            del self._weights[export.key]
+            raise
+        loop = self._loop
+        if self._grpc is None or self._stopping or loop is None:
+            return  # start() registers it
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            task = loop.create_task(self._register_running())
+            self._registering.add(task)
+            task.add_done_callback(self._registered_in_task)
+        else:  # another thread: wait for it, and let a failure be raised
+            asyncio.run_coroutine_threadsafe(self._register_running(), loop).result()
 
     def register_error(self, cls: type[BaseException]) -> None:
         """Receive ``cls`` as itself (not as RemoteError) when a consumer's listener raises
@@ -262,10 +301,12 @@ class AsyncServer:
             raise OSError(f"cannot listen on {self._requested_address}: {exc}") from exc
         await server.start()
         self._grpc = server
+        self._loop = asyncio.get_running_loop()
         logger.info("backchannel provider listening on %s", self.address)
         if self._registry_spec is not None:
             try:
-                await asyncio.to_thread(self._register)
+                async with self._registry_lock:
+                    await asyncio.to_thread(self._register)
             except BaseException:
                 self._grpc = None
                 await server.stop(0)
@@ -280,34 +321,59 @@ class AsyncServer:
 
     def provider_urls(self) -> list[ServiceURL]:
         """One provider URL per export, as :meth:`start` registers them."""
-        host = reachable_host(self._requested_address.rpartition(":")[0], self._advertise_host)
+        host = self._advertised_host()
         return [
-            ServiceURL.provider(
-                service.name,
-                host,
-                self._port,
-                application=self._application,
-                group=service.group,
-                version=service.version,
-                methods=[method.name for method in service.methods],
-                callbacks=service.callbacks,
-                weight=self._weights.get(
-                    (service.name, service.group, service.version), DEFAULT_WEIGHT
-                ),
-            )
-            for service in self._exports.services()
+            self._provider_url(service, host, self._port) for service in self._exports.services()
         ]
 
+    def _advertised_host(self) -> str:
+        return reachable_host(self._requested_address.rpartition(":")[0], self._advertise_host)
+
+    def _provider_url(self, service: pb.ServiceInfo, host: str, port: int) -> ServiceURL:
+        return ServiceURL.provider(
+            service.name,
+            host,
+            port,
+            application=self._application,
+            group=service.group,
+            version=service.version,
+            methods=[method.name for method in service.methods],
+            callbacks=service.callbacks,
+            weight=self._weights.get(
+                (service.name, service.group, service.version), DEFAULT_WEIGHT
+            ),
+        )
+
     def _register(self) -> None:
-        # in a thread: ZooKeeper's round trips block
-        spec = self._registry_spec
-        registry = open_registry(spec) if isinstance(spec, str) else spec
-        assert registry is not None
-        self._registry = registry
+        # in a thread, holding the registry lock: ZooKeeper's round trips block. Every
+        # export not registered yet is (all of them on start; a new one while running)
+        registry = self._registry
+        if registry is None:
+            spec = self._registry_spec
+            registry = open_registry(spec) if isinstance(spec, str) else spec
+            assert registry is not None
+            self._registry = registry
+        done = {(url.interface, url.group, url.version) for url in self._registered}
         for url in self.provider_urls():
+            if (url.interface, url.group, url.version) in done:
+                continue
             registry.register(url)
             self._registered.append(url)
             logger.info("registered %s", url)
+
+    async def _register_running(self) -> None:
+        """Register the exports made since start, unless the server is stopping."""
+        async with self._registry_lock:
+            if self._grpc is not None and not self._stopping and self._registry is not None:
+                await asyncio.to_thread(self._register)
+
+    def _registered_in_task(self, task: asyncio.Task[None]) -> None:
+        self._registering.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.warning(
+                "could not register an export made while running: %s",
+                wire_text(task.exception()),
+            )
 
     def _unregister(self) -> None:
         registry, self._registry = self._registry, None
@@ -333,12 +399,14 @@ class AsyncServer:
         if server is None:
             return
         self._stopping = True
-        if self._registry is not None:
-            # first: consumers stop choosing this provider while its calls finish
-            try:
-                await asyncio.to_thread(self._unregister)
-            except Exception as exc:  # the session's end removes the nodes all the same
-                logger.warning("could not unregister from the registry: %s", wire_text(exc))
+        # after the registrations under way (the lock is fair): they are withdrawn too
+        async with self._registry_lock:
+            if self._registry is not None:
+                # first: consumers stop choosing this provider while its calls finish
+                try:
+                    await asyncio.to_thread(self._unregister)
+                except Exception as exc:  # the session's end removes the nodes all the same
+                    logger.warning("could not unregister from the registry: %s", wire_text(exc))
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
         for session in list(self._sessions):
