@@ -265,8 +265,9 @@ class ConsumerCallbacks:
             result = await function(*args)
         else:
             context = contextvars.copy_context()
-            # a call nested in one this side waits for never queues for a thread
-            pool = self._pools.for_call(call, self._session)
+            # a call nested in one this side waits for never queues for a thread;
+            # others queue (when they must) in their stream's lane, taking turns
+            pool = self._pools.executor_for(call, self._session)
             outcome, running = submit(pool, functools.partial(context.run, function, *args))
             if thread is not None:
                 thread.append(running)
