@@ -108,6 +108,11 @@ class Exports:
         self._pools = pools
         self.error_types = error_types
 
+    @property
+    def pools(self) -> CallPools:
+        """The pools the exported ``def`` methods run in."""
+        return self._pools
+
     def add(
         self,
         interface: type,
