@@ -16,12 +16,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import read_line
-from services import TABLES_METHODS, TableListener, Tables, TablesImpl
+from services import TABLES_METHODS, Echo, EchoImpl, TableListener, Tables, TablesImpl
 
 import backchannel
 from backchannel import codec
@@ -330,3 +331,29 @@ def test_a_big_listener_result_is_decoded_by_a_thread_that_is_not_waiting_for_it
         assert client.reference(Tables).pull(TableListener(entries)) == entries
     assert len(threads) == 1
     assert threads[0].startswith(where), f"decoded in thread {threads[0]!r}"
+
+
+class EchoingListener:
+    """A listener whose answer is what the provider echoes back to it: a big result the
+    consumer decodes while this listener's thread waits for it."""
+
+    def __init__(self, echo: Callable[[object], Any], entries: int) -> None:
+        self.echo = echo
+        self.value = {f"entry-{i}": i for i in range(entries)}
+
+    def table(self) -> Any:
+        return self.echo(self.value)
+
+
+def test_a_consumer_decodes_a_big_result_on_a_thread_that_is_not_waiting_for_it() -> None:
+    """The client's only thread runs a listener that calls the provider: the big result
+    of that call is decoded on an extra (re-entrant) thread, not queued behind the very
+    thread that waits for it (which waited until the provider's callback timed out)."""
+    with (
+        backchannel.Server("127.0.0.1:0", callback_timeout=5) as server,
+        backchannel.Client(server.address, timeout=10, max_workers=1) as client,
+    ):
+        server.export(Tables, TablesImpl(), methods=TABLES_METHODS)
+        server.export(Echo, EchoImpl())
+        listener = EchoingListener(client.reference(Echo).echo, 20_000)
+        assert client.reference(Tables).pull(listener) == 20_000
