@@ -6,6 +6,11 @@ The result is a dict whose encoding waits, halfway through, until another consum
 small calls have been answered: on the provider's loop that can never happen (the loop
 that would answer them is the one encoding), so the wait runs out; off the loop it is
 over after a few calls. No timing is measured: the test is about what happens first.
+
+A listener's big result is decoded off the provider's loop too: how long one callback
+holds that loop is measured in CPU time of the loop's thread (the issue's 50 ms bound),
+which the other processes of a busy machine do not inflate as they do wall time. A big
+result, on either side, is decoded by a thread other than the one waiting for it.
 """
 
 from __future__ import annotations
