@@ -278,9 +278,9 @@ class CallPools:
             f"backchannel-{role}-reentrant",
             f"the {role} re-entrant thread pool is exhausted: all {max_reentrant_workers} "
             f"threads (max_reentrant_workers={max_reentrant_workers}) run nested calls "
-            "whose callers wait for them, and more nested calls now queue, which stalls "
-            f"their chains until they time out; raise max_reentrant_workers= on the {owners}"
-            " (logged once)",
+            "(or decode big results) whose callers wait for them, and more now queue, "
+            "which stalls their chains until they time out; raise max_reentrant_workers= "
+            f"on the {owners} (logged once)",
         )
 
     def for_call(self, call: pb.Call, session: Awaiting | None) -> CountedPool:
