@@ -121,3 +121,53 @@ class Nobody:
     """A service nobody exports."""
 
     def ping(self) -> None: ...
+
+
+@backchannel.interface("test.Table")
+class Table:
+    """A listener that answers with a table (a dict)."""
+
+    def table(self) -> dict[str, int]: ...
+
+
+@backchannel.interface("test.Tables")
+class Tables:
+    """A provider that is given a Table listener and calls it."""
+
+    def add(self, listener: Table) -> None: ...
+    def pull(self, listener: Table) -> int: ...
+    def echo(self, value: int) -> int: ...
+
+
+TABLES_METHODS = [
+    backchannel.Method("add", arguments=[backchannel.Argument(index=0, callback=True)]),
+    backchannel.Method("pull", arguments=[backchannel.Argument(index=0, callback=True)]),
+]
+
+
+class TablesImpl:
+    """Keeps the listener ``add`` gives it; ``pull`` calls one from its pool thread."""
+
+    def __init__(self) -> None:
+        self.listener: Any = None
+        self.added = threading.Event()
+
+    def add(self, listener: Any) -> None:
+        self.listener = listener
+        self.added.set()
+
+    def pull(self, listener: Any) -> int:
+        return len(listener.table())
+
+    def echo(self, value: int) -> int:
+        return value
+
+
+class TableListener:
+    """Answers every call with the same table of ``entries`` entries."""
+
+    def __init__(self, entries: int) -> None:
+        self.value = {f"entry-{i:07d}": i for i in range(entries)}
+
+    def table(self) -> dict[str, int]:
+        return self.value

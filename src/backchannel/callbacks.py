@@ -38,7 +38,7 @@ from backchannel.errors import (
     TooManyCallbacks,
     UnknownCallback,
 )
-from backchannel.handoff import post_quietly, submit
+from backchannel.handoff import Deferred, post_quietly, run_in_pool, submit
 from backchannel.interface import InterfaceSpec, MethodSpec, find_interface_spec
 from backchannel.portal import wait_on_loop
 from backchannel.v1 import envelope_pb2 as pb
@@ -265,8 +265,9 @@ class ConsumerCallbacks:
             result = await function(*args)
         else:
             context = contextvars.copy_context()
-            # a call nested in one this side waits for never queues for a thread
-            pool = self._pools.for_call(call, self._session)
+            # a call nested in one this side waits for never queues for a thread;
+            # others queue (when they must) in their stream's lane, taking turns
+            pool = self._pools.executor_for(call, self._session)
             outcome, running = submit(pool, functools.partial(context.run, function, *args))
             if thread is not None:
                 thread.append(running)
@@ -577,7 +578,12 @@ class ReverseProxy:
                 if isinstance(error, CallbackGone):  # the consumer no longer has it
                     table.release(call.callback_id)
                 raise error
-            return codec.decode(result.value, f"the result of {where}")
+            what = f"the result of {where}"
+            if codec.is_bulk_value(result.value):  # off the loop every stream shares
+                value = result.value
+                pool = table.pools.for_waiter(session)
+                return Deferred(run_in_pool(pool, lambda: codec.decode(value, what)))
+            return codec.decode(result.value, what)
 
         def broken(error: BaseException) -> BaseException:
             if isinstance(error, StreamBroken):  # the instance went with its stream
@@ -592,9 +598,11 @@ class ReverseProxy:
 class ProviderCallbacks:
     """The provider's side of one stream: a reverse proxy per live callback instance."""
 
-    def __init__(self, session: Session, timeout: float | None) -> None:
+    def __init__(self, session: Session, timeout: float | None, pools: CallPools) -> None:
         self.session = session
         self.timeout = timeout
+        #: the provider's pools: a listener's big result is decoded in one of them
+        self.pools = pools
         self._proxies: dict[int, ReverseProxy] = {}
         #: the exported services each live instance counts against (as on the consumer)
         self._services: dict[int, set[ServiceKey]] = {}

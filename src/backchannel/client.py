@@ -55,7 +55,7 @@ from backchannel.registry import (
 )
 from backchannel.registry import Subscription as RegistrySubscription
 from backchannel.session import Deferred, Session
-from backchannel.settings import BULK_BYTES, DEFAULT_TIMEOUT, Keepalive, Limits
+from backchannel.settings import DEFAULT_TIMEOUT, Keepalive, Limits
 from backchannel.v1 import envelope_pb2 as pb
 from backchannel.wiretext import wire_text
 
@@ -679,8 +679,8 @@ class AsyncClient:
             if not result.HasField("value"):
                 return None
             what = f"the result of {method.qualname}()"
-            if result.value.ByteSize() > BULK_BYTES:  # off the loop the other calls share
-                pool = self._pools.regular
+            if codec.is_bulk_value(result.value):  # off the loop the other calls share
+                pool = self._pools.for_waiter(session)  # not behind a thread waiting for it
                 return Deferred(run_in_pool(pool, lambda: codec.decode(result.value, what)))
             return codec.decode(result.value, what)
 

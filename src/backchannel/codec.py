@@ -21,6 +21,7 @@ from google.protobuf.message import EncodeError as ProtobufEncodeError
 from google.protobuf.message import Message
 
 from backchannel import errors
+from backchannel.settings import BULK_BYTES, BULK_ITEMS
 from backchannel.v1 import envelope_pb2 as pb
 from backchannel.wiretext import sendable_text, wire_text
 
@@ -237,6 +238,23 @@ def decode(value: pb.Value, where: str, callbacks: CallbackDecoder | None = None
         return _decode(value, callbacks, 0)
     except _Failure as failure:
         raise failure.located(where) from None
+
+
+def is_bulk_value(value: pb.Value) -> bool:
+    """Whether decoding ``value`` is worth a thread hop off the event loop (decoding
+    costs ~30 ms per MB of map or list entries): it is a map or list of more than
+    :data:`~backchannel.settings.BULK_ITEMS` entries, or over
+    :data:`~backchannel.settings.BULK_BYTES` on the wire, the threshold of big
+    arguments. Entries are counted first because that is free, while ``ByteSize()``
+    walks every entry (~4 ms per MB, on the loop)."""
+    kind = value.WhichOneof("kind")
+    if kind == "map_value":
+        entries = len(value.map_value.entries)
+    elif kind == "list_value":
+        entries = len(value.list_value.items)
+    else:
+        entries = 0
+    return entries > BULK_ITEMS or value.ByteSize() > BULK_BYTES
 
 
 def _decode(value: pb.Value, callbacks: CallbackDecoder | None, depth: int) -> object:

@@ -108,6 +108,11 @@ class Exports:
         self._pools = pools
         self.error_types = error_types
 
+    @property
+    def pools(self) -> CallPools:
+        """The pools the exported ``def`` methods run in."""
+        return self._pools
+
     def add(
         self,
         interface: type,
@@ -193,6 +198,7 @@ class Exports:
         method with callback arguments cannot be called.
         """
         export, method = self.method(call)
+        session = callbacks.session if callbacks is not None else None  # the pool's lane
         spec = method.spec
         where = f"{spec.qualname}()"
         removed: list[ReverseProxy] = []
@@ -225,19 +231,23 @@ class Exports:
                 work = functools.partial(
                     context.run, _run_sync, method.function, call, spec, where, args
                 )
-                # a call nested in one this side waits for never queues for a thread
-                pool = self._pools.for_call(call, callbacks.session if callbacks else None)
+                # a call nested in one this side waits for never queues for a thread;
+                # others queue (when they must) in their stream's lane, taking turns
+                pool = self._pools.executor_for(call, session)
                 return await run_in_pool(pool, work)  # one loop wake-up per batch
             if args is None:
                 if call.ByteSize() > BULK_BYTES:
                     args = await run_in_pool(
-                        self._pools.regular, lambda: plain_arguments(call, spec, where)
+                        self._pools.regular.lane(session),
+                        lambda: plain_arguments(call, spec, where),
                     )
                 else:
                     args = plain_arguments(call, spec, where)
             result = await method.function(*args)
             if is_bulk(result):
-                return await run_in_pool(self._pools.regular, lambda: codec.encode(result, what))
+                return await run_in_pool(
+                    self._pools.regular.lane(session), lambda: codec.encode(result, what)
+                )
             return codec.encode(result, what)
         finally:
             for proxy in removed:  # told, so the consumer un-exports them even when it

@@ -99,6 +99,17 @@ def submit(
     return future, submitted
 
 
+class Deferred:
+    """What a session's result decoder returns when the decoding goes on elsewhere (a
+    bulk result, decoded in a worker thread): the call's future gets this future's
+    outcome."""
+
+    __slots__ = ("future",)
+
+    def __init__(self, future: asyncio.Future[Any]) -> None:
+        self.future = future
+
+
 def post_quietly(
     loop: asyncio.AbstractEventLoop, callback: Callable[..., None], *args: Any
 ) -> None:

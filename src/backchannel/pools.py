@@ -1,5 +1,5 @@
-"""The threads that run one side's plain (``def``) methods, and the choice of thread for
-each incoming call.
+"""The threads that run one side's plain (``def``) methods, the choice of thread for
+each incoming call, and how the threads are shared between streams.
 
 A plain method that calls the peer blocks its thread until the answer is in. When the
 peer's answer needs a call back to this side (a listener that calls the provider, whose
@@ -9,17 +9,25 @@ out. So a *re-entrant* call, one whose parent is a call this side is still waiti
 runs on a free regular thread when there is one and otherwise on an extra thread of a
 pool of its own, bounded separately (``max_reentrant_workers``).
 
-:class:`concurrent.futures.ThreadPoolExecutor` does not say when its work starts to
-queue; :class:`CountedPool` counts, and logs it once with the keyword to raise.
+When every thread is taken, work waits in a queue of its stream's own (a *lane*), and a
+thread that frees up takes the next work of the next lane in turn: a stream with 400
+calls queued gets one thread in turn like every other, so another stream's call starts
+when the next thread frees up, not after the 400. Each lane keeps its order.
+
+:class:`concurrent.futures.ThreadPoolExecutor` neither shares its threads between
+streams nor says when its work starts to queue; :class:`CountedPool` does both, and
+logs the queueing once with the keyword to raise.
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
+import functools
 import logging
 import threading
 from collections.abc import Callable
-from typing import ParamSpec, Protocol, TypeVar
+from typing import Any, Generic, ParamSpec, Protocol, TypeVar
 
 from backchannel.v1 import envelope_pb2 as pb
 
@@ -27,6 +35,11 @@ logger = logging.getLogger("backchannel")
 
 P = ParamSpec("P")
 T = TypeVar("T")
+
+#: the lane of work that comes on no stream (a unary Invoke, a client's own decoding)
+NO_STREAM: object = None
+#: a lane holding more cancelled work than this (and than twice its live work) is compacted
+_COMPACT_OVER = 32
 
 
 class Awaiting(Protocol):
@@ -37,58 +50,204 @@ class Awaiting(Protocol):
         ...
 
 
-class CountedPool(concurrent.futures.Executor):
-    """A thread pool that knows how many of its threads are taken, and warns once when
-    work has to queue for one.
+class _Work(Generic[T]):
+    """One submitted function, and the lane it waits in (None once taken or cancelled)."""
 
-    ``busy`` counts work submitted and not yet done (running or queued), so
-    ``busy < max_workers`` means a thread takes new work at once.
+    __slots__ = ("args", "function", "future", "kwargs", "lane")
+
+    def __init__(
+        self,
+        future: concurrent.futures.Future[T],
+        function: Callable[..., T],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> None:
+        self.future = future
+        self.function = function
+        self.args = args
+        self.kwargs = kwargs
+        self.lane: _Lane | None = None
+
+    def run(self) -> None:
+        """Run it in this thread, unless it was cancelled while it waited."""
+        if not self.future.set_running_or_notify_cancel():
+            return
+        try:
+            result = self.function(*self.args, **self.kwargs)
+        except BaseException as exc:  # as ThreadPoolExecutor: the future carries it
+            self.future.set_exception(exc)
+        else:
+            self.future.set_result(result)
+
+
+class _Lane:
+    """One stream's queued work, in arrival order; ``live`` counts what is not cancelled."""
+
+    __slots__ = ("key", "live", "works")
+
+    def __init__(self, key: object) -> None:
+        self.key = key
+        self.works: collections.deque[_Work[Any]] = collections.deque()
+        self.live = 0
+
+
+class CountedPool(concurrent.futures.Executor):
+    """A thread pool shared fairly between streams, that knows how many of its threads
+    are taken and warns once when work has to queue for one.
+
+    :meth:`submit_to` names the stream (any hashable key: its session) the work belongs
+    to; :meth:`submit` is the lane of work on no stream. While a thread is free, work
+    starts at once, whatever its lane. When none is, work queues in its lane, and each
+    thread that finishes takes the oldest work of the lane whose turn it is, the lanes
+    taking turns (round robin): a lane's work waits for at most one thread per other
+    lane with work queued, however much work any of them queued. ``busy`` counts work
+    submitted and not yet done (running or queued).
     """
 
     def __init__(self, max_workers: int, name: str, exhausted: str) -> None:
         self.max_workers = max_workers
         self.name = name
         self._exhausted = exhausted  # the warning, logged once
+        # it only ever gets work while one of its threads is free: it never queues
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers, thread_name_prefix=name)
         self._lock = threading.Lock()
         self._busy = 0
+        self._taken = 0  # threads running work (or taking the next), at most max_workers
+        self._lanes: dict[object, _Lane] = {}  # lanes with live work queued
+        self._turns: collections.deque[_Lane] = collections.deque()  # the same, in turn
         self._warned = False
+        self._shut = False
 
     @property
     def busy(self) -> int:
         """Work submitted and not done yet: running, or queued for a thread."""
         return self._busy
 
+    @property
+    def queued(self) -> int:
+        """Work queued for a thread, cancelled work left out."""
+        return sum(lane.live for lane in list(self._lanes.values()))
+
     def has_free_thread(self) -> bool:
         """True when work submitted now starts at once."""
-        return self._busy < self.max_workers
+        return self._taken < self.max_workers
+
+    def lane(self, key: object) -> Lane:
+        """An executor that submits to this pool in the lane ``key``."""
+        return Lane(self, key)
 
     def submit(
         self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs
     ) -> concurrent.futures.Future[T]:
-        """Run ``fn(*args, **kwargs)`` on a thread of the pool (or queue it for one)."""
+        """Run ``fn(*args, **kwargs)`` on a thread of the pool (or queue it for one), in
+        the lane of work on no stream."""
+        return self.submit_to(NO_STREAM, fn, *args, **kwargs)
+
+    def submit_to(
+        self, key: object, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs
+    ) -> concurrent.futures.Future[T]:
+        """Run ``fn(*args, **kwargs)`` on a thread of the pool now, or queue it in the
+        lane ``key`` until a thread takes it in turn. Cancelling the future of queued
+        work takes it out of the queue."""
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        work = _Work(future, fn, args, kwargs)
+        warn = False
         with self._lock:
+            if self._shut:
+                raise RuntimeError("cannot schedule new futures after shutdown")
             self._busy += 1
-            warn = self._busy > self.max_workers and not self._warned  # it queues
-            if warn:
-                self._warned = True
+            start = self._taken < self.max_workers
+            if start:
+                self._taken += 1
+            else:  # it queues, in its lane
+                lane = self._lanes.get(key)
+                if lane is None:
+                    lane = self._lanes[key] = _Lane(key)
+                    self._turns.append(lane)
+                lane.works.append(work)
+                lane.live += 1
+                work.lane = lane
+                warn, self._warned = not self._warned, True
+        future.add_done_callback(functools.partial(self._done, work))  # cancelled ones too
         if warn:
             logger.warning(self._exhausted)
-        try:
-            future = self._executor.submit(fn, *args, **kwargs)
-        except BaseException:
-            self._done()
-            raise
-        future.add_done_callback(self._done)  # also when cancelled before it ran
+        if start:
+            try:
+                self._executor.submit(self._work_on, work)
+            except BaseException:
+                with self._lock:
+                    self._taken -= 1
+                future.cancel()
+                raise
         return future
 
-    def _done(self, _future: object = None) -> None:
+    def _work_on(self, work: _Work[Any] | None) -> None:
+        """A thread's turn: run ``work``, then what waits in the next lanes in turn, until
+        no work is queued (the thread then goes back to the executor, idle)."""
+        while work is not None:
+            work.run()
+            work = self._next()
+
+    def _next(self) -> _Work[Any] | None:
+        """The oldest live work of the lane whose turn it is (which goes to the back of
+        the turns), or None, freeing the thread, when none is queued."""
+        with self._lock:
+            if not self._turns:
+                self._taken -= 1
+                return None
+            lane = self._turns.popleft()
+            work = lane.works.popleft()
+            while work.lane is None:  # cancelled while it waited; a live one is behind
+                work = lane.works.popleft()
+            work.lane = None
+            lane.live -= 1
+            if lane.live:
+                self._turns.append(lane)
+            else:  # what is left in it was cancelled
+                del self._lanes[lane.key]
+            return work
+
+    def _done(self, work: _Work[Any], future: concurrent.futures.Future[Any]) -> None:
         with self._lock:
             self._busy -= 1
+            lane = work.lane
+            if lane is None:  # it ran (or was taken to run)
+                return
+            work.lane = None  # cancelled while queued: out of the queue
+            lane.live -= 1
+            if not lane.live:
+                del self._lanes[lane.key]
+                self._turns.remove(lane)  # one entry per stream with work queued
+            elif len(lane.works) > 2 * lane.live + _COMPACT_OVER:  # amortized O(1)
+                lane.works = collections.deque(w for w in lane.works if w.lane is not None)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        """Shut the pool down (see :meth:`concurrent.futures.Executor.shutdown`)."""
+        """Shut the pool down (see :meth:`concurrent.futures.Executor.shutdown`): with
+        ``cancel_futures``, queued work is cancelled; running work finishes."""
+        with self._lock:
+            self._shut = True
+            queued = [w for lane in self._turns for w in lane.works if w.lane is not None]
+        if cancel_futures:
+            for work in queued:
+                work.future.cancel()
         self._executor.shutdown(wait=wait, cancel_futures=cancel_futures)
+
+
+class Lane(concurrent.futures.Executor):
+    """One stream's way into a :class:`CountedPool`: what it submits queues (when it
+    has to) behind that stream's own earlier work only, and takes its turn."""
+
+    __slots__ = ("key", "pool")
+
+    def __init__(self, pool: CountedPool, key: object) -> None:
+        self.pool = pool
+        self.key = key
+
+    def submit(
+        self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs
+    ) -> concurrent.futures.Future[T]:
+        """Run ``fn(*args, **kwargs)`` in the pool, in this lane."""
+        return self.pool.submit_to(self.key, fn, *args, **kwargs)
 
 
 class CallPools:
@@ -111,20 +270,20 @@ class CallPools:
             f"backchannel-{role}",
             f"the {role} thread pool is exhausted: all {max_workers} threads "
             f"(max_workers={max_workers}) are busy and plain methods now queue for a free "
-            f"one; if calls stall or time out, raise max_workers= on the {owners} "
-            "(logged once)",
+            f"one, each stream's in turn; if calls stall or time out, raise max_workers= "
+            f"on the {owners} (logged once)",
         )
         self.reentrant = CountedPool(
             max_reentrant_workers,
             f"backchannel-{role}-reentrant",
             f"the {role} re-entrant thread pool is exhausted: all {max_reentrant_workers} "
             f"threads (max_reentrant_workers={max_reentrant_workers}) run nested calls "
-            "whose callers wait for them, and more nested calls now queue, which stalls "
-            f"their chains until they time out; raise max_reentrant_workers= on the {owners}"
-            " (logged once)",
+            "(or decode big results) whose callers wait for them, and more now queue, "
+            "which stalls their chains until they time out; raise max_reentrant_workers= "
+            f"on the {owners} (logged once)",
         )
 
-    def for_call(self, call: pb.Call, session: Awaiting | None) -> concurrent.futures.Executor:
+    def for_call(self, call: pb.Call, session: Awaiting | None) -> CountedPool:
         """The pool to run ``call`` in, a call that came on ``session`` (None: not on a
         stream, so never re-entrant).
 
@@ -140,6 +299,18 @@ class CallPools:
         ):
             return self.regular
         return self.reentrant
+
+    def executor_for(self, call: pb.Call, session: Awaiting | None) -> concurrent.futures.Executor:
+        """Where ``call`` runs: the pool :meth:`for_call` chooses, in the lane of its
+        stream (``session``; None shares the lane of work on no stream)."""
+        return self.for_call(call, session).lane(session)
+
+    def for_waiter(self, session: Awaiting | None) -> concurrent.futures.Executor:
+        """Where work runs that a caller on this side waits for and that never blocks
+        (decoding a big result): a free regular thread, else the re-entrant pool. The
+        caller may hold the last regular thread: behind it the work would never start."""
+        pool = self.regular if self.regular.has_free_thread() else self.reentrant
+        return pool.lane(session)
 
     def shutdown(self) -> None:
         """Stop both pools: queued work is cancelled, running work finishes on its own."""

@@ -52,7 +52,7 @@ class _ProviderSide:
 
     def __init__(self, exports: Exports, session: Session, callback_timeout: float | None) -> None:
         self._exports = exports
-        self.callbacks = ProviderCallbacks(session, callback_timeout)
+        self.callbacks = ProviderCallbacks(session, callback_timeout, exports.pools)
 
     async def dispatch(self, call: pb.Call) -> pb.Value:
         if call.callback_id:

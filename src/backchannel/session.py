@@ -37,6 +37,7 @@ from backchannel.errors import (
     TransportError,
     Unauthenticated,
 )
+from backchannel.handoff import Deferred as Deferred  # re-exported: the client imports it here
 from backchannel.peerlog import PeerLog
 from backchannel.protocol import (
     CallReceived,
@@ -836,16 +837,6 @@ class Outgoing:
         if self.deadline is not None:
             self.deadline.cancel()
             self.deadline = None
-
-
-class Deferred:
-    """What a :data:`Decode` returns when the decoding goes on elsewhere (a bulk result,
-    decoded in a worker thread): the call's future gets this future's outcome."""
-
-    __slots__ = ("future",)
-
-    def __init__(self, future: Future) -> None:
-        self.future = future
 
 
 class SplitBatch:
