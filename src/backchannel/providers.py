@@ -113,7 +113,8 @@ class ProviderLink:
         self._stream: Any = None
         self.session: Session | None = None
         self._reader: asyncio.Task[None] | None = None
-        self._opening: asyncio.Lock | None = None
+        #: the running attempt to open a stream, shared by the calls that wait for it
+        self._attempt: asyncio.Future[Session] | None = None
         self.closed = False
         self.backoff = backoff
         #: calls this consumer has in flight on the link, opening its stream included
@@ -128,16 +129,21 @@ class ProviderLink:
 
     @property
     def available(self) -> bool:
-        """Worth choosing for a new call: its stream is usable, or none is open and no
-        backoff after a failed attempt is running. A provider going away (GoAway) is
-        not: its running calls finish, it gets no new ones."""
+        """Worth choosing for a new call: its stream is usable, or none is open, no
+        attempt to open one is running and no backoff after a failed one. A provider
+        going away (GoAway) is not: its running calls finish, it gets no new ones."""
         session = self.session
         if session is not None:
             if session.usable:
                 return True
             if session.cause is None:  # going away, still finishing its calls
                 return False
-        return self.backoff.wait() == 0
+        return self._attempt is None and self.backoff.wait() == 0
+
+    @property
+    def connecting(self) -> bool:
+        """An attempt to open a stream is running (a call may wait for it)."""
+        return self._attempt is not None
 
     @property
     def side(self) -> ConsumerSide | None:
@@ -146,39 +152,57 @@ class ProviderLink:
 
     async def ensure_session(self, timeout: float | None, wait_backoff: bool = True) -> Session:
         """The usable stream, opening one if needed; attempts after a failure are spaced
-        by exponential backoff with jitter, and a caller waits at most ``timeout``.
+        by exponential backoff with jitter, and a caller waits at most ``timeout``
+        (TimeoutError).
 
-        With ``wait_backoff=False`` (a cluster, where another provider may serve the
-        call) a running backoff fails the call at once instead of making it wait."""
+        One attempt at a time runs for the link, as a task of its own bounded by
+        ``connect_timeout``: a caller whose time runs out stops waiting for it, the
+        attempt goes on, and the next caller finds its outcome. With
+        ``wait_backoff=False`` (a cluster, where another provider may serve the call)
+        a running backoff fails the call at once instead of making it wait."""
         if self.closed:
             raise ChannelClosed(f"the client for {self.address} is closed")
-        if self._opening is None:
-            self._opening = asyncio.Lock()
-        async with asyncio.timeout(timeout), self._opening:
-            session = self.session
-            if session is not None and session.usable:
-                return session
-            if session is not None and session.cause is not None:
-                await self._drop_channel()  # broken: start afresh
+        session = self.session
+        if session is not None and session.usable:
+            return session
+        attempt = self._attempt
+        if attempt is None:
             wait = self.backoff.wait()
             if wait and not wait_backoff:
                 raise StreamBroken(
                     f"{self.address} failed its last connection attempt; the next one is "
                     f"in {wait:.2f} s"
                 )
-            await asyncio.sleep(wait)
-            try:
-                session = await self._open_session()
-            except TransportError:
-                self.backoff.failed()
-                # a new channel next time: gRPC's own reconnect backoff (up to minutes)
-                # would otherwise refuse our attempts after the provider is back; but not
-                # while a going-away stream still finishes its calls on this channel
-                if session is None or session.cause is not None:
-                    await self._drop_channel()
-                raise
-            self.backoff.succeeded()
-            return session
+            attempt = self._attempt = asyncio.ensure_future(self._attempt_session(wait))
+            attempt.add_done_callback(self._attempt_done)
+        # the attempt is shared: a caller that gives up must not cancel it
+        return await asyncio.wait_for(asyncio.shield(attempt), timeout)
+
+    def _attempt_done(self, attempt: asyncio.Future[Session]) -> None:
+        if self._attempt is attempt:
+            self._attempt = None
+        if not attempt.cancelled():
+            attempt.exception()  # read: nobody may be waiting for it any more
+
+    async def _attempt_session(self, wait: float) -> Session:
+        session = self.session
+        if session is not None and session.cause is not None:
+            await self._drop_channel()  # broken: start afresh
+        await asyncio.sleep(wait)
+        if self.closed:
+            raise ChannelClosed(f"the client for {self.address} is closed")
+        try:
+            session = await self._open_session()
+        except TransportError:
+            self.backoff.failed()
+            # a new channel next time: gRPC's own reconnect backoff (up to minutes)
+            # would otherwise refuse our attempts after the provider is back; but not
+            # while a going-away stream still finishes its calls on this channel
+            if self.session is None or self.session.cause is not None:
+                await self._drop_channel()
+            raise
+        self.backoff.succeeded()
+        return session
 
     async def _open_session(self) -> Session:
         settings = self.settings
@@ -189,7 +213,10 @@ class ProviderLink:
                 # and its shared subchannels would carry that state into a new channel
                 ("grpc.use_local_subchannel_pool", 1),
                 ("grpc.initial_reconnect_backoff_ms", 100),
-                ("grpc.min_reconnect_backoff_ms", 100),
+                # gRPC's minimum *connect timeout* too (doc/connection-backoff.md's
+                # MIN_CONNECT_TIMEOUT): at 100 ms a provider whose TCP + HTTP/2
+                # handshake takes longer could never be reached
+                ("grpc.min_reconnect_backoff_ms", max(100, int(settings.connect_timeout * 1000))),
                 ("grpc.max_reconnect_backoff_ms", 2000),
             ]
             if settings.credentials is None:
@@ -236,6 +263,10 @@ class ProviderLink:
             ) from None
         except StreamBroken as exc:
             raise StreamBroken(f"cannot connect to {self.address}: {exc}") from exc
+        except BaseException:  # cancelled (the client closes): nothing may stay behind
+            stream.cancel()
+            reader.cancel()
+            raise
         session.dispatcher.learn(services)  # type: ignore[attr-defined]
         self.session, self._stream, self._reader = session, stream, reader
         reader.add_done_callback(self._stream_ended)
@@ -253,6 +284,10 @@ class ProviderLink:
     async def close(self) -> None:
         """End the stream (half-close, then cancel) and the channel."""
         self.closed = True
+        attempt = self._attempt
+        if attempt is not None:
+            attempt.cancel()
+            await asyncio.gather(attempt, return_exceptions=True)
         session, self.session = self.session, None
         reader, self._reader = self._reader, None
         if session is not None and session.cause is None:
