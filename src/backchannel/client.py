@@ -775,14 +775,43 @@ class AsyncClient:
         if not directory.urls:
             raise NoProvider(f"no provider of {_label(ref.key)} in {self.address}")
         links = [self._link(url.address) for url in directory.urls]
-        timeout = _left(deadline)
-        outcomes = await asyncio.gather(
-            *(
-                self._invoke_on(link, ref, method, positional, current, deadline, timeout)
-                for link in links
-            ),
-            return_exceptions=True,
+        outcomes: list[Any] = [None] * len(links)
+        # first every stream that is not open: one wait on the shared attempts for all of
+        # them, not a task each (there may be thousands, most of them unreachable)
+        attempts: dict[int, asyncio.Future[Session]] = {}
+        for index, link in enumerate(links):
+            if _open(link):
+                continue
+            wait = link.backoff_left
+            if wait:  # it would fail at once
+                outcomes[index] = link.backing_off(wait)
+            elif self._closed:
+                raise ChannelClosed(f"the client for {self.address} is closed")
+            else:
+                attempts[index] = link.attempt()
+        if attempts:
+            await asyncio.wait(set(attempts.values()), timeout=_left(deadline))
+        late = DeadlineExceeded(
+            f"{method.qualname}() did not finish within its {ref.timeouts[method.name]} s "
+            f"timeout: no stream to some of the {len(links)} providers of {_label(ref.key)} "
+            "yet (broadcast)"
         )
+        for index, attempt in attempts.items():
+            if not attempt.done():
+                outcomes[index] = late
+            elif attempt.cancelled():
+                outcomes[index] = ChannelClosed(f"the client for {self.address} is closed")
+            else:  # None when it opened the stream: the call is sent below
+                outcomes[index] = attempt.exception()
+        timeout = _left(deadline)
+        sending = [
+            (index, self._invoke_on(link, ref, method, positional, current, deadline, timeout))
+            for index, link in enumerate(links)
+            if outcomes[index] is None
+        ]
+        finished = await asyncio.gather(*(call for _, call in sending), return_exceptions=True)
+        for (index, _call), outcome in zip(sending, finished, strict=True):
+            outcomes[index] = outcome
         for outcome in outcomes:
             if isinstance(outcome, _NotSent):
                 raise outcome.error
