@@ -15,6 +15,7 @@ updates meanwhile wait for it.
 """
 
 import asyncio
+import contextlib
 import logging
 import sys
 import time
@@ -39,10 +40,8 @@ async def main(zookeeper: str, service: str, count: int, callers: int, busy: boo
 
     async with backchannel.AsyncClient(zookeeper, timeout=5) as client:
         reference = client.reference(Burst)
-        try:
+        with contextlib.suppress(NoProvider):  # none yet: the subscription is made anyway
             await reference.ping()
-        except NoProvider:
-            pass  # none registered yet: the subscription is made all the same
         directory = client._directories[(service, "", "")]
         outcomes = {"ok": 0, "failed": 0}
         calling = True

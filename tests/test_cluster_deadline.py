@@ -141,7 +141,7 @@ def test_every_call_over_1000_unreachable_providers_returns_within_its_timeout(
                         outcomes.append((value, time.monotonic() - started, outcome))
 
                 callers = [asyncio.ensure_future(caller(k)) for k in range(8)]
-                done, pending = await asyncio.wait(callers, timeout=3 * (TIMEOUT + MARGIN) + 5)
+                _done, pending = await asyncio.wait(callers, timeout=3 * (TIMEOUT + MARGIN) + 5)
                 assert not pending, f"{len(pending)} of 8 callers did not return"
                 return outcomes
 
@@ -293,9 +293,7 @@ def test_subscribing_comes_out_of_the_calls_timeout_and_is_made_once() -> None:
                         outcome = exc
                     return time.monotonic() - started, outcome
 
-                outcomes = await asyncio.wait_for(
-                    asyncio.gather(*(call(i) for i in range(8))), 5
-                )
+                outcomes = await asyncio.wait_for(asyncio.gather(*(call(i) for i in range(8))), 5)
                 for seconds, outcome in outcomes:
                     assert isinstance(outcome, backchannel.DeadlineExceeded), outcome
                     assert "still subscribing" in str(outcome)
