@@ -26,6 +26,10 @@ from backchannel.registry import ServiceURL, StaticRegistry, Subscription
 #: the expiry timer, and a busy 2-core machine (measured: at most 0.04 s late with 8
 #: callers over 1,000 unreachable providers)
 MARGIN = 0.25
+#: broadcast opens a stream to every provider whose backoff has ended, a thousand gRPC
+#: channels at a time, and the garbage of the failed ones brings full GC passes of
+#: 0.2-0.3 s on this machine (measured: up to 0.4 s late)
+BROADCAST_MARGIN = 0.5
 TIMEOUT = 1.0
 
 
@@ -110,9 +114,10 @@ def test_every_call_over_1000_unreachable_providers_returns_within_its_timeout(
 ) -> None:
     """8 concurrent callers, 3 calls each, timeout=1: every call returns (its result,
     DeadlineExceeded, or a connection error for the modes that do not fail over) by
-    1 s + MARGIN; a call for which the live provider is chosen first returns its
-    result (broadcast goes to all, so its calls fail). Failed before: calls took 5-10 s,
-    some callers none within 60 s (each attempt had the whole timeout)."""
+    1 s + MARGIN (broadcast: BROADCAST_MARGIN); a call for which the live provider is
+    chosen first returns its result (broadcast goes to all, so its calls fail). Failed
+    before: calls took 5-10 s, some callers none within 60 s (each attempt had the
+    whole timeout)."""
     with one_live_among_1000_unreachable() as (live, addresses):
 
         async def body() -> list[tuple[int, float, object]]:
@@ -147,7 +152,8 @@ def test_every_call_over_1000_unreachable_providers_returns_within_its_timeout(
 
         outcomes = run(body())
     assert len(outcomes) == 24
-    late = [(v, round(s, 3), repr(o)[:200]) for v, s, o in outcomes if s > TIMEOUT + MARGIN]
+    margin = BROADCAST_MARGIN if mode == "broadcast" else MARGIN
+    late = [(v, round(s, 3), repr(o)[:200]) for v, s, o in outcomes if s > TIMEOUT + margin]
     assert not late, late
     for value, _seconds, outcome in outcomes:
         if isinstance(outcome, BaseException):
@@ -163,29 +169,29 @@ def test_every_call_over_1000_unreachable_providers_returns_within_its_timeout(
 
 
 def test_a_call_that_runs_out_of_time_says_how_many_providers_it_tried() -> None:
-    """Only unreachable providers (1,000 refusing, 1 hanging): the call fails over until
-    its time is spent and DeadlineExceeded names what it tried."""
+    """Only unreachable providers (1,000 refusing, 1 hanging): the first call fails over
+    until its time is spent, and DeadlineExceeded names what it tried; the calls after
+    it end by their deadline too (sooner, with the connection error, when every
+    provider left is backing off after a failed attempt)."""
     with black_holes(1) as hanging:
         addresses = "static://" + ",".join([*refused(1000), *hanging])
 
         async def body() -> None:
             async with backchannel.AsyncClient(addresses, timeout=TIMEOUT) as client:
                 echo = client.reference(Echo)
-                seen = []
-                for i in range(3):
-                    started = time.monotonic()
-                    with contextlib.suppress(backchannel.DeadlineExceeded):
-                        await echo.echo(i)
-                        raise AssertionError("no provider is live")
-                    assert time.monotonic() - started <= TIMEOUT + MARGIN
-                    seen.append(i)
-                assert seen == [0, 1, 2]
+                started = time.monotonic()
                 with pytest.raises(
                     backchannel.DeadlineExceeded,
                     match=r"within its 1\.0 s timeout: \d+ of the 1001 providers of test\.Echo "
                     r"tried, \d+ unreachable",
                 ):
-                    await echo.echo(9)
+                    await echo.echo(0)
+                assert time.monotonic() - started <= TIMEOUT + MARGIN
+                for i in range(1, 4):
+                    started = time.monotonic()
+                    with pytest.raises((backchannel.DeadlineExceeded, backchannel.StreamBroken)):
+                        await echo.echo(i)
+                    assert time.monotonic() - started <= TIMEOUT + MARGIN
 
         run(body())
 
