@@ -195,6 +195,8 @@ class AsyncClient:
         if timeout is not None and not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds or None, got {timeout!r}")
         self.address = address if isinstance(address, str) else repr(address)
+        #: the address as error messages name it: a list of a thousand is not repeated
+        self._where = _shortened(self.address)
         self.timeout = timeout
         self._application = application
         self._connect_timeout = connect_timeout
@@ -329,7 +331,7 @@ class AsyncClient:
         if directory is not None and directory.ready:
             return directory
         if self._closed:
-            raise ChannelClosed(f"the client for {self.address} is closed")
+            raise ChannelClosed(f"the client for {self._where} is closed")
         if directory is None:
             directory = self._directories[ref.key] = _Directory(ref.key)
         if self._single is not None:
@@ -352,7 +354,7 @@ class AsyncClient:
             raise DeadlineExceeded(
                 f"{method.qualname}() did not finish within its "
                 f"{ref.timeouts[method.name]} s timeout: still subscribing to the "
-                f"providers of {_label(ref.key)} in {self.address}"
+                f"providers of {_label(ref.key)} in {self._where}"
             ) from None
         return directory
 
@@ -414,7 +416,7 @@ class AsyncClient:
             return self._link(urls[0].address)
         if not urls:
             raise NoProvider(
-                f"no provider of {_label(ref.key)} in {self.address} (none registered, or all gone)"
+                f"no provider of {_label(ref.key)} in {self._where} (none registered, or all gone)"
             )
         links = self._links
         if not exclude:  # the usual case: every stream open and usable, choose among all
@@ -660,7 +662,7 @@ class AsyncClient:
             session = link.session
             if session is None or not session.usable:
                 if self._closed:
-                    raise ChannelClosed(f"the client for {self.address} is closed")
+                    raise ChannelClosed(f"the client for {self._where} is closed")
                 left = _left(deadline)
                 patience = left / 2 if hedge and left is not None else left
                 try:
@@ -758,7 +760,7 @@ class AsyncClient:
             except Exception as exc:
                 error = exc
         if error is None:  # no provider at all
-            raise NoProvider(f"no provider of {_label(ref.key)} in {self.address}")
+            raise NoProvider(f"no provider of {_label(ref.key)} in {self._where}")
         raise error
 
     async def _broadcast(
@@ -773,7 +775,7 @@ class AsyncClient:
         """Dubbo's ``broadcast``: the call goes to every provider; it raises the first
         failure if any failed, else returns the last provider's result."""
         if not directory.urls:
-            raise NoProvider(f"no provider of {_label(ref.key)} in {self.address}")
+            raise NoProvider(f"no provider of {_label(ref.key)} in {self._where}")
         links = [self._link(url.address) for url in directory.urls]
         outcomes: list[Any] = [None] * len(links)
         # first every stream that is not open: one wait on the shared attempts for all of
@@ -786,7 +788,7 @@ class AsyncClient:
             if wait:  # it would fail at once
                 outcomes[index] = link.backing_off(wait)
             elif self._closed:
-                raise ChannelClosed(f"the client for {self.address} is closed")
+                raise ChannelClosed(f"the client for {self._where} is closed")
             else:
                 attempts[index] = link.attempt()
         if attempts:
@@ -800,7 +802,7 @@ class AsyncClient:
             if not attempt.done():
                 outcomes[index] = late
             elif attempt.cancelled():
-                outcomes[index] = ChannelClosed(f"the client for {self.address} is closed")
+                outcomes[index] = ChannelClosed(f"the client for {self._where} is closed")
             else:  # None when it opened the stream: the call is sent below
                 outcomes[index] = attempt.exception()
         timeout = _left(deadline)
@@ -914,7 +916,7 @@ class AsyncClient:
             session.flush()
         if not found:
             raise UnknownCallback(
-                f"{listener!r} is not a live callback on the stream to {self.address}"
+                f"{listener!r} is not a live callback on the stream to {self._where}"
             )
         self._forget(listener)
 
@@ -1041,6 +1043,13 @@ def _discovered(directory: _Directory, discovery: asyncio.Future[None]) -> None:
     """A subscription that failed is made again by the next call."""
     if discovery.cancelled() or discovery.exception() is not None:
         directory.discovery = None
+
+
+def _shortened(address: str, most: int = 200) -> str:
+    """``address`` for a message: a long list is cut, saying how many it holds."""
+    if len(address) <= most:
+        return address
+    return f"{address[:most]}... ({address.count(',') + 1} addresses)"
 
 
 #: addresses a log line about a change of providers names, at most (each way)

@@ -147,7 +147,9 @@ def _forget_frames(error: BaseException | None) -> None:
     cycle per attempt, about 130 objects, that only the cyclic GC frees; a thousand
     unreachable providers then bring full GC passes of 0.2-0.3 s on the loop. The
     messages say what failed."""
-    while error is not None:
+    for _ in range(8):  # a chain is a few errors long (and could loop)
+        if error is None:
+            return
         error.__traceback__ = None
         error = error.__cause__ or error.__context__
 
