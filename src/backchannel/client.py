@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import heapq
 import logging
 import random
 import time
@@ -26,6 +27,7 @@ from backchannel.callbacks import CURRENT_CALL, ExportedCallback, parent_in
 from backchannel.errors import (
     ChannelClosed,
     CredentialsNotSent,
+    DeadlineExceeded,
     ShuttingDown,
     StreamBroken,
     TransportError,
@@ -125,8 +127,12 @@ class _Directory:
         self.key = key
         #: one URL per provider address, in address order (what strategies choose from)
         self.urls: tuple[ServiceURL, ...] = ()
+        #: their addresses, to check a failover pick is still listed
+        self.addresses: frozenset[str] = frozenset()
         self.ready = False
         self.subscription: RegistrySubscription | None = None
+        #: the subscription being made (in a thread), shared by the calls that wait for it
+        self.discovery: asyncio.Future[None] | None = None
 
     def update(self, urls: Iterable[ServiceURL]) -> None:
         """The providers are now ``urls``: one per address, the newest one kept (a
@@ -137,6 +143,7 @@ class _Directory:
             if known is None or url.timestamp > known.timestamp:
                 newest[url.address] = url
         self.urls = tuple(newest[address] for address in sorted(newest))
+        self.addresses = frozenset(newest)
         self.ready = True
 
 
@@ -196,6 +203,8 @@ class AsyncClient:
         if timeout is not None and not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds or None, got {timeout!r}")
         self.address = address if isinstance(address, str) else repr(address)
+        #: the address as error messages name it: a list of a thousand is not repeated
+        self._where = _shortened(self.address)
         self.timeout = timeout
         self._application = application
         self._connect_timeout = connect_timeout
@@ -224,7 +233,6 @@ class AsyncClient:
         self._registry: Registry | None = None
         self._static: StaticRegistry | None = None
         self._directories: dict[ServiceKey, _Directory] = {}
-        self._discovering: asyncio.Lock | None = None
         self._consumer_urls: list[ServiceURL] = []
         if not _is_cluster(address):
             assert isinstance(address, str)
@@ -324,28 +332,42 @@ class AsyncClient:
 
     # ------------------------------------------------------------ choosing
 
-    async def _directory(self, ref: Reference) -> _Directory:
-        """The providers of the reference's export, subscribed to on first use."""
+    async def _directory(
+        self, ref: Reference, deadline: float | None = None, method: MethodSpec | None = None
+    ) -> _Directory:
+        """The providers of the reference's export, subscribed to on first use. A call
+        waits for the subscription until its ``deadline`` at most (DeadlineExceeded);
+        the subscription goes on, for the calls after it."""
         directory = self._directories.get(ref.key)
         if directory is not None and directory.ready:
             return directory
         if self._closed:
-            raise ChannelClosed(f"the client for {self.address} is closed")
-        if self._discovering is None:
-            self._discovering = asyncio.Lock()
-        async with self._discovering:
-            directory = self._directories.get(ref.key)
-            if directory is None:
-                directory = self._directories[ref.key] = _Directory(ref.key)
-            if directory.ready:
-                return directory
-            if self._single is not None:
-                directory.update([_fixed_url(ref, self._single.address)])
-            elif self._static is not None:
-                directory.update(self._static.subscribe(ref.spec.name).providers)
-            else:
-                await asyncio.to_thread(self._subscribe, ref, directory, asyncio.get_running_loop())
+            raise ChannelClosed(f"the client for {self._where} is closed")
+        if directory is None:
+            directory = self._directories[ref.key] = _Directory(ref.key)
+        if self._single is not None:
+            directory.update([_fixed_url(ref, self._single.address)])
             return directory
+        if self._static is not None:
+            directory.update(self._static.subscribe(ref.spec.name).providers)
+            return directory
+        discovery = directory.discovery
+        if discovery is None:
+            loop = asyncio.get_running_loop()
+            discovery = directory.discovery = asyncio.ensure_future(
+                asyncio.to_thread(self._subscribe, ref, directory, loop)
+            )
+            discovery.add_done_callback(lambda done: _discovered(directory, done))
+        try:
+            await asyncio.wait_for(asyncio.shield(discovery), _left(deadline))
+        except TimeoutError:
+            assert method is not None  # only a call has a deadline
+            raise DeadlineExceeded(
+                f"{method.qualname}() did not finish within its "
+                f"{ref.timeouts[method.name]} s timeout: still subscribing to the "
+                f"providers of {_label(ref.key)} in {self._where}"
+            ) from None
+        return directory
 
     def _subscribe(
         self, ref: Reference, directory: _Directory, loop: asyncio.AbstractEventLoop
@@ -369,10 +391,9 @@ class AsyncClient:
                     len(directory.urls),
                 )
                 return
+            before = directory.addresses
             directory.update(providers)
-            logger.info(
-                "providers of %s: %s", name, ", ".join(u.address for u in directory.urls) or "none"
-            )
+            logger.info("providers of %s: %s", name, _changes(before, directory.addresses))
             self._retire_unlisted()
 
         subscription = registry.subscribe(name, changed, group=group, version=version, loop=loop)
@@ -397,7 +418,8 @@ class AsyncClient:
         exclude: set[str] | frozenset[str] = frozenset(),
     ) -> ProviderLink:
         """One provider for a call: among the available ones not tried yet if any, else
-        the available ones, else any (all backing off: one may be back)."""
+        those not tried yet whose stream is being opened, else any not tried yet, else
+        any (all backing off: one may be back)."""
         if self._single is not None:
             return self._single
         urls = directory.urls
@@ -405,7 +427,7 @@ class AsyncClient:
             return self._link(urls[0].address)
         if not urls:
             raise NoProvider(
-                f"no provider of {_label(ref.key)} in {self.address} (none registered, or all gone)"
+                f"no provider of {_label(ref.key)} in {self._where} (none registered, or all gone)"
             )
         links = self._links
         if not exclude:  # the usual case: every stream open and usable, choose among all
@@ -425,9 +447,48 @@ class AsyncClient:
             chosen = ref.balance.select(urls, positional)  # the strategy's cached tuple
         else:
             if not candidates:
-                candidates = [u for u in urls if u.address not in exclude] or list(urls)
+                untried = [u for u in urls if u.address not in exclude]
+                candidates = [
+                    u for u in untried if u.address in links and links[u.address].connecting
+                ]
+                candidates = candidates or untried or list(urls)
             chosen = ref.balance.select(tuple(candidates), positional)
         return self._link(chosen.address)
+
+    def _untried(self, directory: _Directory, tried: set[str], tier: int) -> list[str]:
+        """Where a call that could not be sent may go next, best first by ``tier``: 0,
+        the providers not tried yet whose stream is open; 1, those with none that may
+        be connected to; 2, those whose stream is being opened. Never those backing off
+        after a failed attempt, which would fail the call at once. Each tier is listed
+        once per call that fails over, when the one before is used up; each pick then
+        costs O(1) (:meth:`_pick_untried`)."""
+        links = self._links
+        untried = [url.address for url in directory.urls if url.address not in tried]
+        if tier == 0:
+            return [a for a in untried if a in links and _open(links[a])]
+        if tier == 1:
+            return [
+                a for a in untried if a not in links or (links[a].available and not _open(links[a]))
+            ]
+        return [a for a in untried if a in links and links[a].connecting]
+
+    def _pick_untried(
+        self, directory: _Directory, pool: list[str], tried: set[str]
+    ) -> ProviderLink | None:
+        """A provider of ``pool`` at random, taken out of it; None when none is left that
+        is still listed and worth trying."""
+        links = self._links
+        while pool:
+            index = random.randrange(len(pool))
+            address = pool[index]
+            pool[index] = pool[-1]
+            pool.pop()
+            if address in tried or address not in directory.addresses:
+                continue
+            link = links.get(address)
+            if link is None or link.available or link.connecting:
+                return self._link(address)
+        return None
 
     def _retire_unlisted(self) -> None:
         """On the loop: close the stream of each provider no directory lists any more
@@ -475,58 +536,125 @@ class AsyncClient:
         method declared with ``retries=N`` (``failover``, the default mode) is re-sent,
         on another provider when there is one, when its stream breaks or its provider
         goes away; any other call in flight then fails with the connection error.
+
+        The method's timeout is the whole call's: subscribing, connecting, failing over
+        and re-sending all come out of it, and when it is spent the call raises
+        DeadlineExceeded (docs/cluster.md).
         """
         positional = method.bind(args, kwargs)
+        timeout = ref.timeouts[method.name]
+        deadline = None if timeout is None else time.monotonic() + timeout
         directory = self._directories.get(ref.key)  # known already: no coroutine to await
         if directory is None or not directory.ready:
-            directory = await self._directory(ref)
+            directory = await self._directory(ref, deadline, method)
+            timeout = _left(deadline)
         mode = ref.clusters[method.name]
         if mode == "broadcast":
-            return await self._broadcast(ref, method, positional, current, directory)
+            return await self._broadcast(ref, method, positional, current, directory, deadline)
         if mode == "forking":
-            return await self._forking(ref, method, positional, current, directory)
+            return await self._forking(ref, method, positional, current, directory, deadline)
         attempts = 1 + (ref.retries.get(method.name, 0) if mode == "failover" else 0)
-        tried: set[str] = set()
+        link = self._choose(ref, directory, positional)
+        # another provider may take the call: a stream being opened gets half the time
+        hedge = len(directory.urls) > 1
+        tried: set[str] | None = None  # made on the first failure: none on the usual path
         refused: set[str] = set()  # the token may not go there (CredentialsNotSent)
+        pool: list[str] | None = None
+        tier = 0  # which of the untried providers the pool holds (see _untried)
+        unreachable = 0
         attempt = 1
         while True:
             try:
-                link = self._choose(ref, directory, positional, tried)
-                return await self._invoke_on(link, ref, method, positional, current)
+                return await self._invoke_on(
+                    link, ref, method, positional, current, deadline, timeout, hedge
+                )
             except _NotSent as unsent:
+                if tried is None:
+                    tried = set()
                 tried.add(link.address)
-                if isinstance(unsent.error, CredentialsNotSent):
-                    refused.add(link.address)
-                if any(url.address not in tried for url in directory.urls):
-                    logger.info(
-                        "%s() not sent to %s (%s); failing over",
-                        method.qualname,
-                        wire_text(link.address),
-                        wire_text(unsent.error),
-                    )
-                    continue
+                unreachable += 1
                 error: BaseException = unsent.error
-                if len(refused) > 1 and refused == tried:  # every one: name them all
-                    error = CredentialsNotSent(token_refusal(sorted(refused)))
+                if isinstance(error, CredentialsNotSent):
+                    refused.add(link.address)
+                following = None
+                while following is None and tier < 3:
+                    if pool is None:
+                        pool = self._untried(directory, tried, tier)
+                    following = self._pick_untried(directory, pool, tried)
+                    if following is None:
+                        pool, tier = None, tier + 1
+                hedge = bool(pool) or tier < 2
+                if following is None and len(refused) > 1 and refused == tried:
+                    error = CredentialsNotSent(token_refusal(sorted(refused)))  # name them all
             except StreamBroken as exc:  # it may have reached the provider
+                if tried is None:
+                    tried = set()
                 tried.add(link.address)
                 error = exc
+                following = None
+            except DeadlineExceeded as exc:
+                if tried is None and exc.__cause__ is not _CONNECTING:
+                    if mode == "failsafe":  # one attempt, sent: its own error says it all
+                        return _ignored(method, exc)
+                    raise
+                tried = tried if tried is not None else set()
+                tried.add(link.address)
+                return self._out_of_time(ref, method, mode, tried, unreachable, exc)
             except Exception as exc:
                 if mode == "failsafe":
                     return _ignored(method, exc)
                 raise
-            if attempt >= attempts:
-                if mode == "failsafe":
-                    return _ignored(method, error)
-                raise error
-            logger.info(
-                "%s() failed (%s); retry %d of %d",
-                method.qualname,
-                wire_text(error),
-                attempt,
-                attempts - 1,
-            )
-            attempt += 1
+            if following is None:  # every provider tried: that was one attempt
+                if attempt >= attempts:
+                    if mode == "failsafe":
+                        return _ignored(method, error)
+                    raise error
+                attempt += 1
+                pool, tier = None, 0
+                following = self._choose(ref, directory, positional, tried)
+                hedge = len(directory.urls) > 1
+                retrying = True
+            else:
+                retrying = False
+            timeout = _left(deadline)
+            if timeout is not None and timeout <= 0:
+                return self._out_of_time(ref, method, mode, tried, unreachable, error)
+            if retrying:
+                logger.info(
+                    "%s() failed (%s); retry %d of %d",
+                    method.qualname,
+                    wire_text(error),
+                    attempt - 1,
+                    attempts - 1,
+                )
+            elif unreachable == 1:  # one line per call, not one per provider tried
+                logger.info(
+                    "%s() not sent to %s (%s); failing over",
+                    method.qualname,
+                    wire_text(link.address),
+                    wire_text(error),
+                )
+            link = following
+
+    def _out_of_time(
+        self,
+        ref: Reference,
+        method: MethodSpec,
+        mode: str,
+        tried: set[str],
+        unreachable: int,
+        last: BaseException,
+    ) -> Any:
+        """A call whose time ran out: DeadlineExceeded saying where it went (failsafe:
+        logged, and None)."""
+        error = DeadlineExceeded(
+            f"{method.qualname}() did not finish within its {ref.timeouts[method.name]} s "
+            f"timeout: {len(tried)} of the {len(self._directories[ref.key].urls)} providers "
+            f"of {_label(ref.key)} tried, {unreachable} unreachable; last: {wire_text(last)}"
+        )
+        if mode == "failsafe":
+            return _ignored(method, error)
+        raise error from last
 
     async def _invoke_on(
         self,
@@ -535,26 +663,59 @@ class AsyncClient:
         method: MethodSpec,
         positional: tuple[Any, ...],
         current: CurrentCall,
+        deadline: float | None,
+        timeout: float | None,
+        hedge: bool = False,
     ) -> Any:
-        """One attempt on one provider; :class:`_NotSent` when it never reached it."""
+        """One attempt on one provider; :class:`_NotSent` when it never reached it.
+
+        ``timeout`` is what the call may wait once sent on a stream that is open; opening
+        one comes out of the time left before ``deadline``, and with ``hedge`` (another
+        provider may take the call) it waits for that at most half the time left: the
+        attempt goes on without it, and the call is not sent."""
         link.active += 1  # from now: a call opening the stream holds the link too
         try:
             session = link.session
             if session is None or not session.usable:
                 if self._closed:
-                    raise ChannelClosed(f"the client for {self.address} is closed")
+                    raise ChannelClosed(f"the client for {self._where} is closed")
+                left = _left(deadline)
+                patience = left / 2 if hedge and left is not None else left
                 try:
                     session = await link.ensure_session(
-                        ref.timeouts[method.name], wait_backoff=self._single is not None
+                        patience, wait_backoff=self._single is not None
                     )
                 except ChannelClosed:
                     raise
                 except TransportError as exc:
                     raise _NotSent(exc) from None
-            call, future = self.start(session, ref, method, positional, current)
+                except TimeoutError:
+                    if patience != left:
+                        raise _NotSent(
+                            StreamBroken(
+                                f"no stream to {link.address} within {patience:.3f} s "
+                                "(half the time left; still connecting)"
+                            )
+                        ) from None
+                    raise DeadlineExceeded(
+                        f"{method.qualname}() did not finish within its "
+                        f"{ref.timeouts[method.name]} s timeout: no stream to {link.address} "
+                        "yet"
+                    ) from _CONNECTING
+                timeout = _left(deadline)
+            call, future = self.start(session, ref, method, positional, current, timeout)
             link.sent += 1
             try:
                 result = await future
+            except DeadlineExceeded as exc:
+                whole = ref.timeouts[method.name]
+                if timeout == whole:
+                    raise
+                # the stream had only what was left: the caller set the whole timeout
+                raise DeadlineExceeded(
+                    f"{call.service}.{call.method} did not finish within {whole} s "
+                    f"({exc} once sent to {link.address})"
+                ) from exc
             except ShuttingDown as exc:  # refused unread: it never ran
                 raise _NotSent(exc) from None
             except StreamBroken as exc:
@@ -587,6 +748,7 @@ class AsyncClient:
         positional: tuple[Any, ...],
         current: CurrentCall,
         directory: _Directory,
+        deadline: float | None,
     ) -> Any:
         """Dubbo's ``forking``: the call goes to ``forks`` providers at once, the first
         success is the result; it fails only when every one of them failed."""
@@ -596,8 +758,11 @@ class AsyncClient:
             if link in chosen:
                 break
             chosen.append(link)
+        timeout = _left(deadline)
         tasks = [
-            asyncio.ensure_future(self._invoke_on(link, ref, method, positional, current))
+            asyncio.ensure_future(
+                self._invoke_on(link, ref, method, positional, current, deadline, timeout)
+            )
             for link in chosen
         ]
         for task in tasks:  # the losers run on; their outcomes are not wanted
@@ -611,7 +776,7 @@ class AsyncClient:
             except Exception as exc:
                 error = exc
         if error is None:  # no provider at all
-            raise NoProvider(f"no provider of {_label(ref.key)} in {self.address}")
+            raise NoProvider(f"no provider of {_label(ref.key)} in {self._where}")
         raise error
 
     async def _broadcast(
@@ -621,16 +786,50 @@ class AsyncClient:
         positional: tuple[Any, ...],
         current: CurrentCall,
         directory: _Directory,
+        deadline: float | None,
     ) -> Any:
         """Dubbo's ``broadcast``: the call goes to every provider; it raises the first
         failure if any failed, else returns the last provider's result."""
         if not directory.urls:
-            raise NoProvider(f"no provider of {_label(ref.key)} in {self.address}")
+            raise NoProvider(f"no provider of {_label(ref.key)} in {self._where}")
         links = [self._link(url.address) for url in directory.urls]
-        outcomes = await asyncio.gather(
-            *(self._invoke_on(link, ref, method, positional, current) for link in links),
-            return_exceptions=True,
+        outcomes: list[Any] = [None] * len(links)
+        # first every stream that is not open: one wait on the shared attempts for all of
+        # them, not a task each (there may be thousands, most of them unreachable)
+        attempts: dict[int, asyncio.Future[Session]] = {}
+        for index, link in enumerate(links):
+            if _open(link):
+                continue
+            wait = link.backoff_left
+            if wait:  # it would fail at once
+                outcomes[index] = link.backing_off(wait)
+            elif self._closed:
+                raise ChannelClosed(f"the client for {self._where} is closed")
+            else:
+                attempts[index] = link.attempt()
+        if attempts:
+            await asyncio.wait(set(attempts.values()), timeout=_left(deadline))
+        late = DeadlineExceeded(
+            f"{method.qualname}() did not finish within its {ref.timeouts[method.name]} s "
+            f"timeout: no stream to some of the {len(links)} providers of {_label(ref.key)} "
+            "yet (broadcast)"
         )
+        for index, attempt in attempts.items():
+            if not attempt.done():
+                outcomes[index] = late
+            elif attempt.cancelled():
+                outcomes[index] = ChannelClosed(f"the client for {self._where} is closed")
+            else:  # None when it opened the stream: the call is sent below
+                outcomes[index] = attempt.exception()
+        timeout = _left(deadline)
+        sending = [
+            (index, self._invoke_on(link, ref, method, positional, current, deadline, timeout))
+            for index, link in enumerate(links)
+            if outcomes[index] is None
+        ]
+        finished = await asyncio.gather(*(call for _, call in sending), return_exceptions=True)
+        for (index, _call), outcome in zip(sending, finished, strict=True):
+            outcomes[index] = outcome
         for outcome in outcomes:
             if isinstance(outcome, _NotSent):
                 raise outcome.error
@@ -645,9 +844,11 @@ class AsyncClient:
         method: MethodSpec,
         positional: tuple[Any, ...],
         current: CurrentCall,
+        timeout: float | None,
     ) -> tuple[pb.Call, asyncio.Future[Any]]:
-        """On the loop: encode and send one call on ``session``; return it and the future
-        of its decoded outcome (the exception it raises, or its result)."""
+        """On the loop: encode and send one call on ``session``, to be answered within
+        ``timeout``; return it and the future of its decoded outcome (the exception it
+        raises, or its result)."""
         side: ConsumerSide = session.dispatcher  # type: ignore[assignment]
         key = ref.key
         service = side.services.get(key)
@@ -684,7 +885,6 @@ class AsyncClient:
                 return Deferred(run_in_pool(pool, lambda: codec.decode(result.value, what)))
             return codec.decode(result.value, what)
 
-        timeout = ref.timeouts[method.name]
         parent = parent_in(session, current)
         try:
             future = session.start_call(call, timeout, parent, decode=decode)
@@ -732,7 +932,7 @@ class AsyncClient:
             session.flush()
         if not found:
             raise UnknownCallback(
-                f"{listener!r} is not a live callback on the stream to {self.address}"
+                f"{listener!r} is not a live callback on the stream to {self._where}"
             )
         self._forget(listener)
 
@@ -778,9 +978,11 @@ class AsyncClient:
                 self._orphans.pop(key, None)
                 continue
             try:
-                directory = await self._directory(ref)
+                timeout = ref.timeouts[method.name]
+                deadline = None if timeout is None else time.monotonic() + timeout
+                directory = await self._directory(ref, deadline, method)
                 link = self._choose(ref, directory, args)
-                await self._invoke_on(link, ref, method, args, None)
+                await self._invoke_on(link, ref, method, args, None, deadline, _left(deadline))
             except (_NotSent, TransportError, ShuttingDown, TimeoutError, LookupError) as exc:
                 error = exc.error if isinstance(exc, _NotSent) else exc
                 logger.warning(
@@ -808,6 +1010,9 @@ class AsyncClient:
             self._resubscriber.cancel()
         links = list(self._links.values())
         await asyncio.gather(*(link.close() for link in links), *self._retiring)
+        # a subscription still being made (in a thread) is closed below once it is
+        discoveries = [d.discovery for d in self._directories.values() if d.discovery]
+        await asyncio.gather(*discoveries, return_exceptions=True)
         for directory in self._directories.values():
             if directory.subscription is not None:
                 directory.subscription.close()
@@ -839,6 +1044,50 @@ def _replayable(link: ProviderLink, side: ConsumerSide) -> int:
         if side.callbacks.find(arg) is not None
     }
     return len(carried)
+
+
+#: the cause of the DeadlineExceeded of a call whose time ran out opening a stream
+_CONNECTING = TimeoutError("opening a stream")
+
+
+def _left(deadline: float | None) -> float | None:
+    """Seconds left before ``deadline`` (a time.monotonic() value; None: no deadline)."""
+    return None if deadline is None else deadline - time.monotonic()
+
+
+def _discovered(directory: _Directory, discovery: asyncio.Future[None]) -> None:
+    """A subscription that failed is made again by the next call."""
+    if discovery.cancelled() or discovery.exception() is not None:
+        directory.discovery = None
+
+
+def _shortened(address: str, most: int = 200) -> str:
+    """``address`` for a message: a long list is cut, saying how many it holds."""
+    if len(address) <= most:
+        return address
+    return f"{address[:most]}... ({address.count(',') + 1} addresses)"
+
+
+#: addresses a log line about a change of providers names, at most (each way)
+_NAMED_IN_LOG = 10
+
+
+def _changes(before: frozenset[str], after: frozenset[str]) -> str:
+    """A change of providers in one bounded line: how many, and the first few that came
+    and went (a registry may list thousands)."""
+    parts = [f"{len(after)} listed"]
+    for sign, addresses in (("+", after - before), ("-", before - after)):
+        if addresses:
+            named = heapq.nsmallest(_NAMED_IN_LOG, addresses)
+            more = len(addresses) - len(named)
+            line = " ".join(sign + address for address in named)
+            parts.append(line + (f" (and {more} more)" if more else ""))
+    return "; ".join(parts)
+
+
+def _open(link: ProviderLink) -> bool:
+    session = link.session
+    return session is not None and session.usable
 
 
 def _fixed_url(ref: Reference, address: str) -> ServiceURL:
@@ -974,11 +1223,12 @@ class Client:
             return self._portal.run(core.invoke(ref, method, args, kwargs, current))
         # the common case, with no task on the loop: send there, wait here
         positional = method.bind(args, kwargs)
+        timeout = ref.timeouts[method.name]
 
         def start() -> asyncio.Future[Any]:
             if not session.usable:  # it went away meanwhile: the full path reconnects
                 return asyncio.ensure_future(core.invoke(ref, method, positional, {}, current))
-            return core.start(session, ref, method, positional, current)[1]
+            return core.start(session, ref, method, positional, current, timeout)[1]
 
         return wait_on_loop(self._portal.loop, start)
 

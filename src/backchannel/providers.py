@@ -8,6 +8,7 @@ per provider of a cluster; each link is opened lazily, on the first call it is c
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 from collections.abc import Callable, Iterable, Sequence
@@ -82,6 +83,52 @@ class ConsumerSide:
         self.callbacks.clear()
 
 
+#: streams a client starts opening in one turn of its event loop, at most: each costs
+#: about 0.3-0.6 ms there (a gRPC channel, a call, a session), and a burst of a thousand
+#: (a broadcast, a registry listing a thousand providers) in one turn would hold every
+#: timer of the loop (every call's deadline) for a fraction of a second
+OPENED_PER_TURN = 16
+
+
+class TurnGate:
+    """Lets at most ``per_turn`` callers through per turn of the event loop; the others
+    wait, in order, for the turns after (no busy waiting: one callback per turn)."""
+
+    def __init__(self, per_turn: int = OPENED_PER_TURN) -> None:
+        self._per_turn = per_turn
+        self._passed = 0
+        self._waiting: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._armed = False
+
+    async def wait(self) -> None:
+        """Return in this turn if the turn has room, else in a later one."""
+        if self._passed < self._per_turn and not self._waiting:
+            self._passed += 1
+            self._arm()
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiting.append(waiter)
+        self._arm()
+        await waiter
+
+    def _arm(self) -> None:
+        if not self._armed:
+            self._armed = True
+            asyncio.get_running_loop().call_soon(self._turn)
+
+    def _turn(self) -> None:
+        self._armed = False
+        self._passed = 0
+        waiting = self._waiting
+        while waiting and self._passed < self._per_turn:
+            waiter = waiting.popleft()
+            if not waiter.done():  # its caller gave up (cancelled)
+                waiter.set_result(None)
+                self._passed += 1
+        if waiting or self._passed:
+            self._arm()
+
+
 class LinkSettings:
     """What every link of one client shares: how to open a stream."""
 
@@ -107,6 +154,8 @@ class LinkSettings:
         self.error_types = error_types
         self.pools = pools
         self.send_token_over_plaintext = send_token_over_plaintext
+        #: spreads the opening of many streams over turns of the loop
+        self.gate = TurnGate()
 
     def token_refused(self, address: str) -> bool:
         """Whether the metadata must not go to ``address``: it holds a credential, the
@@ -118,6 +167,19 @@ class LinkSettings:
             and carries_credentials(self.metadata)
             and not is_loopback(address)
         )
+
+
+def _forget_frames(error: BaseException | None) -> None:
+    """Drop the tracebacks of a failed attempt's error and of its causes: they hold the
+    frames of the failed stream (its session, its gRPC call, its reader), a reference
+    cycle per attempt, about 130 objects, that only the cyclic GC frees; a thousand
+    unreachable providers then bring full GC passes of 0.2-0.3 s on the loop. The
+    messages say what failed."""
+    for _ in range(8):  # a chain is a few errors long (and could loop)
+        if error is None:
+            return
+        error.__traceback__ = None
+        error = error.__cause__ or error.__context__
 
 
 class ProviderLink:
@@ -141,7 +203,8 @@ class ProviderLink:
         self._stream: Any = None
         self.session: Session | None = None
         self._reader: asyncio.Task[None] | None = None
-        self._opening: asyncio.Lock | None = None
+        #: the running attempt to open a stream, shared by the calls that wait for it
+        self._attempt: asyncio.Future[Session] | None = None
         self.closed = False
         self.backoff = backoff
         #: calls this consumer has in flight on the link, opening its stream included
@@ -161,10 +224,10 @@ class ProviderLink:
 
     @property
     def available(self) -> bool:
-        """Worth choosing for a new call: its stream is usable, or none is open and no
-        backoff after a failed attempt is running. A provider going away (GoAway) is
-        not: its running calls finish, it gets no new ones; nor is one the token may not
-        go to."""
+        """Worth choosing for a new call: its stream is usable, or none is open, no
+        attempt to open one is running and no backoff after a failed one. A provider
+        going away (GoAway) is not: its running calls finish, it gets no new ones; nor
+        is one the token may not go to."""
         if self.token_refused:
             return False
         session = self.session
@@ -173,7 +236,12 @@ class ProviderLink:
                 return True
             if session.cause is None:  # going away, still finishing its calls
                 return False
-        return self.backoff.wait() == 0
+        return self._attempt is None and self.backoff.wait() == 0
+
+    @property
+    def connecting(self) -> bool:
+        """An attempt to open a stream is running (a call may wait for it)."""
+        return self._attempt is not None
 
     @property
     def side(self) -> ConsumerSide | None:
@@ -182,41 +250,79 @@ class ProviderLink:
 
     async def ensure_session(self, timeout: float | None, wait_backoff: bool = True) -> Session:
         """The usable stream, opening one if needed; attempts after a failure are spaced
-        by exponential backoff with jitter, and a caller waits at most ``timeout``.
+        by exponential backoff with jitter, and a caller waits at most ``timeout``
+        (TimeoutError).
 
-        With ``wait_backoff=False`` (a cluster, where another provider may serve the
-        call) a running backoff fails the call at once instead of making it wait."""
+        One attempt at a time runs for the link, as a task of its own bounded by
+        ``connect_timeout``: a caller whose time runs out stops waiting for it, the
+        attempt goes on, and the next caller finds its outcome. With
+        ``wait_backoff=False`` (a cluster, where another provider may serve the call)
+        a running backoff fails the call at once instead of making it wait."""
         if self.closed:
             raise ChannelClosed(f"the client for {self.address} is closed")
         if self.token_refused:  # checked before any channel exists: nothing is sent
             raise CredentialsNotSent(token_refusal([self.address]))
-        if self._opening is None:
-            self._opening = asyncio.Lock()
-        async with asyncio.timeout(timeout), self._opening:
-            session = self.session
-            if session is not None and session.usable:
-                return session
-            if session is not None and session.cause is not None:
-                await self._drop_channel()  # broken: start afresh
+        session = self.session
+        if session is not None and session.usable:
+            return session
+        if self._attempt is None:
             wait = self.backoff.wait()
             if wait and not wait_backoff:
-                raise StreamBroken(
-                    f"{self.address} failed its last connection attempt; the next one is "
-                    f"in {wait:.2f} s"
-                )
-            await asyncio.sleep(wait)
-            try:
-                session = await self._open_session()
-            except TransportError:
-                self.backoff.failed()
-                # a new channel next time: gRPC's own reconnect backoff (up to minutes)
-                # would otherwise refuse our attempts after the provider is back; but not
-                # while a going-away stream still finishes its calls on this channel
-                if session is None or session.cause is not None:
-                    await self._drop_channel()
-                raise
-            self.backoff.succeeded()
-            return session
+                raise self.backing_off(wait)
+        # the attempt is shared: a caller that gives up must not cancel it
+        return await asyncio.wait_for(asyncio.shield(self.attempt()), timeout)
+
+    def attempt(self) -> asyncio.Future[Session]:
+        """The running attempt to open a stream, or a new one (after the backoff)."""
+        attempt = self._attempt
+        if attempt is None:
+            attempt = self._attempt = asyncio.ensure_future(
+                self._attempt_session(self.backoff.wait())
+            )
+            attempt.add_done_callback(self._attempt_done)
+        return attempt
+
+    def backing_off(self, wait: float) -> StreamBroken:
+        """What a call gets that may not wait ``wait`` s for the next attempt."""
+        return StreamBroken(
+            f"{self.address} failed its last connection attempt; the next one is in {wait:.2f} s"
+        )
+
+    @property
+    def backoff_left(self) -> float:
+        """Seconds before a stream may be opened, when none is open or being opened and
+        the last attempt failed (else 0)."""
+        session = self.session
+        if (session is not None and session.usable) or self._attempt is not None:
+            return 0.0
+        return self.backoff.wait()
+
+    def _attempt_done(self, attempt: asyncio.Future[Session]) -> None:
+        if self._attempt is attempt:
+            self._attempt = None
+        if not attempt.cancelled():
+            _forget_frames(attempt.exception())  # read: nobody may wait for it any more
+
+    async def _attempt_session(self, wait: float) -> Session:
+        session = self.session
+        if session is not None and session.cause is not None:
+            await self._drop_channel()  # broken: start afresh
+        await asyncio.sleep(wait)
+        await self.settings.gate.wait()
+        if self.closed:
+            raise ChannelClosed(f"the client for {self.address} is closed")
+        try:
+            session = await self._open_session()
+        except TransportError:
+            self.backoff.failed()
+            # a new channel next time: gRPC's own reconnect backoff (up to minutes)
+            # would otherwise refuse our attempts after the provider is back; but not
+            # while a going-away stream still finishes its calls on this channel
+            if self.session is None or self.session.cause is not None:
+                await self._drop_channel()
+            raise
+        self.backoff.succeeded()
+        return session
 
     async def _open_session(self) -> Session:
         settings = self.settings
@@ -227,7 +333,10 @@ class ProviderLink:
                 # and its shared subchannels would carry that state into a new channel
                 ("grpc.use_local_subchannel_pool", 1),
                 ("grpc.initial_reconnect_backoff_ms", 100),
-                ("grpc.min_reconnect_backoff_ms", 100),
+                # gRPC's minimum *connect timeout* too (doc/connection-backoff.md's
+                # MIN_CONNECT_TIMEOUT): at 100 ms a provider whose TCP + HTTP/2
+                # handshake takes longer could never be reached
+                ("grpc.min_reconnect_backoff_ms", max(100, int(settings.connect_timeout * 1000))),
                 ("grpc.max_reconnect_backoff_ms", 2000),
             ]
             if settings.credentials is None:
@@ -274,6 +383,10 @@ class ProviderLink:
             ) from None
         except StreamBroken as exc:
             raise StreamBroken(f"cannot connect to {self.address}: {exc}") from exc
+        except BaseException:  # cancelled (the client closes): nothing may stay behind
+            stream.cancel()
+            reader.cancel()
+            raise
         session.dispatcher.learn(services)  # type: ignore[attr-defined]
         self.session, self._stream, self._reader = session, stream, reader
         reader.add_done_callback(self._stream_ended)
@@ -291,6 +404,10 @@ class ProviderLink:
     async def close(self) -> None:
         """End the stream (half-close, then cancel) and the channel."""
         self.closed = True
+        attempt = self._attempt
+        if attempt is not None:
+            attempt.cancel()
+            await asyncio.gather(attempt, return_exceptions=True)
         session, self.session = self.session, None
         reader, self._reader = self._reader, None
         if session is not None and session.cause is None:

@@ -435,17 +435,57 @@ class Subscription:
         self.closed = False
         self._listener = listener
         self._loop = loop
+        # a burst of updates (a thousand providers registering one by one) is delivered
+        # as its latest state only: one list waits at most, one delivery is posted at
+        # most, and deliveries take at most a tenth of the loop's time (see _flush)
+        self._lock = threading.Lock()
+        self._latest: list[ServiceURL] | None = None
+        self._posted = False
+        self._not_before = 0.0
+
+    def matches(self, url: ServiceURL) -> bool:
+        """Whether ``url`` is a provider of what this subscription follows."""
+        return url.matches(self.interface, self.group, self.version)
 
     def offer(self, urls: Iterable[ServiceURL]) -> None:
-        """From any thread: the providers are now ``urls`` (those that match are kept)."""
-        found = frozenset(u for u in urls if u.matches(self.interface, self.group, self.version))
+        """From any thread: the providers are now ``urls`` (those that match are kept).
+        Offers that arrive faster than the subscriber's loop takes them replace each
+        other: only the latest is delivered."""
         if self._loop is None:
-            self._deliver(found)
+            self._deliver(frozenset(u for u in urls if self.matches(u)))
             return
+        latest = urls if isinstance(urls, list) else list(urls)
+        with self._lock:
+            self._latest = latest
+            if self._posted:
+                return
+            self._posted = True
         try:
-            inbox(self._loop).post(self._deliver, found)
+            inbox(self._loop).post(self._flush)
         except ChannelClosed:  # the subscriber's loop is gone: nobody to tell
             self.closed = True
+
+    def _flush(self) -> None:
+        # on the loop; a delivery this soon after a costly one waits its turn
+        loop = self._loop
+        assert loop is not None
+        if loop.time() < self._not_before:
+            loop.call_at(self._not_before, self._flush_now)
+        else:
+            self._flush_now()
+
+    def _flush_now(self) -> None:
+        with self._lock:
+            urls, self._latest = self._latest, None
+            self._posted = False
+        if urls is None:
+            return
+        started = time.perf_counter()
+        self._deliver(frozenset(u for u in urls if self.matches(u)))
+        # the next delivery waits nine times what this one cost (listener included):
+        # nothing for a few providers, a fraction of a second for ten thousand
+        assert self._loop is not None
+        self._not_before = self._loop.time() + 9 * (time.perf_counter() - started)
 
     def _deliver(self, providers: frozenset[ServiceURL]) -> None:
         if self.closed or providers == self.providers:
@@ -832,51 +872,51 @@ class _Watch:
         self.active = True
         self.refused: set[str] = set() if refused is None else refused
         self._first = first
+        #: each child's URL if it is a provider of the subscription (else None), kept
+        #: from one update to the next: a burst of N children arriving one by one costs
+        #: N parses, not N²/2, and an unchanged provider is the same object each time
+        self._parsed: dict[str, ServiceURL | None] = {}
 
     def changed(self, children: list[str]) -> bool:
         # runs in kazoo's thread: parse and hand over, never block
         subscription = self.subscription
         if subscription.closed or not self.active:
             return False  # stops the watch
-        urls = _parse_children(children, self.path, self.refused)
+        known = self._parsed
+        parsed = {}
+        for child in children:
+            url = known[child] if child in known else _parse_child(child, self.path, self.refused)
+            parsed[child] = url if url is None or subscription.matches(url) else None
+        self._parsed = parsed
+        self.refused.intersection_update(parsed)  # only what is listed now: bounded
+        urls = [url for url in parsed.values() if url is not None]
         if self._first:  # still inside subscribe(): no listener call for the first set
             self._first = False
-            subscription.providers = frozenset(
-                u
-                for u in urls
-                if u.matches(subscription.interface, subscription.group, subscription.version)
-            )
+            subscription.providers = frozenset(urls)
         else:
             subscription.offer(urls)
         return True
 
 
-def _parse_children(children: list[str], path: str, refused: set[str]) -> list[ServiceURL]:
-    """The URLs of a ``providers`` folder's children that are backchannel providers.
+def _parse_child(child: str, path: str, refused: set[str]) -> ServiceURL | None:
+    """The provider URL a child znode's name is, or None (a Java ``dubbo://`` one is
+    not ours to call).
 
     A child that is not a URL we can read (not one at all, or a number out of its
-    bounds) is skipped, with a warning naming it the first time it is seen in
-    ``refused``; ``refused`` is left holding exactly the children skipped now, so it
-    never outgrows the folder."""
-    urls = []
-    skipped: set[str] = set()
-    for child in children:
-        try:
-            url = ServiceURL.parse(decode(child))
-        except ValueError as exc:
-            skipped.add(child)
-            if child not in refused:
-                logger.warning(
-                    "ignoring the znode %s: %s",
-                    wire_text(f"{path}/{child}", ZNODE_TEXT_LIMIT),
-                    wire_text(exc),
-                )
-            continue
-        if url.protocol == PROTOCOL:  # a Java dubbo:// provider is not ours to call
-            urls.append(url)
-    refused.intersection_update(skipped)
-    refused.update(skipped)
-    return urls
+    bounds) is None too, with a warning naming it unless ``refused`` (the folder's
+    children already warned of, shared by every watch of it) holds it already."""
+    try:
+        url = ServiceURL.parse(decode(child))
+    except ValueError as exc:
+        if child not in refused:
+            refused.add(child)
+            logger.warning(
+                "ignoring the znode %s: %s",
+                wire_text(f"{path}/{child}", ZNODE_TEXT_LIMIT),
+                wire_text(exc),
+            )
+        return None
+    return url if url.protocol == PROTOCOL else None
 
 
 #: hosts a server may bind to that no peer can connect to
