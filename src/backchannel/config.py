@@ -47,7 +47,7 @@ import sys
 import tomllib
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +111,10 @@ class ProtocolConfig:
     authenticate_reflection: bool = True
     authenticate_health: bool = False
 
+    def keywords(self) -> dict[str, Any]:
+        """The settings as :class:`Server` keywords (the authenticator as given, not copied)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
 
 @dataclass(frozen=True)
 class Config:
@@ -132,16 +136,11 @@ class Config:
     def server(self) -> Server:
         """A :class:`Server` on the protocol address with every service exported,
         registered in the registry when there is one."""
-        protocol = self.protocol
         server = Server(
             self.address,
             application=self.application,
             registry=self.registry,
-            authenticator=protocol.authenticator,
-            reflection=protocol.reflection,
-            health=protocol.health,
-            authenticate_reflection=protocol.authenticate_reflection,
-            authenticate_health=protocol.authenticate_health,
+            **self.protocol.keywords(),
         )
         for service in self.services:
             server.export(
