@@ -259,12 +259,16 @@ def test_a_listeners_big_result_is_decoded_off_the_providers_loop(
             lag = LoopLag(loop)
             stop = threading.Event()
             round_trips: list[float] = []
+            failed: list[BaseException] = []  # a thread's exception would be lost
 
             def other_consumer() -> None:
-                while not stop.is_set():
-                    sent = time.perf_counter()
-                    assert echo(1) == 1
-                    round_trips.append(time.perf_counter() - sent)
+                try:
+                    while not stop.is_set():
+                        sent = time.perf_counter()
+                        assert echo(1) == 1
+                        round_trips.append(time.perf_counter() - sent)
+                except BaseException as exc:
+                    failed.append(exc)
 
             caller = threading.Thread(target=other_consumer)
             longest[0] = 0.0
@@ -275,6 +279,8 @@ def test_a_listeners_big_result_is_decoded_off_the_providers_loop(
                 stop.set()
                 caller.join(10)
                 lag.stop()
+    assert not failed, f"the other consumer's calls failed: {failed!r}"
+    assert round_trips, "the other consumer made no call while the results came in"
     stall = longest[0]
     print(
         f"provider's loop: longest callback {stall * 1000:.1f} ms of CPU, worst lag "
