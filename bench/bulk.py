@@ -18,26 +18,33 @@ Three measurements, each printed as a table and written to the "Bulk data" secti
 - **blocking**: the latency of another consumer's small calls (``add(i, 1)``, one at a
   time, on its own ``Client`` in its own process) while this process echoes the map back
   to back, and without the bulk echoes as a baseline.
+- **listener results**: the same prober's latencies while the provider, back to back,
+  calls a listener of this process that answers with a ~2.4 MB map (105k ``{str: int}``
+  entries) or with the same number of bytes, and without that load; 3 rounds,
+  interleaved. The provider decodes each answer it receives: on its event loop, every
+  other stream (the prober's) waits it out.
 
 ``--profile DIR`` runs the AsyncServer provider of the blocking figure under cProfile (its
 loop is the main thread) and saves ``DIR/bulk-provider.prof``.
 
 Child modes (used by the parent): ``bulk.py provider sync|async`` prints its address and
 serves until SIGTERM; ``bulk.py prober ADDRESS SECONDS`` prints ``ready``, then one line of
-JSON with its latencies.
+JSON with its latencies. ``--only listener`` measures just the listener figure (printed,
+not written to the docs page: only a full run writes it).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import signal
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -58,6 +65,8 @@ ENTRIES = 150_000
 ROUNDS = 3
 #: a small call slower than this (ms) was held up by the bulk call
 SLOW_MS = 50.0
+#: entries of the listener's map answer: ~2.4 MB on the wire, the issue's figure
+ANSWER_ENTRIES = 105_000
 
 
 def _table_class() -> type[Message]:
@@ -135,6 +144,59 @@ class AsyncBulk:
         return a + b
 
 
+@backchannel.interface("bench.Answer")
+class Answer:
+    """A consumer's listener: answers the provider with a big value."""
+
+    def table(self) -> object:
+        """The big value."""
+        raise NotImplementedError
+
+
+class Answers(Answer):
+    """Answers with the same value every time."""
+
+    def __init__(self, value: object) -> None:
+        self.value = value
+
+    def table(self) -> object:
+        """The value."""
+        return self.value
+
+
+def answers() -> dict[str, Answers]:
+    """The listeners, by what they answer: the map, and as many bytes as its encoding."""
+    data = {f"entry-{i:07d}": i for i in range(ANSWER_ENTRIES)}
+    size = codec.encode(data, "").ByteSize()
+    return {"map": Answers(data), "bytes": Answers(b"\x00" * size)}
+
+
+@backchannel.interface("bench.Pull")
+class Pull:
+    """The provider calls the listener it is given and counts what it answered."""
+
+    @backchannel.method(arguments=[backchannel.Argument(index=0)])
+    def pull(self, answer: Answer) -> int:
+        """len(answer.table())."""
+        raise NotImplementedError
+
+
+class SyncPull:
+    """A ``def`` method: its pool thread waits for the listener's answer."""
+
+    def pull(self, answer: Any) -> int:
+        """len(answer.table())."""
+        return len(answer.table())
+
+
+class AsyncPull:
+    """An ``async def`` method: awaits the listener's answer on the loop."""
+
+    async def pull(self, answer: Any) -> int:
+        """len(await answer.table())."""
+        return len(await answer.table())
+
+
 # ------------------------------------------------------------------ stages
 
 
@@ -178,12 +240,25 @@ def stages(name: str, make: Callable[[], object]) -> dict[str, float]:
 # ------------------------------------------------------------------ processes
 
 
+def export(server: backchannel.Server | backchannel.AsyncServer) -> None:
+    """Bulk and Pull, ``def`` methods under group "sync", ``async def`` under "async"."""
+    server.export(Bulk, SyncBulk(), group="sync")
+    server.export(Bulk, AsyncBulk(), group="async")
+    server.export(Pull, SyncPull(), group="sync")
+    server.export(Pull, AsyncPull(), group="async")
+
+
+#: the provider's callback timeout (s): a big answer on a busy machine must not time out
+CALLBACK_TIMEOUT = 30.0
+
+
 def provider_main(kind: str) -> None:
-    """Child: serve Bulk (``def`` under group "sync", ``async def`` under "async")."""
+    """Child: serve Bulk and Pull (see :func:`export`)."""
     if kind == "sync":
-        server = backchannel.Server("127.0.0.1:0", application="bulk-bench")
-        server.export(Bulk, SyncBulk(), group="sync")
-        server.export(Bulk, AsyncBulk(), group="async")
+        server = backchannel.Server(
+            "127.0.0.1:0", application="bulk-bench", callback_timeout=CALLBACK_TIMEOUT
+        )
+        export(server)
         server.start()
         stopped = False
 
@@ -199,9 +274,10 @@ def provider_main(kind: str) -> None:
         return
 
     async def serve() -> None:
-        server = backchannel.AsyncServer("127.0.0.1:0", application="bulk-bench")
-        server.export(Bulk, SyncBulk(), group="sync")
-        server.export(Bulk, AsyncBulk(), group="async")
+        server = backchannel.AsyncServer(
+            "127.0.0.1:0", application="bulk-bench", callback_timeout=CALLBACK_TIMEOUT
+        )
+        export(server)
         await server.start()
         stopped = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stopped.set)
@@ -261,6 +337,14 @@ def latency_summary(latencies: list[float]) -> dict[str, float]:
 def probe(address: str, seconds: float, bulk: Callable[[], object] | None) -> dict[str, float]:
     """Run a prober process for ``seconds``; meanwhile call ``bulk`` back to back (if
     given). Returns the prober's latency summary and how many bulk calls ran."""
+    latencies, bulk_calls = probe_latencies(address, seconds, bulk)
+    return {**latency_summary(latencies), "bulk calls": bulk_calls}
+
+
+def probe_latencies(
+    address: str, seconds: float, bulk: Callable[[], object] | None
+) -> tuple[list[float], int]:
+    """:func:`probe`'s measurement: the prober's latencies (ms) and the bulk calls made."""
     process = subprocess.Popen(
         [sys.executable, str(Path(__file__)), "prober", address, str(seconds)],
         stdout=subprocess.PIPE,
@@ -274,9 +358,9 @@ def probe(address: str, seconds: float, bulk: Callable[[], object] | None) -> di
     while bulk is not None and time.perf_counter() - began < seconds:
         bulk()
         bulk_calls += 1
-    latencies = json.loads(process.stdout.readline())
+    latencies: list[float] = json.loads(process.stdout.readline())
     process.wait(30)
-    return {**latency_summary(latencies), "bulk calls": bulk_calls}
+    return latencies, bulk_calls
 
 
 def echo_figures(made: dict[str, object]) -> dict[tuple[str, str, str], float]:
@@ -300,9 +384,9 @@ def echo_figures(made: dict[str, object]) -> dict[tuple[str, str, str], float]:
 
 def blocking_figures(
     data: dict[str, object], seconds: float, profile: Path | None
-) -> dict[tuple[str, str], dict[str, float]]:
+) -> dict[tuple[str, ...], dict[str, float]]:
     """The other consumer's latencies, by (provider kind, bulk method kind or "none")."""
-    figures: dict[tuple[str, str], dict[str, float]] = {}
+    figures: dict[tuple[str, ...], dict[str, float]] = {}
     for kind in ("sync", "async"):
         prof = profile / "bulk-provider.prof" if profile is not None and kind == "async" else None
         with provider(kind, prof) as address, backchannel.Client(address, timeout=None) as client:
@@ -313,9 +397,41 @@ def blocking_figures(
     return figures
 
 
+def listener_figures(seconds: float) -> dict[tuple[str, ...], dict[str, float]]:
+    """The other consumer's latencies while a listener of this process answers big, by
+    (provider kind, pull method kind or "none", answer); ``ROUNDS`` rounds, each load
+    in turn within a round, merged (``max 1``... are each round's worst)."""
+    listeners = answers()
+    figures: dict[tuple[str, ...], dict[str, float]] = {}
+    for kind in ("sync", "async"):
+        with provider(kind) as address, backchannel.Client(address, timeout=None) as client:
+            loads: dict[tuple[str, ...], Callable[[], object] | None] = {(kind, "none", ""): None}
+            for group in ("sync", "async"):
+                pull = client.reference(Pull, group=group).pull
+                for name, listener in listeners.items():
+                    expected = len(listener.value)  # type: ignore[arg-type]
+                    if pull(listener) != expected:  # warm up; the instance stays live
+                        raise RuntimeError(f"the provider counted a wrong {name} answer")
+                    loads[(kind, group, name)] = functools.partial(pull, listener)
+            merged: dict[tuple[str, ...], tuple[list[float], list[float], int]] = {
+                key: ([], [], 0) for key in loads
+            }
+            for _ in range(ROUNDS):
+                for key, load in loads.items():
+                    latencies, calls = probe_latencies(address, seconds, load)
+                    every, worst, total = merged[key]
+                    every += latencies
+                    worst.append(max(latencies))
+                    merged[key] = (every, worst, total + calls)
+            for key, (every, worst, total) in merged.items():
+                rounds = {f"max {n}": w for n, w in enumerate(worst, start=1)}
+                figures[key] = {**latency_summary(every), **rounds, "bulk calls": total}
+    return figures
+
+
 # ------------------------------------------------------------------ output
 
-METHOD = {"sync": "def", "async": "async def", "none": "(no bulk call)"}
+METHOD = {"sync": "def", "async": "async def", "none": "(no bulk call)", "": "-"}
 SERVER = {"sync": "Server", "async": "AsyncServer"}
 
 
@@ -359,29 +475,36 @@ def echo_table(figures: dict[tuple[str, str, str], float], names: list[str]) -> 
     return markdown_table(["provider", "echo", *(f"{n} (ms)" for n in names)], rows)
 
 
-def blocking_table(figures: dict[tuple[str, str], dict[str, float]]) -> str:
-    """The other consumer's small-call latencies (ms) during bulk echoes."""
+def blocking_table(
+    figures: Mapping[tuple[str, ...], dict[str, float]],
+    labels: Sequence[str] = ("provider", "bulk echo"),
+) -> str:
+    """The other consumer's small-call latencies (ms) during bulk calls: a row per key
+    (provider kind, then method kinds or other labels, one column each in ``labels``);
+    with each round's worst when the figures have them (``max 1``...)."""
+    rounds = sorted(k for k in next(iter(figures.values())) if k.startswith("max "))
     rows = [
         [
             SERVER[kind],
-            METHOD[group],
+            *(METHOD.get(label, label) for label in rest),
             f"{f['bulk calls']:.0f}",
             f"{f['calls']:.0f}",
             f"{f['p50']:.1f}",
             f"{f['p99']:.1f}",
             f"{f['max']:.1f}",
+            *([" / ".join(f"{f[r]:.0f}" for r in rounds)] if rounds else []),
             f"{f['slow']:.0f}",
         ]
-        for (kind, group), f in figures.items()
+        for (kind, *rest), f in figures.items()
     ]
     header = [
-        "provider",
-        "bulk echo",
+        *labels,
         "bulk calls",
         "small calls",
         "p50 ms",
         "p99 ms",
         "max ms",
+        *(["max ms by round"] if rounds else []),
         f"> {SLOW_MS:g} ms",
     ]
     return markdown_table(header, rows)
@@ -397,6 +520,10 @@ def write_doc(text: str) -> None:
     DOC.write_text(page.split(marker)[0] + marker + "\n\n" + text + "\n", encoding="utf-8")
 
 
+#: the figures, in the order they are measured and written
+FIGURES = ("stages", "echo", "blocking", "listener")
+
+
 def main() -> None:
     """Measure, print, and write the figures to docs/performance.md."""
     parser = argparse.ArgumentParser(description=__doc__)
@@ -404,12 +531,12 @@ def main() -> None:
     parser.add_argument("--profile", type=Path, help="save the provider's cProfile here")
     parser.add_argument("--no-doc", action="store_true", help="do not write the docs page")
     parser.add_argument(
-        "--only", choices=("stages", "echo", "blocking"), nargs="+", help="just these"
+        "--only", choices=FIGURES, nargs="+", help="just these (the page is not written)"
     )
     args = parser.parse_args()
     if args.profile is not None:
         args.profile.mkdir(parents=True, exist_ok=True)
-    wanted = args.only or ["stages", "echo", "blocking"]
+    wanted = args.only or FIGURES
     builders = payloads()
     made = {name: build() for name, build in builders.items()}
     parts: list[str] = []
@@ -426,6 +553,12 @@ def main() -> None:
         parts.append(
             f"### Another consumer's small calls during map echoes ({args.seconds:g} s each)"
             "\n\n" + blocking_table(figures)
+        )
+    if "listener" in wanted:
+        parts.append(
+            f"### Another consumer's small calls while a listener answers big ({args.seconds:g} s"
+            f" each, {ROUNDS} rounds)\n\n"
+            + blocking_table(listener_figures(args.seconds), ("provider", "pull", "answer"))
         )
     text = "\n\n".join(parts)
     print(text)
