@@ -358,3 +358,41 @@ def test_a_provider_whose_handshake_takes_300_ms_is_reached() -> None:
                 proxy.close()
 
         run(body())
+
+
+#: a provider whose streams take this share of the call's timeout to open
+SLOW = 0.6
+
+
+def test_a_provider_slower_than_half_the_timeout_is_reached_in_a_cluster() -> None:
+    """One live provider whose connection handshake takes 0.6 of the call's timeout and
+    one where nobody listens, on cold starts: every call succeeds, whichever provider is
+    chosen first (failed before: with the live one chosen first the call gave up on its
+    stream at half the time left and never came back to it, 'no stream ... (half the
+    time left; still connecting)'). Then two such slow providers: the first stream to
+    open takes the call."""
+    timeout = 2.0
+    with backchannel.Server("127.0.0.1:0") as server:
+        server.export(Echo, EchoImpl())
+
+        async def body() -> None:
+            proxies = [await _slow_proxy(server.address, SLOW * timeout) for _ in range(2)]
+            slow = [f"127.0.0.1:{p.sockets[0].getsockname()[1]}" for p in proxies]
+            try:
+                for first in (0, 1, 2, 3):  # even: the live one is chosen first
+                    async with backchannel.AsyncClient(
+                        f"{slow[0]},{refused(1)[0]}", timeout=timeout
+                    ) as client:
+                        echo = client.reference(Echo, loadbalance=LiveWhenEven(slow[0]))
+                        calls = [echo.echo(first + i) for i in range(4)]  # concurrent
+                        assert await asyncio.gather(*calls) == [first + i for i in range(4)]
+                for value in (0, 1):
+                    async with backchannel.AsyncClient(",".join(slow), timeout=timeout) as client:
+                        started = time.monotonic()
+                        assert await client.reference(Echo).echo(value) == value
+                        assert time.monotonic() - started <= timeout + MARGIN
+            finally:
+                for proxy in proxies:
+                    proxy.close()
+
+        run(body())

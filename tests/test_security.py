@@ -329,6 +329,46 @@ def test_authorization_metadata_is_held_back_like_a_token(outside_host: str) -> 
     assert [m["authorization"] for m in near.seen] == [BEARER] * len(near.seen)
 
 
+def test_every_refused_provider_is_named_on_every_call(outside_host: str) -> None:
+    """Every provider refused: each call's CredentialsNotSent names all of them (failed
+    before: the first call named 3, each later one only the provider it picked, as the
+    others were no longer available to try). Some refused and the rest unreachable: the
+    connection error says how many more were refused, naming at most 10 (failed before:
+    no word of the refusal)."""
+    recorders = [Recorder(f"outside {i}") for i in range(3)]
+    with (
+        listed(f"{outside_host}:0", recorders[0]) as a,
+        listed(f"{outside_host}:0", recorders[1]) as b,
+        listed(f"{outside_host}:0", recorders[2]) as c,
+    ):
+        addresses = [a.address, b.address, c.address]
+        with backchannel.Client("static://" + ",".join(addresses), token=TOKEN) as client:
+            who = client.reference(Listed)
+            for _ in range(3):
+                with pytest.raises(backchannel.CredentialsNotSent) as refused:
+                    who.name()
+                named = [address for address in addresses if address in str(refused.value)]
+                assert named == addresses, str(refused.value)
+                assert "send_token_over_plaintext=True" in str(refused.value)
+
+        # 12 refused (nothing listens there: no connection is made) and one where nobody
+        # listens on loopback (the token may go there; the connection is refused)
+        far = [f"{outside_host}:{port}" for port in range(20001, 20013)]
+        with backchannel.Client(
+            "static://" + ",".join([*far, "127.0.0.1:1"]), token=TOKEN
+        ) as client:
+            who = client.reference(Listed)
+            for _ in range(3):
+                with pytest.raises(backchannel.TransportError) as failed:
+                    who.name()
+                message = str(failed.value)
+                assert not isinstance(failed.value, backchannel.CredentialsNotSent), message
+                assert "12 more refused" in message, message
+                assert sum(address in message for address in far) == 10  # bounded
+                assert "send_token_over_plaintext=True" in message
+    assert [r.seen for r in recorders] == [[], [], []]
+
+
 def test_the_token_goes_over_verified_tls_and_to_loopback(outside_host: str) -> None:
     _, ca_cert, (ca_key, ca_name) = _issue("test CA", None, None, ca=True)
     key, cert, _ = _issue(outside_host, ca_name, ca_key, host=outside_host)

@@ -147,6 +147,127 @@ class _Directory:
         self.ready = True
 
 
+class _Failover:
+    """Where a call that could not be sent goes next, and what it tried.
+
+    Providers not tried yet, at random, best first by tier: 0, those whose stream is
+    open; 1, those with none that may be connected to; 2, those whose stream is being
+    opened. Never those backing off after a failed attempt, which would fail the call at
+    once. Each tier is listed once per round, when the one before is used up; each pick
+    then costs O(1). A provider whose stream was still being opened when the call
+    stopped waiting for it (the hedge) is kept in :attr:`connecting`: once the others
+    are used up the call waits for the first of those streams to open."""
+
+    def __init__(self, client: AsyncClient, directory: _Directory) -> None:
+        self._client = client
+        self._directory = directory
+        self.tried: set[str] = set()
+        self.unreachable = 0
+        #: the providers the call stopped waiting for while their stream was being opened
+        self.connecting: list[ProviderLink] = []
+        #: the last error of a provider not sent to: a refused token only if nothing else
+        self.error: BaseException | None = None
+        self._pool: list[str] | None = None
+        self._tier = 0
+
+    def unsent(self, link: ProviderLink, error: BaseException) -> BaseException:
+        """The call could not be sent to ``link``; the error the call may end with."""
+        self.tried.add(link.address)
+        if link.connecting:  # only the call gave up waiting: the stream may open yet
+            self.connecting.append(link)
+        else:
+            self.unreachable += 1
+        if self.error is None or not isinstance(error, CredentialsNotSent):
+            self.error = error
+        return self.error
+
+    def restart(self) -> None:
+        """A new round (a retry): the tiers are listed again."""
+        self._pool, self._tier = None, 0
+        self.connecting.clear()
+
+    def next(self) -> ProviderLink | None:
+        """A provider to try, taken out of the best tier left; None when none is left."""
+        while self._fill():
+            link = self._pick()
+            if link is not None:
+                return link
+        return None
+
+    def more(self) -> bool:
+        """Whether another provider may take the call after the one just picked."""
+        return self._fill() or bool(self.connecting)
+
+    def _fill(self) -> bool:
+        """Whether a tier is left with providers in it (listing the next when needed)."""
+        while self._tier < 3:
+            if self._pool is None:
+                self._pool = self._untried(self._tier)
+            if self._pool:
+                return True
+            self._pool, self._tier = None, self._tier + 1
+        return False
+
+    def _untried(self, tier: int) -> list[str]:
+        links = self._client._links
+        tried = self.tried
+        untried = [url.address for url in self._directory.urls if url.address not in tried]
+        if tier == 0:
+            return [a for a in untried if a in links and _open(links[a])]
+        if tier == 1:
+            return [
+                a for a in untried if a not in links or (links[a].available and not _open(links[a]))
+            ]
+        return [a for a in untried if a in links and links[a].connecting]
+
+    def _pick(self) -> ProviderLink | None:
+        """A provider of the pool at random, taken out of it; None when the pool held
+        none still listed and worth trying."""
+        pool = self._pool
+        assert pool is not None
+        links = self._client._links
+        while pool:
+            index = random.randrange(len(pool))
+            address = pool[index]
+            pool[index] = pool[-1]
+            pool.pop()
+            if address in self.tried or address not in self._directory.addresses:
+                continue
+            link = links.get(address)
+            if link is None or link.available or link.connecting:
+                return self._client._link(address)
+        return None
+
+    async def first_opened(self, deadline: float | None) -> ProviderLink | None:
+        """The first of :attr:`connecting` whose stream opens before ``deadline``, taken
+        out of them; None when every attempt failed or the time ran out. It waits on
+        the links' own attempts, shared with other calls, and cancels none."""
+        waiting = self.connecting
+        while waiting:
+            for link in waiting:
+                if _open(link):
+                    waiting.remove(link)
+                    return link
+            # attempts already running (never a new one: ensure_session checks the token)
+            attempts = [link.attempt() for link in waiting if link.connecting]
+            if not attempts:
+                waiting.clear()
+                return None
+            done, _ = await asyncio.wait(
+                attempts, timeout=_left(deadline), return_when=asyncio.FIRST_COMPLETED
+            )
+            if not done:
+                return None
+            for attempt in done:
+                failed = None if attempt.cancelled() else attempt.exception()
+                if failed is not None:
+                    self.unreachable += 1
+                    self.error = failed
+            # the links of the finished attempts are now open or backing off
+            waiting[:] = [link for link in waiting if link.connecting or _open(link)]
+        return None
+
+
 class AsyncClient:
     """An asyncio consumer of the provider at ``address``, or of a cluster.
 
@@ -451,44 +572,15 @@ class AsyncClient:
                 candidates = [
                     u for u in untried if u.address in links and links[u.address].connecting
                 ]
-                candidates = candidates or untried or list(urls)
+                # one the token may go to fails with its own error, which says more
+                sendable = [
+                    u
+                    for u in untried
+                    if u.address not in links or not links[u.address].token_refused
+                ]
+                candidates = candidates or sendable or untried or list(urls)
             chosen = ref.balance.select(tuple(candidates), positional)
         return self._link(chosen.address)
-
-    def _untried(self, directory: _Directory, tried: set[str], tier: int) -> list[str]:
-        """Where a call that could not be sent may go next, best first by ``tier``: 0,
-        the providers not tried yet whose stream is open; 1, those with none that may
-        be connected to; 2, those whose stream is being opened. Never those backing off
-        after a failed attempt, which would fail the call at once. Each tier is listed
-        once per call that fails over, when the one before is used up; each pick then
-        costs O(1) (:meth:`_pick_untried`)."""
-        links = self._links
-        untried = [url.address for url in directory.urls if url.address not in tried]
-        if tier == 0:
-            return [a for a in untried if a in links and _open(links[a])]
-        if tier == 1:
-            return [
-                a for a in untried if a not in links or (links[a].available and not _open(links[a]))
-            ]
-        return [a for a in untried if a in links and links[a].connecting]
-
-    def _pick_untried(
-        self, directory: _Directory, pool: list[str], tried: set[str]
-    ) -> ProviderLink | None:
-        """A provider of ``pool`` at random, taken out of it; None when none is left that
-        is still listed and worth trying."""
-        links = self._links
-        while pool:
-            index = random.randrange(len(pool))
-            address = pool[index]
-            pool[index] = pool[-1]
-            pool.pop()
-            if address in tried or address not in directory.addresses:
-                continue
-            link = links.get(address)
-            if link is None or link.available or link.connecting:
-                return self._link(address)
-        return None
 
     def _retire_unlisted(self) -> None:
         """On the loop: close the stream of each provider no directory lists any more
@@ -557,11 +649,7 @@ class AsyncClient:
         link = self._choose(ref, directory, positional)
         # another provider may take the call: a stream being opened gets half the time
         hedge = len(directory.urls) > 1
-        tried: set[str] | None = None  # made on the first failure: none on the usual path
-        refused: set[str] = set()  # the token may not go there (CredentialsNotSent)
-        pool: list[str] | None = None
-        tier = 0  # which of the untried providers the pool holds (see _untried)
-        unreachable = 0
+        failover: _Failover | None = None  # made on the first failure: none on the usual path
         attempt = 1
         while True:
             try:
@@ -569,57 +657,44 @@ class AsyncClient:
                     link, ref, method, positional, current, deadline, timeout, hedge
                 )
             except _NotSent as unsent:
-                if tried is None:
-                    tried = set()
-                tried.add(link.address)
-                unreachable += 1
-                error: BaseException = unsent.error
-                if isinstance(error, CredentialsNotSent):
-                    refused.add(link.address)
-                following = None
-                while following is None and tier < 3:
-                    if pool is None:
-                        pool = self._untried(directory, tried, tier)
-                    following = self._pick_untried(directory, pool, tried)
-                    if following is None:
-                        pool, tier = None, tier + 1
-                hedge = bool(pool) or tier < 2
-                if following is None and len(refused) > 1 and refused == tried:
-                    error = CredentialsNotSent(token_refusal(sorted(refused)))  # name them all
+                failover = failover or _Failover(self, directory)
+                error = failover.unsent(link, unsent.error)
+                following = failover.next()
+                hedge = failover.more()
+                if following is None and failover.connecting:  # none left but those
+                    following = await failover.first_opened(deadline)
+                    hedge = False
+                    error = failover.error or error
             except StreamBroken as exc:  # it may have reached the provider
-                if tried is None:
-                    tried = set()
-                tried.add(link.address)
+                failover = failover or _Failover(self, directory)
+                failover.tried.add(link.address)
                 error = exc
                 following = None
             except DeadlineExceeded as exc:
-                if tried is None and exc.__cause__ is not _CONNECTING:
+                if failover is None and exc.__cause__ is not _CONNECTING:
                     if mode == "failsafe":  # one attempt, sent: its own error says it all
                         return _ignored(method, exc)
                     raise
-                tried = tried if tried is not None else set()
-                tried.add(link.address)
-                return self._out_of_time(ref, method, mode, tried, unreachable, exc)
+                failover = failover or _Failover(self, directory)
+                failover.tried.add(link.address)
+                return self._out_of_time(ref, method, mode, failover, exc)
             except Exception as exc:
                 if mode == "failsafe":
                     return _ignored(method, exc)
                 raise
+            timeout = _left(deadline)
+            if timeout is not None and timeout <= 0:
+                return self._out_of_time(ref, method, mode, failover, error)
             if following is None:  # every provider tried: that was one attempt
                 if attempt >= attempts:
+                    error = self._with_refusals(directory, error)
                     if mode == "failsafe":
                         return _ignored(method, error)
                     raise error
                 attempt += 1
-                pool, tier = None, 0
-                following = self._choose(ref, directory, positional, tried)
+                failover.restart()
+                following = self._choose(ref, directory, positional, failover.tried)
                 hedge = len(directory.urls) > 1
-                retrying = True
-            else:
-                retrying = False
-            timeout = _left(deadline)
-            if timeout is not None and timeout <= 0:
-                return self._out_of_time(ref, method, mode, tried, unreachable, error)
-            if retrying:
                 logger.info(
                     "%s() failed (%s); retry %d of %d",
                     method.qualname,
@@ -627,7 +702,7 @@ class AsyncClient:
                     attempt - 1,
                     attempts - 1,
                 )
-            elif unreachable == 1:  # one line per call, not one per provider tried
+            elif len(failover.tried) == 1:  # one line per call, not one per provider tried
                 logger.info(
                     "%s() not sent to %s (%s); failing over",
                     method.qualname,
@@ -636,21 +711,48 @@ class AsyncClient:
                 )
             link = following
 
+    def _with_refusals(self, directory: _Directory, error: BaseException) -> BaseException:
+        """The error of a call no provider is left to try, saying which listed providers
+        the token may not go to (their links are not chosen once they exist): all of
+        them, CredentialsNotSent; some, how many more (at most 10 named)."""
+        links = self._links
+        settings = self._settings
+        refused = [
+            address
+            for address in directory.addresses
+            if (
+                links[address].token_refused
+                if address in links
+                else settings.token_refused(address)
+            )
+        ]
+        if not refused:
+            return error
+        named = [wire_text(address) for address in heapq.nsmallest(_NAMED_IN_LOG, refused)]
+        if len(refused) > len(named):
+            named.append(f"and {len(refused) - len(named)} more")
+        if len(refused) == len(directory.addresses) or isinstance(error, CredentialsNotSent):
+            return CredentialsNotSent(token_refusal(named))
+        # the unsent errors (TransportError, ShuttingDown) take a message and nothing else
+        return type(error)(f"{error}; {len(refused)} more refused: {token_refusal(named)}")
+
     def _out_of_time(
         self,
         ref: Reference,
         method: MethodSpec,
         mode: str,
-        tried: set[str],
-        unreachable: int,
+        failover: _Failover,
         last: BaseException,
     ) -> Any:
         """A call whose time ran out: DeadlineExceeded saying where it went (failsafe:
         logged, and None)."""
+        connecting = len(failover.connecting)
         error = DeadlineExceeded(
             f"{method.qualname}() did not finish within its {ref.timeouts[method.name]} s "
-            f"timeout: {len(tried)} of the {len(self._directories[ref.key].urls)} providers "
-            f"of {_label(ref.key)} tried, {unreachable} unreachable; last: {wire_text(last)}"
+            f"timeout: {len(failover.tried)} of the {len(self._directories[ref.key].urls)} "
+            f"providers of {_label(ref.key)} tried, {failover.unreachable} unreachable"
+            + (f", {connecting} still connecting" if connecting else "")
+            + f"; last: {wire_text(last)}"
         )
         if mode == "failsafe":
             return _ignored(method, error)
