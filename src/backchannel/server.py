@@ -25,6 +25,7 @@ from backchannel.callbacks import ProviderCallbacks
 from backchannel.errors import ChannelClosed, Unauthenticated, UnknownCallback
 from backchannel.exports import DEFAULT_CALLBACK_LIMIT, Exports, to_json
 from backchannel.interface import Method
+from backchannel.peerlog import PeerLog
 from backchannel.pools import CallPools
 from backchannel.portal import LoopThread
 from backchannel.protocol import PROTOCOL_VERSION, Connection, Role
@@ -184,6 +185,10 @@ class AsyncServer:
         self._sessions: set[Session] = set()
         self._streams = 0  # Connect streams in _connect, authenticating ones included
         self._full = False  # max_streams was reached (logged once until back under it)
+        self._full_logged = False  # ... and that was logged at WARNING
+        #: the endings of streams whose peer broke a limit, and refusals past
+        #: max_streams: one line each would let peers reopening streams flood the log
+        self._peer_log: PeerLog | None = None
         self._stopping = False
 
     # ---------------------------------------------------------------- exports
@@ -302,6 +307,13 @@ class AsyncServer:
         await server.start()
         self._grpc = server
         self._loop = asyncio.get_running_loop()
+        self._peer_log = PeerLog(
+            self._loop,
+            "Connect streams ended or refused for a limit",
+            logger,
+            per="a provider",
+            sender="their peers",
+        )
         logger.info("backchannel provider listening on %s", self.address)
         if self._registry_spec is not None:
             try:
@@ -418,6 +430,8 @@ class AsyncServer:
                 logger.warning("calls still running after %s s of grace; cancelling them", grace)
         await server.stop(0)
         self._pools.shutdown()
+        if self._peer_log is not None:  # what it held back is told now, not never
+            self._peer_log.summarize()
 
     async def _all_idle(self) -> None:
         """Wait until every session is idle, sessions that join meanwhile included."""
@@ -454,7 +468,9 @@ class AsyncServer:
         if self._streams >= limit:
             if not self._full:  # once, not per refused stream: a flood would flood the log
                 self._full = True
-                logger.warning(
+                # and rate-limited: a peer closing and reopening a stream would repeat it
+                assert self._peer_log is not None
+                self._full_logged = self._peer_log.line(
                     "refusing new Connect streams: %d are open (Limits.max_streams)", limit
                 )
             await _refuse(
@@ -470,7 +486,9 @@ class AsyncServer:
             self._streams -= 1
             if self._full and self._streams < limit:
                 self._full = False
-                logger.info("accepting new Connect streams again (Limits.max_streams)")
+                if self._full_logged:  # said only after a refusal logged at WARNING
+                    self._full_logged = False
+                    logger.info("accepting new Connect streams again (Limits.max_streams)")
 
     async def _serve_stream(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         """Authenticate one Connect stream and run its session until it ends."""
@@ -491,6 +509,7 @@ class AsyncServer:
             limits=self._limits,
             send_tracebacks=self._send_tracebacks,
         )
+        session.end_log = self._peer_log
         self._sessions.add(session)
         if telemetry.AVAILABLE:  # OpenTelemetry: the stream's addresses, for spans and gauges
             telemetry.track(session, self.address)
