@@ -333,7 +333,7 @@ class AsyncServer:
         if self._registry_spec is not None:
             try:
                 async with self._registry_lock:
-                    await asyncio.to_thread(self._register)
+                    await asyncio.to_thread(self._register, self._exports.services())
             except BaseException:
                 self._grpc = None
                 await server.stop(0)
@@ -371,9 +371,10 @@ class AsyncServer:
             ),
         )
 
-    def _register(self) -> None:
+    def _register(self, services: Sequence[pb.ServiceInfo]) -> None:
         # in a thread, holding the registry lock: ZooKeeper's round trips block. Every
-        # export not registered yet is (all of them on start; a new one while running)
+        # export not registered yet is (all of them on start; a new one while running),
+        # from ``services``, taken on the loop: export() may add to them meanwhile
         registry = self._registry
         if registry is None:
             spec = self._registry_spec
@@ -381,7 +382,9 @@ class AsyncServer:
             assert registry is not None
             self._registry = registry
         done = {(url.interface, url.group, url.version) for url in self._registered}
-        for url in self.provider_urls():
+        host = self._advertised_host()
+        for service in services:
+            url = self._provider_url(service, host, self._port)
             if (url.interface, url.group, url.version) in done:
                 continue
             registry.register(url)
@@ -392,7 +395,8 @@ class AsyncServer:
         """Register the exports made since start, unless the server is stopping."""
         async with self._registry_lock:
             if self._grpc is not None and not self._stopping and self._registry is not None:
-                await asyncio.to_thread(self._register)
+                # the exports are read here, on the loop, where export() adds to them
+                await asyncio.to_thread(self._register, self._exports.services())
 
     def _registered_in_task(self, task: asyncio.Task[None]) -> None:
         self._registering.discard(task)
