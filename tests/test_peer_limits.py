@@ -21,7 +21,7 @@ from pathlib import Path
 import grpc
 import pytest
 from conftest import RawStream, run
-from helpers import SERVICES, read_line
+from helpers import SERVICES, frames_of, read_line
 from services import Echo, EchoImpl
 from test_security import _issue
 
@@ -293,15 +293,12 @@ async def _lying_connect(
     """Welcome; answer every call with 100,000 Faults (100 Batches of 1,000)."""
     fault = pb.Frame(fault=pb.Fault(message="you are wrong"))
     batch = pb.Frame(batch=pb.Batch(frames=[fault] * 1000))
-    async for frame in requests:
-        inner = list(frame.batch.frames) if frame.WhichOneof("kind") == "batch" else [frame]
-        for one in inner:
-            kind = one.WhichOneof("kind")
-            if kind == "hello":
-                yield pb.Frame(welcome=pb.Welcome(protocol_version=1, services=SERVICES))
-            elif kind == "call":
-                for _ in range(100):
-                    yield batch
+    async for kind, _frame in frames_of(requests):
+        if kind == "hello":
+            yield pb.Frame(welcome=pb.Welcome(protocol_version=1, services=SERVICES))
+        elif kind == "call":
+            for _ in range(100):
+                yield batch
 
 
 def test_a_provider_flooding_faults_is_cut_off_and_the_consumers_other_calls_go_on() -> None:
