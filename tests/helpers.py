@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -167,6 +167,17 @@ async def raw_stream(address: str) -> tuple[grpc.aio.Channel, Any]:
     await call.write(pb.Frame(hello=pb.Hello(protocol_version=1)).SerializeToString())
     assert (await call.read()).WhichOneof("kind") == "welcome"
     return channel, call
+
+
+async def frames_of(
+    requests: AsyncIterator[pb.Frame],
+) -> AsyncIterator[tuple[str | None, pb.Frame]]:
+    """Each frame a fake provider's Connect handler receives, as ``(kind, frame)``, the
+    frames of a Batch one by one."""
+    async for frame in requests:
+        inner = list(frame.batch.frames) if frame.WhichOneof("kind") == "batch" else [frame]
+        for one in inner:
+            yield one.WhichOneof("kind"), one
 
 
 #: calls in the statistical checks of the random strategy's spread over three providers:

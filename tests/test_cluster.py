@@ -7,10 +7,12 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import threading
 import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import run
@@ -23,7 +25,14 @@ from zookeeper import ZooKeeper
 import backchannel
 from backchannel import Method
 from backchannel.interface import interface_spec
-from backchannel.registry import ServiceURL, ZookeeperRegistry, decode, encode, reachable_host
+from backchannel.registry import (
+    ServiceURL,
+    StaticRegistry,
+    ZookeeperRegistry,
+    decode,
+    encode,
+    reachable_host,
+)
 
 _names = itertools.count()
 
@@ -159,6 +168,53 @@ def test_an_export_made_while_the_server_runs_is_registered_at_once_and_withdraw
         (url,) = providers_of(reader, "test.Echo", sync_group)  # at once: no wait
         assert url.address == server.advertised_address
     assert not providers_of(reader, "test.Echo", sync_group)
+
+
+class _ThreadsThatRead(dict):  # type: ignore[type-arg]
+    """A dict that notes every thread that iterates it (the exports, by key)."""
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)
+        self.threads: set[int] = set()
+
+    def __iter__(self) -> Iterator[object]:
+        self.threads.add(threading.get_ident())
+        return super().__iter__()
+
+    def values(self) -> Any:
+        self.threads.add(threading.get_ident())
+        return super().values()
+
+    def items(self) -> Any:
+        self.threads.add(threading.get_ident())
+        return super().items()
+
+    def keys(self) -> Any:
+        self.threads.add(threading.get_ident())
+        return super().keys()
+
+
+def test_registration_reads_the_exports_on_the_loop_where_export_adds_to_them() -> None:
+    """The registration thread (start, and each export made while running) never
+    iterates the exports: export() adds to them on the loop meanwhile ("dictionary
+    changed size during iteration"). It registers the URLs taken on the loop."""
+    registry = StaticRegistry("127.0.0.1:1")
+
+    async def body() -> None:
+        server = backchannel.AsyncServer(registry=registry)
+        exports = _ThreadsThatRead(server._exports._by_key)
+        server._exports._by_key = exports
+        server.export(Echo, EchoImpl(), group="a")
+        async with server:
+            for group in ("b", "c", "d"):
+                server.export(Echo, EchoImpl(), group=group)
+            async with asyncio.timeout(5):
+                while server._registering:
+                    await asyncio.gather(*server._registering)
+            assert exports.threads == {threading.get_ident()}, "read off the loop"
+            assert {url.group for url in registry.registered} == {"a", "b", "c", "d"}
+
+    run(body())
 
 
 # --- consumers choose -------------------------------------------------------------

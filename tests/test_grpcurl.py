@@ -351,3 +351,49 @@ def test_health_can_be_put_behind_the_authenticator_and_reflection_left_open() -
     assert json.loads(checked.stdout) == {"status": "SERVING"}
     assert no_watch.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert watched.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def _unauthenticated_call(channel: grpc.Channel, method: object) -> grpc.RpcError:
+    """Call one health method (by its descriptor) with an empty request and no token."""
+    path = f"/grpc.health.v1.Health/{method.name}"  # type: ignore[attr-defined]
+    request = method.input_type._concrete_class()  # type: ignore[attr-defined]
+    if method.server_streaming:  # type: ignore[attr-defined]
+        stream = channel.unary_stream(path, request_serializer=type(request).SerializeToString)
+        with pytest.raises(grpc.RpcError) as caught:
+            next(iter(stream(request, timeout=5)))
+    else:
+        unary = channel.unary_unary(path, request_serializer=type(request).SerializeToString)
+        with pytest.raises(grpc.RpcError) as caught:
+            unary(request, timeout=5)
+    return caught.value
+
+
+def test_authenticate_health_guards_every_method_of_the_health_service() -> None:
+    """With authenticate_health=True, each method the health service declares (Check,
+    Watch, List, and any later one) is refused UNAUTHENTICATED without a token: List,
+    not implemented by grpcio-health-checking 1.85, included (not UNIMPLEMENTED)."""
+    tokens = backchannel.bearer_tokens({"s3cret": "ops"})
+    methods = health_pb2.DESCRIPTOR.services_by_name["Health"].methods
+    assert {method.name for method in methods} >= {"Check", "Watch", "List"}
+    with (
+        backchannel.Server("127.0.0.1:0", authenticator=tokens, authenticate_health=True) as server,
+        grpc.insecure_channel(server.address) as channel,
+    ):
+        for method in methods:
+            error = _unauthenticated_call(channel, method)
+            assert error.code() == grpc.StatusCode.UNAUTHENTICATED, (method.name, error)
+        # with the token, List answers as the library does (unimplemented in 1.85)
+        listing = channel.unary_unary(
+            "/grpc.health.v1.Health/List",
+            request_serializer=health_pb2.HealthListRequest.SerializeToString,
+            response_deserializer=health_pb2.HealthListResponse.FromString,
+        )
+        try:
+            listed = listing(
+                health_pb2.HealthListRequest(),
+                timeout=5,
+                metadata=[("authorization", "Bearer s3cret")],
+            )
+            assert "" in listed.statuses
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.UNIMPLEMENTED, exc

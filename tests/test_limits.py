@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import math
 import threading
 from typing import Any
 
@@ -25,6 +26,57 @@ def test_defaults_are_safe() -> None:
     assert limits.max_message_size == 4 * 1024 * 1024
     with pytest.raises(ValueError, match="max_calls_in_flight"):
         Limits(max_calls_in_flight=0)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "words"),
+    [
+        ("handshake_timeout", math.inf, "finite"),
+        ("handshake_timeout", math.nan, "finite"),
+        ("handshake_timeout", 1e7, "<= 2.14748e+06"),  # gRPC's C int of milliseconds
+        ("handshake_timeout", -1.0, "> 0"),
+        ("handshake_timeout", "10", "number of seconds"),
+        ("max_write_stall", math.inf, "finite"),
+        ("max_write_stall", 0, "> 0"),
+        ("max_streams", 2.5, "must be an int"),
+        ("max_streams", True, "must be an int"),
+        ("max_streams", 0, ">= 1"),
+        ("max_faults", 100.0, "must be an int"),
+        ("max_faults", 0, ">= 1"),
+        ("max_calls_in_flight", 1.5, "must be an int"),
+        ("max_message_size", 4e6, "must be an int"),
+        ("max_message_size", 2**31, "between 1024 and"),
+        ("max_queued_bytes", 3.3e7, "must be an int"),
+    ],
+)
+def test_each_bad_limit_is_refused_by_its_own_name_and_value(
+    field: str, value: object, words: str
+) -> None:
+    """One message per field, naming it and the value given, at construction (not an
+    OverflowError from gRPC when the server starts)."""
+    with pytest.raises(ValueError) as caught:
+        Limits(**{field: value})  # type: ignore[arg-type]
+    message = str(caught.value)
+    assert f"Limits.{field} must" in message, message
+    assert repr(value) in message, message
+    assert words in message, message
+    other = "max_write_stall" if field == "handshake_timeout" else "handshake_timeout"
+    assert other not in message, message  # that one field, not a combined message
+
+
+def test_the_longest_handshake_timeout_grpc_takes_starts_a_server() -> None:
+    """The bound is gRPC's: a handshake timeout at it starts a server and serves."""
+    limits = Limits(handshake_timeout=(2**31 - 1) / 1000)
+    with backchannel.Server(limits=limits) as server:
+        server.export(Echo, EchoImpl())
+        with backchannel.Client(server.address) as client:
+            assert client.reference(Echo).echo(5) == 5
+
+
+@pytest.mark.parametrize(("field", "value"), [("time", math.inf), ("timeout", 1e7)])
+def test_a_keepalive_grpc_cannot_take_is_refused_by_name(field: str, value: float) -> None:
+    with pytest.raises(ValueError, match=f"keepalive {field} must be finite"):
+        backchannel.Keepalive(**{field: value})  # type: ignore[arg-type]
 
 
 def test_calls_past_the_clients_limit_wait_their_turn() -> None:

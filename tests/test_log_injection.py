@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 from conftest import RawStream, run
-from helpers import SERVICES
+from helpers import SERVICES, frames_of
 from services import Echo
 
 import backchannel
@@ -112,17 +112,14 @@ async def _hostile_connect(
     requests: AsyncIterator[pb.Frame], context: grpc.aio.ServicerContext[pb.Frame, pb.Frame]
 ) -> AsyncIterator[pb.Frame]:
     """Welcome; answer the first call after a Fault and a GoAway; then break the stream."""
-    async for frame in requests:
-        inner = list(frame.batch.frames) if frame.WhichOneof("kind") == "batch" else [frame]
-        for one in inner:
-            kind = one.WhichOneof("kind")
-            if kind == "hello":
-                yield pb.Frame(welcome=pb.Welcome(protocol_version=1, services=SERVICES))
-            elif kind == "call":
-                yield pb.Frame(fault=pb.Fault(message=HOSTILE))
-                yield pb.Frame(go_away=pb.GoAway(reason=HOSTILE))
-                yield pb.Frame(result=pb.Result(id=one.call.id, value=one.call.args[0]))
-                await context.abort(grpc.StatusCode.UNAVAILABLE, HOSTILE)
+    async for kind, one in frames_of(requests):
+        if kind == "hello":
+            yield pb.Frame(welcome=pb.Welcome(protocol_version=1, services=SERVICES))
+        elif kind == "call":
+            yield pb.Frame(fault=pb.Fault(message=HOSTILE))
+            yield pb.Frame(go_away=pb.GoAway(reason=HOSTILE))
+            yield pb.Frame(result=pb.Result(id=one.call.id, value=one.call.args[0]))
+            await context.abort(grpc.StatusCode.UNAVAILABLE, HOSTILE)
 
 
 def test_a_providers_fault_go_away_and_status_are_logged_escaped(

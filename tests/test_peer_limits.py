@@ -21,7 +21,7 @@ from pathlib import Path
 import grpc
 import pytest
 from conftest import RawStream, run
-from helpers import SERVICES, read_line
+from helpers import SERVICES, frames_of, read_line
 from services import Echo, EchoImpl
 from test_security import _issue
 
@@ -75,36 +75,47 @@ async def status_of(stream: RawStream, timeout: float) -> tuple[grpc.StatusCode,
 
 def test_streams_that_send_no_hello_are_ended_after_the_handshake_timeout() -> None:
     """200 streams that never send a Hello are all ended with DEADLINE_EXCEEDED naming
-    Limits.handshake_timeout, within it plus a bound; a good consumer works meanwhile."""
+    Limits.handshake_timeout, within it plus a bound; a good consumer works meanwhile.
+    The provider's warnings about them: PEER_WARNINGS for the whole provider, and a
+    summary, not one per stream (an attacker reopening them would flood the log)."""
     timeout = 0.5
 
     async def body() -> None:
         server = AsyncServer(limits=backchannel.Limits(handshake_timeout=timeout))
         server.export(Echo, EchoImpl())
-        async with server:
-            silent = [RawStream(server.address) for _ in range(200)]
-            try:
-                async with asyncio.timeout(5):  # every one reached the provider
-                    while server.session_count < 200:
-                        await asyncio.sleep(0.01)
-                began = time.monotonic()
-                async with backchannel.AsyncClient(server.address) as client:
-                    assert await client.reference(Echo).echo(1) == 1
-                errors = await asyncio.gather(
-                    *(status_of(stream, timeout + 5) for stream in silent)
-                )
-                held = time.monotonic() - began
-                assert server.session_count == 0
-                assert held < timeout + 3, held
-                for code, details in errors:
-                    assert code is grpc.StatusCode.DEADLINE_EXCEEDED, (code, details)
-                    assert f"no Hello within {timeout} s" in details
-                    assert "Limits.handshake_timeout" in details
-            finally:
-                for stream in silent:
-                    await stream.close()
+        with Records() as records:
+            await _silent_streams(server, timeout)
+        # stop() summarizes: the 190 past the window's share are counted in one line
+        endings = [m for m in records.messages if "sent no Hello" in m]
+        assert len(endings) == PEER_WARNINGS, len(endings)
+        assert any("190 more warnings" in m for m in records.messages), records.messages
+        assert len(records.messages) <= PEER_WARNINGS + 1, records.messages
 
     run(body())
+
+
+async def _silent_streams(server: AsyncServer, timeout: float) -> None:
+    """Open 200 streams that send nothing; check each is ended in time, naming the limit."""
+    async with server:
+        silent = [RawStream(server.address) for _ in range(200)]
+        try:
+            async with asyncio.timeout(5):  # every one reached the provider
+                while server.session_count < 200:
+                    await asyncio.sleep(0.01)
+            began = time.monotonic()
+            async with backchannel.AsyncClient(server.address) as client:
+                assert await client.reference(Echo).echo(1) == 1
+            errors = await asyncio.gather(*(status_of(stream, timeout + 5) for stream in silent))
+            held = time.monotonic() - began
+            assert server.session_count == 0
+            assert held < timeout + 3, held
+            for code, details in errors:
+                assert code is grpc.StatusCode.DEADLINE_EXCEEDED, (code, details)
+                assert f"no Hello within {timeout} s" in details
+                assert "Limits.handshake_timeout" in details
+        finally:
+            for stream in silent:
+                await stream.close()
 
 
 def test_a_stream_past_max_streams_is_refused_and_a_freed_slot_serves_a_good_consumer() -> None:
@@ -142,6 +153,34 @@ def test_a_stream_past_max_streams_is_refused_and_a_freed_slot_serves_a_good_con
             finally:
                 for stream in held:
                     await stream.close()
+
+    run(body())
+
+
+def test_refusals_past_max_streams_repeated_by_a_peer_reopening_a_stream_are_rate_limited() -> None:
+    """With max_streams=1, a peer that closes its held stream and reopens one more than
+    the limit 30 times: 30 refusals, but PEER_WARNINGS WARNING lines and one summary for
+    the provider, not one (and an INFO line) per refusal."""
+
+    async def body() -> None:
+        server = AsyncServer(limits=backchannel.Limits(max_streams=1))
+        server.export(Echo, EchoImpl())
+        with Records() as records:
+            async with server:
+                for _ in range(30):
+                    held = RawStream(server.address)
+                    await held.hello()
+                    extra = RawStream(server.address)
+                    await extra.send(hello())
+                    code, details = await status_of(extra, 10)
+                    assert code is grpc.StatusCode.RESOURCE_EXHAUSTED, (code, details)
+                    await extra.close()
+                    await held.close()
+                    await _until_no_session(server)
+        refusals = [m for m in records.messages if m.startswith("refusing new Connect")]
+        assert len(refusals) == PEER_WARNINGS, records.messages
+        assert any("20 more warnings" in m for m in records.messages), records.messages
+        assert len(records.messages) == PEER_WARNINGS + 1, records.messages
 
     run(body())
 
@@ -254,15 +293,12 @@ async def _lying_connect(
     """Welcome; answer every call with 100,000 Faults (100 Batches of 1,000)."""
     fault = pb.Frame(fault=pb.Fault(message="you are wrong"))
     batch = pb.Frame(batch=pb.Batch(frames=[fault] * 1000))
-    async for frame in requests:
-        inner = list(frame.batch.frames) if frame.WhichOneof("kind") == "batch" else [frame]
-        for one in inner:
-            kind = one.WhichOneof("kind")
-            if kind == "hello":
-                yield pb.Frame(welcome=pb.Welcome(protocol_version=1, services=SERVICES))
-            elif kind == "call":
-                for _ in range(100):
-                    yield batch
+    async for kind, _frame in frames_of(requests):
+        if kind == "hello":
+            yield pb.Frame(welcome=pb.Welcome(protocol_version=1, services=SERVICES))
+        elif kind == "call":
+            for _ in range(100):
+                yield batch
 
 
 def test_a_provider_flooding_faults_is_cut_off_and_the_consumers_other_calls_go_on() -> None:

@@ -4,6 +4,7 @@ against a real ZooKeeper server (tests/zookeeper.py)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import threading
@@ -20,6 +21,7 @@ from services import Echo, EchoImpl
 from zookeeper import ZooKeeper
 
 import backchannel
+from backchannel import registry as registry_module
 from backchannel.registry import (
     RegistryError,
     ServiceURL,
@@ -548,6 +550,79 @@ def test_an_outage_is_logged_once_per_change_of_state_not_per_retry(
     for (name, _level, message), text in zip(lines, expected, strict=True):
         assert name == "backchannel.registry" and text in message, lines
     assert "socket connection broken" in lines[0][2]  # kazoo's reason, said once
+
+
+def test_a_bad_znode_is_warned_of_once_across_a_session_given_up(
+    own_zookeeper: ZooKeeper, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A znode that is no URL we can read, in a subscribed folder: one warning. ZooKeeper
+    stopped past the session timeout, the registry gives its session up and watches the
+    folder again from a new one (another thread than the subscriber's): the bad znode is
+    not warned of again, and the subscription still follows the folder."""
+    caplog.set_level(logging.INFO, logger="backchannel")
+    interface = fresh_interface()
+    folder = f"/dubbo/{interface}/providers"
+    bad_path = f"{folder}/{encode('backchannel://127.0.0.1:1/x?weight=-5')}"
+    writer = KazooClient(hosts=own_zookeeper.hosts)
+    writer.start(timeout=10)
+    try:
+        writer.create(bad_path, makepath=True)  # persistent: it outlives every session
+    finally:
+        writer.stop()
+        writer.close()
+    with ZookeeperRegistry(own_zookeeper.address, session_timeout=2.0) as registry:
+        subscription = registry.subscribe(interface)
+        assert not subscription.providers
+        with LogSeen("starting a new session") as given_up, LogSeen("reachable again") as back:
+            own_zookeeper.stop()
+            assert given_up.seen.wait(15), "the registry kept its session"
+            own_zookeeper.start()
+            assert back.seen.wait(15), "never reconnected"
+        url = provider(interface, 7001)
+        registry.register(url)  # the new session's watch sees it (and the bad one again)
+        wait_until(lambda: subscription.providers == {url}, 10, "the new provider")
+    warned = [
+        r for r in caplog.records if r.levelno >= logging.WARNING and bad_path in r.getMessage()
+    ]
+    assert len(warned) == 1, [r.getMessage()[:200] for r in caplog.records]
+
+
+class _MeetingSet(set[str]):
+    """A set whose membership test waits (up to 1 s) until two threads ask at once: the
+    window between a check and an add, made wide for the test."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.barrier = threading.Barrier(2)
+
+    def __contains__(self, item: object) -> bool:
+        answer = super().__contains__(item)
+        with contextlib.suppress(threading.BrokenBarrierError):
+            self.barrier.wait(timeout=1)  # the other thread checks before this one adds
+        return answer
+
+
+def test_two_watches_parsing_one_bad_znode_at_once_warn_of_it_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The folder's refused children are shared by watches in different threads (kazoo
+    runs a watch's first call in the subscriber's thread): two threads that parse the
+    same bad znode at once, both past the check before either added it, warned twice."""
+    caplog.set_level(logging.WARNING, logger="backchannel")
+    refused = registry_module._Refused()
+    refused._children = _MeetingSet()
+    child = encode("backchannel://127.0.0.1:1/x?weight=-5")
+    threads = [
+        threading.Thread(target=registry_module._parse_child, args=(child, "/f", refused))
+        for _ in range(2)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    warned = [r for r in caplog.records if "ignoring the znode" in r.getMessage()]
+    assert len(warned) == 1, [r.getMessage() for r in warned]
+    assert child in refused
 
 
 def test_a_listener_that_raises_does_not_stop_the_updates(

@@ -17,6 +17,7 @@ from helpers import read_line
 from kazoo.client import KazooClient
 from zookeeper import ZooKeeper
 
+from backchannel.handoff import inbox
 from backchannel.registry import ServiceURL, Subscription, encode
 
 CONSUMER = Path(__file__).with_name("burst_consumer.py")
@@ -86,7 +87,13 @@ def test_offers_faster_than_the_loop_takes_them_are_delivered_as_the_latest_only
 
     async def body() -> None:
         loop = asyncio.get_running_loop()
-        subscription = Subscription("burst.Unit", "", "", delivered.append, loop)
+        got = asyncio.Event()
+
+        def listener(providers: frozenset[ServiceURL]) -> None:
+            delivered.append(providers)
+            got.set()
+
+        subscription = Subscription("burst.Unit", "", "", listener, loop)
         urls = [provider_url("burst.Unit", i) for i in range(100)]
         offered = threading.Event()
 
@@ -97,16 +104,20 @@ def test_offers_faster_than_the_loop_takes_them_are_delivered_as_the_latest_only
 
         threading.Thread(target=offer).start()
         assert offered.wait(10)  # holds the loop: nothing posted to it runs meanwhile
-        for _ in range(10):
-            await asyncio.sleep(0)
+        async with asyncio.timeout(5):
+            await got.wait()
+        # every delivery the offers posted runs before this (the inbox runs in order)
+        drained = loop.create_future()
+        inbox(loop).post(drained.set_result, None)
+        async with asyncio.timeout(5):
+            await drained
+        assert not subscription._posted  # and none is left due on a later turn
         assert len(delivered) == 1 and delivered[0] == frozenset(urls)
         assert subscription.providers == frozenset(urls)
+        got.clear()
         subscription.offer(urls[:1])  # a later change is delivered too
-        for _ in range(10):
-            await asyncio.sleep(0)
-        deadline = loop.time() + 2
-        while len(delivered) < 2 and loop.time() < deadline:  # it may wait its turn
-            await asyncio.sleep(0.01)
-        assert delivered[-1] == frozenset(urls[:1])
+        async with asyncio.timeout(5):  # it may wait its turn
+            await got.wait()
+        assert len(delivered) == 2 and delivered[-1] == frozenset(urls[:1])
 
     run(body())

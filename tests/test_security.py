@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import ipaddress
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -17,10 +18,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from helpers import LogSeen
+from kazoo.client import KazooClient
 
 import backchannel
-from backchannel import providers
-from backchannel.registry import reachable_host
+from backchannel import codec, providers
+from backchannel.pools import CallPools
+from backchannel.registry import encode, reachable_host
 
 
 @backchannel.interface("test.WhoAmI")
@@ -287,6 +291,87 @@ def test_a_registry_cannot_lure_the_token_to_a_plaintext_address_off_the_machine
         assert far.address in message and "send_token_over_plaintext=True" in message
         assert "credentials=" in message
     assert outside.seen == []
+
+
+def test_a_flapping_plaintext_znode_is_warned_of_once_per_client(
+    zookeeper: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A hand-written znode for a plaintext address off the machine, beside a loopback
+    provider, removed (its link is retired) and written again three times: the client
+    warns once that the token is not sent there, not once per link it makes for it."""
+    caplog.set_level(logging.INFO, logger="backchannel")  # the lines waited on
+    far = "192.0.2.7:5555"  # TEST-NET-1: never reached (no stream is opened for it)
+    url = f"backchannel://{far}/test.security.Listed?interface=test.security.Listed"
+    znode = f"/dubbo/test.security.Listed/providers/{encode(url)}"
+    writer = KazooClient(hosts=zookeeper.hosts)
+    writer.start(timeout=10)
+    try:
+        with (
+            listed("127.0.0.1:0", Recorder("loopback"), registry=zookeeper.address),
+            Records("not sending the token") as warned,
+            backchannel.Client(zookeeper.address, token=TOKEN) as client,
+        ):
+            who = client.reference(Listed, loadbalance="roundrobin")
+            assert who.name() == "loopback"  # subscribed
+            for _ in range(3):
+                with LogSeen(f"+{far}") as added:
+                    writer.create(znode, ephemeral=True)
+                    assert added.seen.wait(10), "the far provider never listed"
+                assert [who.name() for _ in range(6)] == ["loopback"] * 6
+                assert far in client._core._links  # chosen, refused, not called
+                with LogSeen(f"closing the stream to {far}") as retired:
+                    writer.delete(znode)
+                    assert retired.seen.wait(10), "the far provider's link never retired"
+        assert len(warned.messages) == 1, warned.messages
+        assert far in warned.messages[0]
+    finally:
+        writer.stop()
+        writer.close()
+
+
+class Records(logging.Handler):
+    """The ``backchannel`` logger's WARNING records holding ``words``, while installed."""
+
+    def __init__(self, words: str) -> None:
+        super().__init__(logging.WARNING)
+        self.words = words
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.words in record.getMessage():
+            self.messages.append(record.getMessage())
+
+    def __enter__(self) -> Records:
+        logging.getLogger("backchannel").addHandler(self)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        logging.getLogger("backchannel").removeHandler(self)
+
+
+def test_a_client_warns_of_at_most_token_warnings_addresses(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Past TOKEN_WARNINGS addresses (5 here), one line says no more are warned of, and
+    the set of addresses warned of grows no more."""
+    monkeypatch.setattr(providers, "TOKEN_WARNINGS", 5)
+    settings = providers.LinkSettings(
+        application="",
+        connect_timeout=1.0,
+        limits=backchannel.Limits(),
+        keepalive=None,
+        credentials=None,
+        metadata=[("authorization", BEARER)],
+        error_types=codec.ErrorTypes(()),
+        pools=CallPools(1, 1, role="consumer", owners="test"),
+    )
+    with Records("not sending the token") as warned:
+        for _ in range(2):
+            for i in range(20):
+                settings.warn_token_refused(f"192.0.2.{i}:1")
+    assert len(warned.messages) == 6, warned.messages
+    assert "not warning of each any more" in warned.messages[-1]
+    assert len(settings._token_warned) == 6
 
 
 def test_authorization_metadata_is_held_back_like_a_token(outside_host: str) -> None:

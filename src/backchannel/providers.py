@@ -83,6 +83,12 @@ class ConsumerSide:
         self.callbacks.clear()
 
 
+#: addresses one client remembers having warned the token is not sent to; past it no
+#: more are warned of (one line says so): a registry listing ten thousand plaintext
+#: addresses costs a thousand lines once, not a line per address each time it is listed
+TOKEN_WARNINGS = 1000
+
+
 #: streams a client starts opening in one turn of its event loop, at most: each costs
 #: about 0.3-0.6 ms there (a gRPC channel, a call, a session), and a burst of a thousand
 #: (a broadcast, a registry listing a thousand providers) in one turn would hold every
@@ -156,6 +162,28 @@ class LinkSettings:
         self.send_token_over_plaintext = send_token_over_plaintext
         #: spreads the opening of many streams over turns of the loop
         self.gate = TurnGate()
+        #: addresses warned of the token not being sent to (at most TOKEN_WARNINGS):
+        #: a link retired and made again for a flapping znode is not warned of again
+        self._token_warned: set[str] = set()
+
+    def warn_token_refused(self, address: str) -> None:
+        """Warn that the token is not sent to ``address``, once per address per client
+        (for the first :data:`TOKEN_WARNINGS` addresses; then once that the rest are not)."""
+        warned = self._token_warned
+        if address in warned:
+            return
+        if len(warned) > TOKEN_WARNINGS:
+            return
+        warned.add(address)
+        if len(warned) <= TOKEN_WARNINGS:
+            logger.warning("%s", token_refusal([wire_text(address)]))
+        else:  # the one past the limit: said once, the set grows no more
+            logger.warning(
+                "not sending the token to %s nor to more plaintext addresses off this "
+                "machine; not warning of each any more (at most %d a client, TOKEN_WARNINGS)",
+                wire_text(address),
+                TOKEN_WARNINGS,
+            )
 
     def token_refused(self, address: str) -> bool:
         """Whether the metadata must not go to ``address``: it holds a credential, the
@@ -219,8 +247,9 @@ class ProviderLink:
         #: the token must not go there: no stream is ever opened (CredentialsNotSent)
         self.token_refused = settings.token_refused(address)
         if self.token_refused:
-            # once per link: a registry's address is anyone's who can write a znode
-            logger.warning("%s", token_refusal([wire_text(address)]))
+            # once per address and client, not per link: a registry's address is
+            # anyone's who can write a znode, and a flapping one makes link after link
+            settings.warn_token_refused(address)
 
     @property
     def available(self) -> bool:

@@ -621,7 +621,7 @@ class ZookeeperRegistry:
         self._subscriptions: dict[Subscription, _Watch] = {}
         #: per folder, its children skipped and warned of once (see _Watch), shared by
         #: every subscription to it: one warning per bad znode, however many subscribe
-        self._refused: dict[str, set[str]] = {}
+        self._refused: dict[str, _Refused] = {}
         self._closed = False
         self._operation_timeout = operation_timeout
         #: counts disconnections, so a timer knows whether its own one is still going on
@@ -743,7 +743,7 @@ class ZookeeperRegistry:
             ) from exc
         subscription = Subscription(interface, group, version, listener, loop)
         with self._lock:
-            refused = self._refused.setdefault(path, set())
+            refused = self._refused.setdefault(path, _Refused())
         watch = _Watch(subscription, path, first=True, refused=refused)
         ChildrenWatch(self._client, path, watch.changed)
         with self._lock:
@@ -851,6 +851,33 @@ class ZookeeperRegistry:
         self.close()
 
 
+class _Refused:
+    """A folder's children that are not a URL we can read, each warned of once; shared
+    by the folder's watches, which run in different threads (kazoo runs a watch's
+    first call in the subscriber's thread, the others in its own), hence the lock."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._children: set[str] = set()
+
+    def first(self, child: str) -> bool:
+        """Note ``child``; True if it was not noted before (then warn of it)."""
+        with self._lock:  # check and add at once: two threads never both warn
+            if child in self._children:
+                return False
+            self._children.add(child)
+            return True
+
+    def keep_only(self, listed: Iterable[str]) -> None:
+        """Forget the children no longer listed: the set stays bounded."""
+        with self._lock:
+            self._children.intersection_update(listed)
+
+    def __contains__(self, child: object) -> bool:
+        with self._lock:
+            return child in self._children
+
+
 class _Watch:
     """What one ``ChildrenWatch`` of a folder feeds into its subscription; inactive
     once replaced by the watch of a new session.
@@ -865,12 +892,12 @@ class _Watch:
         subscription: Subscription,
         path: str,
         first: bool = False,
-        refused: set[str] | None = None,
+        refused: _Refused | None = None,
     ) -> None:
         self.subscription = subscription
         self.path = path
         self.active = True
-        self.refused: set[str] = set() if refused is None else refused
+        self.refused = _Refused() if refused is None else refused
         self._first = first
         #: each child's URL if it is a provider of the subscription (else None), kept
         #: from one update to the next: a burst of N children arriving one by one costs
@@ -888,7 +915,7 @@ class _Watch:
             url = known[child] if child in known else _parse_child(child, self.path, self.refused)
             parsed[child] = url if url is None or subscription.matches(url) else None
         self._parsed = parsed
-        self.refused.intersection_update(parsed)  # only what is listed now: bounded
+        self.refused.keep_only(parsed)  # only what is listed now: bounded
         urls = [url for url in parsed.values() if url is not None]
         if self._first:  # still inside subscribe(): no listener call for the first set
             self._first = False
@@ -898,7 +925,7 @@ class _Watch:
         return True
 
 
-def _parse_child(child: str, path: str, refused: set[str]) -> ServiceURL | None:
+def _parse_child(child: str, path: str, refused: _Refused) -> ServiceURL | None:
     """The provider URL a child znode's name is, or None (a Java ``dubbo://`` one is
     not ours to call).
 
@@ -908,8 +935,7 @@ def _parse_child(child: str, path: str, refused: set[str]) -> ServiceURL | None:
     try:
         url = ServiceURL.parse(decode(child))
     except ValueError as exc:
-        if child not in refused:
-            refused.add(child)
+        if refused.first(child):
             logger.warning(
                 "ignoring the znode %s: %s",
                 wire_text(f"{path}/{child}", ZNODE_TEXT_LIMIT),

@@ -25,6 +25,7 @@ from backchannel.callbacks import ProviderCallbacks
 from backchannel.errors import ChannelClosed, Unauthenticated, UnknownCallback
 from backchannel.exports import DEFAULT_CALLBACK_LIMIT, Exports, to_json
 from backchannel.interface import Method
+from backchannel.peerlog import PeerLog
 from backchannel.pools import CallPools
 from backchannel.portal import LoopThread
 from backchannel.protocol import PROTOCOL_VERSION, Connection, Role
@@ -89,6 +90,21 @@ class _Health(HealthServicer):  # type: ignore[misc]
         if self.guard is not None:
             await self.guard(context, False)
         await super().Watch(request, context)
+
+    # every method of the service is overridden here, behind the guard: the test
+    # (test_grpcurl.py) calls each one the service descriptor names without a token
+    async def List(
+        self, request: health_pb2.HealthListRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> health_pb2.HealthListResponse:
+        if self.guard is not None:
+            await self.guard(context, False)
+        try:
+            result = super().List(request, context)
+        except NotImplementedError:  # the generated stub (grpcio-health-checking 1.85)
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not implemented!")
+        if inspect.isawaitable(result):  # a later version's async List
+            result = await result
+        return result
 
 
 async def _refuse(
@@ -184,6 +200,10 @@ class AsyncServer:
         self._sessions: set[Session] = set()
         self._streams = 0  # Connect streams in _connect, authenticating ones included
         self._full = False  # max_streams was reached (logged once until back under it)
+        self._full_logged = False  # ... and that was logged at WARNING
+        #: the endings of streams whose peer broke a limit, and refusals past
+        #: max_streams: one line each would let peers reopening streams flood the log
+        self._peer_log: PeerLog | None = None
         self._stopping = False
 
     # ---------------------------------------------------------------- exports
@@ -302,11 +322,18 @@ class AsyncServer:
         await server.start()
         self._grpc = server
         self._loop = asyncio.get_running_loop()
+        self._peer_log = PeerLog(
+            self._loop,
+            "Connect streams ended or refused for a limit",
+            logger,
+            per="a provider",
+            sender="their peers",
+        )
         logger.info("backchannel provider listening on %s", self.address)
         if self._registry_spec is not None:
             try:
                 async with self._registry_lock:
-                    await asyncio.to_thread(self._register)
+                    await asyncio.to_thread(self._register, self._exports.services())
             except BaseException:
                 self._grpc = None
                 await server.stop(0)
@@ -344,9 +371,10 @@ class AsyncServer:
             ),
         )
 
-    def _register(self) -> None:
+    def _register(self, services: Sequence[pb.ServiceInfo]) -> None:
         # in a thread, holding the registry lock: ZooKeeper's round trips block. Every
-        # export not registered yet is (all of them on start; a new one while running)
+        # export not registered yet is (all of them on start; a new one while running),
+        # from ``services``, taken on the loop: export() may add to them meanwhile
         registry = self._registry
         if registry is None:
             spec = self._registry_spec
@@ -354,7 +382,9 @@ class AsyncServer:
             assert registry is not None
             self._registry = registry
         done = {(url.interface, url.group, url.version) for url in self._registered}
-        for url in self.provider_urls():
+        host = self._advertised_host()
+        for service in services:
+            url = self._provider_url(service, host, self._port)
             if (url.interface, url.group, url.version) in done:
                 continue
             registry.register(url)
@@ -365,7 +395,8 @@ class AsyncServer:
         """Register the exports made since start, unless the server is stopping."""
         async with self._registry_lock:
             if self._grpc is not None and not self._stopping and self._registry is not None:
-                await asyncio.to_thread(self._register)
+                # the exports are read here, on the loop, where export() adds to them
+                await asyncio.to_thread(self._register, self._exports.services())
 
     def _registered_in_task(self, task: asyncio.Task[None]) -> None:
         self._registering.discard(task)
@@ -418,6 +449,8 @@ class AsyncServer:
                 logger.warning("calls still running after %s s of grace; cancelling them", grace)
         await server.stop(0)
         self._pools.shutdown()
+        if self._peer_log is not None:  # what it held back is told now, not never
+            self._peer_log.summarize()
 
     async def _all_idle(self) -> None:
         """Wait until every session is idle, sessions that join meanwhile included."""
@@ -454,7 +487,9 @@ class AsyncServer:
         if self._streams >= limit:
             if not self._full:  # once, not per refused stream: a flood would flood the log
                 self._full = True
-                logger.warning(
+                # and rate-limited: a peer closing and reopening a stream would repeat it
+                assert self._peer_log is not None
+                self._full_logged = self._peer_log.line(
                     "refusing new Connect streams: %d are open (Limits.max_streams)", limit
                 )
             await _refuse(
@@ -470,7 +505,9 @@ class AsyncServer:
             self._streams -= 1
             if self._full and self._streams < limit:
                 self._full = False
-                logger.info("accepting new Connect streams again (Limits.max_streams)")
+                if self._full_logged:  # said only after a refusal logged at WARNING
+                    self._full_logged = False
+                    logger.info("accepting new Connect streams again (Limits.max_streams)")
 
     async def _serve_stream(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         """Authenticate one Connect stream and run its session until it ends."""
@@ -491,6 +528,7 @@ class AsyncServer:
             limits=self._limits,
             send_tracebacks=self._send_tracebacks,
         )
+        session.end_log = self._peer_log
         self._sessions.add(session)
         if telemetry.AVAILABLE:  # OpenTelemetry: the stream's addresses, for spans and gauges
             telemetry.track(session, self.address)

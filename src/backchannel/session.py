@@ -259,13 +259,20 @@ class Session:
             f"{self._limits.max_queued_bytes} bytes (max_queued_bytes); the stream is ended",
         )
 
+    #: where :meth:`end` logs, when not at WARNING each time: the provider's one
+    #: rate-limited log for all its streams, which peers could otherwise flood
+    end_log: PeerLog | None = None
+
     def end(self, code: grpc.StatusCode, why: str) -> None:
         """End the stream of a peer that broke a limit, dropping what is queued for it;
         the provider ends the RPC with ``code`` and ``why`` (:attr:`ending`)."""
         if self.cause is not None:
             return
         self.ending = (code, why)
-        logger.warning("%s", why)
+        if self.end_log is not None:  # a provider's: rate-limited across its streams
+            self.end_log.line("%s", why)
+        else:
+            logger.warning("%s", why)
         self._queue.clear()
         self._messages.clear()
         self._queue_bytes = self._message_bytes = 0

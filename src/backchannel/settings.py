@@ -6,6 +6,7 @@ and no peer can make this side hold unbounded calls or messages.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 #: Dubbo's default call timeout, in seconds: forward calls and callback calls alike
@@ -44,6 +45,29 @@ DEFAULT_MAX_FAULTS = 100
 #: the shortest keepalive time allowed, in seconds; every server accepts pings this often
 #: whatever its own keepalive, so a client with a short keepalive is never sent away
 MIN_KEEPALIVE_TIME = 0.1
+#: the longest time gRPC takes as a channel option (milliseconds in a C int), in seconds:
+#: ~24.8 days; a longer handshake timeout or keepalive would fail the server's start
+MAX_GRPC_SECONDS = (2**31 - 1) / 1000
+#: the largest max_message_size: gRPC takes it, plus 64 KiB, in a C int
+MAX_MESSAGE_SIZE_LIMIT = 2**31 - 1 - 64 * 1024
+
+
+def _check_seconds(name: str, value: object, maximum: float = math.inf) -> None:
+    """Refuse ``value`` unless it is a finite number of seconds > 0 and <= ``maximum``."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{name} must be a number of seconds, got {value!r}")
+    if not (math.isfinite(value) and 0 < value <= maximum):
+        bound = "" if maximum == math.inf else f" and <= {maximum:g}"
+        raise ValueError(f"{name} must be finite, > 0 seconds{bound}, got {value!r}")
+
+
+def _check_int(name: str, value: object, minimum: int, maximum: int | None = None) -> None:
+    """Refuse ``value`` unless it is an int (not a bool) in ``[minimum, maximum]``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an int, got {value!r}")
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
+        raise ValueError(f"{name} must be {bound}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -61,8 +85,8 @@ class Keepalive:
     timeout: float = 5.0
 
     def __post_init__(self) -> None:
-        if not (self.time > 0 and self.timeout > 0):
-            raise ValueError(f"keepalive time and timeout must be > 0, got {self}")
+        _check_seconds("keepalive time", self.time, MAX_GRPC_SECONDS)
+        _check_seconds("keepalive timeout", self.timeout, MAX_GRPC_SECONDS)
         if self.time < MIN_KEEPALIVE_TIME:
             raise ValueError(
                 f"keepalive time must be >= {MIN_KEEPALIVE_TIME} s (MIN_KEEPALIVE_TIME), got {self}"
@@ -109,16 +133,16 @@ class Limits:
     max_faults: int = DEFAULT_MAX_FAULTS
 
     def __post_init__(self) -> None:
-        if not (self.max_write_stall > 0 and self.handshake_timeout > 0):
-            raise ValueError(
-                f"max_write_stall and handshake_timeout must be > 0 seconds, got {self}"
-            )
-        if self.max_streams < 1 or self.max_faults < 1:
-            raise ValueError(f"max_streams and max_faults must be >= 1, got {self}")
-        if self.max_calls_in_flight < 1 or self.max_message_size < 1024:
-            raise ValueError(
-                f"max_calls_in_flight must be >= 1 and max_message_size >= 1024, got {self}"
-            )
+        # each field on its own, by name: a bad one is named with its value (a float
+        # count, an infinite timeout), never left to fail later where it is used
+        _check_seconds("Limits.max_write_stall", self.max_write_stall)
+        # gRPC takes it in milliseconds in a C int (grpc.server_handshake_timeout_ms)
+        _check_seconds("Limits.handshake_timeout", self.handshake_timeout, MAX_GRPC_SECONDS)
+        _check_int("Limits.max_calls_in_flight", self.max_calls_in_flight, 1)
+        _check_int("Limits.max_message_size", self.max_message_size, 1024, MAX_MESSAGE_SIZE_LIMIT)
+        _check_int("Limits.max_queued_bytes", self.max_queued_bytes, 1)
+        _check_int("Limits.max_streams", self.max_streams, 1)
+        _check_int("Limits.max_faults", self.max_faults, 1)
         if self.max_queued_bytes < self.max_message_size:
             raise ValueError(
                 f"max_queued_bytes must be >= max_message_size (a stream must be able to "
