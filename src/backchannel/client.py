@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import contextvars
 import heapq
 import logging
 import random
@@ -112,6 +113,52 @@ class _NotSent(Exception):
     def __init__(self, error: BaseException) -> None:
         super().__init__(str(error))
         self.error = error
+
+
+def _first_failure(outcomes: list[Any]) -> BaseException | None:
+    """The first error among a broadcast's outcomes (what a call not sent failed with)."""
+    for outcome in outcomes:
+        if isinstance(outcome, _NotSent):
+            return outcome.error
+        if isinstance(outcome, BaseException):
+            return outcome
+    return None
+
+
+async def _all_done(futures: Iterable[asyncio.Future[Any]], timeout: float | None) -> None:
+    """Wait until every one of ``futures`` is done, or ``timeout`` passes: what
+    ``asyncio.wait`` does, without copying the caller's context for each future (a
+    broadcast waits on a thousand attempts, each call of it: those copies, held while it
+    waits, were thousands of objects for the garbage collector to walk)."""
+    pending = [future for future in futures if not future.done()]
+    if not pending:
+        return
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[None] = loop.create_future()
+    left = len(pending)
+
+    def one_done(_future: asyncio.Future[Any]) -> None:
+        nonlocal left
+        left -= 1
+        if not left and not waiter.done():
+            waiter.set_result(None)
+
+    context = contextvars.Context()  # runs no caller code: an empty context will do
+    for future in pending:
+        future.add_done_callback(one_done, context=context)
+    timer = None if timeout is None else loop.call_later(timeout, _release, waiter)
+    try:
+        await waiter
+    finally:
+        if timer is not None:
+            timer.cancel()
+        for future in pending:
+            future.remove_done_callback(one_done)
+
+
+def _release(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 def _is_cluster(address: str | Registry) -> bool:
@@ -892,52 +939,98 @@ class AsyncClient:
     ) -> Any:
         """Dubbo's ``broadcast``: the call goes to every provider; it raises the first
         failure if any failed, else returns the last provider's result."""
+        outcomes = await self._broadcast_outcomes(
+            ref, method, positional, current, directory, deadline
+        )
+        failure = _first_failure(outcomes)
+        if failure is None:
+            return outcomes[-1]
+        # the error's traceback holds this frame: it must not hold every provider's
+        # error and attempt (a reference cycle, kept as long as the caller keeps the one)
+        outcomes.clear()
+        try:  # shared by the calls that waited on one attempt: no traceback to grow
+            raise failure.with_traceback(None)
+        finally:
+            del failure
+
+    async def _broadcast_outcomes(
+        self,
+        ref: Reference,
+        method: MethodSpec,
+        positional: tuple[Any, ...],
+        current: CurrentCall,
+        directory: _Directory,
+        deadline: float | None,
+    ) -> list[Any]:
+        """Each provider's outcome of a broadcast call: its result, or its error.
+
+        The call goes at once to every provider whose stream is open; for the others it
+        waits once on their shared attempts to open one (not a task each: there may be
+        thousands, most of them unreachable), and goes to those that opened while time
+        is left."""
         if not directory.urls:
             raise NoProvider(f"no provider of {_label(ref.key)} in {self._where}")
         links = [self._link(url.address) for url in directory.urls]
         outcomes: list[Any] = [None] * len(links)
-        # first every stream that is not open: one wait on the shared attempts for all of
-        # them, not a task each (there may be thousands, most of them unreachable)
-        attempts: dict[int, asyncio.Future[Session]] = {}
-        for index, link in enumerate(links):
-            if _open(link):
-                continue
-            wait = link.backoff_left
-            if wait:  # it would fail at once
-                outcomes[index] = link.backing_off(wait)
-            elif self._closed:
-                raise ChannelClosed(f"the client for {self._where} is closed")
-            else:
-                attempts[index] = link.attempt()
-        if attempts:
-            await asyncio.wait(set(attempts.values()), timeout=_left(deadline))
-        late = DeadlineExceeded(
-            f"{method.qualname}() did not finish within its {ref.timeouts[method.name]} s "
-            f"timeout: no stream to some of the {len(links)} providers of {_label(ref.key)} "
-            "yet (broadcast)"
+        calls: dict[int, asyncio.Future[Any]] = {}
+        try:
+            attempts: dict[int, asyncio.Future[Session]] = {}
+            for index, link in enumerate(links):
+                if _open(link):
+                    calls[index] = self._broadcast_to(
+                        link, ref, method, positional, current, deadline
+                    )
+                    continue
+                wait = link.backoff_left
+                if wait:  # it would fail at once
+                    outcomes[index] = link.backing_off(wait)
+                elif self._closed:
+                    raise ChannelClosed(f"the client for {self._where} is closed")
+                else:
+                    attempts[index] = link.attempt()
+            if attempts:
+                await _all_done(attempts.values(), _left(deadline))
+            late: DeadlineExceeded | None = None
+            for index, attempt in attempts.items():
+                if attempt.done() and attempt.cancelled():
+                    outcomes[index] = ChannelClosed(f"the client for {self._where} is closed")
+                elif attempt.done() and attempt.exception() is not None:
+                    outcomes[index] = attempt.exception()
+                elif attempt.done() and (deadline is None or deadline > time.monotonic()):
+                    calls[index] = self._broadcast_to(  # it opened the stream in time
+                        links[index], ref, method, positional, current, deadline
+                    )
+                else:  # no stream yet, or no time left: a call sent now would only expire
+                    late = late or DeadlineExceeded(
+                        f"{method.qualname}() did not finish within its "
+                        f"{ref.timeouts[method.name]} s timeout: no stream to some of the "
+                        f"{len(links)} providers of {_label(ref.key)} yet (broadcast)"
+                    )
+                    outcomes[index] = late
+            if calls:
+                finished = await asyncio.gather(*calls.values(), return_exceptions=True)
+                for index, outcome in zip(calls, finished, strict=True):
+                    outcomes[index] = outcome
+        except BaseException:  # cancelled, or the client closed: so do the calls sent
+            for call in calls.values():
+                if not call.cancel() and not call.cancelled():
+                    call.exception()  # over already: retrieved, not logged as lost
+            raise
+        return outcomes
+
+    def _broadcast_to(
+        self,
+        link: ProviderLink,
+        ref: Reference,
+        method: MethodSpec,
+        positional: tuple[Any, ...],
+        current: CurrentCall,
+        deadline: float | None,
+    ) -> asyncio.Future[Any]:
+        """One provider's call of a broadcast, with the time left, as a task."""
+        return asyncio.ensure_future(
+            self._invoke_on(link, ref, method, positional, current, deadline, _left(deadline))
         )
-        for index, attempt in attempts.items():
-            if not attempt.done():
-                outcomes[index] = late
-            elif attempt.cancelled():
-                outcomes[index] = ChannelClosed(f"the client for {self._where} is closed")
-            else:  # None when it opened the stream: the call is sent below
-                outcomes[index] = attempt.exception()
-        timeout = _left(deadline)
-        sending = [
-            (index, self._invoke_on(link, ref, method, positional, current, deadline, timeout))
-            for index, link in enumerate(links)
-            if outcomes[index] is None
-        ]
-        finished = await asyncio.gather(*(call for _, call in sending), return_exceptions=True)
-        for (index, _call), outcome in zip(sending, finished, strict=True):
-            outcomes[index] = outcome
-        for outcome in outcomes:
-            if isinstance(outcome, _NotSent):
-                raise outcome.error
-            if isinstance(outcome, BaseException):
-                raise outcome
-        return outcomes[-1]
 
     def start(
         self,

@@ -86,8 +86,13 @@ class Deadlines:
 
     def close(self) -> None:
         """Stop every timer; nothing expires any more."""
+        self._expire = _expire_nothing  # a bound method of the owner: a reference cycle
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
         self._queues.clear()
         self._compact_at.clear()
+
+
+def _expire_nothing(target: Any) -> None:
+    """What a closed :class:`Deadlines` calls for a deadline added after it closed."""

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import collections
 import enum
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from backchannel import wire
 from backchannel.errors import LocalProtocolError, TransportError
@@ -205,8 +205,6 @@ class Connection(Generic[Token]):
         self._abandoned: collections.deque[int] = collections.deque(maxlen=4096)
         self._closed_cause: BaseException | None = None
         self._accepts = _ACCEPTS[(role, self.state)]
-        kinds = ("hello", "welcome", "call", "result", "cancel", "release", "go_away", "fault")
-        self._handlers = {kind: getattr(self, f"_on_{kind}") for kind in kinds}
 
     # ------------------------------------------------------------- inspection
 
@@ -426,7 +424,7 @@ class Connection(Generic[Token]):
             return
         moved = _MOVES.get((self.role, self.state, kind))
         try:
-            self._handlers[kind](getattr(frame, kind), events)
+            _HANDLERS[kind](self, getattr(frame, kind), events)
         except _StayPut:
             return
         if moved is not None:
@@ -541,3 +539,10 @@ class _StayPut(Exception):
 
 
 _MISSING = object()
+
+#: what acts on each kind of frame: the class's functions, not a table of bound methods
+#: per connection (which would hold the connection in a reference cycle)
+_HANDLERS: dict[str, Callable[[Connection[Any], Any, list[Event[Any]]], None]] = {
+    kind: getattr(Connection, f"_on_{kind}")
+    for kind in ("hello", "welcome", "call", "result", "cancel", "release", "go_away", "fault")
+}

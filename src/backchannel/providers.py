@@ -10,7 +10,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import contextvars
+import functools
 import logging
+import traceback
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +29,7 @@ from backchannel.errors import (
     ServiceNotFound,
     StreamBroken,
     TransportError,
+    forget_frames,
 )
 from backchannel.interface import MethodSpec
 from backchannel.pools import CallPools
@@ -97,25 +101,27 @@ OPENED_PER_TURN = 16
 
 
 class TurnGate:
-    """Lets at most ``per_turn`` callers through per turn of the event loop; the others
-    wait, in order, for the turns after (no busy waiting: one callback per turn)."""
+    """Runs at most ``per_turn`` starts per turn of the event loop; the others run, in
+    order, in the turns after (no busy waiting: one callback per turn). A start is
+    queued, not a task waiting: a thousand queued cost a thousand deque entries, not a
+    thousand task steps in one turn of the loop."""
 
     def __init__(self, per_turn: int = OPENED_PER_TURN) -> None:
         self._per_turn = per_turn
         self._passed = 0
-        self._waiting: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._waiting: collections.deque[Callable[[], bool]] = collections.deque()
         self._armed = False
 
-    async def wait(self) -> None:
-        """Return in this turn if the turn has room, else in a later one."""
+    def admit(self, start: Callable[[], bool]) -> None:
+        """Call ``start`` now if this turn has room, else in a later turn. It returns
+        whether it started anything (False: its caller gave up), which takes no room."""
         if self._passed < self._per_turn and not self._waiting:
-            self._passed += 1
-            self._arm()
+            if start():
+                self._passed += 1
+                self._arm()
             return
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiting.append(waiter)
+        self._waiting.append(start)
         self._arm()
-        await waiter
 
     def _arm(self) -> None:
         if not self._armed:
@@ -127,9 +133,7 @@ class TurnGate:
         self._passed = 0
         waiting = self._waiting
         while waiting and self._passed < self._per_turn:
-            waiter = waiting.popleft()
-            if not waiter.done():  # its caller gave up (cancelled)
-                waiter.set_result(None)
+            if waiting.popleft()():
                 self._passed += 1
         if waiting or self._passed:
             self._arm()
@@ -197,19 +201,6 @@ class LinkSettings:
         )
 
 
-def _forget_frames(error: BaseException | None) -> None:
-    """Drop the tracebacks of a failed attempt's error and of its causes: they hold the
-    frames of the failed stream (its session, its gRPC call, its reader), a reference
-    cycle per attempt, about 130 objects, that only the cyclic GC frees; a thousand
-    unreachable providers then bring full GC passes of 0.2-0.3 s on the loop. The
-    messages say what failed."""
-    for _ in range(8):  # a chain is a few errors long (and could loop)
-        if error is None:
-            return
-        error.__traceback__ = None
-        error = error.__cause__ or error.__context__
-
-
 class ProviderLink:
     """One provider address as a consumer uses it.
 
@@ -233,6 +224,8 @@ class ProviderLink:
         self._reader: asyncio.Task[None] | None = None
         #: the running attempt to open a stream, shared by the calls that wait for it
         self._attempt: asyncio.Future[Session] | None = None
+        #: the task of the running attempt, once the gate started it
+        self._opening: asyncio.Task[Session] | None = None
         self.closed = False
         self.backoff = backoff
         #: calls this consumer has in flight on the link, opening its stream included
@@ -302,14 +295,43 @@ class ProviderLink:
         return await asyncio.wait_for(asyncio.shield(self.attempt()), timeout)
 
     def attempt(self) -> asyncio.Future[Session]:
-        """The running attempt to open a stream, or a new one (after the backoff)."""
+        """The running attempt to open a stream, or a new one: its task starts after the
+        backoff, when the client's :class:`TurnGate` lets it."""
         attempt = self._attempt
         if attempt is None:
-            attempt = self._attempt = asyncio.ensure_future(
-                self._attempt_session(self.backoff.wait())
-            )
-            attempt.add_done_callback(self._attempt_done)
+            loop = asyncio.get_running_loop()
+            attempt = self._attempt = loop.create_future()
+            # the task runs in the context of the call that asked for it, as if it had
+            # been created here (one copy for it and the callbacks: not one each)
+            context = contextvars.copy_context()
+            attempt.add_done_callback(self._attempt_done, context=context)
+            start = functools.partial(self._start, attempt, context)
+            wait = self.backoff.wait()
+            if wait:
+                loop.call_later(wait, self.settings.gate.admit, start)
+            else:
+                self.settings.gate.admit(start)
         return attempt
+
+    def _start(self, attempt: asyncio.Future[Session], context: contextvars.Context) -> bool:
+        if attempt.done():  # cancelled: the client closes
+            return False
+        task = asyncio.get_running_loop().create_task(self._attempt_session(), context=context)
+        self._opening = task
+        task.add_done_callback(functools.partial(self._opened, attempt), context=context)
+        return True
+
+    def _opened(self, attempt: asyncio.Future[Session], task: asyncio.Task[Session]) -> None:
+        """The task of an attempt ended: the attempt's outcome is its outcome."""
+        if self._opening is task:
+            self._opening = None
+        if task.cancelled():
+            attempt.cancel()
+        elif (error := task.exception()) is not None:
+            if not attempt.done():
+                attempt.set_exception(error)
+        elif not attempt.done():
+            attempt.set_result(task.result())
 
     def backing_off(self, wait: float) -> StreamBroken:
         """What a call gets that may not wait ``wait`` s for the next attempt."""
@@ -329,15 +351,20 @@ class ProviderLink:
     def _attempt_done(self, attempt: asyncio.Future[Session]) -> None:
         if self._attempt is attempt:
             self._attempt = None
-        if not attempt.cancelled():
-            _forget_frames(attempt.exception())  # read: nobody may wait for it any more
+        if attempt.cancelled():
+            return
+        error = attempt.exception()  # read: nobody may wait for it any more
+        if error is not None:
+            # the future keeps its traceback (to raise it again): the locals of its
+            # frames, which the task has left, go now (the failed stream's session, gRPC
+            # call and reader), so they are freed at once, not by a full garbage collection
+            traceback.clear_frames(error.__traceback__)
+            forget_frames(error)
 
-    async def _attempt_session(self, wait: float) -> Session:
+    async def _attempt_session(self) -> Session:
         session = self.session
         if session is not None and session.cause is not None:
             await self._drop_channel()  # broken: start afresh
-        await asyncio.sleep(wait)
-        await self.settings.gate.wait()
         if self.closed:
             raise ChannelClosed(f"the client for {self.address} is closed")
         try:
@@ -407,14 +434,17 @@ class ProviderLink:
             )
         except TimeoutError:
             stream.cancel()
+            session.discard()
             raise StreamBroken(
                 f"no handshake from {self.address} within {settings.connect_timeout} s"
             ) from None
         except StreamBroken as exc:
+            session.discard()
             raise StreamBroken(f"cannot connect to {self.address}: {exc}") from exc
         except BaseException:  # cancelled (the client closes): nothing may stay behind
             stream.cancel()
             reader.cancel()
+            session.discard()
             raise
         session.dispatcher.learn(services)  # type: ignore[attr-defined]
         self.session, self._stream, self._reader = session, stream, reader
@@ -433,10 +463,12 @@ class ProviderLink:
     async def close(self) -> None:
         """End the stream (half-close, then cancel) and the channel."""
         self.closed = True
-        attempt = self._attempt
-        if attempt is not None:
-            attempt.cancel()
-            await asyncio.gather(attempt, return_exceptions=True)
+        if self._attempt is not None:
+            self._attempt.cancel()  # an attempt the gate has not started never starts
+        opening = self._opening
+        if opening is not None:
+            opening.cancel()
+            await asyncio.gather(opening, return_exceptions=True)
         session, self.session = self.session, None
         reader, self._reader = self._reader, None
         if session is not None and session.cause is None:

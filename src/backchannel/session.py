@@ -36,6 +36,7 @@ from backchannel.errors import (
     StreamBroken,
     TransportError,
     Unauthenticated,
+    forget_frames,
 )
 from backchannel.handoff import Deferred as Deferred  # re-exported: the client imports it here
 from backchannel.peerlog import PeerLog
@@ -718,6 +719,7 @@ class Session:
 
     def lost(self, cause: BaseException) -> None:
         """The stream ended: fail every pending call with ``cause``, cancel running ones."""
+        forget_frames(cause)  # its frames would hold this session in a reference cycle
         if self.cause is not None:
             return
         self.cause = cause
@@ -747,6 +749,13 @@ class Session:
         self._closed.set()
         logger.debug("stream with %s ended: %s", self.peer, wire_text(cause))
 
+    def discard(self) -> None:
+        """Drop this side's handling of a stream that never opened (its handshake failed
+        or was given up): it holds the session, a reference cycle per failed attempt
+        that only the cyclic garbage collector would free, and a thousand unreachable
+        providers fail thousands of attempts. Nothing may hold the session after this."""
+        self.dispatcher = _DISCARDED
+
     def go_away(self, reason: str) -> None:
         """Tell the peer this side accepts no new calls."""
         self.connection.send_go_away(reason)
@@ -758,6 +767,22 @@ class Session:
             await asyncio.gather(*tasks, return_exceptions=True)
         if self.cause is None:
             await self._drained.wait()
+
+
+class _Discarded:
+    """The dispatcher of a discarded session: nothing was exported on it, nothing runs."""
+
+    async def dispatch(self, call: pb.Call) -> pb.Value:
+        raise StreamBroken("the stream never opened")
+
+    def released(self, callback_id: int) -> None:
+        pass
+
+    def ended(self, cause: BaseException) -> None:
+        pass
+
+
+_DISCARDED = _Discarded()
 
 
 def coalesce(encoded: list[bytes], max_bytes: int = MAX_BATCH_BYTES) -> list[bytes]:
