@@ -149,17 +149,17 @@ class CountedPool(concurrent.futures.Executor):
         """Run ``fn(*args, **kwargs)`` on a thread of the pool now, or queue it in the
         lane ``key`` until a thread takes it in turn. Cancelling the future of queued
         work takes it out of the queue."""
-        future: concurrent.futures.Future[T] = concurrent.futures.Future()
-        work = _Work(future, fn, args, kwargs)
         warn = False
         with self._lock:
             if self._shut:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             self._busy += 1
-            start = self._taken < self.max_workers
-            if start:
+            if self._taken < self.max_workers:  # the usual case: as a plain executor
                 self._taken += 1
+                work = None
             else:  # it queues, in its lane
+                future: concurrent.futures.Future[T] = concurrent.futures.Future()
+                work = _Work(future, fn, args, kwargs)
                 lane = self._lanes.get(key)
                 if lane is None:
                     lane = self._lanes[key] = _Lane(key)
@@ -168,52 +168,67 @@ class CountedPool(concurrent.futures.Executor):
                 lane.live += 1
                 work.lane = lane
                 warn, self._warned = not self._warned, True
-        future.add_done_callback(functools.partial(self._done, work))  # cancelled ones too
-        if warn:
-            logger.warning(self._exhausted)
-        if start:
-            try:
-                self._executor.submit(self._work_on, work)
-            except BaseException:
-                with self._lock:
+        if work is not None:
+            future.add_done_callback(functools.partial(self._dequeue, work))
+            if warn:
+                logger.warning(self._exhausted)
+            return future
+        try:
+            started = self._executor.submit(fn, *args, **kwargs)
+        except BaseException:
+            self._done()
+            raise
+        started.add_done_callback(self._done)  # also when cancelled before it ran
+        return started
+
+    def _done(self, _future: object = None) -> None:
+        """A thread's work is over: it takes the oldest live work of the lane whose turn
+        it is (that lane goes to the back of the turns), or is free when none waits."""
+        while True:
+            with self._lock:
+                self._busy -= 1
+                work = self._take_next()
+                if work is None:
                     self._taken -= 1
-                future.cancel()
-                raise
-        return future
+                    return
+                shut = self._shut
+            if not shut:
+                # the thread stays taken: the executor has it, or one of its own, run this
+                try:
+                    self._executor.submit(work.run).add_done_callback(self._done)
+                    return
+                except RuntimeError:  # shut down meanwhile
+                    pass
+            work.future.cancel()  # shutting down: queued work does not start; next one
 
-    def _work_on(self, work: _Work[Any] | None) -> None:
-        """A thread's turn: run ``work``, then what waits in the next lanes in turn, until
-        no work is queued (the thread then goes back to the executor, idle)."""
-        while work is not None:
-            work.run()
-            work = self._next()
-
-    def _next(self) -> _Work[Any] | None:
-        """The oldest live work of the lane whose turn it is (which goes to the back of
-        the turns), or None, freeing the thread, when none is queued."""
-        with self._lock:
-            if not self._turns:
-                self._taken -= 1
-                return None
-            lane = self._turns.popleft()
+    def _take_next(self) -> _Work[Any] | None:
+        """Under the lock: the oldest live work of the lane whose turn it is, out of its
+        lane, or None when no work waits."""
+        turns = self._turns
+        while turns:
+            lane = turns[0]
             work = lane.works.popleft()
-            while work.lane is None:  # cancelled while it waited; a live one is behind
-                work = lane.works.popleft()
+            if work.lane is None:  # cancelled while it waited: a live one is behind
+                continue
             work.lane = None
             lane.live -= 1
+            turns.popleft()
             if lane.live:
-                self._turns.append(lane)
+                turns.append(lane)
             else:  # what is left in it was cancelled
                 del self._lanes[lane.key]
             return work
+        return None
 
-    def _done(self, work: _Work[Any], future: concurrent.futures.Future[Any]) -> None:
+    def _dequeue(self, work: _Work[Any], _future: object) -> None:
+        """Queued work's future is done: if it was cancelled while it waited, it leaves
+        its lane (a lane with nothing live left leaves the turns)."""
         with self._lock:
-            self._busy -= 1
             lane = work.lane
-            if lane is None:  # it ran (or was taken to run)
+            if lane is None:  # it was taken to run: _done counts it
                 return
-            work.lane = None  # cancelled while queued: out of the queue
+            work.lane = None
+            self._busy -= 1
             lane.live -= 1
             if not lane.live:
                 del self._lanes[lane.key]
