@@ -315,8 +315,13 @@ def test_a_full_pool_is_logged_once_with_the_keyword_to_raise(
     ):
         server.export(Gate, gate)
         service = client.reference(Gate)
+        pool = server._core._pools.regular
         for _round in range(2):  # the pool runs out twice; the second time is not logged
             holding = [callers.submit(service.hold) for _ in range(3)]  # one waits
+            # the third is queued for a thread: the pool has run out (again); the warning
+            # follows the queueing, and the count after the server stopped says if the
+            # second time logged it too
+            wait_until(lambda: pool.queued == 1, 5, "the third call queued")
             wait_until(lambda: pool_warnings(caplog, "max_workers"), 5, "the warning")
             gate.open.set()
             assert [call.result(CALL_TIMEOUT) for call in holding] == [True] * 3
