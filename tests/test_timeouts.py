@@ -33,13 +33,21 @@ def test_timeout_raises_timeout_error_and_cancels_the_provider_task(
 
 
 def test_per_reference_and_per_method_timeouts(server: backchannel.Server) -> None:
+    # the client's default (30 s) outlasts the call (5 s): only the reference's or the
+    # method's own 0.1 s ends it, within a bound far under both
     with backchannel.Client(server.address, timeout=30) as client:
         per_ref = client.reference(Echo, timeout=0.1)
-        with pytest.raises(TimeoutError):
-            per_ref.wait(30)
+        started = time.monotonic()
+        with pytest.raises(TimeoutError) as info:
+            per_ref.wait(5)
+        assert time.monotonic() - started < 2
+        assert "0.1" in str(info.value)
         per_method = client.reference(Echo, methods=[backchannel.Method("wait", timeout=0.1)])
-        with pytest.raises(TimeoutError):
-            per_method.wait(30)
+        started = time.monotonic()
+        with pytest.raises(TimeoutError) as info:
+            per_method.wait(5)
+        assert time.monotonic() - started < 2
+        assert "0.1" in str(info.value)
         assert per_method.echo("fast") == "fast"
 
 
