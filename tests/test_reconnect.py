@@ -21,6 +21,21 @@ import backchannel
 from backchannel import Method
 
 
+def sent(client: backchannel.Client, method: str) -> int:
+    """How many calls of ``method`` the client has sent on its stream and awaits."""
+    session = client._core._session
+    if session is None:
+        return 0
+    return sum(1 for outgoing in list(session._sent.values()) if outgoing.call.method == method)
+
+
+def wait_sent(client: backchannel.Client, method: str, count: int) -> None:
+    """Wait until ``count`` calls of ``method`` are on the stream, then make a round trip
+    behind them: its answer means the provider has read them (one stream, in order)."""
+    wait_until(lambda: sent(client, method) == count, 5, f"{count} {method} calls sent")
+    assert client.reference(Echo).add(0, 0) == 0
+
+
 @pytest.fixture
 def provider() -> Iterator[Provider]:
     provider = Provider()
@@ -35,7 +50,8 @@ def test_in_flight_calls_fail_at_once_and_new_calls_reconnect(provider: Provider
         assert echo.add(1, 2) == 3
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             in_flight = pool.submit(echo.wait, 30)
-            assert echo.add(2, 2) == 4  # the slow call is surely running now
+            wait_sent(client, "wait", 1)  # the slow call is running on the provider now
+            assert echo.add(2, 2) == 4
             provider.kill()
             started = time.monotonic()
             with pytest.raises(backchannel.StreamBroken):
@@ -54,7 +70,7 @@ def test_only_methods_declared_idempotent_are_sent_again(provider: Provider) -> 
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             once = pool.submit(plain.wait, 0.5)
             again = pool.submit(retried.wait, 0.5)
-            assert plain.add(0, 0) == 0  # both are running on the provider now
+            wait_sent(client, "wait", 2)  # both are running on the provider now
             provider.kill()
             provider.start()
             with pytest.raises(backchannel.StreamBroken):
@@ -103,6 +119,7 @@ def test_keepalive_notices_a_frozen_provider(provider: Provider) -> None:
         assert provider.process is not None
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             in_flight = pool.submit(echo.wait, 30)
+            wait_sent(client, "wait", 1)  # the slow call is running on the provider now
             assert echo.add(2, 2) == 4
             provider.process.send_signal(signal.SIGSTOP)  # alive, connected, silent
             try:
