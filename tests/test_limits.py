@@ -95,6 +95,46 @@ def test_calls_past_the_clients_limit_wait_their_turn() -> None:
     assert impl.most_running == 4
 
 
+@backchannel.interface("test.Ordered")
+class Ordered:
+    def take(self, n: int) -> int: ...
+
+
+class OrderedImpl:
+    """Records the order calls start in; call 0 holds its slot until the gate opens."""
+
+    def __init__(self) -> None:
+        self.order: list[int] = []
+        self.gate = threading.Event()
+
+    def take(self, n: int) -> int:
+        self.order.append(n)
+        if n == 0:
+            self.gate.wait(10)
+        return n
+
+
+def test_calls_past_the_clients_limit_are_sent_in_the_order_they_were_made() -> None:
+    # one slot: call 0 holds it while 1..9 queue, each queued before the next is made;
+    # then they must reach the provider first-in first-out
+    impl = OrderedImpl()
+    with backchannel.Server() as server:
+        server.export(Ordered, impl)
+        limits = Limits(max_calls_in_flight=1)
+        with backchannel.Client(server.address, limits=limits, timeout=10) as client:
+            ordered = client.reference(Ordered, methods=[Method("take", async_=True)])
+            futures = [ordered.take(0)]
+            wait_until(lambda: impl.order == [0], 5, "call 0 running")
+            session = client._core._session
+            assert session is not None
+            for n in range(1, 10):
+                futures.append(ordered.take(n))
+                wait_until(lambda n=n: len(session._waiting) == n, 5, f"call {n} queued")
+            impl.gate.set()
+            assert [future.result(10) for future in futures] == list(range(10))
+    assert impl.order == list(range(10))
+
+
 def test_the_providers_limit_lowers_the_clients_in_the_handshake() -> None:
     impl = EchoImpl()
     with backchannel.Server(limits=Limits(max_calls_in_flight=2)) as server:
