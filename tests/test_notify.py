@@ -308,6 +308,50 @@ def test_async_future_resolves_with_the_result_after_the_hooks(
     assert onreturn_thread.startswith("backchannel-notify")  # not the loop, not the reader
 
 
+class SettleWatch:
+    """onreturn/onthrow hooks that note whether the call's future was already settled when
+    they ran: each waits (bounded) until the test hands it the future the call returned,
+    so the answer does not depend on which thread wins."""
+
+    def __init__(self) -> None:
+        self.future: concurrent.futures.Future[Any] | None = None
+        self.handed = threading.Event()
+        self.settled_when: dict[str, bool] = {}
+
+    def hook(self, kind: str) -> Callable[..., None]:
+        def watch(*_args: Any) -> None:
+            assert self.handed.wait(WAIT)
+            assert self.future is not None
+            self.settled_when[kind] = self.future.done()
+
+        return watch
+
+    def hand(self, future: concurrent.futures.Future[Any]) -> None:
+        self.future = future
+        self.handed.set()
+
+
+@pytest.mark.parametrize(
+    ("name", "args", "kind"),
+    [
+        ("add", (20, 22), "onreturn"),  # the provider's result
+        ("fail", ("ZeroDivisionError", "nope"), "onthrow"),  # the provider's exception
+        ("add", (1, 2, 3), "onthrow"),  # bad arguments: a failed future, never sent
+    ],
+)
+def test_async_future_is_settled_only_after_its_onreturn_or_onthrow_ran(
+    client: backchannel.Client, name: str, args: tuple[Any, ...], kind: str
+) -> None:
+    watch = SettleWatch()
+    hooks = {"onreturn": watch.hook("onreturn"), "onthrow": watch.hook("onthrow")}
+    echo = client.reference(Echo, methods=[Method(name, async_=True, **hooks)])
+    future = getattr(echo, name)(*args)
+    watch.hand(future)
+    concurrent.futures.wait([future], WAIT)
+    assert future.done()
+    assert watch.settled_when == {kind: False}  # the hook ran, and before the future settled
+
+
 def test_async_failure_resolves_the_future_with_the_exception(client: backchannel.Client) -> None:
     rec = Recorder()
     echo = client.reference(Echo, methods=[all_hooks(rec, "fail", async_=True)])
