@@ -81,6 +81,71 @@ class Link:
         return call_id
 
 
+class CheckedThread(threading.Thread):
+    """A thread a test starts whose exception is not lost: ``check()`` joins it (bounded)
+    and raises, in the test, what the thread raised, or fails if it is still running.
+
+    A plain ``threading.Thread`` prints its exception and dies; the test went on and
+    passed. Daemon by default: a thread stuck past its bound must not hang pytest's exit.
+    """
+
+    def __init__(
+        self,
+        target: Callable[..., object],
+        *args: object,
+        name: str | None = None,
+        daemon: bool = True,
+    ) -> None:
+        super().__init__(target=target, args=args, name=name, daemon=daemon)
+        self.exception: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            super().run()
+        except BaseException as exc:  # kept for check(): the test re-raises it
+            self.exception = exc
+
+    def check(self, timeout: float = 30) -> None:
+        """Join within ``timeout`` seconds; raise the thread's exception, if any, or
+        fail if the thread still runs."""
+        self.join(timeout)
+        if self.exception is not None:
+            raise AssertionError(f"thread {self.name} raised") from self.exception
+        assert not self.is_alive(), f"thread {self.name} still running after {timeout} s"
+
+
+@contextlib.contextmanager
+def checked_threads(timeout: float = 30) -> Iterator[Callable[..., CheckedThread]]:
+    """Start test threads with the ``start(target, *args)`` this yields; on the way out,
+    wait for all of them (``timeout`` seconds in all) and fail the test with the first
+    exception one raised, or if one is still running. If the body itself failed, its
+    error is raised, with the threads' errors added to it as notes."""
+    started: list[CheckedThread] = []
+
+    def start(
+        target: Callable[..., object], *args: object, name: str | None = None
+    ) -> CheckedThread:
+        thread = CheckedThread(target, *args, name=name)
+        thread.start()
+        started.append(thread)
+        return thread
+
+    try:
+        yield start
+    except BaseException as exc:
+        deadline = time.monotonic() + timeout
+        for thread in started:
+            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.exception is not None:
+                exc.add_note(f"and thread {thread.name} raised {thread.exception!r}")
+        raise
+    deadline = time.monotonic() + timeout
+    for thread in started:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    for thread in started:
+        thread.check(0)
+
+
 def read_line(process: subprocess.Popen[str], timeout: float = 10.0, what: str = "") -> str:
     """The next line a child process prints, stripped; "" if it exited first.
 
@@ -90,7 +155,7 @@ def read_line(process: subprocess.Popen[str], timeout: float = 10.0, what: str =
     stdout = process.stdout
     assert stdout is not None, "start the child with stdout=subprocess.PIPE"
     lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.append(stdout.readline()), daemon=True)
+    reader = CheckedThread(lambda: lines.append(stdout.readline()))
     reader.start()
     reader.join(timeout)
     if reader.is_alive():
@@ -100,6 +165,7 @@ def read_line(process: subprocess.Popen[str], timeout: float = 10.0, what: str =
         raise AssertionError(
             f"{what or 'the child process'} printed no line within {timeout} s; killed it"
         )
+    reader.check(0)  # a read that raised fails here, not as an IndexError below
     return lines[0].strip()
 
 

@@ -9,6 +9,8 @@ import random
 import threading
 from typing import Any
 
+from helpers import CheckedThread
+
 import backchannel
 from backchannel import Argument, Method
 from backchannel.portal import LoopThread
@@ -72,9 +74,9 @@ class NotifierImpl:
             for i in range(count):
                 listener.changed(f"push {i}")
 
-        thread = threading.Thread(target=pusher)  # a provider thread of its own
+        thread = CheckedThread(pusher)  # a provider thread of its own
         thread.start()
-        thread.join(10)
+        thread.check(10)  # a failed push fails push(), and so the test that called it
 
     async def burst(self, key: str, count: int) -> None:
         listener = self.listeners[key]

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import read_line
+from helpers import checked_threads, read_line
 from services import TABLES_METHODS, Echo, EchoImpl, TableListener, Tables, TablesImpl
 
 import backchannel
@@ -119,14 +119,12 @@ def test_another_consumers_calls_are_answered_while_a_big_result_is_encoded(
                         answered.set()
                         return
 
-            caller = threading.Thread(target=small_calls)
-            caller.start()
-            try:
-                table = bulk_client.reference(Bulk).table()
-            finally:
-                stop.set()
-                caller.join(30)
-    assert not caller.is_alive()
+            with checked_threads(30) as start:
+                start(small_calls)
+                try:
+                    table = bulk_client.reference(Bulk).table()
+                finally:
+                    stop.set()
     assert table == dict(result)
     assert result.waited_for, (
         f"{SMALL_CALLS} small calls of another consumer were not answered within "
@@ -259,27 +257,23 @@ def test_a_listeners_big_result_is_decoded_off_the_providers_loop(
             lag = LoopLag(loop)
             stop = threading.Event()
             round_trips: list[float] = []
-            failed: list[BaseException] = []  # a thread's exception would be lost
 
-            def other_consumer() -> None:
-                try:
-                    while not stop.is_set():
-                        sent = time.perf_counter()
-                        assert echo(1) == 1
-                        round_trips.append(time.perf_counter() - sent)
-                except BaseException as exc:
-                    failed.append(exc)
+            def other_consumer() -> None:  # its failed call fails the test
+                while not stop.is_set():
+                    sent = time.perf_counter()
+                    assert echo(1) == 1
+                    round_trips.append(time.perf_counter() - sent)
 
-            caller = threading.Thread(target=other_consumer)
             longest[0] = 0.0
-            caller.start()
             try:
-                sizes = [len(impl.listener.table()) for _ in range(PULLS)]
+                with checked_threads(10) as start:
+                    start(other_consumer)
+                    try:
+                        sizes = [len(impl.listener.table()) for _ in range(PULLS)]
+                    finally:
+                        stop.set()
             finally:
-                stop.set()
-                caller.join(10)
                 lag.stop()
-    assert not failed, f"the other consumer's calls failed: {failed!r}"
     assert round_trips, "the other consumer made no call while the results came in"
     stall = longest[0]
     print(

@@ -18,6 +18,7 @@ from typing import Any
 import grpc
 import pytest
 from conftest import run
+from helpers import checked_threads
 from services import Echo, EchoImpl
 
 import backchannel
@@ -344,12 +345,9 @@ def test_a_sync_clients_callers_each_return_by_their_deadline() -> None:
                     with lock:
                         outcomes.append((value, time.monotonic() - started, outcome))
 
-            threads = [threading.Thread(target=caller, args=(k,)) for k in range(8)]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join(2 * (TIMEOUT + MARGIN) + 5)
-            assert not any(thread.is_alive() for thread in threads)
+            with checked_threads(2 * (TIMEOUT + MARGIN) + 5) as start:
+                for k in range(8):
+                    start(caller, k)
     assert len(outcomes) == 16
     for value, seconds, outcome in outcomes:
         assert seconds <= TIMEOUT + MARGIN, (value, seconds, outcome)

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from cluster_provider import Node
 from conftest import run
-from helpers import RANDOM_CALLS, read_line, wait_until
+from helpers import RANDOM_CALLS, CheckedThread, read_line, wait_until
 from kazoo.client import KazooClient
 from kazoo.exceptions import NoNodeError
 from notifier import Notifier, SyncRecorder
@@ -270,7 +270,7 @@ def test_zookeeper_killed_and_restarted_under_load(own_zookeeper: ZooKeeper, dat
                         outcome = exc
                     outcomes.append((time.monotonic(), outcome))
 
-            callers = [threading.Thread(target=caller, args=(n,)) for n in range(8)]
+            callers = [CheckedThread(caller, n) for n in range(8)]
             for thread in callers:
                 thread.start()
             try:
@@ -332,7 +332,8 @@ def test_zookeeper_killed_and_restarted_under_load(own_zookeeper: ZooKeeper, dat
                 stop.set()
                 for thread in callers:
                     thread.join(10)
-            assert not any(thread.is_alive() for thread in callers)  # none hangs
+            for thread in callers:  # none hangs, none raised
+                thread.check(0)
             failures = [o for _, o in outcomes if not isinstance(o, list)]
             assert not failures, failures[:3]
             assert len(during) > 100, len(during)  # calls went on while it was down

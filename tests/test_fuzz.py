@@ -33,7 +33,7 @@ import grpc
 import pytest
 from conftest import RawStream, run
 from google.protobuf import any_pb2
-from helpers import raw_stream, wait_until
+from helpers import CheckedThread, raw_stream, wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from notifier import NOTIFIER_METHODS, Notifier, NotifierImpl, SyncRecorder
@@ -721,7 +721,7 @@ class GoodConsumer:
         self.failures: list[str] = []
         self.calls = 0
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._work, name="good-consumer")
+        self._thread = CheckedThread(self._work, name="good-consumer")
 
     def __enter__(self) -> GoodConsumer:
         self._thread.start()
@@ -731,29 +731,27 @@ class GoodConsumer:
         echo = self.client.reference(Echo)
         notifier = self.client.reference(Notifier)
         listener = SyncRecorder()
-        try:
-            notifier.addListener("good", listener)
-            i = 0
-            while not self._stop.is_set():
-                payload = {"i": i, "items": [i, str(i), bytes([i % 256]), None, i / 3]}
-                if (got := echo.echo(payload)) != payload:
-                    self.failures.append(f"echo({payload}) returned {got}")
-                if (total := echo.add(i, -2 * i)) != -i:
-                    self.failures.append(f"add({i}, {-2 * i}) returned {total}")
-                if (answer := notifier.poke("good", f"m{i}")) != f"ok m{i}":
-                    self.failures.append(f"poke #{i} returned {answer}")
-                self.calls += 3
-                i += 1
-            if listener.received != [f"m{j}" for j in range(i)]:
-                self.failures.append(f"the listener got {listener.received[:5]}...")
-        except Exception as exc:  # any error at all is a failure of the good consumer
-            self.failures.append(f"{type(exc).__name__}: {exc}")
+        # any error at all is a failure of the good consumer: __exit__ raises it
+        notifier.addListener("good", listener)
+        i = 0
+        while not self._stop.is_set():
+            payload = {"i": i, "items": [i, str(i), bytes([i % 256]), None, i / 3]}
+            if (got := echo.echo(payload)) != payload:
+                self.failures.append(f"echo({payload}) returned {got}")
+            if (total := echo.add(i, -2 * i)) != -i:
+                self.failures.append(f"add({i}, {-2 * i}) returned {total}")
+            if (answer := notifier.poke("good", f"m{i}")) != f"ok m{i}":
+                self.failures.append(f"poke #{i} returned {answer}")
+            self.calls += 3
+            i += 1
+        if listener.received != [f"m{j}" for j in range(i)]:
+            self.failures.append(f"the listener got {listener.received[:5]}...")
 
     def __exit__(self, *exc_info: object) -> None:
         self._stop.set()
         self._thread.join(20)
         self.client.close()
-        assert not self._thread.is_alive()
+        self._thread.check(0)  # still running, or raised: the test fails
 
 
 # --------------------------------------------------------------------- tests

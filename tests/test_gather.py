@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from conftest import run
-from helpers import consumer_process
+from helpers import CheckedThread, consumer_process
 from notifier import Consumer, Listener
 
 import backchannel
@@ -134,8 +133,8 @@ def test_a_consumer_killed_mid_fan_out_raises_callback_gone_others_succeed(
         outcome: list[Any] = []
         keys = list(impl.listeners)
         # "block": the far listeners wait (5 s) and never answer before the kill
-        fan_out = threading.Thread(
-            target=lambda: outcome.extend(
+        fan_out = CheckedThread(
+            lambda: outcome.extend(
                 backchannel.gather(impl.listeners[key].changed("block") for key in keys)
             )
         )
@@ -144,8 +143,7 @@ def test_a_consumer_killed_mid_fan_out_raises_callback_gone_others_succeed(
             assert listener.wait_for(1)
             listener.gate.set()
         process.kill()
-        fan_out.join(10)
-        assert not fan_out.is_alive()
+        fan_out.check(10)
         by_key = dict(zip(keys, outcome, strict=True))
         assert [by_key[key] for key in keys if key.startswith("near")] == ["ok block"] * 3
         for key in far:

@@ -14,6 +14,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from helpers import CheckedThread
 
 import backchannel
 from backchannel.v1 import envelope_pb2 as pb
@@ -134,7 +135,8 @@ class Stream:
         )
         self.frames: list[dict[str, object]] = []
         self.arrived = threading.Condition()
-        threading.Thread(target=self._read, daemon=True).start()
+        self.reader = CheckedThread(self._read)  # its error fails the test
+        self.reader.start()
 
     def _read(self) -> None:
         assert self.process.stdout is not None
@@ -158,15 +160,20 @@ class Stream:
 
     def wait_for(self, kind: str, count: int = 1) -> list[dict[str, object]]:
         with self.arrived:
-            assert self.arrived.wait_for(
+            arrived = self.arrived.wait_for(
                 lambda: sum(kind in f for f in self.frames) >= count, timeout=10
-            ), self.frames
+            )
+            if not arrived and self.reader.exception is not None:
+                self.reader.check(0)  # the frames were lost to the reader's error
+            assert arrived, self.frames
             return [f for f in self.frames if kind in f]
 
     def close(self) -> int:
         assert self.process.stdin is not None
         self.process.stdin.close()
-        return self.process.wait(10)
+        code = self.process.wait(10)
+        self.reader.check(10)  # stdout ends with the process
+        return code
 
 
 def test_connect_registers_a_callback_and_answers_it(callback_provider: str) -> None:

@@ -7,6 +7,7 @@ import concurrent.futures
 import threading
 
 import pytest
+from helpers import checked_threads
 
 from backchannel.errors import ChannelClosed
 from backchannel.handoff import inbox, post_quietly, run_in_pool
@@ -32,12 +33,10 @@ def test_every_post_from_many_threads_runs_once_in_each_threads_order() -> None:
             for n in range(2000):
                 box.post(record, thread, n)
 
-        threads = [threading.Thread(target=poster, args=(n,)) for n in range(8)]
-        for thread in threads:
-            thread.start()
-        await asyncio.wait_for(done.wait(), 5)
-        for thread in threads:
-            thread.join(5)
+        with checked_threads(5) as start:  # a poster's error fails the test
+            for n in range(8):
+                start(poster, n)
+            await asyncio.wait_for(done.wait(), 5)
         assert all(numbers == list(range(2000)) for numbers in seen.values())
 
     asyncio.run(body())

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 
 from conftest import run
+from helpers import checked_threads
 from services import Echo
 
 import backchannel
@@ -14,24 +14,17 @@ import backchannel
 def test_eight_threads_times_a_thousand_calls_on_one_sync_client(
     server: backchannel.Server,
 ) -> None:
-    failures: list[str] = []
     with backchannel.Client(server.address, timeout=10) as client:
         echo = client.reference(Echo)
 
-        def worker(thread: int) -> None:
+        def worker(thread: int) -> None:  # a failed call or wrong result fails the test
             for i in range(1000):
                 got = echo.add(thread * 1_000_000, i)
-                if got != thread * 1_000_000 + i:
-                    failures.append(f"thread {thread} call {i} got {got}")
-                    return
+                assert got == thread * 1_000_000 + i, f"thread {thread} call {i} got {got}"
 
-        threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(30)
-        assert not any(thread.is_alive() for thread in threads)
-    assert failures == []
+        with checked_threads(30) as start:
+            for t in range(8):
+                start(worker, t)
     assert server._core.session_count <= 1
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from conftest import RawStream, run
+from helpers import CheckedThread
 from services import Echo, EchoImpl
 
 import backchannel
@@ -238,7 +239,7 @@ def test_a_consumer_that_never_reads_is_held_back_and_memory_stays_bounded() -> 
                     lines.append(line.strip())
                     sent.set()
 
-            follower = threading.Thread(target=follow, daemon=True)
+            follower = CheckedThread(follow)
             follower.start()
             try:
                 # held back (a log line), or (main) every call sent and every result queued
@@ -253,7 +254,7 @@ def test_a_consumer_that_never_reads_is_held_back_and_memory_stays_bounded() -> 
                 silent.stdin.write("read\n")
                 silent.stdin.flush()
                 silent.wait(30)
-                follower.join(5)
+                follower.check(5)
             finally:
                 silent.kill()
                 silent.wait(5)

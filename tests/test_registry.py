@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from conftest import run
-from helpers import LogSeen, free_address, wait_until
+from helpers import LogSeen, checked_threads, free_address, wait_until
 from kazoo.client import KazooClient
 from services import Echo, EchoImpl
 from zookeeper import ZooKeeper
@@ -612,14 +612,9 @@ def test_two_watches_parsing_one_bad_znode_at_once_warn_of_it_once(
     refused = registry_module._Refused()
     refused._children = _MeetingSet()
     child = encode("backchannel://127.0.0.1:1/x?weight=-5")
-    threads = [
-        threading.Thread(target=registry_module._parse_child, args=(child, "/f", refused))
-        for _ in range(2)
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(10)
+    with checked_threads(10) as start:
+        for _ in range(2):
+            start(registry_module._parse_child, child, "/f", refused)
     warned = [r for r in caplog.records if "ignoring the znode" in r.getMessage()]
     assert len(warned) == 1, [r.getMessage() for r in warned]
     assert child in refused

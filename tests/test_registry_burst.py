@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from conftest import run
-from helpers import read_line
+from helpers import checked_threads, read_line
 from kazoo.client import KazooClient
 from zookeeper import ZooKeeper
 
@@ -102,8 +102,9 @@ def test_offers_faster_than_the_loop_takes_them_are_delivered_as_the_latest_only
                 subscription.offer(urls[:n])
             offered.set()
 
-        threading.Thread(target=offer).start()
-        assert offered.wait(10)  # holds the loop: nothing posted to it runs meanwhile
+        with checked_threads(10) as start:  # an offer that raised fails the test
+            start(offer)
+            assert offered.wait(10)  # holds the loop: nothing posted to it runs meanwhile
         async with asyncio.timeout(5):
             await got.wait()
         # every delivery the offers posted runs before this (the inbox runs in order)

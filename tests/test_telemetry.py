@@ -10,7 +10,6 @@ import asyncio
 import subprocess
 import sys
 import textwrap
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 import grpc
 import pytest
 from conftest import run
-from helpers import wait_until
+from helpers import CheckedThread, wait_until
 from opentelemetry import trace
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
@@ -196,9 +195,9 @@ def test_a_later_callback_links_to_the_call_that_passed_its_listener(traces: Tra
             client.reference(CallbackService, methods=CALLBACK_METHODS).addListener("k", printer)
             traces.spans(4)
             traces.exporter.clear()
-            pusher = threading.Thread(target=impl.push, args=("k",))  # no span around it
+            pusher = CheckedThread(impl.push, "k")  # no span around it
             pusher.start()
-            pusher.join(5)
+            pusher.check(5)
             spans = traces.spans(2)
     changed_client = one(spans, "com.callback.CallbackListener/changed", SpanKind.CLIENT)
     changed_server = one(spans, "com.callback.CallbackListener/changed", SpanKind.SERVER)

@@ -7,6 +7,7 @@ import threading
 import time
 
 from conftest import run
+from helpers import CheckedThread
 from services import Echo, EchoImpl
 
 import backchannel
@@ -30,11 +31,11 @@ def test_sync_wait_returns_false_when_another_thread_stops_the_server() -> None:
         waiting.set()
         outcome.append(server.wait_for_termination(timeout=10))
 
-    waiter = threading.Thread(target=wait)
+    waiter = CheckedThread(wait)
     waiter.start()
     assert waiting.wait(5)
     server.stop()
-    waiter.join(5)
+    waiter.check(5)
     assert outcome == [False]
 
 
