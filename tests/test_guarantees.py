@@ -109,7 +109,7 @@ def test_running_calls_get_at_most_the_grace_period() -> None:
             began = time.monotonic()
             await asyncio.to_thread(server.stop, grace)
             took = time.monotonic() - began
-            assert grace * 0.9 <= took < grace + 2.0, f"stop(grace={grace}) took {took:.2f} s"
+            assert grace * 0.9 <= took < grace + 3.0, f"stop(grace={grace}) took {took:.2f} s"
             # the call did not finish: it was cancelled on the provider and failed here
             assert await asyncio.to_thread(impl.cancelled.wait, 5)
             with pytest.raises(backchannel.BackchannelError):
