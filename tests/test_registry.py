@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import socket
 import threading
 import time
 import urllib.parse
@@ -392,39 +393,175 @@ def test_after_session_expiry_registrations_come_back_and_subscriptions_go_on(
         wait_until(lambda: subscription.providers == {registered, added}, 2, "the new one")
 
 
+class Gate:
+    """A TCP forwarder to a ZooKeeper's client port that listens only while open: the
+    registries reach the server through it, so none of their connection attempts can
+    land while the server is starting (see the test below)."""
+
+    def __init__(self, target: ZooKeeper) -> None:
+        self.target = target.port
+        self.port = int(free_address().rpartition(":")[2])
+        self.address = f"zookeeper://127.0.0.1:{self.port}"
+        self._listener: socket.socket | None = None
+        self._sockets: list[socket.socket] = []
+        self._threads: list[threading.Thread] = []
+
+    def open(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen()
+        self._listener = listener
+        self._start(self._accept, listener)
+
+    def _start(self, target: Any, *args: Any) -> None:
+        thread = threading.Thread(target=target, args=args, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:  # closed
+                return
+            try:
+                server = socket.create_connection(("127.0.0.1", self.target), timeout=5)
+            except OSError:  # the server is gone: so is this connection
+                client.close()
+                continue
+            server.settimeout(None)
+            self._sockets += [client, server]
+            self._start(self._pump, client, server)
+            self._start(self._pump, server, client)
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        """Stop listening and break every forwarded connection."""
+        if self._listener is not None:
+            with contextlib.suppress(OSError):
+                self._listener.shutdown(socket.SHUT_RDWR)  # wakes accept()
+            self._listener.close()
+            self._listener = None
+        for sock in self._sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        self._sockets = []
+        for thread in self._threads:
+            thread.join(5)
+            assert not thread.is_alive(), "a forwarding thread did not end"
+        self._threads = []
+
+
+class LogCount(logging.Handler):
+    """Counts the ``backchannel`` logger's messages holding ``text``; ``wait(n)`` blocks
+    until there have been ``n`` (from any thread), at most ``timeout`` seconds."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(logging.DEBUG)
+        self.text = text
+        self.count = 0
+        self._changed = threading.Condition()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            with self._changed:
+                self.count += 1
+                self._changed.notify_all()
+
+    def wait(self, count: int, timeout: float) -> bool:
+        with self._changed:
+            return self._changed.wait_for(lambda: self.count >= count, timeout)
+
+    def __enter__(self) -> LogCount:
+        logging.getLogger("backchannel").addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        logging.getLogger("backchannel").removeHandler(self)
+
+
+@pytest.mark.parametrize("session", ["kept", "given-up"])
 def test_while_zookeeper_is_down_subscribers_keep_providers_then_updates_resume(
-    own_zookeeper: ZooKeeper,
+    own_zookeeper: ZooKeeper, session: str
 ) -> None:
+    """ZooKeeper stopped, then started again with its data: subscribers keep their
+    providers meanwhile, a registration made meanwhile is done once it is back, and
+    updates resume, whether the registries kept their sessions (a short outage) or gave
+    them up (one longer than their session timeout) and start new ones.
+
+    Each path is chosen, not left to timing. ZooKeeper opens its client port before the
+    server runs, and a kazoo attempt that lands then gets no answer: it waits out its
+    read timeout (the session timeout) while the registry's give-up timer (the session
+    timeout after the disconnection) races with it. Which path a run took, and how long
+    the updates took (0.5-4.4 s alone; a 20 s wait ran out once under load), depended on
+    where kazoo's retries fell against the JVM's start. So the registries reach the server
+    through a Gate that listens only once the server answers (an attempt is refused or
+    answered at once), and the given-up path waits for both registries to give up their
+    sessions before the server starts again."""
     interface = fresh_interface()
-    known = provider(interface, 50051)
-    # a short session: kazoo's attempts to reach a server that is starting up time out
-    # after a share of it, so under load a 10 s session could outlast the wait below
-    with (
-        ZookeeperRegistry(own_zookeeper.address, session_timeout=4.0) as providers_side,
-        ZookeeperRegistry(own_zookeeper.address, session_timeout=4.0) as consumers_side,
-    ):
-        providers_side.register(known)
-        changes: list[frozenset[ServiceURL]] = []
-        subscription = consumers_side.subscribe(interface, changes.append)
-        assert subscription.providers == {known}
+    known, late = provider(interface, 50051), provider(interface, 50052)
+    timeout = 10.0 if session == "kept" else 2.0  # the outage lasts well under 10 s
+    gate = Gate(own_zookeeper)
+    gate.open()
+    updated = threading.Event()
+    changes: list[frozenset[ServiceURL]] = []
 
-        own_zookeeper.stop()
-        wait_until(lambda: not consumers_side.connected, 10, "the consumer to notice")
-        assert subscription.providers == {known}
+    def changed(providers: frozenset[ServiceURL]) -> None:
+        changes.append(providers)
+        if providers == {known, late}:
+            updated.set()
 
-        # registering while it is down is kept, and done once it is back
-        late = provider(interface, 50052)
-        providers_side.register(late)
-        assert subscription.providers == {known}
-        assert changes == []
-        with pytest.raises(RegistryError, match="cannot subscribe .* is unreachable"):
-            consumers_side.subscribe(interface)
+    try:
+        with (
+            ZookeeperRegistry(gate.address, session_timeout=timeout) as providers_side,
+            ZookeeperRegistry(gate.address, session_timeout=timeout) as consumers_side,
+            LogCount("starting a new session") as given_up,
+        ):
+            sessions = (providers_side.session_id, consumers_side.session_id)
+            providers_side.register(known)
+            subscription = consumers_side.subscribe(interface, changed)
+            assert subscription.providers == {known}
 
-        own_zookeeper.start()
-        wait_until(lambda: subscription.providers == {known, late}, 20, "updates again")
-        after = provider(interface, 50053)
-        providers_side.register(after)
-        wait_until(lambda: after in subscription.providers, 2, "a provider added after")
+            gate.close()
+            own_zookeeper.stop()
+            wait_until(lambda: not consumers_side.connected, 10, "the consumer to notice")
+            assert subscription.providers == {known}
+
+            # registering while it is down is kept, and done once it is back
+            providers_side.register(late)
+            assert subscription.providers == {known}
+            with pytest.raises(RegistryError, match="cannot subscribe .* is unreachable"):
+                consumers_side.subscribe(interface)
+            if session == "given-up":
+                assert given_up.wait(2, timeout + 5), "the registries kept their sessions"
+                assert subscription.providers == {known}  # past the session's end too
+            assert changes == []
+
+            own_zookeeper.start()
+            gate.open()
+            # kazoo's next retry (at most 1.4 s away) connects at once; the rest is a
+            # few round trips
+            assert updated.wait(10), f"no update to both providers: {changes}"
+            assert subscription.providers == {known, late}
+            now = (providers_side.session_id, consumers_side.session_id)
+            if session == "kept":
+                assert now == sessions and given_up.count == 0
+            else:
+                assert None not in now and not set(now) & set(sessions)
+            after = provider(interface, 50053)
+            providers_side.register(after)
+            wait_until(lambda: after in subscription.providers, 2, "a provider added after")
+    finally:
+        gate.close()
 
 
 def test_a_node_of_another_session_in_the_way_is_replaced(
