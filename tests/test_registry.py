@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import random
 import socket
 import threading
 import time
@@ -23,6 +24,7 @@ from zookeeper import ZooKeeper
 
 import backchannel
 from backchannel import registry as registry_module
+from backchannel.loadbalance import RandomLoadBalance
 from backchannel.registry import (
     RegistryError,
     ServiceURL,
@@ -189,6 +191,28 @@ def test_numbers_at_their_bounds_are_read() -> None:
     lowest = ServiceURL.parse("backchannel://h:1/demo.Echo?callbacks=0&timestamp=0&weight=0")
     assert (lowest.port, lowest.weight, lowest.callbacks, lowest.timestamp) == (1, 0, 0, 0)
     assert ServiceURL.parse("backchannel://h:1/demo.Echo?weight=+7").weight == 7
+
+
+def test_an_exported_weight_of_0_is_written_read_back_as_0_and_gets_no_call() -> None:
+    """Weight 0 is a value, not "unset": a provider exported with it is written with
+    ``weight=0``, read back as 0 (not Dubbo's default 100), and the default ``random``
+    never picks it while another provider has a weight (docs/cluster.md)."""
+
+    async def export_weight_0() -> list[ServiceURL]:
+        async with backchannel.AsyncServer("127.0.0.1:0") as server:
+            server.export(Echo, EchoImpl(), weight=0)
+            return server.provider_urls()
+
+    (exported,) = run(export_weight_0())
+    assert exported.weight == 0
+    assert "&weight=0" in exported.to_string()
+    drained = ServiceURL.parse(exported.to_string())
+    assert drained.weight == 0
+    busy = ServiceURL.parse(exported.to_string().replace("&weight=0", "&weight=100"))
+    assert busy.weight == 100 and busy.address == drained.address
+    strategy = RandomLoadBalance(random.Random(17))
+    picks = [strategy.select((drained, busy)) for _ in range(10_000)]
+    assert all(pick is busy for pick in picks)
 
 
 def test_a_provider_url_needs_a_port_in_1_to_65535() -> None:
