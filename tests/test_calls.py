@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 from typing import Any
 
 import pytest
@@ -56,6 +57,17 @@ def test_tuple_arrives_as_list_and_int_stays_int(client: backchannel.Client) -> 
     assert echo.echo((1, 2)) == [1, 2]
     two = echo.echo(2)
     assert two == 2 and type(two) is int
+
+
+def test_an_int_enum_argument_arrives_as_an_int_of_its_value(client: backchannel.Client) -> None:
+    class Priority(enum.IntEnum):
+        HUGE = 2**53 + 1  # a float cannot hold it
+
+    echo = client.reference(Echo)
+    result = echo.echo(Priority.HUGE)
+    assert type(result) is int and result == 2**53 + 1
+    total = echo.add(Priority.HUGE, 1)  # the provider adds what it received
+    assert type(total) is int and total == 2**53 + 2
 
 
 def test_protobuf_message_round_trips_as_its_own_class(client: backchannel.Client) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import math
 
 import pytest
@@ -19,6 +20,12 @@ def round_trip(obj: object) -> object:
 
 class OutOfStock(Exception):
     """An application error a consumer may register."""
+
+
+class Priority(enum.IntEnum):
+    LOW = 1
+    #: above 2**53: a float cannot hold it, so a float on the way shows as a wrong value
+    HUGE = 2**53 + 1
 
 
 class Widget:
@@ -65,6 +72,18 @@ def test_bool_stays_bool_and_int_stays_int() -> None:
     assert type(round_trip(2.0)) is float
     assert round_trip([True, 1]) == [True, 1]
     assert [type(item) for item in round_trip([True, 1])] == [bool, int]  # type: ignore[union-attr]
+
+
+def test_an_int_enum_arrives_as_a_plain_int_of_its_value() -> None:
+    """An IntEnum is an int subclass: it goes as an int (its class is not sent), never
+    through float."""
+    for member in Priority:
+        result = round_trip(member)
+        assert type(result) is int and result == member.value
+    assert codec.encode(Priority.HUGE, "value").WhichOneof("kind") == "int_value"
+    nested = round_trip({"levels": [Priority.LOW, Priority.HUGE]})
+    assert nested == {"levels": [1, 2**53 + 1]}
+    assert [type(item) for item in nested["levels"]] == [int, int]  # type: ignore[index]
 
 
 def test_float_specials_round_trip() -> None:
