@@ -266,7 +266,9 @@ def test_new_calls_during_the_grace_period_get_a_clear_error() -> None:
     run(body())
 
 
-def test_a_stream_authenticated_while_stop_begins_is_told_go_away_too() -> None:
+def test_a_stream_authenticated_while_stop_begins_is_told_go_away_too(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     impl = EchoImpl()
     entered, release = threading.Event(), threading.Event()
 
@@ -298,10 +300,14 @@ def test_a_stream_authenticated_while_stop_begins_is_told_go_away_too() -> None:
             release.set()  # the late stream joins the sessions now
             with pytest.raises(backchannel.ShuttingDown, match="shutting down"):
                 await late_call
+            # its go-away came before the Welcome: taken as a go-away, not a mistake
+            assert late._session is not None and late._session.connection.peer_going_away
             assert await running == "done"
             await stopping
 
     run(body())
+    assert "protocol mistake" not in caplog.text
+    assert "protocol fault" not in caplog.text
 
 
 @backchannel.interface("test.Fanout")

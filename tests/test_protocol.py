@@ -177,6 +177,37 @@ def test_consumer_hears_a_fault_before_the_welcome() -> None:
     assert consumer.take_outbox() == []  # a fault is never answered with a fault
 
 
+def test_a_go_away_before_the_welcome_is_taken_as_a_go_away_not_a_mistake() -> None:
+    """A provider that stops while a stream is being authenticated tells it go-away
+    before it has read the Hello (server.py), so the consumer hears GoAway, then Welcome:
+    the stream opens knowing the provider takes no new call, and nothing is faulted."""
+    link = Link()
+    link.provider.send_go_away("the provider is shutting down")
+    link.consumer.start()
+    link.to_provider()
+    frames = link.provider.take_outbox()
+    assert kinds(frames) == ["go_away", "welcome"]
+    events = feed(link.consumer, *frames)
+    assert events == [
+        GoAwayReceived("the provider is shutting down"),
+        HandshakeDone("warehouse", SERVICES),
+    ]
+    assert link.consumer.state is State.OPEN
+    assert link.consumer.peer_going_away
+    assert link.consumer.take_outbox() == []  # no Fault back: the provider did nothing wrong
+
+
+def test_a_go_away_alone_before_the_welcome_leaves_the_consumer_waiting_for_it() -> None:
+    consumer: Connection[str] = Connection(Role.CONSUMER)
+    consumer.start()
+    consumer.take_outbox()
+    events = feed(consumer, pb.Frame(go_away=pb.GoAway(reason="draining")))
+    assert events == [GoAwayReceived("draining")]
+    assert not any(isinstance(event, PeerMistake) for event in events)
+    assert consumer.take_outbox() == []
+    assert consumer.peer_going_away and consumer.state is State.HANDSHAKE
+
+
 # ------------------------------------------------------------------ calls
 
 
