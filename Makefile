@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv gen demo test lint typecheck unit zookeeper bench clean
+.PHONY: venv gen demo test lint typecheck unit zookeeper bench mutate clean
 
 $(STAMP): pyproject.toml
 	@$(PY) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "backchannel needs Python 3.11+; run make PY=python3.11 ...")'
@@ -51,5 +51,18 @@ bench: venv
 	$(BIN)/python bench/loadbalance.py
 	$(BIN)/python bench/loop_turns.py
 
+# mutation testing of the core (docs/testing.md), never part of `make test`; the modules and
+# tests are [tool.mutmut] in pyproject.toml. MUTANTS narrows the run, e.g.
+# make mutate MUTANTS='backchannel.loadbalance*'
+MUTANTS ?=
+MUTATE_STAMP := $(VENV)/.installed-mutate
+$(MUTATE_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[dev,mutate]'
+	touch $(MUTATE_STAMP)
+
+mutate: $(MUTATE_STAMP)
+	$(BIN)/mutmut run $(if $(MUTANTS),'$(MUTANTS)')
+	$(BIN)/mutmut results
+
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf mutants $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -353,6 +353,9 @@ class CountingListener:
 
 
 def test_the_consumers_limit_holds_back_the_providers_callbacks() -> None:
+    # fresh counts: `make mutate` runs the tests more than once in one process
+    CountingListener.running = CountingListener.most_running = 0
+    CountingListener.received = []
     methods = [Method("subscribe", arguments=[Argument(index=1, callback=True)])]
     with backchannel.Server(callback_timeout=10) as server:
         server.export(Fanout, FanoutImpl(), methods=methods)
