@@ -292,3 +292,25 @@ def consumer_process(
     finally:
         process.kill()
         process.wait(5)
+
+
+class Records(logging.Handler):
+    """The ``backchannel`` logger's records at WARNING or above (holding ``words``, when
+    given), while installed."""
+
+    def __init__(self, words: str = "") -> None:
+        super().__init__(logging.WARNING)
+        self.words = words
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if self.words in message:
+            self.messages.append(message)
+
+    def __enter__(self) -> Records:
+        logging.getLogger("backchannel").addHandler(self)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        logging.getLogger("backchannel").removeHandler(self)

@@ -21,7 +21,7 @@ from pathlib import Path
 import grpc
 import pytest
 from conftest import RawStream, run
-from helpers import SERVICES, frames_of, read_line
+from helpers import SERVICES, Records, frames_of, read_line
 from services import Echo, EchoImpl
 from test_security import _issue
 
@@ -34,24 +34,6 @@ from backchannel.settings import DEFAULT_HANDSHAKE_TIMEOUT, server_options
 from backchannel.v1 import envelope_pb2 as pb
 
 SRC = Path(__file__).parents[1] / "src"
-
-
-class Records(logging.Handler):
-    """Every record of the ``backchannel`` logger at WARNING or above, while installed."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-    def __enter__(self) -> Records:
-        logging.getLogger("backchannel").addHandler(self)
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        logging.getLogger("backchannel").removeHandler(self)
 
 
 def hello() -> pb.Frame:

@@ -18,7 +18,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from helpers import LogSeen
+from helpers import LogSeen, Records
 from kazoo.client import KazooClient
 
 import backchannel
@@ -327,26 +327,6 @@ def test_a_flapping_plaintext_znode_is_warned_of_once_per_client(
     finally:
         writer.stop()
         writer.close()
-
-
-class Records(logging.Handler):
-    """The ``backchannel`` logger's WARNING records holding ``words``, while installed."""
-
-    def __init__(self, words: str) -> None:
-        super().__init__(logging.WARNING)
-        self.words = words
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if self.words in record.getMessage():
-            self.messages.append(record.getMessage())
-
-    def __enter__(self) -> Records:
-        logging.getLogger("backchannel").addHandler(self)
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        logging.getLogger("backchannel").removeHandler(self)
 
 
 def test_a_client_warns_of_at_most_token_warnings_addresses(
