@@ -129,6 +129,7 @@ _CREATE_ATTEMPTS = 3
 ZNODE_TEXT_LIMIT = 1000
 
 
+# pragma: no mutate start -- kazoo's logging: reached only with a real ZooKeeper (docs/testing.md)
 class _KazooLog(logging.LoggerAdapter[logging.Logger]):
     """kazoo's logger (``kazoo.client``, as configured), its per-attempt and per-state
     lines (:data:`_KAZOO_PER_ATTEMPT`) lowered to DEBUG. The last reason it gave for a
@@ -145,6 +146,9 @@ class _KazooLog(logging.LoggerAdapter[logging.Logger]):
             level = logging.DEBUG
         kwargs.setdefault("stacklevel", 2)  # the record names kazoo's line, not this one
         super().log(level, msg, *args, **kwargs)
+
+
+# pragma: no mutate end
 
 
 class RegistryError(BackchannelError):
@@ -409,6 +413,7 @@ def _quote(text: str, limit: int = 200) -> str:
     return f"'{wire_text(text, limit)}'"
 
 
+# pragma: no mutate start -- subscriptions: reached only with a real ZooKeeper (docs/testing.md)
 Listener = Callable[[frozenset[ServiceURL]], None]
 
 
@@ -528,6 +533,9 @@ class Registry(Protocol):
         """Withdraw everything registered through this registry and stop following."""
 
 
+# pragma: no mutate end
+
+
 class StaticRegistry:
     """A fixed list of provider addresses (``"h1:p1,h2:p2"``, ``static://`` optional):
     every interface is served by all of them, with Dubbo's default weight. Registering
@@ -569,6 +577,7 @@ class StaticRegistry:
         self.registered.clear()
 
 
+# pragma: no mutate start -- the ZooKeeper registry: needs a real ZooKeeper (docs/testing.md)
 def _split_address(address: str) -> tuple[str, int]:
     host, colon, port = address.rpartition(":")
     if not colon or not port.isdigit() or not host:
@@ -973,6 +982,9 @@ def _first_non_loopback() -> str | None:
             if not host.startswith("127."):
                 return host
     return None
+
+
+# pragma: no mutate end
 
 
 def open_registry(address: str, **options: Any) -> Registry:
