@@ -1,0 +1,104 @@
+"""Summarise a finished `make mutate` run: the score per module and every survivor's diff.
+
+    .venv/bin/python scripts/mutation_report.py            # scores, then survivors per module
+    .venv/bin/python scripts/mutation_report.py --survivors backchannel.codec  # one module's
+
+It reads what mutmut left under ``mutants/`` (each module's ``.meta`` results and the mutated
+source, where every mutant is a copy of its function named ``<function>__mutmut_<n>``), so it
+runs in a second and needs nothing but the standard library and mutmut's own status codes.
+Each survivor is printed with the lines its mutation changed, and its verdict from
+``tests/mutants.toml`` (why it is equivalent), or ``UNEXPLAINED`` when it has none.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import difflib
+import json
+import sys
+import tomllib
+from collections import Counter
+from pathlib import Path
+
+MUTANTS = Path("mutants/src/backchannel")
+VERDICTS = Path("tests/mutants.toml")
+
+# mutmut's exit codes (mutmut/stats.py); everything else is "suspicious"
+STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", None: "not checked"}
+STATUS |= dict.fromkeys((36, 24, -24, 152, 255), "timeout")
+CAUGHT = ("killed", "timeout")
+
+
+def results() -> dict[str, str]:
+    """Every mutant's status, by mutant name."""
+    found: dict[str, str] = {}
+    for meta in sorted(MUTANTS.glob("*.py.meta")):
+        codes = json.loads(meta.read_text())["exit_code_by_key"]
+        found |= {name: STATUS.get(code, "suspicious") for name, code in codes.items()}
+    return found
+
+
+def functions(module: str) -> dict[str, str]:
+    """Source of every function in a mutated module, by name (mutants and originals)."""
+    path = MUTANTS / f"{module.rsplit('.', 1)[1]}.py"
+    text = path.read_text()
+    found: dict[str, str] = {}
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and "__mutmut_" in node.name:
+            found[node.name] = ast.get_source_segment(text, node) or ""
+    return found
+
+
+def change(name: str, sources: dict[str, str]) -> str:
+    """The lines a mutant changed, as ``- old`` / ``+ new`` (its own name left out)."""
+    function = name.rsplit(".", 1)[1]
+    original = sources.get(function.rsplit("__mutmut_", 1)[0] + "__mutmut_orig", "")
+    mutated = sources.get(function, "")
+    lines = difflib.unified_diff(
+        original.splitlines()[1:], mutated.splitlines()[1:], lineterm="", n=0
+    )
+    kept = [line for line in lines if line[:1] in "+-" and line[:3] not in ("+++", "---")]
+    return "\n".join("    " + line.strip() for line in kept)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--survivors", metavar="PREFIX", default="backchannel.")
+    args = parser.parse_args()
+    if not MUTANTS.is_dir():
+        sys.exit("no mutants/ here: run `make mutate` first")
+    verdicts: dict[str, str] = {}
+    if VERDICTS.exists():
+        verdicts = tomllib.loads(VERDICTS.read_text()).get("equivalent", {})
+    status = results()
+    modules = sorted({name.rsplit(".", 1)[0] for name in status})
+    print(f"{'module':24} {'mutants':>8} {'caught':>7} {'survived':>8} {'no tests':>8} {'score':>7}")
+    for module in modules + ["total"]:
+        mine = [s for n, s in status.items() if module == "total" or n.rsplit(".", 1)[0] == module]
+        count = Counter(mine)
+        caught = sum(count[c] for c in CAUGHT)
+        score = caught / len(mine) if mine else 0.0
+        print(
+            f"{module:24} {len(mine):8} {caught:7} {count['survived']:8} "
+            f"{count['no tests']:8} {score:7.1%}"
+        )
+    unexplained = 0
+    for module in modules:
+        if not module.startswith(args.survivors) and not args.survivors.startswith(module):
+            continue
+        sources = functions(module)
+        for name, state in sorted(status.items()):
+            if state in CAUGHT or not name.startswith(args.survivors):
+                continue
+            if name.rsplit(".", 1)[0] != module:
+                continue
+            verdict = verdicts.get(name.removeprefix("backchannel."))
+            unexplained += verdict is None
+            print(f"\n{name}: {state}: {verdict or 'UNEXPLAINED'}\n{change(name, sources)}")
+    print(f"\n{unexplained} survivors without a verdict in {VERDICTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
