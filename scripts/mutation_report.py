@@ -7,7 +7,7 @@ It reads what mutmut left under ``mutants/`` (each module's ``.meta`` results an
 source, where every mutant is a copy of its function named ``<function>__mutmut_<n>``), so it
 runs in a second and needs nothing but the standard library and mutmut's own status codes.
 Each survivor is printed with the lines its mutation changed, and its verdict from
-``tests/mutants.toml`` (why it is equivalent), or ``UNEXPLAINED`` when it has none.
+``docs/mutants/<module>.toml`` (why it is equivalent), or ``UNEXPLAINED`` when it has none.
 """
 
 from __future__ import annotations
@@ -22,10 +22,11 @@ from collections import Counter
 from pathlib import Path
 
 MUTANTS = Path("mutants/src/backchannel")
-VERDICTS = Path("tests/mutants.toml")
+VERDICTS = Path("docs/mutants")
 
 # mutmut's exit codes (mutmut/stats.py); everything else is "suspicious"
-STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", None: "not checked"}
+STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests"}
+STATUS[None] = "not checked"
 STATUS |= dict.fromkeys((36, 24, -24, 152, 255), "timeout")
 CAUGHT = ("killed", "timeout")
 
@@ -69,19 +70,20 @@ def main() -> int:
     if not MUTANTS.is_dir():
         sys.exit("no mutants/ here: run `make mutate` first")
     verdicts: dict[str, str] = {}
-    if VERDICTS.exists():
-        verdicts = tomllib.loads(VERDICTS.read_text()).get("equivalent", {})
+    for found in sorted(VERDICTS.glob("*.toml")):
+        verdicts |= tomllib.loads(found.read_text()).get("equivalent", {})
     status = results()
     modules = sorted({name.rsplit(".", 1)[0] for name in status})
-    print(f"{'module':24} {'mutants':>8} {'caught':>7} {'survived':>8} {'no tests':>8} {'score':>7}")
-    for module in modules + ["total"]:
+    header = ("mutants", "caught", "survived", "no tests", "score")
+    print(f"{'module':24}", *(f"{column:>8}" for column in header))
+    for module in [*modules, "total"]:
         mine = [s for n, s in status.items() if module == "total" or n.rsplit(".", 1)[0] == module]
         count = Counter(mine)
         caught = sum(count[c] for c in CAUGHT)
         score = caught / len(mine) if mine else 0.0
         print(
-            f"{module:24} {len(mine):8} {caught:7} {count['survived']:8} "
-            f"{count['no tests']:8} {score:7.1%}"
+            f"{module:24} {len(mine):8} {caught:8} {count['survived']:8} "
+            f"{count['no tests']:8} {score:8.1%}"
         )
     unexplained = 0
     for module in modules:
@@ -96,7 +98,7 @@ def main() -> int:
             verdict = verdicts.get(name.removeprefix("backchannel."))
             unexplained += verdict is None
             print(f"\n{name}: {state}: {verdict or 'UNEXPLAINED'}\n{change(name, sources)}")
-    print(f"\n{unexplained} survivors without a verdict in {VERDICTS}")
+    print(f"\n{unexplained} survivors without a verdict in {VERDICTS}/*.toml")
     return 0
 
 
