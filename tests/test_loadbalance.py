@@ -120,7 +120,7 @@ def test_round_robin_restarts_a_provider_whose_weight_changed() -> None:
     # Dubbo sets a provider's current weight back to 0 when its weight changes; the
     # others keep theirs. Currents after each pick (each adds its weight, the pick
     # takes the total off): a b c at 1 1 1 pick a (-2 1 1); c now weighs 3 and restarts
-    # at 0: -1 2 3 -> c (-1 2 -2), 0 3 1 -> b, 1 -2 4 -> c, 2 -1 2 -> a (first on a tie),
+    # at 0: -1 2 3 -> c (-1 2 -2), 0 3 1 -> b, 1 -1 4 -> c, 2 0 2 -> a (first on a tie),
     # -2 0 5 -> c, -1 1 3 -> c
     a, b, c = nodes(1, 1, 1)
     strategy = RoundRobinLoadBalance()
