@@ -59,6 +59,38 @@ def test_random_with_equal_weights_is_uniform_and_weight_zero_gets_nothing() -> 
     assert drained[1] not in {strategy.select(drained) for _ in range(10_000)}
 
 
+class Draws(random.Random):
+    """An rng whose ``random()`` returns the given draws in turn."""
+
+    def __init__(self, *draws: float) -> None:
+        super().__init__(0)
+        self._draws = iter(draws)
+
+    def random(self) -> float:
+        return next(self._draws)
+
+
+def test_random_picks_the_first_provider_whose_running_total_exceeds_the_draw() -> None:
+    # Dubbo: offset = random() * total weight; 100/100/200 own [0, 100), [100, 200), [200, 400)
+    a, b, c = nodes(100, 100, 200)
+    draws = (0.0, 0.2499, 0.25, 0.4999, 0.5, 0.9999)
+    strategy = RandomLoadBalance(Draws(*draws))
+    picks = []
+    for _ in draws:
+        assert strategy.select((b,)) is b  # one provider: taken without a draw (as Dubbo)
+        picks.append(strategy.select((a, b, c)))
+    assert picks == [a, a, b, b, c, c]
+
+
+def test_random_with_every_weight_zero_is_uniform() -> None:
+    providers = nodes(0, 0, 0)
+    strategy = RandomLoadBalance(random.Random(16))
+    got = shares([strategy.select(providers) for _ in range(PICKS)])
+    assert sorted(got) == sorted(p.address for p in providers)
+    for share in got.values():
+        assert share == pytest.approx(1 / 3, abs=TOLERANCE)
+
+
 def test_a_list_changed_in_place_is_seen_by_random() -> None:
     strategy = RandomLoadBalance(random.Random(13))
     providers = list(nodes(100, 100))
@@ -84,6 +116,43 @@ def test_round_robin_shares_follow_the_weights_exactly_and_forget_removed_ones()
     assert len(strategy._state) == 2
 
 
+def test_round_robin_restarts_a_provider_whose_weight_changed() -> None:
+    # Dubbo sets a provider's current weight back to 0 when its weight changes; the
+    # others keep theirs. Currents after each pick (each adds its weight, the pick
+    # takes the total off): a b c at 1 1 1 pick a (-2 1 1); c now weighs 3 and restarts
+    # at 0: -1 2 3 -> c (-1 2 -2), 0 3 1 -> b, 1 -1 4 -> c, 2 0 2 -> a (first on a tie),
+    # -2 0 5 -> c, -1 1 3 -> c
+    a, b, c = nodes(1, 1, 1)
+    strategy = RoundRobinLoadBalance()
+    assert strategy.select((a, b, c)) is a
+    heavier = Node(c.address, 3)
+    picks = [strategy.select((a, b, heavier)) for _ in range(6)]
+    assert picks == [heavier, b, heavier, a, heavier, heavier]
+
+
+def test_round_robin_keeps_an_absent_providers_turn_until_the_set_shrinks() -> None:
+    """As Dubbo, which keeps a provider's state while it is idle (for 60 s): a call with
+    a single provider changes nothing, and a provider swapped out for one call (the set
+    did not shrink) is still owed its turn."""
+    a, b, c = nodes(2, 1, 1)
+    strategy = RoundRobinLoadBalance()
+    picks = []
+    for alone in (a, b, a):
+        picks.append(strategy.select((a, b)))
+        assert strategy.select((alone,)) is alone
+    assert picks == [a, b, a]  # as with no one-provider call in between
+    a, b, c = nodes(1, 1, 1)
+    strategy = RoundRobinLoadBalance()
+    # a and b alternate; c stands in for b for one call; back, b has its turn (not a)
+    assert [strategy.select(s) for s in ((a, b), (a, c), (a, b))] == [a, c, b]
+
+
+def test_round_robin_with_every_weight_zero_takes_the_first() -> None:
+    providers = nodes(0, 0, 0)  # all tie at 0, every time (as Dubbo)
+    strategy = RoundRobinLoadBalance()
+    assert [strategy.select(providers) for _ in range(3)] == [providers[0]] * 3
+
+
 def test_least_active_prefers_the_idle_provider() -> None:
     busy, idle, busier = Node("a:1", active=3), Node("b:1", active=0), Node("c:1", active=9)
     strategy = LeastActiveLoadBalance(rng=random.Random(14))
@@ -102,6 +171,13 @@ def test_least_active_breaks_ties_by_weight_and_reads_the_callers_counts() -> No
     assert counted.select((light, heavy)) is heavy
 
 
+def test_least_active_breaks_ties_with_the_given_rng_as_random_does() -> None:
+    tied = nodes(100, 200, 300, 400)  # none active: all tie
+    least = LeastActiveLoadBalance(rng=random.Random(17))
+    weighted = RandomLoadBalance(random.Random(17))
+    assert [least.select(tied) for _ in range(50)] == [weighted.select(tied) for _ in range(50)]
+
+
 def test_consistent_hash_keeps_a_key_on_its_provider() -> None:
     providers = nodes(100, 100, 100)
     strategy = ConsistentHashLoadBalance()
@@ -110,6 +186,40 @@ def test_consistent_hash_keeps_a_key_on_its_provider() -> None:
         assert {strategy.select(providers, (key, f"other{i}")) for i in range(20)} == {chosen}
     spread = collections.Counter(strategy.select(providers, (f"k{i}",)) for i in range(3000))
     assert len(spread) == 3 and min(spread.values()) > 600  # 160 nodes: roughly even
+
+
+def test_consistent_hash_keys_on_the_arguments_at_hash_arguments() -> None:
+    # Dubbo's hash.arguments: the key is str() of the arguments at those indexes, joined
+    # with nothing between; an index past a call's arguments is skipped; none: ""
+    providers = nodes(100, 100, 100)
+    first = ConsistentHashLoadBalance()
+    second = ConsistentHashLoadBalance(argument_indexes=(1,))
+    first_and_third = ConsistentHashLoadBalance(argument_indexes=(0, 2))
+    for i in range(50):
+        key = f"user-{i}"
+        expected = first.select(providers, (f"{key}{i * 7}",))
+        assert first_and_third.select(providers, (key, "ignored", i * 7)) == expected
+        assert first_and_third.select(providers, (f"{key}{i * 7}", "ignored")) == expected
+        assert second.select(providers, ("ignored", key)) == first.select(providers, (key,))
+    for strategy in (first, second, first_and_third):
+        for count in range(2, 9):
+            some = nodes(*([100] * count))
+            assert strategy.select(some) == first.select(some, ("",))
+
+
+def test_consistent_hash_answers_with_the_providers_it_was_given() -> None:
+    providers = list(nodes(100, 100, 100))
+    strategy = ConsistentHashLoadBalance()
+    keys = [f"user-{i}" for i in range(300)]
+    for key in keys:
+        strategy.select(providers, (key,))
+    providers[1] = Node("10.0.0.9:50051")  # a list changed in place
+    assert all(strategy.select(providers, (key,)) in providers for key in keys)
+    urls = nodes(100, 100, 100)
+    for key in keys:
+        strategy.select(urls, (key,))
+    reweighted = tuple(Node(p.address, 200) for p in urls)  # new URLs, same addresses
+    assert all(strategy.select(reweighted, (key,)) in reweighted for key in keys)
 
 
 def test_consistent_hash_moves_only_the_removed_providers_keys() -> None:
@@ -130,17 +240,22 @@ def test_consistent_hash_matches_dubbos_ring_arithmetic() -> None:
     import hashlib
 
     providers = nodes(100, 100)
-    strategy = ConsistentHashLoadBalance(nodes=4)
+    strategy = ConsistentHashLoadBalance(nodes=8)
     ring = {}
     for provider in providers:
-        digest = hashlib.md5(f"{provider.address}0".encode()).digest()
-        for h in range(4):
-            ring[int.from_bytes(digest[4 * h : 4 * h + 4], "little")] = provider
+        for i in range(2):
+            digest = hashlib.md5(f"{provider.address}{i}".encode()).digest()
+            for h in range(4):
+                ring[int.from_bytes(digest[4 * h : 4 * h + 4], "little")] = provider
+    wrapped = []
     for key in ("a", "b", "c", "d", "e", "f"):
         point = int.from_bytes(hashlib.md5(key.encode()).digest()[:4], "little")
         ceiling = [p for p in sorted(ring) if p >= point]
         expected = ring[ceiling[0] if ceiling else min(ring)]
         assert strategy.select(providers, (key,)) == expected
+        wrapped += [] if ceiling else [key]
+    # "b" lies past the last point: it wraps to the first, whose owner is not the second's
+    assert wrapped == ["b"] and len({ring[p] for p in sorted(ring)[:2]}) == 2
 
 
 def test_strategies_take_service_urls_and_refuse_an_empty_set() -> None:
@@ -148,15 +263,21 @@ def test_strategies_take_service_urls_and_refuse_an_empty_set() -> None:
         ServiceURL.provider("demo.Echo", "127.0.0.1", 50051, weight=100),
         ServiceURL.provider("demo.Echo", "127.0.0.1", 50052, weight=0),
     )
-    for name in ("random", "roundrobin", "consistenthash"):
-        strategy = load_balance(name)
-        assert strategy.name == name
+    strategies = [load_balance(name) for name in ("random", "roundrobin", "consistenthash")]
+    strategies.append(load_balance("leastactive", active=lambda url: 0))
+    for strategy in strategies:
         assert strategy.select(urls, ("IBM",)) in urls
         assert strategy.select(urls[:1]) is urls[0]
-        with pytest.raises(NoProvider, match="no provider to choose from"):
+        with pytest.raises(NoProvider) as refused:
             strategy.select(())
-    with pytest.raises(ValueError, match="unknown loadbalance 'fastest'"):
+        assert str(refused.value) == "no provider to choose from (none registered, or all gone)"
+    assert [s.name for s in strategies] == ["random", "roundrobin", "consistenthash", "leastactive"]
+    assert isinstance(load_balance(), RandomLoadBalance)  # Dubbo's default
+    with pytest.raises(ValueError) as unknown:
         load_balance("fastest")
+    assert str(unknown.value) == (
+        "unknown loadbalance 'fastest' (known: random, roundrobin, leastactive, consistenthash)"
+    )
     with pytest.raises(ValueError, match="at least 4 nodes"):
         ConsistentHashLoadBalance(nodes=2)
 
