@@ -220,6 +220,14 @@ def test_consistent_hash_answers_with_the_providers_it_was_given() -> None:
         strategy.select(urls, (key,))
     reweighted = tuple(Node(p.address, 200) for p in urls)  # new URLs, same addresses
     assert all(strategy.select(reweighted, (key,)) in reweighted for key in keys)
+    # a list keyed by its addresses, given new objects at the same addresses: the answer
+    # is one of the objects given (failed before: the ring answered with the old ones)
+    listed = list(nodes(100, 100, 100))
+    chosen = {key: strategy.select(listed, (key,)) for key in keys}
+    renewed = [Node(p.address, 50) for p in listed]
+    for key in keys:
+        answer = strategy.select(renewed, (key,))
+        assert any(answer is p for p in renewed) and answer.address == chosen[key].address
 
 
 def test_consistent_hash_moves_only_the_removed_providers_keys() -> None:

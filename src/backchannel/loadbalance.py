@@ -204,7 +204,7 @@ class ConsistentHashLoadBalance:
         self.argument_indexes = tuple(argument_indexes)
         self._key: object = None
         self._points: list[int] = []
-        self._owners: list[Any] = []
+        self._owners: list[int] = []
 
     def select(self, providers: Sequence[P], arguments: Sequence[object] = ()) -> P:
         count = len(providers)
@@ -223,16 +223,18 @@ class ConsistentHashLoadBalance:
             text = "".join(str(arguments[i]) for i in indexes if 0 <= i < len(arguments))
         point = int.from_bytes(hashlib.md5(text.encode()).digest()[:4], "little")
         index = bisect.bisect_left(self._points, point)
-        return self._owners[index if index < len(self._points) else 0]  # type: ignore[no-any-return]
+        return providers[self._owners[index if index < len(self._points) else 0]]
 
     def _build(self, providers: Sequence[Any]) -> None:
-        ring: dict[int, Any] = {}
-        for provider in providers:
+        # a point owns a position in the list, not the provider object: a list keyed by
+        # its addresses may come back with new objects at the same places
+        ring: dict[int, int] = {}
+        for position, provider in enumerate(providers):
             for i in range(self.nodes // 4):
                 digest = hashlib.md5(f"{provider.address}{i}".encode()).digest()
                 # four points from one digest, read little-endian as Dubbo's hash(digest, h)
                 for h in range(4):
-                    ring[int.from_bytes(digest[4 * h : 4 * h + 4], "little")] = provider
+                    ring[int.from_bytes(digest[4 * h : 4 * h + 4], "little")] = position
         self._points = sorted(ring)
         self._owners = [ring[point] for point in self._points]
 
