@@ -62,7 +62,7 @@ $(MUTATE_STAMP): $(STAMP)
 
 mutate: $(MUTATE_STAMP)
 	$(BIN)/mutmut run $(if $(MUTANTS),'$(MUTANTS)')
-	$(BIN)/mutmut results
+	$(BIN)/python scripts/mutation_report.py
 
 clean:
 	rm -rf mutants $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
