@@ -44,10 +44,11 @@ def functions(module: str) -> dict[str, str]:
     """Source of every function in a mutated module, by name (mutants and originals)."""
     path = MUTANTS / f"{module.rsplit('.', 1)[1]}.py"
     text = path.read_text()
+    lines = text.splitlines()  # sliced by line numbers: get_source_segment splits per call
     found: dict[str, str] = {}
     for node in ast.walk(ast.parse(text)):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and "__mutmut_" in node.name:
-            found[node.name] = ast.get_source_segment(text, node) or ""
+            found[node.name] = "\n".join(lines[node.lineno - 1 : node.end_lineno])
     return found
 
 
