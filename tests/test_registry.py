@@ -671,8 +671,8 @@ def test_live_providers_are_listed_again_after_an_outage_longer_than_the_session
 @pytest.mark.parametrize(
     ("session", "outage", "expected"),
     [
-        (10.0, 2.5, ["unreachable", "reachable again"]),
-        (2.0, 4.0, ["unreachable", "starting a new session", "reachable again"]),
+        (10.0, 1.5, ["unreachable", "reachable again"]),
+        (2.0, 3.0, ["unreachable", "starting a new session", "reachable again"]),
     ],
     ids=["session-kept", "session-given-up"],
 )
