@@ -496,7 +496,7 @@ def test_a_provider_slower_than_half_the_timeout_is_reached_in_a_cluster() -> No
     stream at half the time left and never came back to it, 'no stream ... (half the
     time left; still connecting)'). Then two such slow providers: the first stream to
     open takes the call."""
-    timeout = 2.0
+    timeout = TIMEOUT  # the handshake takes 0.6 s of it: the share is what counts
     with backchannel.Server("127.0.0.1:0") as server:
         server.export(Echo, EchoImpl())
 
@@ -504,7 +504,7 @@ def test_a_provider_slower_than_half_the_timeout_is_reached_in_a_cluster() -> No
             proxies = [await _slow_proxy(server.address, SLOW * timeout) for _ in range(2)]
             slow = [f"127.0.0.1:{p.sockets[0].getsockname()[1]}" for p in proxies]
             try:
-                for first in (0, 1, 2, 3):  # even: the live one is chosen first
+                for first in (0, 1):  # even: the live one is chosen first; odd: the dead
                     async with backchannel.AsyncClient(
                         f"{slow[0]},{refused(1)[0]}", timeout=timeout
                     ) as client:
