@@ -137,12 +137,13 @@ def test_a_provider_killed_under_64_callers(cluster: Cluster) -> None:
             loop = asyncio.get_running_loop()
             await asyncio.wait_for(all_three.wait(), 10)  # load reaches every provider
             assert {o[0] for _, o in outcomes if isinstance(o, list)} == set(addresses)
+            link = client._links[victim]  # held: the client may drop it once it is gone
             killed = time.monotonic()
             await loop.run_in_executor(None, cluster.kill, victim)
             # the bound under test is a duration: what the victim was given by 2 s after
             # its death is all it is ever given
             await asyncio.sleep(2.0)
-            sent_at_2s = client._links[victim].sent
+            sent_at_2s = link.sent
             (joined,) = await loop.run_in_executor(None, cluster.start, 1)
             registered = time.monotonic()
             watch["joined"] = joined
@@ -156,7 +157,8 @@ def test_a_provider_killed_under_64_callers(cluster: Cluster) -> None:
             await asyncio.wait_for(more_load.wait(), 10)
             stop.set()
             await asyncio.wait_for(asyncio.gather(*callers), 10)  # none hangs
-            assert client._links[victim].sent == sent_at_2s  # nothing given to it after 2 s
+            assert link.sent == sent_at_2s  # nothing given to it after 2 s
+            assert client._links.get(victim) in (None, link)  # nor to a new link to it
             failures = [o for _, o in outcomes if not isinstance(o, list)]
             assert all(isinstance(f, backchannel.StreamBroken) for f in failures), failures[:3]
             assert len(failures) <= 64  # at most the calls in flight on the dead stream
