@@ -1,7 +1,7 @@
 """A throwaway standalone ZooKeeper server (Debian's ``zookeeper`` package) for tests.
 
 Its own config and data directory, a free 127.0.0.1 port, no admin server; ready when
-it answers ``ruok`` with ``imok``. It can be stopped and started again on the same port
+``srvr`` gives its mode (it serves). It can be stopped and started again on the same port
 with the same data, as a ZooKeeper that goes away and comes back.
 """
 
@@ -85,10 +85,15 @@ class ZooKeeper:
             time.sleep(0.05)
 
     def _answers(self) -> bool:
+        # `ruok` says imok as soon as the process runs; `srvr` gives the mode only once
+        # it serves (before: "not currently serving requests"), after loading its data
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=1) as probe:
-                probe.sendall(b"ruok")
-                return probe.recv(4) == b"imok"
+                probe.sendall(b"srvr")
+                answer = b""
+                while chunk := probe.recv(4096):
+                    answer += chunk
+                return b"Mode: " in answer
         except OSError:
             return False
 
