@@ -16,7 +16,14 @@ from notifier import Listener
 from services import Echo, EchoImpl
 
 import backchannel
-from backchannel import Argument, Limits, Method
+from backchannel import Argument, Keepalive, Limits, Method
+from backchannel.settings import (
+    MAX_GRPC_SECONDS,
+    MAX_MESSAGE_SIZE_LIMIT,
+    MIN_KEEPALIVE_TIME,
+    channel_options,
+    server_options,
+)
 from backchannel.v1 import envelope_pb2 as pb
 
 
@@ -77,6 +84,130 @@ def test_the_longest_handshake_timeout_grpc_takes_starts_a_server() -> None:
 def test_a_keepalive_grpc_cannot_take_is_refused_by_name(field: str, value: float) -> None:
     with pytest.raises(ValueError, match=f"keepalive {field} must be finite"):
         backchannel.Keepalive(**{field: value})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kind", "values", "message"),
+    [
+        (
+            Limits,
+            {"max_write_stall": math.inf},
+            "Limits.max_write_stall must be finite, > 0 seconds, got inf",
+        ),
+        (
+            Limits,
+            {"handshake_timeout": 0},
+            "Limits.handshake_timeout must be finite, > 0 seconds and <= 2.14748e+06, got 0",
+        ),
+        (
+            Limits,
+            {"handshake_timeout": "10"},
+            "Limits.handshake_timeout must be a number of seconds, got '10'",
+        ),
+        (Limits, {"max_queued_bytes": 0}, "Limits.max_queued_bytes must be >= 1, got 0"),
+        (Limits, {"max_streams": True}, "Limits.max_streams must be an int, got True"),
+        (
+            Limits,
+            {"max_message_size": 1023},
+            "Limits.max_message_size must be between 1024 and 2147418111, got 1023",
+        ),
+        (
+            Limits,
+            {"max_message_size": 8192, "max_queued_bytes": 8191},
+            "max_queued_bytes must be >= max_message_size (a stream must be able to queue one "
+            "message of the largest size), got Limits(max_calls_in_flight=1000, "
+            "max_message_size=8192, max_queued_bytes=8191, max_write_stall=30.0, "
+            "handshake_timeout=10.0, max_streams=4096, max_faults=100)",
+        ),
+        (
+            Keepalive,
+            {"time": 0.05},
+            "keepalive time must be >= 0.1 s (MIN_KEEPALIVE_TIME), "
+            "got Keepalive(time=0.05, timeout=5.0)",
+        ),
+        (
+            Keepalive,
+            {"time": 1e7},
+            "keepalive time must be finite, > 0 seconds and <= 2.14748e+06, got 10000000.0",
+        ),
+        (
+            Keepalive,
+            {"timeout": -1},
+            "keepalive timeout must be finite, > 0 seconds and <= 2.14748e+06, got -1",
+        ),
+    ],
+)
+def test_a_bad_setting_is_refused_with_this_exact_message(
+    kind: type, values: dict[str, object], message: str
+) -> None:
+    """The whole text a user reads: the field, what it must be, the bound (none for a
+    time with no upper bound) and the value given."""
+    with pytest.raises(ValueError) as caught:
+        kind(**values)
+    assert str(caught.value) == message
+
+
+def test_values_at_each_bound_are_accepted() -> None:
+    """Every bound is inclusive: a setting exactly at it is taken as given."""
+    largest = Limits(max_message_size=MAX_MESSAGE_SIZE_LIMIT, max_queued_bytes=2**31 - 1)
+    assert largest.max_message_size == MAX_MESSAGE_SIZE_LIMIT
+    # a queue that holds exactly one message of the largest size
+    assert Limits(max_message_size=8192, max_queued_bytes=8192).max_queued_bytes == 8192
+    smallest = Limits(
+        max_calls_in_flight=1,
+        max_message_size=1024,
+        max_queued_bytes=1024,
+        max_write_stall=0.5,
+        handshake_timeout=0.5,
+        max_streams=1,
+        max_faults=1,
+    )
+    assert (smallest.max_write_stall, smallest.handshake_timeout) == (0.5, 0.5)
+    assert Limits(handshake_timeout=MAX_GRPC_SECONDS).handshake_timeout == MAX_GRPC_SECONDS
+    assert Keepalive(time=MIN_KEEPALIVE_TIME, timeout=0.5) == Keepalive(0.1, 0.5)
+    assert Keepalive(time=MAX_GRPC_SECONDS, timeout=MAX_GRPC_SECONDS).time == MAX_GRPC_SECONDS
+
+
+def test_settings_become_exactly_these_grpc_options() -> None:
+    """gRPC's frame limit sits 64 KiB above max_message_size (so an oversized frame is
+    refused by us with a clear error, not by gRPC tearing down the stream); every side
+    permits client pings every 50 ms (half MIN_KEEPALIVE_TIME), keepalive or not; a
+    Keepalive becomes milliseconds, its timeout bounding every ping, pings allowed with no
+    call and no data; a provider also closes a connection still in its handshake after
+    handshake_timeout (docs/configuration.md, docs/reliability.md)."""
+    limits = Limits(max_message_size=1024 * 1024, handshake_timeout=2.5)
+    base = [
+        ("grpc.max_send_message_length", 1024 * 1024 + 65536),
+        ("grpc.max_receive_message_length", 1024 * 1024 + 65536),
+        ("grpc.http2.min_ping_interval_without_data_ms", 50),
+        ("grpc.http2.min_time_between_pings_ms", 50),
+    ]
+    pings = [
+        ("grpc.keepalive_time_ms", 3000),
+        ("grpc.keepalive_timeout_ms", 2000),
+        ("grpc.http2.ping_timeout_ms", 2000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+    handshake = [("grpc.server_handshake_timeout_ms", 2500)]
+    keepalive = Keepalive(time=3.0, timeout=2.0)
+    assert channel_options(limits, None) == base
+    assert channel_options(limits, keepalive) == base + pings
+    assert server_options(limits, None) == base + handshake
+    assert server_options(limits, keepalive) == base + pings + handshake
+    # the largest max_message_size is exactly what gRPC takes in its C int
+    wire = dict(
+        channel_options(
+            Limits(max_message_size=MAX_MESSAGE_SIZE_LIMIT, max_queued_bytes=2**31 - 1), None
+        )
+    )
+    assert wire["grpc.max_send_message_length"] == 2**31 - 1
+
+
+def test_a_sub_millisecond_handshake_timeout_is_one_millisecond_not_zero() -> None:
+    """gRPC takes whole milliseconds: 0.4 ms rounds up to 1 ms, never to 0."""
+    options = dict(server_options(Limits(handshake_timeout=0.0004), None))
+    assert options["grpc.server_handshake_timeout_ms"] == 1
 
 
 def test_calls_past_the_clients_limit_wait_their_turn() -> None:

@@ -230,6 +230,21 @@ def test_consistent_hash_answers_with_the_providers_it_was_given() -> None:
         assert any(answer is p for p in renewed) and answer.address == chosen[key].address
 
 
+def test_consistent_hash_of_a_list_changed_in_place_follows_its_new_addresses() -> None:
+    """A list is keyed by the addresses it holds at each call: after one of its providers
+    is replaced in place, every key goes where a new strategy given that list sends it
+    (the ring of the new addresses), not by the ring of the addresses it held before."""
+    providers = list(nodes(100, 100, 100))
+    strategy = ConsistentHashLoadBalance()
+    keys = [f"user-{i}" for i in range(300)]
+    for key in keys:
+        strategy.select(providers, (key,))
+    providers[1] = Node("10.0.0.9:50051")
+    fresh = ConsistentHashLoadBalance()
+    got = [strategy.select(providers, (key,)).address for key in keys]
+    assert got == [fresh.select(providers, (key,)).address for key in keys]
+
+
 def test_consistent_hash_moves_only_the_removed_providers_keys() -> None:
     providers = nodes(*([100] * 5))
     strategy = ConsistentHashLoadBalance()
