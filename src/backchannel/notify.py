@@ -193,7 +193,7 @@ def _is_coroutine(hook: object) -> bool:
     decorators are)."""
     if inspect.iscoroutinefunction(hook):
         return True
-    return inspect.iscoroutinefunction(getattr(type(hook), "__call__", None))
+    return inspect.iscoroutinefunction(type(hook).__call__)
 
 
 class HookPool:
