@@ -1425,3 +1425,24 @@ def test_hooks_run_inside_the_calls_span_named_service_slash_method(
         "oninvoke": ("test.Echo/echo", client_span),
         "async oninvoke": ("test.Echo/add", client_span),
     }
+
+
+def test_closing_a_client_leaves_running_hooks_to_finish_in_the_background(
+    server: backchannel.Server,
+) -> None:
+    gate, entered = threading.Event(), threading.Event()
+
+    def onreturn(result: Any, value: Any) -> None:
+        entered.set()
+        gate.wait(2 * WAIT)
+
+    client = backchannel.Client(server.address)
+    echo = client.reference(Echo, methods=[Method("echo", async_=True, onreturn=onreturn)])
+    future = echo.echo("late")
+    try:
+        assert entered.wait(WAIT)
+        client.close()  # returns while the hook still runs
+        assert not future.done()
+    finally:
+        gate.set()
+    assert future.result(WAIT) == "late"  # the hook finished, then settled the future
