@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import importlib.util
+import inspect
 import logging
 import signal
 import subprocess
@@ -19,10 +21,13 @@ from typing import Any
 import pytest
 from conftest import run
 from helpers import LogSeen
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.trace import SpanKind
 from services import Echo, EchoImpl
 
 import backchannel
-from backchannel import Method
+from backchannel import Method, telemetry
 
 WAIT = 5.0  # the bound of every wait: a failing test fails fast instead of hanging
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "notify"
@@ -276,6 +281,7 @@ def test_onthrow_raising_is_logged_and_nothing_else_breaks(
     assert len(rec.of("onthrow")) == 1
     logged = [r for r in caplog.records if "onthrow hook of test.Echo.fail()" in r.getMessage()]
     assert logged and logged[0].exc_info is not None
+    assert logged[0].getMessage() == "the onthrow hook of test.Echo.fail() raised; ignored"
     assert "onthrow broke" in str(logged[0].exc_info[1])
     assert echo.add(2, 3) == 5  # the stream and the reference still work
     with pytest.raises(KeyError):
@@ -432,8 +438,11 @@ def test_a_full_hook_pool_is_logged_once_with_what_to_change(
     warnings = [
         r.getMessage() for r in caplog.records if "hook pool is exhausted" in r.getMessage()
     ]
-    assert len(warnings) == 1
-    assert "all 2 threads (max_workers=2)" in warnings[0] and "raise max_workers=" in warnings[0]
+    assert warnings == [
+        "the event-notify hook pool is exhausted: all 2 threads (max_workers=2) run hooks "
+        "and more hooks now queue, so they run late; make oninvoke/onreturn/onthrow quick, "
+        "or raise max_workers= on the Client or AsyncClient (logged once)"
+    ]
 
 
 def test_timeout_goes_to_onthrow(client: backchannel.Client) -> None:
@@ -460,6 +469,7 @@ def test_cancelled_async_call_goes_to_onthrow(
     assert rec.wait("onthrow")
     [(error, seconds)] = rec.of("onthrow")
     assert isinstance(error, backchannel.CallCancelled) and seconds == 30
+    assert str(error) == "test.Echo.wait() was cancelled"
     assert rec.of("onreturn") == []
 
 
@@ -681,7 +691,8 @@ def test_asyncio_async_returns_a_future_at_once(server: backchannel.Server) -> N
         async with backchannel.AsyncClient(server.address) as client:
             echo = client.reference(Echo, methods=[rec.all("add", async_=True)])
             future = echo.add(20, 22)
-            assert isinstance(future, asyncio.Future)
+            assert isinstance(future, asyncio.Task)
+            assert future.get_name() == "backchannel test.Echo.add()"  # in task dumps
             assert await future == 42
             assert rec.of("onreturn") == [(42, 20, 22)]
             futures = [echo.add(i, 1000 * i) for i in range(100)]
@@ -698,8 +709,12 @@ def test_asyncio_async_needs_a_running_loop(server: backchannel.Server) -> None:
         return client, client.reference(Echo, methods=[Method("add", async_=True)])
 
     client, echo = run(make())
-    with pytest.raises(RuntimeError, match="running event loop"):
+    with pytest.raises(RuntimeError) as raised:
         echo.add(1, 2)
+    assert str(raised.value) == (
+        "test.Echo.add() has async_=True on an AsyncClient: call it from a running event "
+        "loop (it returns a Task)"
+    )
     run(client.close())
 
 
@@ -892,6 +907,9 @@ def test_asyncio_onthrow_raising_is_logged_and_nothing_else_breaks(
     logged = [r for r in caplog.records if "onthrow hook of test.Echo.fail()" in r.getMessage()]
     assert len(logged) == 3
     assert all(r.exc_info is not None and "onthrow broke" in str(r.exc_info[1]) for r in logged)
+    assert {r.getMessage() for r in logged} == {
+        "the onthrow hook of test.Echo.fail() raised; ignored"
+    }
 
 
 def test_asyncio_a_slow_async_def_hook_delays_only_its_own_task(
@@ -1009,3 +1027,422 @@ def test_asyncio_async_runs_oninvoke_and_binding_inside_the_task(
             assert rec.of("onthrow")[1][1:] == (None, 2)
 
     run(body())
+
+
+# --- exact messages, hook kinds and where hooks run (the survivors of `make mutate`) ----------
+
+
+_partial_none = functools.partial(_none)  # a partial has no __qualname__: named by its repr
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (
+            Method("add", oninvoke="notify.oninvoke"),  # type: ignore[arg-type]
+            "test.Echo.add: oninvoke must be a callable (a function or a bound method), "
+            "got 'notify.oninvoke'",
+        ),
+        (
+            Method("add", oninvoke=_one_positional),
+            "test.Echo.add: oninvoke hook _one_positional(a: 'Any') -> 'None' cannot take "
+            "the call's arguments (2 positional arguments): too many positional arguments",
+        ),
+        (
+            Method("add", onreturn=_keyword_only),
+            "test.Echo.add: onreturn hook _keyword_only(result: 'Any', *, required: 'Any') "
+            "-> 'None' cannot take the result (1 positional argument): "
+            "missing a required argument: 'required'",
+        ),
+        (
+            Method("add", onthrow=_two_positional),
+            "test.Echo.add: onthrow hook _two_positional(a: 'Any', b: 'Any') -> 'None' cannot "
+            "take the exception and the call's arguments (3 positional arguments): "
+            "too many positional arguments",
+        ),
+        (
+            Method("add", onreturn=_partial_none),
+            f"test.Echo.add: onreturn hook {_partial_none!r}() -> 'None' cannot take the "
+            "result and the call's arguments (3 positional arguments): "
+            "too many positional arguments",
+        ),
+    ],
+    ids=["not-callable", "oninvoke-short", "onreturn-keyword-only", "onthrow-short", "partial"],
+)
+def test_a_bad_hooks_message_names_method_kind_hook_signature_and_argument_count(
+    client: backchannel.Client, settings: Method, message: str
+) -> None:
+    with pytest.raises(TypeError) as raised:
+        client.reference(Echo, methods=[settings])
+    assert str(raised.value) == message
+
+
+@backchannel.interface("test.Tags")
+class Tags:
+    def tag(self, name: str, *rest: str) -> str: ...
+
+
+def test_a_variadic_methods_hooks_are_checked_with_one_argument_more(
+    client: backchannel.Client,
+) -> None:
+    """tag(name, *rest): a hook must take 1 and 2 arguments (the ends of the range, and
+    one past the named parameters)."""
+
+    def name_only(name: str) -> None: ...
+    def name_and_one(name: str, extra: str = "") -> None: ...
+
+    with pytest.raises(TypeError) as raised:
+        client.reference(Tags, methods=[Method("tag", oninvoke=name_only)])
+    assert str(raised.value) == (
+        f"test.Tags.tag: oninvoke hook {name_only.__qualname__}(name: 'str') -> 'None' "
+        "cannot take the call's arguments (2 positional arguments): "
+        "too many positional arguments"
+    )
+    client.reference(Tags, methods=[Method("tag", oninvoke=name_and_one)])  # fits both
+
+
+class AwaitableHooks:
+    """Plain functions that return a coroutine: the reference-time check cannot see them."""
+
+    def __init__(self) -> None:
+        self.made: list[Any] = []
+
+    def hook(self, *_args: Any) -> Any:
+        coroutine = asyncio.sleep(0)
+        self.made.append(coroutine)
+        return coroutine
+
+    def all_closed(self) -> bool:
+        return all(inspect.getcoroutinestate(c) == inspect.CORO_CLOSED for c in self.made)
+
+
+def _awaitable_error(kind: str, method: str) -> str:
+    return (
+        f"test.Echo.{method}: {kind} returned an awaitable; the sync Client cannot await "
+        "hooks: use a plain function, or AsyncClient"
+    )
+
+
+def test_sync_client_a_hook_returning_an_awaitable_is_a_hook_failure_that_onthrow_hears(
+    client: backchannel.Client,
+) -> None:
+    awaitables, rec = AwaitableHooks(), Recorder()
+    method = Method(
+        "add", oninvoke=awaitables.hook, onreturn=awaitables.hook, onthrow=rec.hook("onthrow")
+    )
+    echo = client.reference(Echo, methods=[method])
+    assert echo.add(1, 2) == 3  # the call goes on, its result unaffected
+    heard = rec.of("onthrow")
+    assert [(str(exc), *args) for exc, *args in heard] == [
+        (_awaitable_error("oninvoke", "add"), 1, 2),
+        (_awaitable_error("onreturn", "add"), 1, 2),
+    ]
+    assert all(isinstance(exc, TypeError) for exc, *_ in heard)
+    assert len(awaitables.made) == 2 and awaitables.all_closed()  # no "never awaited"
+
+
+def test_sync_client_an_onthrow_returning_an_awaitable_is_logged(
+    client: backchannel.Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    awaitables = AwaitableHooks()
+    echo = client.reference(Echo, methods=[Method("fail", onthrow=awaitables.hook)])
+    with caplog.at_level(logging.ERROR, logger="backchannel"):
+        with pytest.raises(KeyError):
+            echo.fail("KeyError", "k")
+    [record] = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert record.getMessage() == "the onthrow hook of test.Echo.fail() raised; ignored"
+    assert record.exc_info is not None
+    assert str(record.exc_info[1]) == _awaitable_error("onthrow", "fail")
+    assert len(awaitables.made) == 1 and awaitables.all_closed()
+
+
+@pytest.mark.parametrize("kind", ["oninvoke", "onreturn"])
+@pytest.mark.parametrize("flavour", ["Client", "AsyncClient"])
+def test_a_hook_raising_without_onthrow_is_logged_with_kind_method_and_traceback(
+    server: backchannel.Server, caplog: pytest.LogCaptureFixture, kind: str, flavour: str
+) -> None:
+    oops = RuntimeError(f"{kind} broke")
+
+    def hook(*_args: Any) -> None:
+        raise oops
+
+    method = Method("add", **{kind: hook})
+
+    async def asyncio_body() -> None:
+        async with backchannel.AsyncClient(server.address) as client:
+            assert await client.reference(Echo, methods=[method]).add(1, 2) == 3
+
+    with caplog.at_level(logging.ERROR, logger="backchannel"):
+        if flavour == "Client":
+            with backchannel.Client(server.address) as client:
+                assert client.reference(Echo, methods=[method]).add(1, 2) == 3
+        else:
+            run(asyncio_body())
+    [record] = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert record.getMessage() == f"the {kind} hook of test.Echo.add() raised"
+    assert record.exc_info is not None and record.exc_info[1] is oops
+
+
+def test_asyncio_plain_onthrow_hears_raising_hooks_and_bad_arguments(
+    server: backchannel.Server,
+) -> None:
+    """Plain hooks on the AsyncClient run in the notify pool: onthrow too, whatever failed."""
+    rec = Recorder()
+    invoke_broke, return_broke = RuntimeError("oninvoke broke"), RuntimeError("onreturn broke")
+    method = Method(
+        "add",
+        oninvoke=rec.hook("oninvoke", raises=invoke_broke),
+        onreturn=rec.hook("onreturn", raises=return_broke),
+        onthrow=rec.hook("onthrow"),
+    )
+
+    async def body() -> None:
+        async with backchannel.AsyncClient(server.address) as client:
+            echo = client.reference(Echo, methods=[method, all_hooks(rec, "greet")])
+            assert await echo.add(1, 2) == 3
+            assert rec.of("onthrow") == [(invoke_broke, 1, 2), (return_broke, 1, 2)]
+            with pytest.raises(backchannel.InvalidArguments) as raised:
+                await echo.add(1, 2, 3)
+            assert rec.of("onthrow")[2] == (raised.value, 1, 2)  # the extra one dropped
+            assert await echo.greet(greeting="Hi", name="grpc") == "Hi, grpc!"
+            assert rec.of("oninvoke")[-1] == ("grpc", "Hi")
+
+    run(body())
+    assert all(t.startswith("backchannel-notify") for t in rec.threads())
+
+
+def test_asyncio_async_def_hooks_take_no_notify_thread(server: backchannel.Server) -> None:
+    """With the only notify thread held by a slow plain hook, a call whose hooks are all
+    async def still runs them (oninvoke, onreturn, onthrow) at once."""
+    gate = threading.Event()
+    entered = threading.Event()
+
+    def slow(result: Any, value: Any) -> None:
+        entered.set()
+        gate.wait(3 * WAIT)  # longer than the test waits: a hook queued behind it fails it
+
+    async def body() -> None:
+        rec = AsyncRecorder()
+        async with backchannel.AsyncClient(server.address, max_workers=1) as client:
+            held = client.reference(Echo, methods=[Method("echo", async_=True, onreturn=slow)])
+            echo = client.reference(Echo, methods=[rec.all("add"), rec.all("fail")])
+            blocker = held.echo("hold the thread")
+            try:
+                assert await asyncio.to_thread(entered.wait, WAIT)
+                assert await asyncio.wait_for(echo.add(1, 2), WAIT) == 3
+                with pytest.raises(ValueError):
+                    await asyncio.wait_for(echo.fail("ValueError", "v"), WAIT)
+                assert [kind for kind, _ in rec.calls] == [
+                    "oninvoke",
+                    "onreturn",
+                    "oninvoke",
+                    "onthrow",
+                ]
+                assert not blocker.done()
+            finally:
+                gate.set()
+            assert await asyncio.wait_for(blocker, WAIT) == "hold the thread"
+
+    run(body())
+
+
+def test_sync_async_call_on_a_closed_client_is_a_failed_future_after_onthrow_inline(
+    server: backchannel.Server,
+) -> None:
+    rec = Recorder()
+    with backchannel.Client(server.address) as client:
+        echo = client.reference(Echo, methods=[all_hooks(rec, "add", async_=True)])
+        assert echo.add(1, 2).result(WAIT) == 3
+    future = echo.add(3, 4)  # closed: the call cannot start
+    error = future.exception(WAIT)
+    assert isinstance(error, backchannel.ChannelClosed)
+    assert rec.of("onthrow") == [(error, 3, 4)]
+    # the hook pool is shut down: the hook ran in the caller's thread, before the return
+    [thread] = [thread for kind, _, thread in rec.calls if kind == "onthrow"]
+    assert thread == threading.current_thread().name
+
+
+def test_asyncio_call_on_a_closed_client_goes_to_a_plain_onthrow_run_inline(
+    server: backchannel.Server,
+) -> None:
+    rec = Recorder()
+
+    async def body() -> None:
+        client = backchannel.AsyncClient(server.address)
+        echo = client.reference(Echo, methods=[Method("add", onthrow=rec.hook("onthrow"))])
+        assert await echo.add(1, 2) == 3
+        await client.close()
+        with pytest.raises(backchannel.ChannelClosed) as raised:
+            await echo.add(3, 4)
+        assert rec.of("onthrow") == [(raised.value, 3, 4)]
+
+    run(body())
+    # the hook pool is shut down: the hook ran inline, on the loop's thread (this one)
+    assert rec.threads() == {threading.current_thread().name}
+
+
+def _async_hook(*_args: Any) -> Any:
+    async def hook(*_args: Any) -> None: ...
+
+    return hook
+
+
+async def _async_three(result: Any, a: Any, b: Any) -> None: ...
+
+
+class _AsyncCall:
+    """An object with an async ``__call__``."""
+
+    async def __call__(self, *args: Any) -> None: ...
+
+
+class _InheritsAsyncCall(_AsyncCall):
+    pass
+
+
+class _AsyncDecorator:
+    """A class-based decorator of an ``async def``: a descriptor with an async __call__."""
+
+    def __init__(self, function: Callable[..., Any]) -> None:
+        self.function = function
+
+    def __get__(self, instance: object, owner: type | None = None) -> Any:
+        return functools.partial(self, instance)
+
+    async def __call__(self, *args: Any) -> Any:
+        return await self.function(*args)
+
+
+@_AsyncDecorator
+async def _decorated(*args: Any) -> None: ...
+
+
+class _Unreadable:
+    """A callable whose signature inspect cannot read (as some C-implemented ones)."""
+
+    __signature__ = "unreadable"
+
+    def __init__(self) -> None:
+        self.got: list[tuple[Any, ...]] = []
+
+    def __call__(self, *args: Any) -> None:
+        self.got.append(args)
+
+
+class _UnreadableAsync:
+    __signature__ = "unreadable"
+
+    async def __call__(self, *args: Any) -> None: ...
+
+
+@pytest.mark.parametrize(
+    ("settings", "kinds"),
+    [
+        (Method("add", oninvoke=_async_hook(), onthrow=_async_hook()), "oninvoke, onthrow"),
+        (Method("add", onreturn=_async_three), "onreturn"),  # the (result, *args) shape
+        (Method("add", onthrow=_AsyncCall()), "onthrow"),
+        (Method("add", onthrow=_InheritsAsyncCall()), "onthrow"),
+        (Method("add", onreturn=_decorated), "onreturn"),
+        (Method("add", onreturn=_UnreadableAsync()), "onreturn"),
+    ],
+    ids=["two", "onreturn-with-args", "async-call", "inherited", "decorator", "unreadable"],
+)
+def test_sync_client_refuses_every_kind_of_async_hook_naming_them(
+    client: backchannel.Client, settings: Method, kinds: str
+) -> None:
+    with pytest.raises(TypeError) as raised:
+        client.reference(Echo, methods=[settings])
+    assert str(raised.value) == (
+        f"test.Echo.add: the sync Client cannot await the async def hook(s) {kinds}; "
+        "use plain functions, or AsyncClient"
+    )
+
+
+def test_sync_client_takes_plain_callable_objects_and_trusts_unreadable_signatures(
+    client: backchannel.Client,
+) -> None:
+    class Calls:
+        def __init__(self) -> None:
+            self.got: list[tuple[Any, ...]] = []
+
+        def __call__(self, *args: Any) -> None:
+            self.got.append(args)
+
+    plain, unreadable, partial_got = Calls(), _Unreadable(), Calls()
+    methods = [
+        Method("add", oninvoke=plain, onreturn=unreadable),
+        Method("echo", onreturn=functools.partial(partial_got, "partial")),
+    ]
+    echo = client.reference(Echo, methods=methods)
+    assert echo.add(3, 4) == 7
+    assert plain.got == [(3, 4)]
+    assert unreadable.got == [(7, 3, 4)]  # no signature to go by: (result, *args)
+    assert echo.echo("x") == "x"
+    assert partial_got.got == [("partial", "x", "x")]
+
+
+def test_hooks_run_inside_the_calls_span_named_service_slash_method(
+    server: backchannel.Server,
+) -> None:
+    """With a tracer provider, every hook sees the call's client span as current, also
+    onthrow of an async_=True call whose arguments did not fit (it runs in the pool)."""
+    spans: dict[str, tuple[str | None, SpanKind | None]] = {}
+
+    def current() -> tuple[str | None, SpanKind | None]:
+        span = trace.get_current_span()
+        return getattr(span, "name", None), getattr(span, "kind", None)
+
+    def plain(kind: str) -> Callable[..., None]:
+        def record(*_args: Any) -> None:
+            spans[kind] = current()
+
+        return record
+
+    async def async_oninvoke(*_args: Any) -> None:
+        spans["async oninvoke"] = current()
+
+    async def asyncio_body() -> None:
+        async with backchannel.AsyncClient(server.address) as client:
+            echo = client.reference(Echo, methods=[Method("add", oninvoke=async_oninvoke)])
+            assert await echo.add(1, 2) == 3
+
+    telemetry.configure(tracer_provider=TracerProvider())
+    try:
+        with backchannel.Client(server.address) as client:
+            methods = [
+                Method("add", async_=True, onthrow=plain("onthrow")),
+                Method("echo", oninvoke=plain("oninvoke")),
+            ]
+            echo = client.reference(Echo, methods=methods)
+            assert isinstance(echo.add(1, 2, 3).exception(WAIT), backchannel.InvalidArguments)
+            assert echo.echo(1) == 1
+        run(asyncio_body())
+    finally:
+        telemetry.configure()
+    client_span = SpanKind.CLIENT
+    assert spans == {
+        "onthrow": ("test.Echo/add", client_span),
+        "oninvoke": ("test.Echo/echo", client_span),
+        "async oninvoke": ("test.Echo/add", client_span),
+    }
+
+
+def test_closing_a_client_leaves_running_hooks_to_finish_in_the_background(
+    server: backchannel.Server,
+) -> None:
+    gate, entered = threading.Event(), threading.Event()
+
+    def onreturn(result: Any, value: Any) -> None:
+        entered.set()
+        gate.wait(2 * WAIT)
+
+    client = backchannel.Client(server.address)
+    echo = client.reference(Echo, methods=[Method("echo", async_=True, onreturn=onreturn)])
+    future = echo.echo("late")
+    try:
+        assert entered.wait(WAIT)
+        client.close()  # returns while the hook still runs
+        assert not future.done()
+    finally:
+        gate.set()
+    assert future.result(WAIT) == "late"  # the hook finished, then settled the future

@@ -188,11 +188,12 @@ def unbound_arguments(
 
 
 def _is_coroutine(hook: object) -> bool:
-    """True for an ``async def`` function or method, or an object with an async __call__."""
+    """True for an ``async def`` function or method, or an object with an async __call__
+    (its class's own or inherited; also when the class is a descriptor, as class-based
+    decorators are)."""
     if inspect.iscoroutinefunction(hook):
         return True
-    call = vars(type(hook)).get("__call__")
-    return not inspect.isroutine(hook) and inspect.iscoroutinefunction(call)
+    return inspect.iscoroutinefunction(type(hook).__call__)
 
 
 class HookPool:
