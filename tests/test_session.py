@@ -1,0 +1,476 @@
+"""The Session (the writer, the outgoing-call table, reading) against a hand-driven peer.
+
+A consumer ``Session`` runs on an event loop whose clock the test sets; its peer is a
+provider protocol ``Connection`` the test drives frame by frame: what the session writes
+is parsed and fed to the peer as it is written, and what the peer queues reaches the
+session's reader when the test delivers it. No gRPC, no threads, no sleeps: every wait is
+a bounded number of loop turns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import grpc
+import pytest
+
+from backchannel import codec
+from backchannel.errors import DeadlineExceeded, StreamBroken, Unauthenticated
+from backchannel.protocol import CallReceived, CancelReceived, Connection, Role, State
+from backchannel.session import Session, _translate, parse_frame
+from backchannel.settings import Limits
+from backchannel.v1 import envelope_pb2 as pb
+from helpers import SERVICES, make_call
+
+
+class ClockLoop(asyncio.SelectorEventLoop):
+    """An event loop whose time moves only when the test moves it."""
+
+    now = 1000.0
+
+    def time(self) -> float:
+        return self.now
+
+
+def run(test: Callable[[ClockLoop], Coroutine[Any, Any, None]]) -> None:
+    loop = ClockLoop()
+    try:
+        loop.run_until_complete(test(loop))
+    finally:
+        loop.close()
+
+
+async def turns(condition: Callable[[], object], what: str, bound: int = 200) -> None:
+    """Let the loop run until ``condition`` holds, at most ``bound`` turns."""
+    for _ in range(bound):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError(f"not within {bound} loop turns: {what}")
+
+
+class Served:
+    """The session's dispatcher: incoming calls run ``handler``."""
+
+    def __init__(self, handler: Callable[[pb.Call], Coroutine[Any, Any, pb.Value]]) -> None:
+        self.handler = handler
+        self.ended_with: list[BaseException] = []
+
+    async def dispatch(self, call: pb.Call) -> pb.Value:
+        return await self.handler(call)
+
+    def released(self, callback_id: int) -> None:
+        pass
+
+    def ended(self, cause: BaseException) -> None:
+        self.ended_with.append(cause)
+
+
+async def _null(call: pb.Call) -> pb.Value:
+    return codec.NULL
+
+
+class Peer:
+    """A provider at the other end of a consumer session, driven by the test."""
+
+    def __init__(
+        self,
+        max_calls_in_flight: int = 0,
+        handler: Callable[[pb.Call], Coroutine[Any, Any, pb.Value]] = _null,
+        send_tracebacks: bool = False,
+        limits: Limits | None = None,
+    ) -> None:
+        self.connection: Connection[str] = Connection(
+            Role.PROVIDER,
+            application="warehouse",
+            services=SERVICES,
+            max_calls_in_flight=max_calls_in_flight,
+        )
+        self.inbox: asyncio.Queue[Any] = asyncio.Queue()
+        self.calls: list[pb.Call] = []
+        self.cancels: list[tuple[int, str]] = []
+        self.results: list[pb.Result] = []
+        self.gate: asyncio.Future[None] | None = None  # while set, writes wait on it
+        self.fail_writes: BaseException | None = None
+        self.served = Served(handler)
+        self.session = Session(
+            Connection(Role.CONSUMER, application="shop"),
+            self.write,
+            lambda session: self.served,
+            codec.ErrorTypes(),
+            peer="peer:1",
+            limits=limits or Limits(),
+            send_tracebacks=send_tracebacks,
+        )
+        self.reader: asyncio.Task[None] | None = None
+        self.futures: list[asyncio.Future[Any]] = []
+
+    def start(self, method: str, timeout: float | None = None, parent: int = 0) -> Any:
+        """Make a call from the session; its future."""
+        future = self.session.start_call(make_call(method), timeout, parent)
+        self.futures.append(future)
+        return future
+
+    async def write(self, message: bytes) -> None:
+        if self.fail_writes is not None:
+            raise self.fail_writes
+        if self.gate is not None:
+            await self.gate
+        frame = parse_frame(message)
+        assert type(frame) is pb.Frame
+        for event in self.connection.receive(frame):
+            if type(event) is CallReceived:
+                self.calls.append(event.call)
+            elif type(event) is CancelReceived:
+                self.cancels.append((event.call_id, event.reason))
+        if frame.HasField("batch"):
+            frames = list(frame.batch.frames)
+        else:
+            frames = [frame]
+        self.results += [each.result for each in frames if each.HasField("result")]
+
+    def deliver(self) -> None:
+        """Send the session what the peer queued."""
+        for data in self.connection.take_encoded():
+            self.inbox.put_nowait(parse_frame(data))
+
+    async def open(self) -> None:
+        self.session.connection.start()
+        self.session.flush()
+        self.reader = asyncio.get_running_loop().create_task(self.session.run(self.inbox.get))
+        await turns(lambda: self.connection.state is State.OPEN, "the hello written")
+        self.deliver()
+        await asyncio.wait_for(self.session.handshake, 5)
+
+    def answer(self, call_id: int) -> None:
+        self.connection.send_result(pb.Result(id=call_id, value=codec.NULL))
+        self.deliver()
+
+    async def close(self) -> None:
+        self.session.lost(StreamBroken("the test is over"))
+        for future in self.futures:
+            if future.done() and not future.cancelled():
+                future.exception()  # retrieved: its failure is no news
+        if self.reader is not None:
+            self.reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.reader
+
+
+# ------------------------------------------------------------ the outgoing-call table
+
+
+def test_a_call_that_waited_until_a_tenth_of_its_timeout_is_left_is_failed_not_sent() -> None:
+    run(_a_call_that_waited_until_a_tenth_of_its_timeout_is_left_is_failed_not_sent)
+
+
+async def _a_call_that_waited_until_a_tenth_of_its_timeout_is_left_is_failed_not_sent(
+    loop: ClockLoop,
+) -> None:
+    peer = Peer(max_calls_in_flight=1)
+    await peer.open()
+    first = peer.start("first", None)
+    late = peer.start("late", 10.0)  # waits for the one slot
+    cancelled = peer.start("cancelled", None)
+    after = peer.start("after", None)
+    await turns(lambda: len(peer.calls) == 1, "the first call sent")
+    cancelled.cancel()  # while it waits: skipped, and the next one still goes
+    loop.now += 9.0  # exactly a tenth of the late call's 10 s left
+    peer.answer(peer.calls[0].id)
+    await turns(lambda: first.done() and len(peer.calls) == 2, "the slot freed")
+    assert [each.method for each in peer.calls] == ["first", "after"]
+    with pytest.raises(DeadlineExceeded) as caught:
+        late.result()
+    assert str(caught.value) == (
+        "test.Echo.late was not sent: it waited for one of the 1 calls the peer runs at once "
+        "(max_calls_in_flight) until less than a tenth of its 10.0 s timeout was left"
+    )
+    assert not after.done()
+    await peer.close()
+
+
+def test_a_call_that_waited_with_more_than_a_tenth_of_its_timeout_left_is_sent() -> None:
+    run(_a_call_that_waited_with_more_than_a_tenth_of_its_timeout_left_is_sent)
+
+
+async def _a_call_that_waited_with_more_than_a_tenth_of_its_timeout_left_is_sent(
+    loop: ClockLoop,
+) -> None:
+    peer = Peer(max_calls_in_flight=1)
+    await peer.open()
+    peer.start("first", None)
+    waited = peer.start("waited", 10.0)
+    await turns(lambda: len(peer.calls) == 1, "the first call sent")
+    loop.now += 8.5  # 1.5 s of 10 left
+    peer.answer(peer.calls[0].id)
+    await turns(lambda: len(peer.calls) == 2, "the waiting call sent")
+    assert peer.calls[1].method == "waited" and not waited.done()
+    peer.answer(peer.calls[1].id)
+    assert await asyncio.wait_for(waited, 5) == pb.Result(id=peer.calls[1].id, value=codec.NULL)
+    await peer.close()
+
+
+def test_an_expired_call_is_cancelled_at_the_peer_and_frees_its_slot() -> None:
+    run(_an_expired_call_is_cancelled_at_the_peer_and_frees_its_slot)
+
+
+async def _an_expired_call_is_cancelled_at_the_peer_and_frees_its_slot(loop: ClockLoop) -> None:
+    peer = Peer(max_calls_in_flight=1)
+    await peer.open()
+    slow = peer.start("slow", 0.5)
+    waiting = peer.start("waiting", None)
+    await turns(lambda: len(peer.calls) == 1, "the slow call sent")
+    loop.now += 0.6
+    await turns(lambda: slow.done() and len(peer.calls) == 2, "the slow call expired")
+    with pytest.raises(DeadlineExceeded) as caught:
+        slow.result()
+    assert str(caught.value) == "test.Echo.slow did not finish within 0.5 s"
+    assert peer.cancels == [(peer.calls[0].id, "deadline of 0.5 s exceeded")]
+    assert peer.calls[1].method == "waiting" and not waiting.done()
+    assert not peer.session.awaits(peer.calls[0].id) and peer.session.awaits(peer.calls[1].id)
+    await peer.close()
+
+
+def test_the_waiting_queue_drops_finished_calls_and_keeps_the_live_ones_in_order() -> None:
+    run(_the_waiting_queue_drops_finished_calls_and_keeps_the_live_ones_in_order)
+
+
+async def _the_waiting_queue_drops_finished_calls_and_keeps_the_live_ones_in_order(
+    loop: ClockLoop,
+) -> None:
+    peer = Peer(max_calls_in_flight=1)
+    await peer.open()
+    peer.start("first", None)
+    await turns(lambda: len(peer.calls) == 1, "the first call sent")
+    # a peer that never frees its slot, and callers that give up: the queue stays bounded
+    live: list[asyncio.Future[Any]] = []
+    largest = 0
+    for number in range(30_000):
+        future = peer.start(f"m{number}", None)
+        if number % 3 == 0:
+            live.append(future)
+        else:
+            future.cancel()
+        largest = max(largest, len(peer.session._waiting))
+    # 10,000 live calls: compacted when the queue doubles, so at most twice the live ones
+    assert largest <= 2 * len(live) + 1
+    # and the live ones are sent in the order they were made, the cancelled never
+    for sent in range(2, 5):
+        peer.answer(peer.calls[-1].id)
+        await turns(lambda: len(peer.calls) == sent, "the next live call sent")  # noqa: B023
+    assert [each.method for each in peer.calls] == ["first", "m0", "m3", "m6"]
+    await peer.close()
+
+
+# ------------------------------------------------------------------- the writer
+
+
+def test_a_failed_write_fails_every_pending_call_with_the_transport_error() -> None:
+    run(_a_failed_write_fails_every_pending_call_with_the_transport_error)
+
+
+async def _a_failed_write_fails_every_pending_call_with_the_transport_error(
+    loop: ClockLoop,
+) -> None:
+    peer = Peer()
+    await peer.open()
+    sent = peer.start("sent", None)
+    await turns(lambda: len(peer.calls) == 1, "the call sent")
+    peer.fail_writes = ConnectionResetError("reset by peer")
+    failed = peer.start("failed", None)
+    expected = "the stream to peer:1 broke: ConnectionResetError: reset by peer"
+    for future in (sent, failed):
+        await turns(future.done, "the call failed")
+        with pytest.raises(StreamBroken) as caught:
+            future.result()
+        assert str(caught.value) == expected
+    assert peer.session.cause is not None and str(peer.session.cause) == expected
+    assert peer.served.ended_with == [peer.session.cause]
+    await peer.close()
+
+
+# ------------------------------------------------------------- serving the peer's calls
+
+
+class Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no text")
+
+
+def test_an_exception_that_cannot_be_sent_is_answered_with_an_encode_error() -> None:
+    run(_an_exception_that_cannot_be_sent_is_answered_with_an_encode_error)
+
+
+async def _an_exception_that_cannot_be_sent_is_answered_with_an_encode_error(
+    loop: ClockLoop,
+) -> None:
+    async def raising(call: pb.Call) -> pb.Value:
+        raise Unprintable()
+
+    peer = Peer(handler=raising)
+    await peer.open()
+    call_id = peer.connection.send_call(pb.Call(callback_id=5, method="changed"), "token")
+    peer.deliver()
+    await turns(lambda: peer.results, "the callback answered")
+    [result] = peer.results
+    assert result.id == call_id
+    assert result.error.type == "backchannel.EncodeError"
+    assert result.error.message == (
+        "callback 5.changed raised Unprintable, which could not be sent: RuntimeError: no text"
+    )
+    await peer.close()
+
+
+def test_a_session_that_sends_tracebacks_sends_the_raised_ones() -> None:
+    run(_a_session_that_sends_tracebacks_sends_the_raised_ones)
+
+
+async def _a_session_that_sends_tracebacks_sends_the_raised_ones(loop: ClockLoop) -> None:
+    async def raising(call: pb.Call) -> pb.Value:
+        raise ValueError("bad value")
+
+    peer = Peer(handler=raising, send_tracebacks=True)
+    await peer.open()
+    peer.connection.send_call(pb.Call(callback_id=5, method="changed"), "token")
+    peer.deliver()
+    await turns(lambda: peer.results, "the callback answered")
+    [result] = peer.results
+    assert result.error.type == "ValueError" and result.error.message == "bad value"
+    assert "ValueError: bad value" in result.error.traceback
+    assert 'raise ValueError("bad value")' in result.error.traceback
+    await peer.close()
+
+
+def test_wait_idle_waits_for_running_calls_and_for_their_results_to_be_written() -> None:
+    run(_wait_idle_waits_for_running_calls_and_for_their_results_to_be_written)
+
+
+async def _wait_idle_waits_for_running_calls_and_for_their_results_to_be_written(
+    loop: ClockLoop,
+) -> None:
+    release: asyncio.Future[None] = loop.create_future()
+
+    async def waiting(call: pb.Call) -> pb.Value:
+        if call.method == "slow":
+            await release
+        return codec.NULL
+
+    peer = Peer(handler=waiting)
+    await peer.open()
+    peer.gate = loop.create_future()  # the peer reads nothing for now
+    peer.connection.send_call(pb.Call(callback_id=5, method="slow"), "token")
+    peer.connection.send_call(pb.Call(callback_id=5, method="quick"), "token")
+    peer.deliver()
+    idle = loop.create_task(peer.session.wait_idle())
+    await turns(lambda: len(peer.session._running) == 1, "the slow call running")
+    release.set_result(None)
+    await turns(lambda: not peer.session._running, "the slow call done")
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert not idle.done(), "idle while the results are not written yet"
+    peer.gate.set_result(None)
+    await asyncio.wait_for(idle, 5)
+    assert sorted(result.id for result in peer.results) == [1, 2]
+    await peer.close()
+
+
+def test_wait_idle_returns_when_the_stream_ends_under_a_running_call() -> None:
+    run(_wait_idle_returns_when_the_stream_ends_under_a_running_call)
+
+
+async def _wait_idle_returns_when_the_stream_ends_under_a_running_call(loop: ClockLoop) -> None:
+    never: asyncio.Future[None] = loop.create_future()
+
+    async def waiting(call: pb.Call) -> pb.Value:
+        await never
+        return codec.NULL
+
+    peer = Peer(handler=waiting)
+    await peer.open()
+    peer.connection.send_call(pb.Call(callback_id=5, method="slow"), "token")
+    peer.deliver()
+    await turns(lambda: len(peer.session._running) == 1, "the call running")
+    idle = loop.create_task(peer.session.wait_idle())
+    await asyncio.sleep(0)
+    peer.session.lost(StreamBroken("gone"))
+    await asyncio.wait_for(idle, 5)  # returns: neither hangs nor raises CancelledError
+    assert idle.result() is None
+    await peer.close()
+
+
+# ------------------------------------------------------------------ the call tree
+
+
+def test_ancestors_follow_the_chain_of_calls_each_made_during_the_other() -> None:
+    run(_ancestors_follow_the_chain_of_calls_each_made_during_the_other)
+
+
+async def _ancestors_follow_the_chain_of_calls_each_made_during_the_other(
+    loop: ClockLoop,
+) -> None:
+    made: dict[str, asyncio.Future[Any]] = {}
+    release: asyncio.Future[None] = loop.create_future()
+
+    async def calling(call: pb.Call) -> pb.Value:
+        # the consumer's callback calls the provider back, during the callback
+        made[call.method] = peer.start(f"during-{call.method}", None, parent=call.id)
+        await release
+        return codec.NULL
+
+    peer = Peer(handler=calling)
+    await peer.open()
+    session = peer.session
+    # ids on both sides: spend the peer's call id 1 on an unrelated callback first
+    unrelated = peer.connection.send_call(pb.Call(callback_id=5, method="unrelated"), "t")
+    peer.deliver()
+    await turns(lambda: "unrelated" in made, "the unrelated callback running")
+    root = peer.start("root")
+    await turns(lambda: len(peer.calls) == 2, "the root call sent")
+    root_id = peer.calls[1].id
+    # during root, the provider calls back X; during X the consumer calls; during that Y
+    x = peer.connection.send_call(pb.Call(callback_id=5, method="x", parent_id=root_id), "t")
+    peer.deliver()
+    await turns(lambda: "x" in made and len(peer.calls) == 3, "x running")
+    during_x = peer.calls[2].id
+    y = peer.connection.send_call(pb.Call(callback_id=5, method="y", parent_id=during_x), "t")
+    peer.deliver()
+    await turns(lambda: "y" in made and len(peer.calls) == 4, "y running")
+    during_y = peer.calls[3].id
+    assert unrelated == 1 and (x, y) == (2, 3)
+    assert session.ancestors(during_y) == {y, x}
+    assert session.ancestors(during_x) == {x}
+    assert session.ancestors(root_id) == set()
+    assert session.ancestors(peer.calls[0].id) == {unrelated}
+    assert session.ancestors(999) == set()
+    assert not root.done()
+    await peer.close()
+
+
+# --------------------------------------------------------------- pure pieces
+
+
+def _rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details)
+
+
+def test_stream_errors_become_backchannels_naming_the_peer_and_keeping_the_cause() -> None:
+    refused = _rpc_error(grpc.StatusCode.UNAUTHENTICATED, "bad token")
+    error = _translate(refused, "peer:1")
+    assert type(error) is Unauthenticated
+    assert str(error) == "peer:1 refused this consumer: bad token"
+    assert error.__cause__ is refused
+    broken = _rpc_error(grpc.StatusCode.UNAVAILABLE, "connection reset")
+    error = _translate(broken, "peer:1")
+    assert type(error) is StreamBroken
+    assert str(error) == "the stream to peer:1 broke: UNAVAILABLE: connection reset"
+    assert error.__cause__ is broken
+    other = ConnectionResetError("reset")
+    error = _translate(other, "peer:1")
+    assert type(error) is StreamBroken
+    assert str(error) == "the stream to peer:1 broke: ConnectionResetError: reset"
+    assert error.__cause__ is other
+    already = StreamBroken("already ours")
+    assert _translate(already, "peer:1") is already
