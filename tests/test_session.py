@@ -234,8 +234,31 @@ async def _an_expired_call_is_cancelled_at_the_peer_and_frees_its_slot(loop: Clo
     await peer.close()
 
 
+class CountingFuture(asyncio.Future[Any]):
+    """A future that counts how often anything asks whether it is done."""
+
+    asked = 0
+    budget = 1 << 62
+
+    def done(self) -> bool:
+        CountingFuture.asked += 1
+        assert CountingFuture.asked <= CountingFuture.budget, "waiting calls scanned too often"
+        return super().done()
+
+
+class CountingLoop(ClockLoop):
+    def create_future(self) -> asyncio.Future[Any]:
+        return CountingFuture(loop=self)
+
+
 def test_the_waiting_queue_drops_finished_calls_and_keeps_the_live_ones_in_order() -> None:
-    run(_the_waiting_queue_drops_finished_calls_and_keeps_the_live_ones_in_order)
+    loop = CountingLoop()
+    try:
+        loop.run_until_complete(
+            _the_waiting_queue_drops_finished_calls_and_keeps_the_live_ones_in_order(loop)
+        )
+    finally:
+        loop.close()
 
 
 async def _the_waiting_queue_drops_finished_calls_and_keeps_the_live_ones_in_order(
@@ -243,25 +266,25 @@ async def _the_waiting_queue_drops_finished_calls_and_keeps_the_live_ones_in_ord
 ) -> None:
     peer = Peer(max_calls_in_flight=1)
     await peer.open()
-    peer.start("first", None)
+    peer.start("first")
     await turns(lambda: len(peer.calls) == 1, "the first call sent")
-    # a peer that never frees its slot, and callers that give up: the queue stays bounded
-    live: list[asyncio.Future[Any]] = []
+    # a peer that never frees its slot: 5,000 callers wait, then 20,000 give up waiting
+    live = [peer.start(f"m{number}") for number in range(5000)]
+    CountingFuture.asked, CountingFuture.budget = 0, 100_000  # 4 looks a call, amortized
     largest = 0
-    for number in range(30_000):
-        future = peer.start(f"m{number}", None)
-        if number % 3 == 0:
-            live.append(future)
-        else:
-            future.cancel()
+    for number in range(20_000):
+        future = peer.session.start_call(make_call(f"gone{number}"), None)
+        future.cancel()
         largest = max(largest, len(peer.session._waiting))
-    # 10,000 live calls: compacted when the queue doubles, so at most twice the live ones
-    assert largest <= 2 * len(live) + 1
-    # and the live ones are sent in the order they were made, the cancelled never
+    # compacted once the queue holds twice its live calls (the one being added is live)
+    assert largest <= 2 * (len(live) + 1)
+    CountingFuture.budget = 1 << 62
+    # the live ones are sent in the order they were made, the cancelled never
     for sent in range(2, 5):
         peer.answer(peer.calls[-1].id)
         await turns(lambda: len(peer.calls) == sent, "the next live call sent")  # noqa: B023
-    assert [each.method for each in peer.calls] == ["first", "m0", "m3", "m6"]
+    assert [each.method for each in peer.calls] == ["first", "m0", "m1", "m2"]
+    assert not any(future.done() for future in live[3:])
     await peer.close()
 
 
@@ -427,26 +450,44 @@ async def _ancestors_follow_the_chain_of_calls_each_made_during_the_other(
     unrelated = peer.connection.send_call(pb.Call(callback_id=5, method="unrelated"), "t")
     peer.deliver()
     await turns(lambda: "unrelated" in made, "the unrelated callback running")
+    other = peer.connection.send_call(pb.Call(callback_id=5, method="other"), "t")
+    peer.deliver()
+    await turns(lambda: "other" in made, "the other callback running")
     root = peer.start("root")
-    await turns(lambda: len(peer.calls) == 2, "the root call sent")
-    root_id = peer.calls[1].id
+    await turns(lambda: len(peer.calls) == 3, "the root call sent")
+    root_id = peer.calls[2].id
     # during root, the provider calls back X; during X the consumer calls; during that Y
     x = peer.connection.send_call(pb.Call(callback_id=5, method="x", parent_id=root_id), "t")
     peer.deliver()
-    await turns(lambda: "x" in made and len(peer.calls) == 3, "x running")
-    during_x = peer.calls[2].id
+    await turns(lambda: "x" in made and len(peer.calls) == 4, "x running")
+    during_x = peer.calls[3].id
     y = peer.connection.send_call(pb.Call(callback_id=5, method="y", parent_id=during_x), "t")
     peer.deliver()
-    await turns(lambda: "y" in made and len(peer.calls) == 4, "y running")
-    during_y = peer.calls[3].id
-    assert unrelated == 1 and (x, y) == (2, 3)
+    await turns(lambda: "y" in made and len(peer.calls) == 5, "y running")
+    during_y = peer.calls[4].id
+    assert (unrelated, other, x, y) == (1, 2, 3, 4)
     assert session.ancestors(during_y) == {y, x}
     assert session.ancestors(during_x) == {x}
     assert session.ancestors(root_id) == set()
     assert session.ancestors(peer.calls[0].id) == {unrelated}
+    assert session.ancestors(peer.calls[1].id) == {other}  # not on to outgoing call 1's
     assert session.ancestors(999) == set()
     assert not root.done()
     await peer.close()
+
+
+def test_a_discarded_session_ends_quietly_without_its_dispatcher() -> None:
+    run(_a_discarded_session_ends_quietly_without_its_dispatcher)
+
+
+async def _a_discarded_session_ends_quietly_without_its_dispatcher(loop: ClockLoop) -> None:
+    peer = Peer()  # its handshake never finishes: given up, the session is discarded
+    peer.session.discard()
+    peer.session.lost(StreamBroken("the handshake was given up"))
+    assert peer.session.closed.is_set()
+    assert peer.served.ended_with == []  # the dropped dispatcher hears nothing
+    with pytest.raises(StreamBroken, match="^the handshake was given up$"):
+        peer.session.handshake.result()
 
 
 # --------------------------------------------------------------- pure pieces
