@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 import grpc
 import pytest
+from helpers import SERVICES, make_call
 
 from backchannel import codec
 from backchannel.errors import DeadlineExceeded, StreamBroken, Unauthenticated
@@ -23,7 +25,6 @@ from backchannel.protocol import CallReceived, CancelReceived, Connection, Role,
 from backchannel.session import Session, _translate, parse_frame
 from backchannel.settings import Limits
 from backchannel.v1 import envelope_pb2 as pb
-from helpers import SERVICES, make_call
 
 
 class ClockLoop(asyncio.SelectorEventLoop):
@@ -126,10 +127,7 @@ class Peer:
                 self.calls.append(event.call)
             elif type(event) is CancelReceived:
                 self.cancels.append((event.call_id, event.reason))
-        if frame.HasField("batch"):
-            frames = list(frame.batch.frames)
-        else:
-            frames = [frame]
+        frames = list(frame.batch.frames) if frame.HasField("batch") else [frame]
         self.results += [each.result for each in frames if each.HasField("result")]
 
     def deliver(self) -> None:
@@ -424,6 +422,33 @@ async def _wait_idle_returns_when_the_stream_ends_under_a_running_call(loop: Clo
     await peer.close()
 
 
+def test_calls_that_await_one_shared_future_all_run_to_their_result() -> None:
+    run(_calls_that_await_one_shared_future_all_run_to_their_result)
+
+
+async def _calls_that_await_one_shared_future_all_run_to_their_result(loop: ClockLoop) -> None:
+    ready: asyncio.Future[pb.Value] = loop.create_future()  # e.g. a resource loaded once
+
+    async def shared(call: pb.Call) -> pb.Value:
+        return await ready
+
+    peer = Peer(handler=shared)
+    await peer.open()
+    for _ in range(3):  # each started eagerly, each then handed to a task of its own
+        peer.connection.send_call(pb.Call(callback_id=5, method="changed"), "token")
+    peer.deliver()
+    await turns(lambda: len(peer.session._running) == 3, "all three waiting")
+    ready.set_result(pb.Value(string_value="loaded"))
+    await turns(lambda: len(peer.results) == 3, "all three answered")
+    assert [(result.id, result.WhichOneof("outcome")) for result in peer.results] == [
+        (1, "value"),
+        (2, "value"),
+        (3, "value"),
+    ]
+    assert all(result.value.string_value == "loaded" for result in peer.results)
+    await peer.close()
+
+
 # ------------------------------------------------------------------ the call tree
 
 
@@ -490,11 +515,178 @@ async def _a_discarded_session_ends_quietly_without_its_dispatcher(loop: ClockLo
         peer.session.handshake.result()
 
 
+# ------------------------------------------------------------------ back-pressure
+
+BIG = pb.Value(string_value="x" * 1000)  # a result of about 1 KB
+SMALL_QUEUE = Limits(max_message_size=1024, max_queued_bytes=4096, max_write_stall=5.0)
+
+
+async def _big(call: pb.Call) -> pb.Value:
+    return BIG
+
+
+async def _unread_peer(loop: ClockLoop, calls: int) -> Peer:
+    """A session whose peer sends ``calls`` callbacks, each in its own message, and reads
+    nothing: the results pile up past max_queued_bytes."""
+    peer = Peer(handler=_big, limits=SMALL_QUEUE)
+    await peer.open()
+    peer.gate = loop.create_future()
+    for _ in range(calls):
+        peer.connection.send_call(pb.Call(callback_id=5, method="changed"), "token")
+    peer.deliver()
+    await turns(lambda: not peer.session._writable.is_set(), "over the limit")
+    return peer
+
+
+def test_past_max_queued_bytes_the_session_stops_reading_and_holds_new_calls() -> None:
+    run(_past_max_queued_bytes_the_session_stops_reading_and_holds_new_calls)
+
+
+async def _past_max_queued_bytes_the_session_stops_reading_and_holds_new_calls(
+    loop: ClockLoop,
+) -> None:
+    peer = await _unread_peer(loop, 10)
+    for _ in range(20):
+        await asyncio.sleep(0)
+    # one result is being written, four queued (over 4096 bytes): the rest is not read
+    unread = peer.inbox.qsize()
+    assert unread == 10 - 6
+    held = peer.start("held")
+    loop.now += 4.9  # under max_write_stall: the stream goes on
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert peer.inbox.qsize() == unread and peer.session.cause is None
+    assert peer.gate is not None
+    peer.gate.set_result(None)  # the peer reads again: so does the session
+    await turns(lambda: len(peer.results) == 10, "every callback answered")
+    await turns(lambda: len(peer.calls) == 1, "the held call sent")
+    assert peer.calls[0].method == "held" and not held.done()
+    loop.now += 60.0  # the stall timer was dropped when the queue drained
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert peer.session.cause is None and peer.session.ending is None
+    await peer.close()
+
+
+def test_a_peer_that_stays_unread_past_max_write_stall_is_ended() -> None:
+    run(_a_peer_that_stays_unread_past_max_write_stall_is_ended)
+
+
+async def _a_peer_that_stays_unread_past_max_write_stall_is_ended(loop: ClockLoop) -> None:
+    peer = await _unread_peer(loop, 10)
+    pending = peer.start("pending")
+    loop.now += 5.0
+    await turns(lambda: peer.session.cause is not None, "the stream ended")
+    why = (
+        "peer:1 read nothing of what was queued for it for 5.0 s (max_write_stall) while "
+        "over the limit of 4096 bytes (max_queued_bytes); the stream is ended"
+    )
+    assert peer.session.ending == (grpc.StatusCode.RESOURCE_EXHAUSTED, why)
+    with pytest.raises(StreamBroken, match=f"^{re.escape(why)}$"):
+        await asyncio.wait_for(pending, 5)
+    await turns(lambda: peer.reader is not None and peer.reader.done(), "the reader ended")
+    assert peer.session.closed.is_set()
+    await peer.close()
+
+
+def test_results_piling_up_past_twice_max_queued_bytes_end_the_stream() -> None:
+    run(_results_piling_up_past_twice_max_queued_bytes_end_the_stream)
+
+
+async def _results_piling_up_past_twice_max_queued_bytes_end_the_stream(
+    loop: ClockLoop,
+) -> None:
+    release: asyncio.Future[None] = loop.create_future()
+
+    async def held(call: pb.Call) -> pb.Value:
+        await release
+        return BIG
+
+    peer = Peer(handler=held, limits=SMALL_QUEUE)
+    await peer.open()
+    peer.gate = loop.create_future()
+    for _ in range(12):  # all read and running: nothing is queued yet
+        peer.connection.send_call(pb.Call(callback_id=5, method="changed"), "token")
+    peer.deliver()
+    await turns(lambda: len(peer.session._running) == 12, "all running")
+    release.set_result(None)  # eleven results queue (one is written): about 11,000 bytes
+    await turns(lambda: peer.session.cause is not None, "the stream ended")
+    assert peer.session.ending is not None
+    code, why = peer.session.ending
+    assert code is grpc.StatusCode.RESOURCE_EXHAUSTED
+    found = re.fullmatch(
+        r"peer:1 did not read what was sent to it: (\d+) bytes queued for it, over twice "
+        r"the limit of 4096 bytes \(max_queued_bytes\); the stream is ended",
+        why,
+    )
+    assert found is not None, why
+    assert 8192 < int(found.group(1)) <= 8192 + 1100  # ended by the result that passed it
+    await peer.close()
+
+
+def test_a_peer_flooding_faults_is_ended_past_max_faults_refilled_by_the_minute() -> None:
+    run(_a_peer_flooding_faults_is_ended_past_max_faults_refilled_by_the_minute)
+
+
+async def _a_peer_flooding_faults_is_ended_past_max_faults_refilled_by_the_minute(
+    loop: ClockLoop,
+) -> None:
+    peer = Peer(limits=Limits(max_faults=3))
+    await peer.open()
+
+    async def faults(count: int) -> None:
+        for _ in range(count):
+            peer.inbox.put_nowait(pb.Frame(fault=pb.Fault(message="you erred")))
+        await turns(lambda: peer.inbox.empty(), "the faults read")
+        for _ in range(5):
+            await asyncio.sleep(0)
+
+    await faults(3)  # max_faults at once
+    assert peer.session.cause is None
+    loop.now += 19.9  # not yet one more: 3 a minute
+    await faults(1)
+    assert peer.session.cause is not None  # 3 + 0.995 refilled, less 4
+    why = (
+        "peer:1 sent more than 3 Faults (max_faults at once, or more than 3 a minute after "
+        "that); the stream is ended"
+    )
+    assert peer.session.ending == (grpc.StatusCode.RESOURCE_EXHAUSTED, why)
+    await peer.close()
+
+
+def test_faults_are_refilled_at_max_faults_a_minute_up_to_max_faults() -> None:
+    run(_faults_are_refilled_at_max_faults_a_minute_up_to_max_faults)
+
+
+async def _faults_are_refilled_at_max_faults_a_minute_up_to_max_faults(loop: ClockLoop) -> None:
+    peer = Peer(limits=Limits(max_faults=3))
+    await peer.open()
+
+    async def faults(count: int) -> None:
+        for _ in range(count):
+            peer.inbox.put_nowait(pb.Frame(fault=pb.Fault(message="you erred")))
+        await turns(lambda: peer.inbox.empty(), "the faults read")
+        for _ in range(5):
+            await asyncio.sleep(0)
+
+    await faults(3)
+    loop.now += 20.0  # one refilled
+    await faults(1)
+    assert peer.session.cause is None
+    loop.now += 3600.0  # refilled, but never past max_faults
+    await faults(3)
+    assert peer.session.cause is None
+    await faults(1)
+    assert peer.session.ending is not None
+    await peer.close()
+
+
 # --------------------------------------------------------------- pure pieces
 
 
 def _rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
-    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details)
+    metadata = grpc.aio.Metadata()
+    return grpc.aio.AioRpcError(code, metadata, metadata, details=details, debug_error_string="")
 
 
 def test_stream_errors_become_backchannels_naming_the_peer_and_keeping_the_cause() -> None:
