@@ -19,10 +19,17 @@ import grpc
 import pytest
 from helpers import SERVICES, make_call
 
-from backchannel import codec
+from backchannel import codec, wire
 from backchannel.errors import DeadlineExceeded, StreamBroken, Unauthenticated
-from backchannel.protocol import CallReceived, CancelReceived, Connection, Role, State
-from backchannel.session import Session, _translate, parse_frame
+from backchannel.protocol import (
+    CallReceived,
+    CancelReceived,
+    Connection,
+    Role,
+    State,
+    Unparseable,
+)
+from backchannel.session import Session, SplitBatch, _translate, parse_frame
 from backchannel.settings import Limits
 from backchannel.v1 import envelope_pb2 as pb
 
@@ -707,3 +714,29 @@ def test_stream_errors_become_backchannels_naming_the_peer_and_keeping_the_cause
     assert error.__cause__ is other
     already = StreamBroken("already ours")
     assert _translate(already, "peer:1") is already
+
+
+def test_a_batch_with_a_bad_frame_is_split_and_the_bad_one_keeps_its_ids() -> None:
+    good = pb.Frame(call=pb.Call(id=6, service="test.Echo", method="echo")).SerializeToString()
+    bad = pb.Frame(call=pb.Call(id=7, service="test.Echo", method="echo", one_way=True))
+    bad_bytes = bad.SerializeToString().replace(b"echo", b"ec\xffo")  # not UTF-8
+    reason = "Error parsing message with type 'backchannel.v1.Frame'"
+    alone = parse_frame(bad_bytes)
+    assert type(alone) is Unparseable
+    assert (alone.size, alone.call_id, alone.one_way, alone.result_id) == (
+        len(bad_bytes),
+        7,
+        True,
+        0,
+    )
+    assert reason in alone.reason
+    split = parse_frame(wire.batch_frame([good, bad_bytes]))
+    assert type(split) is SplitBatch
+    first, second = split.frames
+    assert first == pb.Frame.FromString(good)
+    assert second == alone
+    answer = pb.Frame(result=pb.Result(id=9, error=pb.Error(message="oops")))
+    answer_bytes = answer.SerializeToString().replace(b"oops", b"oo\xffs")
+    unreadable = parse_frame(answer_bytes)
+    assert type(unreadable) is Unparseable
+    assert (unreadable.size, unreadable.call_id, unreadable.result_id) == (len(answer_bytes), 0, 9)
