@@ -628,6 +628,9 @@ async def _results_piling_up_past_twice_max_queued_bytes_end_the_stream(
     )
     assert found is not None, why
     assert 8192 < int(found.group(1)) <= 8192 + 1100  # ended by the result that passed it
+    # the reader, waiting for a frame the peer may never send, is stopped, and returns
+    await turns(lambda: peer.reader is not None and peer.reader.done(), "the reader ended")
+    assert peer.reader is not None and not peer.reader.cancelled()
     await peer.close()
 
 
@@ -658,6 +661,9 @@ async def _a_peer_flooding_faults_is_ended_past_max_faults_refilled_by_the_minut
         "that); the stream is ended"
     )
     assert peer.session.ending == (grpc.StatusCode.RESOURCE_EXHAUSTED, why)
+    # the reader that ended it returns: the provider ends the RPC with that status
+    await turns(lambda: peer.reader is not None and peer.reader.done(), "the reader ended")
+    assert peer.reader is not None and not peer.reader.cancelled()
     await peer.close()
 
 
