@@ -29,7 +29,14 @@ from backchannel.protocol import (
     State,
     Unparseable,
 )
-from backchannel.session import Session, SplitBatch, _translate, parse_frame
+from backchannel.session import (
+    Deferred,
+    Outgoing,
+    Session,
+    SplitBatch,
+    _translate,
+    parse_frame,
+)
 from backchannel.settings import Limits
 from backchannel.v1 import envelope_pb2 as pb
 
@@ -746,3 +753,31 @@ def test_a_batch_with_a_bad_frame_is_split_and_the_bad_one_keeps_its_ids() -> No
     unreadable = parse_frame(answer_bytes)
     assert type(unreadable) is Unparseable
     assert (unreadable.size, unreadable.call_id, unreadable.result_id) == (len(answer_bytes), 0, 9)
+
+
+def test_a_result_decoded_elsewhere_settles_the_call_with_that_outcome() -> None:
+    run(_a_result_decoded_elsewhere_settles_the_call_with_that_outcome)
+
+
+async def _a_result_decoded_elsewhere_settles_the_call_with_that_outcome(loop: ClockLoop) -> None:
+    decoded: list[asyncio.Future[Any]] = []
+
+    def decode(result: pb.Result) -> Deferred:  # a bulk value, decoded in a worker thread
+        decoded.append(loop.create_future())
+        return Deferred(decoded[-1])
+
+    calls = [
+        Outgoing(make_call(), loop.create_future(), "test.Echo.echo", None, decode)
+        for _ in range(3)
+    ]
+    for outgoing in calls:
+        outgoing.resolve(pb.Result(id=1, value=codec.NULL))
+    assert not any(outgoing.future.done() for outgoing in calls)
+    decoded[0].set_result(["the", "value"])
+    decoded[1].set_exception(ValueError("undecodable"))
+    decoded[2].cancel()
+    await turns(lambda: all(outgoing.future.done() for outgoing in calls), "all settled")
+    assert calls[0].future.result() == ["the", "value"]
+    with pytest.raises(ValueError, match="^undecodable$"):
+        calls[1].future.result()
+    assert calls[2].future.cancelled()
