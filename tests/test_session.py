@@ -20,7 +20,7 @@ import pytest
 from helpers import SERVICES, make_call
 
 from backchannel import codec, wire
-from backchannel.errors import DeadlineExceeded, StreamBroken, Unauthenticated
+from backchannel.errors import DeadlineExceeded, MessageTooLarge, StreamBroken, Unauthenticated
 from backchannel.protocol import (
     CallReceived,
     CancelReceived,
@@ -781,3 +781,33 @@ async def _a_result_decoded_elsewhere_settles_the_call_with_that_outcome(loop: C
     with pytest.raises(ValueError, match="^undecodable$"):
         calls[1].future.result()
     assert calls[2].future.cancelled()
+
+
+def test_a_one_way_call_is_done_once_sent_and_a_call_over_the_size_limit_is_refused() -> None:
+    run(_a_one_way_call_is_done_once_sent_and_a_call_over_the_size_limit_is_refused)
+
+
+async def _a_one_way_call_is_done_once_sent_and_a_call_over_the_size_limit_is_refused(
+    loop: ClockLoop,
+) -> None:
+    peer = Peer(limits=Limits(max_message_size=1024, max_queued_bytes=4096))
+    await peer.open()
+    one_way = peer.session.start_call(make_call("notify", one_way=True), None)
+    assert one_way.result() == pb.Result(id=1, value=codec.NULL)
+    await turns(lambda: len(peer.calls) == 1, "the one-way call sent")
+    assert peer.calls[0].one_way and not peer.session.awaits(1)
+    at_limit = make_call("big")
+    at_limit.json_args = "x" * (1024 - at_limit.ByteSize() - 3)
+    assert at_limit.ByteSize() == 1024  # exactly the limit: sent
+    peer.futures.append(peer.session.start_call(at_limit, None))
+    await turns(lambda: len(peer.calls) == 2, "the call at the limit sent")
+    over = make_call("bigger")
+    over.json_args = "x" * (1025 - over.ByteSize() - 3)
+    assert over.ByteSize() == 1025
+    with pytest.raises(MessageTooLarge) as caught:
+        peer.session.start_call(over, None)
+    assert str(caught.value) == (
+        "test.Echo.bigger: the call is 1025 bytes, over the message size limit of 1024 bytes "
+        "(max_message_size)"
+    )
+    await peer.close()
