@@ -811,3 +811,19 @@ async def _a_one_way_call_is_done_once_sent_and_a_call_over_the_size_limit_is_re
         "(max_message_size)"
     )
     await peer.close()
+
+
+def test_a_batch_bigger_than_a_slice_is_acted_on_whole_in_order() -> None:
+    run(_a_batch_bigger_than_a_slice_is_acted_on_whole_in_order)
+
+
+async def _a_batch_bigger_than_a_slice_is_acted_on_whole_in_order(loop: ClockLoop) -> None:
+    peer = Peer()
+    await peer.open()
+    for _ in range(1234):  # two whole slices of 500 and a part, in one Batch message
+        peer.connection.send_call(pb.Call(callback_id=5, method="changed"), "token")
+    peer.inbox.put_nowait(parse_frame(wire.batch_frame(peer.connection.take_encoded())))
+    await turns(lambda: len(peer.results) == 1234, "every call answered", bound=2000)
+    assert [result.id for result in peer.results] == list(range(1, 1235))
+    assert all(result.value == codec.NULL for result in peer.results)
+    await peer.close()
