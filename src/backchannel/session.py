@@ -549,6 +549,11 @@ class Session:
             waiting_on = context.run(serving.send, None)
         except StopIteration:
             return
+        if getattr(waiting_on, "_asyncio_future_blocking", False):
+            # taken, as a task takes what it is given at once: until this one's task runs,
+            # another call may await the same future (a resource loaded once), and an await
+            # of a future still marked as being awaited raises RuntimeError
+            waiting_on._asyncio_future_blocking = False
         task = self._loop.create_task(_resume(serving, waiting_on), context=context)
         if call.id in self._running:
             self._running[call.id] = task
@@ -971,6 +976,8 @@ def _resume(coroutine: Coroutine[Any, Any, None], waiting_on: Any) -> Generator[
     Hands the task what the coroutine waits on, and the coroutine what the task sends or
     throws (cancellation included), until it returns.
     """
+    if getattr(waiting_on, "_asyncio_future_blocking", None) is False:
+        waiting_on._asyncio_future_blocking = True  # as the await left it: see _start_serving
     while True:
         try:
             sent = yield waiting_on

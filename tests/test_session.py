@@ -1,0 +1,829 @@
+"""The Session (the writer, the outgoing-call table, reading) against a hand-driven peer.
+
+A consumer ``Session`` runs on an event loop whose clock the test sets; its peer is a
+provider protocol ``Connection`` the test drives frame by frame: what the session writes
+is parsed and fed to the peer as it is written, and what the peer queues reaches the
+session's reader when the test delivers it. No gRPC, no threads, no sleeps: every wait is
+a bounded number of loop turns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import grpc
+import pytest
+from helpers import SERVICES, make_call
+
+from backchannel import codec, wire
+from backchannel.errors import DeadlineExceeded, MessageTooLarge, StreamBroken, Unauthenticated
+from backchannel.protocol import (
+    CallReceived,
+    CancelReceived,
+    Connection,
+    Role,
+    State,
+    Unparseable,
+)
+from backchannel.session import (
+    Deferred,
+    Outgoing,
+    Session,
+    SplitBatch,
+    _translate,
+    parse_frame,
+)
+from backchannel.settings import Limits
+from backchannel.v1 import envelope_pb2 as pb
+
+
+class ClockLoop(asyncio.SelectorEventLoop):
+    """An event loop whose time moves only when the test moves it."""
+
+    now = 1000.0
+
+    def time(self) -> float:
+        return self.now
+
+
+def run(test: Callable[[ClockLoop], Coroutine[Any, Any, None]]) -> None:
+    loop = ClockLoop()
+    try:
+        loop.run_until_complete(test(loop))
+    finally:
+        loop.close()
+
+
+async def turns(condition: Callable[[], object], what: str, bound: int = 200) -> None:
+    """Let the loop run until ``condition`` holds, at most ``bound`` turns."""
+    for _ in range(bound):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError(f"not within {bound} loop turns: {what}")
+
+
+class Served:
+    """The session's dispatcher: incoming calls run ``handler``."""
+
+    def __init__(self, handler: Callable[[pb.Call], Coroutine[Any, Any, pb.Value]]) -> None:
+        self.handler = handler
+        self.ended_with: list[BaseException] = []
+
+    async def dispatch(self, call: pb.Call) -> pb.Value:
+        return await self.handler(call)
+
+    def released(self, callback_id: int) -> None:
+        pass
+
+    def ended(self, cause: BaseException) -> None:
+        self.ended_with.append(cause)
+
+
+async def _null(call: pb.Call) -> pb.Value:
+    return codec.NULL
+
+
+class Peer:
+    """A provider at the other end of a consumer session, driven by the test."""
+
+    def __init__(
+        self,
+        max_calls_in_flight: int = 0,
+        handler: Callable[[pb.Call], Coroutine[Any, Any, pb.Value]] = _null,
+        send_tracebacks: bool = False,
+        limits: Limits | None = None,
+    ) -> None:
+        self.connection: Connection[str] = Connection(
+            Role.PROVIDER,
+            application="warehouse",
+            services=SERVICES,
+            max_calls_in_flight=max_calls_in_flight,
+        )
+        self.inbox: asyncio.Queue[Any] = asyncio.Queue()
+        self.calls: list[pb.Call] = []
+        self.cancels: list[tuple[int, str]] = []
+        self.results: list[pb.Result] = []
+        self.gate: asyncio.Future[None] | None = None  # while set, writes wait on it
+        self.fail_writes: BaseException | None = None
+        self.served = Served(handler)
+        self.session = Session(
+            Connection(Role.CONSUMER, application="shop"),
+            self.write,
+            lambda session: self.served,
+            codec.ErrorTypes(),
+            peer="peer:1",
+            limits=limits or Limits(),
+            send_tracebacks=send_tracebacks,
+        )
+        self.reader: asyncio.Task[None] | None = None
+        self.futures: list[asyncio.Future[Any]] = []
+
+    def start(self, method: str, timeout: float | None = None, parent: int = 0) -> Any:
+        """Make a call from the session; its future."""
+        future = self.session.start_call(make_call(method), timeout, parent)
+        self.futures.append(future)
+        return future
+
+    async def write(self, message: bytes) -> None:
+        if self.fail_writes is not None:
+            raise self.fail_writes
+        if self.gate is not None:
+            await self.gate
+        frame = parse_frame(message)
+        assert type(frame) is pb.Frame
+        for event in self.connection.receive(frame):
+            if type(event) is CallReceived:
+                self.calls.append(event.call)
+            elif type(event) is CancelReceived:
+                self.cancels.append((event.call_id, event.reason))
+        frames = list(frame.batch.frames) if frame.HasField("batch") else [frame]
+        self.results += [each.result for each in frames if each.HasField("result")]
+
+    def deliver(self) -> None:
+        """Send the session what the peer queued."""
+        for data in self.connection.take_encoded():
+            self.inbox.put_nowait(parse_frame(data))
+
+    async def open(self) -> None:
+        self.session.connection.start()
+        self.session.flush()
+        self.reader = asyncio.get_running_loop().create_task(self.session.run(self.inbox.get))
+        await turns(lambda: self.connection.state is State.OPEN, "the hello written")
+        self.deliver()
+        await asyncio.wait_for(self.session.handshake, 5)
+
+    def answer(self, call_id: int) -> None:
+        self.connection.send_result(pb.Result(id=call_id, value=codec.NULL))
+        self.deliver()
+
+    async def close(self) -> None:
+        self.session.lost(StreamBroken("the test is over"))
+        for future in self.futures:
+            if future.done() and not future.cancelled():
+                future.exception()  # retrieved: its failure is no news
+        if self.reader is not None:
+            self.reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.reader
+
+
+# ------------------------------------------------------------ the outgoing-call table
+
+
+def test_a_call_that_waited_until_a_tenth_of_its_timeout_is_left_is_failed_not_sent() -> None:
+    run(_a_call_that_waited_until_a_tenth_of_its_timeout_is_left_is_failed_not_sent)
+
+
+async def _a_call_that_waited_until_a_tenth_of_its_timeout_is_left_is_failed_not_sent(
+    loop: ClockLoop,
+) -> None:
+    peer = Peer(max_calls_in_flight=1)
+    await peer.open()
+    first = peer.start("first", None)
+    late = peer.start("late", 10.0)  # waits for the one slot
+    cancelled = peer.start("cancelled", None)
+    after = peer.start("after", None)
+    await turns(lambda: len(peer.calls) == 1, "the first call sent")
+    cancelled.cancel()  # while it waits: skipped, and the next one still goes
+    loop.now += 9.0  # exactly a tenth of the late call's 10 s left
+    peer.answer(peer.calls[0].id)
+    await turns(lambda: first.done() and len(peer.calls) == 2, "the slot freed")
+    assert [each.method for each in peer.calls] == ["first", "after"]
+    with pytest.raises(DeadlineExceeded) as caught:
+        late.result()
+    assert str(caught.value) == (
+        "test.Echo.late was not sent: it waited for one of the 1 calls the peer runs at once "
+        "(max_calls_in_flight) until less than a tenth of its 10.0 s timeout was left"
+    )
+    assert not after.done()
+    await peer.close()
+
+
+def test_a_call_that_waited_with_more_than_a_tenth_of_its_timeout_left_is_sent() -> None:
+    run(_a_call_that_waited_with_more_than_a_tenth_of_its_timeout_left_is_sent)
+
+
+async def _a_call_that_waited_with_more_than_a_tenth_of_its_timeout_left_is_sent(
+    loop: ClockLoop,
+) -> None:
+    peer = Peer(max_calls_in_flight=1)
+    await peer.open()
+    peer.start("first", None)
+    waited = peer.start("waited", 10.0)
+    await turns(lambda: len(peer.calls) == 1, "the first call sent")
+    loop.now += 8.5  # 1.5 s of 10 left
+    peer.answer(peer.calls[0].id)
+    await turns(lambda: len(peer.calls) == 2, "the waiting call sent")
+    assert peer.calls[1].method == "waited" and not waited.done()
+    peer.answer(peer.calls[1].id)
+    assert await asyncio.wait_for(waited, 5) == pb.Result(id=peer.calls[1].id, value=codec.NULL)
+    await peer.close()
+
+
+def test_an_expired_call_is_cancelled_at_the_peer_and_frees_its_slot() -> None:
+    run(_an_expired_call_is_cancelled_at_the_peer_and_frees_its_slot)
+
+
+async def _an_expired_call_is_cancelled_at_the_peer_and_frees_its_slot(loop: ClockLoop) -> None:
+    peer = Peer(max_calls_in_flight=1)
+    await peer.open()
+    slow = peer.start("slow", 0.5)
+    waiting = peer.start("waiting", None)
+    await turns(lambda: len(peer.calls) == 1, "the slow call sent")
+    loop.now += 0.6
+    await turns(lambda: slow.done() and len(peer.calls) == 2, "the slow call expired")
+    with pytest.raises(DeadlineExceeded) as caught:
+        slow.result()
+    assert str(caught.value) == "test.Echo.slow did not finish within 0.5 s"
+    assert peer.cancels == [(peer.calls[0].id, "deadline of 0.5 s exceeded")]
+    assert peer.calls[1].method == "waiting" and not waiting.done()
+    assert not peer.session.awaits(peer.calls[0].id) and peer.session.awaits(peer.calls[1].id)
+    await peer.close()
+
+
+class CountingFuture(asyncio.Future[Any]):
+    """A future that counts how often anything asks whether it is done."""
+
+    asked = 0
+    budget = 1 << 62
+
+    def done(self) -> bool:
+        CountingFuture.asked += 1
+        assert CountingFuture.asked <= CountingFuture.budget, "waiting calls scanned too often"
+        return super().done()
+
+
+class CountingLoop(ClockLoop):
+    def create_future(self) -> asyncio.Future[Any]:
+        return CountingFuture(loop=self)
+
+
+def test_the_waiting_queue_drops_finished_calls_and_keeps_the_live_ones_in_order() -> None:
+    loop = CountingLoop()
+    try:
+        loop.run_until_complete(
+            _the_waiting_queue_drops_finished_calls_and_keeps_the_live_ones_in_order(loop)
+        )
+    finally:
+        loop.close()
+
+
+async def _the_waiting_queue_drops_finished_calls_and_keeps_the_live_ones_in_order(
+    loop: ClockLoop,
+) -> None:
+    peer = Peer(max_calls_in_flight=1)
+    await peer.open()
+    peer.start("first")
+    await turns(lambda: len(peer.calls) == 1, "the first call sent")
+    # a peer that never frees its slot: 5,000 callers wait, then 20,000 give up waiting
+    live = [peer.start(f"m{number}") for number in range(5000)]
+    CountingFuture.asked, CountingFuture.budget = 0, 100_000  # 4 looks a call, amortized
+    largest = 0
+    for number in range(20_000):
+        future = peer.session.start_call(make_call(f"gone{number}"), None)
+        future.cancel()
+        largest = max(largest, len(peer.session._waiting))
+    # compacted once the queue holds twice its live calls (the one being added is live)
+    assert largest <= 2 * (len(live) + 1)
+    CountingFuture.budget = 1 << 62
+    # the live ones are sent in the order they were made, the cancelled never
+    for sent in range(2, 5):
+        peer.answer(peer.calls[-1].id)
+        await turns(lambda: len(peer.calls) == sent, "the next live call sent")  # noqa: B023
+    assert [each.method for each in peer.calls] == ["first", "m0", "m1", "m2"]
+    assert not any(future.done() for future in live[3:])
+    await peer.close()
+
+
+# ------------------------------------------------------------------- the writer
+
+
+def test_a_failed_write_fails_every_pending_call_with_the_transport_error() -> None:
+    run(_a_failed_write_fails_every_pending_call_with_the_transport_error)
+
+
+async def _a_failed_write_fails_every_pending_call_with_the_transport_error(
+    loop: ClockLoop,
+) -> None:
+    peer = Peer()
+    await peer.open()
+    sent = peer.start("sent", None)
+    await turns(lambda: len(peer.calls) == 1, "the call sent")
+    peer.fail_writes = ConnectionResetError("reset by peer")
+    failed = peer.start("failed", None)
+    expected = "the stream to peer:1 broke: ConnectionResetError: reset by peer"
+    for future in (sent, failed):
+        await turns(future.done, "the call failed")
+        with pytest.raises(StreamBroken) as caught:
+            future.result()
+        assert str(caught.value) == expected
+    assert peer.session.cause is not None and str(peer.session.cause) == expected
+    assert peer.served.ended_with == [peer.session.cause]
+    await peer.close()
+
+
+# ------------------------------------------------------------- serving the peer's calls
+
+
+class Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no text")
+
+
+def test_an_exception_that_cannot_be_sent_is_answered_with_an_encode_error() -> None:
+    run(_an_exception_that_cannot_be_sent_is_answered_with_an_encode_error)
+
+
+async def _an_exception_that_cannot_be_sent_is_answered_with_an_encode_error(
+    loop: ClockLoop,
+) -> None:
+    async def raising(call: pb.Call) -> pb.Value:
+        raise Unprintable()
+
+    peer = Peer(handler=raising)
+    await peer.open()
+    call_id = peer.connection.send_call(pb.Call(callback_id=5, method="changed"), "token")
+    peer.deliver()
+    await turns(lambda: peer.results, "the callback answered")
+    [result] = peer.results
+    assert result.id == call_id
+    assert result.error.type == "backchannel.EncodeError"
+    assert result.error.message == (
+        "callback 5.changed raised Unprintable, which could not be sent: RuntimeError: no text"
+    )
+    await peer.close()
+
+
+def test_a_session_that_sends_tracebacks_sends_the_raised_ones() -> None:
+    run(_a_session_that_sends_tracebacks_sends_the_raised_ones)
+
+
+async def _a_session_that_sends_tracebacks_sends_the_raised_ones(loop: ClockLoop) -> None:
+    async def raising(call: pb.Call) -> pb.Value:
+        raise ValueError("bad value")
+
+    peer = Peer(handler=raising, send_tracebacks=True)
+    await peer.open()
+    peer.connection.send_call(pb.Call(callback_id=5, method="changed"), "token")
+    peer.deliver()
+    await turns(lambda: peer.results, "the callback answered")
+    [result] = peer.results
+    assert result.error.type == "ValueError" and result.error.message == "bad value"
+    assert "ValueError: bad value" in result.error.traceback
+    assert 'raise ValueError("bad value")' in result.error.traceback
+    await peer.close()
+
+
+def test_wait_idle_waits_for_running_calls_and_for_their_results_to_be_written() -> None:
+    run(_wait_idle_waits_for_running_calls_and_for_their_results_to_be_written)
+
+
+async def _wait_idle_waits_for_running_calls_and_for_their_results_to_be_written(
+    loop: ClockLoop,
+) -> None:
+    release: asyncio.Future[None] = loop.create_future()
+
+    async def waiting(call: pb.Call) -> pb.Value:
+        if call.method == "slow":
+            await release
+        return codec.NULL
+
+    peer = Peer(handler=waiting)
+    await peer.open()
+    peer.gate = loop.create_future()  # the peer reads nothing for now
+    peer.connection.send_call(pb.Call(callback_id=5, method="slow"), "token")
+    peer.connection.send_call(pb.Call(callback_id=5, method="quick"), "token")
+    peer.deliver()
+    idle = loop.create_task(peer.session.wait_idle())
+    await turns(lambda: len(peer.session._running) == 1, "the slow call running")
+    release.set_result(None)
+    await turns(lambda: not peer.session._running, "the slow call done")
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert not idle.done(), "idle while the results are not written yet"
+    peer.gate.set_result(None)
+    await asyncio.wait_for(idle, 5)
+    assert sorted(result.id for result in peer.results) == [1, 2]
+    await peer.close()
+
+
+def test_wait_idle_returns_when_the_stream_ends_under_a_running_call() -> None:
+    run(_wait_idle_returns_when_the_stream_ends_under_a_running_call)
+
+
+async def _wait_idle_returns_when_the_stream_ends_under_a_running_call(loop: ClockLoop) -> None:
+    never: asyncio.Future[None] = loop.create_future()
+
+    async def waiting(call: pb.Call) -> pb.Value:
+        await never
+        return codec.NULL
+
+    peer = Peer(handler=waiting)
+    await peer.open()
+    peer.connection.send_call(pb.Call(callback_id=5, method="slow"), "token")
+    peer.deliver()
+    await turns(lambda: len(peer.session._running) == 1, "the call running")
+    idle = loop.create_task(peer.session.wait_idle())
+    await asyncio.sleep(0)
+    peer.session.lost(StreamBroken("gone"))
+    await asyncio.wait_for(idle, 5)  # returns: neither hangs nor raises CancelledError
+    assert idle.result() is None
+    await peer.close()
+
+
+def test_calls_that_await_one_shared_future_all_run_to_their_result() -> None:
+    run(_calls_that_await_one_shared_future_all_run_to_their_result)
+
+
+async def _calls_that_await_one_shared_future_all_run_to_their_result(loop: ClockLoop) -> None:
+    ready: asyncio.Future[pb.Value] = loop.create_future()  # e.g. a resource loaded once
+
+    async def shared(call: pb.Call) -> pb.Value:
+        return await ready
+
+    peer = Peer(handler=shared)
+    await peer.open()
+    for _ in range(3):  # each started eagerly, each then handed to a task of its own
+        peer.connection.send_call(pb.Call(callback_id=5, method="changed"), "token")
+    peer.deliver()
+    await turns(lambda: len(peer.session._running) == 3, "all three waiting")
+    ready.set_result(pb.Value(string_value="loaded"))
+    await turns(lambda: len(peer.results) == 3, "all three answered")
+    assert [(result.id, result.WhichOneof("outcome")) for result in peer.results] == [
+        (1, "value"),
+        (2, "value"),
+        (3, "value"),
+    ]
+    assert all(result.value.string_value == "loaded" for result in peer.results)
+    await peer.close()
+
+
+# ------------------------------------------------------------------ the call tree
+
+
+def test_ancestors_follow_the_chain_of_calls_each_made_during_the_other() -> None:
+    run(_ancestors_follow_the_chain_of_calls_each_made_during_the_other)
+
+
+async def _ancestors_follow_the_chain_of_calls_each_made_during_the_other(
+    loop: ClockLoop,
+) -> None:
+    made: dict[str, asyncio.Future[Any]] = {}
+    release: asyncio.Future[None] = loop.create_future()
+
+    async def calling(call: pb.Call) -> pb.Value:
+        # the consumer's callback calls the provider back, during the callback
+        made[call.method] = peer.start(f"during-{call.method}", None, parent=call.id)
+        await release
+        return codec.NULL
+
+    peer = Peer(handler=calling)
+    await peer.open()
+    session = peer.session
+    # ids on both sides: spend the peer's call id 1 on an unrelated callback first
+    unrelated = peer.connection.send_call(pb.Call(callback_id=5, method="unrelated"), "t")
+    peer.deliver()
+    await turns(lambda: "unrelated" in made, "the unrelated callback running")
+    other = peer.connection.send_call(pb.Call(callback_id=5, method="other"), "t")
+    peer.deliver()
+    await turns(lambda: "other" in made, "the other callback running")
+    root = peer.start("root")
+    await turns(lambda: len(peer.calls) == 3, "the root call sent")
+    root_id = peer.calls[2].id
+    # during root, the provider calls back X; during X the consumer calls; during that Y
+    x = peer.connection.send_call(pb.Call(callback_id=5, method="x", parent_id=root_id), "t")
+    peer.deliver()
+    await turns(lambda: "x" in made and len(peer.calls) == 4, "x running")
+    during_x = peer.calls[3].id
+    y = peer.connection.send_call(pb.Call(callback_id=5, method="y", parent_id=during_x), "t")
+    peer.deliver()
+    await turns(lambda: "y" in made and len(peer.calls) == 5, "y running")
+    during_y = peer.calls[4].id
+    assert (unrelated, other, x, y) == (1, 2, 3, 4)
+    assert session.ancestors(during_y) == {y, x}
+    assert session.ancestors(during_x) == {x}
+    assert session.ancestors(root_id) == set()
+    assert session.ancestors(peer.calls[0].id) == {unrelated}
+    assert session.ancestors(peer.calls[1].id) == {other}  # not on to outgoing call 1's
+    assert session.ancestors(999) == set()
+    assert not root.done()
+    await peer.close()
+
+
+def test_a_discarded_session_ends_quietly_without_its_dispatcher() -> None:
+    run(_a_discarded_session_ends_quietly_without_its_dispatcher)
+
+
+async def _a_discarded_session_ends_quietly_without_its_dispatcher(loop: ClockLoop) -> None:
+    peer = Peer()  # its handshake never finishes: given up, the session is discarded
+    peer.session.discard()
+    peer.session.lost(StreamBroken("the handshake was given up"))
+    assert peer.session.closed.is_set()
+    assert peer.served.ended_with == []  # the dropped dispatcher hears nothing
+    with pytest.raises(StreamBroken, match="^the handshake was given up$"):
+        peer.session.handshake.result()
+
+
+# ------------------------------------------------------------------ back-pressure
+
+BIG = pb.Value(string_value="x" * 1000)  # a result of about 1 KB
+SMALL_QUEUE = Limits(max_message_size=1024, max_queued_bytes=4096, max_write_stall=5.0)
+
+
+async def _big(call: pb.Call) -> pb.Value:
+    return BIG
+
+
+async def _unread_peer(loop: ClockLoop, calls: int) -> Peer:
+    """A session whose peer sends ``calls`` callbacks, each in its own message, and reads
+    nothing: the results pile up past max_queued_bytes."""
+    peer = Peer(handler=_big, limits=SMALL_QUEUE)
+    await peer.open()
+    peer.gate = loop.create_future()
+    for _ in range(calls):
+        peer.connection.send_call(pb.Call(callback_id=5, method="changed"), "token")
+    peer.deliver()
+    await turns(lambda: not peer.session._writable.is_set(), "over the limit")
+    return peer
+
+
+def test_past_max_queued_bytes_the_session_stops_reading_and_holds_new_calls() -> None:
+    run(_past_max_queued_bytes_the_session_stops_reading_and_holds_new_calls)
+
+
+async def _past_max_queued_bytes_the_session_stops_reading_and_holds_new_calls(
+    loop: ClockLoop,
+) -> None:
+    peer = await _unread_peer(loop, 10)
+    for _ in range(20):
+        await asyncio.sleep(0)
+    # one result is being written, four queued (over 4096 bytes): the rest is not read
+    unread = peer.inbox.qsize()
+    assert unread == 10 - 6
+    held = peer.start("held")
+    loop.now += 4.9  # under max_write_stall: the stream goes on
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert peer.inbox.qsize() == unread and peer.session.cause is None
+    assert peer.gate is not None
+    peer.gate.set_result(None)  # the peer reads again: so does the session
+    await turns(lambda: len(peer.results) == 10, "every callback answered")
+    await turns(lambda: len(peer.calls) == 1, "the held call sent")
+    assert peer.calls[0].method == "held" and not held.done()
+    loop.now += 60.0  # the stall timer was dropped when the queue drained
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert peer.session.cause is None and peer.session.ending is None
+    await peer.close()
+
+
+def test_a_peer_that_stays_unread_past_max_write_stall_is_ended() -> None:
+    run(_a_peer_that_stays_unread_past_max_write_stall_is_ended)
+
+
+async def _a_peer_that_stays_unread_past_max_write_stall_is_ended(loop: ClockLoop) -> None:
+    peer = await _unread_peer(loop, 10)
+    pending = peer.start("pending")
+    loop.now += 5.0
+    await turns(lambda: peer.session.cause is not None, "the stream ended")
+    why = (
+        "peer:1 read nothing of what was queued for it for 5.0 s (max_write_stall) while "
+        "over the limit of 4096 bytes (max_queued_bytes); the stream is ended"
+    )
+    assert peer.session.ending == (grpc.StatusCode.RESOURCE_EXHAUSTED, why)
+    with pytest.raises(StreamBroken, match=f"^{re.escape(why)}$"):
+        await asyncio.wait_for(pending, 5)
+    await turns(lambda: peer.reader is not None and peer.reader.done(), "the reader ended")
+    assert peer.session.closed.is_set()
+    await peer.close()
+
+
+def test_results_piling_up_past_twice_max_queued_bytes_end_the_stream() -> None:
+    run(_results_piling_up_past_twice_max_queued_bytes_end_the_stream)
+
+
+async def _results_piling_up_past_twice_max_queued_bytes_end_the_stream(
+    loop: ClockLoop,
+) -> None:
+    release: asyncio.Future[None] = loop.create_future()
+
+    async def held(call: pb.Call) -> pb.Value:
+        await release
+        return BIG
+
+    peer = Peer(handler=held, limits=SMALL_QUEUE)
+    await peer.open()
+    peer.gate = loop.create_future()
+    for _ in range(12):  # all read and running: nothing is queued yet
+        peer.connection.send_call(pb.Call(callback_id=5, method="changed"), "token")
+    peer.deliver()
+    await turns(lambda: len(peer.session._running) == 12, "all running")
+    release.set_result(None)  # eleven results queue (one is written): about 11,000 bytes
+    await turns(lambda: peer.session.cause is not None, "the stream ended")
+    assert peer.session.ending is not None
+    code, why = peer.session.ending
+    assert code is grpc.StatusCode.RESOURCE_EXHAUSTED
+    found = re.fullmatch(
+        r"peer:1 did not read what was sent to it: (\d+) bytes queued for it, over twice "
+        r"the limit of 4096 bytes \(max_queued_bytes\); the stream is ended",
+        why,
+    )
+    assert found is not None, why
+    assert 8192 < int(found.group(1)) <= 8192 + 1100  # ended by the result that passed it
+    # the reader, waiting for a frame the peer may never send, is stopped, and returns
+    await turns(lambda: peer.reader is not None and peer.reader.done(), "the reader ended")
+    assert peer.reader is not None and not peer.reader.cancelled()
+    await peer.close()
+
+
+def test_a_peer_flooding_faults_is_ended_past_max_faults_refilled_by_the_minute() -> None:
+    run(_a_peer_flooding_faults_is_ended_past_max_faults_refilled_by_the_minute)
+
+
+async def _a_peer_flooding_faults_is_ended_past_max_faults_refilled_by_the_minute(
+    loop: ClockLoop,
+) -> None:
+    peer = Peer(limits=Limits(max_faults=3))
+    await peer.open()
+
+    async def faults(count: int) -> None:
+        for _ in range(count):
+            peer.inbox.put_nowait(pb.Frame(fault=pb.Fault(message="you erred")))
+        await turns(lambda: peer.inbox.empty(), "the faults read")
+        for _ in range(5):
+            await asyncio.sleep(0)
+
+    await faults(3)  # max_faults at once
+    assert peer.session.cause is None
+    loop.now += 19.9  # not yet one more: 3 a minute
+    await faults(1)
+    assert peer.session.cause is not None  # 3 + 0.995 refilled, less 4
+    why = (
+        "peer:1 sent more than 3 Faults (max_faults at once, or more than 3 a minute after "
+        "that); the stream is ended"
+    )
+    assert peer.session.ending == (grpc.StatusCode.RESOURCE_EXHAUSTED, why)
+    # the reader that ended it returns: the provider ends the RPC with that status
+    await turns(lambda: peer.reader is not None and peer.reader.done(), "the reader ended")
+    assert peer.reader is not None and not peer.reader.cancelled()
+    await peer.close()
+
+
+def test_faults_are_refilled_at_max_faults_a_minute_up_to_max_faults() -> None:
+    run(_faults_are_refilled_at_max_faults_a_minute_up_to_max_faults)
+
+
+async def _faults_are_refilled_at_max_faults_a_minute_up_to_max_faults(loop: ClockLoop) -> None:
+    peer = Peer(limits=Limits(max_faults=3))
+    await peer.open()
+
+    async def faults(count: int) -> None:
+        for _ in range(count):
+            peer.inbox.put_nowait(pb.Frame(fault=pb.Fault(message="you erred")))
+        await turns(lambda: peer.inbox.empty(), "the faults read")
+        for _ in range(5):
+            await asyncio.sleep(0)
+
+    await faults(3)
+    loop.now += 20.0  # one refilled
+    await faults(1)
+    assert peer.session.cause is None
+    loop.now += 3600.0  # refilled, but never past max_faults
+    await faults(3)
+    assert peer.session.cause is None
+    await faults(1)
+    assert peer.session.ending is not None
+    await peer.close()
+
+
+# --------------------------------------------------------------- pure pieces
+
+
+def _rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
+    metadata = grpc.aio.Metadata()
+    return grpc.aio.AioRpcError(code, metadata, metadata, details=details, debug_error_string="")
+
+
+def test_stream_errors_become_backchannels_naming_the_peer_and_keeping_the_cause() -> None:
+    refused = _rpc_error(grpc.StatusCode.UNAUTHENTICATED, "bad token")
+    error = _translate(refused, "peer:1")
+    assert type(error) is Unauthenticated
+    assert str(error) == "peer:1 refused this consumer: bad token"
+    assert error.__cause__ is refused
+    broken = _rpc_error(grpc.StatusCode.UNAVAILABLE, "connection reset")
+    error = _translate(broken, "peer:1")
+    assert type(error) is StreamBroken
+    assert str(error) == "the stream to peer:1 broke: UNAVAILABLE: connection reset"
+    assert error.__cause__ is broken
+    other = ConnectionResetError("reset")
+    error = _translate(other, "peer:1")
+    assert type(error) is StreamBroken
+    assert str(error) == "the stream to peer:1 broke: ConnectionResetError: reset"
+    assert error.__cause__ is other
+    already = StreamBroken("already ours")
+    assert _translate(already, "peer:1") is already
+
+
+def test_a_batch_with_a_bad_frame_is_split_and_the_bad_one_keeps_its_ids() -> None:
+    good = pb.Frame(call=pb.Call(id=6, service="test.Echo", method="echo")).SerializeToString()
+    bad = pb.Frame(call=pb.Call(id=7, service="test.Echo", method="echo", one_way=True))
+    bad_bytes = bad.SerializeToString().replace(b"echo", b"ec\xffo")  # not UTF-8
+    reason = "Error parsing message with type 'backchannel.v1.Frame'"
+    alone = parse_frame(bad_bytes)
+    assert type(alone) is Unparseable
+    assert (alone.size, alone.call_id, alone.one_way, alone.result_id) == (
+        len(bad_bytes),
+        7,
+        True,
+        0,
+    )
+    assert reason in alone.reason
+    split = parse_frame(wire.batch_frame([good, bad_bytes]))
+    assert type(split) is SplitBatch
+    first, second = split.frames
+    assert first == pb.Frame.FromString(good)
+    assert second == alone
+    answer = pb.Frame(result=pb.Result(id=9, error=pb.Error(message="oops")))
+    answer_bytes = answer.SerializeToString().replace(b"oops", b"oo\xffs")
+    unreadable = parse_frame(answer_bytes)
+    assert type(unreadable) is Unparseable
+    assert (unreadable.size, unreadable.call_id, unreadable.result_id) == (len(answer_bytes), 0, 9)
+
+
+def test_a_result_decoded_elsewhere_settles_the_call_with_that_outcome() -> None:
+    run(_a_result_decoded_elsewhere_settles_the_call_with_that_outcome)
+
+
+async def _a_result_decoded_elsewhere_settles_the_call_with_that_outcome(loop: ClockLoop) -> None:
+    decoded: list[asyncio.Future[Any]] = []
+
+    def decode(result: pb.Result) -> Deferred:  # a bulk value, decoded in a worker thread
+        decoded.append(loop.create_future())
+        return Deferred(decoded[-1])
+
+    calls = [
+        Outgoing(make_call(), loop.create_future(), "test.Echo.echo", None, decode)
+        for _ in range(3)
+    ]
+    for outgoing in calls:
+        outgoing.resolve(pb.Result(id=1, value=codec.NULL))
+    assert not any(outgoing.future.done() for outgoing in calls)
+    decoded[0].set_result(["the", "value"])
+    decoded[1].set_exception(ValueError("undecodable"))
+    decoded[2].cancel()
+    await turns(lambda: all(outgoing.future.done() for outgoing in calls), "all settled")
+    assert calls[0].future.result() == ["the", "value"]
+    with pytest.raises(ValueError, match="^undecodable$"):
+        calls[1].future.result()
+    assert calls[2].future.cancelled()
+
+
+def test_a_one_way_call_is_done_once_sent_and_a_call_over_the_size_limit_is_refused() -> None:
+    run(_a_one_way_call_is_done_once_sent_and_a_call_over_the_size_limit_is_refused)
+
+
+async def _a_one_way_call_is_done_once_sent_and_a_call_over_the_size_limit_is_refused(
+    loop: ClockLoop,
+) -> None:
+    peer = Peer(limits=Limits(max_message_size=1024, max_queued_bytes=4096))
+    await peer.open()
+    one_way = peer.session.start_call(make_call("notify", one_way=True), None)
+    assert one_way.result() == pb.Result(id=1, value=codec.NULL)
+    await turns(lambda: len(peer.calls) == 1, "the one-way call sent")
+    assert peer.calls[0].one_way and not peer.session.awaits(1)
+    at_limit = make_call("big")
+    at_limit.json_args = "x" * (1024 - at_limit.ByteSize() - 3)
+    assert at_limit.ByteSize() == 1024  # exactly the limit: sent
+    peer.futures.append(peer.session.start_call(at_limit, None))
+    await turns(lambda: len(peer.calls) == 2, "the call at the limit sent")
+    over = make_call("bigger")
+    over.json_args = "x" * (1025 - over.ByteSize() - 3)
+    assert over.ByteSize() == 1025
+    with pytest.raises(MessageTooLarge) as caught:
+        peer.session.start_call(over, None)
+    assert str(caught.value) == (
+        "test.Echo.bigger: the call is 1025 bytes, over the message size limit of 1024 bytes "
+        "(max_message_size)"
+    )
+    await peer.close()
+
+
+def test_a_batch_bigger_than_a_slice_is_acted_on_whole_in_order() -> None:
+    run(_a_batch_bigger_than_a_slice_is_acted_on_whole_in_order)
+
+
+async def _a_batch_bigger_than_a_slice_is_acted_on_whole_in_order(loop: ClockLoop) -> None:
+    peer = Peer()
+    await peer.open()
+    for _ in range(1234):  # two whole slices of 500 and a part, in one Batch message
+        peer.connection.send_call(pb.Call(callback_id=5, method="changed"), "token")
+    peer.inbox.put_nowait(parse_frame(wire.batch_frame(peer.connection.take_encoded())))
+    await turns(lambda: len(peer.results) == 1234, "every call answered", bound=2000)
+    assert [result.id for result in peer.results] == list(range(1, 1235))
+    assert all(result.value == codec.NULL for result in peer.results)
+    await peer.close()
