@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import enum
+import logging
 import math
+import traceback
 
 import pytest
 from google.protobuf import any_pb2, timestamp_pb2
 
 from backchannel import codec, errors
+from backchannel.settings import BULK_BYTES, BULK_ITEMS
 from backchannel.v1 import envelope_pb2 as pb
 
 
@@ -326,3 +329,220 @@ def test_allowed_type_that_cannot_be_rebuilt_arrives_as_remote_error() -> None:
     result = error_round_trip(NewNeedsTwo("a", "b"), types)
     assert type(result) is errors.RemoteError
     assert result.remote_message == "a/b"
+
+
+# ------------------------------------------------------------------ triage of surviving mutants
+
+
+NOT_UTF8_HINT = (
+    "send bytes instead (os.fsencode(name)), or escape it first "
+    "(name.encode(errors='backslashreplace').decode())"
+)
+
+
+def test_a_str_that_is_no_utf8_is_an_encode_error_saying_where_and_what_to_do() -> None:
+    """docs/reliability.md: a lone surrogate never reaches protobuf; the EncodeError names
+    the path, the surrogate and its index, and how to send the name instead. The same for a
+    str subclass and for a dict key."""
+
+    class FileName(str):
+        pass
+
+    is_not = "is not valid UTF-8 (lone surrogate"
+    cases = [
+        ("x\udcff", f"value: str {is_not} '\\udcff' at index 1)"),
+        ([1, FileName("\udc80ab")], f"value[1]: str {is_not} '\\udc80' at index 0)"),
+        ({"ok": 1, "a\udcffb": 2}, f"value: dict key 'a\\udcffb' {is_not} '\\udcff' at index 1)"),
+    ]
+    for obj, reason in cases:
+        with pytest.raises(errors.EncodeError) as raised:
+            codec.encode(obj, "value")
+        assert type(raised.value) is errors.EncodeError
+        assert str(raised.value) == f"{reason}; {NOT_UTF8_HINT}"
+
+
+def test_the_path_names_the_failing_item_of_a_later_nested_container() -> None:
+    with pytest.raises(errors.EncodeError, match=r"^value\[1\]\[2\]\['x'\]: cannot send"):
+        codec.encode([[1], [2, 3, {"ok": 1, "x": Widget()}]], "value")
+    bad = pb.Value(list_value=pb.ValueList(items=[pb.Value(int_value=1), pb.Value()]))
+    value = pb.Value(list_value=pb.ValueList(items=[pb.Value(list_value=pb.ValueList()), bad]))
+    with pytest.raises(errors.DecodeError, match=r"^result\[1\]\[1\]: empty Value"):
+        codec.decode(value, "result")
+
+
+def test_an_encode_error_deep_down_converts_nothing_more_than_twice() -> None:
+    """The error path finds the failing item by identity on the way out (_locate): only the
+    innermost level converts its items again, so an error deep in a big value costs one
+    more pass over one container, not one per level. Counted at the callback encoder."""
+    listener = object()
+    seen: list[object] = []
+    ref = pb.CallbackRef(id=1, interface="test.Listener")
+
+    def callbacks(obj: object, _: str) -> pb.CallbackRef | None:
+        seen.append(obj)
+        return ref if obj is listener else None
+
+    value: object = [listener, Widget()]
+    for _ in range(6):
+        value = [listener, value]
+    with pytest.raises(errors.EncodeError) as raised:
+        codec.encode(value, "value", callbacks)
+    assert str(raised.value).startswith("value[1][1][1][1][1][1][1]: cannot send an object")
+    # each listener once on the way in, and the innermost one once more on the way out
+    assert sum(obj is listener for obj in seen) == 7 + 1
+
+
+def test_encode_into_fills_callbacks_and_nests_to_the_limit() -> None:
+    listener = Widget()
+    ref = pb.CallbackRef(id=3, interface="test.Listener")
+    call = pb.Call()
+    codec.encode_into(call.args.add(), [listener], "value", lambda obj, _: ref)
+    assert call.args[0].list_value.items[0].callback_value == ref
+
+    deepest: object = []
+    for _ in range(codec.MAX_NESTING - 1):
+        deepest = [deepest]  # MAX_NESTING lists in all: allowed
+    codec.encode_into(call.args.add(), deepest, "value")
+    assert codec.decode(call.args[1], "value") == deepest
+    with pytest.raises(errors.EncodeError, match=r"nested deeper than 24 levels"):
+        codec.encode_into(call.args.add(), [deepest], "value")
+
+
+def test_is_bulk_value_past_the_entry_count_or_the_byte_size() -> None:
+    items = BULK_ITEMS
+    small_map = codec.encode({str(n): n for n in range(items)}, "v")
+    big_map = codec.encode({str(n): n for n in range(items + 1)}, "v")
+    assert small_map.ByteSize() <= BULK_BYTES >= big_map.ByteSize()
+    assert (codec.is_bulk_value(small_map), codec.is_bulk_value(big_map)) == (False, True)
+    small_list = codec.encode([None] * items, "v")
+    big_list = codec.encode([None] * (items + 1), "v")
+    assert (codec.is_bulk_value(small_list), codec.is_bulk_value(big_list)) == (False, True)
+
+    # a scalar goes by its size: a bytes Value of exactly BULK_BYTES is not bulk, one more is
+    overhead = pb.Value(bytes_value=b"x" * 60_000).ByteSize() - 60_000
+    at_limit = pb.Value(bytes_value=b"x" * (BULK_BYTES - overhead))
+    assert at_limit.ByteSize() == BULK_BYTES
+    past = pb.Value(bytes_value=b"x" * (BULK_BYTES - overhead + 1))
+    assert (codec.is_bulk_value(at_limit), codec.is_bulk_value(past)) == (False, True)
+    assert codec.is_bulk_value(codec.encode("y", "v")) is False
+
+
+def test_a_message_whose_type_url_has_a_path_arrives_as_its_class() -> None:
+    """An Any's type name is what follows the type_url's last '/'."""
+    stamp = timestamp_pb2.Timestamp(seconds=12)
+    packed = any_pb2.Any()
+    packed.Pack(stamp, type_url_prefix="example.com/registry/v2")
+    assert packed.type_url == "example.com/registry/v2/google.protobuf.Timestamp"
+    result = codec.decode(pb.Value(message_value=packed), "value")
+    assert type(result) is timestamp_pb2.Timestamp
+    assert result == stamp
+
+
+class Stocked(Exception):
+    """Its private attribute is set first: the public ones after it must still travel."""
+
+    def __init__(self, sku: str, qty: int) -> None:
+        self._cache = {"private": True}
+        super().__init__(f"only {qty} of {sku} left")
+        self.sku = sku
+        self.qty = qty
+        self.handle = Widget()  # no Value: dropped alone
+        self.tags = ["a", "b"]
+
+    def describe(self) -> str:
+        return f"{self.sku}: {self.qty}"
+
+
+def test_an_exceptions_public_value_attributes_travel_and_private_ones_stay_home() -> None:
+    types = codec.ErrorTypes([Stocked])
+    error = codec.encode_error(Stocked("sku-1", 0), types)
+    assert sorted(error.attributes) == ["qty", "sku", "tags"]
+    assert codec.decode(error.attributes["sku"], "v") == "sku-1"
+    result = codec.decode_error(pb.Error.FromString(error.SerializeToString()), types)
+    assert type(result) is Stocked
+    assert result.args == ("only 0 of sku-1 left",)
+    assert (result.sku, result.qty, result.tags) == ("sku-1", 0, ["a", "b"])
+    assert not hasattr(result, "handle") and not hasattr(result, "_cache")
+    assert result.describe() == "sku-1: 0"
+
+
+def test_attributes_from_the_wire_never_set_a_private_name_or_shadow_a_method() -> None:
+    """Attributes the peer chose are set only when public, decodable and not a method or
+    descriptor of the class; each bad one is dropped alone, whatever its place."""
+    attributes = {
+        "_token": pb.Value(string_value="forged"),
+        "describe": pb.Value(string_value="forged"),
+        "args": pb.Value(string_value="forged"),
+        "broken": CORRUPT_HELLO,
+        "sku": pb.Value(string_value="sku-2"),
+        "qty": pb.Value(int_value=4),
+    }
+    for first in list(attributes)[:4]:  # each bad one first, then the rest
+        ordered = {first: attributes[first]} | attributes
+        error = pb.Error(type=codec.ErrorTypes.name_of(Stocked), message="m", attributes=ordered)
+        result = codec.decode_error(error, codec.ErrorTypes([Stocked]))
+        assert type(result) is Stocked, first
+        assert (result.sku, result.qty) == ("sku-2", 4), first
+        assert not hasattr(result, "_token") and not hasattr(result, "broken"), first
+        assert result.describe() == "sku-2: 4", first
+        assert result.args == ("m",), first
+
+
+def test_a_registered_type_is_made_by_its_new_given_the_args() -> None:
+    class OneArg(Exception):
+        def __new__(cls, sku: str) -> OneArg:
+            return super().__new__(cls, sku)
+
+    types = codec.ErrorTypes([OneArg])
+    result = error_round_trip(OneArg("sku-3"), types)
+    assert type(result) is OneArg
+    assert result.args == ("sku-3",)
+
+
+def test_a_type_that_cannot_be_rebuilt_is_remote_error_with_a_warning_saying_why(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Refuses(Exception):
+        def __new__(cls, *args: object) -> Refuses:
+            if args:
+                raise ValueError("no rebuilding")
+            return super().__new__(cls)
+
+    types = codec.ErrorTypes([Refuses])
+    exc = raised(Refuses.__new__(Refuses))
+    exc.args = ("kept",)
+    error = codec.encode_error(exc, types, with_traceback=True)
+    with caplog.at_level(logging.WARNING, logger="backchannel"):
+        result = codec.decode_error(error, types)
+    assert type(result) is errors.RemoteError
+    name = codec.ErrorTypes.name_of(Refuses)
+    assert (result.type_name, result.remote_message) == (name, "kept")
+    assert result.remote_traceback == error.traceback
+    assert "Refuses: kept" in result.remote_traceback
+    [record] = caplog.records
+    assert record.getMessage() == (
+        f"registered exception {name} arrived but cannot be rebuilt, so it is raised as "
+        f"RemoteError: {Refuses.__qualname__}.__new__(cls, *args) must accept the exception's "
+        "args and its public attributes must be settable (ValueError: no rebuilding)"
+    )
+
+
+def test_the_traceback_sent_is_the_whole_formatted_traceback() -> None:
+    exc = raised(ValueError("bad"))
+    error = codec.encode_error(exc, codec.ErrorTypes(), with_traceback=True)
+    assert error.traceback == "".join(traceback.format_exception(exc))
+
+
+def test_an_error_of_no_type_arrives_as_remote_error_named_by_its_code() -> None:
+    result = codec.decode_error(pb.Error(code=pb.NOT_FOUND, message="gone"), codec.ErrorTypes())
+    assert type(result) is errors.RemoteError
+    assert (result.type_name, str(result)) == ("NOT_FOUND", "NOT_FOUND: gone")
+
+
+def test_an_error_whose_args_do_not_decode_and_no_message_arrives_empty() -> None:
+    for cls in (ValueError, OutOfStock):
+        types = codec.ErrorTypes([OutOfStock])
+        error = pb.Error(type=types.name_of(cls), args=[CORRUPT_HELLO])
+        result = codec.decode_error(error, types)
+        assert type(result) is cls
+        assert result.args == ()
