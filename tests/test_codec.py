@@ -5,10 +5,11 @@ from __future__ import annotations
 import enum
 import logging
 import math
+import re
 import traceback
 
 import pytest
-from google.protobuf import any_pb2, timestamp_pb2
+from google.protobuf import any_pb2, descriptor_pb2, timestamp_pb2
 
 from backchannel import codec, errors
 from backchannel.settings import BULK_BYTES, BULK_ITEMS
@@ -477,15 +478,25 @@ def test_attributes_from_the_wire_never_set_a_private_name_or_shadow_a_method() 
         "sku": pb.Value(string_value="sku-2"),
         "qty": pb.Value(int_value=4),
     }
-    for first in list(attributes)[:4]:  # each bad one first, then the rest
-        ordered = {first: attributes[first]} | attributes
-        error = pb.Error(type=codec.ErrorTypes.name_of(Stocked), message="m", attributes=ordered)
+    for bad in list(attributes)[:4]:
+        # a protobuf map iterates in an order of its own (hashed, per process): pad it with
+        # good attributes until one of them comes after the bad one
+        for pads in range(100):
+            error = pb.Error(type=codec.ErrorTypes.name_of(Stocked), message="m")
+            good = ["sku", "qty"] + [f"pad{n}" for n in range(pads)]
+            for name in [bad, *good]:
+                pad = pb.Value(int_value=int(name[3:] or 0)) if name.startswith("pad") else None
+                error.attributes[name].CopyFrom(pad or attributes[name])
+            if list(error.attributes)[-1] != bad:
+                break
+        assert list(error.attributes)[-1] != bad
         result = codec.decode_error(error, codec.ErrorTypes([Stocked]))
-        assert type(result) is Stocked, first
-        assert (result.sku, result.qty) == ("sku-2", 4), first
-        assert not hasattr(result, "_token") and not hasattr(result, "broken"), first
-        assert result.describe() == "sku-2: 4", first
-        assert result.args == ("m",), first
+        assert type(result) is Stocked, bad
+        assert (result.sku, result.qty) == ("sku-2", 4), bad
+        assert not hasattr(result, "_token") and not hasattr(result, "broken"), bad
+        assert result.describe() == "sku-2: 4", bad
+        assert result.args == ("m",), bad
+        assert [getattr(result, name) for name in good[2:]] == list(range(pads)), bad
 
 
 def test_a_registered_type_is_made_by_its_new_given_the_args() -> None:
@@ -546,3 +557,178 @@ def test_an_error_whose_args_do_not_decode_and_no_message_arrives_empty() -> Non
         result = codec.decode_error(error, types)
         assert type(result) is cls
         assert result.args == ()
+
+
+def test_encode_args_with_and_without_into_carry_callbacks_and_nest_to_the_limit() -> None:
+    listener = Widget()
+    ref = pb.CallbackRef(id=5, interface="test.Listener")
+
+    def callbacks(obj: object, _: str) -> pb.CallbackRef | None:
+        return ref if obj is listener else None
+
+    deepest: object = []
+    for _ in range(codec.MAX_NESTING - 1):
+        deepest = [deepest]
+    call = pb.Call()
+    for into in (None, call.args):
+        values = codec.encode_args([listener, deepest], ["l", "d"], "f()", callbacks, into)
+        assert values[0].callback_value == ref
+        assert codec.decode(values[1], "v") == deepest
+        # the error path encodes the arguments again, callbacks included: it names the third
+        with pytest.raises(errors.EncodeError) as raised:
+            codec.encode_args([listener, 1, Widget()], ["l", "n", "w"], "f()", callbacks, into)
+        assert str(raised.value).startswith("argument 2 'w' of f(): cannot send an object")
+        with pytest.raises(errors.EncodeError, match=r"^argument 1 'd' of f\(\)\[0\]"):
+            codec.encode_args([1, [deepest]], ["n", "d"], "f()", callbacks, into)
+
+
+def nested(levels: int, kind: str) -> pb.Value:
+    """A Value of ``levels`` nested lists or maps (key "k"), the innermost empty."""
+    value = pb.Value(list_value=pb.ValueList()) if kind == "list" else pb.Value()
+    if kind == "map":
+        value.map_value.SetInParent()
+    for _ in range(levels - 1):
+        outer = pb.Value()
+        if kind == "list":
+            outer.list_value.items.add().CopyFrom(value)
+        else:
+            outer.map_value.entries["k"].CopyFrom(value)
+        value = outer
+    return value
+
+
+@pytest.mark.parametrize("kind", ["list", "map"])
+def test_decode_takes_values_nested_to_the_limit_and_refuses_one_more(kind: str) -> None:
+    limit = codec.MAX_NESTING
+    assert codec.decode(nested(limit, kind), "result") == codec.decode(nested(limit, kind), "r")
+    assert codec.decode_args([nested(limit, kind)], "f()") == [
+        codec.decode(nested(limit, kind), "r")
+    ]
+    place = "[0]" if kind == "list" else "['k']"
+    too_deep = f"nested deeper than {limit} levels (the nesting limit, codec.MAX_NESTING)"
+    with pytest.raises(errors.DecodeError) as raised:
+        codec.decode(nested(limit + 1, kind), "result")
+    assert str(raised.value) == f"result{place * limit}: {too_deep}"
+    with pytest.raises(errors.DecodeError) as raised:
+        codec.decode_args([pb.Value(int_value=1), nested(limit + 1, kind)], "f()")
+    assert str(raised.value) == f"argument 1 of f(){place * limit}: {too_deep}"
+
+
+@pytest.mark.parametrize("kind", ["list", "map"])
+def test_encode_takes_values_nested_to_the_limit_and_refuses_one_more(kind: str) -> None:
+    value: object = [] if kind == "list" else {}
+    for _ in range(codec.MAX_NESTING - 1):
+        value = [value] if kind == "list" else {"k": value}
+    assert round_trip(value) == value
+    place = "[0]" if kind == "list" else "['k']"
+    with pytest.raises(errors.EncodeError) as raised:
+        codec.encode([value] if kind == "list" else {"k": value}, "value")
+    assert str(raised.value) == (
+        f"value{place * codec.MAX_NESTING}: nested deeper than {codec.MAX_NESTING} levels "
+        "(the nesting limit, codec.MAX_NESTING)"
+    )
+
+
+def test_the_error_path_decodes_and_encodes_callbacks_again_to_find_the_culprit() -> None:
+    listener = Widget()
+    ref = pb.CallbackRef(id=6, interface="test.Listener")
+    back = pb.Value(callback_value=ref)
+    # before the bad item: a callback, and one nested in a list (decoded again, one level down)
+    in_list = pb.Value(list_value=pb.ValueList(items=[back]))
+    as_list = pb.Value(list_value=pb.ValueList(items=[back, in_list, pb.Value()]))
+    for pads in range(100):  # a map iterates in an order of its own: a callback first
+        as_map = pb.Value()
+        as_map.map_value.entries["b"].CopyFrom(pb.Value())
+        for n in range(pads + 1):
+            as_map.map_value.entries[f"a{n}"].CopyFrom(in_list)
+        if next(iter(as_map.map_value.entries)) != "b":
+            break
+    assert next(iter(as_map.map_value.entries)) != "b"
+    decoder = lambda r, _: f"proxy {r.id}"  # noqa: E731
+    for value, place in ((as_list, "[2]"), (as_map, "['b']")):
+        with pytest.raises(errors.DecodeError, match=rf"^result{re.escape(place)}: empty Value"):
+            codec.decode(value, "result", decoder)
+        with pytest.raises(errors.DecodeError, match=rf"^argument 1 of f\(\){re.escape(place)}:"):
+            codec.decode_args([back, value], "f()", decoder)
+    assert codec.decode_args([back], "f()", decoder) == ["proxy 6"]
+
+    def encoder(obj: object, _: str) -> pb.CallbackRef | None:
+        return ref if obj is listener else None
+
+    for obj, place in (
+        ([listener, [1], Widget()], "[2]"),
+        ({"a": listener, "b": [1], "c": Widget()}, "['c']"),
+    ):
+        with pytest.raises(errors.EncodeError, match=rf"^value{re.escape(place)}: cannot send"):
+            codec.encode(obj, "value", encoder)
+
+
+def test_what_cannot_be_sent_is_refused_with_the_whole_reason() -> None:
+    with pytest.raises(errors.EncodeError) as raised:
+        codec.encode([Widget()], "value")
+    assert str(raised.value) == (
+        f"value[0]: cannot send an object of type {__name__}.Widget; backchannel carries None, "
+        "bool, int, float, str, bytes, list, tuple, dict with str keys, protobuf messages "
+        "and declared callback arguments"
+    )
+    with pytest.raises(errors.EncodeError) as raised:
+        codec.encode({"a": {(1, 2): 3}}, "value")
+    assert str(raised.value) == "value['a']: dict keys must be str, got tuple key (1, 2)"
+    with pytest.raises(errors.EncodeError) as raised:
+        codec.encode([1, 2**63], "value")
+    assert str(raised.value) == f"value[1]: int {2**63} does not fit in 64 bits"
+    incomplete = descriptor_pb2.UninterpretedOption.NamePart(name_part="x")  # is_extension unset
+    with pytest.raises(errors.EncodeError) as raised:
+        codec.encode({"m": incomplete}, "value")
+    assert str(raised.value).startswith("value['m']: cannot serialize protobuf message: ")
+    assert "is_extension" in str(raised.value)
+
+
+def test_a_callback_where_none_is_declared_is_refused_with_the_whole_reason() -> None:
+    value = pb.Value(callback_value=pb.CallbackRef(id=1, interface="test.Listener"))
+    with pytest.raises(errors.DecodeError) as raised:
+        codec.decode(value, "result")
+    assert str(raised.value) == (
+        "result: a callback reference arrived where no callback argument is declared"
+    )
+    with pytest.raises(errors.DecodeError) as raised:
+        codec.decode(pb.Value(), "result")
+    assert str(raised.value) == (
+        "result: empty Value (no kind set, or a kind this side does not know)"
+    )
+
+
+class Label(str):
+    pass
+
+
+class Ratio(float):
+    pass
+
+
+def test_subclasses_of_the_value_types_arrive_as_their_base_type() -> None:
+    for obj, expected in (
+        (Label("héllo"), "héllo"),
+        (Ratio(0.5), 0.5),
+        (memoryview(b"ab"), b"ab"),
+        (Priority.LOW, 1),
+    ):
+        result = round_trip(obj)
+        assert type(result) is type(expected) and result == expected, obj
+
+
+def test_error_type_names_on_the_wire() -> None:
+    class AppCallError(errors.CallError):
+        pass
+
+    name_of = codec.ErrorTypes.name_of
+    assert name_of(ValueError) == "ValueError"
+    assert name_of(errors.ShuttingDown) == "backchannel.ShuttingDown"
+    assert name_of(errors.RemoteError) == "backchannel.RemoteError"
+    assert name_of(AppCallError) == f"{__name__}.{AppCallError.__qualname__}"
+    assert name_of(OutOfStock) == f"{__name__}.OutOfStock"
+    types = codec.ErrorTypes([AppCallError])
+    assert types.lookup(f"{__name__}.{AppCallError.__qualname__}") is AppCallError
+    assert types.lookup("backchannel.ShuttingDown") is errors.ShuttingDown
+    assert types.lookup("KeyError") is KeyError
+    assert types.lookup("backchannel.RemoteError") is None  # never rebuilt from the wire
