@@ -384,13 +384,30 @@ def test_an_encode_error_deep_down_converts_nothing_more_than_twice() -> None:
         return ref if obj is listener else None
 
     value: object = [listener, Widget()]
-    for _ in range(6):
-        value = [listener, value]
+    for level in range(6):  # lists and dicts in turn
+        value = [listener, value] if level % 2 else {"l": listener, "v": value}
     with pytest.raises(errors.EncodeError) as raised:
         codec.encode(value, "value", callbacks)
-    assert str(raised.value).startswith("value[1][1][1][1][1][1][1]: cannot send an object")
+    path = "[1]['v'][1]['v'][1]['v'][1]"
+    assert str(raised.value).startswith(f"value{path}: cannot send an object")
     # each listener once on the way in, and the innermost one once more on the way out
     assert sum(obj is listener for obj in seen) == 7 + 1
+
+    # the same on the way back: each callback decoded once, the innermost twice
+    decoded: list[int] = []
+    back = pb.Value(list_value=pb.ValueList(items=[pb.Value(callback_value=ref), pb.Value()]))
+    for level in range(6):
+        outer = pb.Value()
+        if level % 2:
+            outer.list_value.items.add(callback_value=ref)
+            outer.list_value.items.add().CopyFrom(back)
+        else:  # a map with one entry: its order cannot matter
+            outer.map_value.entries["v"].CopyFrom(back)
+        back = outer
+    with pytest.raises(errors.DecodeError) as raised:
+        codec.decode(back, "result", lambda r, _: decoded.append(r.id))
+    assert str(raised.value).startswith(f"result{path}: empty Value")
+    assert len(decoded) == 4 + 1
 
 
 def test_encode_into_fills_callbacks_and_nests_to_the_limit() -> None:
@@ -399,6 +416,8 @@ def test_encode_into_fills_callbacks_and_nests_to_the_limit() -> None:
     call = pb.Call()
     codec.encode_into(call.args.add(), [listener], "value", lambda obj, _: ref)
     assert call.args[0].list_value.items[0].callback_value == ref
+    in_dict = codec.encode({"l": listener}, "value", lambda obj, _: ref)
+    assert in_dict.map_value.entries["l"].callback_value == ref
 
     deepest: object = []
     for _ in range(codec.MAX_NESTING - 1):
