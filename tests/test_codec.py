@@ -371,7 +371,7 @@ def test_the_path_names_the_failing_item_of_a_later_nested_container() -> None:
         codec.decode(value, "result")
 
 
-def test_an_encode_error_deep_down_converts_nothing_more_than_twice() -> None:
+def test_a_codec_error_deep_down_converts_nothing_more_than_twice() -> None:
     """The error path finds the failing item by identity on the way out (_locate): only the
     innermost level converts its items again, so an error deep in a big value costs one
     more pass over one container, not one per level. Counted at the callback encoder."""
@@ -670,6 +670,9 @@ def test_the_error_path_decodes_and_encodes_callbacks_again_to_find_the_culprit(
         with pytest.raises(errors.DecodeError, match=rf"^argument 1 of f\(\){re.escape(place)}:"):
             codec.decode_args([back, value], "f()", decoder)
     assert codec.decode_args([back], "f()", decoder) == ["proxy 6"]
+    in_map = pb.Value()
+    in_map.map_value.entries["a"].CopyFrom(in_list)
+    assert codec.decode(in_map, "result", decoder) == {"a": ["proxy 6"]}
 
     def encoder(obj: object, _: str) -> pb.CallbackRef | None:
         return ref if obj is listener else None
