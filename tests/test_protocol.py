@@ -23,6 +23,8 @@ from backchannel.protocol import (
     ResultReceived,
     Role,
     State,
+    Unparseable,
+    error_result,
 )
 from backchannel.v1 import envelope_pb2 as pb
 
@@ -413,6 +415,133 @@ def test_a_message_that_is_no_frame_is_faulted_and_the_stream_goes_on() -> None:
     assert single_fault(provider).message == message
     assert provider.state is State.OPEN
     assert isinstance(provider.receive(call_frame(1))[0], CallReceived)
+
+
+NO_FRAME = "a message of 9 bytes is not a backchannel.v1.Frame (too deep)"
+
+
+def test_a_call_that_does_not_parse_is_answered_with_an_invalid_argument_error() -> None:
+    provider = open_provider()
+    events = provider.receive_unparseable(9, "too deep", call_id=5)
+    message = f"call 5 could not be read: {NO_FRAME}"
+    assert events == [PeerMistake(message)]
+    [frame] = provider.take_outbox()  # an error Result, no Fault: the call is answered
+    assert frame.result == error_result(
+        5, pb.INVALID_ARGUMENT, "backchannel.RemoteProtocolError", message
+    )
+    assert provider.pending_incoming == 0  # nothing left running for it
+    assert [type(event) for event in feed(provider, call_frame(5))] == [CallReceived]
+
+
+def test_a_call_that_does_not_parse_with_the_id_of_a_running_one_is_faulted() -> None:
+    provider = open_provider()
+    feed(provider, call_frame(7))
+    events = provider.receive_unparseable(9, "too deep", call_id=7)
+    message = f"duplicate call id 7: a call with this id is still running ({NO_FRAME})"
+    assert events == [PeerMistake(message)]
+    fault = single_fault(provider)  # not a Result: that would answer the running call
+    assert (fault.message, fault.call_id) == (message, 7)
+    assert provider.pending_incoming == 1
+    provider.send_result(ok(7))  # the running call is still answerable
+    assert [frame.result.id for frame in provider.take_outbox()] == [7]
+
+
+def test_a_one_way_call_that_does_not_parse_is_faulted_with_its_id() -> None:
+    provider = open_provider()
+    events = provider.receive_unparseable(9, "too deep", call_id=5, one_way=True)
+    message = f"one-way call 5 could not be read: {NO_FRAME}"
+    assert events == [PeerMistake(message)]
+    fault = single_fault(provider)  # a one-way call has no Result to answer with
+    assert (fault.message, fault.call_id) == (message, 5)
+    assert (provider.pending_incoming, provider.running_one_way) == (0, 0)
+
+
+def test_a_result_that_does_not_parse_fails_the_call_it_answers() -> None:
+    link = Link()
+    link.open()
+    waiting = link.call("waiting")
+    other = link.call("other")
+    events = link.consumer.receive_unparseable(9, "too deep", result_id=waiting)
+    message = f"the result of call {waiting} could not be read: {NO_FRAME}"
+    failed = error_result(waiting, pb.INVALID_ARGUMENT, "backchannel.RemoteProtocolError", message)
+    assert events == [ResultReceived(failed, "waiting"), PeerMistake(message)]
+    fault = single_fault(link.consumer)
+    assert (fault.message, fault.call_id) == (message, waiting)
+    assert link.consumer.pending_outgoing == 1  # only that call: the other still waits
+
+    # the peer may send it again, readable this time: the call has failed, it is dropped
+    assert feed(link.consumer, pb.Frame(result=ok(waiting))) == []
+    assert link.consumer.take_outbox() == []
+    link.provider.send_result(ok(other))
+    assert link.to_consumer() == [ResultReceived(ok(other), "other")]
+
+
+def test_a_result_that_does_not_parse_for_no_awaited_call_is_one_fault() -> None:
+    link = Link()
+    link.open()
+    waiting = link.call("waiting")
+    events = link.consumer.receive_unparseable(9, "too deep", result_id=waiting + 1)
+    assert events == [PeerMistake(NO_FRAME)]
+    fault = single_fault(link.consumer)
+    assert (fault.message, fault.call_id) == (NO_FRAME, 0)
+    assert link.consumer.pending_outgoing == 1
+
+
+def test_a_message_that_does_not_parse_with_no_id_fails_no_call() -> None:
+    link = Link()
+    link.open()
+    waiting = link.call("waiting")  # call id 1
+    assert waiting == 1
+    events = link.consumer.receive_unparseable(9, "too deep")
+    assert events == [PeerMistake(NO_FRAME)]
+    fault = single_fault(link.consumer)
+    assert (fault.message, fault.call_id) == (NO_FRAME, 0)
+    assert link.consumer.pending_outgoing == 1
+    link.provider.send_result(ok(waiting))
+    assert link.to_consumer() == [ResultReceived(ok(waiting), "waiting")]
+
+
+def test_after_connection_lost_a_message_that_does_not_parse_is_ignored() -> None:
+    provider = open_provider()
+    provider.connection_lost(StreamBroken("gone"))
+    assert provider.receive_unparseable(9, "too deep", call_id=5) == []
+    assert provider.receive_batch([call_frame(6), Unparseable(9, "too deep")]) == []
+    assert provider.take_outbox() == []
+
+
+def test_a_split_batch_is_taken_in_order_each_unparseable_frame_costing_only_itself() -> None:
+    """A Batch that did not parse whole is split and its frames parsed one by one
+    (session.py); the pieces that parsed count as in a Batch, the others as messages that
+    do not parse (docs/reliability.md, "A Batch that does not parse loses none of its
+    calls")."""
+    provider: Connection[str] = Connection(Role.PROVIDER, "warehouse", SERVICES)
+    pieces: list[pb.Frame | Unparseable] = [
+        hello(),
+        call_frame(1),
+        Unparseable(9, "too deep", call_id=2),
+        call_frame(3),
+        Unparseable(9, "too deep"),
+        pb.Frame(batch=pb.Batch(frames=[call_frame(4)])),
+        call_frame(5),
+    ]
+    events = provider.receive_batch(pieces)
+    nested = "a batch inside a batch is not allowed; its frames were dropped"
+    assert events == [
+        HandshakeDone("shop", ()),
+        CallReceived(call_frame(1).call),
+        PeerMistake(f"call 2 could not be read: {NO_FRAME}"),
+        CallReceived(call_frame(3).call),
+        PeerMistake(NO_FRAME),
+        PeerMistake(nested),
+        CallReceived(call_frame(5).call),
+    ]
+    frames = provider.take_outbox()
+    assert kinds(frames) == ["welcome", "result", "fault", "fault"]
+    assert frames[1].result.id == 2
+    assert frames[1].result.error.message == f"call 2 could not be read: {NO_FRAME}"
+    assert [frame.fault.message for frame in frames[2:]] == [NO_FRAME, nested]
+    assert provider.state is State.OPEN
+    assert provider.pending_incoming == 3  # 1, 3 and 5; call 4 was dropped with its batch
 
 
 def test_batch_is_processed_in_order() -> None:
