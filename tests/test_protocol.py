@@ -649,9 +649,12 @@ def test_cancel_is_sent_even_when_the_token_is_none() -> None:
 def test_after_go_away_a_new_call_gets_a_shutting_down_result() -> None:
     link = Link()
     link.open()
+    assert (link.provider.going_away, link.consumer.peer_going_away) == (False, False)
+    assert link.provider.going_away is False and link.consumer.peer_going_away is False
     link.provider.send_go_away("server shutting down")
+    assert link.provider.going_away is True
     assert link.to_consumer() == [GoAwayReceived("server shutting down")]
-    assert link.consumer.peer_going_away
+    assert link.consumer.peer_going_away is True
 
     call_id = link.call("late")
     assert link.provider.pending_incoming == 0
@@ -718,6 +721,49 @@ def test_after_connection_lost_by_a_foreign_cause_sending_is_a_local_error() -> 
     link.consumer.connection_lost(RuntimeError("boom"))
     with pytest.raises(LocalProtocolError, match="closed.*boom"):
         link.consumer.send_call(make_call(), "token")
+
+
+def test_after_connection_lost_the_error_says_what_could_not_be_sent() -> None:
+    """The text a caller sees when its call meets a stream that is gone."""
+    link = Link()
+    link.open()
+    link.consumer.connection_lost(StreamBroken("peer reset the stream"))
+    with pytest.raises(StreamBroken) as raised:
+        link.consumer.send_call(make_call(), "token")
+    assert str(raised.value) == "cannot send call: peer reset the stream"
+
+    consumer: Connection[str] = Connection(Role.CONSUMER)
+    consumer.connection_lost(RuntimeError("boom"))
+    with pytest.raises(LocalProtocolError) as local:
+        consumer.start()
+    assert str(local.value) == "cannot send hello: the stream is closed (boom)"
+    with pytest.raises(LocalProtocolError) as local:
+        consumer.send_call(make_call(), "token")
+    assert str(local.value) == "cannot send call: the stream is closed (boom)"
+
+
+class _Unserializable:
+    """A call whose serializing fails (a real ``pb.Call`` fails only past 2 GB)."""
+
+    id = 0
+    one_way = False
+
+    def SerializeToString(self) -> bytes:
+        raise ValueError("cannot serialize this call")
+
+
+def test_a_call_that_cannot_be_serialized_is_not_sent_and_takes_no_id() -> None:
+    """docs/reliability.md: "a Call that cannot be serialized at all registers nothing"."""
+    link = Link()
+    link.open()
+    assert link.consumer.send_call(make_call(), "first") == 1
+    bad = _Unserializable()
+    with pytest.raises(ValueError, match="cannot serialize this call"):
+        link.consumer.send_call(bad, "bad")  # type: ignore[arg-type]
+    assert bad.id == 0  # it was not sent, so it has no id
+    assert link.consumer.pending_outgoing == 1  # and nothing waits for its result
+    assert link.consumer.send_call(make_call(), "next") == 2  # its id was not used up
+    assert [frame.call.id for frame in link.consumer.take_outbox()] == [1, 2]
 
 
 def test_after_connection_lost_receive_and_quiet_sends_do_nothing() -> None:
