@@ -95,21 +95,28 @@ def test_handshake_tells_each_side_the_peer_limits() -> None:
 
 def test_only_the_consumer_starts() -> None:
     provider: Connection[str] = Connection(Role.PROVIDER)
-    with pytest.raises(LocalProtocolError, match="only the consumer"):
+    with pytest.raises(LocalProtocolError) as raised:
         provider.start()
+    assert str(raised.value) == "only the consumer sends hello"
+    assert provider.take_outbox() == []
 
 
 def test_send_call_before_the_handshake_is_a_local_error() -> None:
     consumer: Connection[str] = Connection(Role.CONSUMER)
-    with pytest.raises(LocalProtocolError, match="awaiting handshake"):
+    with pytest.raises(LocalProtocolError) as raised:
         consumer.send_call(make_call(), "token")
+    assert str(raised.value) == "cannot send a call in state 'awaiting handshake'"
 
 
 def test_unsupported_protocol_version_is_faulted_and_the_provider_keeps_waiting() -> None:
     provider: Connection[str] = Connection(Role.PROVIDER)
     events = feed(provider, hello(PROTOCOL_VERSION + 1))
     fault = single_fault(provider)
-    assert f"unsupported protocol version {PROTOCOL_VERSION + 1}" in fault.message
+    assert fault.message == (
+        f"unsupported protocol version {PROTOCOL_VERSION + 1}; "
+        f"this provider speaks {PROTOCOL_VERSION}"
+    )
+    assert fault.call_id == 0
     assert events == [PeerMistake(fault.message)]
     assert provider.state is State.HANDSHAKE
 
@@ -121,7 +128,8 @@ def test_unsupported_protocol_version_is_faulted_and_the_provider_keeps_waiting(
 def test_a_second_hello_is_faulted() -> None:
     provider = open_provider()
     events = feed(provider, hello())
-    assert "unexpected hello frame after the handshake" in single_fault(provider).message
+    message = single_fault(provider).message
+    assert message == "unexpected hello frame after the handshake (provider side)"
     assert [type(event) for event in events] == [PeerMistake]
     assert provider.state is State.OPEN
 
@@ -135,9 +143,10 @@ def test_call_before_the_handshake_gets_a_failed_precondition_result() -> None:
     [frame] = provider.take_outbox()
     assert frame.result.id == 5
     assert frame.result.error.code == pb.FAILED_PRECONDITION
-    assert "hello" in frame.result.error.message
-    assert "handshake" in frame.result.error.message
-    assert [type(event) for event in events] == [PeerMistake]
+    message = "handshake required: send a hello frame before call 5"
+    assert frame.result.error.message == message
+    assert frame.result.error.type == "backchannel.RemoteProtocolError"
+    assert events == [PeerMistake(message)]
     assert provider.state is State.HANDSHAKE
     assert provider.pending_incoming == 0
 
@@ -283,7 +292,7 @@ def test_result_for_an_unknown_call_id_is_faulted_and_the_stream_goes_on() -> No
     events = feed(link.consumer, pb.Frame(result=ok(99)))
     fault = single_fault(link.consumer)
     assert fault.call_id == 99
-    assert "unknown call id 99" in fault.message
+    assert fault.message == "result for unknown call id 99 (never sent, answered or cancelled)"
     assert events == [PeerMistake(fault.message)]
 
     call_id = link.call("still-works")
@@ -309,7 +318,7 @@ def test_duplicate_call_id_while_running_is_faulted_and_the_first_still_answerab
     events = feed(provider, call_frame(7))
     fault = single_fault(provider)
     assert fault.call_id == 7
-    assert "duplicate call id 7" in fault.message
+    assert fault.message == "duplicate call id 7: a call with this id is still running"
     assert events == [PeerMistake(fault.message)]
     assert provider.pending_incoming == 1
 
@@ -322,8 +331,10 @@ def test_duplicate_call_id_while_running_is_faulted_and_the_first_still_answerab
 def test_call_id_zero_is_faulted() -> None:
     provider = open_provider()
     events = feed(provider, call_frame(0))
-    assert "call id 0" in single_fault(provider).message
-    assert [type(event) for event in events] == [PeerMistake]
+    fault = single_fault(provider)
+    assert fault.message == "call id 0 is not allowed: give every call a non-zero id"
+    assert fault.call_id == 0
+    assert events == [PeerMistake(fault.message)]
     assert provider.pending_incoming == 0
 
 
@@ -334,7 +345,13 @@ def test_calls_over_the_in_flight_limit_are_refused_with_resource_exhausted() ->
     [frame] = provider.take_outbox()
     assert frame.result.id == 2
     assert frame.result.error.code == pb.RESOURCE_EXHAUSTED
-    assert [type(event) for event in events] == [PeerMistake]
+    assert frame.result.error.type == "backchannel.RemoteProtocolError"
+    message = (
+        "too many calls in flight on this stream: this side runs at most 1 at once, "
+        "one-way calls included (call 2 refused)"
+    )
+    assert frame.result.error.message == message
+    assert events == [PeerMistake(message)]
     provider.send_result(ok(1))
     assert [type(event) for event in feed(provider, call_frame(3))] == [CallReceived]
 
@@ -348,7 +365,10 @@ def test_one_way_calls_hold_an_in_flight_slot_until_their_work_is_done() -> None
     assert [type(event) for event in events] == [PeerMistake]
     fault = single_fault(provider)  # nothing to answer: the peer is told by a Fault
     assert fault.call_id == 3
-    assert "runs at most 2 at once" in fault.message and "one-way call 3 refused" in fault.message
+    assert fault.message == (
+        "too many calls in flight on this stream: this side runs at most 2 at once, "
+        "one-way calls included (one-way call 3 refused)"
+    )
     events = feed(provider, call_frame(4))  # a two-way call is refused as well
     assert [type(event) for event in events] == [PeerMistake]
     assert provider.take_outbox()[0].result.error.code == pb.RESOURCE_EXHAUSTED
@@ -381,8 +401,9 @@ def test_connection_lost_frees_the_one_way_slots() -> None:
 def test_send_result_for_an_unknown_id_is_a_local_error() -> None:
     link = Link()
     link.open()
-    with pytest.raises(LocalProtocolError, match="no unanswered call with id 42"):
+    with pytest.raises(LocalProtocolError) as raised:
         link.provider.send_result(ok(42))
+    assert str(raised.value) == "no unanswered call with id 42 to send a result for"
     assert link.provider.take_outbox() == []
 
 
@@ -401,10 +422,10 @@ def test_send_result_twice_is_a_local_error() -> None:
 def test_empty_frame_is_faulted_as_an_unknown_kind() -> None:
     provider = open_provider()
     events = feed(provider, pb.Frame())
-    message = single_fault(provider).message
-    assert "no kind" in message
-    assert "unknown frame kind" in message
-    assert events == [PeerMistake(message)]
+    fault = single_fault(provider)
+    assert fault.message == "frame with no kind set (an unknown frame kind?)"
+    assert fault.call_id == 0
+    assert events == [PeerMistake(fault.message)]
 
 
 def test_a_message_that_is_no_frame_is_faulted_and_the_stream_goes_on() -> None:
@@ -558,7 +579,8 @@ def test_batch_inside_a_batch_is_faulted_and_the_frames_around_it_still_count() 
     inner = pb.Frame(batch=pb.Batch(frames=[call_frame(2)]))
     outer = pb.Frame(batch=pb.Batch(frames=[call_frame(1), inner, call_frame(3)]))
     events = feed(provider, outer)
-    assert "batch inside a batch" in single_fault(provider).message
+    nested = "a batch inside a batch is not allowed; its frames were dropped"
+    assert single_fault(provider).message == nested
     assert [type(event) for event in events] == [CallReceived, PeerMistake, CallReceived]
     assert provider.pending_incoming == 2  # call 2 was dropped with its batch
 
@@ -643,6 +665,40 @@ def test_cancel_is_sent_even_when_the_token_is_none() -> None:
     assert kinds(link.consumer.take_outbox()) == ["cancel"]
 
 
+REMEMBERED = 4096  # cancelled calls each side remembers, for the late results of the race
+
+
+def test_a_consumer_remembers_the_last_4096_calls_it_cancelled_not_every_one() -> None:
+    """A late result of a cancelled call is an ordinary race, dropped quietly; the ids
+    are remembered for the last 4096 cancels only, so a long-lived stream's memory stays
+    bounded, and a result older than that is treated as one for an unknown call."""
+    link = Link()
+    link.open()
+    ids = [link.consumer.send_call(make_call(), f"t{n}") for n in range(REMEMBERED + 1)]
+    for call_id in ids:
+        link.consumer.send_cancel(call_id, "deadline exceeded")
+    link.consumer.take_outbox()
+    assert feed(link.consumer, pb.Frame(result=ok(ids[1]))) == []  # the oldest remembered
+    assert link.consumer.take_outbox() == []
+    events = feed(link.consumer, pb.Frame(result=ok(ids[0])))  # forgotten
+    message = f"result for unknown call id {ids[0]} (never sent, answered or cancelled)"
+    assert events == [PeerMistake(message)]
+    assert single_fault(link.consumer).call_id == ids[0]
+
+
+def test_a_provider_remembers_the_last_4096_calls_the_peer_cancelled_not_every_one() -> None:
+    provider = open_provider()
+    ids = range(1, REMEMBERED + 2)
+    feed(provider, *(call_frame(call_id) for call_id in ids))
+    feed(provider, *(pb.Frame(cancel=pb.Cancel(id=call_id)) for call_id in ids))
+    assert provider.pending_incoming == 0
+    provider.send_result(ok(ids[1]))  # the oldest remembered: dropped quietly
+    assert provider.take_outbox() == []
+    with pytest.raises(LocalProtocolError) as raised:  # forgotten: as if never received
+        provider.send_result(ok(ids[0]))
+    assert str(raised.value) == "no unanswered call with id 1 to send a result for"
+
+
 # ------------------------------------------------------------------ go-away
 
 
@@ -664,6 +720,8 @@ def test_after_go_away_a_new_call_gets_a_shutting_down_result() -> None:
     assert answered.result.id == call_id
     assert answered.result.error.type == "backchannel.ShuttingDown"
     assert answered.result.error.code == pb.UNAVAILABLE
+    message = "shutting down: this side accepts no new calls on this stream"
+    assert answered.result.error.message == message
 
 
 def test_go_away_lets_running_calls_finish() -> None:
