@@ -75,6 +75,8 @@ def test_handshake_opens_both_sides_and_the_welcome_carries_the_services() -> No
     assert provider_events == [HandshakeDone("shop", ())]
     [welcome] = link.provider.take_outbox()
     assert list(welcome.welcome.services) == list(SERVICES)
+    assert welcome.welcome.protocol_version == PROTOCOL_VERSION
+    assert welcome.welcome.application == "warehouse"
 
     consumer_events = feed(link.consumer, welcome)
     assert link.consumer.state is State.OPEN
