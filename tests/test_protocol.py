@@ -409,6 +409,19 @@ def test_send_result_for_an_unknown_id_is_a_local_error() -> None:
     assert link.provider.take_outbox() == []
 
 
+def test_a_result_serialized_already_is_sent_as_a_result_frame() -> None:
+    link = Link()
+    link.open()
+    call_id = link.call("future")
+    link.provider.send_encoded_result(call_id, ok(call_id, "pong").SerializeToString())
+    assert link.provider.pending_incoming == 0
+    assert link.to_consumer() == [ResultReceived(ok(call_id, "pong"), "future")]
+    with pytest.raises(LocalProtocolError) as raised:  # answered: not twice
+        link.provider.send_encoded_result(call_id, ok(call_id).SerializeToString())
+    assert str(raised.value) == f"no unanswered call with id {call_id} to send a result for"
+    assert link.provider.take_outbox() == []
+
+
 def test_send_result_twice_is_a_local_error() -> None:
     link = Link()
     link.open()
