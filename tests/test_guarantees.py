@@ -15,6 +15,7 @@ import grpc
 import pytest
 from conftest import run
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from helpers import CheckedThread
 from services import Echo, EchoImpl
 
 import backchannel
@@ -137,7 +138,7 @@ def test_health_goes_not_serving_as_soon_as_stop_begins() -> None:
     serving = health_pb2.HealthCheckResponse.SERVING
     not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
     watches = [_watch(server.address, name) for name in ("", "backchannel.v1.Envelope")]
-    stopping: threading.Thread | None = None
+    stopping: CheckedThread | None = None
     try:
         with (
             backchannel.Client(server.address, timeout=30) as client,
@@ -147,15 +148,14 @@ def test_health_goes_not_serving_as_soon_as_stop_begins() -> None:
                 assert next(watch).status == serving
             running = caller.submit(client.reference(Echo).sync_wait, 20.0)
             assert impl.started.wait(5)
-            stopping = threading.Thread(target=server.stop, args=(10,))
+            stopping = CheckedThread(server.stop, 10, name="stopping")
             stopping.start()
             for _channel, watch in watches:  # each watch's next answer: the change
                 assert next(watch).status == not_serving
             assert not running.done()  # during the grace period, the call still running
             impl.release.set()
             assert running.result(5) == "done"
-            stopping.join(10)
-            assert not stopping.is_alive()
+            stopping.check(10)
     finally:
         impl.release.set()
         for channel, watch in watches:
