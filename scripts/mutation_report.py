@@ -64,9 +64,29 @@ def change(name: str, sources: dict[str, str]) -> str:
     return "\n".join("    " + line.strip() for line in kept)
 
 
+def scores(status: dict[str, str], modules: list[str], markdown: bool) -> None:
+    """The table of scores: one row a module, then the total."""
+    header = ("mutants", "caught", "survived", "no tests", "score")
+    if markdown:
+        print("| module |", " | ".join(header), "|\n|---|" + "---:|" * len(header))
+    else:
+        print(f"{'module':24}", *(f"{column:>8}" for column in header))
+    for module in [*modules, "total"]:
+        mine = [s for n, s in status.items() if module == "total" or n.rsplit(".", 1)[0] == module]
+        count = Counter(mine)
+        caught = sum(count[c] for c in CAUGHT)
+        row = (len(mine), caught, count["survived"], count["no tests"])
+        score = f"{caught / len(mine) if mine else 0.0:.1%}"
+        if markdown:
+            print(f"| `{module}` |", " | ".join(map(str, row)), f"| {score} |")
+        else:
+            print(f"{module:24}", *(f"{value:8}" for value in row), f"{score:>8}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--survivors", metavar="PREFIX", default="backchannel.")
+    parser.add_argument("--markdown", action="store_true", help="as docs/testing.md lists them")
     args = parser.parse_args()
     if not MUTANTS.is_dir():
         sys.exit("no mutants/ here: run `make mutate` first")
@@ -75,30 +95,33 @@ def main() -> int:
         verdicts |= tomllib.loads(found.read_text()).get("equivalent", {})
     status = results()
     modules = sorted({name.rsplit(".", 1)[0] for name in status})
-    header = ("mutants", "caught", "survived", "no tests", "score")
-    print(f"{'module':24}", *(f"{column:>8}" for column in header))
-    for module in [*modules, "total"]:
-        mine = [s for n, s in status.items() if module == "total" or n.rsplit(".", 1)[0] == module]
-        count = Counter(mine)
-        caught = sum(count[c] for c in CAUGHT)
-        score = caught / len(mine) if mine else 0.0
-        print(
-            f"{module:24} {len(mine):8} {caught:8} {count['survived']:8} "
-            f"{count['no tests']:8} {score:8.1%}"
-        )
+    scores(status, modules, args.markdown)
     unexplained = 0
     for module in modules:
-        if not module.startswith(args.survivors) and not args.survivors.startswith(module):
+        if not (module + ".").startswith(args.survivors) and not args.survivors.startswith(module):
             continue
         sources = functions(module)
-        for name, state in sorted(status.items()):
-            if state in CAUGHT or not name.startswith(args.survivors):
-                continue
-            if name.rsplit(".", 1)[0] != module:
-                continue
+        survivors = [
+            name
+            for name, state in sorted(status.items())
+            if state not in CAUGHT
+            and name.startswith(args.survivors)
+            and name.rsplit(".", 1)[0] == module
+        ]
+        if args.markdown and survivors:
+            print(f"\n**`{module}`** ({len(survivors)})\n")
+        for name in survivors:
             verdict = verdicts.get(name.removeprefix("backchannel."))
             unexplained += verdict is None
-            print(f"\n{name}: {state}: {verdict or 'UNEXPLAINED'}\n{change(name, sources)}")
+            lines = change(name, sources)
+            if args.markdown:
+                short = " → ".join(f"`{line.strip()[1:].strip()}`" for line in lines.splitlines())
+                print(f"- `{name.rsplit('.', 1)[1]}`: {short}: {verdict or 'UNEXPLAINED'}")
+            else:
+                print(f"\n{name}: {status[name]}: {verdict or 'UNEXPLAINED'}\n{lines}")
+    stale = sorted(n for n in verdicts if status.get("backchannel." + n) in CAUGHT)
+    if stale:
+        print(f"\nverdicts of mutants now caught (remove them): {', '.join(stale)}")
     print(f"\n{unexplained} survivors without a verdict in {VERDICTS}/*.toml")
     return 0
 
