@@ -11,7 +11,7 @@ import time
 import weakref
 from asyncio import gather
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Optional
 
 import pytest
 from conftest import RawStream, run
@@ -36,8 +36,10 @@ from backchannel.callbacks import (
     ReverseProxy,
     _check_listener,
     _encode_plain,
+    _listener_method,
     _looks_like_listener,
     limit_error,
+    listener_interface,
     service_label,
 )
 from backchannel.errors import (
@@ -45,6 +47,7 @@ from backchannel.errors import (
     DecodeError,
     EncodeError,
     InvalidArguments,
+    MethodNotFound,
     StreamBroken,
     TooManyCallbacks,
     UnknownCallback,
@@ -1290,3 +1293,55 @@ def test_a_cancelled_call_holds_its_instance_until_its_thread_ends() -> None:
         gate.set()
         pools.pool.shutdown()
         session.loop.close()
+
+
+@backchannel.interface("test.Maybe")
+class Maybe:
+    def maybe(
+        self,
+        a: Listener | None,
+        b: Optional[Listener],  # noqa: UP045 (typing.Union, as older code writes it)
+        c: int | str,
+        d: Listener,
+    ) -> None: ...
+
+
+def test_a_callback_argument_takes_its_interface_from_the_annotation_or_the_object() -> None:
+    spec = find_interface_spec(Maybe)
+    assert spec is not None
+    maybe = spec.methods["maybe"]
+    assert [getattr(listener_interface(maybe, i), "name", None) for i in range(4)] == [
+        "test.Listener",
+        "test.Listener",
+        None,
+        "test.Listener",
+    ]
+    table = ConsumerCallbacks(FakeSession(), FakeConsumerPools())  # type: ignore[arg-type]
+    loose = _pair("loose", Argument(index=0, callback=True), Argument(index=1, callback=True))
+    into = pb.Call().args
+    table.encode_args(loose, PAIR, [Twice(), _Plain()], None, None, into)
+    assert [value.callback_value.interface for value in into] == ["test.Twice", ""]
+
+
+def test_a_callback_call_reaches_only_the_interfaces_or_public_methods() -> None:
+    table = ConsumerCallbacks(FakeSession(), FakeConsumerPools())  # type: ignore[arg-type]
+
+    class Rich(_Plain):
+        def other(self) -> None: ...
+
+        def _private(self) -> None: ...
+
+    both = _pair("both", Argument(index=0, callback=True), Argument(index=1, callback=True))
+    (typed,), _ = table.encode_args(both, PAIR, [Rich()], None, None, pb.Call().args)
+    (loose,) = _export(table, Rich())
+    assert _listener_method(typed, "changed").__name__ == "changed"
+    assert _listener_method(loose, "other").__name__ == "other"
+    for entry, name, label in (
+        (typed, "other", "test.Listener"),  # public, but not of the interface
+        (loose, "_private", "Rich"),
+        (loose, "", "Rich"),
+        (loose, "missing", "Rich"),
+    ):
+        with pytest.raises(MethodNotFound) as caught:
+            _listener_method(entry, name)
+        assert str(caught.value) == f"callback {entry.id} ({label}) has no method {name!r}"
