@@ -1345,3 +1345,56 @@ def test_a_callback_call_reaches_only_the_interfaces_or_public_methods() -> None
         with pytest.raises(MethodNotFound) as caught:
             _listener_method(entry, name)
         assert str(caught.value) == f"callback {entry.id} ({label}) has no method {name!r}"
+
+
+def test_a_call_nested_in_a_finished_call_still_waits_its_turn() -> None:
+    """The re-entrant bypass of an instance's one-at-a-time order is only for a call whose
+    chain holds the instance now: once a call to it ended, a later call nested in that
+    call's chain (say an outgoing call its listener left running) queues like any other."""
+    session = FakeSession()
+    pools = FakeConsumerPools()
+    table = ConsumerCallbacks(session, pools)  # type: ignore[arg-type]
+    gate, nested_started = threading.Event(), threading.Event()
+    overlapped: list[bool] = []
+
+    class Slow:
+        def changed(self, msg: str) -> None:
+            if msg == "nested":
+                nested_started.set()
+                gate.wait(5)
+            elif msg == "other":
+                overlapped.append(not gate.is_set())
+
+    (entry,) = _export(table, Slow())
+    # the chain of outgoing call 100: incoming calls 5 (ended below) and 1 (say, running)
+    session.ancestors = lambda parent_id: {1, 5} if parent_id == 100 else set()  # type: ignore[method-assign]
+
+    def call(call_id: int, msg: str, parent: int = 0) -> pb.Call:
+        args = [codec.encode(msg, "x")]
+        return pb.Call(
+            id=call_id, callback_id=entry.id, method="changed", args=args, parent_id=parent
+        )
+
+    async def scenario() -> None:
+        await table.run(call(5, "done"))
+        for _ in range(500):  # its thread ends just after: then the instance is free
+            if not entry.lock.locked():
+                break
+            await asyncio.sleep(0.01)
+        assert not entry.lock.locked()
+        nested = asyncio.ensure_future(table.run(call(6, "nested", parent=100)))
+        await asyncio.get_running_loop().run_in_executor(None, nested_started.wait, 5)
+        other = asyncio.ensure_future(table.run(call(7, "other")))
+        # "other" must wait for "nested" (bounded negative check), then run after it
+        done, _ = await asyncio.wait([other], timeout=0.3)
+        assert not done
+        gate.set()
+        await asyncio.wait_for(asyncio.gather(nested, other), 5)
+        assert overlapped == [False]
+
+    try:
+        session.loop.run_until_complete(scenario())
+    finally:
+        gate.set()
+        pools.pool.shutdown()
+        session.loop.close()
