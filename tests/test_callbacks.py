@@ -38,6 +38,7 @@ from backchannel.callbacks import (
     _encode_plain,
     _listener_method,
     _looks_like_listener,
+    declared_arguments,
     limit_error,
     listener_interface,
     service_label,
@@ -1398,3 +1399,77 @@ def test_a_call_nested_in_a_finished_call_still_waits_its_turn() -> None:
         gate.set()
         pools.pool.shutdown()
         session.loop.close()
+
+
+def test_declared_callback_arguments_must_match_the_providers_in_words() -> None:
+    both = _pair("both", Argument(index=1, callback=True))
+    drop = _pair("drop", Argument(index=0, callback=False))
+    assert declared_arguments(both, None) == (frozenset({1}), frozenset())
+    with pytest.raises(InvalidArguments) as caught:
+        declared_arguments(both, pb.MethodInfo())
+    assert str(caught.value) == (
+        "test.Pair.both(): this side declares argument 1 a callback, but the provider "
+        "declares no callback arguments"
+    )
+    with pytest.raises(InvalidArguments) as caught:
+        declared_arguments(both, pb.MethodInfo(callback_arguments=[0]))
+    assert str(caught.value) == (
+        "test.Pair.both(): this side declares argument 1 a callback, but the provider "
+        "declares [0] callback arguments"
+    )
+    with pytest.raises(InvalidArguments) as caught:
+        declared_arguments(drop, pb.MethodInfo())
+    assert str(caught.value) == (
+        "test.Pair.drop(): this side declares argument 0 a remover, but the provider "
+        "declares no remover arguments"
+    )
+    with pytest.raises(InvalidArguments) as caught:
+        declared_arguments(drop, pb.MethodInfo(remover_arguments=[1]))
+    assert str(caught.value) == (
+        "test.Pair.drop(): this side declares argument 0 a remover, but the provider "
+        "declares [1] remover arguments"
+    )
+
+
+def test_the_consumer_numbers_instances_from_one_and_checks_each_argument() -> None:
+    table = ConsumerCallbacks(FakeSession(), FakeConsumerPools())  # type: ignore[arg-type]
+    loose = _pair("loose", Argument(index=0, callback=True))
+    into = pb.Call().args
+    table.encode_args(loose, PAIR, [_Plain(), "b"], None, None, into)
+    table.encode_args(loose, PAIR, [_Plain()], None, None, into)
+    assert [value.callback_value.id for value in into if value.HasField("callback_value")] == [
+        1,
+        2,
+    ]
+    with pytest.raises(InvalidArguments) as caught:  # an encodable value is no listener
+        table.encode_args(loose, PAIR, ["x"], None, None, pb.Call().args)
+    assert str(caught.value) == (
+        "argument 0 'a' of test.Pair.loose() is declared a callback; "
+        "pass a listener object, not str"
+    )
+    with pytest.raises(EncodeError) as caught:  # past the declared parameters: no name
+        table.encode_args(loose, PAIR, [None, 1, object()], None, None, pb.Call().args)
+    assert str(caught.value).startswith("argument 2 of test.Pair.loose(): cannot send")
+    with pytest.raises(EncodeError) as caught:
+        table.encode_args(loose, PAIR, [None, _Plain()], None, None, pb.Call().args)
+    assert str(caught.value).startswith("argument 1 'b' of test.Pair.loose(): cannot send")
+    assert "Argument(index=1, callback=True)" in str(caught.value)
+    drop = _pair("drop", Argument(index=0, callback=False))
+    with pytest.raises(UnknownCallback) as caught:  # even one the codec could send
+        table.encode_args(drop, PAIR, ["x"], None, None, pb.Call().args)
+    assert str(caught.value) == (
+        "argument 0 'a' of test.Pair.drop(): this object was never added as a callback on "
+        "this stream (or was already removed), so there is nothing to remove"
+    )
+
+
+def test_when_the_stream_ends_every_proxy_says_so() -> None:
+    table = _provider_table()
+    proxy = _take(table, [5])[0]
+    table.clear("the stream ended: reset")
+    assert not proxy.alive and len(table) == 0
+    with pytest.raises(CallbackGone) as caught:
+        proxy.changed("x")
+    assert str(caught.value) == (
+        "test.Listener #5.changed(): the callback instance ended (the stream ended: reset)"
+    )
