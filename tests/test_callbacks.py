@@ -926,6 +926,7 @@ def test_a_released_proxy_tells_the_consumer_and_says_why_it_is_gone() -> None:
     finally:
         pool.shutdown(wait=False)  # the release below ends such a wait
     proxy.release()  # from a thread: posted to the loop, ended at once
+    assert not proxy.alive
     with pytest.raises(CallbackGone) as caught:
         proxy.changed("x")
     assert str(caught.value) == (
