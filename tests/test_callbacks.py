@@ -1384,11 +1384,9 @@ def test_a_call_nested_in_a_finished_call_still_waits_its_turn() -> None:
 
     async def scenario() -> None:
         await table.run(call(5, "done"))
-        for _ in range(500):  # its thread ends just after: then the instance is free
-            if not entry.lock.locked():
-                break
-            await asyncio.sleep(0.01)
-        assert not entry.lock.locked()
+        # its thread ends just after: then the instance is free (taken and given back here)
+        await asyncio.wait_for(entry.lock.acquire(), 5)
+        entry.lock.release()
         nested = asyncio.ensure_future(table.run(call(6, "nested", parent=100)))
         await asyncio.get_running_loop().run_in_executor(None, nested_started.wait, 5)
         other = asyncio.ensure_future(table.run(call(7, "other")))
