@@ -301,8 +301,10 @@ def test_strategies_take_service_urls_and_refuse_an_empty_set() -> None:
     assert str(unknown.value) == (
         "unknown loadbalance 'fastest' (known: random, roundrobin, leastactive, consistenthash)"
     )
-    with pytest.raises(ValueError, match="at least 4 nodes"):
-        ConsistentHashLoadBalance(nodes=2)
+    with pytest.raises(ValueError) as few:
+        ConsistentHashLoadBalance(nodes=3)
+    assert str(few.value) == "a consistent-hash ring needs at least 4 nodes a provider, not 3"
+    assert ConsistentHashLoadBalance(nodes=4).nodes == 4  # the least it takes
 
 
 def test_weights_outside_their_bounds_are_read_as_the_nearest_bound() -> None:
