@@ -45,6 +45,7 @@ from backchannel.callbacks import (
 )
 from backchannel.errors import (
     CallbackGone,
+    CodecError,
     DecodeError,
     EncodeError,
     InvalidArguments,
@@ -882,6 +883,11 @@ def test_the_provider_table_refuses_bad_callback_values_in_words() -> None:
     assert args == [None] and removed == []
     with pytest.raises(UnknownCallback):
         table.decode_args(drop, PAIR, 10, [_ref(9)])
+    # a plain argument that does not decode is named by its place, beside a callback
+    first = _pair("both", Argument(index=0, callback=True))
+    with pytest.raises(CodecError) as bad:
+        table.decode_args(first, PAIR, 10, [_ref(1), pb.Value()])
+    assert str(bad.value).startswith("argument 1 of test.Pair.both(): ")
 
 
 def test_the_provider_table_counts_each_instance_once_per_service() -> None:
