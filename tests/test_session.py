@@ -827,3 +827,92 @@ async def _a_batch_bigger_than_a_slice_is_acted_on_whole_in_order(loop: ClockLoo
     assert [result.id for result in peer.results] == list(range(1, 1235))
     assert all(result.value == codec.NULL for result in peer.results)
     await peer.close()
+
+
+# ----------------------------------------------- back-pressure: the byte-exact bounds
+
+
+async def _results_released_at_once(
+    loop: ClockLoop, counts: dict[str, int]
+) -> tuple[Peer, dict[str, asyncio.Future[None]], int]:
+    """A session running ``counts[name]`` callbacks for each name, each held until its
+    name's future is set, and a peer that reads nothing; the "first" ones are released:
+    seven results of one message each pile up at once, one of them is being written.
+    Returns the peer, the futures, and the size of one result (one message)."""
+    size = len(wire.result_frame(wire.value_result(1, BIG.SerializeToString())))
+    released = {name: loop.create_future() for name in counts}
+
+    async def held(call: pb.Call) -> pb.Value:
+        await released[call.method]
+        return BIG
+
+    limits = Limits(max_message_size=1024, max_queued_bytes=5 * size, max_write_stall=5.0)
+    peer = Peer(handler=held, limits=limits)
+    await peer.open()
+    peer.gate = loop.create_future()
+    for name, count in counts.items():
+        for _ in range(count):
+            peer.connection.send_call(pb.Call(callback_id=5, method=name), "token")
+    peer.deliver()
+    await turns(lambda: len(peer.session._running) == sum(counts.values()), "all running")
+    released["first"].set_result(None)
+    await turns(lambda: len(peer.session._running) == sum(counts.values()) - 7, "7 answered")
+    for _ in range(20):
+        await asyncio.sleep(0)
+    return peer, released, size
+
+
+def test_results_queued_at_once_past_the_limit_hold_calls_and_end_only_past_twice() -> None:
+    run(_results_queued_at_once_past_the_limit_hold_calls_and_end_only_past_twice)
+
+
+async def _results_queued_at_once_past_the_limit_hold_calls_and_end_only_past_twice(
+    loop: ClockLoop,
+) -> None:
+    peer, released, size = await _results_released_at_once(
+        loop, {"first": 7, "second": 4, "third": 1}
+    )
+    # one result is being written; six wait, over the limit of five even after the
+    # writer took that one: a call made now waits for the queue to drain
+    held = peer.start("held")
+    assert not peer.session.awaits(1) and not held.done()
+    released["second"].set_result(None)  # ten results queued: twice the limit, not over
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert peer.session.cause is None and peer.session.ending is None
+    released["third"].set_result(None)  # eleven: over twice the limit
+    await turns(lambda: peer.session.cause is not None, "the stream ended")
+    why = (
+        f"peer:1 did not read what was sent to it: {11 * size} bytes queued for it, over "
+        f"twice the limit of {5 * size} bytes (max_queued_bytes); the stream is ended"
+    )
+    assert peer.session.ending == (grpc.StatusCode.RESOURCE_EXHAUSTED, why)
+    with pytest.raises(StreamBroken, match=f"^{re.escape(why)}$"):
+        await asyncio.wait_for(held, 5)
+    await peer.close()
+
+
+def test_a_queue_drained_to_exactly_the_limit_reads_sends_and_stops_the_stall_timer() -> None:
+    run(_a_queue_drained_to_exactly_the_limit_reads_sends_and_stops_the_stall_timer)
+
+
+async def _a_queue_drained_to_exactly_the_limit_reads_sends_and_stops_the_stall_timer(
+    loop: ClockLoop,
+) -> None:
+    peer, _released, _size = await _results_released_at_once(loop, {"first": 7})
+    assert not peer.session._writable.is_set()  # six results wait: over the limit
+    loop.now += 4.0  # of max_write_stall's 5 s
+    first_write, peer.gate = peer.gate, loop.create_future()
+    assert first_write is not None
+    first_write.set_result(None)  # the peer reads one: the writer takes the next
+    await turns(lambda: len(peer.results) == 1, "one result read")
+    for _ in range(20):
+        await asyncio.sleep(0)
+    # five wait: exactly the limit, not over it: calls are sent again, the stall is over
+    sent = peer.start("sent")
+    assert peer.session.awaits(1) and not sent.done()
+    loop.now += 2.0  # past when the stall timer would have ended the stream
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert peer.session.cause is None and peer.session.ending is None
+    await peer.close()
