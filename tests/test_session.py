@@ -916,3 +916,56 @@ async def _a_queue_drained_to_exactly_the_limit_reads_sends_and_stops_the_stall_
         await asyncio.sleep(0)
     assert peer.session.cause is None and peer.session.ending is None
     await peer.close()
+
+
+def test_a_call_of_a_big_batch_that_finishes_later_is_answered() -> None:
+    run(_a_call_of_a_big_batch_that_finishes_later_is_answered)
+
+
+async def _a_call_of_a_big_batch_that_finishes_later_is_answered(loop: ClockLoop) -> None:
+    release: asyncio.Future[None] = loop.create_future()
+
+    async def handler(call: pb.Call) -> pb.Value:
+        if call.method == "held":
+            await release
+        return codec.NULL
+
+    peer = Peer(handler=handler)
+    await peer.open()
+    for n in range(1234):  # one Batch of two slices and a part; the last call waits
+        method = "held" if n == 1233 else "changed"
+        peer.connection.send_call(pb.Call(callback_id=5, method=method), "token")
+    peer.inbox.put_nowait(parse_frame(wire.batch_frame(peer.connection.take_encoded())))
+    await turns(lambda: len(peer.results) == 1233, "the others answered", bound=2000)
+    release.set_result(None)  # after the Batch was acted on: its result is written too
+    await turns(lambda: len(peer.results) == 1234, "the held call answered")
+    assert peer.results[-1].id == 1234
+    await peer.close()
+
+
+def test_a_big_batch_whose_results_are_not_read_waits_between_slices() -> None:
+    run(_a_big_batch_whose_results_are_not_read_waits_between_slices)
+
+
+async def _a_big_batch_whose_results_are_not_read_waits_between_slices(loop: ClockLoop) -> None:
+    null = codec.NULL.SerializeToString()
+    first_slice = sum(len(wire.result_frame(wire.value_result(n, null))) for n in range(1, 501))
+    # one slice's results are over the limit, not over twice it; two slices' would be
+    limit = first_slice * 6 // 10
+    peer = Peer(limits=Limits(max_message_size=1024, max_queued_bytes=limit, max_write_stall=5))
+    await peer.open()
+    peer.gate = loop.create_future()
+    for _ in range(1234):
+        peer.connection.send_call(pb.Call(callback_id=5, method="changed"), "token")
+    peer.inbox.put_nowait(parse_frame(wire.batch_frame(peer.connection.take_encoded())))
+    await turns(lambda: not peer.session._writable.is_set(), "over the limit")
+    for _ in range(50):
+        await asyncio.sleep(0)
+    # the reader waits for the peer to read before it acts on the next slice
+    assert peer.session.cause is None and peer.session.ending is None
+    assert peer.gate is not None
+    peer.gate.set_result(None)
+    await turns(lambda: len(peer.results) == 1234, "every call answered", bound=2000)
+    assert [result.id for result in peer.results] == list(range(1, 1235))
+    assert peer.session.cause is None
+    await peer.close()
