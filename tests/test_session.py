@@ -20,6 +20,7 @@ import pytest
 from helpers import SERVICES, make_call
 
 from backchannel import codec, wire
+from backchannel.callbacks import CURRENT_CALL
 from backchannel.errors import DeadlineExceeded, MessageTooLarge, StreamBroken, Unauthenticated
 from backchannel.protocol import (
     CallReceived,
@@ -30,6 +31,7 @@ from backchannel.protocol import (
     Unparseable,
 )
 from backchannel.session import (
+    EOF,
     Deferred,
     Outgoing,
     Session,
@@ -122,6 +124,7 @@ class Peer:
         )
         self.reader: asyncio.Task[None] | None = None
         self.futures: list[asyncio.Future[Any]] = []
+        self.messages: list[int] = []  # the frames of each message written, in order
 
     def start(self, method: str, timeout: float | None = None, parent: int = 0) -> Any:
         """Make a call from the session; its future."""
@@ -136,6 +139,7 @@ class Peer:
             await self.gate
         frame = parse_frame(message)
         assert type(frame) is pb.Frame
+        self.messages.append(len(frame.batch.frames) if frame.HasField("batch") else 1)
         for event in self.connection.receive(frame):
             if type(event) is CallReceived:
                 self.calls.append(event.call)
@@ -968,4 +972,236 @@ async def _a_big_batch_whose_results_are_not_read_waits_between_slices(loop: Clo
     await turns(lambda: len(peer.results) == 1234, "every call answered", bound=2000)
     assert [result.id for result in peer.results] == list(range(1, 1235))
     assert peer.session.cause is None
+    await peer.close()
+
+
+# ------------------------------------------------- writing: what goes in one message
+
+
+def test_a_lone_call_is_written_at_once_and_calls_made_together_go_as_one_batch() -> None:
+    run(_a_lone_call_is_written_at_once_and_calls_made_together_go_as_one_batch)
+
+
+async def _a_lone_call_is_written_at_once_and_calls_made_together_go_as_one_batch(
+    loop: ClockLoop,
+) -> None:
+    peer = Peer()
+    await peer.open()
+    for _ in range(5):
+        await asyncio.sleep(0)
+    peer.messages.clear()
+    peer.start("one")
+    assert [call.method for call in peer.calls] == ["one"]  # written before any loop turn
+    peer.start("two")
+    peer.start("three")
+    await turns(lambda: len(peer.calls) == 3, "all three sent")
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert peer.messages == [1, 2]  # the first alone; the two made with it, together
+    await peer.close()
+
+
+# ------------------------------------------------------- the outgoing-call table, more
+
+
+def test_abandoning_a_call_whose_result_arrived_meanwhile_does_nothing() -> None:
+    run(_abandoning_a_call_whose_result_arrived_meanwhile_does_nothing)
+
+
+async def _abandoning_a_call_whose_result_arrived_meanwhile_does_nothing(
+    loop: ClockLoop,
+) -> None:
+    peer = Peer()
+    await peer.open()
+    future = peer.start("late", 10.0)
+    await turns(lambda: len(peer.calls) == 1, "the call sent")
+    future.cancel()  # its caller gives up while its result is on the way
+    peer.answer(peer.calls[0].id)
+    await turns(lambda: not peer.session.awaits(1), "the result read")
+    peer.session.abandon(1, "cancelled by the caller")  # as the client then does
+    loop.now += 20.0  # past its timeout: nothing fires either
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert peer.cancels == [] and peer.session.cause is None
+    await peer.close()
+
+
+def test_a_finished_call_is_no_longer_anyones_ancestor() -> None:
+    run(_a_finished_call_is_no_longer_anyones_ancestor)
+
+
+async def _a_finished_call_is_no_longer_anyones_ancestor(loop: ClockLoop) -> None:
+    peer = Peer()
+    await peer.open()
+    future = peer.start("child", None, parent=7)  # made during incoming call 7
+    await turns(lambda: len(peer.calls) == 1, "the call sent")
+    assert peer.session.ancestors(1) == {7}
+    peer.answer(1)
+    await turns(future.done, "the call answered")
+    assert peer.session.ancestors(1) == set()
+    await peer.close()
+
+
+# ----------------------------------------------------------- the end of the stream
+
+
+def test_a_write_stuck_when_the_peer_closes_is_given_half_a_second_then_dropped() -> None:
+    run(_a_write_stuck_when_the_peer_closes_is_given_half_a_second_then_dropped)
+
+
+async def _a_write_stuck_when_the_peer_closes_is_given_half_a_second_then_dropped(
+    loop: ClockLoop,
+) -> None:
+    peer = Peer()
+    await peer.open()
+    gate: asyncio.Future[None] = loop.create_future()
+    peer.gate = gate
+    stuck = peer.start("stuck")  # its write waits for the peer to read
+    peer.inbox.put_nowait(EOF)  # then the peer closes the stream
+    await turns(lambda: peer.session.cause is not None, "the end read")
+    with pytest.raises(StreamBroken, match="^the peer peer:1 closed the stream$"):
+        stuck.result()
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert peer.reader is not None and not peer.reader.done()  # the write may yet finish
+    loop.now += 0.5
+    await turns(lambda: peer.reader is not None and peer.reader.done(), "the reader ended")
+    assert not peer.reader.cancelled() and peer.reader.exception() is None
+    await turns(gate.cancelled, "the write given up")
+    await peer.close()
+
+
+def test_a_call_running_when_the_stream_ends_is_cancelled_saying_so() -> None:
+    run(_a_call_running_when_the_stream_ends_is_cancelled_saying_so)
+
+
+async def _a_call_running_when_the_stream_ends_is_cancelled_saying_so(loop: ClockLoop) -> None:
+    seen: list[tuple[str, tuple[Any, ...]]] = []
+
+    async def handler(call: pb.Call) -> pb.Value:
+        try:
+            await loop.create_future()  # never done
+        except asyncio.CancelledError as exc:
+            seen.append((call.method, exc.args))
+            raise
+        return codec.NULL
+
+    peer = Peer(handler=handler)
+    await peer.open()
+    peer.connection.send_call(pb.Call(callback_id=5, method="changed"), "token")
+    peer.connection.send_call(pb.Call(callback_id=5, method="notified", one_way=True), "token")
+    peer.deliver()
+    await turns(lambda: peer.inbox.empty(), "both read")
+    for _ in range(10):
+        await asyncio.sleep(0)
+    peer.session.lost(StreamBroken("gone"))
+    await turns(lambda: len(seen) == 2, "both cancelled")
+    assert sorted(seen) == [("changed", ("the stream ended",)), ("notified", ("the stream ended",))]
+    for _ in range(5):
+        await asyncio.sleep(0)
+    with pytest.raises(StreamBroken) as caught:  # nothing more is sent on it
+        peer.session.start_call(make_call("late"), None)
+    assert type(caught.value) is StreamBroken and str(caught.value) == "cannot send call: gone"
+    await peer.close()
+
+
+def test_a_call_whose_awaited_future_is_cancelled_here_is_answered_as_cancelled() -> None:
+    run(_a_call_whose_awaited_future_is_cancelled_here_is_answered_as_cancelled)
+
+
+async def _a_call_whose_awaited_future_is_cancelled_here_is_answered_as_cancelled(
+    loop: ClockLoop,
+) -> None:
+    awaited: asyncio.Future[pb.Value] = loop.create_future()
+
+    async def handler(call: pb.Call) -> pb.Value:
+        return await awaited
+
+    peer = Peer(handler=handler)
+    await peer.open()
+    peer.connection.send_call(pb.Call(callback_id=5, method="changed"), "token")
+    peer.deliver()
+    await turns(lambda: peer.session._running.get(1) is not None, "it waits in a task")
+    awaited.cancel()  # cancelled on this side, not by the peer: the peer still waits
+    await turns(lambda: len(peer.results) == 1, "answered")
+    error = peer.results[0].error
+    assert (error.type, error.message) == ("backchannel.CallCancelled", "cancelled by the provider")
+    await peer.close()
+
+
+# ----------------------------------------------------- incoming calls: run eagerly
+
+
+def test_a_call_sending_a_callback_on_a_stream_that_fails_under_it_gets_the_failure() -> None:
+    run(_a_call_sending_a_callback_on_a_stream_that_fails_under_it_gets_the_failure)
+
+
+async def _a_call_sending_a_callback_on_a_stream_that_fails_under_it_gets_the_failure(
+    loop: ClockLoop,
+) -> None:
+    made: list[asyncio.Future[Any]] = []
+
+    async def handler(call: pb.Call) -> pb.Value:  # its first step sends a call back
+        made.append(peer.session.start_call(make_call("back"), None, parent=call.id))
+        return codec.NULL
+
+    peer = Peer(handler=handler)
+    await peer.open()
+    peer.fail_writes = ConnectionResetError("reset by peer")
+    peer.connection.send_call(pb.Call(callback_id=5, method="changed"), "token")
+    peer.deliver()
+    await turns(lambda: peer.session.closed.is_set(), "the stream ended")
+    assert len(made) == 1
+    with pytest.raises(StreamBroken) as caught:
+        made[0].result()
+    why = "the stream to peer:1 broke: ConnectionResetError: reset by peer"
+    assert str(caught.value) == why
+    assert [str(cause) for cause in peer.served.ended_with] == [why]
+    await peer.close()
+
+
+def test_a_call_that_waited_still_knows_it_is_the_current_call() -> None:
+    run(_a_call_that_waited_still_knows_it_is_the_current_call)
+
+
+async def _a_call_that_waited_still_knows_it_is_the_current_call(loop: ClockLoop) -> None:
+    async def handler(call: pb.Call) -> pb.Value:
+        await asyncio.sleep(0)  # on in a task of its own
+        current = CURRENT_CALL.get()
+        assert current is not None and current[0] is peer.session
+        return pb.Value(int_value=current[1])
+
+    peer = Peer(handler=handler)
+    await peer.open()
+    for _ in range(2):
+        peer.connection.send_call(pb.Call(callback_id=5, method="changed"), "token")
+    peer.deliver()
+    await turns(lambda: len(peer.results) == 2, "both answered")
+    assert [(result.id, result.value.int_value) for result in peer.results] == [(1, 1), (2, 2)]
+    await peer.close()
+
+
+def test_a_call_is_started_before_the_frames_after_it_in_its_message_are_acted_on() -> None:
+    run(_a_call_is_started_before_the_frames_after_it_in_its_message_are_acted_on)
+
+
+async def _a_call_is_started_before_the_frames_after_it_in_its_message_are_acted_on(
+    loop: ClockLoop,
+) -> None:
+    observed: list[bool] = []
+
+    async def handler(call: pb.Call) -> pb.Value:
+        observed.append(mine.done())
+        return codec.NULL
+
+    peer = Peer(handler=handler)
+    await peer.open()
+    mine = peer.start("mine")
+    await turns(lambda: len(peer.calls) == 1, "the call sent")
+    # the peer's next message: a Call of its own, then the Result of this side's call
+    peer.connection.send_call(pb.Call(callback_id=5, method="changed"), "token")
+    peer.connection.send_result(pb.Result(id=1, value=codec.NULL))
+    peer.inbox.put_nowait(parse_frame(wire.batch_frame(peer.connection.take_encoded())))
+    await turns(lambda: len(peer.results) == 1 and mine.done(), "both acted on")
+    assert observed == [False]
     await peer.close()
