@@ -1205,3 +1205,29 @@ async def _a_call_is_started_before_the_frames_after_it_in_its_message_are_acted
     await turns(lambda: len(peer.results) == 1 and mine.done(), "both acted on")
     assert observed == [False]
     await peer.close()
+
+
+def test_a_one_way_call_that_waited_ends_cleanly_and_is_let_go() -> None:
+    run(_a_one_way_call_that_waited_ends_cleanly_and_is_let_go)
+
+
+async def _a_one_way_call_that_waited_ends_cleanly_and_is_let_go(loop: ClockLoop) -> None:
+    errors: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    done: list[str] = []
+
+    async def handler(call: pb.Call) -> pb.Value:
+        await asyncio.sleep(0)  # on in a task of its own
+        done.append(call.method)
+        return codec.NULL
+
+    peer = Peer(handler=handler)
+    await peer.open()
+    peer.connection.send_call(pb.Call(callback_id=5, method="notified", one_way=True), "token")
+    peer.deliver()
+    await turns(lambda: done == ["notified"], "the one-way call ran")
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert errors == []  # nothing for the loop to log ("Exception in callback ...")
+    assert not peer.session._one_way_tasks  # its task is no longer held
+    await peer.close()
