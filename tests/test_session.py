@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -37,6 +38,7 @@ from backchannel.session import (
     Session,
     SplitBatch,
     _translate,
+    coalesce,
     parse_frame,
 )
 from backchannel.settings import Limits
@@ -1231,3 +1233,85 @@ async def _a_one_way_call_that_waited_ends_cleanly_and_is_let_go(loop: ClockLoop
     assert errors == []  # nothing for the loop to log ("Exception in callback ...")
     assert not peer.session._one_way_tasks  # its task is no longer held
     await peer.close()
+
+
+def test_frames_are_packed_up_to_exactly_the_byte_and_frame_limits() -> None:
+    null = codec.NULL.SerializeToString()
+    frames = [wire.result_frame(wire.value_result(n, null)) for n in range(1, 8)]
+    size = len(frames[0])
+    assert all(len(frame) == size for frame in frames)
+
+    def packed(messages: list[bytes]) -> list[list[int]]:
+        ids = []
+        for message in messages:
+            frame = parse_frame(message)
+            assert type(frame) is pb.Frame
+            inner = list(frame.batch.frames) if frame.HasField("batch") else [frame]
+            ids.append([each.result.id for each in inner])
+        return ids
+
+    # three frames fill a batch of 3 * size bytes exactly; a fourth starts the next
+    assert packed(coalesce(frames[:6], 3 * size)) == [[1, 2, 3], [4, 5, 6]]
+    assert packed(coalesce(frames, 3 * size)) == [[1, 2, 3], [4, 5, 6], [7]]
+    assert packed(coalesce(frames[:1], 3 * size)) == [[1]]  # a lone frame, as it is
+    many = [wire.result_frame(wire.value_result(n, null)) for n in range(1, 34)]
+    assert [len(ids) for ids in packed(coalesce(many))] == [32, 1]  # MAX_BATCH_FRAMES
+
+
+# ------------------------------------------------------------ what the peer sends
+
+
+def test_a_call_the_peer_cancels_is_cancelled_with_its_reason_and_not_answered() -> None:
+    run(_a_call_the_peer_cancels_is_cancelled_with_its_reason_and_not_answered)
+
+
+async def _a_call_the_peer_cancels_is_cancelled_with_its_reason_and_not_answered(
+    loop: ClockLoop,
+) -> None:
+    seen: list[tuple[Any, ...]] = []
+
+    async def handler(call: pb.Call) -> pb.Value:
+        if call.method == "quick":
+            return codec.NULL
+        try:
+            await loop.create_future()  # never done
+        except asyncio.CancelledError as exc:
+            seen.append(exc.args)
+            raise
+        return codec.NULL
+
+    peer = Peer(handler=handler)
+    await peer.open()
+    peer.connection.send_call(pb.Call(callback_id=5, method="quick"), "token")
+    peer.connection.send_call(pb.Call(callback_id=5, method="slow"), "token")
+    peer.deliver()
+    await turns(lambda: len(peer.results) == 1, "the quick one answered")
+    peer.connection.send_cancel(1, "too late")  # answered already: nothing to cancel
+    peer.connection.send_cancel(2, "changed my mind")
+    peer.deliver()
+    await turns(lambda: len(seen) == 1, "the slow one cancelled")
+    assert seen == [("cancelled by the peer: changed my mind",)]
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert [result.id for result in peer.results] == [1]  # the peer wants no answer
+    assert peer.session.cause is None
+    await peer.close()
+
+
+def test_a_peer_going_away_is_logged_once_with_its_reason(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="backchannel")
+
+    async def body(loop: ClockLoop) -> None:
+        peer = Peer()
+        await peer.open()
+        peer.connection.send_go_away("restarting")
+        peer.deliver()
+        await turns(lambda: peer.session.connection.peer_going_away, "the GoAway read")
+        assert not peer.session.usable
+        await peer.close()
+
+    run(body)
+    going = [record.getMessage() for record in caplog.records if "going away" in record.msg]
+    assert going == ["peer:1 is going away: restarting"]
