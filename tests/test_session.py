@@ -1286,14 +1286,20 @@ async def _a_call_the_peer_cancels_is_cancelled_with_its_reason_and_not_answered
     peer.connection.send_call(pb.Call(callback_id=5, method="slow"), "token")
     peer.deliver()
     await turns(lambda: len(peer.results) == 1, "the quick one answered")
-    peer.connection.send_cancel(1, "too late")  # answered already: nothing to cancel
+    peer.gate = loop.create_future()  # what the session writes now crosses the peer's Cancel
+    peer.connection.send_call(pb.Call(callback_id=5, method="quick"), "token")
+    peer.deliver()
+    await turns(lambda: 3 not in peer.session._running, "answered, the answer not read")
+    peer.connection.send_cancel(3, "too late")  # it crosses the answer: nothing to cancel
     peer.connection.send_cancel(2, "changed my mind")
     peer.deliver()
     await turns(lambda: len(seen) == 1, "the slow one cancelled")
     assert seen == [("cancelled by the peer: changed my mind",)]
     for _ in range(10):
         await asyncio.sleep(0)
-    assert [result.id for result in peer.results] == [1]  # the peer wants no answer
+    peer.gate.set_result(None)
+    await turns(lambda: len(peer.results) == 2, "the crossing answer read")
+    assert [result.id for result in peer.results] == [1, 3]  # none for the cancelled one
     assert peer.session.cause is None
     await peer.close()
 
