@@ -1321,3 +1321,27 @@ def test_a_peer_going_away_is_logged_once_with_its_reason(
     run(body)
     going = [record.getMessage() for record in caplog.records if "going away" in record.msg]
     assert going == ["peer:1 is going away: restarting"]
+
+
+def test_unparseable_calls_alone_or_in_a_split_batch_are_answered_with_an_error() -> None:
+    run(_unparseable_calls_alone_or_in_a_split_batch_are_answered_with_an_error)
+
+
+async def _unparseable_calls_alone_or_in_a_split_batch_are_answered_with_an_error(
+    loop: ClockLoop,
+) -> None:
+    peer = Peer()
+    await peer.open()
+    for _ in range(3):
+        peer.connection.send_call(pb.Call(callback_id=5, method="changed"), "token")
+    first, good, bad = peer.connection.take_encoded()
+    garbled = first.replace(b"changed", b"chang\xffd")  # not UTF-8: no Frame
+    peer.inbox.put_nowait(parse_frame(garbled))  # alone
+    split = parse_frame(wire.batch_frame([good, bad.replace(b"changed", b"chang\xffd")]))
+    assert type(split) is SplitBatch
+    peer.inbox.put_nowait(split)  # in a Batch that does not parse whole
+    await turns(lambda: len(peer.results) == 3, "all three answered")
+    outcomes = {result.id: result.WhichOneof("outcome") for result in peer.results}
+    assert outcomes == {1: "error", 2: "value", 3: "error"}
+    assert peer.session.cause is None
+    await peer.close()
