@@ -1343,5 +1343,24 @@ async def _unparseable_calls_alone_or_in_a_split_batch_are_answered_with_an_erro
     await turns(lambda: len(peer.results) == 3, "all three answered")
     outcomes = {result.id: result.WhichOneof("outcome") for result in peer.results}
     assert outcomes == {1: "error", 2: "value", 3: "error"}
+    unread = parse_frame(garbled)
+    assert type(unread) is Unparseable
+    assert peer.results[0].error.message == (
+        f"call 1 could not be read: a message of {len(garbled)} bytes is not a "
+        f"backchannel.v1.Frame ({unread.reason})"
+    )
+    # a one-way call that cannot be read is not answered; a Result that cannot be read
+    # fails the call it answers
+    peer.connection.send_call(pb.Call(callback_id=5, method="changed", one_way=True), "token")
+    (one_way,) = peer.connection.take_encoded()
+    peer.inbox.put_nowait(parse_frame(one_way.replace(b"changed", b"chang\xffd")))
+    mine = peer.start("mine")
+    await turns(lambda: len(peer.calls) == 1, "the call sent")
+    peer.connection.send_result(pb.Result(id=1, error=pb.Error(message="oops")))
+    (answer,) = peer.connection.take_encoded()
+    peer.inbox.put_nowait(parse_frame(answer.replace(b"oops", b"oo\xffs")))
+    await turns(mine.done, "the call failed")
+    assert mine.result().error.type == "backchannel.RemoteProtocolError"
+    assert len(peer.results) == 3
     assert peer.session.cause is None
     await peer.close()
