@@ -529,3 +529,40 @@ def test_a_frame_over_the_size_limit_ends_only_its_own_stream_with_a_clear_error
                 await stream.close()
 
         run(body())
+
+
+@backchannel.interface("test.Loader")
+class Loader:
+    def load(self) -> str: ...
+
+
+class LoaderImpl:
+    """Every call awaits one shared future: a resource loaded once, by whoever asks first."""
+
+    def __init__(self) -> None:
+        self.loaded: asyncio.Future[str] | None = None
+        self.asked = 0
+
+    async def load(self) -> str:
+        if self.loaded is None:
+            self.loaded = asyncio.get_running_loop().create_future()
+        self.asked += 1
+        if self.asked == 3:  # loaded once all three wait on it
+            asyncio.get_running_loop().call_soon(self.loaded.set_result, "loaded")
+        return await self.loaded
+
+
+def test_concurrent_calls_awaiting_one_shared_future_all_get_its_result() -> None:
+    """Three calls at once arrive together; each (run eagerly, then handed to a task of
+    its own) awaits the same pending future, and each gets its result (not a
+    RuntimeError for a future awaited twice)."""
+    with backchannel.Server() as server:
+        server.export(Loader, LoaderImpl())
+
+        async def body() -> None:
+            async with backchannel.AsyncClient(server.address, timeout=10) as client:
+                loader = client.reference(Loader)
+                results = await asyncio.gather(*(loader.load() for _ in range(3)))
+                assert results == ["loaded", "loaded", "loaded"]
+
+        run(body())

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -20,6 +21,7 @@ import pytest
 from helpers import SERVICES, make_call
 
 from backchannel import codec, wire
+from backchannel.callbacks import CURRENT_CALL
 from backchannel.errors import DeadlineExceeded, MessageTooLarge, StreamBroken, Unauthenticated
 from backchannel.protocol import (
     CallReceived,
@@ -30,11 +32,13 @@ from backchannel.protocol import (
     Unparseable,
 )
 from backchannel.session import (
+    EOF,
     Deferred,
     Outgoing,
     Session,
     SplitBatch,
     _translate,
+    coalesce,
     parse_frame,
 )
 from backchannel.settings import Limits
@@ -122,6 +126,7 @@ class Peer:
         )
         self.reader: asyncio.Task[None] | None = None
         self.futures: list[asyncio.Future[Any]] = []
+        self.messages: list[int] = []  # the frames of each message written, in order
 
     def start(self, method: str, timeout: float | None = None, parent: int = 0) -> Any:
         """Make a call from the session; its future."""
@@ -136,6 +141,7 @@ class Peer:
             await self.gate
         frame = parse_frame(message)
         assert type(frame) is pb.Frame
+        self.messages.append(len(frame.batch.frames) if frame.HasField("batch") else 1)
         for event in self.connection.receive(frame):
             if type(event) is CallReceived:
                 self.calls.append(event.call)
@@ -826,4 +832,535 @@ async def _a_batch_bigger_than_a_slice_is_acted_on_whole_in_order(loop: ClockLoo
     await turns(lambda: len(peer.results) == 1234, "every call answered", bound=2000)
     assert [result.id for result in peer.results] == list(range(1, 1235))
     assert all(result.value == codec.NULL for result in peer.results)
+    await peer.close()
+
+
+# ----------------------------------------------- back-pressure: the byte-exact bounds
+
+
+async def _results_released_at_once(
+    loop: ClockLoop, counts: dict[str, int]
+) -> tuple[Peer, dict[str, asyncio.Future[None]], int]:
+    """A session running ``counts[name]`` callbacks for each name, each held until its
+    name's future is set, and a peer that reads nothing; the "first" ones are released:
+    seven results of one message each pile up at once, one of them is being written.
+    Returns the peer, the futures, and the size of one result (one message)."""
+    size = len(wire.result_frame(wire.value_result(1, BIG.SerializeToString())))
+    released = {name: loop.create_future() for name in counts}
+
+    async def held(call: pb.Call) -> pb.Value:
+        await released[call.method]
+        return BIG
+
+    limits = Limits(max_message_size=1024, max_queued_bytes=5 * size, max_write_stall=5.0)
+    peer = Peer(handler=held, limits=limits)
+    await peer.open()
+    peer.gate = loop.create_future()
+    for name, count in counts.items():
+        for _ in range(count):
+            peer.connection.send_call(pb.Call(callback_id=5, method=name), "token")
+    peer.deliver()
+    await turns(lambda: len(peer.session._running) == sum(counts.values()), "all running")
+    released["first"].set_result(None)
+    await turns(lambda: len(peer.session._running) == sum(counts.values()) - 7, "7 answered")
+    for _ in range(20):
+        await asyncio.sleep(0)
+    return peer, released, size
+
+
+def test_results_queued_at_once_past_the_limit_hold_calls_and_end_only_past_twice() -> None:
+    run(_results_queued_at_once_past_the_limit_hold_calls_and_end_only_past_twice)
+
+
+async def _results_queued_at_once_past_the_limit_hold_calls_and_end_only_past_twice(
+    loop: ClockLoop,
+) -> None:
+    peer, released, size = await _results_released_at_once(
+        loop, {"first": 7, "second": 4, "third": 1}
+    )
+    # one result is being written; six wait, over the limit of five even after the
+    # writer took that one: a call made now waits for the queue to drain
+    held = peer.start("held")
+    assert not peer.session.awaits(1) and not held.done()
+    released["second"].set_result(None)  # ten results queued: twice the limit, not over
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert peer.session.cause is None and peer.session.ending is None
+    released["third"].set_result(None)  # eleven: over twice the limit
+    await turns(lambda: peer.session.cause is not None, "the stream ended")
+    why = (
+        f"peer:1 did not read what was sent to it: {11 * size} bytes queued for it, over "
+        f"twice the limit of {5 * size} bytes (max_queued_bytes); the stream is ended"
+    )
+    assert peer.session.ending == (grpc.StatusCode.RESOURCE_EXHAUSTED, why)
+    with pytest.raises(StreamBroken, match=f"^{re.escape(why)}$"):
+        await asyncio.wait_for(held, 5)
+    await peer.close()
+
+
+def test_a_queue_drained_to_exactly_the_limit_reads_sends_and_stops_the_stall_timer() -> None:
+    run(_a_queue_drained_to_exactly_the_limit_reads_sends_and_stops_the_stall_timer)
+
+
+async def _a_queue_drained_to_exactly_the_limit_reads_sends_and_stops_the_stall_timer(
+    loop: ClockLoop,
+) -> None:
+    peer, _released, _size = await _results_released_at_once(loop, {"first": 7})
+    assert not peer.session._writable.is_set()  # six results wait: over the limit
+    loop.now += 4.0  # of max_write_stall's 5 s
+    first_write, peer.gate = peer.gate, loop.create_future()
+    assert first_write is not None
+    first_write.set_result(None)  # the peer reads one: the writer takes the next
+    await turns(lambda: len(peer.results) == 1, "one result read")
+    for _ in range(20):
+        await asyncio.sleep(0)
+    # five wait: exactly the limit, not over it: calls are sent again, the stall is over
+    sent = peer.start("sent")
+    assert peer.session.awaits(1) and not sent.done()
+    loop.now += 2.0  # past when the stall timer would have ended the stream
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert peer.session.cause is None and peer.session.ending is None
+    await peer.close()
+
+
+def test_a_call_of_a_big_batch_that_finishes_later_is_answered() -> None:
+    run(_a_call_of_a_big_batch_that_finishes_later_is_answered)
+
+
+async def _a_call_of_a_big_batch_that_finishes_later_is_answered(loop: ClockLoop) -> None:
+    release: asyncio.Future[None] = loop.create_future()
+
+    async def handler(call: pb.Call) -> pb.Value:
+        if call.method == "held":
+            await release
+        return codec.NULL
+
+    peer = Peer(handler=handler)
+    await peer.open()
+    for n in range(1234):  # one Batch of two slices and a part; the last call waits
+        method = "held" if n == 1233 else "changed"
+        peer.connection.send_call(pb.Call(callback_id=5, method=method), "token")
+    peer.inbox.put_nowait(parse_frame(wire.batch_frame(peer.connection.take_encoded())))
+    await turns(lambda: len(peer.results) == 1233, "the others answered", bound=2000)
+    release.set_result(None)  # after the Batch was acted on: its result is written too
+    await turns(lambda: len(peer.results) == 1234, "the held call answered")
+    assert peer.results[-1].id == 1234
+    await peer.close()
+
+
+def test_a_big_batch_whose_results_are_not_read_waits_between_slices() -> None:
+    run(_a_big_batch_whose_results_are_not_read_waits_between_slices)
+
+
+async def _a_big_batch_whose_results_are_not_read_waits_between_slices(loop: ClockLoop) -> None:
+    null = codec.NULL.SerializeToString()
+    first_slice = sum(len(wire.result_frame(wire.value_result(n, null))) for n in range(1, 501))
+    # one slice's results are over the limit, not over twice it; two slices' would be
+    limit = first_slice * 6 // 10
+    peer = Peer(limits=Limits(max_message_size=1024, max_queued_bytes=limit, max_write_stall=5))
+    await peer.open()
+    peer.gate = loop.create_future()
+    for _ in range(1234):
+        peer.connection.send_call(pb.Call(callback_id=5, method="changed"), "token")
+    peer.inbox.put_nowait(parse_frame(wire.batch_frame(peer.connection.take_encoded())))
+    await turns(lambda: not peer.session._writable.is_set(), "over the limit")
+    for _ in range(50):
+        await asyncio.sleep(0)
+    # the reader waits for the peer to read before it acts on the next slice
+    assert peer.session.cause is None and peer.session.ending is None
+    assert peer.gate is not None
+    peer.gate.set_result(None)
+    await turns(lambda: len(peer.results) == 1234, "every call answered", bound=2000)
+    assert [result.id for result in peer.results] == list(range(1, 1235))
+    assert peer.session.cause is None
+    await peer.close()
+
+
+# ------------------------------------------------- writing: what goes in one message
+
+
+def test_a_lone_call_is_written_at_once_and_calls_made_together_go_as_one_batch() -> None:
+    run(_a_lone_call_is_written_at_once_and_calls_made_together_go_as_one_batch)
+
+
+async def _a_lone_call_is_written_at_once_and_calls_made_together_go_as_one_batch(
+    loop: ClockLoop,
+) -> None:
+    peer = Peer()
+    await peer.open()
+    for _ in range(5):
+        await asyncio.sleep(0)
+    peer.messages.clear()
+    peer.start("one")
+    assert [call.method for call in peer.calls] == ["one"]  # written before any loop turn
+    peer.start("two")
+    peer.start("three")
+    await turns(lambda: len(peer.calls) == 3, "all three sent")
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert peer.messages == [1, 2]  # the first alone; the two made with it, together
+    await peer.close()
+
+
+# ------------------------------------------------------- the outgoing-call table, more
+
+
+def test_abandoning_a_call_whose_result_arrived_meanwhile_does_nothing() -> None:
+    run(_abandoning_a_call_whose_result_arrived_meanwhile_does_nothing)
+
+
+async def _abandoning_a_call_whose_result_arrived_meanwhile_does_nothing(
+    loop: ClockLoop,
+) -> None:
+    peer = Peer()
+    await peer.open()
+    future = peer.start("late", 10.0)
+    await turns(lambda: len(peer.calls) == 1, "the call sent")
+    future.cancel()  # its caller gives up while its result is on the way
+    peer.answer(peer.calls[0].id)
+    await turns(lambda: not peer.session.awaits(1), "the result read")
+    peer.session.abandon(1, "cancelled by the caller")  # as the client then does
+    loop.now += 20.0  # past its timeout: nothing fires either
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert peer.cancels == [] and peer.session.cause is None
+    await peer.close()
+
+
+def test_a_finished_call_is_no_longer_anyones_ancestor() -> None:
+    run(_a_finished_call_is_no_longer_anyones_ancestor)
+
+
+async def _a_finished_call_is_no_longer_anyones_ancestor(loop: ClockLoop) -> None:
+    peer = Peer()
+    await peer.open()
+    future = peer.start("child", None, parent=7)  # made during incoming call 7
+    await turns(lambda: len(peer.calls) == 1, "the call sent")
+    assert peer.session.ancestors(1) == {7}
+    peer.answer(1)
+    await turns(future.done, "the call answered")
+    assert peer.session.ancestors(1) == set()
+    await peer.close()
+
+
+# ----------------------------------------------------------- the end of the stream
+
+
+def test_a_write_stuck_when_the_peer_closes_is_given_half_a_second_then_dropped() -> None:
+    run(_a_write_stuck_when_the_peer_closes_is_given_half_a_second_then_dropped)
+
+
+async def _a_write_stuck_when_the_peer_closes_is_given_half_a_second_then_dropped(
+    loop: ClockLoop,
+) -> None:
+    peer = Peer()
+    await peer.open()
+    gate: asyncio.Future[None] = loop.create_future()
+    peer.gate = gate
+    stuck = peer.start("stuck")  # its write waits for the peer to read
+    peer.inbox.put_nowait(EOF)  # then the peer closes the stream
+    await turns(lambda: peer.session.cause is not None, "the end read")
+    with pytest.raises(StreamBroken, match="^the peer peer:1 closed the stream$"):
+        stuck.result()
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert peer.reader is not None and not peer.reader.done()  # the write may yet finish
+    loop.now += 0.5
+    await turns(lambda: peer.reader is not None and peer.reader.done(), "the reader ended")
+    assert not peer.reader.cancelled() and peer.reader.exception() is None
+    await turns(gate.cancelled, "the write given up")
+    await peer.close()
+
+
+def test_a_call_running_when_the_stream_ends_is_cancelled_saying_so() -> None:
+    run(_a_call_running_when_the_stream_ends_is_cancelled_saying_so)
+
+
+async def _a_call_running_when_the_stream_ends_is_cancelled_saying_so(loop: ClockLoop) -> None:
+    seen: list[tuple[str, tuple[Any, ...]]] = []
+
+    async def handler(call: pb.Call) -> pb.Value:
+        try:
+            await loop.create_future()  # never done
+        except asyncio.CancelledError as exc:
+            seen.append((call.method, exc.args))
+            raise
+        return codec.NULL
+
+    peer = Peer(handler=handler)
+    await peer.open()
+    peer.connection.send_call(pb.Call(callback_id=5, method="changed"), "token")
+    peer.connection.send_call(pb.Call(callback_id=5, method="notified", one_way=True), "token")
+    peer.deliver()
+    await turns(lambda: peer.inbox.empty(), "both read")
+    for _ in range(10):
+        await asyncio.sleep(0)
+    peer.session.lost(StreamBroken("gone"))
+    await turns(lambda: len(seen) == 2, "both cancelled")
+    assert sorted(seen) == [("changed", ("the stream ended",)), ("notified", ("the stream ended",))]
+    for _ in range(5):
+        await asyncio.sleep(0)
+    with pytest.raises(StreamBroken) as caught:  # nothing more is sent on it
+        peer.session.start_call(make_call("late"), None)
+    assert type(caught.value) is StreamBroken and str(caught.value) == "cannot send call: gone"
+    await peer.close()
+
+
+def test_a_call_whose_awaited_future_is_cancelled_here_is_answered_as_cancelled() -> None:
+    run(_a_call_whose_awaited_future_is_cancelled_here_is_answered_as_cancelled)
+
+
+async def _a_call_whose_awaited_future_is_cancelled_here_is_answered_as_cancelled(
+    loop: ClockLoop,
+) -> None:
+    awaited: asyncio.Future[pb.Value] = loop.create_future()
+
+    async def handler(call: pb.Call) -> pb.Value:
+        return await awaited
+
+    peer = Peer(handler=handler)
+    await peer.open()
+    peer.connection.send_call(pb.Call(callback_id=5, method="changed"), "token")
+    peer.deliver()
+    await turns(lambda: peer.session._running.get(1) is not None, "it waits in a task")
+    awaited.cancel()  # cancelled on this side, not by the peer: the peer still waits
+    await turns(lambda: len(peer.results) == 1, "answered")
+    error = peer.results[0].error
+    assert (error.type, error.message) == ("backchannel.CallCancelled", "cancelled by the provider")
+    await peer.close()
+
+
+# ----------------------------------------------------- incoming calls: run eagerly
+
+
+def test_a_call_sending_a_callback_on_a_stream_that_fails_under_it_gets_the_failure() -> None:
+    run(_a_call_sending_a_callback_on_a_stream_that_fails_under_it_gets_the_failure)
+
+
+async def _a_call_sending_a_callback_on_a_stream_that_fails_under_it_gets_the_failure(
+    loop: ClockLoop,
+) -> None:
+    made: list[asyncio.Future[Any]] = []
+
+    async def handler(call: pb.Call) -> pb.Value:  # its first step sends a call back
+        made.append(peer.session.start_call(make_call("back"), None, parent=call.id))
+        return codec.NULL
+
+    peer = Peer(handler=handler)
+    await peer.open()
+    peer.fail_writes = ConnectionResetError("reset by peer")
+    peer.connection.send_call(pb.Call(callback_id=5, method="changed"), "token")
+    peer.deliver()
+    await turns(lambda: peer.session.closed.is_set(), "the stream ended")
+    assert len(made) == 1
+    with pytest.raises(StreamBroken) as caught:
+        made[0].result()
+    why = "the stream to peer:1 broke: ConnectionResetError: reset by peer"
+    assert str(caught.value) == why
+    assert [str(cause) for cause in peer.served.ended_with] == [why]
+    await peer.close()
+
+
+def test_a_call_that_waited_still_knows_it_is_the_current_call() -> None:
+    run(_a_call_that_waited_still_knows_it_is_the_current_call)
+
+
+async def _a_call_that_waited_still_knows_it_is_the_current_call(loop: ClockLoop) -> None:
+    async def handler(call: pb.Call) -> pb.Value:
+        await asyncio.sleep(0)  # on in a task of its own
+        current = CURRENT_CALL.get()
+        assert current is not None and current[0] is peer.session
+        return pb.Value(int_value=current[1])
+
+    peer = Peer(handler=handler)
+    await peer.open()
+    for _ in range(2):
+        peer.connection.send_call(pb.Call(callback_id=5, method="changed"), "token")
+    peer.deliver()
+    await turns(lambda: len(peer.results) == 2, "both answered")
+    assert [(result.id, result.value.int_value) for result in peer.results] == [(1, 1), (2, 2)]
+    await peer.close()
+
+
+def test_a_call_is_started_before_the_frames_after_it_in_its_message_are_acted_on() -> None:
+    run(_a_call_is_started_before_the_frames_after_it_in_its_message_are_acted_on)
+
+
+async def _a_call_is_started_before_the_frames_after_it_in_its_message_are_acted_on(
+    loop: ClockLoop,
+) -> None:
+    observed: list[bool] = []
+
+    async def handler(call: pb.Call) -> pb.Value:
+        observed.append(mine.done())
+        return codec.NULL
+
+    peer = Peer(handler=handler)
+    await peer.open()
+    mine = peer.start("mine")
+    await turns(lambda: len(peer.calls) == 1, "the call sent")
+    # the peer's next message: a Call of its own, then the Result of this side's call
+    peer.connection.send_call(pb.Call(callback_id=5, method="changed"), "token")
+    peer.connection.send_result(pb.Result(id=1, value=codec.NULL))
+    peer.inbox.put_nowait(parse_frame(wire.batch_frame(peer.connection.take_encoded())))
+    await turns(lambda: len(peer.results) == 1 and mine.done(), "both acted on")
+    assert observed == [False]
+    await peer.close()
+
+
+def test_a_one_way_call_that_waited_ends_cleanly_and_is_let_go() -> None:
+    run(_a_one_way_call_that_waited_ends_cleanly_and_is_let_go)
+
+
+async def _a_one_way_call_that_waited_ends_cleanly_and_is_let_go(loop: ClockLoop) -> None:
+    errors: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    done: list[str] = []
+
+    async def handler(call: pb.Call) -> pb.Value:
+        await asyncio.sleep(0)  # on in a task of its own
+        done.append(call.method)
+        return codec.NULL
+
+    peer = Peer(handler=handler)
+    await peer.open()
+    peer.connection.send_call(pb.Call(callback_id=5, method="notified", one_way=True), "token")
+    peer.deliver()
+    await turns(lambda: done == ["notified"], "the one-way call ran")
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert errors == []  # nothing for the loop to log ("Exception in callback ...")
+    assert not peer.session._one_way_tasks  # its task is no longer held
+    await peer.close()
+
+
+def test_frames_are_packed_up_to_exactly_the_byte_and_frame_limits() -> None:
+    null = codec.NULL.SerializeToString()
+    frames = [wire.result_frame(wire.value_result(n, null)) for n in range(1, 8)]
+    size = len(frames[0])
+    assert all(len(frame) == size for frame in frames)
+
+    def packed(messages: list[bytes]) -> list[list[int]]:
+        ids = []
+        for message in messages:
+            frame = parse_frame(message)
+            assert type(frame) is pb.Frame
+            inner = list(frame.batch.frames) if frame.HasField("batch") else [frame]
+            ids.append([each.result.id for each in inner])
+        return ids
+
+    # three frames fill a batch of 3 * size bytes exactly; a fourth starts the next
+    assert packed(coalesce(frames[:6], 3 * size)) == [[1, 2, 3], [4, 5, 6]]
+    assert packed(coalesce(frames, 3 * size)) == [[1, 2, 3], [4, 5, 6], [7]]
+    assert packed(coalesce(frames[:1], 3 * size)) == [[1]]  # a lone frame, as it is
+    many = [wire.result_frame(wire.value_result(n, null)) for n in range(1, 34)]
+    assert [len(ids) for ids in packed(coalesce(many))] == [32, 1]  # MAX_BATCH_FRAMES
+
+
+# ------------------------------------------------------------ what the peer sends
+
+
+def test_a_call_the_peer_cancels_is_cancelled_with_its_reason_and_not_answered() -> None:
+    run(_a_call_the_peer_cancels_is_cancelled_with_its_reason_and_not_answered)
+
+
+async def _a_call_the_peer_cancels_is_cancelled_with_its_reason_and_not_answered(
+    loop: ClockLoop,
+) -> None:
+    seen: list[tuple[Any, ...]] = []
+
+    async def handler(call: pb.Call) -> pb.Value:
+        if call.method == "quick":
+            return codec.NULL
+        try:
+            await loop.create_future()  # never done
+        except asyncio.CancelledError as exc:
+            seen.append(exc.args)
+            raise
+        return codec.NULL
+
+    peer = Peer(handler=handler)
+    await peer.open()
+    peer.connection.send_call(pb.Call(callback_id=5, method="quick"), "token")
+    peer.connection.send_call(pb.Call(callback_id=5, method="slow"), "token")
+    peer.deliver()
+    await turns(lambda: len(peer.results) == 1, "the quick one answered")
+    peer.gate = loop.create_future()  # what the session writes now crosses the peer's Cancel
+    peer.connection.send_call(pb.Call(callback_id=5, method="quick"), "token")
+    peer.deliver()
+    await turns(lambda: 3 not in peer.session._running, "answered, the answer not read")
+    peer.connection.send_cancel(3, "too late")  # it crosses the answer: nothing to cancel
+    peer.connection.send_cancel(2, "changed my mind")
+    peer.deliver()
+    await turns(lambda: len(seen) == 1, "the slow one cancelled")
+    assert seen == [("cancelled by the peer: changed my mind",)]
+    for _ in range(10):
+        await asyncio.sleep(0)
+    peer.gate.set_result(None)
+    await turns(lambda: len(peer.results) == 2, "the crossing answer read")
+    assert [result.id for result in peer.results] == [1, 3]  # none for the cancelled one
+    assert peer.session.cause is None
+    await peer.close()
+
+
+def test_a_peer_going_away_is_logged_once_with_its_reason(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="backchannel")
+
+    async def body(loop: ClockLoop) -> None:
+        peer = Peer()
+        await peer.open()
+        peer.connection.send_go_away("restarting")
+        peer.deliver()
+        await turns(lambda: peer.session.connection.peer_going_away, "the GoAway read")
+        assert not peer.session.usable
+        await peer.close()
+
+    run(body)
+    going = [record.getMessage() for record in caplog.records if "going away" in record.msg]
+    assert going == ["peer:1 is going away: restarting"]
+
+
+def test_unparseable_calls_alone_or_in_a_split_batch_are_answered_with_an_error() -> None:
+    run(_unparseable_calls_alone_or_in_a_split_batch_are_answered_with_an_error)
+
+
+async def _unparseable_calls_alone_or_in_a_split_batch_are_answered_with_an_error(
+    loop: ClockLoop,
+) -> None:
+    peer = Peer()
+    await peer.open()
+    for _ in range(3):
+        peer.connection.send_call(pb.Call(callback_id=5, method="changed"), "token")
+    first, good, bad = peer.connection.take_encoded()
+    garbled = first.replace(b"changed", b"chang\xffd")  # not UTF-8: no Frame
+    peer.inbox.put_nowait(parse_frame(garbled))  # alone
+    split = parse_frame(wire.batch_frame([good, bad.replace(b"changed", b"chang\xffd")]))
+    assert type(split) is SplitBatch
+    peer.inbox.put_nowait(split)  # in a Batch that does not parse whole
+    await turns(lambda: len(peer.results) == 3, "all three answered")
+    outcomes = {result.id: result.WhichOneof("outcome") for result in peer.results}
+    assert outcomes == {1: "error", 2: "value", 3: "error"}
+    unread = parse_frame(garbled)
+    assert type(unread) is Unparseable
+    assert peer.results[0].error.message == (
+        f"call 1 could not be read: a message of {len(garbled)} bytes is not a "
+        f"backchannel.v1.Frame ({unread.reason})"
+    )
+    # a one-way call that cannot be read is not answered; a Result that cannot be read
+    # fails the call it answers
+    peer.connection.send_call(pb.Call(callback_id=5, method="changed", one_way=True), "token")
+    (one_way,) = peer.connection.take_encoded()
+    peer.inbox.put_nowait(parse_frame(one_way.replace(b"changed", b"chang\xffd")))
+    mine = peer.start("mine")
+    await turns(lambda: len(peer.calls) == 1, "the call sent")
+    peer.connection.send_result(pb.Result(id=1, error=pb.Error(message="oops")))
+    (answer,) = peer.connection.take_encoded()
+    peer.inbox.put_nowait(parse_frame(answer.replace(b"oops", b"oo\xffs")))
+    await turns(mine.done, "the call failed")
+    assert mine.result().error.type == "backchannel.RemoteProtocolError"
+    assert len(peer.results) == 3
+    assert peer.session.cause is None
     await peer.close()
