@@ -1364,3 +1364,49 @@ async def _unparseable_calls_alone_or_in_a_split_batch_are_answered_with_an_erro
     assert len(peer.results) == 3
     assert peer.session.cause is None
     await peer.close()
+
+
+# ------------------------------------------- the writer: long queues, its own context
+
+
+def test_more_frames_than_one_piece_are_written_in_order_and_counted_right() -> None:
+    run(_more_frames_than_one_piece_are_written_in_order_and_counted_right)
+
+
+async def _more_frames_than_one_piece_are_written_in_order_and_counted_right(
+    loop: ClockLoop,
+) -> None:
+    # 2,100 calls queue behind a write the peer holds: more than the 2,048 frames the
+    # writer packs at a time. The limit is far above what waits, but under what would
+    # wait if the frames packed were still counted as queued too
+    frame_size = pb.Frame(call=pb.Call(id=1000, service="test.Echo", method="m")).ByteSize()
+    limits = Limits(
+        max_calls_in_flight=5000, max_message_size=1024, max_queued_bytes=3000 * frame_size
+    )
+    peer = Peer(limits=limits)
+    await peer.open()
+    for _ in range(5):
+        await asyncio.sleep(0)
+    peer.messages.clear()
+    first_write = peer.gate = loop.create_future()
+    peer.start("first")  # written at once: the peer holds it
+    for _ in range(2100):
+        peer.start("m")
+    second_write = peer.gate = loop.create_future()
+    first_write.set_result(None)
+    await turns(lambda: len(peer.calls) == 1, "the first call read")
+    for _ in range(5):
+        await asyncio.sleep(0)
+    # the writer packed 2,048 of them and writes the first 32; what is left is under the
+    # limit: calls made now are sent, and the stream goes on
+    after, held = peer.start("after"), peer.start("held")
+    assert peer.session.awaits(2102) and peer.session.awaits(2103)
+    assert peer.session.cause is None and peer.session._writable.is_set()
+    peer.gate = None
+    second_write.set_result(None)
+    await turns(lambda: len(peer.calls) == 2103, "every call written", bound=500)
+    assert [call.method for call in peer.calls] == ["first", *["m"] * 2100, "after", "held"]
+    assert [call.id for call in peer.calls] == list(range(1, 2104))
+    assert peer.messages == [1, *[32] * 64, 32, 22]
+    assert not after.done() and not held.done()
+    await peer.close()
