@@ -1410,3 +1410,51 @@ async def _more_frames_than_one_piece_are_written_in_order_and_counted_right(
     assert peer.messages == [1, *[32] * 64, 32, 22]
     assert not after.done() and not held.done()
     await peer.close()
+
+
+class RecordingPeer(Peer):
+    """A peer whose writes record the call the code they run in belongs to (CURRENT_CALL),
+    after their first wait: a future (the peer's gate) or, when ``yield_first``, a bare
+    yield to the loop, as gRPC's write may do either."""
+
+    yield_first = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[object] = []
+
+    async def write(self, message: bytes) -> None:
+        if self.yield_first:
+            await asyncio.sleep(0)
+        await super().write(message)
+        self.seen.append(CURRENT_CALL.get(None))
+
+
+def test_a_write_runs_in_no_callers_context_after_a_future_or_a_bare_yield() -> None:
+    run(_a_write_runs_in_no_callers_context_after_a_future_or_a_bare_yield)
+
+
+async def _a_write_runs_in_no_callers_context_after_a_future_or_a_bare_yield(
+    loop: ClockLoop,
+) -> None:
+    peer = RecordingPeer()
+    await peer.open()
+    for _ in range(5):
+        await asyncio.sleep(0)
+    peer.seen.clear()
+    CURRENT_CALL.set((peer.session, 7))  # as during incoming call 7: its calls are children
+    gate = peer.gate = loop.create_future()
+    peer.start("first")  # its write starts here and waits for the peer
+    peer.gate = None
+    gate.set_result(None)
+    await turns(lambda: len(peer.seen) == 1, "the first call written")
+    peer.answer(peer.calls[0].id)
+    await turns(lambda: peer.futures[0].done(), "the first call answered")
+    peer.yield_first = True
+    peer.start("second")  # its write yields to the loop first
+    await turns(lambda: len(peer.seen) == 2, "the second call written")
+    # the writes belong to the stream, not to the call that was running when they began
+    assert peer.seen == [None, None]
+    assert [call.method for call in peer.calls] == ["first", "second"]
+    assert all(call.parent_id == 0 for call in peer.calls)
+    await peer.close()
