@@ -1458,3 +1458,26 @@ async def _a_write_runs_in_no_callers_context_after_a_future_or_a_bare_yield(
     assert [call.method for call in peer.calls] == ["first", "second"]
     assert all(call.parent_id == 0 for call in peer.calls)
     await peer.close()
+
+
+def test_a_write_that_fails_after_waiting_fails_every_pending_call_with_its_error() -> None:
+    run(_a_write_that_fails_after_waiting_fails_every_pending_call_with_its_error)
+
+
+async def _a_write_that_fails_after_waiting_fails_every_pending_call_with_its_error(
+    loop: ClockLoop,
+) -> None:
+    peer = Peer()
+    await peer.open()
+    gate = peer.gate = loop.create_future()
+    written = peer.start("written")  # its write waits for the peer
+    queued = peer.start("queued")  # queued behind it
+    gate.set_exception(ConnectionResetError("reset by peer"))
+    expected = "the stream to peer:1 broke: ConnectionResetError: reset by peer"
+    for future in (written, queued):
+        await turns(future.done, "the call failed")
+        with pytest.raises(StreamBroken) as caught:
+            future.result()
+        assert str(caught.value) == expected
+    assert str(peer.session.cause) == expected and peer.calls == []
+    await peer.close()
