@@ -40,6 +40,7 @@ from backchannel.session import (
     _translate,
     coalesce,
     parse_frame,
+    serialize,
 )
 from backchannel.settings import Limits
 from backchannel.v1 import envelope_pb2 as pb
@@ -122,7 +123,8 @@ class Peer:
             codec.ErrorTypes(),
             peer="peer:1",
             limits=limits or Limits(),
-            send_tracebacks=send_tracebacks,
+            # the default (no tracebacks) unless asked: the consumer's side leaves it out
+            **({"send_tracebacks": True} if send_tracebacks else {}),
         )
         self.reader: asyncio.Task[None] | None = None
         self.futures: list[asyncio.Future[Any]] = []
@@ -155,10 +157,17 @@ class Peer:
         for data in self.connection.take_encoded():
             self.inbox.put_nowait(parse_frame(data))
 
+    async def read(self) -> Any:
+        """The session's read: what the peer delivered; an exception put there is raised."""
+        item = await self.inbox.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
     async def open(self) -> None:
         self.session.connection.start()
         self.session.flush()
-        self.reader = asyncio.get_running_loop().create_task(self.session.run(self.inbox.get))
+        self.reader = asyncio.get_running_loop().create_task(self.session.run(self.read))
         await turns(lambda: self.connection.state is State.OPEN, "the hello written")
         self.deliver()
         await asyncio.wait_for(self.session.handshake, 5)
@@ -382,6 +391,25 @@ async def _a_session_that_sends_tracebacks_sends_the_raised_ones(loop: ClockLoop
     assert result.error.type == "ValueError" and result.error.message == "bad value"
     assert "ValueError: bad value" in result.error.traceback
     assert 'raise ValueError("bad value")' in result.error.traceback
+    await peer.close()
+
+
+def test_a_session_sends_no_traceback_unless_asked() -> None:
+    run(_a_session_sends_no_traceback_unless_asked)
+
+
+async def _a_session_sends_no_traceback_unless_asked(loop: ClockLoop) -> None:
+    async def raising(call: pb.Call) -> pb.Value:
+        raise ValueError("bad value")
+
+    peer = Peer(handler=raising)  # as the consumer's side makes it: no send_tracebacks
+    await peer.open()
+    peer.connection.send_call(pb.Call(callback_id=5, method="changed"), "token")
+    peer.deliver()
+    await turns(lambda: peer.results, "the callback answered")
+    [result] = peer.results
+    assert result.error.type == "ValueError" and result.error.message == "bad value"
+    assert result.error.traceback == ""
     await peer.close()
 
 
@@ -1481,3 +1509,219 @@ async def _a_write_that_fails_after_waiting_fails_every_pending_call_with_its_er
         assert str(caught.value) == expected
     assert str(peer.session.cause) == expected and peer.calls == []
     await peer.close()
+
+
+# ------------------------------------------------------------ the reader's end
+
+
+def test_a_reader_cancelled_from_outside_fails_pending_calls_and_stops_the_write() -> None:
+    run(_a_reader_cancelled_from_outside_fails_pending_calls_and_stops_the_write)
+
+
+async def _a_reader_cancelled_from_outside_fails_pending_calls_and_stops_the_write(
+    loop: ClockLoop,
+) -> None:
+    peer = Peer()
+    await peer.open()
+    gate = peer.gate = loop.create_future()
+    pending = peer.start("pending")  # its write waits for the peer
+    assert peer.reader is not None
+    peer.reader.cancel()  # the RPC is being torn down (the client closes, say)
+    with pytest.raises(asyncio.CancelledError):
+        await peer.reader
+    with pytest.raises(StreamBroken) as caught:
+        await asyncio.wait_for(pending, 5)
+    assert str(caught.value) == "the stream to peer:1 was closed"
+    assert str(peer.session.cause) == "the stream to peer:1 was closed"
+    assert gate.cancelled()  # the write under way was cancelled with it
+    await peer.close()
+
+
+def test_a_read_that_fails_ends_the_stream_with_its_error_naming_the_peer() -> None:
+    run(_a_read_that_fails_ends_the_stream_with_its_error_naming_the_peer)
+
+
+async def _a_read_that_fails_ends_the_stream_with_its_error_naming_the_peer(
+    loop: ClockLoop,
+) -> None:
+    peer = Peer()
+    await peer.open()
+    pending = peer.start("pending")
+    reset = ConnectionResetError("reset by peer")
+    peer.inbox.put_nowait(reset)
+    expected = "the stream to peer:1 broke: ConnectionResetError: reset by peer"
+    with pytest.raises(StreamBroken) as caught:
+        await asyncio.wait_for(pending, 5)
+    assert str(caught.value) == expected
+    assert peer.reader is not None
+    await asyncio.wait_for(peer.reader, 5)  # the reader returns: the stream is over
+    assert str(peer.session.cause) == expected and peer.session.cause.__cause__ is reset
+    assert peer.session.closed.is_set()
+    await peer.close()
+
+
+# ------------------------------------------------------- serving: the call tree, the end
+
+
+def test_a_finished_incoming_call_no_longer_links_its_calls_to_the_chain_above_it() -> None:
+    run(_a_finished_incoming_call_no_longer_links_its_calls_to_the_chain_above_it)
+
+
+async def _a_finished_incoming_call_no_longer_links_its_calls_to_the_chain_above_it(
+    loop: ClockLoop,
+) -> None:
+    release: asyncio.Future[None] = loop.create_future()
+
+    async def calling(call: pb.Call) -> pb.Value:
+        peer.start("during-x", None, parent=call.id)
+        await release
+        return codec.NULL
+
+    peer = Peer(handler=calling)
+    await peer.open()
+    peer.start("root", None, parent=7)  # made during incoming call 7
+    await turns(lambda: len(peer.calls) == 1, "the root call sent")
+    # during root, the provider calls back x; during x the consumer calls again
+    x = peer.connection.send_call(pb.Call(callback_id=5, method="x", parent_id=1), "t")
+    peer.deliver()
+    await turns(lambda: len(peer.calls) == 2, "the call made during x sent")
+    assert peer.session.ancestors(2) == {x, 7}
+    release.set_result(None)
+    await turns(lambda: len(peer.results) == 1, "x answered")
+    assert peer.session.ancestors(2) == {x}  # x is over: root's chain is not followed
+    await peer.close()
+
+
+def test_a_call_the_peer_cancelled_ends_as_its_code_ends_and_is_not_answered() -> None:
+    run(_a_call_the_peer_cancelled_ends_as_its_code_ends_and_is_not_answered)
+
+
+async def _a_call_the_peer_cancelled_ends_as_its_code_ends_and_is_not_answered(
+    loop: ClockLoop,
+) -> None:
+    tasks: dict[str, asyncio.Task[Any] | None] = {}
+
+    async def handler(call: pb.Call) -> pb.Value:
+        await asyncio.sleep(0)  # from here on in a task of its own
+        tasks[call.method] = asyncio.current_task()
+        try:
+            await loop.create_future()  # never done
+        except asyncio.CancelledError:
+            if call.method == "stubborn":
+                return codec.NULL  # it swallows the cancellation and returns
+            raise
+        return codec.NULL
+
+    peer = Peer(handler=handler)
+    await peer.open()
+    obedient = peer.connection.send_call(pb.Call(callback_id=5, method="obedient"), "t")
+    stubborn = peer.connection.send_call(pb.Call(callback_id=5, method="stubborn"), "t")
+    peer.deliver()
+    await turns(lambda: len(tasks) == 2, "both running in tasks")
+    peer.connection.send_cancel(obedient, "no")
+    peer.connection.send_cancel(stubborn, "no")
+    peer.deliver()
+    await turns(lambda: all(task is not None and task.done() for task in tasks.values()), "ended")
+    first, second = tasks["obedient"], tasks["stubborn"]
+    assert first is not None and second is not None
+    assert first.cancelled()  # no error of the session's own on the way out
+    assert not second.cancelled() and second.exception() is None
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert peer.results == [] and peer.session.cause is None
+    await peer.close()
+
+
+def test_a_result_of_exactly_the_peers_message_size_is_sent_one_byte_more_is_not() -> None:
+    run(_a_result_of_exactly_the_peers_message_size_is_sent_one_byte_more_is_not)
+
+
+async def _a_result_of_exactly_the_peers_message_size_is_sent_one_byte_more_is_not(
+    loop: ClockLoop,
+) -> None:
+    def value(length: int) -> pb.Value:
+        return pb.Value(string_value="x" * length)
+
+    def size(call_id: int, length: int) -> int:
+        return len(wire.value_result(call_id, value(length).SerializeToString()))
+
+    exact = next(n for n in range(900, 1024) if size(1, n) == 1024)
+    assert size(2, exact + 1) == 1025
+
+    async def sized(call: pb.Call) -> pb.Value:
+        return value(exact if call.method == "exact" else exact + 1)
+
+    peer = Peer(handler=sized, limits=Limits(max_message_size=1024))
+    await peer.open()
+    peer.connection.send_call(pb.Call(callback_id=5, method="exact"), "t")
+    peer.connection.send_call(pb.Call(callback_id=5, method="over"), "t")
+    peer.deliver()
+    await turns(lambda: len(peer.results) == 2, "both answered")
+    assert peer.results[0].value == value(exact)
+    assert peer.results[1].error.type == "backchannel.MessageTooLarge"
+    assert peer.results[1].error.message == (
+        "the result of callback 5.over is 1025 bytes, over the message size limit of "
+        "1024 bytes (max_message_size)"
+    )
+    await peer.close()
+
+
+def test_a_big_batch_that_was_split_is_acted_on_in_slices_too() -> None:
+    run(_a_big_batch_that_was_split_is_acted_on_in_slices_too)
+
+
+async def _a_big_batch_that_was_split_is_acted_on_in_slices_too(loop: ClockLoop) -> None:
+    null = codec.NULL.SerializeToString()
+    first_slice = sum(len(wire.result_frame(wire.value_result(n, null))) for n in range(1, 501))
+    limit = first_slice * 6 // 10  # one slice's results are over it, two slices' over twice
+    peer = Peer(limits=Limits(max_message_size=1024, max_queued_bytes=limit, max_write_stall=5))
+    await peer.open()
+    peer.gate = loop.create_future()
+    for _ in range(1234):
+        peer.connection.send_call(pb.Call(callback_id=5, method="changed"), "token")
+    frames = peer.connection.take_encoded()
+    frames[-1] = frames[-1].replace(b"changed", b"chang\xffd")  # not UTF-8: no Frame
+    split = parse_frame(wire.batch_frame(frames))
+    assert type(split) is SplitBatch
+    peer.inbox.put_nowait(split)
+    await turns(lambda: not peer.session._writable.is_set(), "over the limit")
+    for _ in range(50):
+        await asyncio.sleep(0)
+    # the reader waits for the peer to read before it acts on the next slice
+    assert peer.session.cause is None and peer.session.ending is None
+    assert peer.gate is not None
+    peer.gate.set_result(None)
+    await turns(lambda: len(peer.results) == 1234, "every call answered", bound=2000)
+    # the unreadable one is answered by the protocol as its slice is taken, before the rest
+    ids = [result.id for result in peer.results]
+    assert ids == [*range(1, 1001), 1234, *range(1001, 1234)]
+    assert peer.results[1000].error.type == "backchannel.RemoteProtocolError"
+    assert peer.session.cause is None
+    await peer.close()
+
+
+def test_a_protocol_mistake_of_the_peer_is_logged_naming_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="backchannel"):
+        run(_a_protocol_mistake_of_the_peer_is_logged_naming_it)
+    lines = [record.getMessage() for record in caplog.records if "mistake" in record.msg]
+    assert len(lines) == 1 and lines[0].startswith("protocol mistake by peer:1: "), lines
+
+
+async def _a_protocol_mistake_of_the_peer_is_logged_naming_it(loop: ClockLoop) -> None:
+    peer = Peer()
+    await peer.open()
+    peer.inbox.put_nowait(pb.Frame(result=pb.Result(id=99, value=codec.NULL)))
+    done = peer.start("after")  # the stream goes on
+    await turns(lambda: len(peer.calls) == 1, "the call sent")
+    peer.answer(peer.calls[0].id)
+    await asyncio.wait_for(done, 5)
+    await peer.close()
+
+
+def test_the_streams_serializer_passes_bytes_through_and_serializes_frames() -> None:
+    frame = pb.Frame(result=pb.Result(id=3, value=codec.NULL))
+    data = frame.SerializeToString()
+    assert serialize(data) is data
+    assert serialize(frame) == data

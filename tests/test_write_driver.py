@@ -97,6 +97,53 @@ async def _a_write_that_yields_something_not_a_future_fails_clearly() -> None:
     async def write() -> None:
         await Odd()
 
-    _, ended = await _drive(write())
+    driven, ended = await _drive(write())
     error = await asyncio.wait_for(ended, 1)
     assert isinstance(error, RuntimeError) and "not a future" in str(error)
+    assert driven is not None
+    driven.cancel()  # the session may still cancel it as its write: nothing to cancel
+
+
+def test_a_write_that_waits_on_two_futures_in_turn_ends_after_both() -> None:
+    asyncio.run(_a_write_that_waits_on_two_futures_in_turn_ends_after_both())
+
+
+async def _a_write_that_waits_on_two_futures_in_turn_ends_after_both() -> None:
+    first, second = asyncio.Future[None](), asyncio.Future[None]()
+    steps: list[str] = []
+
+    async def write() -> None:
+        await first
+        steps.append("first")
+        await second  # not done yet: the write waits on it in turn
+        steps.append("second")
+
+    _, ended = await _drive(write())
+    first.set_result(None)
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert steps == ["first"] and not ended.done()
+    second.set_result(None)
+    assert await asyncio.wait_for(ended, 1) is None
+    assert steps == ["first", "second"]
+    # the futures it waited on are left as an await leaves them: futures, not "blocking"
+    assert asyncio.isfuture(first) and asyncio.isfuture(second)
+    assert asyncio.wrap_future(first) is first
+
+
+def test_cancel_at_a_bare_yield_does_not_fail_and_the_write_goes_on() -> None:
+    asyncio.run(_cancel_at_a_bare_yield_does_not_fail_and_the_write_goes_on())
+
+
+async def _cancel_at_a_bare_yield_does_not_fail_and_the_write_goes_on() -> None:
+    steps: list[str] = []
+
+    async def write() -> None:
+        await asyncio.sleep(0)
+        steps.append("resumed")
+
+    driven, ended = await _drive(write())
+    assert driven is not None
+    driven.cancel()  # it waits on no future: there is nothing to cancel
+    assert await asyncio.wait_for(ended, 1) is None
+    assert steps == ["resumed"]
