@@ -1725,3 +1725,43 @@ def test_the_streams_serializer_passes_bytes_through_and_serializes_frames() -> 
     data = frame.SerializeToString()
     assert serialize(data) is data
     assert serialize(frame) == data
+
+
+def test_results_queued_up_to_exactly_the_limit_do_not_hold_calls() -> None:
+    run(_results_queued_up_to_exactly_the_limit_do_not_hold_calls)
+
+
+async def _results_queued_up_to_exactly_the_limit_do_not_hold_calls(
+    loop: ClockLoop,
+) -> None:
+    size = len(wire.result_frame(wire.value_result(1, BIG.SerializeToString())))
+    released = {name: loop.create_future() for name in ("first", "second")}
+
+    async def held(call: pb.Call) -> pb.Value:
+        await released[call.method]
+        return BIG
+
+    limits = Limits(max_message_size=1024, max_queued_bytes=6 * size, max_write_stall=5.0)
+    peer = Peer(handler=held, limits=limits)
+    await peer.open()
+    peer.gate = loop.create_future()
+    peer.connection.send_call(pb.Call(callback_id=5, method="first"), "token")
+    for _ in range(6):
+        peer.connection.send_call(pb.Call(callback_id=5, method="second"), "token")
+    peer.deliver()
+    await turns(lambda: len(peer.session._running) == 7, "all running")
+    released["first"].set_result(None)  # its result is being written: the peer holds it
+    await turns(lambda: len(peer.session._running) == 6, "the first answered")
+    for _ in range(5):
+        await asyncio.sleep(0)
+    released["second"].set_result(None)  # six results queue behind it: exactly the limit
+    await turns(lambda: not peer.session._running, "all answered")
+    for _ in range(5):
+        await asyncio.sleep(0)
+    sent = peer.start("sent")  # not over the limit: sent, not held
+    assert peer.session.awaits(1) and not sent.done()
+    assert peer.gate is not None
+    peer.gate.set_result(None)
+    await turns(lambda: len(peer.results) == 7 and len(peer.calls) == 1, "all written")
+    assert peer.session.cause is None and peer.session.ending is None
+    await peer.close()
