@@ -1555,7 +1555,8 @@ async def _a_read_that_fails_ends_the_stream_with_its_error_naming_the_peer(
     assert str(caught.value) == expected
     assert peer.reader is not None
     await asyncio.wait_for(peer.reader, 5)  # the reader returns: the stream is over
-    assert str(peer.session.cause) == expected and peer.session.cause.__cause__ is reset
+    cause = peer.session.cause
+    assert cause is not None and str(cause) == expected and cause.__cause__ is reset
     assert peer.session.closed.is_set()
     await peer.close()
 
