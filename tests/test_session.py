@@ -1766,3 +1766,37 @@ async def _results_queued_up_to_exactly_the_limit_do_not_hold_calls(
     await turns(lambda: len(peer.results) == 7 and len(peer.calls) == 1, "all written")
     assert peer.session.cause is None and peer.session.ending is None
     await peer.close()
+
+
+def test_what_the_turn_a_write_ends_in_produces_goes_out_with_what_waited_for_it() -> None:
+    run(_what_the_turn_a_write_ends_in_produces_goes_out_with_what_waited_for_it)
+
+
+async def _what_the_turn_a_write_ends_in_produces_goes_out_with_what_waited_for_it(
+    loop: ClockLoop,
+) -> None:
+    release: asyncio.Future[None] = loop.create_future()
+
+    async def held(call: pb.Call) -> pb.Value:
+        await release
+        return codec.NULL
+
+    peer = Peer(handler=held)
+    await peer.open()
+    peer.connection.send_call(pb.Call(callback_id=5, method="changed"), "token")
+    peer.deliver()
+    await turns(lambda: len(peer.session._running) == 1, "the callback running")
+    for _ in range(5):
+        await asyncio.sleep(0)
+    peer.messages.clear()
+    gate = peer.gate = loop.create_future()
+    peer.start("first")  # written at once: the peer holds it
+    peer.gate = None
+    gate.set_result(None)  # the write ends at the next turn...
+    peer.start("second")  # ...a call made meanwhile waits for it...
+    release.set_result(None)  # ...and the callback's result comes in that turn
+    await turns(lambda: len(peer.calls) == 2 and len(peer.results) == 1, "all written")
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert peer.messages == [1, 2]  # the call that waited and the result, together
+    await peer.close()
