@@ -1800,3 +1800,45 @@ async def _what_the_turn_a_write_ends_in_produces_goes_out_with_what_waited_for_
         await asyncio.sleep(0)
     assert peer.messages == [1, 2]  # the call that waited and the result, together
     await peer.close()
+
+
+def test_results_made_while_the_next_write_is_due_go_out_together() -> None:
+    run(_results_made_while_the_next_write_is_due_go_out_together)
+
+
+async def _results_made_while_the_next_write_is_due_go_out_together(loop: ClockLoop) -> None:
+    released = {name: loop.create_future() for name in ("a", "b")}
+
+    async def held(call: pb.Call) -> pb.Value:
+        await released[call.method]
+        return codec.NULL
+
+    peer = Peer(handler=held)
+    await peer.open()
+    for name in ("a", "b"):
+        peer.connection.send_call(pb.Call(callback_id=5, method=name), "token")
+    peer.deliver()
+    await turns(lambda: len(peer.session._running) == 2, "both callbacks running")
+    for _ in range(5):
+        await asyncio.sleep(0)
+    peer.messages.clear()
+    gate = peer.gate = loop.create_future()
+    peer.start("first")  # written at once: the peer holds it
+    peer.start("queued")  # waits for it
+
+    def meanwhile(_: object) -> None:
+        # in the turn the write ends in, after the writer scheduled the next one: a call
+        # is made, and both callbacks are released (their results come a turn later)
+        released["a"].set_result(None)
+        peer.start("mid")
+        released["b"].set_result(None)
+
+    gate.add_done_callback(meanwhile)
+    peer.gate = None
+    gate.set_result(None)
+    await turns(lambda: len(peer.calls) == 3 and len(peer.results) == 2, "all written")
+    for _ in range(5):
+        await asyncio.sleep(0)
+    # the two calls that waited go together; so do the two results made in one turn
+    assert peer.messages == [1, 2, 2]
+    await peer.close()
