@@ -22,7 +22,13 @@ from helpers import SERVICES, make_call
 
 from backchannel import codec, wire
 from backchannel.callbacks import CURRENT_CALL
-from backchannel.errors import DeadlineExceeded, MessageTooLarge, StreamBroken, Unauthenticated
+from backchannel.errors import (
+    DeadlineExceeded,
+    LocalProtocolError,
+    MessageTooLarge,
+    StreamBroken,
+    Unauthenticated,
+)
 from backchannel.protocol import (
     CallReceived,
     CancelReceived,
@@ -1841,4 +1847,20 @@ async def _results_made_while_the_next_write_is_due_go_out_together(loop: ClockL
         await asyncio.sleep(0)
     # the two calls that waited go together; so do the two results made in one turn
     assert peer.messages == [1, 2, 2]
+    await peer.close()
+
+
+def test_a_call_made_before_the_handshake_is_refused_as_a_local_protocol_error() -> None:
+    run(_a_call_made_before_the_handshake_is_refused_as_a_local_protocol_error)
+
+
+async def _a_call_made_before_the_handshake_is_refused_as_a_local_protocol_error(
+    loop: ClockLoop,
+) -> None:
+    peer = Peer()
+    peer.session.connection.start()  # the Hello is queued; no answer yet
+    with pytest.raises(LocalProtocolError) as caught:
+        peer.session.start_call(make_call("early"), 5.0)
+    assert str(caught.value) == "cannot send a call in state 'awaiting handshake'"
+    assert not peer.session.awaits(1)
     await peer.close()
