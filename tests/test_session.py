@@ -1864,3 +1864,21 @@ async def _a_call_made_before_the_handshake_is_refused_as_a_local_protocol_error
     assert str(caught.value) == "cannot send a call in state 'awaiting handshake'"
     assert not peer.session.awaits(1)
     await peer.close()
+
+
+def test_a_session_ended_before_its_reader_started_fails_its_handshake_with_why() -> None:
+    run(_a_session_ended_before_its_reader_started_fails_its_handshake_with_why)
+
+
+async def _a_session_ended_before_its_reader_started_fails_its_handshake_with_why(
+    loop: ClockLoop,
+) -> None:
+    peer = Peer()
+    peer.session.connection.start()
+    peer.session.flush()
+    peer.session.end(grpc.StatusCode.RESOURCE_EXHAUSTED, "no hello in time")
+    assert peer.session.ending == (grpc.StatusCode.RESOURCE_EXHAUSTED, "no hello in time")
+    with pytest.raises(StreamBroken, match="^no hello in time$"):
+        await asyncio.wait_for(peer.session.handshake, 5)
+    assert peer.session.closed.is_set()
+    await peer.close()
