@@ -1884,3 +1884,59 @@ async def _a_session_ended_before_its_reader_started_fails_its_handshake_with_wh
         await asyncio.wait_for(peer.session.handshake, 5)
     assert peer.session.closed.is_set()
     await peer.close()
+
+
+def test_frames_flushed_in_one_turn_go_together_and_so_do_the_results_of_the_next() -> None:
+    run(_frames_flushed_in_one_turn_go_together_and_so_do_the_results_of_the_next)
+
+
+async def _frames_flushed_in_one_turn_go_together_and_so_do_the_results_of_the_next(
+    loop: ClockLoop,
+) -> None:
+    released = {name: loop.create_future() for name in ("a", "b")}
+
+    async def held(call: pb.Call) -> pb.Value:
+        await released[call.method]
+        return codec.NULL
+
+    peer = Peer(handler=held)
+    await peer.open()
+    for name in ("a", "b"):
+        peer.connection.send_call(pb.Call(callback_id=5, method=name), "token")
+    peer.deliver()
+    await turns(lambda: len(peer.session._running) == 2, "both callbacks running")
+    for _ in range(5):
+        await asyncio.sleep(0)
+    peer.messages.clear()
+    peer.start("p")  # a lone call: written at once
+    peer.start("q")  # written at the end of this turn...
+    released["a"].set_result(None)  # (its result comes in the next turn)
+    peer.start("r")  # ...with this one
+    released["b"].set_result(None)  # (and this result, in the next turn too)
+    await turns(lambda: len(peer.calls) == 3 and len(peer.results) == 2, "all written")
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert peer.messages == [1, 2, 2]
+    await peer.close()
+
+
+def test_a_stream_lost_while_the_reader_waits_on_back_pressure_drops_the_write() -> None:
+    run(_a_stream_lost_while_the_reader_waits_on_back_pressure_drops_the_write)
+
+
+async def _a_stream_lost_while_the_reader_waits_on_back_pressure_drops_the_write(
+    loop: ClockLoop,
+) -> None:
+    peer = await _unread_peer(loop, 10)
+    gate = peer.gate
+    assert gate is not None and peer.reader is not None
+    for _ in range(20):
+        await asyncio.sleep(0)
+    peer.session.lost(StreamBroken("the client is closing"))  # the reader waits to read
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert not gate.done()  # what is queued is given half a second to be written
+    loop.now += 0.5
+    await turns(lambda: peer.reader is not None and peer.reader.done(), "the reader ended")
+    assert gate.cancelled()  # then the write under way is dropped
+    await peer.close()
