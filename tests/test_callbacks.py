@@ -1360,19 +1360,25 @@ def test_a_callback_call_reaches_only_the_interfaces_or_public_methods() -> None
         assert str(caught.value) == f"callback {entry.id} ({label}) has no method {name!r}"
 
 
-def test_a_call_nested_in_a_finished_call_still_waits_its_turn() -> None:
+@pytest.mark.parametrize("ended", ["returned", "cancelled"])
+def test_a_call_nested_in_a_finished_call_still_waits_its_turn(ended: str) -> None:
     """The re-entrant bypass of an instance's one-at-a-time order is only for a call whose
-    chain holds the instance now: once a call to it ended, a later call nested in that
-    call's chain (say an outgoing call its listener left running) queues like any other."""
+    chain holds the instance now: once a call to it ended (returned, or was cancelled and
+    then its thread ended), a later call nested in that call's chain (say an outgoing call
+    its listener left running) queues like any other."""
     session = FakeSession()
     pools = FakeConsumerPools()
     table = ConsumerCallbacks(session, pools)  # type: ignore[arg-type]
     gate, nested_started = threading.Event(), threading.Event()
+    first_gate, first_started = threading.Event(), threading.Event()
     overlapped: list[bool] = []
 
     class Slow:
         def changed(self, msg: str) -> None:
-            if msg == "nested":
+            if msg == "done" and ended == "cancelled":
+                first_started.set()
+                first_gate.wait(5)
+            elif msg == "nested":
                 nested_started.set()
                 gate.wait(5)
             elif msg == "other":
@@ -1389,7 +1395,15 @@ def test_a_call_nested_in_a_finished_call_still_waits_its_turn() -> None:
         )
 
     async def scenario() -> None:
-        await table.run(call(5, "done"))
+        first = asyncio.ensure_future(table.run(call(5, "done")))
+        if ended == "cancelled":  # cancelled while its thread runs, which then ends
+            await asyncio.get_running_loop().run_in_executor(None, first_started.wait, 5)
+            first.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await first
+            first_gate.set()
+        else:
+            await first
         # its thread ends just after: then the instance is free (taken and given back here)
         await asyncio.wait_for(entry.lock.acquire(), 5)
         entry.lock.release()
@@ -1407,6 +1421,7 @@ def test_a_call_nested_in_a_finished_call_still_waits_its_turn() -> None:
         session.loop.run_until_complete(scenario())
     finally:
         gate.set()
+        first_gate.set()
         pools.pool.shutdown()
         session.loop.close()
 
