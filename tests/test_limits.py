@@ -383,7 +383,7 @@ def test_new_calls_during_the_grace_period_get_a_clear_error() -> None:
     async def body() -> None:
         async with backchannel.AsyncClient(server.address, timeout=10) as client:
             echo = client.reference(Echo)
-            running = asyncio.ensure_future(echo.wait(1.0))
+            running = asyncio.ensure_future(echo.wait(0.5))  # outlasts the go-away (ms)
             assert await asyncio.to_thread(impl.started.wait, 5)
             stopping = asyncio.ensure_future(asyncio.to_thread(server.stop, 5))
             # the go-away frame and the refusal of a new stream race with this call: either
@@ -417,7 +417,7 @@ def test_a_stream_authenticated_while_stop_begins_is_told_go_away_too(
         early = backchannel.AsyncClient(server.address, timeout=10)
         late = backchannel.AsyncClient(server.address, timeout=10, metadata=[("x-late", "yes")])
         async with early, late:
-            running = asyncio.ensure_future(early.reference(Echo).wait(1.0))
+            running = asyncio.ensure_future(early.reference(Echo).wait(0.5))  # outlasts the rest
             assert await asyncio.to_thread(impl.started.wait, 5)
             late_call = asyncio.ensure_future(late.reference(Echo).add(1, 2))
             assert await asyncio.to_thread(entered.wait, 5)
