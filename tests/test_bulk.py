@@ -230,6 +230,7 @@ def test_a_listeners_big_result_is_decoded_off_the_providers_loop(
     )
     loop_thread: list[int] = []
     longest: list[float] = [0.0]
+    over: list[float] = []  # the callbacks that took longer than the bound
     run = asyncio.events.Handle._run
 
     def timed(handle: asyncio.events.Handle) -> None:
@@ -239,7 +240,10 @@ def test_a_listeners_big_result_is_decoded_off_the_providers_loop(
         try:
             return run(handle)
         finally:
-            longest[0] = max(longest[0], time.thread_time() - start)
+            took = time.thread_time() - start
+            longest[0] = max(longest[0], took)
+            if took >= STALL_BOUND:
+                over.append(took)
 
     monkeypatch.setattr(asyncio.events.Handle, "_run", timed)
     impl = TablesImpl()
@@ -265,6 +269,7 @@ def test_a_listeners_big_result_is_decoded_off_the_providers_loop(
                     round_trips.append(time.perf_counter() - sent)
 
             longest[0] = 0.0
+            over.clear()
             try:
                 with checked_threads(10) as start:
                     start(other_consumer)
@@ -282,9 +287,12 @@ def test_a_listeners_big_result_is_decoded_off_the_providers_loop(
         f"{max(round_trips) * 1000:.1f} ms"
     )
     assert sizes == [TABLE_ENTRIES] * PULLS
-    assert stall < STALL_BOUND, (
-        f"one callback held the provider's loop for {stall * 1000:.0f} ms of CPU while a "
-        f"listener's {TABLE_ENTRIES}-entry result came in: it was decoded there"
+    # decoded on the loop, every one of the PULLS answers holds it 120-135 ms; off it, a
+    # callback takes 24-39 ms, and a full GC pass landing in one may add 20 ms: one such
+    # outlier, under twice the bound, is not a result decoded there
+    assert len(over) <= 1 and stall < 2 * STALL_BOUND, (
+        f"callbacks held the provider's loop for {[round(t * 1000) for t in over]} ms of CPU "
+        f"while a listener's {TABLE_ENTRIES}-entry results came in: they were decoded there"
     )
 
 
