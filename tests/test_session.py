@@ -1810,12 +1810,10 @@ async def _what_the_turn_a_write_ends_in_produces_goes_out_with_what_waited_for_
     await peer.close()
 
 
-def test_results_made_while_the_next_write_is_due_go_out_together() -> None:
-    run(_results_made_while_the_next_write_is_due_go_out_together)
-
-
-async def _results_made_while_the_next_write_is_due_go_out_together(loop: ClockLoop) -> None:
-    released = {name: loop.create_future() for name in ("a", "b")}
+async def _two_held_callbacks(loop: ClockLoop) -> tuple[Peer, dict[str, asyncio.Future[None]]]:
+    """An open session running two incoming callbacks, "a" and "b", each held until its
+    future in the dict is set; everything written so far is settled and forgotten."""
+    released: dict[str, asyncio.Future[None]] = {name: loop.create_future() for name in "ab"}
 
     async def held(call: pb.Call) -> pb.Value:
         await released[call.method]
@@ -1830,6 +1828,15 @@ async def _results_made_while_the_next_write_is_due_go_out_together(loop: ClockL
     for _ in range(5):
         await asyncio.sleep(0)
     peer.messages.clear()
+    return peer, released
+
+
+def test_results_made_while_the_next_write_is_due_go_out_together() -> None:
+    run(_results_made_while_the_next_write_is_due_go_out_together)
+
+
+async def _results_made_while_the_next_write_is_due_go_out_together(loop: ClockLoop) -> None:
+    peer, released = await _two_held_callbacks(loop)
     gate = peer.gate = loop.create_future()
     peer.start("first")  # written at once: the peer holds it
     peer.start("queued")  # waits for it
@@ -1893,21 +1900,7 @@ def test_frames_flushed_in_one_turn_go_together_and_so_do_the_results_of_the_nex
 async def _frames_flushed_in_one_turn_go_together_and_so_do_the_results_of_the_next(
     loop: ClockLoop,
 ) -> None:
-    released = {name: loop.create_future() for name in ("a", "b")}
-
-    async def held(call: pb.Call) -> pb.Value:
-        await released[call.method]
-        return codec.NULL
-
-    peer = Peer(handler=held)
-    await peer.open()
-    for name in ("a", "b"):
-        peer.connection.send_call(pb.Call(callback_id=5, method=name), "token")
-    peer.deliver()
-    await turns(lambda: len(peer.session._running) == 2, "both callbacks running")
-    for _ in range(5):
-        await asyncio.sleep(0)
-    peer.messages.clear()
+    peer, released = await _two_held_callbacks(loop)
     peer.start("p")  # a lone call: written at once
     peer.start("q")  # written at the end of this turn...
     released["a"].set_result(None)  # (its result comes in the next turn)
