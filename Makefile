@@ -53,7 +53,7 @@ bench: venv
 
 # mutation testing of the core (docs/testing.md), never part of `make test`; the modules and
 # tests are [tool.mutmut] in pyproject.toml. MUTANTS narrows the run, e.g.
-# make mutate MUTANTS='backchannel.loadbalance*'
+# make mutate MUTANTS='backchannel.cluster.loadbalance*'
 MUTANTS ?=
 MUTATE_STAMP := $(VENV)/.installed-mutate
 $(MUTATE_STAMP): $(STAMP)

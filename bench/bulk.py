@@ -11,7 +11,7 @@ Three measurements, each printed as a table and written to the "Bulk data" secti
   consumer's parse and decode. The payloads are a 150k-entry ``{str: str-or-int}`` map
   (~3.5 MB on the wire), the same data as JSON ``bytes``, and as a columnar protobuf
   message (two repeated string fields). Frames are written from serialized parts, as the
-  library writes them (``backchannel.wire``).
+  library writes them (``backchannel.wire.frames``).
 - **echo**: the wall time of ``echo(payload)`` through a sync ``Client``, against a
   provider process (sync ``Server`` or ``AsyncServer``) whose ``echo`` is a ``def`` or an
   ``async def`` method.
@@ -53,8 +53,9 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import Message
 
 import backchannel
-from backchannel import codec, wire
 from backchannel.v1 import envelope_pb2 as pb
+from backchannel.wire import codec
+from backchannel.wire import frames as wire
 
 HERE = Path(__file__).resolve().parent
 DOC = HERE.parent / "docs" / "performance.md"

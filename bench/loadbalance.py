@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from common import AsyncCalculator, Calculator
 
 import backchannel
-from backchannel.loadbalance import (
+from backchannel.cluster.loadbalance import (
     ConsistentHashLoadBalance,
     LeastActiveLoadBalance,
     LoadBalance,

@@ -1,7 +1,7 @@
 """Summarise a finished `make mutate` run: the score per module and every survivor's diff.
 
     .venv/bin/python scripts/mutation_report.py            # scores, then survivors per module
-    .venv/bin/python scripts/mutation_report.py --survivors backchannel.codec  # one module's
+    .venv/bin/python scripts/mutation_report.py --survivors backchannel.wire.codec  # one module's
 
 It reads what mutmut left under ``mutants/`` (each module's ``.meta`` results and the mutated
 source, where every mutant is a copy of its function named ``<function>__mutmut_<n>``), so it
@@ -34,7 +34,7 @@ CAUGHT = ("killed", "timeout")
 def results() -> dict[str, str]:
     """Every mutant's status, by mutant name."""
     found: dict[str, str] = {}
-    for meta in sorted(MUTANTS.glob("*.py.meta")):
+    for meta in sorted(MUTANTS.rglob("*.py.meta")):
         codes = json.loads(meta.read_text())["exit_code_by_key"]
         found |= {name: STATUS.get(code, "suspicious") for name, code in codes.items()}
     return found
@@ -42,7 +42,7 @@ def results() -> dict[str, str]:
 
 def functions(module: str) -> dict[str, str]:
     """Source of every function in a mutated module, by name (mutants and originals)."""
-    path = MUTANTS / f"{module.rsplit('.', 1)[1]}.py"
+    path = MUTANTS.joinpath(*module.split(".")[1:]).with_suffix(".py")
     text = path.read_text()
     lines = text.splitlines()  # sliced by line numbers: get_source_segment splits per call
     found: dict[str, str] = {}

@@ -21,7 +21,7 @@ import sys
 import time
 
 import backchannel
-from backchannel.loadbalance import NoProvider
+from backchannel.cluster.loadbalance import NoProvider
 
 
 def status_kib(field: str) -> int:

@@ -19,8 +19,8 @@ from typing import Any
 
 import grpc
 
-from backchannel.protocol import Connection, Event, Role
 from backchannel.v1 import envelope_pb2 as pb
+from backchannel.wire.protocol import Connection, Event, Role
 
 SERVICES = (
     pb.ServiceInfo(

@@ -13,7 +13,7 @@ from helpers import CheckedThread
 
 import backchannel
 from backchannel import Argument, Method
-from backchannel.portal import LoopThread
+from backchannel.transport.portal import LoopThread
 
 
 @backchannel.interface("test.Listener")

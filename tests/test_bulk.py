@@ -30,7 +30,7 @@ from helpers import checked_threads, read_line
 from services import TABLES_METHODS, Echo, EchoImpl, TableListener, Tables, TablesImpl
 
 import backchannel
-from backchannel import codec
+from backchannel.wire import codec
 
 #: more items than BULK_ITEMS, so an ``async def`` method's result counts as bulk too
 ENTRIES = 4096

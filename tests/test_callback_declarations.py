@@ -13,7 +13,7 @@ from notifier import Consumer
 
 import backchannel
 from backchannel import Argument, Method
-from backchannel.interface import interface_spec
+from backchannel.rpc.interface import interface_spec
 
 
 @backchannel.interface("decl.Listener")

@@ -26,8 +26,19 @@ from notifier import (
 )
 
 import backchannel
-from backchannel import Argument, Method, codec
-from backchannel.callbacks import (
+from backchannel import Argument, Method
+from backchannel.errors import (
+    CallbackGone,
+    CodecError,
+    DecodeError,
+    EncodeError,
+    InvalidArguments,
+    MethodNotFound,
+    StreamBroken,
+    TooManyCallbacks,
+    UnknownCallback,
+)
+from backchannel.rpc.callbacks import (
     COLLECTING,
     CURRENT_CALL,
     ConsumerCallbacks,
@@ -43,21 +54,11 @@ from backchannel.callbacks import (
     listener_interface,
     service_label,
 )
-from backchannel.errors import (
-    CallbackGone,
-    CodecError,
-    DecodeError,
-    EncodeError,
-    InvalidArguments,
-    MethodNotFound,
-    StreamBroken,
-    TooManyCallbacks,
-    UnknownCallback,
-)
-from backchannel.handoff import Deferred
-from backchannel.interface import MethodSpec, apply_method, find_interface_spec
-from backchannel.portal import LoopThread
+from backchannel.rpc.interface import MethodSpec, apply_method, find_interface_spec
+from backchannel.transport.handoff import Deferred
+from backchannel.transport.portal import LoopThread
 from backchannel.v1 import envelope_pb2 as pb
+from backchannel.wire import codec
 
 
 class AsyncProvider:

@@ -267,7 +267,7 @@ def test_export_mistakes_are_clear_errors() -> None:
 
 
 def test_blocking_call_from_the_loop_thread_is_refused() -> None:
-    from backchannel.portal import LoopThread
+    from backchannel.transport.portal import LoopThread
 
     portal = LoopThread("test")
 

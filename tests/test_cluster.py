@@ -24,8 +24,7 @@ from zookeeper import ZooKeeper
 
 import backchannel
 from backchannel import Method
-from backchannel.interface import interface_spec
-from backchannel.registry import (
+from backchannel.cluster.registry import (
     ServiceURL,
     StaticRegistry,
     ZookeeperRegistry,
@@ -33,6 +32,7 @@ from backchannel.registry import (
     encode,
     reachable_host,
 )
+from backchannel.rpc.interface import interface_spec
 
 _names = itertools.count()
 

@@ -22,9 +22,9 @@ from helpers import checked_threads
 from services import Echo, EchoImpl
 
 import backchannel
-from backchannel.loadbalance import P
-from backchannel.providers import OPENED_PER_TURN, TurnGate
-from backchannel.registry import ServiceURL, StaticRegistry, Subscription
+from backchannel.cluster.loadbalance import P
+from backchannel.cluster.providers import OPENED_PER_TURN, TurnGate
+from backchannel.cluster.registry import ServiceURL, StaticRegistry, Subscription
 
 #: how late a call may return after its timeout: the loop's scheduling of the callers,
 #: the expiry timer, and a busy 2-core machine (measured: at most 0.04 s late with 8
@@ -225,8 +225,8 @@ async def _settled(client: backchannel.AsyncClient) -> None:
 
 
 def _of_a_stream(obj: object) -> bool:
-    from backchannel.protocol import Connection
-    from backchannel.session import Session
+    from backchannel.transport.session import Session
+    from backchannel.wire.protocol import Connection
 
     return isinstance(obj, Session | Connection | grpc.aio.StreamStreamCall)
 

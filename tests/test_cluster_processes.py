@@ -27,7 +27,7 @@ from zookeeper import ZooKeeper
 
 import backchannel
 from backchannel import Method
-from backchannel.registry import ServiceURL, decode
+from backchannel.cluster.registry import ServiceURL, decode
 
 SCRIPT = Path(__file__).with_name("cluster_provider.py")
 _groups = itertools.count()

@@ -11,9 +11,10 @@ import traceback
 import pytest
 from google.protobuf import any_pb2, descriptor_pb2, timestamp_pb2
 
-from backchannel import codec, errors
+from backchannel import errors
 from backchannel.settings import BULK_BYTES, BULK_ITEMS
 from backchannel.v1 import envelope_pb2 as pb
+from backchannel.wire import codec
 
 
 def round_trip(obj: object) -> object:

@@ -7,7 +7,7 @@ import collections
 from collections.abc import Callable
 from typing import Any, cast
 
-from backchannel.deadlines import Deadlines
+from backchannel.transport.deadlines import Deadlines
 
 
 def run(coroutine: object) -> None:

@@ -16,7 +16,7 @@ import pytest
 from helpers import wait_until
 
 import backchannel
-from backchannel.pools import CountedPool
+from backchannel.transport.pools import CountedPool
 
 #: threads of the provider's pool in the end-to-end test: few, so the flood drains fast
 WORKERS = 8

@@ -40,8 +40,8 @@ from notifier import NOTIFIER_METHODS, Notifier, NotifierImpl, SyncRecorder
 from services import Echo, EchoImpl
 
 import backchannel
-from backchannel.portal import LoopThread
-from backchannel.session import SplitBatch, parse_frame
+from backchannel.transport.portal import LoopThread
+from backchannel.transport.session import SplitBatch, parse_frame
 from backchannel.v1 import envelope_pb2 as pb
 
 #: ids of the calls that check the stream after each example; the generator stays below

@@ -14,7 +14,8 @@ from helpers import CheckedThread, consumer_process
 from notifier import Consumer, Listener
 
 import backchannel
-from backchannel import Argument, codec
+from backchannel import Argument
+from backchannel.wire import codec
 
 
 @backchannel.interface("test.Broadcaster")

@@ -10,7 +10,7 @@ import pytest
 from helpers import checked_threads
 
 from backchannel.errors import ChannelClosed
-from backchannel.handoff import inbox, post_quietly, run_in_pool
+from backchannel.transport.handoff import inbox, post_quietly, run_in_pool
 
 
 def test_every_post_from_many_threads_runs_once_in_each_threads_order() -> None:

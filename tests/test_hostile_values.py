@@ -12,12 +12,13 @@ from conftest import run
 from helpers import Link, raw_stream
 
 import backchannel
-from backchannel import Argument, Method, codec
+from backchannel import Argument, Method
 from backchannel.errors import DecodeError, EncodeError, RemoteProtocolError
-from backchannel.protocol import Connection, ResultReceived
-from backchannel.session import coalesce, parse_frame
+from backchannel.transport.session import coalesce, parse_frame
 from backchannel.v1 import envelope_pb2 as pb
-from backchannel.wire import varint
+from backchannel.wire import codec
+from backchannel.wire.frames import varint
+from backchannel.wire.protocol import Connection, ResultReceived
 
 LIMIT = codec.MAX_NESTING
 BAD_NAME = "report-\udcff.txt"  # what os.listdir gives for a file name that is no UTF-8

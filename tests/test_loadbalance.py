@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from backchannel.loadbalance import (
+from backchannel.cluster.loadbalance import (
     MAX_WEIGHT,
     ConsistentHashLoadBalance,
     LeastActiveLoadBalance,
@@ -17,7 +17,7 @@ from backchannel.loadbalance import (
     RoundRobinLoadBalance,
     load_balance,
 )
-from backchannel.registry import ServiceURL
+from backchannel.cluster.registry import ServiceURL
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from services import Echo
 
 import backchannel
 from backchannel.v1 import envelope_pb2 as pb
-from backchannel.wiretext import WIRE_TEXT_LIMIT, wire_text
+from backchannel.wire.text import WIRE_TEXT_LIMIT, wire_text
 
 FORGED = "\n2026-01-01 00:00:00 CRITICAL forged"
 # a forged line, ANSI colour and a carriage return, then far more than any log line needs

@@ -26,11 +26,11 @@ from services import Echo, EchoImpl
 from test_security import _issue
 
 import backchannel
-from backchannel import peerlog
-from backchannel.peerlog import PEER_WARNINGS
-from backchannel.portal import LoopThread
 from backchannel.server import AsyncServer
 from backchannel.settings import DEFAULT_HANDSHAKE_TIMEOUT, server_options
+from backchannel.transport import peerlog
+from backchannel.transport.peerlog import PEER_WARNINGS
+from backchannel.transport.portal import LoopThread
 from backchannel.v1 import envelope_pb2 as pb
 
 SRC = Path(__file__).parents[1] / "src"

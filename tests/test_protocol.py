@@ -10,7 +10,8 @@ import pytest
 from helpers import SERVICES, Link, feed, kinds, make_call
 
 from backchannel.errors import LocalProtocolError, StreamBroken
-from backchannel.protocol import (
+from backchannel.v1 import envelope_pb2 as pb
+from backchannel.wire.protocol import (
     PROTOCOL_VERSION,
     CallReceived,
     CancelReceived,
@@ -26,7 +27,6 @@ from backchannel.protocol import (
     Unparseable,
     error_result,
 )
-from backchannel.v1 import envelope_pb2 as pb
 
 
 def ok(call_id: int, text: str = "done") -> pb.Result:
@@ -902,7 +902,7 @@ def _top_levels(names: set[str]) -> set[str]:
 
 
 def test_protocol_imports_neither_asyncio_nor_grpc() -> None:
-    closure = _imported_closure("backchannel.protocol")
+    closure = _imported_closure("backchannel.wire.protocol")
     scanned = {Path(path).name for path in closure}
     assert {"protocol.py", "errors.py", "envelope_pb2.py"} <= scanned
     for path, names in closure.items():
@@ -911,5 +911,7 @@ def test_protocol_imports_neither_asyncio_nor_grpc() -> None:
 
 
 def test_the_import_scan_does_see_asyncio_and_grpc() -> None:
-    uses_both = _top_levels(set().union(*_imported_closure("backchannel.session").values()))
+    uses_both = _top_levels(
+        set().union(*_imported_closure("backchannel.transport.session").values())
+    )
     assert {"asyncio", "grpc"} <= uses_both

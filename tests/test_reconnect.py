@@ -287,7 +287,7 @@ def test_a_replay_that_times_out_is_tried_again() -> None:
 def test_backoff_doubles_from_50_ms_to_2_s_with_jitter_and_resets_after_a_success(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from backchannel import client as client_module
+    from backchannel.cluster import backoff as client_module
 
     now = 100.0
     jitter: list[tuple[float, float]] = []

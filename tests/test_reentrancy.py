@@ -18,8 +18,8 @@ from helpers import wait_until
 
 import backchannel
 from backchannel import Argument
-from backchannel.pools import CallPools
-from backchannel.portal import LoopThread
+from backchannel.transport.pools import CallPools
+from backchannel.transport.portal import LoopThread
 from backchannel.v1 import envelope_pb2 as pb
 
 #: more concurrent calls than the default max_workers (32)

@@ -14,9 +14,10 @@ from typing import Any
 import pytest
 
 import backchannel
-from backchannel import Argument, Method, codec
+from backchannel import Argument, Method
 from backchannel.errors import RemoteError
 from backchannel.v1 import envelope_pb2 as pb
+from backchannel.wire import codec
 
 
 class Rich(Exception):

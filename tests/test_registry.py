@@ -23,9 +23,9 @@ from services import Echo, EchoImpl
 from zookeeper import ZooKeeper
 
 import backchannel
-from backchannel import registry as registry_module
-from backchannel.loadbalance import RandomLoadBalance
-from backchannel.registry import (
+from backchannel.cluster import registry as registry_module
+from backchannel.cluster.loadbalance import RandomLoadBalance
+from backchannel.cluster.registry import (
     RegistryError,
     ServiceURL,
     StaticRegistry,

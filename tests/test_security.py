@@ -22,9 +22,10 @@ from helpers import LogSeen, Records
 from kazoo.client import KazooClient
 
 import backchannel
-from backchannel import codec, providers
-from backchannel.pools import CallPools
-from backchannel.registry import encode, reachable_host
+from backchannel.cluster import providers
+from backchannel.cluster.registry import encode, reachable_host
+from backchannel.transport.pools import CallPools
+from backchannel.wire import codec
 
 
 @backchannel.interface("test.WhoAmI")
@@ -459,7 +460,7 @@ def test_the_token_goes_over_verified_tls_and_to_loopback(outside_host: str) -> 
 
 
 def test_what_counts_as_loopback() -> None:
-    from backchannel.auth import is_loopback
+    from backchannel.transport.auth import is_loopback
 
     for address in (
         "127.0.0.1:1",

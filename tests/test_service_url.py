@@ -15,8 +15,8 @@ import time
 import pytest
 from helpers import free_address
 
-from backchannel.loadbalance import MAX_WEIGHT
-from backchannel.registry import (
+from backchannel.cluster.loadbalance import MAX_WEIGHT
+from backchannel.cluster.registry import (
     DEFAULT_WEIGHT,
     RegistryError,
     ServiceURL,

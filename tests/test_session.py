@@ -20,8 +20,6 @@ import grpc
 import pytest
 from helpers import SERVICES, make_call
 
-from backchannel import codec, wire
-from backchannel.callbacks import CURRENT_CALL
 from backchannel.errors import (
     DeadlineExceeded,
     LocalProtocolError,
@@ -29,15 +27,9 @@ from backchannel.errors import (
     StreamBroken,
     Unauthenticated,
 )
-from backchannel.protocol import (
-    CallReceived,
-    CancelReceived,
-    Connection,
-    Role,
-    State,
-    Unparseable,
-)
-from backchannel.session import (
+from backchannel.rpc.callbacks import CURRENT_CALL
+from backchannel.settings import Limits
+from backchannel.transport.session import (
     EOF,
     Deferred,
     Outgoing,
@@ -48,8 +40,17 @@ from backchannel.session import (
     parse_frame,
     serialize,
 )
-from backchannel.settings import Limits
 from backchannel.v1 import envelope_pb2 as pb
+from backchannel.wire import codec
+from backchannel.wire import frames as wire
+from backchannel.wire.protocol import (
+    CallReceived,
+    CancelReceived,
+    Connection,
+    Role,
+    State,
+    Unparseable,
+)
 
 
 class ClockLoop(asyncio.SelectorEventLoop):

@@ -27,9 +27,9 @@ from notifier import Listener
 
 import backchannel
 from backchannel import Argument, Method
-from backchannel.callbacks import ReverseProxy
-from backchannel.portal import LoopThread
-from backchannel.session import Session
+from backchannel.rpc.callbacks import ReverseProxy
+from backchannel.transport.portal import LoopThread
+from backchannel.transport.session import Session
 
 CONSUMERS = 50
 CALLS = 500  # per consumer

@@ -3,43 +3,115 @@
 Declare an interface, export an implementation on a :class:`Server` (or
 :class:`AsyncServer`), and call it through a :class:`Client` (or :class:`AsyncClient`)
 reference; every call of a consumer travels on one long-lived gRPC stream.
+
+Importing ``backchannel`` loads none of its layers: each public name below is imported from
+its module on first use (PEP 562), so that ``import backchannel.wire.protocol`` stays free of
+asyncio and grpc (docs/architecture.md).
 """
 
-from backchannel.auth import Authenticator, bearer_tokens, current_identity
-from backchannel.broadcast import gather
-from backchannel.callbacks import ReverseProxy
-from backchannel.client import AsyncClient, Client
-from backchannel.config import Config, ConfigError, load_config
-from backchannel.errors import (
-    BackchannelError,
-    CallbackGone,
-    CallCancelled,
-    CallError,
-    ChannelClosed,
-    CodecError,
-    CredentialsNotSent,
-    DeadlineExceeded,
-    DecodeError,
-    EncodeError,
-    InvalidArguments,
-    LocalProtocolError,
-    MessageTooLarge,
-    MethodNotFound,
-    ProtocolError,
-    RemoteError,
-    RemoteProtocolError,
-    ServiceNotFound,
-    ShuttingDown,
-    StreamBroken,
-    TooManyCallbacks,
-    TransportError,
-    Unauthenticated,
-    UnknownCallback,
-)
-from backchannel.exports import DEFAULT_CALLBACK_LIMIT
-from backchannel.interface import Argument, Method, interface, method
-from backchannel.server import AsyncServer, Server
-from backchannel.settings import DEFAULT_TIMEOUT, Keepalive, Limits
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from backchannel.client import AsyncClient, Client
+    from backchannel.config import Config, ConfigError, load_config
+    from backchannel.errors import (
+        BackchannelError,
+        CallbackGone,
+        CallCancelled,
+        CallError,
+        ChannelClosed,
+        CodecError,
+        CredentialsNotSent,
+        DeadlineExceeded,
+        DecodeError,
+        EncodeError,
+        InvalidArguments,
+        LocalProtocolError,
+        MessageTooLarge,
+        MethodNotFound,
+        ProtocolError,
+        RemoteError,
+        RemoteProtocolError,
+        ServiceNotFound,
+        ShuttingDown,
+        StreamBroken,
+        TooManyCallbacks,
+        TransportError,
+        Unauthenticated,
+        UnknownCallback,
+    )
+    from backchannel.rpc.broadcast import gather
+    from backchannel.rpc.callbacks import ReverseProxy
+    from backchannel.rpc.exports import DEFAULT_CALLBACK_LIMIT
+    from backchannel.rpc.interface import Argument, Method, interface, method
+    from backchannel.server import AsyncServer, Server
+    from backchannel.settings import DEFAULT_TIMEOUT, Keepalive, Limits
+    from backchannel.transport.auth import Authenticator, bearer_tokens, current_identity
+
+#: where each public name lives
+_HOMES = {
+    "Argument": "backchannel.rpc.interface",
+    "AsyncClient": "backchannel.client",
+    "AsyncServer": "backchannel.server",
+    "Authenticator": "backchannel.transport.auth",
+    "BackchannelError": "backchannel.errors",
+    "CallCancelled": "backchannel.errors",
+    "CallError": "backchannel.errors",
+    "CallbackGone": "backchannel.errors",
+    "ChannelClosed": "backchannel.errors",
+    "Client": "backchannel.client",
+    "CodecError": "backchannel.errors",
+    "Config": "backchannel.config",
+    "ConfigError": "backchannel.config",
+    "CredentialsNotSent": "backchannel.errors",
+    "DEFAULT_CALLBACK_LIMIT": "backchannel.rpc.exports",
+    "DEFAULT_TIMEOUT": "backchannel.settings",
+    "DeadlineExceeded": "backchannel.errors",
+    "DecodeError": "backchannel.errors",
+    "EncodeError": "backchannel.errors",
+    "InvalidArguments": "backchannel.errors",
+    "Keepalive": "backchannel.settings",
+    "Limits": "backchannel.settings",
+    "LocalProtocolError": "backchannel.errors",
+    "MessageTooLarge": "backchannel.errors",
+    "Method": "backchannel.rpc.interface",
+    "MethodNotFound": "backchannel.errors",
+    "ProtocolError": "backchannel.errors",
+    "RemoteError": "backchannel.errors",
+    "RemoteProtocolError": "backchannel.errors",
+    "ReverseProxy": "backchannel.rpc.callbacks",
+    "Server": "backchannel.server",
+    "ServiceNotFound": "backchannel.errors",
+    "ShuttingDown": "backchannel.errors",
+    "StreamBroken": "backchannel.errors",
+    "TooManyCallbacks": "backchannel.errors",
+    "TransportError": "backchannel.errors",
+    "Unauthenticated": "backchannel.errors",
+    "UnknownCallback": "backchannel.errors",
+    "bearer_tokens": "backchannel.transport.auth",
+    "current_identity": "backchannel.transport.auth",
+    "gather": "backchannel.rpc.broadcast",
+    "interface": "backchannel.rpc.interface",
+    "load_config": "backchannel.config",
+    "method": "backchannel.rpc.interface",
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'backchannel' has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_HOMES])
+
 
 __all__ = [
     "DEFAULT_CALLBACK_LIMIT",

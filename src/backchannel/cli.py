@@ -34,11 +34,11 @@ from typing import Any, NoReturn
 import grpc
 
 from backchannel.client import Client
+from backchannel.cluster.loadbalance import load_balance
+from backchannel.cluster.registry import RegistryError, ServiceURL, open_registry
 from backchannel.errors import BackchannelError
-from backchannel.exports import to_json
-from backchannel.interface import interface
-from backchannel.loadbalance import load_balance
-from backchannel.registry import RegistryError, ServiceURL, open_registry
+from backchannel.rpc.exports import to_json
+from backchannel.rpc.interface import interface
 from backchannel.v1 import envelope_pb2 as pb
 
 EXIT_USAGE = 2

@@ -22,9 +22,25 @@ from typing import Any, TypeVar
 
 import grpc
 
-from backchannel import codec
-from backchannel.auth import bearer_metadata, token_refusal
-from backchannel.callbacks import CURRENT_CALL, ExportedCallback, parent_in
+from backchannel.cluster.backoff import Backoff
+from backchannel.cluster.loadbalance import LeastActiveLoadBalance, LoadBalance, NoProvider
+from backchannel.cluster.providers import (
+    ConsumerSide,
+    LinkSettings,
+    ProviderLink,
+    Subscription,
+    SubscriptionKey,
+)
+from backchannel.cluster.reference import Proxy, Reference
+from backchannel.cluster.registry import (
+    ZOOKEEPER_SCHEME,
+    Registry,
+    ServiceURL,
+    StaticRegistry,
+    open_registry,
+    reachable_host,
+)
+from backchannel.cluster.registry import Subscription as RegistrySubscription
 from backchannel.errors import (
     ChannelClosed,
     CredentialsNotSent,
@@ -34,33 +50,18 @@ from backchannel.errors import (
     TransportError,
     UnknownCallback,
 )
-from backchannel.handoff import run_in_pool
-from backchannel.interface import Method, MethodSpec
-from backchannel.loadbalance import LeastActiveLoadBalance, LoadBalance, NoProvider
-from backchannel.notify import HookPool, MethodHooks, wrap_async, wrap_sync
-from backchannel.pools import CallPools
-from backchannel.portal import LoopThread, wait_on_loop
-from backchannel.providers import (
-    ConsumerSide,
-    LinkSettings,
-    ProviderLink,
-    Subscription,
-    SubscriptionKey,
-)
-from backchannel.reference import Proxy, Reference
-from backchannel.registry import (
-    ZOOKEEPER_SCHEME,
-    Registry,
-    ServiceURL,
-    StaticRegistry,
-    open_registry,
-    reachable_host,
-)
-from backchannel.registry import Subscription as RegistrySubscription
-from backchannel.session import Deferred, Session
+from backchannel.rpc.callbacks import ExportedCallback, parent_in
+from backchannel.rpc.interface import Method, MethodSpec
+from backchannel.rpc.notify import HookPool, MethodHooks, wrap_async, wrap_sync
 from backchannel.settings import DEFAULT_TIMEOUT, Keepalive, Limits
+from backchannel.transport.auth import bearer_metadata, token_refusal
+from backchannel.transport.handoff import run_in_pool
+from backchannel.transport.pools import CallPools
+from backchannel.transport.portal import LoopThread, wait_on_loop
+from backchannel.transport.session import CURRENT_CALL, Deferred, Session
 from backchannel.v1 import envelope_pb2 as pb
-from backchannel.wiretext import wire_text
+from backchannel.wire import codec
+from backchannel.wire.text import wire_text
 
 logger = logging.getLogger("backchannel")
 
@@ -76,29 +77,6 @@ _NOT_FOUND = frozenset({"backchannel.ServiceNotFound", "backchannel.MethodNotFou
 
 CurrentCall = tuple[Session, int] | None
 ServiceKey = tuple[str, str, str]
-
-
-class Backoff:
-    """Exponential backoff with jitter between connection attempts."""
-
-    def __init__(self, first: float = 0.05, most: float = 2.0, factor: float = 2.0) -> None:
-        self._first, self._most, self._factor = first, most, factor
-        self._delay = 0.0
-        self._not_before = 0.0
-
-    def wait(self) -> float:
-        """Seconds to wait before the next attempt (0 after a success)."""
-        return max(0.0, self._not_before - time.monotonic())
-
-    def failed(self) -> None:
-        """An attempt failed: the next one waits longer, with jitter (a half to all of it)."""
-        self._delay = min(self._most, self._delay * self._factor if self._delay else self._first)
-        self._not_before = time.monotonic() + self._delay * random.uniform(0.5, 1.0)
-
-    def succeeded(self) -> None:
-        """Connected: the next failure starts from the first delay again."""
-        self._delay = 0.0
-        self._not_before = 0.0
 
 
 def _identity(args: tuple[Any, ...]) -> tuple[int, ...]:
@@ -326,7 +304,7 @@ class AsyncClient:
 
     ``address`` is one ``host:port``, a static list (``"h1:p1,h2:p2"`` or
     ``static://h1:p1,h2:p2``), a registry address (``zookeeper://host:port``) or a
-    :class:`~backchannel.registry.Registry`. With a list or a registry, each call picks
+    :class:`~backchannel.cluster.registry.Registry`. With a list or a registry, each call picks
     one provider by its reference's ``loadbalance`` and meets failures as its
     ``cluster`` mode says (docs/cluster.md).
 

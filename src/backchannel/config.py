@@ -51,19 +51,19 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from backchannel.auth import Authenticator
 from backchannel.client import Client
-from backchannel.exports import DEFAULT_CALLBACK_LIMIT
-from backchannel.interface import (
+from backchannel.cluster.reference import Reference
+from backchannel.cluster.registry import STATIC_SCHEME, ZOOKEEPER_SCHEME
+from backchannel.rpc.exports import DEFAULT_CALLBACK_LIMIT
+from backchannel.rpc.interface import (
     Argument,
     Method,
     apply_settings,
     find_interface_spec,
     interface_spec,
 )
-from backchannel.reference import Reference
-from backchannel.registry import STATIC_SCHEME, ZOOKEEPER_SCHEME
 from backchannel.server import Server
+from backchannel.transport.auth import Authenticator
 
 #: the [protocol] keys that are Server's boolean keywords of the same names
 _PROTOCOL_FLAGS = ("reflection", "health", "authenticate_reflection", "authenticate_health")
@@ -279,7 +279,7 @@ class _Reader:
         cls = self.resolve(name, f"{key}.interface")
         if not isinstance(cls, type) or find_interface_spec(cls) is None:
             raise self.fail(
-                f"{key}.interface", "a class declared with @backchannel.interface", name
+                f"{key}.interface", "a class declared with @backchannel.rpc.interface", name
             )
         return cls
 

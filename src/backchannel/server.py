@@ -19,17 +19,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
-from backchannel import codec, reflection, telemetry
-from backchannel.auth import Authenticator, set_identity
-from backchannel.callbacks import ProviderCallbacks
-from backchannel.errors import ChannelClosed, Unauthenticated, UnknownCallback
-from backchannel.exports import DEFAULT_CALLBACK_LIMIT, Exports, to_json
-from backchannel.interface import Method
-from backchannel.peerlog import PeerLog
-from backchannel.pools import CallPools
-from backchannel.portal import LoopThread
-from backchannel.protocol import PROTOCOL_VERSION, Connection, Role
-from backchannel.registry import (
+from backchannel import telemetry
+from backchannel.cluster.registry import (
     DEFAULT_WEIGHT,
     Registry,
     ServiceURL,
@@ -37,10 +28,21 @@ from backchannel.registry import (
     open_registry,
     reachable_host,
 )
-from backchannel.session import Outgoing, Session, parse_frame, serialize
+from backchannel.errors import ChannelClosed, Unauthenticated, UnknownCallback
+from backchannel.rpc.callbacks import ProviderCallbacks
+from backchannel.rpc.exports import DEFAULT_CALLBACK_LIMIT, Exports, to_json
+from backchannel.rpc.interface import Method
 from backchannel.settings import DEFAULT_TIMEOUT, Keepalive, Limits, server_options
+from backchannel.transport import reflection
+from backchannel.transport.auth import Authenticator, set_identity
+from backchannel.transport.peerlog import PeerLog
+from backchannel.transport.pools import CallPools
+from backchannel.transport.portal import LoopThread
+from backchannel.transport.session import Outgoing, Session, parse_frame, serialize
 from backchannel.v1 import envelope_pb2 as pb
-from backchannel.wiretext import wire_text
+from backchannel.wire import codec
+from backchannel.wire.protocol import PROTOCOL_VERSION, Connection, Role
+from backchannel.wire.text import wire_text
 
 logger = logging.getLogger("backchannel")
 

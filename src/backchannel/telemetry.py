@@ -27,8 +27,8 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, 
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from backchannel import codec
 from backchannel.errors import RemoteError
+from backchannel.wire import codec
 
 try:
     from opentelemetry import context as otel_context
@@ -44,7 +44,7 @@ else:
 from backchannel.v1 import envelope_pb2 as pb
 
 if TYPE_CHECKING:
-    from backchannel.session import Session
+    from backchannel.transport.session import Session
 
 T = TypeVar("T")
 

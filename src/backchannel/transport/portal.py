@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from backchannel import telemetry
 from backchannel.errors import ChannelClosed
-from backchannel.handoff import inbox
+from backchannel.transport.handoff import inbox
 
 T = TypeVar("T")
 

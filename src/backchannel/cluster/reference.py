@@ -7,9 +7,15 @@ import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from backchannel.interface import InterfaceSpec, Method, MethodSpec, apply_settings, interface_spec
-from backchannel.loadbalance import LoadBalance, load_balance
-from backchannel.notify import MethodHooks, method_hooks
+from backchannel.cluster.loadbalance import LoadBalance, load_balance
+from backchannel.rpc.interface import (
+    InterfaceSpec,
+    Method,
+    MethodSpec,
+    apply_settings,
+    interface_spec,
+)
+from backchannel.rpc.notify import MethodHooks, method_hooks
 
 #: what a proxy method calls: (reference, method, positional args, keyword args)
 Invoke = Callable[["Reference", MethodSpec, tuple[Any, ...], dict[str, Any]], Any]

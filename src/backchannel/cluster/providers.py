@@ -15,14 +15,14 @@ import functools
 import logging
 import traceback
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 import grpc.experimental
 
-from backchannel import codec, telemetry
-from backchannel.auth import carries_credentials, is_loopback, token_refusal
-from backchannel.callbacks import ConsumerCallbacks
+from backchannel import telemetry
+from backchannel.cluster.backoff import Backoff
+from backchannel.cluster.reference import Reference
 from backchannel.errors import (
     ChannelClosed,
     CredentialsNotSent,
@@ -31,17 +31,16 @@ from backchannel.errors import (
     TransportError,
     forget_frames,
 )
-from backchannel.interface import MethodSpec
-from backchannel.pools import CallPools
-from backchannel.protocol import Connection, Role
-from backchannel.reference import Reference
-from backchannel.session import Outgoing, Session, parse_frame, serialize
+from backchannel.rpc.callbacks import ConsumerCallbacks
+from backchannel.rpc.interface import MethodSpec
 from backchannel.settings import Keepalive, Limits, channel_options
+from backchannel.transport.auth import carries_credentials, is_loopback, token_refusal
+from backchannel.transport.pools import CallPools
+from backchannel.transport.session import Outgoing, Session, parse_frame, serialize
 from backchannel.v1 import envelope_pb2 as pb
-from backchannel.wiretext import wire_text
-
-if TYPE_CHECKING:
-    from backchannel.client import Backoff
+from backchannel.wire import codec
+from backchannel.wire.protocol import Connection, Role
+from backchannel.wire.text import wire_text
 
 logger = logging.getLogger("backchannel")
 

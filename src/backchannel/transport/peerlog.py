@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from backchannel.wiretext import wire_text
+from backchannel.wire.text import wire_text
 
 #: warning lines one stream's peer may cause per window; the rest go to DEBUG
 PEER_WARNINGS = 10

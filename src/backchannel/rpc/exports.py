@@ -18,20 +18,20 @@ from typing import Any
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from backchannel import codec
-from backchannel.callbacks import ProviderCallbacks, ReverseProxy, service_label
 from backchannel.errors import InvalidArguments, MethodNotFound, ServiceNotFound
-from backchannel.handoff import run_in_pool
-from backchannel.interface import (
+from backchannel.rpc.callbacks import ProviderCallbacks, ReverseProxy, service_label
+from backchannel.rpc.interface import (
     InterfaceSpec,
     Method,
     MethodSpec,
     apply_settings,
     interface_spec,
 )
-from backchannel.pools import CallPools
 from backchannel.settings import BULK_BYTES, BULK_ITEMS
+from backchannel.transport.handoff import run_in_pool
+from backchannel.transport.pools import CallPools
 from backchannel.v1 import envelope_pb2 as pb
+from backchannel.wire import codec
 
 #: the seed's callbacks="1000": live callback instances per service per stream
 DEFAULT_CALLBACK_LIMIT = 1000

@@ -3,7 +3,7 @@
 Feed it the frames that arrive (:meth:`Connection.receive`) and tell it what this side
 wants to send (:meth:`Connection.send_call`, :meth:`Connection.send_result`, ...); it
 keeps track of call ids, pending results and the handshake, returns :mod:`events
-<backchannel.protocol>` to act on, and collects the frames to write, serialized, in an outbox
+<backchannel.wire.protocol>` to act on, and collects the frames to write, serialized, in an outbox
 (:meth:`Connection.take_encoded`). It does no I/O and imports neither asyncio nor grpc,
 so it is tested by feeding it lists of frames.
 
@@ -21,10 +21,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from backchannel import wire
 from backchannel.errors import LocalProtocolError, TransportError
 from backchannel.v1 import envelope_pb2 as pb
-from backchannel.wiretext import sendable_text
+from backchannel.wire import frames
+from backchannel.wire.text import sendable_text
 
 PROTOCOL_VERSION = 1
 
@@ -135,7 +135,7 @@ class PeerMistake:
 @dataclass(frozen=True, slots=True)
 class Unparseable:
     """A received message, or a frame of a Batch, that did not parse as a Frame: what
-    could still be read of it (see :mod:`backchannel.wire`)."""
+    could still be read of it (see :mod:`backchannel.wire.frames`)."""
 
     size: int
     reason: str
@@ -259,7 +259,7 @@ class Connection(Generic[Token]):
         call_id = self._next_id
         call.id = call_id
         try:  # before anything is registered: serializing may raise
-            frame = wire.call_frame(call.SerializeToString())
+            frame = frames.call_frame(call.SerializeToString())
         except BaseException:
             call.id = 0
             raise
@@ -272,13 +272,13 @@ class Connection(Generic[Token]):
     def send_result(self, result: pb.Result) -> None:
         """Queue the Result of a call the peer sent and this side has not answered yet."""
         if self._answering(result.id):
-            self._outbox.append(wire.result_frame(result.SerializeToString()))
+            self._outbox.append(frames.result_frame(result.SerializeToString()))
 
     def send_encoded_result(self, call_id: int, result: bytes) -> None:
         """:meth:`send_result` of a Result serialized already (a big value is serialized
         once, not copied into a Result and a Frame)."""
         if self._answering(call_id):
-            self._outbox.append(wire.result_frame(result))
+            self._outbox.append(frames.result_frame(result))
 
     def _answering(self, call_id: int) -> bool:
         """Whether a Result for ``call_id`` is to be sent; the call is answered from now."""

@@ -23,7 +23,7 @@ from google.protobuf.message import Message
 from backchannel import errors
 from backchannel.settings import BULK_BYTES, BULK_ITEMS
 from backchannel.v1 import envelope_pb2 as pb
-from backchannel.wiretext import sendable_text, wire_text
+from backchannel.wire.text import sendable_text, wire_text
 
 logger = logging.getLogger("backchannel")
 

@@ -1,4 +1,4 @@
-"""Drives one protocol :class:`~backchannel.protocol.Connection` over one gRPC stream.
+"""Drives one protocol :class:`~backchannel.wire.protocol.Connection` over one gRPC stream.
 
 Used by both ends: the provider wraps the server side of ``Connect``, the consumer the
 client side. One reader task takes frames off the stream and never waits on user code
@@ -24,9 +24,7 @@ from typing import Any, Protocol
 import grpc
 from google.protobuf.message import DecodeError
 
-from backchannel import codec, telemetry, wire
-from backchannel.callbacks import CURRENT_CALL
-from backchannel.deadlines import Deadlines, Entry
+from backchannel import telemetry
 from backchannel.errors import (
     CallCancelled,
     DeadlineExceeded,
@@ -38,9 +36,15 @@ from backchannel.errors import (
     Unauthenticated,
     forget_frames,
 )
-from backchannel.handoff import Deferred as Deferred  # re-exported: the client imports it here
-from backchannel.peerlog import PeerLog
-from backchannel.protocol import (
+from backchannel.settings import Limits
+from backchannel.transport.deadlines import Deadlines, Entry
+from backchannel.transport.handoff import (
+    Deferred as Deferred,  # re-exported: the client imports it here
+)
+from backchannel.transport.peerlog import PeerLog
+from backchannel.v1 import envelope_pb2 as pb
+from backchannel.wire import codec, frames
+from backchannel.wire.protocol import (
     CallReceived,
     CancelReceived,
     Connection,
@@ -53,11 +57,16 @@ from backchannel.protocol import (
     State,
     Unparseable,
 )
-from backchannel.settings import Limits
-from backchannel.v1 import envelope_pb2 as pb
-from backchannel.wiretext import wire_text
+from backchannel.wire.text import wire_text
 
 logger = logging.getLogger("backchannel")
+
+#: (session, id of the incoming call) while this side runs a call the peer sent; calls
+#: made meanwhile carry that id as their parent so the peer can tell re-entrant calls
+CURRENT_CALL: contextvars.ContextVar[tuple[Session, int] | None] = contextvars.ContextVar(
+    "backchannel_current_call", default=None
+)
+
 
 #: what a gRPC read returns at the end of the stream
 EOF = grpc.aio.EOF  # type: ignore[attr-defined]
@@ -499,7 +508,7 @@ class Session:
                 value = await self.dispatcher.dispatch(call)
             # serialized once and framed by hand: a Result(value=...) and its Frame would
             # each copy the value, on the loop (bench/bulk.py: ~60 ms per MB each)
-            result: pb.Result | bytes = wire.value_result(call.id, value.SerializeToString())
+            result: pb.Result | bytes = frames.value_result(call.id, value.SerializeToString())
         except asyncio.CancelledError:
             if call.id in self._running and self.cause is None:
                 # cancelled locally, not by the peer: the peer still waits for an answer
@@ -803,12 +812,12 @@ def coalesce(encoded: list[bytes], max_bytes: int = MAX_BATCH_BYTES) -> list[byt
     size = 0
     for data in encoded:
         if batch and (len(batch) >= MAX_BATCH_FRAMES or size + len(data) > max_bytes):
-            messages.append(wire.batch_frame(batch))
+            messages.append(frames.batch_frame(batch))
             batch, size = [], 0
         batch.append(data)
         size += len(data)
     if batch:
-        messages.append(wire.batch_frame(batch))
+        messages.append(frames.batch_frame(batch))
     return messages
 
 
@@ -894,20 +903,20 @@ def parse_frame(data: bytes) -> pb.Frame | Unparseable | SplitBatch:
         return pb.Frame.FromString(data)
     except DecodeError as exc:
         reason = str(exc) or "unparseable protobuf"
-    inner = wire.split_batch(data)
+    inner = frames.split_batch(data)
     if inner is None:
         return _unparseable(data, reason)
-    frames: list[pb.Frame | Unparseable] = []
+    parsed: list[pb.Frame | Unparseable] = []
     for frame in inner:
         try:
-            frames.append(pb.Frame.FromString(frame))
+            parsed.append(pb.Frame.FromString(frame))
         except DecodeError as exc:
-            frames.append(_unparseable(frame, str(exc) or "unparseable protobuf"))
-    return SplitBatch(frames)
+            parsed.append(_unparseable(frame, str(exc) or "unparseable protobuf"))
+    return SplitBatch(parsed)
 
 
 def _unparseable(data: bytes, reason: str) -> Unparseable:
-    call_id, one_way, result_id = wire.find_ids(data)
+    call_id, one_way, result_id = frames.find_ids(data)
     return Unparseable(len(data), reason, call_id, one_way, result_id)
 
 

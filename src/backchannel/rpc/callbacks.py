@@ -27,7 +27,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from backchannel import codec
 from backchannel.errors import (
     CallbackGone,
     ChannelClosed,
@@ -38,20 +37,16 @@ from backchannel.errors import (
     TooManyCallbacks,
     UnknownCallback,
 )
-from backchannel.handoff import Deferred, post_quietly, run_in_pool, submit
-from backchannel.interface import InterfaceSpec, MethodSpec, find_interface_spec
-from backchannel.portal import wait_on_loop
+from backchannel.rpc.interface import InterfaceSpec, MethodSpec, find_interface_spec
+from backchannel.transport.handoff import Deferred, post_quietly, run_in_pool, submit
+from backchannel.transport.portal import wait_on_loop
+from backchannel.transport.session import CURRENT_CALL
 from backchannel.v1 import envelope_pb2 as pb
+from backchannel.wire import codec
 
 if TYPE_CHECKING:
-    from backchannel.pools import CallPools
-    from backchannel.session import Session
-
-#: (session, id of the incoming call) while this side runs a call the peer sent; calls
-#: made meanwhile carry that id as their parent so the peer can tell re-entrant calls
-CURRENT_CALL: contextvars.ContextVar[tuple[Session, int] | None] = contextvars.ContextVar(
-    "backchannel_current_call", default=None
-)
+    from backchannel.transport.pools import CallPools
+    from backchannel.transport.session import Session
 
 
 def parent_in(session: Session, current: tuple[Session, int] | None) -> int:
@@ -391,7 +386,7 @@ def _listener_method(entry: ExportedCallback, name: str) -> Callable[..., Any]:
 
 # ------------------------------------------------------------------ provider
 
-# ---- hook for backchannel.broadcast (gather): a proxy call collected, not yet made
+# ---- hook for backchannel.rpc.broadcast (gather): a proxy call collected, not yet made
 
 #: True while :func:`backchannel.gather` collects proxy calls: each returns a PendingCall
 COLLECTING: contextvars.ContextVar[bool] = contextvars.ContextVar(
@@ -525,7 +520,7 @@ class ReverseProxy:
             f"instance ended while the call was in flight ({cause})"
         )
 
-    # ---- hook for backchannel.broadcast (gather): start a collected call, do not wait
+    # ---- hook for backchannel.rpc.broadcast (gather): start a collected call, do not wait
     def begin(self, pending: PendingCall, values: Sequence[pb.Value] | None) -> asyncio.Future[Any]:
         """On the loop: send a call :func:`backchannel.gather` collected and return its
         future without waiting; ``values`` are its arguments encoded already (shared by

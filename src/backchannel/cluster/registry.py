@@ -12,7 +12,7 @@ interface and keeps the current set of its providers. Two registries:
 
 kazoo runs its own threads; nothing here blocks in them (kazoo's listeners must return
 at once) and a subscriber's listener runs on the subscriber's event loop when it gave
-one, through :mod:`backchannel.handoff`.
+one, through :mod:`backchannel.transport.handoff`.
 """
 
 from __future__ import annotations
@@ -43,10 +43,10 @@ from kazoo.handlers.threading import KazooTimeoutError
 from kazoo.recipe.watchers import ChildrenWatch
 from kazoo.retry import KazooRetry
 
+from backchannel.cluster.loadbalance import MAX_WEIGHT
 from backchannel.errors import BackchannelError, ChannelClosed
-from backchannel.handoff import inbox
-from backchannel.loadbalance import MAX_WEIGHT
-from backchannel.wiretext import wire_text
+from backchannel.transport.handoff import inbox
+from backchannel.wire.text import wire_text
 
 logger = logging.getLogger("backchannel.registry")
 

@@ -17,11 +17,12 @@ import concurrent.futures
 from collections.abc import Awaitable, Iterable, Sequence
 from typing import Any
 
-from backchannel import codec, telemetry
-from backchannel.callbacks import COLLECTING, PendingCall
+from backchannel import telemetry
 from backchannel.errors import CallbackGone, CallCancelled, ChannelClosed, StreamBroken
-from backchannel.handoff import inbox
+from backchannel.rpc.callbacks import COLLECTING, PendingCall
+from backchannel.transport.handoff import inbox
 from backchannel.v1 import envelope_pb2 as pb
+from backchannel.wire import codec
 
 
 def gather(calls: Iterable[Any]) -> Any:

@@ -35,9 +35,9 @@ from typing import Any
 
 from backchannel import telemetry
 from backchannel.errors import CallCancelled
-from backchannel.handoff import run_in_pool
-from backchannel.interface import Method, MethodSpec
-from backchannel.pools import CountedPool
+from backchannel.rpc.interface import Method, MethodSpec
+from backchannel.transport.handoff import run_in_pool
+from backchannel.transport.pools import CountedPool
 
 logger = logging.getLogger("backchannel")
 
