@@ -26,6 +26,7 @@ lint: venv
 	$(BIN)/python scripts/gen_protos.py --check
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports  # the layers and no cycles: [tool.importlinter] in pyproject.toml
 
 typecheck: venv
 	$(BIN)/mypy
