@@ -32,15 +32,10 @@ from backchannel.cluster.providers import (
     SubscriptionKey,
 )
 from backchannel.cluster.reference import Proxy, Reference
-from backchannel.cluster.registry import (
-    ZOOKEEPER_SCHEME,
-    Registry,
-    ServiceURL,
-    StaticRegistry,
-    open_registry,
-    reachable_host,
-)
+from backchannel.cluster.registries import open_registry
+from backchannel.cluster.registry import ZOOKEEPER_SCHEME, Registry, StaticRegistry
 from backchannel.cluster.registry import Subscription as RegistrySubscription
+from backchannel.cluster.service_url import ServiceURL, reachable_host
 from backchannel.errors import (
     ChannelClosed,
     CredentialsNotSent,
