@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+import backchannel.telemetry  # noqa: F401  (fills transport.observe's slots when OTel is here)
 from backchannel.cluster.backoff import Backoff
 from backchannel.cluster.loadbalance import LeastActiveLoadBalance, LoadBalance, NoProvider
 from backchannel.cluster.providers import (
