@@ -195,7 +195,8 @@ def load_config(path: str | Path) -> Config:
 
 
 class _Reader(KeyReader):
-    """Walks the parsed TOML, naming each key it checks."""
+    """Walks the parsed TOML table by table ([application], [registry], [protocol],
+    [[service]], [[reference]] and their methods), naming each key it checks."""
 
     def fail(self, key: str, expected: str, got: object = None) -> ConfigError:
         suffix = "" if got is None else f", got {got!r}"
