@@ -24,14 +24,9 @@ from zookeeper import ZooKeeper
 
 import backchannel
 from backchannel import Method
-from backchannel.cluster.registry import (
-    ServiceURL,
-    StaticRegistry,
-    ZookeeperRegistry,
-    decode,
-    encode,
-    reachable_host,
-)
+from backchannel.cluster.registry import StaticRegistry
+from backchannel.cluster.service_url import ServiceURL, decode, encode, reachable_host
+from backchannel.cluster.zookeeper import ZookeeperRegistry
 from backchannel.rpc.interface import interface_spec
 
 _names = itertools.count()

@@ -24,7 +24,8 @@ from services import Echo, EchoImpl
 import backchannel
 from backchannel.cluster.loadbalance import P
 from backchannel.cluster.providers import OPENED_PER_TURN, TurnGate
-from backchannel.cluster.registry import ServiceURL, StaticRegistry, Subscription
+from backchannel.cluster.registry import StaticRegistry, Subscription
+from backchannel.cluster.service_url import ServiceURL
 
 #: how late a call may return after its timeout: the loop's scheduling of the callers,
 #: the expiry timer, and a busy 2-core machine (measured: at most 0.04 s late with 8

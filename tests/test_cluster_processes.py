@@ -27,7 +27,7 @@ from zookeeper import ZooKeeper
 
 import backchannel
 from backchannel import Method
-from backchannel.cluster.registry import ServiceURL, decode
+from backchannel.cluster.service_url import ServiceURL, decode
 
 SCRIPT = Path(__file__).with_name("cluster_provider.py")
 _groups = itertools.count()

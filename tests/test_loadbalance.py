@@ -17,7 +17,7 @@ from backchannel.cluster.loadbalance import (
     RoundRobinLoadBalance,
     load_balance,
 )
-from backchannel.cluster.registry import ServiceURL
+from backchannel.cluster.service_url import ServiceURL
 
 
 @dataclass(frozen=True)

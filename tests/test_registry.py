@@ -23,18 +23,12 @@ from services import Echo, EchoImpl
 from zookeeper import ZooKeeper
 
 import backchannel
-from backchannel.cluster import registry as registry_module
+from backchannel.cluster import zookeeper as registry_module
 from backchannel.cluster.loadbalance import RandomLoadBalance
-from backchannel.cluster.registry import (
-    RegistryError,
-    ServiceURL,
-    StaticRegistry,
-    ZookeeperRegistry,
-    decode,
-    encode,
-    open_registry,
-    release,
-)
+from backchannel.cluster.registries import open_registry
+from backchannel.cluster.registry import RegistryError, StaticRegistry
+from backchannel.cluster.service_url import ServiceURL, decode, encode, release
+from backchannel.cluster.zookeeper import ZookeeperRegistry
 
 _names = itertools.count()
 

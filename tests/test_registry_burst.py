@@ -17,7 +17,8 @@ from helpers import checked_threads, read_line
 from kazoo.client import KazooClient
 from zookeeper import ZooKeeper
 
-from backchannel.cluster.registry import ServiceURL, Subscription, encode
+from backchannel.cluster.registry import Subscription
+from backchannel.cluster.service_url import ServiceURL, encode
 from backchannel.transport.handoff import inbox
 
 CONSUMER = Path(__file__).with_name("burst_consumer.py")

@@ -23,7 +23,7 @@ from kazoo.client import KazooClient
 
 import backchannel
 from backchannel.cluster import providers
-from backchannel.cluster.registry import encode, reachable_host
+from backchannel.cluster.service_url import encode, reachable_host
 from backchannel.transport.pools import CallPools
 from backchannel.wire import codec
 

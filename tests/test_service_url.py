@@ -16,16 +16,9 @@ import pytest
 from helpers import free_address
 
 from backchannel.cluster.loadbalance import MAX_WEIGHT
-from backchannel.cluster.registry import (
-    DEFAULT_WEIGHT,
-    RegistryError,
-    ServiceURL,
-    StaticRegistry,
-    decode,
-    encode,
-    open_registry,
-    release,
-)
+from backchannel.cluster.registries import open_registry
+from backchannel.cluster.registry import RegistryError, StaticRegistry
+from backchannel.cluster.service_url import DEFAULT_WEIGHT, ServiceURL, decode, encode, release
 
 RAW = "which Dubbo's URL format cannot carry (values are written raw)"
 

@@ -35,7 +35,9 @@ import grpc
 
 from backchannel.client import Client
 from backchannel.cluster.loadbalance import load_balance
-from backchannel.cluster.registry import RegistryError, ServiceURL, open_registry
+from backchannel.cluster.registries import open_registry
+from backchannel.cluster.registry import RegistryError
+from backchannel.cluster.service_url import ServiceURL
 from backchannel.errors import BackchannelError
 from backchannel.rpc.exports import to_json
 from backchannel.rpc.interface import interface

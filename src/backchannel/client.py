@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+import backchannel.telemetry  # noqa: F401  (fills transport.observe's slots when OTel is here)
 from backchannel.cluster.backoff import Backoff
 from backchannel.cluster.loadbalance import LeastActiveLoadBalance, LoadBalance, NoProvider
 from backchannel.cluster.providers import (
@@ -32,15 +33,10 @@ from backchannel.cluster.providers import (
     SubscriptionKey,
 )
 from backchannel.cluster.reference import Proxy, Reference
-from backchannel.cluster.registry import (
-    ZOOKEEPER_SCHEME,
-    Registry,
-    ServiceURL,
-    StaticRegistry,
-    open_registry,
-    reachable_host,
-)
+from backchannel.cluster.registries import open_registry
+from backchannel.cluster.registry import ZOOKEEPER_SCHEME, Registry, StaticRegistry
 from backchannel.cluster.registry import Subscription as RegistrySubscription
+from backchannel.cluster.service_url import ServiceURL, reachable_host
 from backchannel.errors import (
     ChannelClosed,
     CredentialsNotSent,

@@ -42,8 +42,6 @@ starts.
 
 from __future__ import annotations
 
-import importlib
-import sys
 import tomllib
 import warnings
 from collections.abc import Callable
@@ -54,12 +52,12 @@ from typing import Any
 from backchannel.client import Client
 from backchannel.cluster.reference import Reference
 from backchannel.cluster.registry import STATIC_SCHEME, ZOOKEEPER_SCHEME
+from backchannel.config_keys import KeyReader, describe_error
 from backchannel.rpc.exports import DEFAULT_CALLBACK_LIMIT
 from backchannel.rpc.interface import (
     Argument,
     Method,
     apply_settings,
-    find_interface_spec,
     interface_spec,
 )
 from backchannel.server import Server
@@ -196,92 +194,13 @@ def load_config(path: str | Path) -> Config:
     return reader.config(data)
 
 
-class _Reader:
-    """Walks the parsed TOML, naming each key it checks."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
+class _Reader(KeyReader):
+    """Walks the parsed TOML table by table ([application], [registry], [protocol],
+    [[service]], [[reference]] and their methods), naming each key it checks."""
 
     def fail(self, key: str, expected: str, got: object = None) -> ConfigError:
         suffix = "" if got is None else f", got {got!r}"
         return ConfigError(f"{self.path}: {key}: expected {expected}{suffix}")
-
-    def table(self, data: dict[str, Any], key: str, allowed: set[str]) -> dict[str, Any]:
-        if not isinstance(data, dict):
-            raise self.fail(key, "a table", data)
-        unknown = sorted(set(data) - allowed)
-        if unknown:
-            raise self.fail(f"{key}.{unknown[0]}", f"one of the keys {', '.join(sorted(allowed))}")
-        return data
-
-    def tables(self, data: dict[str, Any], name: str, key: str) -> list[dict[str, Any]]:
-        value = data.get(name, [])
-        if not isinstance(value, list):
-            raise self.fail(f"{key}{name}", f"an array of tables ([[{name}]])", value)
-        return value
-
-    def string(self, data: dict[str, Any], name: str, key: str, required: bool = False) -> Any:
-        value = data.get(name)
-        if value is None and not required:
-            return None
-        if not isinstance(value, str) or not value:
-            raise self.fail(f"{key}.{name}", "a non-empty string", value)
-        return value
-
-    def number(self, data: dict[str, Any], name: str, key: str, integer: bool = False) -> Any:
-        """An integer >= 0, or (``integer=False``) a number of seconds > 0."""
-        value = data.get(name)
-        kinds = (int,) if integer else (int, float)
-        if value is None:
-            return None
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, kinds)
-            or value < 0
-            or (not integer and not value > 0)
-        ):
-            raise self.fail(
-                f"{key}.{name}", "an integer >= 0" if integer else "a number > 0", value
-            )
-        return value
-
-    def boolean(self, data: dict[str, Any], name: str, key: str) -> Any:
-        value = data.get(name)
-        if value is not None and not isinstance(value, bool):
-            raise self.fail(f"{key}.{name}", "true or false", value)
-        return value
-
-    def resolve(self, dotted: str, key: str) -> Any:
-        """``module:attr`` or ``module:attr.method``, imported from the config's folder."""
-        module_name, colon, attribute = dotted.partition(":")
-        if not colon or not module_name or not attribute:
-            raise self.fail(key, "an import path 'module:attr' (or 'module:attr.method')", dotted)
-        folder = str(self.path.resolve().parent)
-        sys.path.insert(0, folder)
-        try:
-            target: Any = importlib.import_module(module_name)
-        except ImportError as exc:
-            raise self.fail(key, f"an importable module ({exc})", dotted) from None
-        except Exception as exc:  # the module itself is broken: SyntaxError, NameError, ...
-            raise self.fail(
-                key, f"a module that imports cleanly ({_describe_error(exc)})", dotted
-            ) from None
-        finally:
-            sys.path.remove(folder)
-        for part in attribute.split("."):
-            if not hasattr(target, part):
-                raise self.fail(key, f"a name that exists ({part!r} is missing)", dotted)
-            target = getattr(target, part)
-        return target
-
-    def interface(self, data: dict[str, Any], key: str) -> type:
-        name = self.string(data, "interface", key, required=True)
-        cls = self.resolve(name, f"{key}.interface")
-        if not isinstance(cls, type) or find_interface_spec(cls) is None:
-            raise self.fail(
-                f"{key}.interface", "a class declared with @backchannel.rpc.interface", name
-            )
-        return cls
 
     def config(self, data: dict[str, Any]) -> Config:
         self.table(
@@ -394,7 +313,7 @@ class _Reader:
                 raise self.fail(f"{key}.ref", f"a class that takes no arguments ({exc})") from None
             except Exception as exc:  # its __init__ failed
                 raise self.fail(
-                    f"{key}.ref", f"a class that can be made ({_describe_error(exc)})"
+                    f"{key}.ref", f"a class that can be made ({describe_error(exc)})"
                 ) from None
         spec = interface_spec(interface)
         missing = [name for name in spec.methods if not callable(getattr(impl, name, None))]
@@ -520,12 +439,3 @@ class _Reader:
             raise self.fail(f"{key}.type", "a class", type_path)
         callback = self.boolean(data, "callback", key)
         return Argument(index=index, type=kind, callback=True if callback is None else callback)
-
-
-def _describe_error(exc: BaseException) -> str:
-    """``Type: message`` in one line, with the line of a SyntaxError."""
-    if isinstance(exc, SyntaxError):
-        where = f"{exc.filename}, line {exc.lineno}" if exc.filename else f"line {exc.lineno}"
-        return f"SyntaxError: {exc.msg} ({where})"
-    text = str(exc).splitlines()[0] if str(exc) else ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

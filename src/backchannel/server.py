@@ -20,12 +20,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
 from backchannel import telemetry
-from backchannel.cluster.registry import (
+from backchannel.cluster.registries import open_registry
+from backchannel.cluster.registry import Registry
+from backchannel.cluster.service_url import (
     DEFAULT_WEIGHT,
-    Registry,
     ServiceURL,
     check_weight,
-    open_registry,
     reachable_host,
 )
 from backchannel.errors import ChannelClosed, Unauthenticated, UnknownCallback

@@ -20,7 +20,6 @@ from typing import Any
 import grpc
 import grpc.experimental
 
-from backchannel import telemetry
 from backchannel.cluster.backoff import Backoff
 from backchannel.cluster.reference import Reference
 from backchannel.errors import (
@@ -34,6 +33,7 @@ from backchannel.errors import (
 from backchannel.rpc.callbacks import ConsumerCallbacks
 from backchannel.rpc.interface import MethodSpec
 from backchannel.settings import Keepalive, Limits, channel_options
+from backchannel.transport import observe
 from backchannel.transport.auth import carries_credentials, is_loopback, token_refusal
 from backchannel.transport.pools import CallPools
 from backchannel.transport.session import Outgoing, Session, parse_frame, serialize
@@ -420,8 +420,8 @@ class ProviderLink:
             peer=self.address,
             limits=settings.limits,
         )
-        if telemetry.AVAILABLE:  # OpenTelemetry: the stream's addresses, for spans and gauges
-            telemetry.track(session, self.address)
+        if observe.AVAILABLE:  # OpenTelemetry: the stream's addresses, for spans and gauges
+            observe.track(session, self.address)
         connection.start()
         session.flush()
         reader = asyncio.create_task(

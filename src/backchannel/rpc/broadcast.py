@@ -17,9 +17,9 @@ import concurrent.futures
 from collections.abc import Awaitable, Iterable, Sequence
 from typing import Any
 
-from backchannel import telemetry
 from backchannel.errors import CallbackGone, CallCancelled, ChannelClosed, StreamBroken
 from backchannel.rpc.callbacks import COLLECTING, PendingCall
+from backchannel.transport import observe
 from backchannel.transport.handoff import inbox
 from backchannel.v1 import envelope_pb2 as pb
 from backchannel.wire import codec
@@ -204,8 +204,8 @@ def _gather_from_thread(items: list[PendingCall]) -> list[Any]:
         def begin(slots: list[int] = slots, outcomes: _Outcomes = outcomes) -> None:
             _start_all(slots, items, outcomes)
 
-        if telemetry.AVAILABLE:  # OpenTelemetry: the calls are made in the caller's span
-            begin = telemetry.carry(begin)
+        if observe.AVAILABLE:  # OpenTelemetry: the calls are made in the caller's span
+            begin = observe.carry(begin)
         try:
             inbox(loop).post(begin)
         except ChannelClosed as exc:  # the loop is closed: so are its streams

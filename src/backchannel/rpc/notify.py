@@ -33,9 +33,9 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from backchannel import telemetry
 from backchannel.errors import CallCancelled
 from backchannel.rpc.interface import Method, MethodSpec
+from backchannel.transport import observe
 from backchannel.transport.handoff import run_in_pool
 from backchannel.transport.pools import CountedPool
 
@@ -336,8 +336,8 @@ def wrap_sync(
         _return_sync(hooks, result, bound)
         return result
 
-    if telemetry.AVAILABLE:  # OpenTelemetry: the hooks run inside the call's span
-        return telemetry.hooks_sync(method.service, method.name, call)
+    if observe.AVAILABLE:  # OpenTelemetry: the hooks run inside the call's span
+        return observe.hooks_sync(method.service, method.name, call)
     return call
 
 
@@ -350,7 +350,7 @@ def _failed_future(
         _throw_sync(hooks, exc, args)
         _settle(outer, exc, None)
 
-    pool.run(telemetry.carry(finish) if telemetry.AVAILABLE else finish)
+    pool.run(observe.carry(finish) if observe.AVAILABLE else finish)
     return outer
 
 
@@ -385,8 +385,8 @@ def _start_sync(
             inner.cancel()  # the caller gave up: so does the call (onthrow sees it)
 
     outer.add_done_callback(cancelled)
-    if telemetry.AVAILABLE:  # OpenTelemetry: the hooks run inside the call's span
-        finish = telemetry.carry(finish)
+    if observe.AVAILABLE:  # OpenTelemetry: the hooks run inside the call's span
+        finish = observe.carry(finish)
     # the inner future completes on the client's loop thread: hooks go to the pool
     inner.add_done_callback(lambda done: pool.run(functools.partial(finish, done)))
     return outer
@@ -415,8 +415,8 @@ async def _run_async(
     else:
         executor = pool.executor()
         call: Callable[[], Any] = functools.partial(function, *args)
-        if telemetry.AVAILABLE:  # OpenTelemetry: the hook runs inside the call's span
-            call = telemetry.carry(call)
+        if observe.AVAILABLE:  # OpenTelemetry: the hook runs inside the call's span
+            call = observe.carry(call)
         # once the pool is shut down (the client closed), hooks run inline, as in HookPool.run
         result = call() if executor is None else await run_in_pool(executor, call)
     if inspect.isawaitable(result):
@@ -481,8 +481,8 @@ def wrap_async(
                 await _hook_failed_async(hooks, "onreturn", exc, bound, pool)
         return result
 
-    if telemetry.AVAILABLE:  # OpenTelemetry: the hooks run inside the call's span
-        run = telemetry.hooks_async(method.service, method.name, run)
+    if observe.AVAILABLE:  # OpenTelemetry: the hooks run inside the call's span
+        run = observe.hooks_async(method.service, method.name, run)
 
     def call(*args: Any, **kwargs: Any) -> Any:
         if not hooks.async_:

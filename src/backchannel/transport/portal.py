@@ -15,8 +15,8 @@ import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-from backchannel import telemetry
 from backchannel.errors import ChannelClosed
+from backchannel.transport import observe
 from backchannel.transport.handoff import inbox
 
 T = TypeVar("T")
@@ -38,8 +38,8 @@ def wait_on_loop(loop: asyncio.AbstractEventLoop, start: Callable[[], asyncio.Fu
             return
         future.add_done_callback(functools.partial(_copy_outcome, outcome))
 
-    if telemetry.AVAILABLE:  # OpenTelemetry: the call is made in the caller's span
-        begin = telemetry.carry(begin)
+    if observe.AVAILABLE:  # OpenTelemetry: the call is made in the caller's span
+        begin = observe.carry(begin)
     inbox(loop).post(begin)  # raises ChannelClosed when the loop is closed
     return outcome.result()
 

@@ -24,7 +24,6 @@ from typing import Any, Protocol
 import grpc
 from google.protobuf.message import DecodeError
 
-from backchannel import telemetry
 from backchannel.errors import (
     CallCancelled,
     DeadlineExceeded,
@@ -37,6 +36,7 @@ from backchannel.errors import (
     forget_frames,
 )
 from backchannel.settings import Limits
+from backchannel.transport import observe
 from backchannel.transport.deadlines import Deadlines, Entry
 from backchannel.transport.handoff import (
     Deferred as Deferred,  # re-exported: the client imports it here
@@ -502,8 +502,8 @@ class Session:
         if call.parent_id:
             self._incoming_parent[call.id] = call.parent_id
         try:
-            if telemetry.AVAILABLE and telemetry.collecting():  # the server span around it
-                value = await telemetry.serve(self, call, self.dispatcher.dispatch)
+            if observe.AVAILABLE and observe.collecting():  # the server span around it
+                value = await observe.serve(self, call, self.dispatcher.dispatch)
             else:
                 value = await self.dispatcher.dispatch(call)
             # serialized once and framed by hand: a Result(value=...) and its Frame would
@@ -611,8 +611,8 @@ class Session:
         if parent:
             call.parent_id = parent
         outgoing = Outgoing(call, self._loop.create_future(), label, timeout, decode, broken)
-        if telemetry.AVAILABLE and telemetry.collecting():  # the client span, its context
-            telemetry.sending(self, call, outgoing.future)
+        if observe.AVAILABLE and observe.collecting():  # the client span, its context
+            observe.sending(self, call, outgoing.future)
         if timeout is not None:
             outgoing.deadline = self._deadlines.add(outgoing, timeout)
         if (
