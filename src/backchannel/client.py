@@ -121,7 +121,7 @@ class AsyncClient:
         self._links: dict[str, ProviderLink] = self._consumer.links
         #: a plain address: its one link (and the fast paths that go with it)
         self._single: ProviderLink | None = self._consumer.single
-        self._directories: dict[ServiceKey, Directory] = self._consumer.directories.by_key
+        self._directories: dict[ServiceKey, Directory] = self._consumer.directory_of
         self._hooks = HookPool(max_workers)  # plain event-notify hooks run here
 
     @property

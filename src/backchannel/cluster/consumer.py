@@ -55,6 +55,8 @@ class Consumer:
         #: one link per provider address, made when first chosen
         self.links: dict[str, ProviderLink] = {}
         self.directories = Directories(address, where, settings.application, self.retire_unlisted)
+        #: the directories' own table (never replaced), read by every call without a hop
+        self.directory_of = self.directories.by_key
         #: a plain address: its one link (and the fast paths that go with it)
         self.single: ProviderLink | None = None
         single = self.directories.single

@@ -32,23 +32,17 @@ async def invoke(
     kwargs: dict[str, Any],
     current: CurrentCall = None,
 ) -> Any:
-    """Make one call through a reference (what proxy methods do).
-
-    ``current`` is the incoming callback call the caller runs in, if any: the call
-    carries it as its parent so the provider's nested callbacks run at once. A call
-    that could not be sent at all goes to another provider when there is one. A
-    method declared with ``retries=N`` (``failover``, the default mode) is re-sent,
-    on another provider when there is one, when its stream breaks or its provider
-    goes away; any other call in flight then fails with the connection error.
-
-    The method's timeout is the whole call's: subscribing, connecting, failing over
-    and re-sending all come out of it, and when it is spent the call raises
-    DeadlineExceeded (docs/cluster.md).
+    """The whole of one call through a reference (what proxy methods do; what callers
+    see is :meth:`backchannel.client.AsyncClient.invoke`'s to say): its deadline from
+    the method's timeout, its providers, then its cluster mode. ``failover`` (the
+    default), ``failfast`` and ``failsafe`` run here: a call never sent goes to the next
+    provider not tried (:class:`~backchannel.cluster.failover.Failover`); one that may
+    have reached its provider is re-sent only in ``failover``, ``retries`` times at most.
     """
     positional = method.bind(args, kwargs)
     timeout = ref.timeouts[method.name]
     deadline = None if timeout is None else time.monotonic() + timeout
-    directory = consumer.directories.by_key.get(ref.key)  # known already: no coroutine to await
+    directory = consumer.directory_of.get(ref.key)  # known already: no coroutine to await
     if directory is None or not directory.ready:
         directory = await consumer.directories.get(ref, deadline, method)
         timeout = left(deadline)
@@ -159,7 +153,7 @@ def out_of_time(
     connecting = len(failover.connecting)
     error = DeadlineExceeded(
         f"{method.qualname}() did not finish within its {ref.timeouts[method.name]} s "
-        f"timeout: {len(failover.tried)} of the {len(consumer.directories.by_key[ref.key].urls)} "
+        f"timeout: {len(failover.tried)} of the {len(consumer.directory_of[ref.key].urls)} "
         f"providers of {label(ref.key)} tried, {failover.unreachable} unreachable"
         + (f", {connecting} still connecting" if connecting else "")
         + f"; last: {wire_text(last)}"
