@@ -59,7 +59,7 @@ class Consumer:
         self.directory_of = self.directories.by_key
         #: a plain address: its one link (and the fast paths that go with it)
         self.single: ProviderLink | None = None
-        single = self.directories.single
+        single = self.directories.single_address
         if single is not None:
             if settings.token_refused(single):  # known now: say so now
                 raise CredentialsNotSent(token_refusal([single]))

@@ -75,7 +75,7 @@ class Directories:
         #: one per export, made on its first call (never replaced: callers keep it)
         self.by_key: dict[ServiceKey, Directory] = {}
         #: a plain address: the one provider of every export
-        self.single: str | None = None
+        self.single_address: str | None = None
         #: a list or a registry: what to subscribe to, opened on the first call
         self.registry_spec: str | Registry | None = None
         self.registry: Registry | None = None
@@ -84,7 +84,7 @@ class Directories:
         self.closed = False
         if not is_cluster(address):
             assert isinstance(address, str)
-            self.single = address
+            self.single_address = address
         elif isinstance(address, str) and not address.startswith(ZOOKEEPER_SCHEME):
             # a static list: no server, checked now
             registry = open_registry(address)
@@ -106,8 +106,8 @@ class Directories:
             raise ChannelClosed(f"the client for {self._where} is closed")
         if directory is None:
             directory = self.by_key[ref.key] = Directory(ref.key)
-        if self.single is not None:
-            directory.update([fixed_url(ref, self.single)])
+        if self.single_address is not None:
+            directory.update([fixed_url(ref, self.single_address)])
             return directory
         if self.static is not None:
             directory.update(self.static.subscribe(ref.spec.name).providers)
