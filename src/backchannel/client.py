@@ -50,7 +50,8 @@ from backchannel.errors import (
     TransportError,
     UnknownCallback,
 )
-from backchannel.rpc.callbacks import ExportedCallback, parent_in
+from backchannel.rpc.callbacks import parent_in
+from backchannel.rpc.consumer_callbacks import ExportedCallback
 from backchannel.rpc.interface import Method, MethodSpec
 from backchannel.rpc.notify import HookPool, MethodHooks, wrap_async, wrap_sync
 from backchannel.settings import DEFAULT_TIMEOUT, Keepalive, Limits

@@ -19,7 +19,7 @@ from typing import Any
 
 from backchannel import telemetry
 from backchannel.errors import CallbackGone, CallCancelled, ChannelClosed, StreamBroken
-from backchannel.rpc.callbacks import COLLECTING, PendingCall
+from backchannel.rpc.provider_callbacks import COLLECTING, PendingCall
 from backchannel.transport.handoff import inbox
 from backchannel.v1 import envelope_pb2 as pb
 from backchannel.wire import codec
