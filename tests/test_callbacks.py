@@ -38,25 +38,25 @@ from backchannel.errors import (
     TooManyCallbacks,
     UnknownCallback,
 )
-from backchannel.rpc.callbacks import (
-    COLLECTING,
-    CURRENT_CALL,
+from backchannel.rpc.callbacks import limit_error, listener_interface, service_label
+from backchannel.rpc.consumer_callbacks import (
     ConsumerCallbacks,
-    PendingCall,
-    ProviderCallbacks,
-    ReverseProxy,
     _check_listener,
     _encode_plain,
     _listener_method,
     _looks_like_listener,
     declared_arguments,
-    limit_error,
-    listener_interface,
-    service_label,
 )
 from backchannel.rpc.interface import MethodSpec, apply_method, find_interface_spec
+from backchannel.rpc.provider_callbacks import (
+    COLLECTING,
+    PendingCall,
+    ProviderCallbacks,
+    ReverseProxy,
+)
 from backchannel.transport.handoff import Deferred
 from backchannel.transport.portal import LoopThread
+from backchannel.transport.session import CURRENT_CALL
 from backchannel.v1 import envelope_pb2 as pb
 from backchannel.wire import codec
 

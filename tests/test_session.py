@@ -27,9 +27,9 @@ from backchannel.errors import (
     StreamBroken,
     Unauthenticated,
 )
-from backchannel.rpc.callbacks import CURRENT_CALL
 from backchannel.settings import Limits
 from backchannel.transport.session import (
+    CURRENT_CALL,
     EOF,
     Deferred,
     Outgoing,

@@ -27,7 +27,7 @@ from notifier import Listener
 
 import backchannel
 from backchannel import Argument, Method
-from backchannel.rpc.callbacks import ReverseProxy
+from backchannel.rpc.provider_callbacks import ReverseProxy
 from backchannel.transport.portal import LoopThread
 from backchannel.transport.session import Session
 

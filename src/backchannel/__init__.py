@@ -44,9 +44,9 @@ if TYPE_CHECKING:
         UnknownCallback,
     )
     from backchannel.rpc.broadcast import gather
-    from backchannel.rpc.callbacks import ReverseProxy
     from backchannel.rpc.exports import DEFAULT_CALLBACK_LIMIT
     from backchannel.rpc.interface import Argument, Method, interface, method
+    from backchannel.rpc.provider_callbacks import ReverseProxy
     from backchannel.server import AsyncServer, Server
     from backchannel.settings import DEFAULT_TIMEOUT, Keepalive, Limits
     from backchannel.transport.auth import Authenticator, bearer_tokens, current_identity
@@ -82,7 +82,7 @@ _HOMES = {
     "ProtocolError": "backchannel.errors",
     "RemoteError": "backchannel.errors",
     "RemoteProtocolError": "backchannel.errors",
-    "ReverseProxy": "backchannel.rpc.callbacks",
+    "ReverseProxy": "backchannel.rpc.provider_callbacks",
     "Server": "backchannel.server",
     "ServiceNotFound": "backchannel.errors",
     "ShuttingDown": "backchannel.errors",

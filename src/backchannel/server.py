@@ -29,9 +29,9 @@ from backchannel.cluster.service_url import (
     reachable_host,
 )
 from backchannel.errors import ChannelClosed, Unauthenticated, UnknownCallback
-from backchannel.rpc.callbacks import ProviderCallbacks
 from backchannel.rpc.exports import DEFAULT_CALLBACK_LIMIT, Exports, to_json
 from backchannel.rpc.interface import Method
+from backchannel.rpc.provider_callbacks import ProviderCallbacks
 from backchannel.settings import DEFAULT_TIMEOUT, Keepalive, Limits, server_options
 from backchannel.transport import reflection
 from backchannel.transport.auth import Authenticator, set_identity

@@ -21,7 +21,7 @@ from backchannel.cluster.providers import (
 from backchannel.cluster.reference import Reference
 from backchannel.cluster.registry import Registry
 from backchannel.errors import CredentialsNotSent, UnknownCallback
-from backchannel.rpc.callbacks import ExportedCallback
+from backchannel.rpc.consumer_callbacks import ExportedCallback
 from backchannel.transport.auth import token_refusal
 from backchannel.transport.pools import CallPools
 from backchannel.transport.session import Session

@@ -30,7 +30,7 @@ from backchannel.errors import (
     TransportError,
     forget_frames,
 )
-from backchannel.rpc.callbacks import ConsumerCallbacks
+from backchannel.rpc.consumer_callbacks import ConsumerCallbacks
 from backchannel.rpc.interface import MethodSpec
 from backchannel.settings import Keepalive, Limits, channel_options
 from backchannel.transport import observe

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Iterable, Sequence
 from typing import Any
 
 from backchannel.errors import CallbackGone, CallCancelled, ChannelClosed, StreamBroken
-from backchannel.rpc.callbacks import COLLECTING, PendingCall
+from backchannel.rpc.provider_callbacks import COLLECTING, PendingCall
 from backchannel.transport import observe
 from backchannel.transport.handoff import inbox
 from backchannel.v1 import envelope_pb2 as pb

@@ -19,7 +19,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from backchannel.errors import InvalidArguments, MethodNotFound, ServiceNotFound
-from backchannel.rpc.callbacks import ProviderCallbacks, ReverseProxy, service_label
+from backchannel.rpc.callbacks import service_label
 from backchannel.rpc.interface import (
     InterfaceSpec,
     Method,
@@ -27,6 +27,7 @@ from backchannel.rpc.interface import (
     apply_settings,
     interface_spec,
 )
+from backchannel.rpc.provider_callbacks import ProviderCallbacks, ReverseProxy
 from backchannel.settings import BULK_BYTES, BULK_ITEMS
 from backchannel.transport.handoff import run_in_pool
 from backchannel.transport.pools import CallPools

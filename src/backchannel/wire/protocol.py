@@ -3,7 +3,7 @@
 Feed it the frames that arrive (:meth:`Connection.receive`) and tell it what this side
 wants to send (:meth:`Connection.send_call`, :meth:`Connection.send_result`, ...); it
 keeps track of call ids, pending results and the handshake, returns :mod:`events
-<backchannel.wire.protocol>` to act on, and collects the frames to write, serialized, in an outbox
+<backchannel.wire.events>` to act on, and collects the frames to write, serialized, in an outbox
 (:meth:`Connection.take_encoded`). It does no I/O and imports neither asyncio nor grpc,
 so it is tested by feeding it lists of frames.
 
@@ -11,157 +11,58 @@ A mistake by the peer never breaks the stream: it is answered with a ``Fault`` f
 an error ``Result`` when it concerns one call) and reported as :class:`PeerMistake`. A
 mistake by this side raises :class:`LocalProtocolError`. Once the stream is lost the
 connection is ``CLOSED`` for good and every later send raises the stored cause.
+
+The events (:mod:`backchannel.wire.events`) and the roles, states and transition table
+(:mod:`backchannel.wire.transitions`) have modules of their own; they are re-exported here,
+with :class:`Connection`, as the protocol's one import.
 """
 
 from __future__ import annotations
 
 import collections
-import enum
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic
 
 from backchannel.errors import LocalProtocolError, TransportError
 from backchannel.v1 import envelope_pb2 as pb
 from backchannel.wire import frames
+from backchannel.wire.events import (
+    CallReceived,
+    CancelReceived,
+    Event,
+    FaultReceived,
+    GoAwayReceived,
+    HandshakeDone,
+    PeerMistake,
+    ReleaseReceived,
+    ResultReceived,
+    Token,
+    Unparseable,
+    error_result,
+)
 from backchannel.wire.text import sendable_text
+from backchannel.wire.transitions import ACCEPTS, MOVES, Role, State
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "CallReceived",
+    "CancelReceived",
+    "Connection",
+    "Event",
+    "FaultReceived",
+    "GoAwayReceived",
+    "HandshakeDone",
+    "PeerMistake",
+    "ReleaseReceived",
+    "ResultReceived",
+    "Role",
+    "State",
+    "Token",
+    "Unparseable",
+    "error_result",
+]
 
 PROTOCOL_VERSION = 1
-
-Token = TypeVar("Token")
-
-
-class Role(enum.Enum):
-    """Which end of the Connect stream a connection is."""
-
-    CONSUMER = "consumer"
-    PROVIDER = "provider"
-
-
-class State(enum.Enum):
-    """Where a connection is in its life."""
-
-    HANDSHAKE = "awaiting handshake"
-    OPEN = "open"
-    CLOSED = "closed"
-
-
-# What each side may receive in each state: the one table of transition rules.
-# A frame kind not listed is answered with a Fault (or, for a Call, an error Result).
-_ACCEPTS: dict[tuple[Role, State], frozenset[str]] = {
-    (Role.PROVIDER, State.HANDSHAKE): frozenset({"hello", "batch"}),
-    (Role.CONSUMER, State.HANDSHAKE): frozenset({"welcome", "fault", "batch", "go_away"}),
-    (Role.PROVIDER, State.OPEN): frozenset(
-        {"call", "result", "cancel", "release", "go_away", "fault", "batch"}
-    ),
-    (Role.CONSUMER, State.OPEN): frozenset(
-        {"call", "result", "cancel", "release", "go_away", "fault", "batch"}
-    ),
-}
-# The state a received frame kind moves a connection to, when it moves it.
-_MOVES: dict[tuple[Role, State, str], State] = {
-    (Role.PROVIDER, State.HANDSHAKE, "hello"): State.OPEN,
-    (Role.CONSUMER, State.HANDSHAKE, "welcome"): State.OPEN,
-}
-
-
-# ------------------------------------------------------------------- events
-
-
-@dataclass(frozen=True, slots=True)
-class HandshakeDone:
-    """The handshake finished; ``services`` is what the provider exports (consumer side)."""
-
-    peer_application: str
-    services: tuple[pb.ServiceInfo, ...]
-    #: the most calls the peer runs at once on this stream (0: not stated)
-    peer_max_calls_in_flight: int = 0
-    #: the largest frame the peer accepts (0: not stated)
-    peer_max_message_size: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class CallReceived:
-    """The peer asks this side to run a method."""
-
-    call: pb.Call
-
-
-@dataclass(frozen=True, slots=True)
-class ResultReceived(Generic[Token]):
-    """The peer answered a call this side sent; ``token`` is what the sender registered."""
-
-    result: pb.Result
-    token: Token
-
-
-@dataclass(frozen=True, slots=True)
-class CancelReceived:
-    """The peer no longer wants the result of a call it sent."""
-
-    call_id: int
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class ReleaseReceived:
-    """The peer ended a callback instance."""
-
-    callback_id: int
-
-
-@dataclass(frozen=True, slots=True)
-class GoAwayReceived:
-    """The peer accepts no new calls on this stream."""
-
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class FaultReceived:
-    """The peer says this side broke the protocol."""
-
-    message: str
-    call_id: int
-
-
-@dataclass(frozen=True, slots=True)
-class PeerMistake:
-    """The peer broke the protocol; it was told with a Fault or an error Result."""
-
-    message: str
-
-
-@dataclass(frozen=True, slots=True)
-class Unparseable:
-    """A received message, or a frame of a Batch, that did not parse as a Frame: what
-    could still be read of it (see :mod:`backchannel.wire.frames`)."""
-
-    size: int
-    reason: str
-    #: the id of the Call it holds, when one can be read (0: none)
-    call_id: int = 0
-    one_way: bool = False
-    #: the id of the Result it holds, when one can be read (0: none)
-    result_id: int = 0
-
-
-Event = (
-    HandshakeDone
-    | CallReceived
-    | ResultReceived[Token]
-    | CancelReceived
-    | ReleaseReceived
-    | GoAwayReceived
-    | FaultReceived
-    | PeerMistake
-)
-
-
-def error_result(call_id: int, code: int, type_name: str, message: str) -> pb.Result:
-    """A failed Result for ``call_id``."""
-    error = pb.Error(code=code, type=type_name, message=message)  # type: ignore[arg-type]
-    return pb.Result(id=call_id, error=error)
 
 
 class Connection(Generic[Token]):
@@ -204,7 +105,7 @@ class Connection(Generic[Token]):
         # ids of calls this side cancelled lately: a late result for one is dropped quietly
         self._abandoned: collections.deque[int] = collections.deque(maxlen=4096)
         self._closed_cause: BaseException | None = None
-        self._accepts = _ACCEPTS[(role, self.state)]
+        self._accepts = ACCEPTS[(role, self.state)]
 
     # ------------------------------------------------------------- inspection
 
@@ -360,7 +261,7 @@ class Connection(Generic[Token]):
         on. A Call whose id could be read is answered with an error Result, and a Result
         for a call this side awaits fails that call: neither is lost."""
         events: list[Event[Token]] = []
-        self._unparseable(Unparseable(size, reason, call_id, one_way, result_id), events)
+        _on_unparseable(self, Unparseable(size, reason, call_id, one_way, result_id), events)
         return events
 
     def receive_batch(self, frames: Sequence[pb.Frame | Unparseable]) -> list[Event[Token]]:
@@ -373,35 +274,10 @@ class Connection(Generic[Token]):
             return events
         for frame in frames:
             if type(frame) is Unparseable:
-                self._unparseable(frame, events)
+                _on_unparseable(self, frame, events)
             else:
                 self._receive(frame, events, nested=True)  # type: ignore[arg-type]
         return events
-
-    def _unparseable(self, piece: Unparseable, events: list[Event[Token]]) -> None:
-        if self.state is State.CLOSED:
-            return
-        what = f"a message of {piece.size} bytes is not a backchannel.v1.Frame ({piece.reason})"
-        call_id = piece.call_id
-        if call_id and not piece.one_way and call_id not in self._incoming:
-            message = f"call {call_id} could not be read: {what}"
-            self._answer_call_error(pb.Call(id=call_id), pb.INVALID_ARGUMENT, message, events)
-        elif call_id and not piece.one_way:
-            message = f"duplicate call id {call_id}: a call with this id is still running ({what})"
-            self._mistake(events, message, call_id)
-        elif call_id:
-            self._mistake(events, f"one-way call {call_id} could not be read: {what}", call_id)
-        elif piece.result_id and piece.result_id in self._outgoing:
-            token = self._outgoing.pop(piece.result_id)
-            self._abandoned.append(piece.result_id)  # a later Result for it: dropped quietly
-            message = f"the result of call {piece.result_id} could not be read: {what}"
-            failed = error_result(
-                piece.result_id, pb.INVALID_ARGUMENT, "backchannel.RemoteProtocolError", message
-            )
-            events.append(ResultReceived(failed, token))
-            self._mistake(events, message, piece.result_id)
-        else:
-            self._mistake(events, what)
 
     def _receive(self, frame: pb.Frame, events: list[Event[Token]], nested: bool) -> None:
         if self.state is State.CLOSED:
@@ -422,14 +298,14 @@ class Connection(Generic[Token]):
             for inner in frame.batch.frames:
                 self._receive(inner, events, nested=True)
             return
-        moved = _MOVES.get((self.role, self.state, kind))
+        moved = MOVES.get((self.role, self.state, kind))
         try:
             _HANDLERS[kind](self, getattr(frame, kind), events)
         except _StayPut:
             return
         if moved is not None:
             self.state = moved
-            self._accepts = _ACCEPTS[(self.role, moved)]
+            self._accepts = ACCEPTS[(self.role, moved)]
 
     def _refuse(self, frame: pb.Frame, kind: str, events: list[Event[Token]]) -> None:
         if kind == "call" and self.state is State.HANDSHAKE:
@@ -452,87 +328,6 @@ class Connection(Generic[Token]):
             result = error_result(call.id, code, "backchannel.RemoteProtocolError", message)
             self._put(pb.Frame(result=result))
 
-    def _on_hello(self, hello: pb.Hello, events: list[Event[Token]]) -> None:
-        if hello.protocol_version > PROTOCOL_VERSION:
-            message = (
-                f"unsupported protocol version {hello.protocol_version}; "
-                f"this provider speaks {PROTOCOL_VERSION}"
-            )
-            self._mistake(events, message)
-            raise _StayPut
-        welcome = pb.Welcome(
-            protocol_version=PROTOCOL_VERSION,
-            application=self.application,
-            services=self.services,
-            max_calls_in_flight=self.max_calls_in_flight,
-            max_message_size=self.max_message_size,
-        )
-        self._put(pb.Frame(welcome=welcome))
-        events.append(
-            HandshakeDone(hello.application, (), hello.max_calls_in_flight, hello.max_message_size)
-        )
-
-    def _on_welcome(self, welcome: pb.Welcome, events: list[Event[Token]]) -> None:
-        services = tuple(welcome.services)
-        limits = (welcome.max_calls_in_flight, welcome.max_message_size)
-        events.append(HandshakeDone(welcome.application, services, *limits))
-
-    def _on_call(self, call: pb.Call, events: list[Event[Token]]) -> None:
-        if call.id == 0:
-            self._mistake(events, "call id 0 is not allowed: give every call a non-zero id")
-        elif call.id in self._incoming:
-            message = f"duplicate call id {call.id}: a call with this id is still running"
-            self._mistake(events, message, call.id)
-        elif 0 < self.max_calls_in_flight <= len(self._incoming) + self._one_way_count:
-            what = "one-way call" if call.one_way else "call"
-            message = (
-                f"too many calls in flight on this stream: this side runs at most "
-                f"{self.max_calls_in_flight} at once, one-way calls included "
-                f"({what} {call.id} refused)"
-            )
-            if call.one_way:  # nothing to answer: the peer hears of it by a Fault
-                self._mistake(events, message, call.id)
-            else:
-                self._answer_call_error(call, pb.RESOURCE_EXHAUSTED, message, events)
-        elif self.going_away:
-            if not call.one_way:
-                message = "shutting down: this side accepts no new calls on this stream"
-                result = error_result(call.id, pb.UNAVAILABLE, "backchannel.ShuttingDown", message)
-                self._put(pb.Frame(result=result))
-        else:
-            if call.one_way:
-                self._one_way[call.id] = self._one_way.get(call.id, 0) + 1
-                self._one_way_count += 1
-            else:
-                self._incoming.add(call.id)
-            events.append(CallReceived(call))
-
-    def _on_result(self, result: pb.Result, events: list[Event[Token]]) -> None:
-        token = self._outgoing.pop(result.id, _MISSING)
-        if token is _MISSING and result.id in self._abandoned:
-            return  # a late result of a call this side cancelled: an ordinary race
-        if token is _MISSING:
-            message = f"result for unknown call id {result.id} (never sent, answered or cancelled)"
-            self._mistake(events, message, result.id)
-            return
-        events.append(ResultReceived(result, token))  # type: ignore[arg-type]
-
-    def _on_cancel(self, cancel: pb.Cancel, events: list[Event[Token]]) -> None:
-        if cancel.id in self._incoming:  # else it already finished: nothing to do
-            self._incoming.discard(cancel.id)  # the peer wants no result: the slot is free
-            self._cancelled.append(cancel.id)
-            events.append(CancelReceived(cancel.id, cancel.reason))
-
-    def _on_release(self, release: pb.Release, events: list[Event[Token]]) -> None:
-        events.append(ReleaseReceived(release.callback_id))
-
-    def _on_go_away(self, go_away: pb.GoAway, events: list[Event[Token]]) -> None:
-        self.peer_going_away = True
-        events.append(GoAwayReceived(go_away.reason))
-
-    def _on_fault(self, fault: pb.Fault, events: list[Event[Token]]) -> None:
-        events.append(FaultReceived(fault.message, fault.call_id))
-
 
 class _StayPut(Exception):
     """Raised by a handler to keep the state where it is."""
@@ -540,9 +335,150 @@ class _StayPut(Exception):
 
 _MISSING = object()
 
-#: what acts on each kind of frame: the class's functions, not a table of bound methods
-#: per connection (which would hold the connection in a reference cycle)
+
+# --------------------------- one handler per frame kind, and one for what did not parse
+
+
+def _on_hello(connection: Connection[Token], hello: pb.Hello, events: list[Event[Token]]) -> None:
+    if hello.protocol_version > PROTOCOL_VERSION:
+        message = (
+            f"unsupported protocol version {hello.protocol_version}; "
+            f"this provider speaks {PROTOCOL_VERSION}"
+        )
+        connection._mistake(events, message)
+        raise _StayPut
+    welcome = pb.Welcome(
+        protocol_version=PROTOCOL_VERSION,
+        application=connection.application,
+        services=connection.services,
+        max_calls_in_flight=connection.max_calls_in_flight,
+        max_message_size=connection.max_message_size,
+    )
+    connection._put(pb.Frame(welcome=welcome))
+    events.append(
+        HandshakeDone(hello.application, (), hello.max_calls_in_flight, hello.max_message_size)
+    )
+
+
+def _on_welcome(
+    connection: Connection[Token], welcome: pb.Welcome, events: list[Event[Token]]
+) -> None:
+    services = tuple(welcome.services)
+    limits = (welcome.max_calls_in_flight, welcome.max_message_size)
+    events.append(HandshakeDone(welcome.application, services, *limits))
+
+
+def _on_call(connection: Connection[Token], call: pb.Call, events: list[Event[Token]]) -> None:
+    if call.id == 0:
+        connection._mistake(events, "call id 0 is not allowed: give every call a non-zero id")
+    elif call.id in connection._incoming:
+        message = f"duplicate call id {call.id}: a call with this id is still running"
+        connection._mistake(events, message, call.id)
+    elif (
+        0 < connection.max_calls_in_flight <= len(connection._incoming) + connection._one_way_count
+    ):
+        what = "one-way call" if call.one_way else "call"
+        message = (
+            f"too many calls in flight on this stream: this side runs at most "
+            f"{connection.max_calls_in_flight} at once, one-way calls included "
+            f"({what} {call.id} refused)"
+        )
+        if call.one_way:  # nothing to answer: the peer hears of it by a Fault
+            connection._mistake(events, message, call.id)
+        else:
+            connection._answer_call_error(call, pb.RESOURCE_EXHAUSTED, message, events)
+    elif connection.going_away:
+        if not call.one_way:
+            message = "shutting down: this side accepts no new calls on this stream"
+            result = error_result(call.id, pb.UNAVAILABLE, "backchannel.ShuttingDown", message)
+            connection._put(pb.Frame(result=result))
+    else:
+        if call.one_way:
+            connection._one_way[call.id] = connection._one_way.get(call.id, 0) + 1
+            connection._one_way_count += 1
+        else:
+            connection._incoming.add(call.id)
+        events.append(CallReceived(call))
+
+
+def _on_result(
+    connection: Connection[Token], result: pb.Result, events: list[Event[Token]]
+) -> None:
+    token = connection._outgoing.pop(result.id, _MISSING)
+    if token is _MISSING and result.id in connection._abandoned:
+        return  # a late result of a call this side cancelled: an ordinary race
+    if token is _MISSING:
+        message = f"result for unknown call id {result.id} (never sent, answered or cancelled)"
+        connection._mistake(events, message, result.id)
+        return
+    events.append(ResultReceived(result, token))  # type: ignore[arg-type]
+
+
+def _on_cancel(
+    connection: Connection[Token], cancel: pb.Cancel, events: list[Event[Token]]
+) -> None:
+    if cancel.id in connection._incoming:  # else it already finished: nothing to do
+        connection._incoming.discard(cancel.id)  # the peer wants no result: the slot is free
+        connection._cancelled.append(cancel.id)
+        events.append(CancelReceived(cancel.id, cancel.reason))
+
+
+def _on_release(
+    connection: Connection[Token], release: pb.Release, events: list[Event[Token]]
+) -> None:
+    events.append(ReleaseReceived(release.callback_id))
+
+
+def _on_go_away(
+    connection: Connection[Token], go_away: pb.GoAway, events: list[Event[Token]]
+) -> None:
+    connection.peer_going_away = True
+    events.append(GoAwayReceived(go_away.reason))
+
+
+def _on_fault(connection: Connection[Token], fault: pb.Fault, events: list[Event[Token]]) -> None:
+    events.append(FaultReceived(fault.message, fault.call_id))
+
+
+def _on_unparseable(
+    connection: Connection[Token], piece: Unparseable, events: list[Event[Token]]
+) -> None:
+    """What did not parse as a Frame: the peer is told, and a call or result it holds is
+    answered or failed (see :meth:`Connection.receive_unparseable`)."""
+    if connection.state is State.CLOSED:
+        return
+    what = f"a message of {piece.size} bytes is not a backchannel.v1.Frame ({piece.reason})"
+    call_id = piece.call_id
+    if call_id and not piece.one_way and call_id not in connection._incoming:
+        message = f"call {call_id} could not be read: {what}"
+        connection._answer_call_error(pb.Call(id=call_id), pb.INVALID_ARGUMENT, message, events)
+    elif call_id and not piece.one_way:
+        message = f"duplicate call id {call_id}: a call with this id is still running ({what})"
+        connection._mistake(events, message, call_id)
+    elif call_id:
+        connection._mistake(events, f"one-way call {call_id} could not be read: {what}", call_id)
+    elif piece.result_id and piece.result_id in connection._outgoing:
+        token = connection._outgoing.pop(piece.result_id)
+        connection._abandoned.append(piece.result_id)  # a later Result for it: dropped quietly
+        message = f"the result of call {piece.result_id} could not be read: {what}"
+        failed = error_result(
+            piece.result_id, pb.INVALID_ARGUMENT, "backchannel.RemoteProtocolError", message
+        )
+        events.append(ResultReceived(failed, token))
+        connection._mistake(events, message, piece.result_id)
+    else:
+        connection._mistake(events, what)
+
+
+#: what acts on each kind of frame: plain functions taking the connection, not a table of
+#: bound methods per connection (which would hold the connection in a reference cycle)
 _HANDLERS: dict[str, Callable[[Connection[Any], Any, list[Event[Any]]], None]] = {
-    kind: getattr(Connection, f"_on_{kind}")
-    for kind in ("hello", "welcome", "call", "result", "cancel", "release", "go_away", "fault")
+    "hello": _on_hello,
+    "welcome": _on_welcome,
+    "call": _on_call,
+    "result": _on_result,
+    "cancel": _on_cancel,
+    "release": _on_release,
+    "go_away": _on_go_away,
+    "fault": _on_fault,
 }
