@@ -29,17 +29,10 @@ from backchannel.errors import (
 )
 from backchannel.rpc.callbacks import CURRENT_CALL
 from backchannel.settings import Limits
-from backchannel.transport.session import (
-    EOF,
-    Deferred,
-    Outgoing,
-    Session,
-    SplitBatch,
-    _translate,
-    coalesce,
-    parse_frame,
-    serialize,
-)
+from backchannel.transport.outgoing import Outgoing
+from backchannel.transport.receiver import SplitBatch, parse_frame
+from backchannel.transport.session import EOF, Deferred, Session, _translate
+from backchannel.transport.writer import coalesce, serialize
 from backchannel.v1 import envelope_pb2 as pb
 from backchannel.wire import codec
 from backchannel.wire import frames as wire
