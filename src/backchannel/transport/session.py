@@ -50,7 +50,7 @@ from backchannel.transport.receiver import (
     many_frames,
 )
 from backchannel.transport.receiver import parse_frame as parse_frame  # re-exported
-from backchannel.transport.writer import Write, Writer
+from backchannel.transport.writer import Write, Writer, _Driven
 from backchannel.transport.writer import serialize as serialize  # re-exported
 from backchannel.v1 import envelope_pb2 as pb
 from backchannel.wire import codec
@@ -106,7 +106,7 @@ class Session(Writer, Receiver, Calls):
         self._incoming_parent: dict[int, int] = {}
         self._queue: list[bytes] = []  # serialized frames, to batch
         self._messages: collections.deque[bytes] = collections.deque()  # serialized, to write
-        self._writing = None  # the write under way (a writer._Driven)
+        self._writing: _Driven | None = None  # the write under way
         self._write_context = contextvars.Context()  # where writes run: no caller's
         self._write_soon = False  # a _write_next is scheduled
         self._handling = False  # the reader is acting on a message: it writes when done
