@@ -45,6 +45,8 @@ class Calls:
     :class:`~backchannel.transport.session.Session`, whose ``__init__`` sets up the state
     below."""
 
+    # declared for the type checker only: at run time a stub here would hide the part
+    # of the Session that defines the method
     if TYPE_CHECKING:
         # the table's state
         _sent: dict[int, Outgoing]

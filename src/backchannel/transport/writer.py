@@ -41,6 +41,8 @@ class Writer:
     part of :class:`~backchannel.transport.session.Session`, whose ``__init__`` sets up
     the state below."""
 
+    # declared for the type checker only: at run time a stub here would hide the part
+    # of the Session that defines the method
     if TYPE_CHECKING:
         # the writer's state
         _queue: list[bytes]
