@@ -41,7 +41,7 @@ from services import Echo, EchoImpl
 
 import backchannel
 from backchannel.transport.portal import LoopThread
-from backchannel.transport.session import SplitBatch, parse_frame
+from backchannel.transport.receiver import SplitBatch, parse_frame
 from backchannel.v1 import envelope_pb2 as pb
 
 #: ids of the calls that check the stream after each example; the generator stays below

@@ -14,7 +14,8 @@ from helpers import Link, raw_stream
 import backchannel
 from backchannel import Argument, Method
 from backchannel.errors import DecodeError, EncodeError, RemoteProtocolError
-from backchannel.transport.session import coalesce, parse_frame
+from backchannel.transport.receiver import parse_frame
+from backchannel.transport.writer import coalesce
 from backchannel.v1 import envelope_pb2 as pb
 from backchannel.wire import codec
 from backchannel.wire.frames import varint

@@ -28,18 +28,10 @@ from backchannel.errors import (
     Unauthenticated,
 )
 from backchannel.settings import Limits
-from backchannel.transport.session import (
-    CURRENT_CALL,
-    EOF,
-    Deferred,
-    Outgoing,
-    Session,
-    SplitBatch,
-    _translate,
-    coalesce,
-    parse_frame,
-    serialize,
-)
+from backchannel.transport.outgoing import Outgoing
+from backchannel.transport.receiver import SplitBatch, parse_frame
+from backchannel.transport.session import CURRENT_CALL, EOF, Deferred, Session, _translate
+from backchannel.transport.writer import coalesce, serialize
 from backchannel.v1 import envelope_pb2 as pb
 from backchannel.wire import codec
 from backchannel.wire import frames as wire

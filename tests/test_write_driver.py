@@ -6,7 +6,7 @@ import asyncio
 import contextvars
 from typing import Any
 
-from backchannel.transport.session import _Driven
+from backchannel.transport.writer import _Driven
 
 
 async def _drive(coroutine: Any) -> tuple[_Driven | None, asyncio.Future[BaseException | None]]:
