@@ -43,8 +43,8 @@ if TYPE_CHECKING:
         Unauthenticated,
         UnknownCallback,
     )
-    from backchannel.rpc.broadcast import gather
     from backchannel.rpc.exports import DEFAULT_CALLBACK_LIMIT
+    from backchannel.rpc.gather import gather
     from backchannel.rpc.interface import Argument, Method, interface, method
     from backchannel.rpc.provider_callbacks import ReverseProxy
     from backchannel.server import AsyncServer, Server
@@ -93,7 +93,7 @@ _HOMES = {
     "UnknownCallback": "backchannel.errors",
     "bearer_tokens": "backchannel.transport.auth",
     "current_identity": "backchannel.transport.auth",
-    "gather": "backchannel.rpc.broadcast",
+    "gather": "backchannel.rpc.gather",
     "interface": "backchannel.rpc.interface",
     "load_config": "backchannel.config",
     "method": "backchannel.rpc.interface",

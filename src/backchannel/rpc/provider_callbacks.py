@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from backchannel.transport.session import Session
 
 
-# ---- hook for backchannel.rpc.broadcast (gather): a proxy call collected, not yet made
+# ---- hook for backchannel.rpc.gather (gather): a proxy call collected, not yet made
 
 #: True while :func:`backchannel.gather` collects proxy calls: each returns a PendingCall
 COLLECTING: contextvars.ContextVar[bool] = contextvars.ContextVar(
@@ -169,7 +169,7 @@ class ReverseProxy:
             f"instance ended while the call was in flight ({cause})"
         )
 
-    # ---- hook for backchannel.rpc.broadcast (gather): start a collected call, do not wait
+    # ---- hook for backchannel.rpc.gather (gather): start a collected call, do not wait
     def begin(self, pending: PendingCall, values: Sequence[pb.Value] | None) -> asyncio.Future[Any]:
         """On the loop: send a call :func:`backchannel.gather` collected and return its
         future without waiting; ``values`` are its arguments encoded already (shared by
