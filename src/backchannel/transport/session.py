@@ -21,7 +21,6 @@ import types
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Sequence
 from typing import Any, Protocol
 
-import grpc
 from google.protobuf.message import DecodeError
 
 from backchannel import telemetry
@@ -32,8 +31,6 @@ from backchannel.errors import (
     LocalProtocolError,
     MessageTooLarge,
     StreamBroken,
-    TransportError,
-    Unauthenticated,
     forget_frames,
 )
 from backchannel.settings import Limits
@@ -42,6 +39,7 @@ from backchannel.transport.handoff import (
     Deferred as Deferred,  # re-exported: the client imports it here
 )
 from backchannel.transport.peerlog import PeerLog
+from backchannel.transport.seam import EOF, Code, Translate, translate
 from backchannel.v1 import envelope_pb2 as pb
 from backchannel.wire import codec, frames
 from backchannel.wire.protocol import (
@@ -66,10 +64,6 @@ logger = logging.getLogger("backchannel")
 CURRENT_CALL: contextvars.ContextVar[tuple[Session, int] | None] = contextvars.ContextVar(
     "backchannel_current_call", default=None
 )
-
-
-#: what a gRPC read returns at the end of the stream
-EOF = grpc.aio.EOF  # type: ignore[attr-defined]
 
 #: frames per Batch message, and roughly how many bytes one Batch may hold
 MAX_BATCH_FRAMES = 32
@@ -127,11 +121,16 @@ class Session:
         peer: str,
         limits: Limits,
         send_tracebacks: bool = False,
+        eof: object = EOF,
+        translate: Translate = translate,
     ) -> None:
         self.connection = connection
         self.peer = peer
         self.error_types = error_types
         self._write = write
+        # the transport's: what its read returns at the end, and its errors as ours
+        self._eof = eof
+        self._translate = translate
         self._send_tracebacks = send_tracebacks
         self._loop = asyncio.get_running_loop()
         self._limits = limits
@@ -167,7 +166,7 @@ class Session:
         self._stall: asyncio.TimerHandle | None = None  # ends a stream over the limit too long
         #: the status this side ended the stream with, when it did (a peer that broke a
         #: limit: did not read, sent no Hello, kept sending Faults)
-        self.ending: tuple[grpc.StatusCode, str] | None = None
+        self.ending: tuple[Code, str] | None = None
         #: the rate-limited warnings about what the peer sent
         self.peer_log = PeerLog(self._loop, peer, logger)
         # Faults the peer may still send: max_faults at once, refilled at that a minute
@@ -243,7 +242,7 @@ class Session:
         queued = self._queue_bytes + self._message_bytes
         if queued > 2 * limit:
             self.end(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                Code.RESOURCE_EXHAUSTED,
                 f"{self.peer} did not read what was sent to it: {queued} bytes queued for "
                 f"it, over twice the limit of {limit} bytes (max_queued_bytes); "
                 "the stream is ended",
@@ -263,7 +262,7 @@ class Session:
         """Over max_queued_bytes for max_write_stall seconds: the peer reads nothing more
         (or waits, as this side does, for the other to read first)."""
         self.end(
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            Code.RESOURCE_EXHAUSTED,
             f"{self.peer} read nothing of what was queued for it for "
             f"{self._limits.max_write_stall} s (max_write_stall) while over the limit of "
             f"{self._limits.max_queued_bytes} bytes (max_queued_bytes); the stream is ended",
@@ -273,7 +272,7 @@ class Session:
     #: rate-limited log for all its streams, which peers could otherwise flood
     end_log: PeerLog | None = None
 
-    def end(self, code: grpc.StatusCode, why: str) -> None:
+    def end(self, code: Code, why: str) -> None:
         """End the stream of a peer that broke a limit, dropping what is queued for it;
         the provider ends the RPC with ``code`` and ``why`` (:attr:`ending`)."""
         if self.cause is not None:
@@ -367,13 +366,14 @@ class Session:
         self._queue.clear()
         self._queue_bytes = self._message_bytes = 0
         self._drained.set()
-        self.lost(_translate(exc, self.peer))
+        self.lost(self._translate(exc, self.peer))
 
     # ---------------------------------------------------------------- reading
 
     async def run(self, read: Read) -> None:
         """Read frames until the stream ends; then fail what is pending and return."""
         cause: BaseException
+        eof = self._eof
         self._reader = asyncio.current_task()
         try:
             while True:
@@ -383,7 +383,7 @@ class Session:
                     cause = self.cause
                     break
                 frame = await read()
-                if frame is EOF:
+                if frame is eof:
                     cause = StreamBroken(f"the peer {self.peer} closed the stream")
                     break
                 batch = _many_frames(frame)
@@ -415,7 +415,7 @@ class Session:
                 self._writing.cancel()
             raise
         except Exception as exc:
-            cause = _translate(exc, self.peer)
+            cause = self._translate(exc, self.peer)
         self.lost(cause)
         await self._drain_writer()
 
@@ -489,7 +489,7 @@ class Session:
         self._fault_time = now
         if self._fault_allowance < 0:
             self.end(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                Code.RESOURCE_EXHAUSTED,
                 f"{self.peer} sent more than {limit} Faults (max_faults at once, or more "
                 f"than {limit} a minute after that); the stream is ended",
             )
@@ -1017,17 +1017,3 @@ def _call_name(call: pb.Call) -> str:
     if call.callback_id:
         return f"callback {call.callback_id}.{call.method}"
     return f"{call.service}.{call.method}"
-
-
-def _translate(exc: BaseException, peer: str) -> TransportError:
-    """The one place grpc's stream errors become backchannel's."""
-    if isinstance(exc, TransportError):
-        return exc
-    if isinstance(exc, grpc.aio.AioRpcError) and exc.code() is grpc.StatusCode.UNAUTHENTICATED:
-        error: TransportError = Unauthenticated(f"{peer} refused this consumer: {exc.details()}")
-    elif isinstance(exc, grpc.aio.AioRpcError):
-        error = StreamBroken(f"the stream to {peer} broke: {exc.code().name}: {exc.details()}")
-    else:
-        error = StreamBroken(f"the stream to {peer} broke: {type(exc).__name__}: {exc}")
-    error.__cause__ = exc
-    return error
