@@ -14,13 +14,12 @@ from collections.abc import Iterable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING
 
+from backchannel.cluster.registration import Registration
 from backchannel.cluster.registry import (
     DEFAULT_WEIGHT,
     Registry,
     ServiceURL,
     check_weight,
-    open_registry,
-    reachable_host,
 )
 from backchannel.errors import ChannelClosed
 from backchannel.rpc.exports import DEFAULT_CALLBACK_LIMIT, Exports
@@ -34,9 +33,7 @@ from backchannel.transport.pools import CallPools
 from backchannel.transport.portal import LoopThread
 from backchannel.transport.seam import HealthService
 from backchannel.transport.session import Session, parse_frame, serialize
-from backchannel.v1 import envelope_pb2 as pb
 from backchannel.wire import codec
-from backchannel.wire.text import wire_text
 
 if TYPE_CHECKING:
     import grpc
@@ -87,27 +84,24 @@ class AsyncServer:
         advertise_host: str | None = None,
     ) -> None:
         self._requested_address = address
-        # a str is opened on start() and closed on stop(); a Registry object is the
-        # caller's: only what this server registered is withdrawn from it
-        self._registry_spec = registry
-        self._registry: Registry | None = None
-        self._advertise_host = advertise_host
-        self._weights: dict[tuple[str, str, str], int] = {}
-        self._registered: list[ServiceURL] = []
-        # held while URLs are registered or withdrawn (in a thread), so an export made
-        # while running is registered once, and before stop() withdraws everything
-        self._registry_lock = asyncio.Lock()
-        #: registrations of exports made on the loop while running (kept from the GC)
-        self._registering: set[asyncio.Task[None]] = set()
+        self._listening = False  # between start() and stop()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._authenticator = authenticator
         self._reflection = reflection
-        self._application = application
         self._error_types = codec.ErrorTypes(errors)
         self._pools = CallPools(
             max_workers, max_reentrant_workers, role="provider", owners="Server or AsyncServer"
         )
         self._exports = Exports(self._pools, self._error_types)
+        #: the exports' provider URLs in the registry, when there is one
+        self._registration = Registration(
+            registry,
+            self._exports,
+            lambda: self._listening and not self._stopping,
+            application=application,
+            bound_host=address.rpartition(":")[0],
+            advertise_host=advertise_host,
+        )
         #: what is done with each RPC (a Session per Connect stream), and the open streams
         self._handlers = ProviderHandlers(
             self._exports,
@@ -137,7 +131,6 @@ class AsyncServer:
             reflection=reflection,
             reflection_guard=self._reflection_guard,
         )
-        self._listening = False  # between start() and stop()
         self._port = 0
 
     # ---------------------------------------------------------------- exports
@@ -169,28 +162,17 @@ class AsyncServer:
         export = self._exports.add(
             interface, impl, group=group, version=version, callbacks=callbacks, methods=methods
         )
-        self._weights[export.key] = weight
-        if self._registry_spec is None:
-            return
-        try:  # refuse now what could not be registered (host and port do not matter)
-            self._provider_url(export.info(), "127.0.0.1", 1)
+        try:
+            self._registration.add(export.key, export.info(), weight)
         except ValueError:
             self._exports.remove(export.key)
-            del self._weights[export.key]
             raise
+        if self._registration.spec is None:
+            return
         loop = self._loop
         if not self._listening or self._stopping or loop is None:
             return  # start() registers it
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is loop:
-            task = loop.create_task(self._register_running())
-            self._registering.add(task)
-            task.add_done_callback(self._registered_in_task)
-        else:  # another thread: wait for it, and let a failure be raised
-            asyncio.run_coroutine_threadsafe(self._register_running(), loop).result()
+        self._registration.register_new(loop)
 
     def register_error(self, cls: type[BaseException]) -> None:
         """Receive ``cls`` as itself (not as RemoteError) when a consumer's listener raises
@@ -214,7 +196,7 @@ class AsyncServer:
         """Bind and start serving."""
         if self._listening:
             raise RuntimeError("the server is already started")
-        self._port = await self._listener.start()
+        self._port = self._registration.port = await self._listener.start()
         self._listening = True
         self._loop = asyncio.get_running_loop()
         self._handlers.address = self.address
@@ -226,10 +208,9 @@ class AsyncServer:
             sender="their peers",
         )
         logger.info("backchannel provider listening on %s", self.address)
-        if self._registry_spec is not None:
+        if self._registration.spec is not None:
             try:
-                async with self._registry_lock:
-                    await asyncio.to_thread(self._register, self._exports.services())
+                await self._registration.register_all()
             except BaseException:
                 self._listening = False
                 await self._listener.stop()
@@ -239,80 +220,11 @@ class AsyncServer:
     def advertised_address(self) -> str:
         """``host:port`` written into the registry: ``advertise_host``, or the bound host
         unless it is a wildcard (then this machine's first non-loopback address)."""
-        host = reachable_host(self._requested_address.rpartition(":")[0], self._advertise_host)
-        return f"[{host}]:{self._port}" if ":" in host else f"{host}:{self._port}"
+        return self._registration.advertised_address
 
     def provider_urls(self) -> list[ServiceURL]:
         """One provider URL per export, as :meth:`start` registers them."""
-        host = self._advertised_host()
-        return [
-            self._provider_url(service, host, self._port) for service in self._exports.services()
-        ]
-
-    def _advertised_host(self) -> str:
-        return reachable_host(self._requested_address.rpartition(":")[0], self._advertise_host)
-
-    def _provider_url(self, service: pb.ServiceInfo, host: str, port: int) -> ServiceURL:
-        return ServiceURL.provider(
-            service.name,
-            host,
-            port,
-            application=self._application,
-            group=service.group,
-            version=service.version,
-            methods=[method.name for method in service.methods],
-            callbacks=service.callbacks,
-            weight=self._weights.get(
-                (service.name, service.group, service.version), DEFAULT_WEIGHT
-            ),
-        )
-
-    def _register(self, services: Sequence[pb.ServiceInfo]) -> None:
-        # in a thread, holding the registry lock: ZooKeeper's round trips block. Every
-        # export not registered yet is (all of them on start; a new one while running),
-        # from ``services``, taken on the loop: export() may add to them meanwhile
-        registry = self._registry
-        if registry is None:
-            spec = self._registry_spec
-            registry = open_registry(spec) if isinstance(spec, str) else spec
-            assert registry is not None
-            self._registry = registry
-        done = {(url.interface, url.group, url.version) for url in self._registered}
-        host = self._advertised_host()
-        for service in services:
-            url = self._provider_url(service, host, self._port)
-            if (url.interface, url.group, url.version) in done:
-                continue
-            registry.register(url)
-            self._registered.append(url)
-            logger.info("registered %s", url)
-
-    async def _register_running(self) -> None:
-        """Register the exports made since start, unless the server is stopping."""
-        async with self._registry_lock:
-            if self._listening and not self._stopping and self._registry is not None:
-                # the exports are read here, on the loop, where export() adds to them
-                await asyncio.to_thread(self._register, self._exports.services())
-
-    def _registered_in_task(self, task: asyncio.Task[None]) -> None:
-        self._registering.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            logger.warning(
-                "could not register an export made while running: %s",
-                wire_text(task.exception()),
-            )
-
-    def _unregister(self) -> None:
-        registry, self._registry = self._registry, None
-        urls, self._registered = self._registered, []
-        if registry is None:
-            return
-        try:
-            for url in urls:
-                registry.unregister(url)
-        finally:
-            if isinstance(self._registry_spec, str):  # ours: its session ends too
-                registry.close()
+        return self._registration.provider_urls()
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop serving.
@@ -326,14 +238,7 @@ class AsyncServer:
             return
         self._listening = False
         self._handlers.stopping = True
-        # after the registrations under way (the lock is fair): they are withdrawn too
-        async with self._registry_lock:
-            if self._registry is not None:
-                # first: consumers stop choosing this provider while its calls finish
-                try:
-                    await asyncio.to_thread(self._unregister)
-                except Exception as exc:  # the session's end removes the nodes all the same
-                    logger.warning("could not unregister from the registry: %s", wire_text(exc))
+        await self._registration.withdraw()
         await self._listener.going_away()
         for session in list(self._sessions):
             session.go_away(GOING_AWAY)
@@ -385,6 +290,10 @@ class AsyncServer:
     @property
     def _stopping(self) -> bool:
         return self._handlers.stopping
+
+    @property
+    def _registering(self) -> set[asyncio.Task[None]]:
+        return self._registration.registering
 
     @property
     def _health(self) -> HealthService | None:
