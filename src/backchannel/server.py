@@ -296,6 +296,14 @@ class AsyncServer:
         return self._registration.registering
 
     @property
+    def _registry(self) -> Registry | None:
+        return self._registration.registry
+
+    @property
+    def _registered(self) -> list[ServiceURL]:
+        return self._registration.registered
+
+    @property
     def _health(self) -> HealthService | None:
         return self._listener.health
 

@@ -41,7 +41,8 @@ class Registration:
         # a str is opened on start() and closed on stop(); a Registry object is the
         # caller's: only what this server registered is withdrawn from it
         self.spec = spec
-        self._registry: Registry | None = None
+        #: the registry (opened on the first registration when given as a str)
+        self.registry: Registry | None = None
         self._exports = exports
         self._serving = serving
         self._application = application
@@ -49,7 +50,8 @@ class Registration:
         self._advertise_host = advertise_host
         self.port = 0
         self._weights: dict[tuple[str, str, str], int] = {}
-        self._registered: list[ServiceURL] = []
+        #: the URLs registered, in order
+        self.registered: list[ServiceURL] = []
         # held while URLs are registered or withdrawn (in a thread), so an export made
         # while running is registered once, and before stop() withdraws everything
         self._lock = asyncio.Lock()
@@ -91,7 +93,7 @@ class Registration:
         """Withdraw every URL registered (the server stops), after the registrations
         under way (the lock is fair): they are withdrawn too."""
         async with self._lock:
-            if self._registry is not None:
+            if self.registry is not None:
                 # first: consumers stop choosing this provider while its calls finish
                 try:
                     await asyncio.to_thread(self._unregister)
@@ -133,26 +135,26 @@ class Registration:
         # in a thread, holding the registry lock: ZooKeeper's round trips block. Every
         # export not registered yet is (all of them on start; a new one while running),
         # from ``services``, taken on the loop: export() may add to them meanwhile
-        registry = self._registry
+        registry = self.registry
         if registry is None:
             spec = self.spec
             registry = open_registry(spec) if isinstance(spec, str) else spec
             assert registry is not None
-            self._registry = registry
-        done = {(url.interface, url.group, url.version) for url in self._registered}
+            self.registry = registry
+        done = {(url.interface, url.group, url.version) for url in self.registered}
         host = self._advertised_host()
         for service in services:
             url = self._provider_url(service, host, self.port)
             if (url.interface, url.group, url.version) in done:
                 continue
             registry.register(url)
-            self._registered.append(url)
+            self.registered.append(url)
             logger.info("registered %s", url)
 
     async def _register_running(self) -> None:
         """Register the exports made since start, unless the server is stopping."""
         async with self._lock:
-            if self._serving() and self._registry is not None:
+            if self._serving() and self.registry is not None:
                 # the exports are read here, on the loop, where export() adds to them
                 await asyncio.to_thread(self._register, self._exports.services())
 
@@ -165,8 +167,8 @@ class Registration:
             )
 
     def _unregister(self) -> None:
-        registry, self._registry = self._registry, None
-        urls, self._registered = self._registered, []
+        registry, self.registry = self.registry, None
+        urls, self.registered = self.registered, []
         if registry is None:
             return
         try:
