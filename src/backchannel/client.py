@@ -18,9 +18,7 @@ import random
 import time
 from collections.abc import Iterable, Sequence
 from types import TracebackType
-from typing import Any, TypeVar
-
-import grpc
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from backchannel.cluster.backoff import Backoff
 from backchannel.cluster.loadbalance import LeastActiveLoadBalance, LoadBalance, NoProvider
@@ -62,6 +60,9 @@ from backchannel.transport.session import CURRENT_CALL, Deferred, Session
 from backchannel.v1 import envelope_pb2 as pb
 from backchannel.wire import codec
 from backchannel.wire.text import wire_text
+
+if TYPE_CHECKING:
+    import grpc
 
 logger = logging.getLogger("backchannel")
 
