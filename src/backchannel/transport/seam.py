@@ -30,7 +30,12 @@ as a :class:`Transport`:
 The per-message path stays as cheap as the library allows: the session calls a stream's
 ``read`` and ``write`` itself, so a transport gives the library's own callables there (its
 bound methods), never a wrapper coroutine per message; ``parse`` and ``serialize`` run
-where the library (de)serializes.
+where the library (de)serializes. Each session is told its transport's ``eof`` and
+``translate`` when it is made.
+
+A second transport is a module (or package) beside ``transport/grpcio`` implementing
+:class:`Transport`, chosen in :mod:`backchannel.transport.default`; nothing in ``rpc/``
+or ``cluster/`` changes.
 """
 
 from __future__ import annotations
@@ -91,10 +96,6 @@ class _EndOfStream:
 #: (a stream the tests drive by hand); a transport names its own as :attr:`Transport.eof`
 EOF = _EndOfStream()
 
-#: a stream's read: the next message, or the transport's end marker
-Read = Callable[[], Awaitable[Any]]
-#: a stream's write: sends one message, returning when the transport took it
-Write = Callable[[Any], Awaitable[None]]
 #: bytes -> a received message (the session's frame parser, which never raises)
 Parse = Callable[[bytes], Any]
 #: a message to send -> bytes
