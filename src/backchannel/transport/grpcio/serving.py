@@ -59,7 +59,8 @@ class GrpcioStream(GrpcioRpc):
         self.write = context.write
 
     async def refuse(self, code: Code, message: str) -> NoReturn:
-        """End a Connect stream with a status, after reading the consumer's hello.
+        """End a stream with a status, after reading the caller's first message (a
+        consumer's hello).
 
         Aborting while the consumer's first write is in flight makes gRPC report INTERNAL to
         it instead of our status (grpc/grpc#36066), so the hello is read first.
