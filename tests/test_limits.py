@@ -21,9 +21,8 @@ from backchannel.settings import (
     MAX_GRPC_SECONDS,
     MAX_MESSAGE_SIZE_LIMIT,
     MIN_KEEPALIVE_TIME,
-    channel_options,
-    server_options,
 )
+from backchannel.transport.grpcio.options import channel_options, server_options
 from backchannel.v1 import envelope_pb2 as pb
 
 

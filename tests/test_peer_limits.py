@@ -27,8 +27,9 @@ from test_security import _issue
 
 import backchannel
 from backchannel.server import AsyncServer
-from backchannel.settings import DEFAULT_HANDSHAKE_TIMEOUT, server_options
+from backchannel.settings import DEFAULT_HANDSHAKE_TIMEOUT
 from backchannel.transport import peerlog
+from backchannel.transport.grpcio.options import server_options
 from backchannel.transport.peerlog import PEER_WARNINGS
 from backchannel.transport.portal import LoopThread
 from backchannel.v1 import envelope_pb2 as pb

@@ -912,6 +912,6 @@ def test_protocol_imports_neither_asyncio_nor_grpc() -> None:
 
 def test_the_import_scan_does_see_asyncio_and_grpc() -> None:
     uses_both = _top_levels(
-        set().union(*_imported_closure("backchannel.transport.session").values())
+        set().union(*_imported_closure("backchannel.transport.grpcio.serving").values())
     )
     assert {"asyncio", "grpc"} <= uses_both

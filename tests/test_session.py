@@ -28,9 +28,11 @@ from backchannel.errors import (
     Unauthenticated,
 )
 from backchannel.settings import Limits
+from backchannel.transport.grpcio.status import translate as _translate
 from backchannel.transport.outgoing import Outgoing
 from backchannel.transport.receiver import SplitBatch, parse_frame
-from backchannel.transport.session import CURRENT_CALL, EOF, Deferred, Session, _translate
+from backchannel.transport.seam import EOF, Code
+from backchannel.transport.session import CURRENT_CALL, Deferred, Session
 from backchannel.transport.writer import coalesce, serialize
 from backchannel.v1 import envelope_pb2 as pb
 from backchannel.wire import codec
@@ -628,7 +630,7 @@ async def _a_peer_that_stays_unread_past_max_write_stall_is_ended(loop: ClockLoo
         "peer:1 read nothing of what was queued for it for 5.0 s (max_write_stall) while "
         "over the limit of 4096 bytes (max_queued_bytes); the stream is ended"
     )
-    assert peer.session.ending == (grpc.StatusCode.RESOURCE_EXHAUSTED, why)
+    assert peer.session.ending == (Code.RESOURCE_EXHAUSTED, why)
     with pytest.raises(StreamBroken, match=f"^{re.escape(why)}$"):
         await asyncio.wait_for(pending, 5)
     await turns(lambda: peer.reader is not None and peer.reader.done(), "the reader ended")
@@ -660,7 +662,7 @@ async def _results_piling_up_past_twice_max_queued_bytes_end_the_stream(
     await turns(lambda: peer.session.cause is not None, "the stream ended")
     assert peer.session.ending is not None
     code, why = peer.session.ending
-    assert code is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert code is Code.RESOURCE_EXHAUSTED
     found = re.fullmatch(
         r"peer:1 did not read what was sent to it: (\d+) bytes queued for it, over twice "
         r"the limit of 4096 bytes \(max_queued_bytes\); the stream is ended",
@@ -700,7 +702,7 @@ async def _a_peer_flooding_faults_is_ended_past_max_faults_refilled_by_the_minut
         "peer:1 sent more than 3 Faults (max_faults at once, or more than 3 a minute after "
         "that); the stream is ended"
     )
-    assert peer.session.ending == (grpc.StatusCode.RESOURCE_EXHAUSTED, why)
+    assert peer.session.ending == (Code.RESOURCE_EXHAUSTED, why)
     # the reader that ended it returns: the provider ends the RPC with that status
     await turns(lambda: peer.reader is not None and peer.reader.done(), "the reader ended")
     assert peer.reader is not None and not peer.reader.cancelled()
@@ -919,7 +921,7 @@ async def _results_queued_at_once_past_the_limit_hold_calls_and_end_only_past_tw
         f"peer:1 did not read what was sent to it: {11 * size} bytes queued for it, over "
         f"twice the limit of {5 * size} bytes (max_queued_bytes); the stream is ended"
     )
-    assert peer.session.ending == (grpc.StatusCode.RESOURCE_EXHAUSTED, why)
+    assert peer.session.ending == (Code.RESOURCE_EXHAUSTED, why)
     with pytest.raises(StreamBroken, match=f"^{re.escape(why)}$"):
         await asyncio.wait_for(held, 5)
     await peer.close()

@@ -23,6 +23,7 @@ stderr and exit non-zero, never a traceback.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import concurrent.futures
 import json
 import re
@@ -30,8 +31,6 @@ import sys
 import threading
 from collections.abc import Sequence
 from typing import Any, NoReturn
-
-import grpc
 
 from backchannel.client import Client
 from backchannel.cluster.loadbalance import load_balance
@@ -41,6 +40,8 @@ from backchannel.cluster.service_url import ServiceURL
 from backchannel.errors import BackchannelError
 from backchannel.rpc.exports import to_json
 from backchannel.rpc.interface import interface
+from backchannel.transport.default import DEFAULT as TRANSPORT
+from backchannel.transport.seam import StatusError
 from backchannel.v1 import envelope_pb2 as pb
 
 EXIT_USAGE = 2
@@ -60,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CommandError as exc:
         print(f"backchannel {options.command}: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    except (BackchannelError, grpc.RpcError, OSError, ValueError, TypeError) as exc:
+    except (BackchannelError, OSError, ValueError, TypeError) as exc:
         print(f"backchannel {options.command}: {_one_line(exc)}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
@@ -165,10 +166,8 @@ def _json_value(text: str) -> Any:
 
 
 def _one_line(exc: BaseException) -> str:
-    if isinstance(exc, grpc.RpcError):
-        code = exc.code()
-        details = exc.details()
-        return f"{code.name if code else 'error'}: {details}"
+    if isinstance(exc, StatusError):  # the provider's status, as grpc names it
+        return f"{exc.code.name}: {exc.details}"
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return f"{type(exc).__name__}: {text}"
 
@@ -187,13 +186,10 @@ def _json_args(values: Sequence[str]) -> list[Any]:
 
 def _exports(address: str, timeout: float = 5) -> pb.DescribeResponse:
     """What the provider at ``address`` exports (its Describe RPC)."""
-    with grpc.insecure_channel(address) as channel:
-        describe = channel.unary_unary(
-            "/backchannel.v1.Envelope/Describe",
-            request_serializer=pb.DescribeRequest.SerializeToString,
-            response_deserializer=pb.DescribeResponse.FromString,
-        )
-        response: pb.DescribeResponse = describe(pb.DescribeRequest(), timeout=timeout)
+    describe = TRANSPORT.unary(
+        address, "Describe", pb.DescribeRequest(), pb.DescribeResponse, timeout
+    )
+    response: pb.DescribeResponse = asyncio.run(describe)
     return response
 
 
@@ -296,20 +292,15 @@ def _describe(options: argparse.Namespace) -> int:
 def _call(options: argparse.Namespace) -> int:
     args = _json_args(options.args)
     options.address = _pick(options)
-    with grpc.insecure_channel(options.address) as channel:
-        invoke = channel.unary_unary(
-            "/backchannel.v1.Envelope/Invoke",
-            request_serializer=pb.Call.SerializeToString,
-            response_deserializer=pb.Result.FromString,
-        )
-        call = pb.Call(
-            service=options.service,
-            group=options.group,
-            version=options.version,
-            method=options.method,
-            json_args=json.dumps(args),
-        )
-        result = invoke(call, timeout=options.timeout)
+    call = pb.Call(
+        service=options.service,
+        group=options.group,
+        version=options.version,
+        method=options.method,
+        json_args=json.dumps(args),
+    )
+    invoke = TRANSPORT.unary(options.address, "Invoke", call, pb.Result, options.timeout)
+    result: pb.Result = asyncio.run(invoke)
     if result.HasField("error"):
         raise CommandError(f"{result.error.type}: {result.error.message}")
     print(result.json or "null")

@@ -14,9 +14,7 @@ import concurrent.futures
 import contextlib
 from collections.abc import Iterable, Sequence
 from types import TracebackType
-from typing import Any, TypeVar
-
-import grpc
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import backchannel.telemetry  # noqa: F401  (fills transport.observe's slots when OTel is here)
 from backchannel.cluster.attempt import CurrentCall
@@ -38,6 +36,9 @@ from backchannel.transport.pools import CallPools
 from backchannel.transport.portal import LoopThread, wait_on_loop
 from backchannel.transport.session import CURRENT_CALL, Session
 from backchannel.wire import codec
+
+if TYPE_CHECKING:
+    import grpc
 
 T = TypeVar("T")
 

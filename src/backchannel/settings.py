@@ -1,4 +1,4 @@
-"""Default limits and timing, and the gRPC channel options they become.
+"""Default limits and timing (the transport turns them into its options).
 
 Every default is safe: calls time out, streams are kept alive and dead peers noticed,
 and no peer can make this side hold unbounded calls or messages.
@@ -136,7 +136,7 @@ class Limits:
         # each field on its own, by name: a bad one is named with its value (a float
         # count, an infinite timeout), never left to fail later where it is used
         _check_seconds("Limits.max_write_stall", self.max_write_stall)
-        # gRPC takes it in milliseconds in a C int (grpc.server_handshake_timeout_ms)
+        # gRPC takes it in milliseconds in a C int (its server handshake timeout option)
         _check_seconds("Limits.handshake_timeout", self.handshake_timeout, MAX_GRPC_SECONDS)
         _check_int("Limits.max_calls_in_flight", self.max_calls_in_flight, 1)
         _check_int("Limits.max_message_size", self.max_message_size, 1024, MAX_MESSAGE_SIZE_LIMIT)
@@ -148,43 +148,3 @@ class Limits:
                 f"max_queued_bytes must be >= max_message_size (a stream must be able to "
                 f"queue one message of the largest size), got {self}"
             )
-
-
-# half the shortest keepalive time: a ping that comes a little early is no strike
-_PING_PERMIT_MS = int(MIN_KEEPALIVE_TIME * 500)
-
-
-def channel_options(limits: Limits, keepalive: Keepalive | None) -> list[tuple[str, int]]:
-    """gRPC options for a client channel or a server with these settings."""
-    # gRPC's own limit sits above ours, so an oversized frame is refused by us with a
-    # clear error before gRPC would tear down the whole stream
-    wire_limit = limits.max_message_size + 64 * 1024
-    options = [
-        ("grpc.max_send_message_length", wire_limit),
-        ("grpc.max_receive_message_length", wire_limit),
-        # what a server accepts from its clients: not tied to its own keepalive (nor to
-        # having one), or a client with a shorter one gets GOAWAY too_many_pings
-        ("grpc.http2.min_ping_interval_without_data_ms", _PING_PERMIT_MS),
-        ("grpc.http2.min_time_between_pings_ms", _PING_PERMIT_MS),
-    ]
-    if keepalive is not None:
-        options += [
-            ("grpc.keepalive_time_ms", int(keepalive.time * 1000)),
-            ("grpc.keepalive_timeout_ms", int(keepalive.timeout * 1000)),
-            # newer gRPC times every ping out by this instead (60 s by default)
-            ("grpc.http2.ping_timeout_ms", int(keepalive.timeout * 1000)),
-            ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.max_pings_without_data", 0),
-        ]
-    return options
-
-
-def server_options(limits: Limits, keepalive: Keepalive | None) -> list[tuple[str, int]]:
-    """gRPC options for a server with these settings: a channel's, and the handshake
-    timeout, without which a connection that never finishes its TLS or HTTP/2 handshake
-    holds its file descriptor for gRPC's default of 120 s."""
-    timeout_ms = max(1, int(limits.handshake_timeout * 1000))
-    return [
-        *channel_options(limits, keepalive),
-        ("grpc.server_handshake_timeout_ms", timeout_ms),
-    ]

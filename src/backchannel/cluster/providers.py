@@ -17,9 +17,6 @@ import traceback
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-import grpc
-import grpc.experimental
-
 from backchannel.cluster.backoff import Backoff
 from backchannel.cluster.reference import Reference
 from backchannel.errors import (
@@ -32,10 +29,12 @@ from backchannel.errors import (
 )
 from backchannel.rpc.consumer_callbacks import ConsumerCallbacks
 from backchannel.rpc.interface import MethodSpec
-from backchannel.settings import Keepalive, Limits, channel_options
+from backchannel.settings import Keepalive, Limits
 from backchannel.transport import observe
 from backchannel.transport.auth import carries_credentials, is_loopback, token_refusal
+from backchannel.transport.default import DEFAULT as DEFAULT_TRANSPORT
 from backchannel.transport.pools import CallPools
+from backchannel.transport.seam import Channel, Stream, Transport
 from backchannel.transport.session import Outgoing, Session, parse_frame, serialize
 from backchannel.v1 import envelope_pb2 as pb
 from backchannel.wire import codec
@@ -43,11 +42,6 @@ from backchannel.wire.protocol import Connection, Role
 from backchannel.wire.text import wire_text
 
 logger = logging.getLogger("backchannel")
-
-#: grpc's "credentials" for a plaintext channel (one shared object): no TLS either
-_PLAINTEXT = grpc.experimental.insecure_channel_credentials()  # type: ignore[no-untyped-call]
-
-CONNECT_PATH = "/backchannel.v1.Envelope/Connect"
 
 #: a resubscribe=True call to replay: (reference, method, positional arguments)
 Subscription = tuple[Reference, MethodSpec, tuple[Any, ...]]
@@ -148,11 +142,12 @@ class LinkSettings:
         connect_timeout: float,
         limits: Limits,
         keepalive: Keepalive | None,
-        credentials: grpc.ChannelCredentials | None,
+        credentials: object | None,
         metadata: Sequence[tuple[str, str]],
         error_types: codec.ErrorTypes,
         pools: CallPools,
         send_token_over_plaintext: bool = False,
+        transport: Transport = DEFAULT_TRANSPORT,
     ) -> None:
         self.application = application
         self.connect_timeout = connect_timeout
@@ -163,6 +158,8 @@ class LinkSettings:
         self.error_types = error_types
         self.pools = pools
         self.send_token_over_plaintext = send_token_over_plaintext
+        #: what the streams run on
+        self.transport = transport
         #: spreads the opening of many streams over turns of the loop
         self.gate = TurnGate()
         #: addresses warned of the token not being sent to (at most TOKEN_WARNINGS):
@@ -193,7 +190,7 @@ class LinkSettings:
         connection would be plaintext, the address is not loopback, and the application
         did not opt in (gRPC sends call credentials only on a secure channel)."""
         return (
-            (self.credentials is None or self.credentials is _PLAINTEXT)
+            self.transport.is_plaintext(self.credentials)
             and not self.send_token_over_plaintext
             and carries_credentials(self.metadata)
             and not is_loopback(address)
@@ -217,8 +214,8 @@ class ProviderLink:
         self.address = address
         self.settings = settings
         self._on_ended = on_ended
-        self._channel: grpc.aio.Channel | None = None
-        self._stream: Any = None
+        self._channel: Channel | None = None
+        self._stream: Stream | None = None
         self.session: Session | None = None
         self._reader: asyncio.Task[None] | None = None
         #: the running attempt to open a stream, shared by the calls that wait for it
@@ -381,31 +378,18 @@ class ProviderLink:
 
     async def _open_session(self) -> Session:
         settings = self.settings
+        transport = settings.transport
         if self._channel is None:
-            options = [
-                *channel_options(settings.limits, settings.keepalive),
-                # our own backoff spaces attempts; gRPC's would refuse them for minutes,
-                # and its shared subchannels would carry that state into a new channel
-                ("grpc.use_local_subchannel_pool", 1),
-                ("grpc.initial_reconnect_backoff_ms", 100),
-                # gRPC's minimum *connect timeout* too (doc/connection-backoff.md's
-                # MIN_CONNECT_TIMEOUT): at 100 ms a provider whose TCP + HTTP/2
-                # handshake takes longer could never be reached
-                ("grpc.min_reconnect_backoff_ms", max(100, int(settings.connect_timeout * 1000))),
-                ("grpc.max_reconnect_backoff_ms", 2000),
-            ]
-            if settings.credentials is None:
-                self._channel = grpc.aio.insecure_channel(self.address, options=options)
-            else:
-                self._channel = grpc.aio.secure_channel(
-                    self.address, settings.credentials, options=options
-                )
-        stub = self._channel.stream_stream(
-            CONNECT_PATH,
-            request_serializer=serialize,
-            response_deserializer=parse_frame,
-        )
-        stream = stub(None, metadata=settings.metadata)
+            self._channel = transport.channel(
+                self.address,
+                credentials=settings.credentials,
+                limits=settings.limits,
+                keepalive=settings.keepalive,
+                connect_timeout=settings.connect_timeout,
+                parse=parse_frame,
+                serialize=serialize,
+            )
+        stream = self._channel.connect(settings.metadata)
         connection: Connection[Outgoing] = Connection(
             Role.CONSUMER,
             settings.application,
@@ -419,6 +403,8 @@ class ProviderLink:
             settings.error_types,
             peer=self.address,
             limits=settings.limits,
+            eof=transport.eof,
+            translate=transport.translate,
         )
         if observe.AVAILABLE:  # OpenTelemetry: the stream's addresses, for spans and gauges
             observe.track(session, self.address)
@@ -457,7 +443,7 @@ class ProviderLink:
     async def _drop_channel(self) -> None:
         channel, self._channel = self._channel, None
         if channel is not None:
-            await channel.close(None)
+            await channel.close()
 
     async def close(self) -> None:
         """End the stream (half-close, then cancel) and the channel."""
@@ -472,6 +458,7 @@ class ProviderLink:
         reader, self._reader = self._reader, None
         if session is not None and session.cause is None:
             # half-close politely; a broken stream has nothing left to close
+            assert self._stream is not None  # opened with the session
             with contextlib.suppress(Exception):
                 await self._stream.done_writing()
             if reader is not None:
@@ -481,5 +468,5 @@ class ProviderLink:
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
         if self._channel is not None:
-            await self._channel.close(None)
+            await self._channel.close()
             self._channel = None

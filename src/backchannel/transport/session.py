@@ -13,7 +13,8 @@ no message pays an extra attribute hop): :class:`~backchannel.transport.writer.W
 (batching, back-pressure), :class:`~backchannel.transport.receiver.Receiver` (acting on
 what the peer sends, serving its calls) and :class:`~backchannel.transport.outgoing.Calls`
 (the table of outgoing calls and their deadlines). This module keeps the stream's life:
-the read loop, and how the stream ends, with every grpc-specific line of the session.
+the read loop, and how the stream ends. The transport's own end-of-stream marker and error
+translation come in through the constructor (transport/seam.py).
 """
 
 from __future__ import annotations
@@ -26,12 +27,8 @@ import threading
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
-import grpc
-
 from backchannel.errors import (
     StreamBroken,
-    TransportError,
-    Unauthenticated,
     forget_frames,
 )
 from backchannel.settings import Limits
@@ -50,6 +47,7 @@ from backchannel.transport.receiver import (
     many_frames,
 )
 from backchannel.transport.receiver import parse_frame as parse_frame  # re-exported
+from backchannel.transport.seam import EOF, Code, Translate, translate
 from backchannel.transport.writer import Write, Writer, _Driven
 from backchannel.transport.writer import serialize as serialize  # re-exported
 from backchannel.v1 import envelope_pb2 as pb
@@ -64,9 +62,6 @@ logger = logging.getLogger("backchannel")
 #: The receiver sets it (with itself, always a Session), hence the cast.
 CURRENT_CALL = cast("contextvars.ContextVar[tuple[Session, int] | None]", receiver.CURRENT_CALL)
 
-
-#: what a gRPC read returns at the end of the stream
-EOF = grpc.aio.EOF  # type: ignore[attr-defined]
 
 Read = Callable[[], Awaitable[Any]]
 
@@ -84,11 +79,16 @@ class Session(Writer, Receiver, Calls):
         peer: str,
         limits: Limits,
         send_tracebacks: bool = False,
+        eof: object = EOF,
+        translate: Translate = translate,
     ) -> None:
         self.connection = connection
         self.peer = peer
         self.error_types = error_types
         self._write = write
+        # the transport's: what its read returns at the end, and its errors as ours
+        self._eof = eof
+        self._translate = translate
         self._send_tracebacks = send_tracebacks
         self._loop = asyncio.get_running_loop()
         self._limits = limits
@@ -124,7 +124,7 @@ class Session(Writer, Receiver, Calls):
         self._stall: asyncio.TimerHandle | None = None  # ends a stream over the limit too long
         #: the status this side ended the stream with, when it did (a peer that broke a
         #: limit: did not read, sent no Hello, kept sending Faults)
-        self.ending: tuple[grpc.StatusCode, str] | None = None
+        self.ending: tuple[Code, str] | None = None
         #: the rate-limited warnings about what the peer sent
         self.peer_log = PeerLog(self._loop, peer, logger)
         # Faults the peer may still send: max_faults at once, refilled at that a minute
@@ -168,6 +168,7 @@ class Session(Writer, Receiver, Calls):
     async def run(self, read: Read) -> None:
         """Read frames until the stream ends; then fail what is pending and return."""
         cause: BaseException
+        eof = self._eof
         self._reader = asyncio.current_task()
         try:
             while True:
@@ -177,7 +178,7 @@ class Session(Writer, Receiver, Calls):
                     cause = self.cause
                     break
                 frame = await read()
-                if frame is EOF:
+                if frame is eof:
                     cause = StreamBroken(f"the peer {self.peer} closed the stream")
                     break
                 batch = many_frames(frame)
@@ -209,7 +210,7 @@ class Session(Writer, Receiver, Calls):
                 self._writing.cancel()
             raise
         except Exception as exc:
-            cause = _translate(exc, self.peer)
+            cause = self._translate(exc, self.peer)
         self.lost(cause)
         await self._drain_writer()
 
@@ -225,7 +226,7 @@ class Session(Writer, Receiver, Calls):
         queued = self._queue_bytes + self._message_bytes
         if queued > 2 * limit:
             self.end(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                Code.RESOURCE_EXHAUSTED,
                 f"{self.peer} did not read what was sent to it: {queued} bytes queued for "
                 f"it, over twice the limit of {limit} bytes (max_queued_bytes); "
                 "the stream is ended",
@@ -245,7 +246,7 @@ class Session(Writer, Receiver, Calls):
         """Over max_queued_bytes for max_write_stall seconds: the peer reads nothing more
         (or waits, as this side does, for the other to read first)."""
         self.end(
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            Code.RESOURCE_EXHAUSTED,
             f"{self.peer} read nothing of what was queued for it for "
             f"{self._limits.max_write_stall} s (max_write_stall) while over the limit of "
             f"{self._limits.max_queued_bytes} bytes (max_queued_bytes); the stream is ended",
@@ -255,7 +256,7 @@ class Session(Writer, Receiver, Calls):
     #: rate-limited log for all its streams, which peers could otherwise flood
     end_log: PeerLog | None = None
 
-    def end(self, code: grpc.StatusCode, why: str) -> None:
+    def end(self, code: Code, why: str) -> None:
         """End the stream of a peer that broke a limit, dropping what is queued for it;
         the provider ends the RPC with ``code`` and ``why`` (:attr:`ending`)."""
         if self.cause is not None:
@@ -281,7 +282,7 @@ class Session(Writer, Receiver, Calls):
         self._queue.clear()
         self._queue_bytes = self._message_bytes = 0
         self._drained.set()
-        self.lost(_translate(exc, self.peer))
+        self.lost(self._translate(exc, self.peer))
 
     def _count_fault(self) -> None:
         """A Fault came: past ``max_faults`` at once (refilled at that many a minute),
@@ -293,7 +294,7 @@ class Session(Writer, Receiver, Calls):
         self._fault_time = now
         if self._fault_allowance < 0:
             self.end(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                Code.RESOURCE_EXHAUSTED,
                 f"{self.peer} sent more than {limit} Faults (max_faults at once, or more "
                 f"than {limit} a minute after that); the stream is ended",
             )
@@ -364,17 +365,3 @@ class _Discarded:
 
 
 _DISCARDED = _Discarded()
-
-
-def _translate(exc: BaseException, peer: str) -> TransportError:
-    """The one place grpc's stream errors become backchannel's."""
-    if isinstance(exc, TransportError):
-        return exc
-    if isinstance(exc, grpc.aio.AioRpcError) and exc.code() is grpc.StatusCode.UNAUTHENTICATED:
-        error: TransportError = Unauthenticated(f"{peer} refused this consumer: {exc.details()}")
-    elif isinstance(exc, grpc.aio.AioRpcError):
-        error = StreamBroken(f"the stream to {peer} broke: {exc.code().name}: {exc.details()}")
-    else:
-        error = StreamBroken(f"the stream to {peer} broke: {type(exc).__name__}: {exc}")
-    error.__cause__ = exc
-    return error

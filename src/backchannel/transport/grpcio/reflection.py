@@ -53,9 +53,8 @@ def documented_beside_module(name: str) -> bytes | None:
     return None
 
 
-#: refuses an RPC (aborts its context) unless its metadata is accepted; the flag says
-#: the RPC is a stream
-Guard = Callable[[grpc.aio.ServicerContext[Any, Any], bool], Awaitable[None]]
+#: refuses a reflection stream (aborts its context) unless its metadata is accepted
+Guard = Callable[[grpc.aio.ServicerContext[Any, Any]], Awaitable[None]]
 
 
 class DocumentedReflection(ReflectionServicer):  # type: ignore[misc]
@@ -80,7 +79,7 @@ class DocumentedReflection(ReflectionServicer):  # type: ignore[misc]
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[reflection_pb2.ServerReflectionResponse]:
         if self._guard is not None:
-            await self._guard(context, True)
+            await self._guard(context)
         async for response in super().ServerReflectionInfo(request_iterator, context):
             if response.HasField("file_descriptor_response"):
                 files = response.file_descriptor_response.file_descriptor_proto

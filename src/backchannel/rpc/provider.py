@@ -1,0 +1,208 @@
+"""A provider's handling of the envelope's RPCs, whatever transport carries them: each
+Connect stream becomes a :class:`~backchannel.transport.session.Session` serving the
+exports, Invoke runs one call, Describe tells the exports; each RPC first passes the
+authenticator. The transport calls these (:class:`~backchannel.transport.seam.Handlers`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+
+from backchannel.errors import Unauthenticated, UnknownCallback
+from backchannel.rpc.exports import Exports, to_json
+from backchannel.rpc.provider_callbacks import ProviderCallbacks
+from backchannel.settings import Limits
+from backchannel.transport import observe
+from backchannel.transport.auth import Authenticator, set_identity
+from backchannel.transport.peerlog import PeerLog
+from backchannel.transport.seam import Code, IncomingStream, Rpc, Transport
+from backchannel.transport.session import Outgoing, Session
+from backchannel.v1 import envelope_pb2 as pb
+from backchannel.wire import codec
+from backchannel.wire.protocol import PROTOCOL_VERSION, Connection, Role
+from backchannel.wire.text import wire_text
+
+logger = logging.getLogger("backchannel")
+
+#: what a stopping provider tells every consumer (GoAway)
+GOING_AWAY = "server shutting down"
+
+
+class ProviderSide:
+    """The provider's handling of one consumer's stream: forward calls and its callbacks."""
+
+    def __init__(self, exports: Exports, session: Session, callback_timeout: float | None) -> None:
+        self._exports = exports
+        self.callbacks = ProviderCallbacks(session, callback_timeout, exports.pools)
+
+    async def dispatch(self, call: pb.Call) -> pb.Value:
+        if call.callback_id:
+            raise UnknownCallback(
+                f"callback {call.callback_id}: a provider exports no callbacks; "
+                "callback ids name objects on the consumer"
+            )
+        return await self._exports.run(call, self.callbacks)
+
+    def released(self, callback_id: int) -> None:
+        self.callbacks.release(callback_id)
+
+    def ended(self, cause: BaseException) -> None:
+        self.callbacks.clear(f"the stream ended: {cause}")
+
+
+class ProviderHandlers:
+    """What a provider does with each RPC of the envelope service (the transport calls
+    :meth:`connect`, :meth:`invoke` and :meth:`describe`), and its open streams."""
+
+    def __init__(
+        self,
+        exports: Exports,
+        error_types: codec.ErrorTypes,
+        transport: Transport,
+        *,
+        application: str,
+        limits: Limits,
+        send_tracebacks: bool,
+        callback_timeout: float | None,
+        authenticator: Authenticator | None,
+    ) -> None:
+        self._exports = exports
+        self._error_types = error_types
+        self._transport = transport
+        self._application = application
+        self._limits = limits
+        self._send_tracebacks = send_tracebacks
+        self._callback_timeout = callback_timeout
+        self._authenticator = authenticator
+        #: ``host:port`` of the provider, for telemetry (set once it listens)
+        self.address = ""
+        #: the sessions of the open Connect streams
+        self.sessions: set[Session] = set()
+        self._streams = 0  # Connect streams in connect(), authenticating ones included
+        self._full = False  # max_streams was reached (logged once until back under it)
+        self._full_logged = False  # ... and that was logged at WARNING
+        #: the endings of streams whose peer broke a limit, and refusals past
+        #: max_streams: one line each would let peers reopening streams flood the log
+        self.peer_log: PeerLog | None = None
+        #: set by the server's stop(): new streams are refused, late ones told go-away
+        self.stopping = False
+
+    async def connect(self, stream: IncomingStream) -> None:
+        if self.stopping:
+            await stream.refuse(Code.UNAVAILABLE, "the provider is shutting down")
+        limit = self._limits.max_streams
+        if self._streams >= limit:
+            if not self._full:  # once, not per refused stream: a flood would flood the log
+                self._full = True
+                # and rate-limited: a peer closing and reopening a stream would repeat it
+                assert self.peer_log is not None
+                self._full_logged = self.peer_log.line(
+                    "refusing new Connect streams: %d are open (Limits.max_streams)", limit
+                )
+            await stream.refuse(
+                Code.RESOURCE_EXHAUSTED,
+                f"this provider holds {limit} Connect streams already (Limits.max_streams); "
+                "try again later",
+            )
+        self._streams += 1
+        try:
+            await self._serve_stream(stream)
+        finally:
+            self._streams -= 1
+            if self._full and self._streams < limit:
+                self._full = False
+                if self._full_logged:  # said only after a refusal logged at WARNING
+                    self._full_logged = False
+                    logger.info("accepting new Connect streams again (Limits.max_streams)")
+
+    async def _serve_stream(self, stream: IncomingStream) -> None:
+        """Authenticate one Connect stream and run its session until it ends."""
+        await self.authenticate(stream)
+        connection: Connection[Outgoing] = Connection(
+            Role.PROVIDER,
+            self._application,
+            self._exports.services(),
+            self._limits.max_calls_in_flight,
+            self._limits.max_message_size,
+        )
+        session = Session(
+            connection,
+            stream.write,
+            lambda session: ProviderSide(self._exports, session, self._callback_timeout),
+            self._error_types,
+            peer=stream.peer(),
+            limits=self._limits,
+            send_tracebacks=self._send_tracebacks,
+            eof=self._transport.eof,
+            translate=self._transport.translate,
+        )
+        session.end_log = self.peer_log
+        self.sessions.add(session)
+        if observe.AVAILABLE:  # OpenTelemetry: the stream's addresses, for spans and gauges
+            observe.track(session, self.address)
+        if self.stopping:
+            # it passed the check above before stop() began and was authenticated after
+            # stop() told every session go-away: tell it too, before its first call
+            session.go_away(GOING_AWAY)
+        # a stream that sends no Hello would be held (with its memory) for ever
+        no_hello = asyncio.get_running_loop().call_later(
+            self._limits.handshake_timeout, self._no_hello, session
+        )
+        try:
+            await session.run(stream.read)
+        finally:
+            no_hello.cancel()
+            self.sessions.discard(session)
+        if session.ending is not None:  # it broke a limit: say which, not CANCELLED
+            await stream.abort(*session.ending)
+
+    def _no_hello(self, session: Session) -> None:
+        if not session.handshake.done():
+            session.end(
+                Code.DEADLINE_EXCEEDED,
+                f"{session.peer} sent no Hello within {self._limits.handshake_timeout} s "
+                "(Limits.handshake_timeout); the stream is ended",
+            )
+
+    async def invoke(self, call: pb.Call, rpc: Rpc) -> pb.Result:
+        await self.authenticate(rpc)
+        try:
+            if observe.AVAILABLE and observe.collecting():  # the server span around it
+                value = await observe.serve(None, call, self._run_unary, rpc.peer(), self.address)
+            else:
+                value = await self._run_unary(call)
+        except Exception as exc:
+            error = codec.encode_error(exc, self._error_types, self._send_tracebacks)
+            return pb.Result(id=call.id, error=error)
+        result = pb.Result(id=call.id, value=value)
+        if call.json_args:
+            result.json = to_json(codec.decode(value, "the result"))
+        return result
+
+    async def _run_unary(self, call: pb.Call) -> pb.Value:
+        return await self._exports.run(call, None)
+
+    async def describe(self, request: pb.DescribeRequest, rpc: Rpc) -> pb.DescribeResponse:
+        await self.authenticate(rpc)
+        return pb.DescribeResponse(
+            application=self._application,
+            protocol_version=PROTOCOL_VERSION,
+            services=self._exports.services(),
+        )
+
+    async def authenticate(self, rpc: Rpc) -> None:
+        """Refuse the RPC unless the authenticator accepts its metadata; keep the identity."""
+        if self._authenticator is None:
+            set_identity(None)
+            return
+        metadata = rpc.metadata()
+        try:
+            identity = self._authenticator(metadata)
+            if inspect.isawaitable(identity):
+                identity = await identity
+        except Unauthenticated as exc:
+            logger.info("refused %s: %s", rpc.peer(), wire_text(exc))
+            await rpc.refuse(Code.UNAUTHENTICATED, str(exc))
+        set_identity(identity)
