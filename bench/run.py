@@ -427,6 +427,13 @@ limits it and what was tried is in [performance-notes.md](performance-notes.md).
 
 {scenarios}
 
+Comparing two revisions: `python bench/ab.py BEFORE [AFTER]` measures the backchannel
+figures of scenarios a, b, d and e on two git revisions in one run. Each revision is
+exported with `git archive` and runs its own `bench/run.py` with its own `src/`, and the
+rounds alternate which side goes first. It prints the ratio of the medians and the median
+of the rounds' own ratios; the second is steadier here, since a round's two sides run back
+to back under the same load.
+
 ## Tracing overhead
 
 Scenario b (64 asyncio callers on one `AsyncClient`) with OpenTelemetry in three states,
