@@ -71,8 +71,9 @@ async def time_client_choice(count: int = 3) -> None:
             for i in range(count):  # roundrobin: one call opens each provider's stream
                 await calc.add(i, 1)
             reference = client.reference(Calculator, loadbalance=strategy)._reference
-            directory = await client._directory(reference)
-            pick = functools.partial(client._choose, reference, directory, (1, 1))
+            consumer = client._consumer  # the consumer core: its directories and its choice
+            directory = await consumer.directories.get(reference)
+            pick = functools.partial(consumer.choose, reference, directory, (1, 1))
             best = min(timeit.repeat(pick, number=PICKS, repeat=5))
             print(f"{count:9d}  {strategy:18s}  {best / PICKS * 1e6:7.2f}")
 

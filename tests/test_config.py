@@ -328,6 +328,19 @@ def test_a_ref_class_whose_init_raises_is_a_config_error(tmp_path: Path) -> None
     )
 
 
+def test_an_interface_that_is_no_declared_interface_names_the_public_decorator(
+    tmp_path: Path,
+) -> None:
+    text = "[[service]]\ninterface = 'services:EchoImpl'\nref = 'services:EchoImpl'\n"
+    path = write_config(tmp_path, text)
+    with pytest.raises(backchannel.ConfigError) as info:
+        backchannel.load_config(path)
+    assert str(info.value) == (
+        f"{path}: service[0].interface: expected a class declared with @backchannel.interface"
+        ", got 'services:EchoImpl'"
+    )
+
+
 def test_a_hook_of_the_wrong_signature_is_a_config_error(tmp_path: Path) -> None:
     module = f"bad_hooks_{tmp_path.name}"
     source = "def onreturn(result, a, b, c, d):\n    pass\n"

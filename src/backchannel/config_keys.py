@@ -95,7 +95,7 @@ class KeyReader:
         cls = self.resolve(name, f"{key}.interface")
         if not isinstance(cls, type) or find_interface_spec(cls) is None:
             raise self.fail(
-                f"{key}.interface", "a class declared with @backchannel.rpc.interface", name
+                f"{key}.interface", "a class declared with @backchannel.interface", name
             )
         return cls
 
