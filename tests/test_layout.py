@@ -70,3 +70,23 @@ def test_the_subprocess_check_does_see_asyncio_where_it_is_imported() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=30
     ).stdout.strip()
     assert found != "[]"
+
+
+def test_the_packages_modules_are_still_its_attributes_after_a_plain_import() -> None:
+    code = (
+        "import sys, backchannel\n"
+        "assert 'backchannel.telemetry' not in sys.modules\n"
+        "print(callable(backchannel.telemetry.configure), backchannel.errors.StreamBroken,\n"
+        "      backchannel.settings.Limits is backchannel.Limits, 'wire' in dir(backchannel))\n"
+        "try:\n"
+        "    backchannel.nothing_here\n"
+        "except AttributeError as exc:\n"
+        "    print(exc)\n"
+    )
+    found = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=30
+    ).stdout.splitlines()
+    assert found == [
+        "True <class 'backchannel.errors.StreamBroken'> True True",
+        "module 'backchannel' has no attribute 'nothing_here'",
+    ]

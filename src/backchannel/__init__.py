@@ -99,18 +99,29 @@ _HOMES = {
     "method": "backchannel.rpc.interface",
 }
 
+#: the package's modules and layers, loaded on first use as attributes of the package
+_SUBMODULES = frozenset(
+    {"cli", "client", "cluster", "config", "config_keys", "errors", "rpc", "server"}
+    | {"settings", "telemetry", "transport", "v1", "wire"}
+)
+
 
 def __getattr__(name: str) -> Any:
     home = _HOMES.get(name)
-    if home is None:
+    if home is not None:
+        value = getattr(importlib.import_module(home), name)
+    elif name in _SUBMODULES:
+        # ``import backchannel`` then ``backchannel.telemetry.configure(...)``: submodules
+        # are attributes too, as when this package imported them all at once
+        value = importlib.import_module(f"backchannel.{name}")
+    else:
         raise AttributeError(f"module 'backchannel' has no attribute {name!r}")
-    value = getattr(importlib.import_module(home), name)
     globals()[name] = value  # later lookups skip this function
     return value
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *_HOMES])
+    return sorted({*globals(), *_HOMES, *_SUBMODULES})
 
 
 __all__ = [
