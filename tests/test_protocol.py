@@ -192,7 +192,7 @@ def test_consumer_hears_a_fault_before_the_welcome() -> None:
 
 def test_a_go_away_before_the_welcome_is_taken_as_a_go_away_not_a_mistake() -> None:
     """A provider that stops while a stream is being authenticated tells it go-away
-    before it has read the Hello (server.py), so the consumer hears GoAway, then Welcome:
+    before it has read the Hello (rpc/provider.py), so the consumer hears GoAway, then Welcome:
     the stream opens knowing the provider takes no new call, and nothing is faulted."""
     link = Link()
     link.provider.send_go_away("the provider is shutting down")
@@ -547,7 +547,7 @@ def test_after_connection_lost_a_message_that_does_not_parse_is_ignored() -> Non
 
 def test_a_split_batch_is_taken_in_order_each_unparseable_frame_costing_only_itself() -> None:
     """A Batch that did not parse whole is split and its frames parsed one by one
-    (session.py); the pieces that parsed count as in a Batch, the others as messages that
+    (transport/receiver.py); the pieces that parsed count as in a Batch, the others as messages that
     do not parse (docs/reliability.md, "A Batch that does not parse loses none of its
     calls")."""
     provider: Connection[str] = Connection(Role.PROVIDER, "warehouse", SERVICES)

@@ -1,4 +1,4 @@
-"""Drives one protocol :class:`~backchannel.wire.protocol.Connection` over one gRPC stream.
+"""Drives one protocol :class:`~backchannel.wire.protocol.Connection` over one Connect stream.
 
 Used by both ends: the provider wraps the server side of ``Connect``, the consumer the
 client side. One reader task takes frames off the stream and never waits on user code
@@ -35,7 +35,7 @@ from backchannel.settings import Limits
 from backchannel.transport import receiver
 from backchannel.transport.deadlines import Deadlines
 from backchannel.transport.handoff import (
-    Deferred as Deferred,  # re-exported: the client imports it here
+    Deferred as Deferred,  # re-exported: cluster/attempt.py and the tests import it here
 )
 from backchannel.transport.outgoing import COMPACT_WAITING_AT, Calls
 from backchannel.transport.outgoing import Outgoing as Outgoing  # re-exported
