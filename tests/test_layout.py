@@ -90,3 +90,15 @@ def test_the_packages_modules_are_still_its_attributes_after_a_plain_import() ->
         "True <class 'backchannel.errors.StreamBroken'> True True",
         "module 'backchannel' has no attribute 'nothing_here'",
     ]
+
+
+def test_every_public_name_is_loaded_from_the_module_its_home_says() -> None:
+    code = (
+        "import backchannel\n"
+        "homes = backchannel._HOMES\n"
+        "names = backchannel.__all__\n"
+        "assert sorted(homes) == sorted(names), set(homes) ^ set(names)\n"
+        "print(all(getattr(backchannel, n) is not None for n in names))\n"
+    )
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert found.returncode == 0 and found.stdout.strip() == "True", found.stderr[-2000:]

@@ -52,6 +52,7 @@ from typing import Any
 from backchannel.client import Client
 from backchannel.cluster.reference import Reference
 from backchannel.cluster.registry import STATIC_SCHEME, ZOOKEEPER_SCHEME
+from backchannel.config_keys import ConfigError as ConfigError
 from backchannel.config_keys import KeyReader, describe_error
 from backchannel.rpc.exports import DEFAULT_CALLBACK_LIMIT
 from backchannel.rpc.interface import (
@@ -65,10 +66,6 @@ from backchannel.transport.auth import Authenticator
 
 #: the [protocol] keys that are Server's boolean keywords of the same names
 _PROTOCOL_FLAGS = ("reflection", "health", "authenticate_reflection", "authenticate_health")
-
-
-class ConfigError(ValueError):
-    """A mistake in a configuration file; the message names the file and the key."""
 
 
 @dataclass(frozen=True)
@@ -197,10 +194,6 @@ def load_config(path: str | Path) -> Config:
 class _Reader(KeyReader):
     """Walks the parsed TOML table by table ([application], [registry], [protocol],
     [[service]], [[reference]] and their methods), naming each key it checks."""
-
-    def fail(self, key: str, expected: str, got: object = None) -> ConfigError:
-        suffix = "" if got is None else f", got {got!r}"
-        return ConfigError(f"{self.path}: {key}: expected {expected}{suffix}")
 
     def config(self, data: dict[str, Any]) -> Config:
         self.table(

@@ -11,16 +11,20 @@ from typing import Any
 from backchannel.rpc.interface import find_interface_spec
 
 
+class ConfigError(ValueError):
+    """A mistake in a configuration file; the message names the file and the key."""
+
+
 class KeyReader:
-    """Checks and reads the values of a parsed TOML file, one key at a time; a subclass
-    says how a mistake is reported (:meth:`fail`)."""
+    """Checks and reads the values of a parsed TOML file, one key at a time."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def fail(self, key: str, expected: str, got: object = None) -> ValueError:
+    def fail(self, key: str, expected: str, got: object = None) -> ConfigError:
         """The error to raise: ``key`` holds ``got``, not ``expected``."""
-        raise NotImplementedError
+        suffix = "" if got is None else f", got {got!r}"
+        return ConfigError(f"{self.path}: {key}: expected {expected}{suffix}")
 
     def table(self, data: dict[str, Any], key: str, allowed: set[str]) -> dict[str, Any]:
         if not isinstance(data, dict):
