@@ -40,7 +40,8 @@ from backchannel.cluster.service_url import ServiceURL
 from backchannel.errors import BackchannelError
 from backchannel.rpc.exports import to_json
 from backchannel.rpc.interface import interface
-from backchannel.transport.default import DEFAULT as TRANSPORT
+from backchannel.transport.default import ENVIRONMENT, NAMES
+from backchannel.transport.default import resolve as resolve_transport
 from backchannel.transport.seam import StatusError
 from backchannel.v1 import envelope_pb2 as pb
 
@@ -110,6 +111,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     describe.add_argument("--group", default="", help="with a registry: the export's group")
     describe.add_argument("--version", default="", help="with a registry: the export's version")
+    _transport_option(describe)
     describe.set_defaults(run=_describe)
 
     for name, run, text in (
@@ -124,6 +126,7 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--group", default="", help="the export's group")
         sub.add_argument("--version", default="", help="the export's version")
         sub.add_argument("--timeout", type=_seconds, default=5.0, help="seconds (default 5)")
+        _transport_option(sub)
         sub.set_defaults(run=run)
         if name == "listen":
             sub.add_argument(
@@ -142,6 +145,15 @@ def _parser() -> argparse.ArgumentParser:
                 "listener whose provider expects a bool",
             )
     return parser
+
+
+def _transport_option(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--transport",
+        choices=tuple(NAMES),
+        default=None,
+        help=f"the gRPC library to connect with (default: ${ENVIRONMENT}, else grpcio)",
+    )
 
 
 def _seconds(text: str) -> float:
@@ -184,9 +196,9 @@ def _json_args(values: Sequence[str]) -> list[Any]:
     return args
 
 
-def _exports(address: str, timeout: float = 5) -> pb.DescribeResponse:
+def _exports(address: str, timeout: float = 5, transport: str | None = None) -> pb.DescribeResponse:
     """What the provider at ``address`` exports (its Describe RPC)."""
-    describe = TRANSPORT.unary(
+    describe = resolve_transport(transport).unary(
         address, "Describe", pb.DescribeRequest(), pb.DescribeResponse, timeout
     )
     response: pb.DescribeResponse = asyncio.run(describe)
@@ -264,7 +276,7 @@ def _describe(options: argparse.Namespace) -> int:
         return _describe_providers(options)
     if options.service:
         raise CommandError(f"describe {options.address} takes no SERVICE (it is no registry)")
-    response = _exports(options.address)
+    response = _exports(options.address, transport=options.transport)
     rows = [("SERVICE", "GROUP", "VERSION", "METHOD", "ARGS", "CALLBACKS", "REMOVERS", "ONE-WAY")]
     for service in response.services:
         for method in service.methods:
@@ -299,7 +311,8 @@ def _call(options: argparse.Namespace) -> int:
         method=options.method,
         json_args=json.dumps(args),
     )
-    invoke = TRANSPORT.unary(options.address, "Invoke", call, pb.Result, options.timeout)
+    transport = resolve_transport(options.transport)
+    invoke = transport.unary(options.address, "Invoke", call, pb.Result, options.timeout)
     result: pb.Result = asyncio.run(invoke)
     if result.HasField("error"):
         raise CommandError(f"{result.error.type}: {result.error.message}")
@@ -333,10 +346,10 @@ def _listen(options: argparse.Namespace) -> int:
     if not 0 <= index <= len(args):
         raise CommandError(f"--callback-arg {index} must be between 0 and {len(args)}")
     options.address = _pick(options)
-    _check_callback_argument(_exports(options.address, options.timeout), options)
+    _check_callback_argument(_exports(options.address, options.timeout, options.transport), options)
     args.insert(index, _PrintingListener(options.answer))
     service = _dynamic_interface(options.service, options.method)
-    with Client(options.address, timeout=options.timeout) as client:
+    with Client(options.address, timeout=options.timeout, transport=options.transport) as client:
         proxy: Any = client.reference(service, group=options.group, version=options.version)
         result = getattr(proxy, options.method)(*args)
         _print_line(json.dumps({"result": json.loads(to_json(result))}))

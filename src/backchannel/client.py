@@ -32,12 +32,15 @@ from backchannel.rpc.interface import Method, MethodSpec
 from backchannel.rpc.notify import HookPool, MethodHooks, wrap_async, wrap_sync
 from backchannel.settings import DEFAULT_TIMEOUT, Keepalive, Limits
 from backchannel.transport.auth import bearer_metadata
+from backchannel.transport.default import resolve as resolve_transport
 from backchannel.transport.pools import CallPools
 from backchannel.transport.portal import LoopThread, wait_on_loop
 from backchannel.transport.session import CURRENT_CALL, Session
 from backchannel.wire import codec
 
 if TYPE_CHECKING:
+    import ssl
+
     import grpc
 
 T = TypeVar("T")
@@ -84,7 +87,8 @@ class AsyncClient:
         max_reentrant_workers: int = 256,
         limits: Limits = Limits(),
         keepalive: Keepalive | None = Keepalive(),
-        credentials: grpc.ChannelCredentials | None = None,
+        credentials: grpc.ChannelCredentials | ssl.SSLContext | None = None,
+        transport: str | None = None,
         metadata: Sequence[tuple[str, str]] = (),
         token: str | None = None,
         send_token_over_plaintext: bool = False,
@@ -114,6 +118,7 @@ class AsyncClient:
             error_types=error_types,
             pools=pools,
             send_token_over_plaintext=send_token_over_plaintext,
+            transport=resolve_transport(transport),
         )
         #: the address as error messages name it: a list of a thousand is not repeated
         where = _shortened(self.address)
@@ -279,7 +284,8 @@ class Client:
         max_reentrant_workers: int = 256,
         limits: Limits = Limits(),
         keepalive: Keepalive | None = Keepalive(),
-        credentials: grpc.ChannelCredentials | None = None,
+        credentials: grpc.ChannelCredentials | ssl.SSLContext | None = None,
+        transport: str | None = None,
         metadata: Sequence[tuple[str, str]] = (),
         token: str | None = None,
         send_token_over_plaintext: bool = False,
@@ -295,6 +301,7 @@ class Client:
             limits=limits,
             keepalive=keepalive,
             credentials=credentials,
+            transport=transport,
             metadata=metadata,
             token=token,
             send_token_over_plaintext=send_token_over_plaintext,

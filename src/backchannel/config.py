@@ -13,6 +13,7 @@
     port = 50051
     authenticator = "auth:authenticate"  # optional, as Server(authenticator=...); so are
     authenticate_health = false          # reflection, health, authenticate_reflection
+    transport = "grpcio"                 # or "grpclib" (the fast extra), for Client() too
 
     [[service]]                        # <dubbo:service interface=... ref=... callbacks="1000">
     interface = "service:CallbackService"
@@ -63,6 +64,7 @@ from backchannel.rpc.interface import (
 )
 from backchannel.server import Server
 from backchannel.transport.auth import Authenticator
+from backchannel.transport.default import NAMES as TRANSPORTS
 
 #: the [protocol] keys that are Server's boolean keywords of the same names
 _PROTOCOL_FLAGS = ("reflection", "health", "authenticate_reflection", "authenticate_health")
@@ -105,6 +107,9 @@ class ProtocolConfig:
     health: bool = True
     authenticate_reflection: bool = True
     authenticate_health: bool = False
+    #: the transport's name (None: ``$BACKCHANNEL_TRANSPORT``, else grpcio); the
+    #: ``Client`` of :meth:`Config.client` runs on it too
+    transport: str | None = None
 
     def keywords(self) -> dict[str, Any]:
         """The settings as :class:`Server` keywords (the authenticator as given, not copied)."""
@@ -158,7 +163,11 @@ class Config:
 
     def client(self) -> Client:
         """A :class:`Client` of the registry (or, without one, of the protocol address)."""
-        return Client(self.registry or self.address, application=self.application)
+        return Client(
+            self.registry or self.address,
+            application=self.application,
+            transport=self.protocol.transport,
+        )
 
     def reference(self, client: Any, id: str) -> Any:
         """The proxy of reference ``id`` made on ``client`` (a Client or an AsyncClient)."""
@@ -247,7 +256,12 @@ class _Reader(KeyReader):
             value = self.boolean(data, name, "protocol")
             if value is not None:
                 flags[name] = value
-        return ProtocolConfig(authenticator, **flags)
+        transport = self.string(data, "transport", "protocol")
+        if transport is not None and transport not in TRANSPORTS:
+            raise self.fail(
+                "protocol.transport", " or ".join(repr(name) for name in TRANSPORTS), transport
+            )
+        return ProtocolConfig(authenticator, transport=transport, **flags)
 
     def addresses(self, data: dict[str, Any]) -> tuple[str | None, str]:
         """([registry] address if it names a registry, the [protocol] listen address).
@@ -258,7 +272,7 @@ class _Reader(KeyReader):
         protocol = self.table(
             data.get("protocol", {}),
             "protocol",
-            {"host", "port", "authenticator", *_PROTOCOL_FLAGS},
+            {"host", "port", "authenticator", "transport", *_PROTOCOL_FLAGS},
         )
         given = self.string(registry, "address", "registry")
         host = self.string(protocol, "host", "protocol") or "127.0.0.1"

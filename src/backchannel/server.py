@@ -28,7 +28,7 @@ from backchannel.rpc.interface import Method
 from backchannel.rpc.provider import GOING_AWAY, ProviderHandlers
 from backchannel.settings import DEFAULT_TIMEOUT, Keepalive, Limits
 from backchannel.transport.auth import Authenticator
-from backchannel.transport.default import DEFAULT as TRANSPORT
+from backchannel.transport.default import resolve as resolve_transport
 from backchannel.transport.peerlog import PeerLog
 from backchannel.transport.pools import CallPools
 from backchannel.transport.portal import LoopThread
@@ -37,6 +37,8 @@ from backchannel.transport.session import Session, parse_frame, serialize
 from backchannel.wire import codec
 
 if TYPE_CHECKING:
+    import ssl
+
     import grpc
 
 logger = logging.getLogger("backchannel")
@@ -77,7 +79,8 @@ class AsyncServer:
         health: bool = True,
         limits: Limits = Limits(),
         keepalive: Keepalive | None = Keepalive(),
-        credentials: grpc.ServerCredentials | None = None,
+        credentials: grpc.ServerCredentials | ssl.SSLContext | None = None,
+        transport: str | None = None,
         authenticator: Authenticator | None = None,
         authenticate_reflection: bool = True,
         authenticate_health: bool = False,
@@ -85,6 +88,7 @@ class AsyncServer:
         advertise_host: str | None = None,
     ) -> None:
         self._requested_address = address
+        transport_ = resolve_transport(transport)
         self._listening = False  # between start() and stop()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._authenticator = authenticator
@@ -107,7 +111,7 @@ class AsyncServer:
         self._handlers = ProviderHandlers(
             self._exports,
             self._error_types,
-            TRANSPORT,
+            transport_,
             application=application,
             limits=limits,
             send_tracebacks=send_tracebacks,
@@ -119,7 +123,7 @@ class AsyncServer:
         # when its setting says so (docs/grpcurl.md)
         self._reflection_guard = authenticate if authenticate_reflection else None
         #: the transport's endpoint (bound on start)
-        self._listener = TRANSPORT.server(
+        self._listener = transport_.server(
             address,
             self._handlers,
             credentials=credentials,
@@ -333,7 +337,8 @@ class Server:
         health: bool = True,
         limits: Limits = Limits(),
         keepalive: Keepalive | None = Keepalive(),
-        credentials: grpc.ServerCredentials | None = None,
+        credentials: grpc.ServerCredentials | ssl.SSLContext | None = None,
+        transport: str | None = None,
         authenticator: Authenticator | None = None,
         authenticate_reflection: bool = True,
         authenticate_health: bool = False,
@@ -353,6 +358,7 @@ class Server:
             limits=limits,
             keepalive=keepalive,
             credentials=credentials,
+            transport=transport,
             authenticator=authenticator,
             authenticate_reflection=authenticate_reflection,
             authenticate_health=authenticate_health,

@@ -32,7 +32,7 @@ from backchannel.rpc.interface import MethodSpec
 from backchannel.settings import Keepalive, Limits
 from backchannel.transport import observe
 from backchannel.transport.auth import carries_credentials, is_loopback, token_refusal
-from backchannel.transport.default import DEFAULT as DEFAULT_TRANSPORT
+from backchannel.transport.default import resolve as resolve_transport
 from backchannel.transport.pools import CallPools
 from backchannel.transport.seam import Channel, Stream, Transport
 from backchannel.transport.session import Outgoing, Session, parse_frame, serialize
@@ -147,7 +147,7 @@ class LinkSettings:
         error_types: codec.ErrorTypes,
         pools: CallPools,
         send_token_over_plaintext: bool = False,
-        transport: Transport = DEFAULT_TRANSPORT,
+        transport: Transport | None = None,
     ) -> None:
         self.application = application
         self.connect_timeout = connect_timeout
@@ -158,8 +158,8 @@ class LinkSettings:
         self.error_types = error_types
         self.pools = pools
         self.send_token_over_plaintext = send_token_over_plaintext
-        #: what the streams run on
-        self.transport = transport
+        #: what the streams run on (None: the default, grpcio unless the environment says)
+        self.transport = resolve_transport() if transport is None else transport
         #: spreads the opening of many streams over turns of the loop
         self.gate = TurnGate()
         #: addresses warned of the token not being sent to (at most TOKEN_WARNINGS):

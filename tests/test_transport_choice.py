@@ -1,0 +1,47 @@
+"""Choosing a transport by name: transport=, $BACKCHANNEL_TRANSPORT, [protocol] transport."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import backchannel
+from backchannel.config import ConfigError, load_config
+from backchannel.transport import default
+from backchannel.transport.grpcio import TRANSPORT as GRPCIO
+
+
+def test_no_name_and_no_environment_is_grpcio(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(default.ENVIRONMENT, raising=False)
+    assert default.resolve() is GRPCIO
+    assert default.resolve("grpcio") is GRPCIO
+
+
+def test_the_environment_names_the_transport_when_none_is_given(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(default.ENVIRONMENT, "bogus")
+    with pytest.raises(ValueError, match=r"\$BACKCHANNEL_TRANSPORT must be one of 'grpcio'"):
+        default.resolve()
+    assert default.resolve("grpcio") is GRPCIO  # a name given wins over the environment
+
+
+def test_an_unknown_name_is_refused_by_every_facade() -> None:
+    for make in (
+        lambda: backchannel.Client("127.0.0.1:1", transport="netty"),
+        lambda: backchannel.AsyncClient("127.0.0.1:1", transport="netty"),
+        lambda: backchannel.Server(transport="netty"),
+        lambda: backchannel.AsyncServer(transport="netty"),
+    ):
+        with pytest.raises(ValueError, match=r"transport= must be one of .*got 'netty'"):
+            make()
+
+
+def test_a_toml_transport_is_checked(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text('[protocol]\ntransport = "netty"\n')
+    with pytest.raises(ConfigError, match=r"protocol.transport: expected 'grpcio' or 'grpclib'"):
+        load_config(path)
+    path.write_text('[protocol]\ntransport = "grpcio"\n')
+    assert load_config(path).protocol.transport == "grpcio"
