@@ -1,8 +1,10 @@
-"""Fixtures: a real provider on 127.0.0.1 with a free port, and raw-frame streams."""
+"""Fixtures: a real provider on 127.0.0.1 with a free port, raw-frame streams, and the
+transport every end-to-end test module runs on (each such module runs once per transport)."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -14,9 +16,32 @@ from zookeeper import ZooKeeper
 from zookeeper import missing as zookeeper_missing
 
 import backchannel
+from backchannel.transport.default import ENVIRONMENT, NAMES
 from backchannel.v1 import envelope_pb2 as pb
 
 T = TypeVar("T")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A module that uses the ``transport`` fixture (``pytestmark =
+    pytest.mark.usefixtures("transport")``) runs once per transport; with
+    ``$BACKCHANNEL_TRANSPORT`` set, on that one only."""
+    if "transport" in metafunc.fixturenames:
+        chosen = os.environ.get(ENVIRONMENT)
+        names = [chosen] if chosen else list(NAMES)
+        metafunc.parametrize("transport", names, indirect=True, scope="module")
+
+
+@pytest.fixture(scope="module")
+def transport(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The transport's name; every Client and Server made without ``transport=`` (in this
+    process and in the processes it starts) runs on it while the module's tests run.
+    A module-scoped fixture that starts a provider takes this one, so that it is made
+    again for each transport."""
+    name: str = getattr(request, "param", None) or os.environ.get(ENVIRONMENT) or "grpcio"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(ENVIRONMENT, name)
+        yield name
 
 
 def run(coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:

@@ -45,3 +45,23 @@ def test_a_toml_transport_is_checked(tmp_path: Path) -> None:
         load_config(path)
     path.write_text('[protocol]\ntransport = "grpcio"\n')
     assert load_config(path).protocol.transport == "grpcio"
+
+
+def test_the_sync_facades_loop_runs_on_uvloop_when_it_is_installed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The fast extra's uvloop runs a sync Client's and Server's loop thread; the
+    environment can keep asyncio's."""
+    uvloop = pytest.importorskip("uvloop")
+    from backchannel.transport.portal import LOOP_ENVIRONMENT, LoopThread
+
+    monkeypatch.delenv(LOOP_ENVIRONMENT, raising=False)
+    with backchannel.Server() as server, backchannel.Client(server.address) as client:
+        assert isinstance(server._portal.loop, uvloop.Loop)  # type: ignore[union-attr]
+        assert isinstance(client._portal.loop, uvloop.Loop)
+    monkeypatch.setenv(LOOP_ENVIRONMENT, "asyncio")
+    thread = LoopThread("test")
+    try:
+        assert not isinstance(thread.loop, uvloop.Loop)
+    finally:
+        thread.close()

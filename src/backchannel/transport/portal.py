@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
+import os
 import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
@@ -53,8 +54,27 @@ def _copy_outcome(target: concurrent.futures.Future[T], source: asyncio.Future[T
         target.set_result(source.result())
 
 
+#: the environment variable that chooses the loop of the sync facades' threads:
+#: "asyncio" keeps asyncio's own even when uvloop is installed
+LOOP_ENVIRONMENT = "BACKCHANNEL_LOOP"
+
+
+def new_loop() -> asyncio.AbstractEventLoop:
+    """A new event loop for a sync facade's thread: uvloop's when it is installed (the
+    ``fast`` extra) and ``$BACKCHANNEL_LOOP`` is not ``asyncio``, else asyncio's."""
+    if os.environ.get(LOOP_ENVIRONMENT, "") != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+            return loop
+    return asyncio.new_event_loop()
+
+
 class LoopThread:
-    """Runs an asyncio event loop in a daemon thread until :meth:`close`."""
+    """Runs an event loop (:func:`new_loop`) in a daemon thread until :meth:`close`."""
 
     def __init__(self, name: str) -> None:
         self._ready = threading.Event()
@@ -64,7 +84,7 @@ class LoopThread:
         self._ready.wait()  # the loop exists before anyone may submit to it
 
     def _run(self) -> None:
-        loop = asyncio.new_event_loop()
+        loop = new_loop()
         self._loop = loop
         asyncio.set_event_loop(loop)
         loop.call_soon(self._ready.set)
