@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -10,6 +14,8 @@ import backchannel
 from backchannel.config import ConfigError, load_config
 from backchannel.transport import default
 from backchannel.transport.grpcio import TRANSPORT as GRPCIO
+
+SRC = Path(__file__).resolve().parent.parent / "src"
 
 
 def test_no_name_and_no_environment_is_grpcio(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -65,3 +71,53 @@ def test_the_sync_facades_loop_runs_on_uvloop_when_it_is_installed(
         assert not isinstance(thread.loop, uvloop.Loop)
     finally:
         thread.close()
+
+
+def _python(code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(SRC)},
+        check=False,
+    )
+
+
+def test_without_the_fast_extra_nothing_of_it_is_imported_or_needed() -> None:
+    """grpclib and uvloop blocked as if not installed: a sync Server and Client on grpcio
+    work on asyncio's loop, and choosing grpclib says which extra to install."""
+    done = _python(
+        """
+        import sys
+        sys.modules["grpclib"] = None  # import grpclib -> ImportError, as when not installed
+        sys.modules["uvloop"] = None
+        import backchannel
+        from backchannel.transport.default import resolve
+        with backchannel.Server() as server, backchannel.Client(server.address) as client:
+            print(type(client._portal.loop).__module__)
+        try:
+            resolve("grpclib")
+        except ImportError as exc:
+            print(exc)
+        """
+    )
+    assert done.returncode == 0, done.stderr
+    loop_module, error = done.stdout.splitlines()
+    assert loop_module.startswith("asyncio"), loop_module
+    assert "transport 'grpclib' needs grpclib (pip install 'backchannel[fast]')" in error
+
+
+def test_the_default_transport_imports_neither_grpclib_nor_h2() -> None:
+    done = _python(
+        """
+        import os, sys
+        os.environ.pop("BACKCHANNEL_TRANSPORT", None)
+        import backchannel
+        with backchannel.Server() as server, backchannel.Client(server.address) as client:
+            pass
+        print(sorted(m for m in ("grpclib", "h2") if m in sys.modules))
+        """
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
