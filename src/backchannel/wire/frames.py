@@ -11,9 +11,12 @@ would copy the call, and protobuf copies a message by serializing and parsing it
 60 ms per MB of map entries: the biggest cost of a bulk call). A Batch is put together
 from its frames' bytes the same way.
 
-Only the envelope's own layout is used: Frame.call is field 3, Frame.result field 4 and
-Frame.batch field 8 holding Batch.frames, field 1; a Call or Result has its id in field 1
-(a varint), Result.value is field 2, and Call.one_way is field 9.
+A Multicast is written the same way: the Call serialized once, then its targets.
+
+Only the envelope's own layout is used: Frame.call is field 3, Frame.result field 4,
+Frame.batch field 8 holding Batch.frames, field 1, and Frame.multicast field 10 holding
+Multicast.call, field 1; a Call or Result has its id in field 1 (a varint),
+Result.value is field 2, and Call.one_way is field 9.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
-_FRAME_CALL, _FRAME_RESULT, _FRAME_BATCH = 3, 4, 8
+_FRAME_CALL, _FRAME_RESULT, _FRAME_BATCH, _FRAME_MULTICAST = 3, 4, 8, 10
 _BATCH_FRAMES = 1
 _ID = 1
 _RESULT_VALUE = 2
@@ -34,6 +37,8 @@ _FRAME_BATCH_TAG = bytes([_FRAME_BATCH << 3 | _LEN])
 _BATCH_FRAMES_TAG = bytes([_BATCH_FRAMES << 3 | _LEN])
 _ID_TAG = bytes([_ID << 3 | _VARINT])
 _RESULT_VALUE_TAG = bytes([_RESULT_VALUE << 3 | _LEN])
+_FRAME_MULTICAST_TAG = bytes([_FRAME_MULTICAST << 3 | _LEN])
+_MULTICAST_CALL_TAG = bytes([1 << 3 | _LEN])
 
 
 class Malformed(Exception):
@@ -157,3 +162,10 @@ def batch_frame(frames: list[bytes]) -> bytes:
         return frames[0]
     body = b"".join(_BATCH_FRAMES_TAG + varint(len(data)) + data for data in frames)
     return _FRAME_BATCH_TAG + varint(len(body)) + body
+
+
+def multicast_frame(call: bytes, targets: bytes) -> bytes:
+    """The Frame holding a Multicast of a serialized Call to targets serialized apart (a
+    Multicast holding only its targets: protobuf merges the two)."""
+    body = _MULTICAST_CALL_TAG + varint(len(call)) + call + targets
+    return _FRAME_MULTICAST_TAG + varint(len(body)) + body
