@@ -13,7 +13,7 @@ import asyncio
 import contextvars
 import logging
 import types
-from collections.abc import Coroutine, Generator, Sequence
+from collections.abc import Coroutine, Generator, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from google.protobuf.message import DecodeError
@@ -108,7 +108,7 @@ class Receiver:
         def _finished(self, call_id: int) -> None: ...
         def _count_fault(self) -> None: ...
 
-    async def _receive_in_slices(self, pieces: list[list[Piece]]) -> None:
+    async def _receive_in_slices(self, pieces: Iterator[list[Piece]]) -> None:
         """Act on one big Batch or Multicast a slice at a time (about
         :data:`RECEIVE_SLICE` calls each), yielding to the loop between slices (and
         waiting, as the reader does, while the peer reads too slowly), so no single
@@ -308,11 +308,11 @@ def _resume(coroutine: Coroutine[Any, Any, None], waiting_on: Any) -> Generator[
                 return
 
 
-def many_frames(frame: Any, weigh_targets: bool) -> list[list[Piece]] | None:
-    """The slices of a received message too big to act on in one go, else None: a Batch
-    of many frames, or (``weigh_targets``: a consumer's) a Multicast of many targets or a
-    Batch holding them. A provider takes a Multicast as one refused frame: it is not
-    weighed, nor cut."""
+def many_frames(frame: Any, weigh_targets: bool) -> Iterator[list[Piece]] | None:
+    """The slices of a received message too big to act on in one go (made as they are
+    taken), else None: a Batch of many frames, or (``weigh_targets``: a consumer's) a
+    Multicast of many targets or a Batch holding them. A provider takes a Multicast as
+    one refused frame: it is not weighed, nor cut."""
     if type(frame) is SplitBatch:
         frames: Sequence[pb.Frame | Unparseable] = frame.frames
     elif type(frame) is pb.Frame:
@@ -326,13 +326,13 @@ def many_frames(frame: Any, weigh_targets: bool) -> list[list[Piece]] | None:
             return None
     else:
         return None
-    if weigh_targets:
-        if slices.weight(frames) <= RECEIVE_SLICE:
-            return None
-        return slices.slices(frames, RECEIVE_SLICE)
-    if len(frames) <= RECEIVE_SLICE:
+    if len(frames) <= RECEIVE_SLICE and not (
+        weigh_targets and slices.weight(frames) > RECEIVE_SLICE
+    ):
         return None
-    return [
+    if weigh_targets:
+        return slices.slices(frames, RECEIVE_SLICE)
+    return (
         list(frames[start : start + RECEIVE_SLICE])
         for start in range(0, len(frames), RECEIVE_SLICE)
-    ]
+    )

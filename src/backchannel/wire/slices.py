@@ -8,7 +8,7 @@ a list of frames into pieces of about ``size`` weight, a Multicast's targets goi
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from backchannel.v1 import envelope_pb2 as pb
@@ -36,11 +36,10 @@ def weight(frames: Sequence[pb.Frame | Unparseable]) -> int:
     return total
 
 
-def slices(frames: Sequence[pb.Frame | Unparseable], size: int) -> list[list[Piece]]:
-    """``frames`` in pieces of about ``size`` weight, in order; a Multicast of more than
-    ``size`` targets is cut into :class:`Targets` of at most ``size`` (an empty one stays
-    whole: the protocol refuses it)."""
-    pieces: list[list[Piece]] = []
+def slices(frames: Sequence[pb.Frame | Unparseable], size: int) -> Iterator[list[Piece]]:
+    """``frames`` in pieces of about ``size`` weight, in order, each made as it is taken;
+    a Multicast of more than ``size`` targets is cut into :class:`Targets` of at most
+    ``size`` (an empty one stays whole: the protocol refuses it)."""
     piece: list[Piece] = []
     filled = 0
     for frame in frames:
@@ -49,7 +48,7 @@ def slices(frames: Sequence[pb.Frame | Unparseable], size: int) -> list[list[Pie
             count = len(frame.multicast.targets)
         if count <= size:
             if piece and filled + 1 + count > size:
-                pieces.append(piece)
+                yield piece
                 piece, filled = [], 0
             piece.append(frame)
             filled += 1 + count
@@ -58,10 +57,9 @@ def slices(frames: Sequence[pb.Frame | Unparseable], size: int) -> list[list[Pie
         for start in range(0, count, size):
             stop = min(start + size, count)
             if piece and filled + stop - start > size:
-                pieces.append(piece)
+                yield piece
                 piece, filled = [], 0
             piece.append(Targets(multicast, start, stop))
             filled += stop - start
     if piece:
-        pieces.append(piece)
-    return pieces
+        yield piece
