@@ -51,6 +51,7 @@ class Multicasting:
         _writable: asyncio.Event
         _peer_max_calls: int
         _peer_max_message: int
+        multicast_frames: int
 
         def flush(self) -> None: ...
         def _wait_for_a_slot(self, outgoing: Outgoing) -> None: ...
@@ -129,6 +130,7 @@ class Multicasting:
         traces: list[dict[str, str]],
     ) -> None:
         first = self.connection.send_multicast(call, callback_ids, outgoings, traces)
+        self.multicast_frames += 1
         self.flush()
         if call.one_way:
             for offset, outgoing in enumerate(outgoings):

@@ -127,6 +127,8 @@ class Session(Writer, Receiver, Calls, Multicasting):
         # a consumer weighs a Multicast's targets when it cuts what arrived into slices
         self._weigh_targets = connection.role is Role.CONSUMER
         self._stall: asyncio.TimerHandle | None = None  # ends a stream over the limit too long
+        #: Multicast frames sent on this stream (one per group of targets; for tests, logs)
+        self.multicast_frames = 0
         #: the status this side ended the stream with, when it did (a peer that broke a
         #: limit: did not read, sent no Hello, kept sending Faults)
         self.ending: tuple[Code, str] | None = None
