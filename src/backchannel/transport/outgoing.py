@@ -60,6 +60,7 @@ class Calls:
         _loop: asyncio.AbstractEventLoop
         _queue: list[bytes]
         _writable: asyncio.Event
+        _handling: bool
         _peer_max_calls: int
         _peer_max_message: int
 
@@ -115,7 +116,7 @@ class Calls:
     def _send(self, outgoing: Outgoing) -> None:
         call = outgoing.call
         call_id = outgoing.id = self.connection.send_call(call, outgoing)
-        if self.connection.pending_outgoing <= 1 and not self._queue:
+        if self.connection.pending_outgoing <= 1 and not self._queue and not self._handling:
             self._write_now()  # a lone call (a sequential caller): nothing to batch it with
         else:
             self.flush()

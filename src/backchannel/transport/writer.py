@@ -78,7 +78,9 @@ class Writer:
         """Send what the protocol queued: at the end of this turn of the event loop when
         no write is under way (so what this turn produces goes as one batch), else when
         the current write completes."""
-        idle = self._writing is None and not self._write_soon and not self._handling
+        if self._handling:
+            return  # the reader writes what acting on its message produced, once done
+        idle = self._writing is None and not self._write_soon
         if self._enqueue() and idle:
             self._write_soon = True
             self._loop.call_soon(self._write_next)

@@ -129,10 +129,14 @@ def find_ids(data: bytes) -> tuple[int, bool, int]:
 # ------------------------------------------------------------------- writing
 
 
+#: the varints of 0 to 127, one byte each, made once (ids and lengths are often small)
+_SMALL = [bytes((value,)) for value in range(0x80)]
+
+
 def varint(value: int) -> bytes:
     """``value`` (>= 0) as a protobuf varint."""
     if value < 0x80:
-        return bytes((value,))
+        return _SMALL[value]
     out = bytearray()
     while value > 0x7F:
         out.append(value & 0x7F | 0x80)
