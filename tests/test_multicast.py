@@ -634,3 +634,58 @@ def test_a_multicast_target_times_out_alone_and_is_cancelled_on_the_consumer() -
             release.set()
 
     asyncio.run(asyncio.wait_for(body(), 30))
+
+
+# ------------------------------------------------ a Multicast that does not parse
+
+
+def unreadable_multicast(*ids: int, one_way: bool = False) -> bytes:
+    """A Multicast frame whose call does not parse (its method is not UTF-8)."""
+    from backchannel.wire import frames as wire
+
+    call = pb.Call(method="changed", one_way=one_way).SerializeToString()
+    call = call.replace(b"changed", b"\xffhanged")
+    targets = pb.Multicast()
+    for call_id in ids:
+        targets.targets.add(id=call_id, callback_id=3)
+    return wire.multicast_frame(call, targets.SerializeToString())
+
+
+def test_a_multicast_that_does_not_parse_gets_an_error_result_per_target() -> None:
+    run(_a_multicast_that_does_not_parse_gets_an_error_result_per_target)
+
+
+async def _a_multicast_that_does_not_parse_gets_an_error_result_per_target(
+    loop: ClockLoop,
+) -> None:
+    peer = Peer()
+    await peer.open()
+    first = peer.connection.send_multicast(changed(), [3, 4], ["a", "b"])
+    peer.connection.take_encoded()  # not delivered: its ids stand for the unreadable one
+    frame = parse_frame(unreadable_multicast(first, first + 1))
+    assert type(frame).__name__ == "Unparseable" and frame.targets == (first, first + 1)  # type: ignore[union-attr]
+    peer.inbox.put_nowait(frame)
+    await turns(lambda: len(peer.results) == 2, "both targets answered")
+    assert [(r.id, r.error.code) for r in peer.results] == [
+        (first, pb.INVALID_ARGUMENT),
+        (first + 1, pb.INVALID_ARGUMENT),
+    ]
+    assert "a multicast could not be read" in peer.results[0].error.message
+    await peer.close()
+
+
+def test_an_unparseable_multicast_answers_at_most_a_slice_of_targets_and_none_one_way() -> None:
+    frame = parse_frame(unreadable_multicast(*range(1, 5000)))
+    assert len(frame.targets) == RECEIVE_SLICE  # type: ignore[union-attr]
+    one_way = parse_frame(unreadable_multicast(1, 2, one_way=True))
+    consumer = open_consumer()
+    events = consumer.receive_unparseable(
+        one_way.size,
+        one_way.reason,
+        0,
+        one_way.one_way,
+        0,
+        one_way.targets,  # type: ignore[union-attr]
+    )
+    assert len(mistakes(events)) == 1
+    assert kinds(consumer.take_outbox()) == ["fault"]  # one-way: no Results to send

@@ -281,7 +281,10 @@ def parse_frame(data: bytes) -> pb.Frame | Unparseable | SplitBatch:
 
 def _unparseable(data: bytes, reason: str) -> Unparseable:
     call_id, one_way, result_id = frames.find_ids(data)
-    return Unparseable(len(data), reason, call_id, one_way, result_id)
+    if call_id or result_id:
+        return Unparseable(len(data), reason, call_id, one_way, result_id)
+    targets, one_way = frames.find_targets(data, RECEIVE_SLICE)
+    return Unparseable(len(data), reason, 0, one_way, 0, targets)
 
 
 @types.coroutine

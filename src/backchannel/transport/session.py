@@ -198,7 +198,12 @@ class Session(Writer, Receiver, Calls, Multicasting):
                 try:
                     if type(frame) is Unparseable:
                         events = self.connection.receive_unparseable(
-                            frame.size, frame.reason, frame.call_id, frame.one_way, frame.result_id
+                            frame.size,
+                            frame.reason,
+                            frame.call_id,
+                            frame.one_way,
+                            frame.result_id,
+                            frame.targets,
                         )
                     elif type(frame) is SplitBatch:
                         events = self.connection.receive_batch(frame.frames)

@@ -38,7 +38,8 @@ _BATCH_FRAMES_TAG = bytes([_BATCH_FRAMES << 3 | _LEN])
 _ID_TAG = bytes([_ID << 3 | _VARINT])
 _RESULT_VALUE_TAG = bytes([_RESULT_VALUE << 3 | _LEN])
 _FRAME_MULTICAST_TAG = bytes([_FRAME_MULTICAST << 3 | _LEN])
-_MULTICAST_CALL_TAG = bytes([1 << 3 | _LEN])
+_MULTICAST_CALL, _MULTICAST_TARGETS = 1, 2
+_MULTICAST_CALL_TAG = bytes([_MULTICAST_CALL << 3 | _LEN])
 
 
 class Malformed(Exception):
@@ -124,6 +125,36 @@ def find_ids(data: bytes) -> tuple[int, bool, int]:
     if kind_field == _FRAME_CALL:
         return found, one_way, 0
     return 0, False, found
+
+
+def find_targets(data: bytes, most: int) -> tuple[tuple[int, ...], bool]:
+    """(call ids of its first ``most`` targets, one way) of the Multicast an unparseable
+    frame holds, as far as its bytes can be read; ((), False) when it holds none."""
+    body = b""
+    try:
+        for number, kind, value in fields(data):
+            if number == _FRAME_MULTICAST and kind == _LEN:
+                body = value  # type: ignore[assignment]
+            elif 1 <= number <= _FRAME_MULTICAST:  # another kind of the oneof: the last wins
+                body = b""
+    except Malformed:
+        pass
+    ids: list[int] = []
+    one_way = False
+    try:
+        for number, kind, value in fields(body):
+            if number == _MULTICAST_CALL and kind == _LEN:
+                for inner, inner_kind, flag in fields(value):  # type: ignore[arg-type]
+                    if inner == _CALL_ONE_WAY and inner_kind == _VARINT:
+                        one_way = bool(flag)
+            elif number == _MULTICAST_TARGETS and kind == _LEN and len(ids) < most:
+                for inner, inner_kind, found in fields(value):  # type: ignore[arg-type]
+                    if inner == _ID and inner_kind == _VARINT and found:
+                        ids.append(found)  # type: ignore[arg-type]
+                        break
+    except Malformed:
+        pass
+    return tuple(ids), one_way
 
 
 # ------------------------------------------------------------------- writing

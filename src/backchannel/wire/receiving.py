@@ -70,13 +70,21 @@ class Receiving(Generic[Token]):
         return events
 
     def receive_unparseable(
-        self, size: int, reason: str, call_id: int = 0, one_way: bool = False, result_id: int = 0
+        self,
+        size: int,
+        reason: str,
+        call_id: int = 0,
+        one_way: bool = False,
+        result_id: int = 0,
+        targets: tuple[int, ...] = (),
     ) -> list[Event[Token]]:
         """Take a message that did not parse as a Frame: the peer is told, the stream goes
-        on. A Call whose id could be read is answered with an error Result, and a Result
-        for a call this side awaits fails that call: neither is lost."""
+        on. A Call whose id could be read (or a Multicast's targets) is answered with an
+        error Result, and a Result for a call this side awaits fails that call: neither
+        is lost."""
         events: list[Event[Token]] = []
-        _on_unparseable(self, Unparseable(size, reason, call_id, one_way, result_id), events)
+        piece = Unparseable(size, reason, call_id, one_way, result_id, targets)
+        _on_unparseable(self, piece, events)
         return events
 
     def receive_batch(self, frames: Sequence[Piece]) -> list[Event[Token]]:
@@ -330,6 +338,20 @@ def _on_unparseable(
     if connection.state is State.CLOSED:
         return
     what = f"a message of {piece.size} bytes is not a backchannel.v1.Frame ({piece.reason})"
+    if piece.targets:  # a Multicast: each target's call answered, as a lone Call's would be
+        message = f"a multicast could not be read: {what}"
+        connection._mistake(events, message)
+        if not piece.one_way and connection.accepts_multicast:
+            for target in piece.targets:
+                if target not in connection._incoming:
+                    failed = error_result(
+                        target,
+                        pb.INVALID_ARGUMENT,
+                        "backchannel.RemoteProtocolError",
+                        f"call {target} could not be read: {message}",
+                    )
+                    connection._put(pb.Frame(result=failed))
+        return
     call_id = piece.call_id
     if call_id and not piece.one_way and call_id not in connection._incoming:
         message = f"call {call_id} could not be read: {what}"
