@@ -689,3 +689,44 @@ def test_an_unparseable_multicast_answers_at_most_a_slice_of_targets_and_none_on
     )
     assert len(mistakes(events)) == 1
     assert kinds(consumer.take_outbox()) == ["fault"]  # one-way: no Results to send
+
+
+def test_with_tracing_each_target_has_its_own_client_span_and_the_consumers_span_its_child() -> (
+    None
+):
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace import SpanKind
+
+    from backchannel import telemetry
+
+    exporter = InMemorySpanExporter()
+    tracing = TracerProvider()
+    tracing.add_span_processor(SimpleSpanProcessor(exporter))
+    telemetry.configure(tracer_provider=tracing)
+
+    async def body() -> None:
+        async with hub(1, 3) as (impl, _clients, _echoes):
+            exporter.clear()
+            outcomes = await backchannel.gather(p.changed("t") for p in impl.listeners)
+            assert outcomes == ["0.0:t", "0.1:t", "0.2:t"]
+            [session] = sessions(impl)
+            assert session.multicast_frames == 1
+            for _ in range(200):  # the consumer's server spans end on its own loop
+                if len([s for s in exporter.get_finished_spans() if "changed" in s.name]) >= 6:
+                    break
+                await asyncio.sleep(0.01)
+
+    try:
+        asyncio.run(asyncio.wait_for(body(), 30))
+    finally:
+        telemetry.configure()
+    spans = [s for s in exporter.get_finished_spans() if "changed" in s.name]
+    clients = [s for s in spans if s.kind is SpanKind.CLIENT]
+    servers = [s for s in spans if s.kind is SpanKind.SERVER]
+    assert len(clients) == 3 and len(servers) == 3
+    client_ids = {s.context.span_id for s in clients}
+    assert len(client_ids) == 3
+    parents = [s.parent.span_id for s in servers if s.parent is not None]
+    assert sorted(parents) == sorted(client_ids)  # each server span the child of its own
