@@ -48,6 +48,10 @@ class ExportedCallback:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     #: the incoming call id that holds ``lock`` now (0 when none)
     holder: int = 0
+    #: method name -> (its function, whether it is ``async def``, the call in words), so
+    #: that is worked out once per name (a listener's names: bounded by its methods). The
+    #: function, not the bound method: that would hold a listener held weakly
+    methods: dict[str, tuple[object, bool, str]] = field(default_factory=dict)
 
 
 class ConsumerCallbacks:
@@ -175,16 +179,25 @@ class ConsumerCallbacks:
                 "(released, removed or never added)"
             )
         function = _listener_method(entry, call.method)
-        where = f"{_interface_name(entry) or 'callback'}.{call.method}()"
+        plain = getattr(function, "__func__", function)
+        known = entry.methods.get(call.method)
+        if known is None or known[0] is not plain:
+            where = f"{_interface_name(entry) or 'callback'}.{call.method}()"
+            known = entry.methods[call.method] = (
+                plain,
+                inspect.iscoroutinefunction(function),
+                where,
+            )
+        _, is_async, where = known
         args = codec.decode_args(call.args, where)
         if entry.holder and entry.holder in self._session.ancestors(call.parent_id):
             # re-entrant: the call that holds this instance is waiting for this one
-            return await self._invoke(call, function, args, where, None)
+            return await self._invoke(call, function, is_async, args, where, None)
         await entry.lock.acquire()
         entry.holder = call.id
         thread: list[concurrent.futures.Future[None]] = []
         try:
-            return await self._invoke(call, function, args, where, thread)
+            return await self._invoke(call, function, is_async, args, where, thread)
         finally:
             if thread and not thread[0].done():
                 # cancelled (timed out, the provider gave up) while a plain listener still
@@ -206,11 +219,12 @@ class ConsumerCallbacks:
         self,
         call: pb.Call,
         function: Callable[..., Any],
+        is_async: bool,
         args: list[object],
         where: str,
         thread: list[concurrent.futures.Future[None]] | None,
     ) -> pb.Value:
-        if inspect.iscoroutinefunction(function):
+        if is_async:
             result = await function(*args)
         else:
             context = contextvars.copy_context()

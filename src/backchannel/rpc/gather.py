@@ -5,7 +5,9 @@ listener: with a thousand of them, a thousand round trips back to back. :func:`g
 collects the proxy calls of a generator expression instead of making them, then starts
 every one of them in one turn of the provider's event loop: arguments that are the same
 objects as the previous call's are encoded once, and the calls to one stream leave in
-the same batch (the session writes at the end of the loop turn). It waits for all of
+the same batch (the session writes at the end of the loop turn). Calls of one method with
+the same arguments to many listeners of one consumer go as one Multicast frame when the
+consumer takes them (docs/callbacks.md), as single Calls otherwise. It waits for all of
 them with no task per call (a done-callback per call's future and a counter) and gives
 back each call's result, or the exception it raised, in the order of the calls.
 """
@@ -18,7 +20,7 @@ from collections.abc import Awaitable, Iterable, Sequence
 from typing import Any
 
 from backchannel.errors import CallbackGone, CallCancelled, ChannelClosed, StreamBroken
-from backchannel.rpc.provider_callbacks import COLLECTING, PendingCall
+from backchannel.rpc.provider_callbacks import COLLECTING, PendingCall, begin_multicast
 from backchannel.transport import observe
 from backchannel.transport.handoff import inbox
 from backchannel.v1 import envelope_pb2 as pb
@@ -132,31 +134,77 @@ def _outcome(pending: PendingCall | None, done: asyncio.Future[Any]) -> Any:
 def _start_all(
     slots: Sequence[int], items: Sequence[Any], outcomes: _Outcomes
 ) -> list[asyncio.Future[Any]]:
-    """On the calls' loop: start each collected call, sharing encoded arguments between
-    consecutive calls that pass the same objects. Returns the futures started."""
+    """On the calls' loop: start each collected call, in runs of consecutive calls of
+    one method passing the same objects (their arguments encoded once; see
+    :func:`_start_run`). Returns the futures started."""
     started: list[asyncio.Future[Any]] = []
-    shared_args: tuple[Any, ...] | None = None
-    shared_values: Sequence[pb.Value] | None = None
+    run: list[int] = []
     for slot in slots:
         item = items[slot]
-        if not isinstance(item, PendingCall):  # a call started on the loop already
+        if run and isinstance(item, PendingCall) and _same_call(item, items[run[0]]):
+            run.append(slot)
+            continue
+        if run:
+            _start_run(run, items, outcomes, started)
+            run = []
+        if isinstance(item, PendingCall):
+            run.append(slot)
+        else:  # a call started on the loop already
             started.append(item)
             outcomes.watch(slot, None, item)
-            continue
-        try:
-            if shared_args is None or not _same_objects(item.args, shared_args):
-                shared_args = item.args
-                shared_values = None  # encoding may fail: then each such call says so
-                shared_values = codec.encode_args(
-                    item.args, (), item.proxy.label(item.method), None
-                )
-            future = item.proxy.begin(item, shared_values)
-        except Exception as exc:  # this call only: CallbackGone, EncodeError, too large
-            outcomes.fill(slot, exc)
-            continue
-        started.append(future)
-        outcomes.watch(slot, item, future)
+    if run:
+        _start_run(run, items, outcomes, started)
     return started
+
+
+def _start_run(
+    run: list[int], items: Sequence[Any], outcomes: _Outcomes, started: list[asyncio.Future[Any]]
+) -> None:
+    """Start a run of calls of one method with the same argument objects: the arguments
+    encoded once, and the calls of the run to one stream that takes Multicast frames sent
+    as one (a frame per stream: the call once, and a call id and callback id per
+    listener). The others go as single Calls, in order."""
+    first: PendingCall = items[run[0]]
+    values: Sequence[pb.Value] | None
+    try:
+        values = codec.encode_args(first.args, (), first.proxy.label(first.method), None)
+    except Exception:  # encoding failed: then each call of the run says so
+        values = None
+    groups: dict[tuple[Any, int], list[int]] = {}
+    if values is not None and len(run) > 1:
+        for slot in run:
+            pending: PendingCall = items[slot]
+            groups.setdefault((pending.proxy._table.session, pending.parent), []).append(slot)
+    else:
+        groups[(None, 0)] = run
+    for (session, _), slots in groups.items():
+        if values is not None and len(slots) > 1 and session.multicast and session.usable:
+            pendings = [items[slot] for slot in slots]
+            begun = begin_multicast(pendings, values)
+            for slot, pending, outcome in zip(slots, pendings, begun, strict=True):
+                if isinstance(outcome, asyncio.Future):
+                    started.append(outcome)
+                    outcomes.watch(slot, pending, outcome)
+                else:
+                    outcomes.fill(slot, outcome)
+            continue
+        for slot in slots:
+            item = items[slot]
+            try:
+                future = item.proxy.begin(item, values)
+            except Exception as exc:  # this call only: CallbackGone, EncodeError, too large
+                outcomes.fill(slot, exc)
+                continue
+            started.append(future)
+            outcomes.watch(slot, item, future)
+
+
+def _same_call(item: PendingCall, first: PendingCall) -> bool:
+    return (
+        item.method == first.method
+        and item.one_way == first.one_way
+        and _same_objects(item.args, first.args)
+    )
 
 
 def _same_objects(args: tuple[Any, ...], shared: tuple[Any, ...]) -> bool:

@@ -85,6 +85,7 @@ class ReverseProxy:
         self._gone: str | None = None
         self._ended_event = threading.Event()
         self._labels: dict[str, str] = {}
+        self._decoders: dict[str, Callable[[pb.Result], Any]] = {}
         if spec is not None:
             for name, method in spec.methods.items():
                 setattr(self, name, functools.partial(self._call, name, method))
@@ -177,6 +178,14 @@ class ReverseProxy:
         :meth:`gone_error` makes the CallbackGone."""
         return self._start(pending.method, pending.one_way, pending.args, pending.parent, values)
 
+    def gone_now(self, method: str) -> CallbackGone:
+        """The CallbackGone a call of ``method`` raises on an instance that ended."""
+        try:
+            self._check_alive(method)
+        except CallbackGone as exc:
+            return exc
+        raise RuntimeError(f"{self!r} is live")
+
     def gone_error(self, method: str, cause: BaseException) -> CallbackGone:
         """The CallbackGone for a call whose stream ended under it (see :meth:`begin`)."""
         return self._gone_error(method, cause)
@@ -213,30 +222,89 @@ class ReverseProxy:
         call = pb.Call(
             method=method, args=values, callback_id=self._id, parent_id=parent, one_way=one_way
         )
-        session = self._table.session
-        table = self._table
-
-        def decode(result: pb.Result) -> Any:
-            if result.HasField("error"):
-                error = codec.decode_error(result.error, session.error_types)
-                if isinstance(error, CallbackGone):  # the consumer no longer has it
-                    table.release(call.callback_id)
-                raise error
-            what = f"the result of {where}"
-            if codec.is_bulk_value(result.value):  # off the loop every stream shares
-                value = result.value
-                pool = table.pools.for_waiter(session)
-                return Deferred(run_in_pool(pool, lambda: codec.decode(value, what)))
-            return codec.decode(result.value, what)
 
         def broken(error: BaseException) -> BaseException:
             if isinstance(error, StreamBroken):  # the instance went with its stream
                 return self._gone_error(method, error)
             return error
 
-        return session.start_call(
-            call, table.timeout, label=where, decode=decode, broken=broken if chain else None
+        return self._table.session.start_call(
+            call,
+            self._table.timeout,
+            label=where,
+            decode=self.decoder(method),
+            broken=broken if chain else None,
         )
+
+    def decoder(self, method: str) -> Callable[[pb.Result], Any]:
+        """What turns a Result of a call of ``method`` into its value (or raises its
+        error); made once per method."""
+        decode = self._decoders.get(method)
+        if decode is None:
+            decode = self._decoders[method] = self._make_decoder(method)
+        return decode
+
+    def _make_decoder(self, method: str) -> Callable[[pb.Result], Any]:
+        session = self._table.session
+        table = self._table
+        callback_id = self._id
+        what = f"the result of {self.label(method)}"
+
+        def decode(result: pb.Result) -> Any:
+            if result.HasField("error"):
+                error = codec.decode_error(result.error, session.error_types)
+                if isinstance(error, CallbackGone):  # the consumer no longer has it
+                    table.release(callback_id)
+                raise error
+            if codec.is_bulk_value(result.value):  # off the loop every stream shares
+                value = result.value
+                pool = table.pools.for_waiter(session)
+                return Deferred(run_in_pool(pool, lambda: codec.decode(value, what)))
+            return codec.decode(result.value, what)
+
+        return decode
+
+
+def begin_multicast(
+    pendings: Sequence[PendingCall], values: Sequence[pb.Value]
+) -> list[asyncio.Future[Any] | Exception]:
+    """On the loop: start calls :func:`backchannel.gather` collected for instances on one
+    stream, all of one method with the same encoded arguments, as Multicast frames (the
+    stream must take them); each call's future, or the exception that stopped it (a
+    CallbackGone). Should the multicast fail as a whole, each call is sent alone and
+    says for itself what went wrong."""
+    first = pendings[0]
+    table = first.proxy._table
+    outcomes: list[asyncio.Future[Any] | Exception] = []
+    targets: list[tuple[int, str, Callable[[pb.Result], Any]]] = []
+    live: list[int] = []
+    for index, pending in enumerate(pendings):
+        proxy = pending.proxy
+        if proxy._gone is not None:
+            outcomes.append(proxy.gone_now(pending.method))
+            continue
+        outcomes.append(_NOT_YET)
+        targets.append((proxy._id, proxy.label(pending.method), proxy.decoder(pending.method)))
+        live.append(index)
+    if not targets:
+        return outcomes
+    call = pb.Call(method=first.method, args=values, one_way=first.one_way)
+    try:
+        futures = table.session.start_multicast(call, targets, table.timeout, first.parent)
+    except Exception:
+        for index in live:
+            try:
+                outcomes[index] = pendings[index].proxy.begin(pendings[index], values)
+            except Exception as exc:
+                outcomes[index] = exc
+        return outcomes
+    for index, future in zip(live, futures, strict=True):
+        outcomes[index] = future
+    return outcomes
+
+
+#: a place in begin_multicast's outcomes not filled yet
+_NOT_YET = Exception("not started")
 
 
 class ProviderCallbacks:

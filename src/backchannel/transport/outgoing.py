@@ -60,6 +60,7 @@ class Calls:
         _loop: asyncio.AbstractEventLoop
         _queue: list[bytes]
         _writable: asyncio.Event
+        _handling: bool
         _peer_max_calls: int
         _peer_max_message: int
 
@@ -114,8 +115,8 @@ class Calls:
 
     def _send(self, outgoing: Outgoing) -> None:
         call = outgoing.call
-        call_id = self.connection.send_call(call, outgoing)
-        if self.connection.pending_outgoing <= 1 and not self._queue:
+        call_id = outgoing.id = self.connection.send_call(call, outgoing)
+        if self.connection.pending_outgoing <= 1 and not self._queue and not self._handling:
             self._write_now()  # a lone call (a sequential caller): nothing to batch it with
         else:
             self.flush()
@@ -186,8 +187,8 @@ class Calls:
 
     def _expire(self, outgoing: Outgoing) -> None:
         outgoing.deadline = None
-        if outgoing.call.id:
-            self.abandon(outgoing.call.id, f"deadline of {outgoing.timeout} s exceeded")
+        if outgoing.id:
+            self.abandon(outgoing.id, f"deadline of {outgoing.timeout} s exceeded")
         if not outgoing.future.done():
             outgoing.future.set_exception(
                 DeadlineExceeded(f"{outgoing.label} did not finish within {outgoing.timeout} s")
@@ -214,9 +215,10 @@ class Calls:
 
 
 class Outgoing:
-    """A call this side sends: waiting for a slot, then for its result."""
+    """A call this side sends: waiting for a slot, then for its result. A target of a
+    Multicast holds the call it shares with the others, and its own id."""
 
-    __slots__ = ("broken", "call", "deadline", "decode", "future", "label", "timeout")
+    __slots__ = ("broken", "call", "deadline", "decode", "future", "id", "label", "timeout")
 
     def __init__(
         self,
@@ -234,6 +236,8 @@ class Outgoing:
         self.decode = decode
         self.broken = broken
         self.deadline: Entry | None = None
+        #: its call id once sent (0 until then)
+        self.id = 0
 
     def fail_lost(self, cause: BaseException) -> None:
         """The stream ended under it: fail it with (a copy of) ``cause``, or with what

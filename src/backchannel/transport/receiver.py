@@ -13,7 +13,7 @@ import asyncio
 import contextvars
 import logging
 import types
-from collections.abc import Coroutine, Generator, Sequence
+from collections.abc import Coroutine, Generator, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from google.protobuf.message import DecodeError
@@ -22,7 +22,7 @@ from backchannel.errors import CallCancelled, EncodeError, LocalProtocolError, M
 from backchannel.transport import observe
 from backchannel.transport.outgoing import call_name
 from backchannel.v1 import envelope_pb2 as pb
-from backchannel.wire import codec, frames
+from backchannel.wire import codec, frames, slices
 from backchannel.wire.protocol import (
     CallReceived,
     CancelReceived,
@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from backchannel.transport.outgoing import Outgoing
     from backchannel.transport.peerlog import PeerLog
     from backchannel.wire.protocol import Connection
+    from backchannel.wire.slices import Piece
 
 logger = logging.getLogger("backchannel")
 
@@ -51,9 +52,10 @@ CURRENT_CALL: contextvars.ContextVar[tuple[Receiver, int] | None] = contextvars.
     "backchannel_current_call", default=None
 )
 
-#: frames of one received Batch acted on before the reader yields to the event loop: a
-#: Batch of 150,000 calls refused past the in-flight limit would otherwise hold the loop
-#: for over a second (one slice of refusals takes a few milliseconds)
+#: frames of one received Batch (or targets of a Multicast) acted on before the reader
+#: yields to the event loop: a Batch of 150,000 calls refused past the in-flight limit
+#: would otherwise hold the loop for over a second (one slice of refusals takes a few
+#: milliseconds)
 RECEIVE_SLICE = 500
 
 
@@ -106,12 +108,13 @@ class Receiver:
         def _finished(self, call_id: int) -> None: ...
         def _count_fault(self) -> None: ...
 
-    async def _receive_in_slices(self, frames: Sequence[pb.Frame | Unparseable]) -> None:
-        """Act on the frames of one big Batch, :data:`RECEIVE_SLICE` at a time, yielding
-        to the loop between slices (and waiting, as the reader does, while the peer reads
-        too slowly), so no single message holds the loop for long."""
-        for start in range(0, len(frames), RECEIVE_SLICE):
-            if start:
+    async def _receive_in_slices(self, pieces: Iterator[list[Piece]]) -> None:
+        """Act on one big Batch or Multicast a slice at a time (about
+        :data:`RECEIVE_SLICE` calls each), yielding to the loop between slices (and
+        waiting, as the reader does, while the peer reads too slowly), so no single
+        message holds the loop for long."""
+        for index, piece in enumerate(pieces):
+            if index:
                 await asyncio.sleep(0)
                 if not self._writable.is_set():
                     await self._writable.wait()
@@ -119,7 +122,6 @@ class Receiver:
                     return
             self._handling = True
             try:
-                piece = frames[start : start + RECEIVE_SLICE]
                 self._handle(self.connection.receive_batch(piece))
             finally:
                 self._handling = False
@@ -279,7 +281,10 @@ def parse_frame(data: bytes) -> pb.Frame | Unparseable | SplitBatch:
 
 def _unparseable(data: bytes, reason: str) -> Unparseable:
     call_id, one_way, result_id = frames.find_ids(data)
-    return Unparseable(len(data), reason, call_id, one_way, result_id)
+    if call_id or result_id:
+        return Unparseable(len(data), reason, call_id, one_way, result_id)
+    targets, one_way = frames.find_targets(data, RECEIVE_SLICE)
+    return Unparseable(len(data), reason, 0, one_way, 0, targets)
 
 
 @types.coroutine
@@ -306,12 +311,31 @@ def _resume(coroutine: Coroutine[Any, Any, None], waiting_on: Any) -> Generator[
                 return
 
 
-def many_frames(frame: Any) -> Sequence[pb.Frame | Unparseable] | None:
-    """The frames of a received Batch too big to act on in one go, else None."""
+def many_frames(frame: Any, weigh_targets: bool) -> Iterator[list[Piece]] | None:
+    """The slices of a received message too big to act on in one go (made as they are
+    taken), else None: a Batch of many frames, or (``weigh_targets``: a consumer's) a
+    Multicast of many targets or a Batch holding them. A provider takes a Multicast as
+    one refused frame: it is not weighed, nor cut."""
     if type(frame) is SplitBatch:
         frames: Sequence[pb.Frame | Unparseable] = frame.frames
-    elif type(frame) is pb.Frame and frame.HasField("batch"):
-        frames = frame.batch.frames
+    elif type(frame) is pb.Frame:
+        if frame.HasField("batch"):
+            frames = frame.batch.frames
+        elif weigh_targets and frame.HasField("multicast"):
+            if len(frame.multicast.targets) <= RECEIVE_SLICE:
+                return None
+            return slices.slices([frame], RECEIVE_SLICE)
+        else:
+            return None
     else:
         return None
-    return frames if len(frames) > RECEIVE_SLICE else None
+    if len(frames) <= RECEIVE_SLICE and not (
+        weigh_targets and slices.weight(frames) > RECEIVE_SLICE
+    ):
+        return None
+    if weigh_targets:
+        return slices.slices(frames, RECEIVE_SLICE)
+    return (
+        list(frames[start : start + RECEIVE_SLICE])
+        for start in range(0, len(frames), RECEIVE_SLICE)
+    )

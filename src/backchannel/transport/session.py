@@ -8,11 +8,13 @@ is ready into one ``Batch`` message: each write's completion (gRPC's flow contro
 starts the next, through done-callbacks rather than a task. The first failure of the
 stream is stored and fails every pending call at once.
 
-:class:`Session` is made of three parts, one module each, sharing its state (mixins, so
+:class:`Session` is made of four parts, one module each, sharing its state (mixins, so
 no message pays an extra attribute hop): :class:`~backchannel.transport.writer.Writer`
 (batching, back-pressure), :class:`~backchannel.transport.receiver.Receiver` (acting on
 what the peer sends, serving its calls) and :class:`~backchannel.transport.outgoing.Calls`
-(the table of outgoing calls and their deadlines). This module keeps the stream's life:
+(the table of outgoing calls and their deadlines), with
+:class:`~backchannel.transport.multicasting.Multicasting` (one call to many callback
+instances, as Multicast frames). This module keeps the stream's life:
 the read loop, and how the stream ends. The transport's own end-of-stream marker and error
 translation come in through the constructor (transport/seam.py).
 """
@@ -37,6 +39,7 @@ from backchannel.transport.deadlines import Deadlines
 from backchannel.transport.handoff import (
     Deferred as Deferred,  # re-exported: cluster/attempt.py and the tests import it here
 )
+from backchannel.transport.multicasting import Multicasting
 from backchannel.transport.outgoing import COMPACT_WAITING_AT, Calls
 from backchannel.transport.outgoing import Outgoing as Outgoing  # re-exported
 from backchannel.transport.peerlog import PeerLog
@@ -52,7 +55,7 @@ from backchannel.transport.writer import Write, Writer, _Driven
 from backchannel.transport.writer import serialize as serialize  # re-exported
 from backchannel.v1 import envelope_pb2 as pb
 from backchannel.wire import codec
-from backchannel.wire.protocol import Connection, State, Unparseable
+from backchannel.wire.protocol import Connection, Role, State, Unparseable
 from backchannel.wire.text import wire_text
 
 logger = logging.getLogger("backchannel")
@@ -66,7 +69,7 @@ CURRENT_CALL = cast("contextvars.ContextVar[tuple[Session, int] | None]", receiv
 Read = Callable[[], Awaitable[Any]]
 
 
-class Session(Writer, Receiver, Calls):
+class Session(Writer, Receiver, Calls, Multicasting):
     """One live Connect stream, either end."""
 
     def __init__(
@@ -121,7 +124,11 @@ class Session(Writer, Receiver, Calls):
         self._writable = asyncio.Event()
         self._writable.set()
         self._reader: asyncio.Task[Any] | None = None
+        # a consumer weighs a Multicast's targets when it cuts what arrived into slices
+        self._weigh_targets = connection.role is Role.CONSUMER
         self._stall: asyncio.TimerHandle | None = None  # ends a stream over the limit too long
+        #: Multicast frames sent on this stream (one per group of targets; for tests, logs)
+        self.multicast_frames = 0
         #: the status this side ended the stream with, when it did (a peer that broke a
         #: limit: did not read, sent no Hello, kept sending Faults)
         self.ending: tuple[Code, str] | None = None
@@ -181,9 +188,9 @@ class Session(Writer, Receiver, Calls):
                 if frame is eof:
                     cause = StreamBroken(f"the peer {self.peer} closed the stream")
                     break
-                batch = many_frames(frame)
-                if batch is not None:
-                    await self._receive_in_slices(batch)
+                pieces = many_frames(frame, self._weigh_targets)
+                if pieces is not None:
+                    await self._receive_in_slices(pieces)
                     continue
                 # what acting on one message produces (results of calls that finish at
                 # once, say) is written as one batch as soon as it is done: no loop turn
@@ -191,7 +198,12 @@ class Session(Writer, Receiver, Calls):
                 try:
                     if type(frame) is Unparseable:
                         events = self.connection.receive_unparseable(
-                            frame.size, frame.reason, frame.call_id, frame.one_way, frame.result_id
+                            frame.size,
+                            frame.reason,
+                            frame.call_id,
+                            frame.one_way,
+                            frame.result_id,
+                            frame.targets,
                         )
                     elif type(frame) is SplitBatch:
                         events = self.connection.receive_batch(frame.frames)

@@ -35,7 +35,7 @@ INTERNAL: Code
 UNAVAILABLE: Code
 
 class Frame(_message.Message):
-    __slots__ = ("hello", "welcome", "call", "result", "cancel", "release", "go_away", "batch", "fault")
+    __slots__ = ("hello", "welcome", "call", "result", "cancel", "release", "go_away", "batch", "fault", "multicast")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     CALL_FIELD_NUMBER: _ClassVar[int]
@@ -45,6 +45,7 @@ class Frame(_message.Message):
     GO_AWAY_FIELD_NUMBER: _ClassVar[int]
     BATCH_FIELD_NUMBER: _ClassVar[int]
     FAULT_FIELD_NUMBER: _ClassVar[int]
+    MULTICAST_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     welcome: Welcome
     call: Call
@@ -54,19 +55,22 @@ class Frame(_message.Message):
     go_away: GoAway
     batch: Batch
     fault: Fault
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., welcome: _Optional[_Union[Welcome, _Mapping]] = ..., call: _Optional[_Union[Call, _Mapping]] = ..., result: _Optional[_Union[Result, _Mapping]] = ..., cancel: _Optional[_Union[Cancel, _Mapping]] = ..., release: _Optional[_Union[Release, _Mapping]] = ..., go_away: _Optional[_Union[GoAway, _Mapping]] = ..., batch: _Optional[_Union[Batch, _Mapping]] = ..., fault: _Optional[_Union[Fault, _Mapping]] = ...) -> None: ...
+    multicast: Multicast
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., welcome: _Optional[_Union[Welcome, _Mapping]] = ..., call: _Optional[_Union[Call, _Mapping]] = ..., result: _Optional[_Union[Result, _Mapping]] = ..., cancel: _Optional[_Union[Cancel, _Mapping]] = ..., release: _Optional[_Union[Release, _Mapping]] = ..., go_away: _Optional[_Union[GoAway, _Mapping]] = ..., batch: _Optional[_Union[Batch, _Mapping]] = ..., fault: _Optional[_Union[Fault, _Mapping]] = ..., multicast: _Optional[_Union[Multicast, _Mapping]] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("protocol_version", "application", "max_calls_in_flight", "max_message_size")
+    __slots__ = ("protocol_version", "application", "max_calls_in_flight", "max_message_size", "accepts_multicast")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     APPLICATION_FIELD_NUMBER: _ClassVar[int]
     MAX_CALLS_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTS_MULTICAST_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     application: str
     max_calls_in_flight: int
     max_message_size: int
-    def __init__(self, protocol_version: _Optional[int] = ..., application: _Optional[str] = ..., max_calls_in_flight: _Optional[int] = ..., max_message_size: _Optional[int] = ...) -> None: ...
+    accepts_multicast: bool
+    def __init__(self, protocol_version: _Optional[int] = ..., application: _Optional[str] = ..., max_calls_in_flight: _Optional[int] = ..., max_message_size: _Optional[int] = ..., accepts_multicast: _Optional[bool] = ...) -> None: ...
 
 class Welcome(_message.Message):
     __slots__ = ("protocol_version", "application", "services", "max_calls_in_flight", "max_message_size")
@@ -144,6 +148,31 @@ class Call(_message.Message):
     json_args: str
     trace_context: _containers.ScalarMap[str, str]
     def __init__(self, id: _Optional[int] = ..., service: _Optional[str] = ..., group: _Optional[str] = ..., version: _Optional[str] = ..., method: _Optional[str] = ..., args: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., callback_id: _Optional[int] = ..., parent_id: _Optional[int] = ..., one_way: _Optional[bool] = ..., json_args: _Optional[str] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class Multicast(_message.Message):
+    __slots__ = ("call", "targets")
+    CALL_FIELD_NUMBER: _ClassVar[int]
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
+    call: Call
+    targets: _containers.RepeatedCompositeFieldContainer[Target]
+    def __init__(self, call: _Optional[_Union[Call, _Mapping]] = ..., targets: _Optional[_Iterable[_Union[Target, _Mapping]]] = ...) -> None: ...
+
+class Target(_message.Message):
+    __slots__ = ("id", "callback_id", "trace_context")
+    class TraceContextEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ID_FIELD_NUMBER: _ClassVar[int]
+    CALLBACK_ID_FIELD_NUMBER: _ClassVar[int]
+    TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    callback_id: int
+    trace_context: _containers.ScalarMap[str, str]
+    def __init__(self, id: _Optional[int] = ..., callback_id: _Optional[int] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class Result(_message.Message):
     __slots__ = ("id", "value", "error", "json")

@@ -90,6 +90,9 @@ class Unparseable:
     one_way: bool = False
     #: the id of the Result it holds, when one can be read (0: none)
     result_id: int = 0
+    #: the call ids of the targets of the Multicast it holds, when they can be read (the
+    #: first 500 at most: a provider puts no more in one frame)
+    targets: tuple[int, ...] = ()
 
 
 Event = (

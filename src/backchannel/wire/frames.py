@@ -11,9 +11,12 @@ would copy the call, and protobuf copies a message by serializing and parsing it
 60 ms per MB of map entries: the biggest cost of a bulk call). A Batch is put together
 from its frames' bytes the same way.
 
-Only the envelope's own layout is used: Frame.call is field 3, Frame.result field 4 and
-Frame.batch field 8 holding Batch.frames, field 1; a Call or Result has its id in field 1
-(a varint), Result.value is field 2, and Call.one_way is field 9.
+A Multicast is written the same way: the Call serialized once, then its targets.
+
+Only the envelope's own layout is used: Frame.call is field 3, Frame.result field 4,
+Frame.batch field 8 holding Batch.frames, field 1, and Frame.multicast field 10 holding
+Multicast.call, field 1; a Call or Result has its id in field 1 (a varint),
+Result.value is field 2, and Call.one_way is field 9.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
-_FRAME_CALL, _FRAME_RESULT, _FRAME_BATCH = 3, 4, 8
+_FRAME_CALL, _FRAME_RESULT, _FRAME_BATCH, _FRAME_MULTICAST = 3, 4, 8, 10
 _BATCH_FRAMES = 1
 _ID = 1
 _RESULT_VALUE = 2
@@ -34,6 +37,9 @@ _FRAME_BATCH_TAG = bytes([_FRAME_BATCH << 3 | _LEN])
 _BATCH_FRAMES_TAG = bytes([_BATCH_FRAMES << 3 | _LEN])
 _ID_TAG = bytes([_ID << 3 | _VARINT])
 _RESULT_VALUE_TAG = bytes([_RESULT_VALUE << 3 | _LEN])
+_FRAME_MULTICAST_TAG = bytes([_FRAME_MULTICAST << 3 | _LEN])
+_MULTICAST_CALL, _MULTICAST_TARGETS = 1, 2
+_MULTICAST_CALL_TAG = bytes([_MULTICAST_CALL << 3 | _LEN])
 
 
 class Malformed(Exception):
@@ -121,13 +127,47 @@ def find_ids(data: bytes) -> tuple[int, bool, int]:
     return 0, False, found
 
 
+def find_targets(data: bytes, most: int) -> tuple[tuple[int, ...], bool]:
+    """(call ids of its first ``most`` targets, one way) of the Multicast an unparseable
+    frame holds, as far as its bytes can be read; ((), False) when it holds none."""
+    body = b""
+    try:
+        for number, kind, value in fields(data):
+            if number == _FRAME_MULTICAST and kind == _LEN:
+                body = value  # type: ignore[assignment]
+            elif 1 <= number <= _FRAME_MULTICAST:  # another kind of the oneof: the last wins
+                body = b""
+    except Malformed:
+        pass
+    ids: list[int] = []
+    one_way = False
+    try:
+        for number, kind, value in fields(body):
+            if number == _MULTICAST_CALL and kind == _LEN:
+                for inner, inner_kind, flag in fields(value):  # type: ignore[arg-type]
+                    if inner == _CALL_ONE_WAY and inner_kind == _VARINT:
+                        one_way = bool(flag)
+            elif number == _MULTICAST_TARGETS and kind == _LEN and len(ids) < most:
+                for inner, inner_kind, found in fields(value):  # type: ignore[arg-type]
+                    if inner == _ID and inner_kind == _VARINT and found:
+                        ids.append(found)  # type: ignore[arg-type]
+                        break
+    except Malformed:
+        pass
+    return tuple(ids), one_way
+
+
 # ------------------------------------------------------------------- writing
+
+
+#: the varints of 0 to 127, one byte each, made once (ids and lengths are often small)
+_SMALL = [bytes((value,)) for value in range(0x80)]
 
 
 def varint(value: int) -> bytes:
     """``value`` (>= 0) as a protobuf varint."""
     if value < 0x80:
-        return bytes((value,))
+        return _SMALL[value]
     out = bytearray()
     while value > 0x7F:
         out.append(value & 0x7F | 0x80)
@@ -157,3 +197,10 @@ def batch_frame(frames: list[bytes]) -> bytes:
         return frames[0]
     body = b"".join(_BATCH_FRAMES_TAG + varint(len(data)) + data for data in frames)
     return _FRAME_BATCH_TAG + varint(len(body)) + body
+
+
+def multicast_frame(call: bytes, targets: bytes) -> bytes:
+    """The Frame holding a Multicast of a serialized Call to targets serialized apart (a
+    Multicast holding only its targets: protobuf merges the two)."""
+    body = _MULTICAST_CALL_TAG + varint(len(call)) + call + targets
+    return _FRAME_MULTICAST_TAG + varint(len(body)) + body

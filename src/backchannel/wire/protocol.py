@@ -12,16 +12,16 @@ an error ``Result`` when it concerns one call) and reported as :class:`PeerMista
 mistake by this side raises :class:`LocalProtocolError`. Once the stream is lost the
 connection is ``CLOSED`` for good and every later send raises the stored cause.
 
-The events (:mod:`backchannel.wire.events`) and the roles, states and transition table
-(:mod:`backchannel.wire.transitions`) have modules of their own; they are re-exported here,
-with :class:`Connection`, as the protocol's one import.
+What each received frame does is :mod:`backchannel.wire.receiving`'s (the Connection's
+receiving half). The events (:mod:`backchannel.wire.events`) and the roles, states and
+transition table (:mod:`backchannel.wire.transitions`) have modules of their own; they are
+re-exported here, with :class:`Connection`, as the protocol's one import.
 """
 
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable, Sequence
-from typing import Any, Generic
+from collections.abc import Sequence
 
 from backchannel.errors import LocalProtocolError, TransportError
 from backchannel.v1 import envelope_pb2 as pb
@@ -40,8 +40,9 @@ from backchannel.wire.events import (
     Unparseable,
     error_result,
 )
+from backchannel.wire.receiving import PROTOCOL_VERSION, Receiving
 from backchannel.wire.text import sendable_text
-from backchannel.wire.transitions import ACCEPTS, MOVES, Role, State
+from backchannel.wire.transitions import ACCEPTS, Role, State
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -62,14 +63,12 @@ __all__ = [
     "error_result",
 ]
 
-PROTOCOL_VERSION = 1
 
-
-class Connection(Generic[Token]):
+class Connection(Receiving[Token]):
     """One side of one Connect stream.
 
     ``Token`` is whatever the transport wants back when a call's result arrives (a
-    future, typically).
+    future, typically). Receiving is :class:`~backchannel.wire.receiving.Receiving`'s.
     """
 
     def __init__(
@@ -79,8 +78,13 @@ class Connection(Generic[Token]):
         services: tuple[pb.ServiceInfo, ...] = (),
         max_calls_in_flight: int = 0,
         max_message_size: int = 0,
+        accepts_multicast: bool = True,
     ) -> None:
         self.role = role
+        #: consumer: Multicast frames are taken (the Hello says so); provider: unused
+        self.accepts_multicast = accepts_multicast and role is Role.CONSUMER
+        #: provider: the consumer's Hello said it takes Multicast frames (send_multicast)
+        self.peer_accepts_multicast = False
         #: calls from the peer this side runs at once; more are refused (0: no limit)
         self.max_calls_in_flight = max_calls_in_flight
         #: the largest frame this side accepts, as told to the peer (0: not stated)
@@ -149,6 +153,7 @@ class Connection(Generic[Token]):
             application=self.application,
             max_calls_in_flight=self.max_calls_in_flight,
             max_message_size=self.max_message_size,
+            accepts_multicast=self.accepts_multicast,
         )
         self._put(pb.Frame(hello=hello))
 
@@ -169,6 +174,44 @@ class Connection(Generic[Token]):
             self._outgoing[call_id] = token
         self._outbox.append(frame)
         return call_id
+
+    def send_multicast(
+        self,
+        call: pb.Call,
+        callback_ids: Sequence[int],
+        tokens: Sequence[Token],
+        trace_contexts: Sequence[dict[str, str]] = (),
+    ) -> int:
+        """Provider: queue one Multicast of ``call`` to the callback instances
+        ``callback_ids`` (at least one), a call id each; returns the first id (the others
+        follow it). ``tokens`` (one per target) return with their results; a target's
+        ``trace_contexts`` entry, when given, replaces the call's for it."""
+        self._check_can_send("multicast")
+        if self.state is not State.OPEN:
+            raise LocalProtocolError(f"cannot send a multicast in state {self.state.value!r}")
+        if not self.peer_accepts_multicast:
+            raise LocalProtocolError("the consumer did not say it accepts multicast frames")
+        if not callback_ids:
+            raise LocalProtocolError("a multicast needs at least one target")
+        first = self._next_id
+        targets = pb.Multicast()
+        add = targets.targets.add
+        if trace_contexts:
+            pairs = zip(callback_ids, trace_contexts, strict=True)
+            for offset, (callback_id, trace) in enumerate(pairs):
+                add(id=first + offset, callback_id=callback_id, trace_context=trace)
+        else:
+            for offset, callback_id in enumerate(callback_ids):
+                add(id=first + offset, callback_id=callback_id)
+        # the call serialized once, beside its targets: not copied into the Multicast
+        frame = frames.multicast_frame(call.SerializeToString(), targets.SerializeToString())
+        self._next_id += len(callback_ids)
+        if not call.one_way:
+            outgoing = self._outgoing
+            for offset, token in enumerate(tokens):
+                outgoing[first + offset] = token
+        self._outbox.append(frame)
+        return first
 
     def send_result(self, result: pb.Result) -> None:
         """Queue the Result of a call the peer sent and this side has not answered yet."""
@@ -246,239 +289,5 @@ class Connection(Generic[Token]):
                 raise type(cause)(f"cannot send {what}: {cause}") from cause
             raise LocalProtocolError(f"cannot send {what}: the stream is closed ({cause})")
 
-    # -------------------------------------------------------------- receiving
-
-    def receive(self, frame: pb.Frame) -> list[Event[Token]]:
-        """Take one received frame; return what happened. Never raises for peer mistakes."""
-        events: list[Event[Token]] = []
-        self._receive(frame, events, nested=False)
-        return events
-
-    def receive_unparseable(
-        self, size: int, reason: str, call_id: int = 0, one_way: bool = False, result_id: int = 0
-    ) -> list[Event[Token]]:
-        """Take a message that did not parse as a Frame: the peer is told, the stream goes
-        on. A Call whose id could be read is answered with an error Result, and a Result
-        for a call this side awaits fails that call: neither is lost."""
-        events: list[Event[Token]] = []
-        _on_unparseable(self, Unparseable(size, reason, call_id, one_way, result_id), events)
-        return events
-
-    def receive_batch(self, frames: Sequence[pb.Frame | Unparseable]) -> list[Event[Token]]:
-        """Take a Batch that was split and its frames parsed one by one (it did not parse
-        as a whole): as :meth:`receive` would take it, each unparseable frame costing only
-        itself."""
-        events: list[Event[Token]] = []
-        if self.state is not State.CLOSED and "batch" not in self._accepts:
-            self._refuse(pb.Frame(batch=pb.Batch()), "batch", events)
-            return events
-        for frame in frames:
-            if type(frame) is Unparseable:
-                _on_unparseable(self, frame, events)
-            else:
-                self._receive(frame, events, nested=True)  # type: ignore[arg-type]
-        return events
-
-    def _receive(self, frame: pb.Frame, events: list[Event[Token]], nested: bool) -> None:
-        if self.state is State.CLOSED:
-            return
-        kind = frame.WhichOneof("kind")
-        if kind is None:
-            self._mistake(events, "frame with no kind set (an unknown frame kind?)")
-            return
-        if kind not in self._accepts:
-            self._refuse(frame, kind, events)
-            return
-        if kind == "batch":
-            if nested:
-                self._mistake(
-                    events, "a batch inside a batch is not allowed; its frames were dropped"
-                )
-                return
-            for inner in frame.batch.frames:
-                self._receive(inner, events, nested=True)
-            return
-        moved = MOVES.get((self.role, self.state, kind))
-        try:
-            _HANDLERS[kind](self, getattr(frame, kind), events)
-        except _StayPut:
-            return
-        if moved is not None:
-            self.state = moved
-            self._accepts = ACCEPTS[(self.role, moved)]
-
-    def _refuse(self, frame: pb.Frame, kind: str, events: list[Event[Token]]) -> None:
-        if kind == "call" and self.state is State.HANDSHAKE:
-            message = f"handshake required: send a hello frame before call {frame.call.id}"
-            self._answer_call_error(frame.call, pb.FAILED_PRECONDITION, message, events)
-            return
-        where = "before the handshake" if self.state is State.HANDSHAKE else "after the handshake"
-        self._mistake(events, f"unexpected {kind} frame {where} ({self.role.value} side)")
-
-    def _mistake(self, events: list[Event[Token]], message: str, call_id: int = 0) -> None:
-        fault = pb.Fault(message=sendable_text(message), call_id=call_id)
-        self._put(pb.Frame(fault=fault))
-        events.append(PeerMistake(message))
-
-    def _answer_call_error(
-        self, call: pb.Call, code: int, message: str, events: list[Event[Token]]
-    ) -> None:
-        events.append(PeerMistake(message))
-        if call.id and not call.one_way:
-            result = error_result(call.id, code, "backchannel.RemoteProtocolError", message)
-            self._put(pb.Frame(result=result))
-
-
-class _StayPut(Exception):
-    """Raised by a handler to keep the state where it is."""
-
 
 _MISSING = object()
-
-
-# --------------------------- one handler per frame kind, and one for what did not parse
-
-
-def _on_hello(connection: Connection[Token], hello: pb.Hello, events: list[Event[Token]]) -> None:
-    if hello.protocol_version > PROTOCOL_VERSION:
-        message = (
-            f"unsupported protocol version {hello.protocol_version}; "
-            f"this provider speaks {PROTOCOL_VERSION}"
-        )
-        connection._mistake(events, message)
-        raise _StayPut
-    welcome = pb.Welcome(
-        protocol_version=PROTOCOL_VERSION,
-        application=connection.application,
-        services=connection.services,
-        max_calls_in_flight=connection.max_calls_in_flight,
-        max_message_size=connection.max_message_size,
-    )
-    connection._put(pb.Frame(welcome=welcome))
-    events.append(
-        HandshakeDone(hello.application, (), hello.max_calls_in_flight, hello.max_message_size)
-    )
-
-
-def _on_welcome(
-    connection: Connection[Token], welcome: pb.Welcome, events: list[Event[Token]]
-) -> None:
-    services = tuple(welcome.services)
-    limits = (welcome.max_calls_in_flight, welcome.max_message_size)
-    events.append(HandshakeDone(welcome.application, services, *limits))
-
-
-def _on_call(connection: Connection[Token], call: pb.Call, events: list[Event[Token]]) -> None:
-    if call.id == 0:
-        connection._mistake(events, "call id 0 is not allowed: give every call a non-zero id")
-    elif call.id in connection._incoming:
-        message = f"duplicate call id {call.id}: a call with this id is still running"
-        connection._mistake(events, message, call.id)
-    elif (
-        0 < connection.max_calls_in_flight <= len(connection._incoming) + connection._one_way_count
-    ):
-        what = "one-way call" if call.one_way else "call"
-        message = (
-            f"too many calls in flight on this stream: this side runs at most "
-            f"{connection.max_calls_in_flight} at once, one-way calls included "
-            f"({what} {call.id} refused)"
-        )
-        if call.one_way:  # nothing to answer: the peer hears of it by a Fault
-            connection._mistake(events, message, call.id)
-        else:
-            connection._answer_call_error(call, pb.RESOURCE_EXHAUSTED, message, events)
-    elif connection.going_away:
-        if not call.one_way:
-            message = "shutting down: this side accepts no new calls on this stream"
-            result = error_result(call.id, pb.UNAVAILABLE, "backchannel.ShuttingDown", message)
-            connection._put(pb.Frame(result=result))
-    else:
-        if call.one_way:
-            connection._one_way[call.id] = connection._one_way.get(call.id, 0) + 1
-            connection._one_way_count += 1
-        else:
-            connection._incoming.add(call.id)
-        events.append(CallReceived(call))
-
-
-def _on_result(
-    connection: Connection[Token], result: pb.Result, events: list[Event[Token]]
-) -> None:
-    token = connection._outgoing.pop(result.id, _MISSING)
-    if token is _MISSING and result.id in connection._abandoned:
-        return  # a late result of a call this side cancelled: an ordinary race
-    if token is _MISSING:
-        message = f"result for unknown call id {result.id} (never sent, answered or cancelled)"
-        connection._mistake(events, message, result.id)
-        return
-    events.append(ResultReceived(result, token))  # type: ignore[arg-type]
-
-
-def _on_cancel(
-    connection: Connection[Token], cancel: pb.Cancel, events: list[Event[Token]]
-) -> None:
-    if cancel.id in connection._incoming:  # else it already finished: nothing to do
-        connection._incoming.discard(cancel.id)  # the peer wants no result: the slot is free
-        connection._cancelled.append(cancel.id)
-        events.append(CancelReceived(cancel.id, cancel.reason))
-
-
-def _on_release(
-    connection: Connection[Token], release: pb.Release, events: list[Event[Token]]
-) -> None:
-    events.append(ReleaseReceived(release.callback_id))
-
-
-def _on_go_away(
-    connection: Connection[Token], go_away: pb.GoAway, events: list[Event[Token]]
-) -> None:
-    connection.peer_going_away = True
-    events.append(GoAwayReceived(go_away.reason))
-
-
-def _on_fault(connection: Connection[Token], fault: pb.Fault, events: list[Event[Token]]) -> None:
-    events.append(FaultReceived(fault.message, fault.call_id))
-
-
-def _on_unparseable(
-    connection: Connection[Token], piece: Unparseable, events: list[Event[Token]]
-) -> None:
-    """What did not parse as a Frame: the peer is told, and a call or result it holds is
-    answered or failed (see :meth:`Connection.receive_unparseable`)."""
-    if connection.state is State.CLOSED:
-        return
-    what = f"a message of {piece.size} bytes is not a backchannel.v1.Frame ({piece.reason})"
-    call_id = piece.call_id
-    if call_id and not piece.one_way and call_id not in connection._incoming:
-        message = f"call {call_id} could not be read: {what}"
-        connection._answer_call_error(pb.Call(id=call_id), pb.INVALID_ARGUMENT, message, events)
-    elif call_id and not piece.one_way:
-        message = f"duplicate call id {call_id}: a call with this id is still running ({what})"
-        connection._mistake(events, message, call_id)
-    elif call_id:
-        connection._mistake(events, f"one-way call {call_id} could not be read: {what}", call_id)
-    elif piece.result_id and piece.result_id in connection._outgoing:
-        token = connection._outgoing.pop(piece.result_id)
-        connection._abandoned.append(piece.result_id)  # a later Result for it: dropped quietly
-        message = f"the result of call {piece.result_id} could not be read: {what}"
-        failed = error_result(
-            piece.result_id, pb.INVALID_ARGUMENT, "backchannel.RemoteProtocolError", message
-        )
-        events.append(ResultReceived(failed, token))
-        connection._mistake(events, message, piece.result_id)
-    else:
-        connection._mistake(events, what)
-
-
-#: what acts on each kind of frame: plain functions taking the connection, not a table of
-#: bound methods per connection (which would hold the connection in a reference cycle)
-_HANDLERS: dict[str, Callable[[Connection[Any], Any, list[Event[Any]]], None]] = {
-    "hello": _on_hello,
-    "welcome": _on_welcome,
-    "call": _on_call,
-    "result": _on_result,
-    "cancel": _on_cancel,
-    "release": _on_release,
-    "go_away": _on_go_away,
-    "fault": _on_fault,
-}

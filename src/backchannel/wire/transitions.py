@@ -30,8 +30,9 @@ ACCEPTS: dict[tuple[Role, State], frozenset[str]] = {
     (Role.PROVIDER, State.OPEN): frozenset(
         {"call", "result", "cancel", "release", "go_away", "fault", "batch"}
     ),
+    # a Multicast goes from provider to consumer only (callbacks to many instances)
     (Role.CONSUMER, State.OPEN): frozenset(
-        {"call", "result", "cancel", "release", "go_away", "fault", "batch"}
+        {"call", "multicast", "result", "cancel", "release", "go_away", "fault", "batch"}
     ),
 }
 # The state a received frame kind moves a connection to, when it moves it.

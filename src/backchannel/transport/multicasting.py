@@ -1,0 +1,162 @@
+"""The multicasting part of a :class:`~backchannel.transport.session.Session` (provider):
+one call to many callback instances of the consumer, sent as Multicast frames.
+
+The call is serialized once per frame and each target is a call of its own in the table
+of outgoing calls (:mod:`~backchannel.transport.outgoing`): its future, deadline,
+in-flight slot and Result, as if sent alone. Targets beyond the in-flight slots the
+consumer allows wait as single Calls, as any call does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from backchannel.errors import MessageTooLarge
+from backchannel.transport import observe
+from backchannel.transport.outgoing import Decode, Future, Outgoing
+from backchannel.v1 import envelope_pb2 as pb
+from backchannel.wire import codec
+
+if TYPE_CHECKING:
+    import asyncio
+    import collections
+
+    from backchannel.transport.deadlines import Deadlines
+    from backchannel.wire.protocol import Connection
+
+#: targets per Multicast frame: the consumer acts on that many calls in one go
+MULTICAST_TARGETS = 500
+#: bytes a target takes in a frame, at most: ids, and a trace context when traced
+_TARGET_BYTES = 24
+_TRACED_TARGET_BYTES = 160
+
+#: (callback id, label, decode) of one target
+Target = tuple[int, str, Decode | None]
+
+
+class Multicasting:
+    """Sends one call to many callback instances as Multicast frames: a part of
+    :class:`~backchannel.transport.session.Session`, whose ``__init__`` sets up the state
+    it uses."""
+
+    # declared for the type checker only: the rest of the session defines them
+    if TYPE_CHECKING:
+        connection: Connection[Outgoing]
+        _loop: asyncio.AbstractEventLoop
+        _sent: dict[int, Outgoing]
+        _deadlines: Deadlines
+        _waiting: collections.deque[Outgoing]
+        _outgoing_parent: dict[int, int]
+        _writable: asyncio.Event
+        _peer_max_calls: int
+        _peer_max_message: int
+        multicast_frames: int
+
+        def flush(self) -> None: ...
+        def _wait_for_a_slot(self, outgoing: Outgoing) -> None: ...
+
+    @property
+    def multicast(self) -> bool:
+        """True when the peer takes Multicast frames (it said so in its Hello)."""
+        return self.connection.peer_accepts_multicast
+
+    def start_multicast(
+        self, call: pb.Call, targets: Sequence[Target], timeout: float | None, parent: int = 0
+    ) -> list[Future]:
+        """Send ``call`` to each target's callback instance; a future per target, in
+        order, for its Result or what its ``decode`` makes of it (as
+        :meth:`~backchannel.transport.outgoing.Calls.start_call` gives). The targets go
+        in Multicast frames (the peer must take them: :attr:`multicast`), those beyond
+        the in-flight slots wait as single Calls. A call over the peer's message size
+        limit raises MessageTooLarge before anything is sent."""
+        size = call.ByteSize()
+        if size > self._peer_max_message:
+            raise MessageTooLarge(
+                f"{targets[0][1]} and {len(targets) - 1} more: the call is {size} bytes, over "
+                f"the message size limit of {self._peer_max_message} bytes (max_message_size)"
+            )
+        if parent:
+            call.parent_id = parent
+        room = 0
+        if not self._waiting and self._writable.is_set():
+            room = max(0, self._peer_max_calls - self.connection.pending_outgoing)
+        traced = observe.AVAILABLE and observe.collecting()
+        create_future = self._loop.create_future
+        add_deadline = self._deadlines.add
+        futures: list[Future] = []
+        now: list[Outgoing] = []
+        later: list[Outgoing] = []
+        callback_ids: list[int] = []
+        traces: list[dict[str, str]] = []
+        for index, (callback_id, label, decode) in enumerate(targets):
+            own = call if index < room else _alone(call, callback_id)
+            outgoing = Outgoing(own, create_future(), label, timeout, decode)
+            futures.append(outgoing.future)
+            if traced:  # the target's client span, its context: a stand-in Call for it
+                stand_in = own if own is not call else _alone(call, callback_id, args=False)
+                observe.sending(self, stand_in, outgoing.future)
+                if own is call:
+                    traces.append(dict(stand_in.trace_context))
+            if timeout is not None:
+                outgoing.deadline = add_deadline(outgoing, timeout)
+            if own is call:
+                now.append(outgoing)
+                callback_ids.append(callback_id)
+            else:
+                later.append(outgoing)
+        per_target = _TRACED_TARGET_BYTES if traced else _TARGET_BYTES
+        chunk = max(1, min(MULTICAST_TARGETS, (self._peer_max_message - size - 16) // per_target))
+        try:
+            for start in range(0, len(now), chunk):
+                stop = start + chunk
+                self._send_multicast(
+                    call, now[start:stop], callback_ids[start:stop], traces[start:stop]
+                )
+        except BaseException:  # not sent: nothing of them may stay behind
+            for outgoing in now + later:
+                if not outgoing.id:
+                    outgoing.settle()
+            raise
+        for outgoing in later:  # after the others: calls to one instance keep their order
+            self._wait_for_a_slot(outgoing)
+        return futures
+
+    def _send_multicast(
+        self,
+        call: pb.Call,
+        outgoings: list[Outgoing],
+        callback_ids: list[int],
+        traces: list[dict[str, str]],
+    ) -> None:
+        first = self.connection.send_multicast(call, callback_ids, outgoings, traces)
+        self.multicast_frames += 1
+        self.flush()
+        if call.one_way:
+            for offset, outgoing in enumerate(outgoings):
+                outgoing.id = first + offset
+                outgoing.resolve(pb.Result(id=first + offset, value=codec.NULL))
+            return
+        sent = self._sent
+        for offset, outgoing in enumerate(outgoings):
+            outgoing.id = call_id = first + offset
+            sent[call_id] = outgoing
+        if call.parent_id:
+            for offset in range(len(outgoings)):
+                self._outgoing_parent[first + offset] = call.parent_id
+
+
+def _alone(call: pb.Call, callback_id: int, args: bool = True) -> pb.Call:
+    """``call`` to one callback instance, as a Call of its own (without its arguments:
+    a stand-in for the telemetry hook)."""
+    if args:
+        own = pb.Call()
+        own.CopyFrom(call)
+        own.callback_id = callback_id
+        return own
+    return pb.Call(
+        method=call.method,
+        callback_id=callback_id,
+        parent_id=call.parent_id,
+        one_way=call.one_way,
+    )
