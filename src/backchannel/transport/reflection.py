@@ -102,7 +102,9 @@ class Reflection:
         if kind == "list_services":
             return reflection_pb2.ServerReflectionResponse(
                 list_services_response=reflection_pb2.ListServiceResponse(
-                    service=[reflection_pb2.ServiceResponse(name=name) for name in self._service_names]
+                    service=[
+                        reflection_pb2.ServiceResponse(name=name) for name in self._service_names
+                    ]
                 ),
                 original_request=request,
             )

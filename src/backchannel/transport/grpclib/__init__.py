@@ -12,14 +12,13 @@ statuses and errors in backchannel's terms (:mod:`.status`).
 
 from __future__ import annotations
 
-import ssl
 from typing import Any
 
 from google.protobuf.message import Message
 
 from backchannel.errors import TransportError
 from backchannel.settings import Keepalive, Limits
-from backchannel.transport.grpclib import channel, status
+from backchannel.transport.grpclib import channel, options, status
 from backchannel.transport.grpclib.serving import GrpclibServer
 from backchannel.transport.seam import Guard, Handlers, Parse, Serialize
 
@@ -34,7 +33,7 @@ class GrpclibTransport:
         return status.translate(exc, peer)
 
     def is_plaintext(self, credentials: object | None) -> bool:
-        return not isinstance(credentials, ssl.SSLContext)
+        return options.client_tls(credentials) is None
 
     def channel(
         self,

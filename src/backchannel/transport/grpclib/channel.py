@@ -30,7 +30,7 @@ from backchannel.transport.grpclib.status import (
     stream_error,
     trailers_status,
 )
-from backchannel.transport.seam import SERVICE_NAME, Parse, Serialize
+from backchannel.transport.seam import SERVICE_NAME, Code, Parse, Serialize, StatusError
 
 CONNECT_PATH = f"/{SERVICE_NAME}/Connect"
 
@@ -196,6 +196,10 @@ async def unary(
             reply = await stream.recv_message()
     except GRPCError as exc:
         raise status_error(exc) from exc
+    except OSError as exc:  # refused, unreachable: what grpc says UNAVAILABLE for
+        raise StatusError(
+            Code.UNAVAILABLE, f"failed to connect to {address}: {type(exc).__name__}: {exc}"
+        ) from exc
     finally:
         channel.close()
     return reply

@@ -35,7 +35,7 @@ _RESET = "Stream reset by remote party, error_code: "
 _END: Any = object()
 
 
-class Inbox(Stream):  # type: ignore[misc]
+class Inbox(Stream):
     """The receiving side of one gRPC call on a grpclib connection."""
 
     def __init__(
@@ -68,7 +68,7 @@ class Inbox(Stream):  # type: ignore[misc]
 
     def init_stream(self, stream_id: int, connection: Connection) -> None:
         super().init_stream(stream_id, connection)
-        self.buffer = self  # grpclib feeds DATA to stream.buffer.add
+        self.buffer = self  # type: ignore[assignment]  # grpclib feeds DATA to buffer.add
 
     # ------------------------------------------------------------ from HTTP/2
 
@@ -125,6 +125,7 @@ class Inbox(Stream):  # type: ignore[misc]
     def _length(self, prefix: bytes | memoryview) -> int:
         """The message length a prefix announces, or -1 when it is refused."""
         flag, length = _PREFIX.unpack(prefix)
+        length = int(length)
         if flag:
             self._refuse(Status.INTERNAL, "a compressed message, but no compression was agreed")
             return -1

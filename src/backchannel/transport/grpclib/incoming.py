@@ -83,9 +83,9 @@ class ServerCall(Call):
             return
         self._trailers_sent = True
         self._before_write = None
-        if self.send_now(trailers(code, message, only=not self._headers_sent), end=True):
-            if self.closable:
-                self.reset_nowait(ErrorCodes.NO_ERROR)
+        sent = self.send_now(trailers(code, message, only=not self._headers_sent), end=True)
+        if sent and self.closable:
+            self.reset_nowait(ErrorCodes.NO_ERROR)
         if self._error is None:
             self._fail(GRPCError(STATUS[code], message or "the call ended"))
 

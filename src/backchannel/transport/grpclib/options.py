@@ -38,13 +38,11 @@ def configuration(keepalive: Keepalive | None) -> Configuration:
     )
 
 
-def _wrong_credentials(credentials: object, side: str, what: str) -> TypeError:
+def _wrong_credentials(credentials: object, what: str) -> TypeError:
     kind = f"{type(credentials).__module__}.{type(credentials).__qualname__}"
+    hint = ", which is for transport='grpcio'" if kind.startswith("grpc") else ""
     return TypeError(
-        f"transport 'grpclib' takes an ssl.SSLContext as credentials= ({what}), got {kind}; "
-        "grpc's credentials objects are for transport='grpcio'"
-        if kind.startswith("grpc")
-        else f"transport 'grpclib' takes an ssl.SSLContext as credentials= ({what}), got {kind}"
+        f"transport 'grpclib' takes an ssl.SSLContext as credentials= ({what}), got {kind}{hint}"
     )
 
 
@@ -55,9 +53,7 @@ def client_tls(credentials: object | None) -> ssl.SSLContext | None:
     if not isinstance(credentials, ssl.SSLContext):
         raise _wrong_credentials(
             credentials,
-            "client",
-            "e.g. ssl.create_default_context(cafile=...), with load_cert_chain(...) for "
-            "mutual TLS",
+            "e.g. ssl.create_default_context(cafile=...), with load_cert_chain(...) for mutual TLS",
         )
     credentials.set_alpn_protocols(["h2"])
     return credentials
@@ -70,7 +66,6 @@ def server_tls(credentials: object | None) -> ssl.SSLContext | None:
     if not isinstance(credentials, ssl.SSLContext):
         raise _wrong_credentials(
             credentials,
-            "server",
             "e.g. ssl.create_default_context(ssl.Purpose.CLIENT_AUTH) with "
             "load_cert_chain(...); verify_mode=CERT_REQUIRED and load_verify_locations(...) "
             "for mutual TLS",

@@ -18,8 +18,8 @@ from grpclib.server import Stream
 
 from backchannel.transport.grpclib.incoming import MappedRpc
 from backchannel.transport.health import HealthState
-from backchannel.transport.reflection import Reflection
 from backchannel.transport.reflection import SERVICE_NAME as REFLECTION_SERVICE
+from backchannel.transport.reflection import Reflection
 from backchannel.transport.seam import SERVICE_NAME, Guard, Handlers
 from backchannel.v1 import envelope_pb2 as pb
 

@@ -41,7 +41,7 @@ CONNECT_PATH = f"/{SERVICE_NAME}/Connect"
 _MAX_CONCURRENT_STREAMS = 2**31 - 1
 
 
-class _Connection(AbstractHandler):  # type: ignore[misc]
+class _Connection(AbstractHandler):
     """One consumer connection's RPCs: a task each, cancelled when the peer resets it."""
 
     def __init__(self, server: GrpclibServer) -> None:
@@ -57,7 +57,7 @@ class _Connection(AbstractHandler):  # type: ignore[misc]
             work: Any = server.serve_connect(stream, headers, release)
         else:
             work = request_handler(
-                server.mapping, stream, headers, server.codec, None, server.dispatch, release
+                server.mapping, stream, list(headers), server.codec, None, server.dispatch, release
             )
         task = asyncio.get_running_loop().create_task(work)
         self.tasks[stream] = task
@@ -73,7 +73,7 @@ class _Connection(AbstractHandler):  # type: ignore[misc]
             task.cancel()
 
 
-class _Protocol(H2Protocol):  # type: ignore[misc]
+class _Protocol(H2Protocol):
     """grpclib's HTTP/2 protocol for one consumer connection: streams made as
     :class:`ServerCall`, and closed when its HTTP/2 handshake does not come in time."""
 
@@ -101,7 +101,8 @@ class _Protocol(H2Protocol):  # type: ignore[misc]
                 stream_id=stream_id,
             )
 
-        connection.create_stream = create_stream
+        # grpclib makes each stream with this: ours take the DATA as it comes
+        connection.create_stream = create_stream  # type: ignore[method-assign]
         self._handshake = asyncio.get_running_loop().call_later(
             server.limits.handshake_timeout, self._no_handshake, transport
         )
@@ -206,9 +207,9 @@ class GrpclibServer:
         if server is None:
             return
         server.close()
-        tasks = []
+        tasks: list[asyncio.Task[None]] = []
         for protocol in list(self.protocols):
-            handler: _Connection = protocol.handler
+            handler: _Connection = protocol.handler  # type: ignore[assignment]
             tasks += handler.tasks.values()
             handler.close()
         if tasks:  # they end their calls (a cancelled Connect ends with CANCELLED)
