@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -55,6 +56,11 @@ class _Connection(AbstractHandler):
         path = next((value for key, value in headers if key == ":path"), "")
         if path == CONNECT_PATH and isinstance(stream, ServerCall):
             work: Any = server.serve_connect(stream, headers, release)
+        elif path not in server.mapping and isinstance(stream, ServerCall):
+            # grpclib's own answer lacks the content-type a Go client (grpcurl) requires
+            stream.end_call(Code.UNIMPLEMENTED, "Method not found!")
+            release()
+            return
         else:
             work = request_handler(
                 server.mapping, stream, list(headers), server.codec, None, server.dispatch, release
@@ -83,6 +89,12 @@ class _Protocol(H2Protocol):
         self._handshake: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            # asyncio and grpclib set it only on sockets made with proto IPPROTO_TCP, which
+            # an accepted socket of socket.create_server's is not: without it Nagle holds
+            # a second small write until the first is acknowledged (up to 40 ms)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         super().connection_made(transport)
         server = self._server
         server.protocols.add(self)
