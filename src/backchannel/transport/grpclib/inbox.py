@@ -201,6 +201,10 @@ class Inbox(Stream):
             message, owed = self._messages.popleft()
             if owed:
                 self._ack(owed)
+            # one loop turn per message that waited, as a read of the wire takes: a
+            # backlog read without one would run every call it holds before a result
+            # (or another stream) got a turn, past max_queued_bytes' back-pressure
+            await asyncio.sleep(0)
             return self._parse(message)
         if self._error is not None:
             raise self._error
