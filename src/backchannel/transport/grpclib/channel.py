@@ -104,7 +104,9 @@ class ClientCall(Call):
 
     def __terminated__(self, reason: str) -> None:
         super().__terminated__(reason)
-        self.release()
+        # not now: grpclib terminates the streams of a lost connection while iterating
+        # over the table release takes this one out of
+        self._loop.call_soon(self.release)
 
     def _close(self) -> None:
         """The call is over on this side: reset it when still open, and forget it."""
