@@ -4,6 +4,7 @@ transports speak the same gRPC over HTTP/2."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 
@@ -130,3 +131,28 @@ def test_grpcurl_runs_a_connect_stream_on_a_grpclib_provider(grpclib_provider: s
         assert result["result"] == {"id": "1", "value": {"intValue": "7"}}, result
     finally:
         assert stream.close() == 0
+
+
+@pytest.mark.parametrize(("consumer", "provider_transport"), PAIRS, ids=PAIR_IDS)
+def test_short_keepalive_pings_are_accepted_across_transports(
+    consumer: str, provider_transport: str
+) -> None:
+    """A consumer pinging every 0.1 s (the shortest keepalive) is never sent away by the
+    other transport's provider (grpcio's answers pings it finds too frequent with GOAWAY
+    too_many_pings), whatever the provider's own keepalive."""
+    fast = backchannel.Keepalive(time=0.1, timeout=2)
+
+    async def body() -> None:
+        with provider(provider_transport, keepalive=None) as server:
+            async with backchannel.AsyncClient(
+                server.address, transport=consumer, keepalive=fast
+            ) as client:
+                echo = client.reference(Echo)
+                assert await echo.echo(1) == 1
+                link = next(iter(client._links.values()))
+                session = link.session
+                await asyncio.sleep(1.5)  # the time under test: some fifteen pings, idle
+                assert await echo.echo(2) == 2
+                assert link.session is session and session.usable  # the same stream
+
+    run(body())
