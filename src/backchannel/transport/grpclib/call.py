@@ -9,13 +9,21 @@ import struct
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from h2.connection import ConnectionState
 from h2.errors import ErrorCodes
 from h2.exceptions import FlowControlError, FrameTooLargeError, StreamClosedError
+from h2.stream import StreamState
 
 from backchannel.transport.grpclib.inbox import Inbox
 from backchannel.transport.seam import Serialize
 
 _PREFIX = struct.Struct(">BI")
+#: an HTTP/2 DATA frame's header (length << 8 | type 0, flags, stream id) and the gRPC
+#: message prefix (not compressed, length) after it
+_DATA = struct.Struct(">IBIBI")
+_OPEN_CONNECTION = (ConnectionState.CLIENT_OPEN, ConnectionState.SERVER_OPEN)
+#: the stream states in which a DATA frame leaves the state as it is
+_SENDING = (StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE)
 
 
 class Call(Inbox):
@@ -34,17 +42,34 @@ class Call(Inbox):
         if self._error is not None:
             raise self._error
         data = self._serialize(message)
-        frame = _PREFIX.pack(0, len(data)) + data
-        if self.connection.write_ready.is_set():
-            h2 = self._h2_connection
-            try:
-                h2.send_data(self.id, frame)  # type: ignore[arg-type]  # open: it has one
-            except (FlowControlError, FrameTooLargeError):
-                pass  # over the window or one frame: grpclib's path waits and splits
-            else:
-                self._transport.write(h2.data_to_send())
+        size = len(data) + 5
+        h2 = self._h2_connection
+        if (
+            self.connection.write_ready.is_set()
+            and size <= h2.outbound_flow_control_window
+            and size <= h2.max_outbound_frame_size
+            and h2.state_machine.state in _OPEN_CONNECTION
+        ):
+            stream = h2.streams.get(self.id)  # type: ignore[arg-type]  # open: it has one
+            if (
+                stream is not None
+                and size <= stream.outbound_flow_control_window
+                and stream.state_machine.state in _SENDING
+            ):
+                # the DATA frame framed here, as h2's send_data would (its state stays
+                # as it is in these states; only the windows shrink): ~5 us less each
+                stream.outbound_flow_control_window -= size
+                h2.outbound_flow_control_window -= size
+                head = _DATA.pack(size << 8, 0, stream.stream_id, 0, size - 5)
+                self._transport.write(h2.data_to_send() + head + data)
                 return
-        await self.send_data(frame)
+        frame = _PREFIX.pack(0, len(data)) + data
+        try:
+            h2.send_data(self.id, frame)  # type: ignore[arg-type]
+        except (FlowControlError, FrameTooLargeError):
+            await self.send_data(frame)  # over the window or one frame: waits and splits
+        else:
+            self._transport.write(h2.data_to_send())
 
     def send_now(self, headers: list[tuple[str, str]], *, end: bool) -> bool:
         """Send ``headers`` (trailers when ``end``) at once; False when the stream or its
