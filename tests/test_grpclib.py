@@ -234,3 +234,81 @@ def test_a_sent_describe_request_reaches_grpclibs_mapped_handlers(
 
     described = run(body())
     assert [service.name for service in described.services] == ["test.Echo"]
+
+
+class _Acks:
+    """What an inbox acknowledges to HTTP/2 flow control (grpclib's Connection.ack)."""
+
+    def __init__(self) -> None:
+        self.acked = 0
+
+    def ack(self, stream_id: int, size: int) -> None:
+        self.acked += size
+
+
+def _inbox(limit: int = 1000) -> Any:
+    """An inbox fed by hand (a pure unit: no connection behind it)."""
+    from backchannel.transport.grpclib.inbox import Inbox
+
+    inbox = Inbox.__new__(Inbox)
+    inbox._setup(bytes, limit)
+    inbox.id = 1
+    inbox.connection = _Acks()
+    return inbox
+
+
+def _framed(*messages: bytes) -> bytes:
+    return b"".join(struct.pack(">BI", 0, len(m)) + m for m in messages)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 5, 7, 64])
+def test_the_inbox_frames_messages_split_anywhere_and_acknowledges_every_byte(chunk: int) -> None:
+    messages = [b"", b"a", b"hello", b"x" * 300, b"tail"]
+    wire = _framed(*messages)
+
+    async def body() -> None:
+        inbox = _inbox()
+        for start in range(0, len(wire), chunk):
+            part = wire[start : start + chunk]
+            inbox.add(part, len(part) + 2)  # 2 bytes of padding each
+        got = [await inbox.read() for _ in messages]
+        assert got == messages
+        assert inbox.connection.acked == len(wire) + 2 * len(range(0, len(wire), chunk))
+
+    run(body())
+
+
+def test_the_inbox_acknowledges_a_queued_message_only_once_it_is_read() -> None:
+    """Flow control holds a peer whose messages are not read: their bytes are owed."""
+
+    async def body() -> None:
+        inbox = _inbox()
+        wire = _framed(b"one", b"two")
+        inbox.add(wire, len(wire))
+        assert inbox.connection.acked == 0 and inbox.unacked_size() == len(wire)
+        assert await inbox.read() == b"one"
+        assert inbox.connection.acked == 8
+        assert await inbox.read() == b"two"
+        assert inbox.connection.acked == len(wire) and inbox.unacked_size() == 0
+
+    run(body())
+
+
+def test_the_inbox_refuses_from_the_prefix_and_drops_what_follows() -> None:
+    from grpclib.exceptions import GRPCError
+
+    async def body() -> None:
+        inbox = _inbox(limit=100)
+        refused: list[tuple[Any, str]] = []
+        inbox.refused = lambda status, message: refused.append((status, message))
+        inbox.add(struct.pack(">BI", 0, 101) + b"xx", 7)
+        assert [(status.name, message) for status, message in refused] == [
+            ("RESOURCE_EXHAUSTED", "Received message larger than max (101 vs. 100)")
+        ]
+        inbox.add(b"y" * 99, 99)  # the rest of it: acknowledged, not kept
+        assert inbox.connection.acked == 106 and not inbox._pending
+        with pytest.raises(GRPCError) as failed:
+            await inbox.read()
+        assert failed.value.status.name == "RESOURCE_EXHAUSTED"
+
+    run(body())

@@ -71,7 +71,7 @@ class ClientCall(Call):
                     f"{channel.connect_timeout} s (connect_timeout)",
                 )
             )
-        except (OSError, ValueError) as exc:  # refused, unreachable, a TLS failure
+        except Exception as exc:  # refused, unreachable, a TLS failure, a broken connection
             self._fail(
                 stream_error(
                     Status.UNAVAILABLE,
