@@ -63,6 +63,8 @@ class ClientCall(Call):
             Stream.__init__(self, connection, connection._connection, connection._transport)
             headers = [*channel.headers, *encode_metadata(metadata)]
             self._release = await self.send_request(headers, _processor=protocol.processor)
+            if self._error is not None:  # cancelled while the request went out
+                self._close()
         except TimeoutError:
             self._fail(
                 stream_error(
