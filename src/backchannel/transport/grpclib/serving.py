@@ -67,7 +67,12 @@ class _Connection(AbstractHandler):
             )
         task = asyncio.get_running_loop().create_task(work)
         self.tasks[stream] = task
-        task.add_done_callback(lambda _task: self.tasks.pop(stream, None))
+        server.tasks.add(task)
+        task.add_done_callback(lambda _task: self._done(stream, _task))
+
+    def _done(self, stream: H2Stream, task: asyncio.Task[None]) -> None:
+        self.tasks.pop(stream, None)
+        self._server.tasks.discard(task)
 
     def cancel(self, stream: H2Stream) -> None:
         task = self.tasks.pop(stream, None)
@@ -186,6 +191,8 @@ class GrpclibServer:
         if reflection:
             self.mapping.update(services.reflection(served, reflection_guard))
         self.protocols: set[_Protocol] = set()
+        #: the RPCs being served, on every connection
+        self.tasks: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
         self._stopped = asyncio.Event()
 
@@ -219,13 +226,17 @@ class GrpclibServer:
         if server is None:
             return
         server.close()
-        tasks: list[asyncio.Task[None]] = []
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 2.0
         for protocol in list(self.protocols):
-            handler: _Connection = protocol.handler  # type: ignore[assignment]
-            tasks += handler.tasks.values()
-            handler.close()
-        if tasks:  # they end their calls (a cancelled Connect ends with CANCELLED)
-            await asyncio.wait(tasks, timeout=1.0)
+            protocol.handler.close()  # cancels its RPCs: a Connect ends with CANCELLED
+        # every RPC ends before the loop may stop, those of connections lost meanwhile
+        # (cancelled by grpclib as they go) included: a coroutine left suspended would
+        # hold its session, its timers and their loop for good
+        while self.tasks and loop.time() < deadline:
+            for task in self.tasks:
+                task.cancel()
+            await asyncio.wait(set(self.tasks), timeout=deadline - loop.time())
         for protocol in list(self.protocols):
             with contextlib.suppress(Exception):
                 h2 = protocol.connection._connection
