@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -293,4 +294,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    if os.environ.get("BACKCHANNEL_UVLOOP") == "1":  # measure on uvloop (issue 19)
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     main()

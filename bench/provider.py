@@ -20,6 +20,7 @@ import asyncio
 import collections
 import contextvars
 import json
+import os
 import signal
 import sys
 import time
@@ -264,4 +265,8 @@ async def main(kind: str) -> None:
 
 
 if __name__ == "__main__":
+    if os.environ.get("BACKCHANNEL_UVLOOP") == "1":  # measure on uvloop (issue 19)
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     asyncio.run(main(sys.argv[1] if len(sys.argv) > 1 else ""))
