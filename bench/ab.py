@@ -103,7 +103,7 @@ def main() -> None:
                     found[figure][side].append(value[FIGURES[figure]])
                 row = found[figure]
                 print(
-                    f"round {n + 1} {figure:24} before {row['before'][-1]:10.1f}"
+                    f"round {n + 1} {figure:36} before {row['before'][-1]:10.1f}"
                     f"  after {row['after'][-1]:10.1f}  ({FIGURES[figure]})",
                     flush=True,
                 )
@@ -114,7 +114,7 @@ def main() -> None:
         spread = ", ".join(f"{ratio:.3f}" for ratio in ratios)
         # the paired estimate: each round's two sides ran back to back, under the same load
         print(
-            f"{figure:24} {FIGURES[figure]:16} before {was:10.1f}  after {now:10.1f}"
+            f"{figure:36} {FIGURES[figure]:16} before {was:10.1f}  after {now:10.1f}"
             f"  medians' ratio {now / was:.3f}, median round ratio"
             f" {statistics.median(ratios):.3f} (each round: {spread})"
         )

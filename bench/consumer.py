@@ -9,6 +9,13 @@ figure's clients, registers listeners (backchannel) or opens push streams (raw),
 the provider's calls and prints the Measurement the provider sends back. A figure with
 ``processes > 1`` runs that many consumer processes at once (``bench/run.py`` starts
 them), each with ``clients // processes`` clients.
+
+A figure runs on one transport and one event loop, in both its processes: ``bench/run.py``
+sets ``$BACKCHANNEL_TRANSPORT`` and ``$BENCH_LOOP`` from the figure, and this process
+refuses to measure in an environment that does not match. Every backchannel figure has a
+twin on grpclib (NAME + ``-grpclib``) and on the fast transport, grpclib on uvloop (NAME +
+:data:`FAST`); the raw grpclib figures (``bench/raw_grpclib.py``) run on plain asyncio and,
+as NAME + ``-uvloop``, on uvloop.
 """
 
 from __future__ import annotations
