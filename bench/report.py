@@ -494,7 +494,7 @@ tried is in [performance-notes.md](performance-notes.md).
   uvloop's event loop policy first thing, so `asyncio.run` and the sync `Client`'s loop
   thread both run on it). A figure's name says which: `bc-...` on {GRPCIO} with asyncio,
   `bc-...{FAST}` on {FAST_NAME}, `raw-grpclib-...` on plain asyncio and
-  `raw-grpclib-...-uvloop` on uvloop; raw grpc.aio and raw sync grpc run on asyncio.
+  `raw-grpclib-...-uvloop` on uvloop; the raw grpcio figures' processes on asyncio.
 - The consumer warms up for {warmup:g} s, then calls back to back for {duration:g} s; the
   figure is the mean latency of the calls (sequential scenarios) or the calls finished per
   second (concurrent scenarios).
