@@ -14,6 +14,9 @@ from services import Echo, EchoWithExtra, Nobody
 import backchannel
 from backchannel.v1 import envelope_pb2 as pb
 
+# end to end: the module runs once per transport (conftest.py)
+pytestmark = pytest.mark.usefixtures("transport")
+
 
 def test_unknown_service_group_version_and_method(client: backchannel.Client) -> None:
     with pytest.raises(backchannel.ServiceNotFound, match="no service 'test.Nobody'"):

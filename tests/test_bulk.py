@@ -32,6 +32,9 @@ from services import TABLES_METHODS, Echo, EchoImpl, TableListener, Tables, Tabl
 import backchannel
 from backchannel.wire import codec
 
+# end to end: the module runs once per transport (conftest.py)
+pytestmark = pytest.mark.usefixtures("transport")
+
 #: more items than BULK_ITEMS, so an ``async def`` method's result counts as bulk too
 ENTRIES = 4096
 #: small calls of the other consumer that must be answered during the encoding

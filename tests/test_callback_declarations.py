@@ -15,6 +15,9 @@ import backchannel
 from backchannel import Argument, Method
 from backchannel.rpc.interface import interface_spec
 
+# end to end: the module runs once per transport (conftest.py)
+pytestmark = pytest.mark.usefixtures("transport")
+
 
 @backchannel.interface("decl.Listener")
 class Listener:

@@ -60,6 +60,9 @@ from backchannel.transport.session import CURRENT_CALL
 from backchannel.v1 import envelope_pb2 as pb
 from backchannel.wire import codec
 
+# end to end: the module runs once per transport (conftest.py)
+pytestmark = pytest.mark.usefixtures("transport")
+
 
 class AsyncProvider:
     """An AsyncServer on a loop thread of its own, with the export API the tests use."""

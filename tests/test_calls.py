@@ -12,6 +12,9 @@ from services import Echo, EchoImpl, OutOfStock
 
 import backchannel
 
+# end to end: the module runs once per transport (conftest.py)
+pytestmark = pytest.mark.usefixtures("transport")
+
 VALUES: list[Any] = [
     None,
     True,

@@ -20,9 +20,12 @@ from zookeeper import ZooKeeper
 import backchannel
 from backchannel import Argument, Method
 
+# end to end: the module runs once per transport (conftest.py)
+pytestmark = pytest.mark.usefixtures("transport")
+
 
 @pytest.fixture(scope="module")
-def forward() -> Iterator[str]:
+def forward(transport: str) -> Iterator[str]:
     process, address = start_example("forward")
     yield address
     process.kill()
@@ -30,7 +33,7 @@ def forward() -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def callback() -> Iterator[str]:
+def callback(transport: str) -> Iterator[str]:
     process, address = start_example("callback", "--interval", "0.1")
     yield address
     process.kill()

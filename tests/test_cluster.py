@@ -29,6 +29,9 @@ from backchannel.cluster.service_url import ServiceURL, decode, encode, reachabl
 from backchannel.cluster.zookeeper import ZookeeperRegistry
 from backchannel.rpc.interface import interface_spec
 
+# end to end: the module runs once per transport (conftest.py)
+pytestmark = pytest.mark.usefixtures("transport")
+
 _names = itertools.count()
 
 

@@ -29,6 +29,9 @@ import backchannel
 from backchannel import Method
 from backchannel.cluster.service_url import ServiceURL, decode
 
+# end to end: the module runs once per transport (conftest.py)
+pytestmark = pytest.mark.usefixtures("transport")
+
 SCRIPT = Path(__file__).with_name("cluster_provider.py")
 _groups = itertools.count()
 

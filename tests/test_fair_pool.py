@@ -18,6 +18,9 @@ from helpers import wait_until
 import backchannel
 from backchannel.transport.pools import CountedPool
 
+# end to end: the module runs once per transport (conftest.py)
+pytestmark = pytest.mark.usefixtures("transport")
+
 #: threads of the provider's pool in the end-to-end test: few, so the flood drains fast
 WORKERS = 8
 #: the flooding consumer's calls, and how long each sleeps (the issue's figures)

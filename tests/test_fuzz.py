@@ -44,6 +44,9 @@ from backchannel.transport.portal import LoopThread
 from backchannel.transport.receiver import SplitBatch, parse_frame
 from backchannel.v1 import envelope_pb2 as pb
 
+# end to end: the module runs once per transport (conftest.py)
+pytestmark = pytest.mark.usefixtures("transport")
+
 #: ids of the calls that check the stream after each example; the generator stays below
 SENTINEL_BASE = 1 << 40
 

@@ -17,6 +17,9 @@ import backchannel
 from backchannel import Argument
 from backchannel.wire import codec
 
+# end to end: the module runs once per transport (conftest.py)
+pytestmark = pytest.mark.usefixtures("transport")
+
 
 @backchannel.interface("test.Broadcaster")
 class Broadcaster:

@@ -19,6 +19,9 @@ from helpers import CheckedThread
 import backchannel
 from backchannel.v1 import envelope_pb2 as pb
 
+# end to end: the module runs once per transport (conftest.py)
+pytestmark = pytest.mark.usefixtures("transport")
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 GRPCURL = shutil.which("grpcurl", path=str(Path(sys.executable).parent)) or "grpcurl"
 
@@ -37,7 +40,7 @@ def start_example(name: str, *args: str) -> tuple[subprocess.Popen[str], str]:
 
 
 @pytest.fixture(scope="module")
-def callback_provider() -> Iterator[str]:
+def callback_provider(transport: str) -> Iterator[str]:
     process, address = start_example("callback", "--interval", "0.2", "--callback-timeout", "10")
     yield address
     process.kill()
@@ -45,7 +48,7 @@ def callback_provider() -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def forward_provider() -> Iterator[str]:
+def forward_provider(transport: str) -> Iterator[str]:
     process, address = start_example("forward")
     yield address
     process.kill()
@@ -202,7 +205,7 @@ def test_connect_registers_a_callback_and_answers_it(callback_provider: str) -> 
 
 
 @pytest.fixture(scope="module")
-def notify_provider() -> Iterator[str]:
+def notify_provider(transport: str) -> Iterator[str]:
     process, address = start_example("notify")
     yield address
     process.kill()

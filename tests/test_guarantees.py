@@ -21,6 +21,9 @@ from services import Echo, EchoImpl
 import backchannel
 from backchannel import Argument, Limits, Method
 
+# end to end: the module runs once per transport (conftest.py)
+pytestmark = pytest.mark.usefixtures("transport")
+
 
 @backchannel.interface("test.Ordered")
 class OrderedListener:

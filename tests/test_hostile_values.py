@@ -21,6 +21,9 @@ from backchannel.wire import codec
 from backchannel.wire.frames import varint
 from backchannel.wire.protocol import Connection, ResultReceived
 
+# end to end: the module runs once per transport (conftest.py)
+pytestmark = pytest.mark.usefixtures("transport")
+
 LIMIT = codec.MAX_NESTING
 BAD_NAME = "report-\udcff.txt"  # what os.listdir gives for a file name that is no UTF-8
 

@@ -25,6 +25,9 @@ from services import Echo, EchoImpl
 import backchannel
 from backchannel.settings import Limits
 
+# end to end: the module runs once per transport (conftest.py)
+pytestmark = pytest.mark.usefixtures("transport")
+
 #: how long after the kill every pending call must have failed (loopback: a reset is seen
 #: in milliseconds; the bound leaves room for a loaded CI machine)
 PROMPTLY = 2.0

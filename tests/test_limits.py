@@ -25,6 +25,9 @@ from backchannel.settings import (
 from backchannel.transport.grpcio.options import channel_options, server_options
 from backchannel.v1 import envelope_pb2 as pb
 
+# end to end: the module runs once per transport (conftest.py)
+pytestmark = pytest.mark.usefixtures("transport")
+
 
 def test_defaults_are_safe() -> None:
     limits = Limits()

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from conftest import run
 from helpers import checked_threads
 from services import Echo
 
 import backchannel
+
+# end to end: the module runs once per transport (conftest.py)
+pytestmark = pytest.mark.usefixtures("transport")
 
 
 def test_eight_threads_times_a_thousand_calls_on_one_sync_client(

@@ -33,6 +33,9 @@ from backchannel.wire.protocol import (
 )
 from backchannel.wire.slices import Targets
 
+# end to end: the module runs once per transport (conftest.py)
+pytestmark = pytest.mark.usefixtures("transport")
+
 # ------------------------------------------------------------------ helpers
 
 

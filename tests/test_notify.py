@@ -29,6 +29,9 @@ from services import Echo, EchoImpl
 import backchannel
 from backchannel import Method, telemetry
 
+# end to end: the module runs once per transport (conftest.py)
+pytestmark = pytest.mark.usefixtures("transport")
+
 WAIT = 5.0  # the bound of every wait: a failing test fails fast instead of hanging
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "notify"
 
@@ -94,7 +97,7 @@ def load_example_service() -> ModuleType:
 
 
 @pytest.fixture(scope="module")
-def example_provider() -> Iterator[str]:
+def example_provider(transport: str) -> Iterator[str]:
     process = subprocess.Popen(
         [sys.executable, "-u", str(EXAMPLE / "provider.py"), "127.0.0.1:0"],
         stdout=subprocess.PIPE,

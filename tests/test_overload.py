@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import RawStream, run
 from helpers import CheckedThread
 from services import Echo, EchoImpl
@@ -23,6 +24,9 @@ from services import Echo, EchoImpl
 import backchannel
 from backchannel import Argument, Limits, Method
 from backchannel.v1 import envelope_pb2 as pb
+
+# end to end: the module runs once per transport (conftest.py)
+pytestmark = pytest.mark.usefixtures("transport")
 
 # ------------------------------------------------------------------ expiry cascade
 

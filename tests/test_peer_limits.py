@@ -34,6 +34,9 @@ from backchannel.transport.peerlog import PEER_WARNINGS
 from backchannel.transport.portal import LoopThread
 from backchannel.v1 import envelope_pb2 as pb
 
+# end to end: the module runs once per transport (conftest.py)
+pytestmark = pytest.mark.usefixtures("transport")
+
 SRC = Path(__file__).parents[1] / "src"
 
 

@@ -20,6 +20,9 @@ from services import Echo, EchoImpl
 import backchannel
 from backchannel import Method
 
+# end to end: the module runs once per transport (conftest.py)
+pytestmark = pytest.mark.usefixtures("transport")
+
 
 def sent(client: backchannel.Client, method: str) -> int:
     """How many calls of ``method`` the client has sent on its stream and awaits."""

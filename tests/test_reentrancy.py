@@ -22,6 +22,9 @@ from backchannel.transport.pools import CallPools
 from backchannel.transport.portal import LoopThread
 from backchannel.v1 import envelope_pb2 as pb
 
+# end to end: the module runs once per transport (conftest.py)
+pytestmark = pytest.mark.usefixtures("transport")
+
 #: more concurrent calls than the default max_workers (32)
 CONCURRENT = 40
 #: per forward call: a stall fails the test quickly, well before the test's own timeout

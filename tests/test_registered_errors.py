@@ -19,6 +19,9 @@ from backchannel.errors import RemoteError
 from backchannel.v1 import envelope_pb2 as pb
 from backchannel.wire import codec
 
+# end to end: the module runs once per transport (conftest.py)
+pytestmark = pytest.mark.usefixtures("transport")
+
 
 class Rich(Exception):
     """Its args (one message) are not what its __init__ takes (sku, qty)."""

@@ -27,6 +27,9 @@ from backchannel.cluster.service_url import encode, reachable_host
 from backchannel.transport.pools import CallPools
 from backchannel.wire import codec
 
+# end to end: the module runs once per transport (conftest.py)
+pytestmark = pytest.mark.usefixtures("transport")
+
 
 @backchannel.interface("test.WhoAmI")
 class WhoAmI:

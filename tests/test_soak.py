@@ -31,6 +31,9 @@ from backchannel.rpc.provider_callbacks import ReverseProxy
 from backchannel.transport.portal import LoopThread
 from backchannel.transport.session import Session
 
+# end to end: the module runs once per transport (conftest.py)
+pytestmark = pytest.mark.usefixtures("transport")
+
 CONSUMERS = 50
 CALLS = 500  # per consumer
 WAVE = 100  # calls in flight per consumer at once

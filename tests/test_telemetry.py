@@ -31,6 +31,9 @@ import backchannel
 from backchannel import Argument, Method, telemetry
 from backchannel.v1 import envelope_pb2 as pb
 
+# end to end: the module runs once per transport (conftest.py)
+pytestmark = pytest.mark.usefixtures("transport")
+
 SRC = Path(__file__).resolve().parent.parent / "src"
 
 

@@ -11,6 +11,9 @@ from services import Echo, EchoImpl
 
 import backchannel
 
+# end to end: the module runs once per transport (conftest.py)
+pytestmark = pytest.mark.usefixtures("transport")
+
 
 def test_default_timeout_is_one_second_like_dubbo() -> None:
     assert backchannel.DEFAULT_TIMEOUT == 1.0

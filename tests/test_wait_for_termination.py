@@ -6,11 +6,15 @@ import asyncio
 import threading
 import time
 
+import pytest
 from conftest import run
 from helpers import CheckedThread
 from services import Echo, EchoImpl
 
 import backchannel
+
+# end to end: the module runs once per transport (conftest.py)
+pytestmark = pytest.mark.usefixtures("transport")
 
 
 def test_sync_wait_times_out_with_true_while_the_server_runs() -> None:
