@@ -31,6 +31,7 @@ from backchannel.v1 import envelope_pb2 as pb
 from backchannel.wire import codec
 
 if TYPE_CHECKING:
+    from backchannel.transport.outgoing import Sink
     from backchannel.transport.pools import CallPools
     from backchannel.transport.session import Session
 
@@ -266,16 +267,19 @@ class ReverseProxy:
 
 
 def begin_multicast(
-    pendings: Sequence[PendingCall], values: Sequence[pb.Value]
-) -> list[asyncio.Future[Any] | Exception]:
+    pendings: Sequence[PendingCall],
+    values: Sequence[pb.Value],
+    sinks: Sequence[Sink] | None = None,
+) -> list[Sink | Exception]:
     """On the loop: start calls :func:`backchannel.gather` collected for instances on one
     stream, all of one method with the same encoded arguments, as Multicast frames (the
-    stream must take them); each call's future, or the exception that stopped it (a
-    CallbackGone). Should the multicast fail as a whole, each call is sent alone and
-    says for itself what went wrong."""
+    stream must take them); each call's future (or its entry of ``sinks``, which then
+    takes its outcome: see :meth:`~backchannel.transport.session.Session.start_multicast`),
+    or the exception that stopped it (a CallbackGone). Should the multicast fail as a
+    whole, each call is sent alone and says for itself what went wrong (a future each)."""
     first = pendings[0]
     table = first.proxy._table
-    outcomes: list[asyncio.Future[Any] | Exception] = []
+    outcomes: list[Sink | Exception] = []
     targets: list[tuple[int, str, Callable[[pb.Result], Any]]] = []
     live: list[int] = []
     for index, pending in enumerate(pendings):
@@ -288,9 +292,11 @@ def begin_multicast(
         live.append(index)
     if not targets:
         return outcomes
+    if sinks is not None and len(live) < len(pendings):
+        sinks = [sinks[index] for index in live]
     call = pb.Call(method=first.method, args=values, one_way=first.one_way)
     try:
-        futures = table.session.start_multicast(call, targets, table.timeout, first.parent)
+        started = table.session.start_multicast(call, targets, table.timeout, first.parent, sinks)
     except Exception:
         for index in live:
             try:
@@ -298,8 +304,8 @@ def begin_multicast(
             except Exception as exc:
                 outcomes[index] = exc
         return outcomes
-    for index, future in zip(live, futures, strict=True):
-        outcomes[index] = future
+    for index, sink in zip(live, started, strict=True):
+        outcomes[index] = sink
     return outcomes
 
 
