@@ -197,6 +197,8 @@ class ConsumerCallbacks:
         entry.holder = call.id
         thread: list[concurrent.futures.Future[None]] = []
         try:
+            if is_async:  # awaited here: no coroutine of _invoke around it
+                return codec.encode(await function(*args), f"the result of {where}")
             return await self._invoke(call, function, is_async, args, where, thread)
         finally:
             if thread and not thread[0].done():
