@@ -28,6 +28,7 @@ import time
 from typing import Any
 
 import backchannel
+import backchannel.telemetry  # as the facades do: the hooks' slots filled
 from backchannel.cluster.providers import ConsumerSide
 from backchannel.rpc.consumer_callbacks import ExportedCallback
 from backchannel.rpc.provider_callbacks import ProviderCallbacks, ReverseProxy
