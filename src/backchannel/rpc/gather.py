@@ -64,8 +64,13 @@ def gather(calls: Iterable[Any]) -> Any:
         running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
     except RuntimeError:
         running = None
+    checked = None  # the table of the last item checked: its stream's loop is known good
     for index, item in enumerate(items):
+        if type(item) is PendingCall and item.proxy._table is checked:
+            continue
         _check_item(index, item, running)
+        if type(item) is PendingCall:
+            checked = item.proxy._table
     if running is not None:
         return _gather_on_loop(running, items)
     return _gather_from_thread(items)
@@ -178,9 +183,16 @@ def _start_all(slots: Sequence[int], items: Sequence[Any], outcomes: _Outcomes) 
     :func:`_start_run`). Returns the calls started (to cancel them)."""
     started: list[Started] = []
     run: list[int] = []
+    first: Any = None  # the first call of the run
     for slot in slots:
         item = items[slot]
-        if run and isinstance(item, PendingCall) and _same_call(item, items[run[0]]):
+        if (
+            run
+            and type(item) is PendingCall
+            and item.method == first.method
+            and item.one_way == first.one_way
+            and _same_objects(item.args, first.args)
+        ):
             run.append(slot)
             continue
         if run:
@@ -188,6 +200,7 @@ def _start_all(slots: Sequence[int], items: Sequence[Any], outcomes: _Outcomes) 
             run = []
         if isinstance(item, PendingCall):
             run.append(slot)
+            first = item
         else:  # a call started on the loop already
             started.append(item)
             outcomes.watch(slot, None, item)
@@ -241,16 +254,12 @@ def _start_run(
             outcomes.watch(slot, item, future)
 
 
-def _same_call(item: PendingCall, first: PendingCall) -> bool:
-    return (
-        item.method == first.method
-        and item.one_way == first.one_way
-        and _same_objects(item.args, first.args)
-    )
-
-
 def _same_objects(args: tuple[Any, ...], shared: tuple[Any, ...]) -> bool:
-    return len(args) == len(shared) and all(a is b for a, b in zip(args, shared, strict=True))
+    if len(args) != len(shared):
+        return False
+    if len(args) == 1:  # the usual event, without a generator
+        return args[0] is shared[0]
+    return all(arg is other for arg, other in zip(args, shared, strict=True))
 
 
 async def _wait(aggregate: asyncio.Future[list[Any]], started: list[Started]) -> Any:

@@ -257,11 +257,11 @@ class ReverseProxy:
                 if isinstance(error, CallbackGone):  # the consumer no longer has it
                     table.release(callback_id)
                 raise error
-            if codec.is_bulk_value(result.value):  # off the loop every stream shares
-                value = result.value
+            value = result.value
+            if codec.is_bulk_value(value):  # off the loop every stream shares
                 pool = table.pools.for_waiter(session)
                 return Deferred(run_in_pool(pool, lambda: codec.decode(value, what)))
-            return codec.decode(result.value, what)
+            return codec.decode(value, what)
 
         return decode
 

@@ -195,7 +195,8 @@ class Calls:
         outgoing = self._sent.pop(call_id, None)
         if outgoing is not None:
             outgoing.settle()
-        self._outgoing_parent.pop(call_id, None)
+        if self._outgoing_parent:
+            self._outgoing_parent.pop(call_id, None)
         if self._waiting:
             self._admit()
 

@@ -163,11 +163,12 @@ class Receiver:
 
     async def _serve(self, call: pb.Call) -> None:
         """Run one incoming call and send its result."""
-        CURRENT_CALL.set(
-            (self, call.id)
-        )  # this task's own context: calls made here are its children
-        if call.parent_id:
-            self._incoming_parent[call.id] = call.parent_id
+        call_id = call.id  # read once: each read of a protobuf field costs an attribute
+        parent = call.parent_id
+        # this task's own context: calls made here are its children
+        CURRENT_CALL.set((self, call_id))
+        if parent:
+            self._incoming_parent[call_id] = parent
         try:
             if observe.AVAILABLE and observe.collecting():  # the server span around it
                 value = await observe.serve(self, call, self.dispatcher.dispatch)
@@ -175,32 +176,33 @@ class Receiver:
                 value = await self.dispatcher.dispatch(call)
             # serialized once and framed by hand: a Result(value=...) and its Frame would
             # each copy the value, on the loop (bench/bulk.py: ~60 ms per MB each)
-            result: pb.Result | bytes = frames.value_result(call.id, value.SerializeToString())
+            result: pb.Result | bytes = frames.value_result(call_id, value.SerializeToString())
         except asyncio.CancelledError:
-            if call.id in self._running and self.cause is None:
+            if call_id in self._running and self.cause is None:
                 # cancelled locally, not by the peer: the peer still waits for an answer
-                del self._running[call.id]
+                del self._running[call_id]
                 error = codec.encode_error(
                     CallCancelled("cancelled by the provider"), self.error_types
                 )
-                self._answer(pb.Result(id=call.id, error=error))
+                self._answer(pb.Result(id=call_id, error=error))
             raise
         except Exception as exc:
-            result = pb.Result(id=call.id, error=self._encode_error(call, exc))
+            result = pb.Result(id=call_id, error=self._encode_error(call, exc))
         finally:
-            self._incoming_parent.pop(call.id, None)
+            if parent:
+                self._incoming_parent.pop(call_id, None)
             if call.one_way:  # its work is over: its in-flight slot is free
-                self.connection.one_way_done(call.id)
+                self.connection.one_way_done(call_id)
         size = len(result) if isinstance(result, bytes) else result.ByteSize()
         if size > self._peer_max_message:
             too_large = MessageTooLarge(
                 f"the result of {call_name(call)} is {size} bytes, over the "
                 f"message size limit of {self._peer_max_message} bytes (max_message_size)"
             )
-            result = pb.Result(id=call.id, error=codec.encode_error(too_large, self.error_types))
-        if not call.one_way and call.id in self._running:
-            del self._running[call.id]
-            self._answer(result, call.id)
+            result = pb.Result(id=call_id, error=codec.encode_error(too_large, self.error_types))
+        if call_id in self._running and not call.one_way:
+            del self._running[call_id]
+            self._answer(result, call_id)
 
     def _encode_error(self, call: pb.Call, exc: Exception) -> pb.Error:
         """The Error to answer ``call`` with; never raises, so the call is always answered
