@@ -50,8 +50,9 @@ class ExportedCallback:
     #: the incoming call id that holds ``lock`` now (0 when none)
     holder: int = 0
     #: method name -> (its function, whether it is ``async def``, the call in words, its
-    #: result in words), so that is worked out once per name (a listener's names: bounded by its methods). The
-    #: function, not the bound method: that would hold a listener held weakly
+    #: result in words), so that is worked out once per name (a listener's names: bounded
+    #: by its methods). The function, not the bound method: that would hold a listener
+    #: held weakly
     methods: dict[str, tuple[object, bool, str, str]] = field(default_factory=dict)
 
 

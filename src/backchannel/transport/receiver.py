@@ -128,6 +128,7 @@ class Receiver:
             self._write_now()
 
     def _handle(self, events: list[Any]) -> None:
+        traced: bool | None = None  # whether calls get a server span: asked once per message
         for event in events:
             if self.cause is not None:  # ended by one of them (too many Faults)
                 return
@@ -135,7 +136,9 @@ class Receiver:
                 event.token.resolve(event.result)
                 self._finished(event.result.id)
             elif type(event) is CallReceived:
-                self._start_serving(event.call)
+                if traced is None:
+                    traced = observe.AVAILABLE and observe.collecting()
+                self._start_serving(event.call, traced)
             elif type(event) is CancelReceived:
                 victim = self._running.pop(event.call_id, None)
                 if victim is not None:
@@ -161,8 +164,8 @@ class Receiver:
             elif type(event) is PeerMistake:
                 self.peer_log.warning("protocol mistake by %s: %s", event.message)
 
-    async def _serve(self, call: pb.Call) -> None:
-        """Run one incoming call and send its result."""
+    async def _serve(self, call: pb.Call, traced: bool) -> None:
+        """Run one incoming call (in a server span if ``traced``) and send its result."""
         call_id = call.id  # read once: each read of a protobuf field costs an attribute
         parent = call.parent_id
         # this task's own context: calls made here are its children
@@ -170,7 +173,7 @@ class Receiver:
         if parent:
             self._incoming_parent[call_id] = parent
         try:
-            if observe.AVAILABLE and observe.collecting():  # the server span around it
+            if traced:  # the server span around it
                 value = await observe.serve(self, call, self.dispatcher.dispatch)
             else:
                 value = await self.dispatcher.dispatch(call)
@@ -216,13 +219,13 @@ class Receiver:
             )
             return codec.encode_error(unsendable, self.error_types)
 
-    def _start_serving(self, call: pb.Call) -> None:
+    def _start_serving(self, call: pb.Call, traced: bool) -> None:
         """Run an incoming call eagerly: its first step runs now, in a context of its own,
         and only a call that has to wait gets a task (most calls finish in one step)."""
         if not call.one_way:
             self._running[call.id] = None
         context = contextvars.copy_context()
-        serving = self._serve(call)
+        serving = self._serve(call, traced)
         try:
             waiting_on = context.run(serving.send, None)
         except StopIteration:
