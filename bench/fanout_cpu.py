@@ -110,12 +110,16 @@ async def _on(loop: asyncio.AbstractEventLoop, coroutine: Any) -> Any:
     return asyncio.run_coroutine_threadsafe(coroutine, loop).result()
 
 
-async def _rounds(proxies: list[ReverseProxy], seconds: float) -> int:
-    """Gather rounds for ``seconds``; the callbacks made."""
+async def _rounds(proxies: list[ReverseProxy], seconds: float, single: bool = False) -> int:
+    """Gather rounds for ``seconds`` (``single``: each call made alone, a future each, and
+    the futures awaited with asyncio.gather); the callbacks made."""
     deadline, i = time.perf_counter() + seconds, 0
     while time.perf_counter() < deadline:
         i += 1
-        answers = await backchannel.gather(proxy.changed(i) for proxy in proxies)
+        if single:
+            answers = await asyncio.gather(*[proxy.changed(i) for proxy in proxies])
+        else:
+            answers = await backchannel.gather(proxy.changed(i) for proxy in proxies)
         if answers[0] != i or answers[-1] != i:
             raise AssertionError(f"changed({i}) answered {answers[0]!r} ... {answers[-1]!r}")
     return i * len(proxies)
@@ -130,6 +134,11 @@ def main() -> None:
         "--one-loop",
         action="store_true",
         help="both sides on one loop and thread (no thread hand-offs: the total only)",
+    )
+    parser.add_argument(
+        "--single",
+        action="store_true",
+        help="single calls instead of gather (each started on the loop, a future each)",
     )
     args = parser.parse_args()
     consumer_cpu: list[float] = []
@@ -177,13 +186,13 @@ def main() -> None:
                 proxy = ReverseProxy(table, callback_id, "Listener", None)
                 table._proxies[callback_id] = proxy
                 proxies.append(proxy)
-        await _rounds(proxies, 0.5)  # warm up
+        await _rounds(proxies, 0.5, args.single)  # warm up
         best: tuple[float, float, float, float] | None = None
         for _ in range(args.rounds):
             if not args.one_loop:
                 consumer_loop.call_soon_threadsafe(read_consumer_cpu)
             provider_cpu, wall = time.thread_time(), time.perf_counter()
-            callbacks = await _rounds(proxies, args.seconds)
+            callbacks = await _rounds(proxies, args.seconds, args.single)
             provider_cpu, wall = time.thread_time() - provider_cpu, time.perf_counter() - wall
             spent = 0.0
             if not args.one_loop:
@@ -214,7 +223,7 @@ def main() -> None:
             if not args.one_loop:
                 consumer_loop.call_soon_threadsafe(consumer_profiler.enable)
             profiler.enable()
-            await _rounds(proxies, args.seconds)
+            await _rounds(proxies, args.seconds, args.single)
             profiler.disable()
             profiler.dump_stats(args.profile + ".provider")
             if not args.one_loop:
