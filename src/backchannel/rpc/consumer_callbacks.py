@@ -181,10 +181,15 @@ class ConsumerCallbacks:
                 "(released, removed or never added)"
             )
         name = call.method
-        function = _listener_method(entry, name)
-        plain = getattr(function, "__func__", function)
-        known = entry.methods.get(name)
-        if known is None or known[0] is not plain:
+        known = entry.methods.get(name)  # a name found before is allowed: fetch it directly
+        function = getattr(entry.obj, name, None) if known is not None else None
+        if (
+            function is None
+            or known is None
+            or getattr(function, "__func__", function) is not known[0]
+        ):
+            function = _listener_method(entry, name)
+            plain = getattr(function, "__func__", function)
             where = f"{_interface_name(entry) or 'callback'}.{name}()"
             known = entry.methods[name] = (
                 plain,
@@ -206,7 +211,9 @@ class ConsumerCallbacks:
             try:
                 return codec.encode(await function(*args), result_where)
             finally:
-                self._unlock(entry, call_id)
+                if entry.holder == call_id:  # as _unlock does
+                    entry.holder = 0
+                lock.release()
         thread: list[concurrent.futures.Future[None]] = []
         try:
             return await self._invoke(call, function, is_async, args, where, thread)

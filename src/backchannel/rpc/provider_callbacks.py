@@ -282,13 +282,17 @@ def begin_multicast(
     outcomes: list[Sink | Exception] = []
     targets: list[tuple[int, str, Callable[[pb.Result], Any]]] = []
     live: list[int] = []
+    method = first.method
     for index, pending in enumerate(pendings):
         proxy = pending.proxy
         if proxy._gone is not None:
-            outcomes.append(proxy.gone_now(pending.method))
+            outcomes.append(proxy.gone_now(method))
             continue
         outcomes.append(_NOT_YET)
-        targets.append((proxy._id, proxy.label(pending.method), proxy.decoder(pending.method)))
+        # the label and decoder made before, or made now
+        label = proxy._labels.get(method) or proxy.label(method)
+        decode = proxy._decoders.get(method) or proxy.decoder(method)
+        targets.append((proxy._id, label, decode))
         live.append(index)
     if not targets:
         return outcomes

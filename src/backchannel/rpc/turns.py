@@ -54,7 +54,8 @@ class Turns:
         if not self._held:
             raise RuntimeError("Turns.release(): it is not locked")
         self._held = False
-        self._wake_first()
+        if self._waiters:
+            self._wake_first()
 
     def _wake_first(self) -> None:
         if self._waiters:

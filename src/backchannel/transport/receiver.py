@@ -37,6 +37,8 @@ from backchannel.wire.protocol import (
 from backchannel.wire.text import wire_text
 
 if TYPE_CHECKING:
+    import collections
+
     from backchannel.settings import Limits
     from backchannel.transport.outgoing import Outgoing
     from backchannel.transport.peerlog import PeerLog
@@ -89,6 +91,9 @@ class Receiver:
         _one_way_tasks: set[asyncio.Task[None]]
         _incoming_parent: dict[int, int]
         # what it uses of the rest of the session
+        _sent: dict[int, Outgoing]
+        _outgoing_parent: dict[int, int]
+        _waiting: collections.deque[Outgoing]
         connection: Connection[Outgoing]
         peer: str
         error_types: codec.ErrorTypes
@@ -105,7 +110,7 @@ class Receiver:
 
         def flush(self) -> None: ...
         def _write_now(self) -> None: ...
-        def _finished(self, call_id: int) -> None: ...
+        def _admit(self) -> None: ...
         def _count_fault(self) -> None: ...
 
     async def _receive_in_slices(self, pieces: Iterator[list[Piece]]) -> None:
@@ -133,8 +138,14 @@ class Receiver:
             if self.cause is not None:  # ended by one of them (too many Faults)
                 return
             if type(event) is ResultReceived:
-                event.token.resolve(event.result)
-                self._finished(event.result.id)
+                outgoing = event.token
+                outgoing.resolve(event.result)  # settles it; then, as Calls._finished does:
+                call_id = event.result.id
+                self._sent.pop(call_id, None)
+                if self._outgoing_parent:
+                    self._outgoing_parent.pop(call_id, None)
+                if self._waiting:
+                    self._admit()
             elif type(event) is CallReceived:
                 if traced is None:
                     traced = observe.AVAILABLE and observe.collecting()
