@@ -8,6 +8,8 @@ first on ``PYTHONPATH``, in fresh provider and consumer processes, as ``make ben
 It prints every round, the medians with their ratio after / before, and the median of the
 rounds' own ratios (each round's two sides ran back to back, so that one is the steadier
 estimate on a noisy machine); a change that costs no speed shows ratios near 1.00.
+By default it measures scenarios a, b, d and e on grpcio; ``--only`` also takes their
+twins on the fast transport (``NAME-grpclib-uvloop``), for revisions whose bench has them.
 """
 
 from __future__ import annotations
@@ -24,14 +26,19 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-#: the figures of scenarios a, b, d and e (docs/performance.md), and the metric each is read by
-FIGURES = {
+#: the figures of scenarios a, b, d and e (docs/performance.md) on grpcio, measured by
+#: default, and the metric each is read by
+DEFAULT = {
     "bc-async-seq": "mean_us",  # a: async sequential round trip
     "bc-async-64": "calls_per_second",  # b: 64 async callers on one client
     "bc-callback-seq": "mean_us",  # d: callback round trip
     "bc-fanout-1000": "calls_per_second",  # e: fan-out to 1,000 listeners
     "bc-fanout-1000-gather": "calls_per_second",  # e: the same with gather
 }
+#: the same on the fast transport (grpclib on uvloop), with --only; both revisions'
+#: bench/ must know them (bench/consumer.py's FIGURES)
+FAST = {f"{name}-grpclib-uvloop": metric for name, metric in DEFAULT.items()}
+FIGURES = DEFAULT | FAST
 
 #: run inside a side's bench/ folder: one figure, printed as JSON
 _MEASURE = (
@@ -79,7 +86,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--warmup", type=float, default=0.5)
     parser.add_argument("--duration", type=float, default=2.5)
-    parser.add_argument("--only", nargs="+", choices=sorted(FIGURES), default=list(FIGURES))
+    parser.add_argument("--only", nargs="+", choices=sorted(FIGURES), default=list(DEFAULT))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-ab-") as tmp:
         before = export(args.before, Path(tmp))
@@ -96,7 +103,7 @@ def main() -> None:
                     found[figure][side].append(value[FIGURES[figure]])
                 row = found[figure]
                 print(
-                    f"round {n + 1} {figure:24} before {row['before'][-1]:10.1f}"
+                    f"round {n + 1} {figure:36} before {row['before'][-1]:10.1f}"
                     f"  after {row['after'][-1]:10.1f}  ({FIGURES[figure]})",
                     flush=True,
                 )
@@ -107,7 +114,7 @@ def main() -> None:
         spread = ", ".join(f"{ratio:.3f}" for ratio in ratios)
         # the paired estimate: each round's two sides ran back to back, under the same load
         print(
-            f"{figure:24} {FIGURES[figure]:16} before {was:10.1f}  after {now:10.1f}"
+            f"{figure:36} {FIGURES[figure]:16} before {was:10.1f}  after {now:10.1f}"
             f"  medians' ratio {now / was:.3f}, median round ratio"
             f" {statistics.median(ratios):.3f} (each round: {spread})"
         )

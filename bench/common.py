@@ -6,13 +6,15 @@ The ``Calculator`` interface and its two implementations (an ``async def`` one a
 it), the raw grpc method paths and payloads, and the drivers that time calls:
 :func:`drive_async` (asyncio tasks) and :func:`drive_threads` (OS threads). Both drivers
 run ``concurrency`` callers that call ``op(i)`` in a loop until a deadline and return one
-:class:`Measurement`; :func:`warm_then_drive` warms up first.
+:class:`Measurement`; :func:`warm_then_drive` warms up first. :func:`use_event_loop` puts a
+bench process on the event loop ``$BENCH_LOOP`` names.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 import statistics
 import time
 from collections.abc import Awaitable, Callable
@@ -58,6 +60,10 @@ RAW_RESULT_MARK = b"\x00result:"
 #: the fan-out scenario: listeners in all, spread evenly over this many client streams
 FANOUT_LISTENERS = 1000
 FANOUT_CLIENTS = 10
+
+#: the environment variable naming a bench process's event loop: "asyncio" or "uvloop"
+LOOP_ENVIRONMENT = "BENCH_LOOP"
+LOOPS = ("asyncio", "uvloop")
 
 #: how long a pushing provider waits for every consumer to register before giving up
 JOIN_TIMEOUT = 30.0
@@ -219,3 +225,17 @@ def drive_threads(op: SyncOp, concurrency: int, seconds: float) -> Measurement:
             ]
             latencies = [future.result() for future in futures]
     return summarise(latencies, time.perf_counter() - began)
+
+
+def use_event_loop() -> str:
+    """Make every event loop this process creates the kind ``$BENCH_LOOP`` names
+    (``asyncio.run``'s, and the sync ``Client``'s loop thread's, through the event loop
+    policy); return its name. Called first thing by the bench's process entry points."""
+    name = os.environ.get(LOOP_ENVIRONMENT) or "asyncio"
+    if name not in LOOPS:
+        raise SystemExit(f"${LOOP_ENVIRONMENT} must be one of {', '.join(LOOPS)}, got {name!r}")
+    if name == "uvloop":
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return name

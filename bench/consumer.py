@@ -9,6 +9,13 @@ figure's clients, registers listeners (backchannel) or opens push streams (raw),
 the provider's calls and prints the Measurement the provider sends back. A figure with
 ``processes > 1`` runs that many consumer processes at once (``bench/run.py`` starts
 them), each with ``clients // processes`` clients.
+
+A figure runs on one transport and one event loop, in both its processes: ``bench/run.py``
+sets ``$BACKCHANNEL_TRANSPORT`` and ``$BENCH_LOOP`` from the figure, and this process
+refuses to measure in an environment that does not match. Every backchannel figure has a
+twin on grpclib (NAME + ``-grpclib``) and on the fast transport, grpclib on uvloop (NAME +
+:data:`FAST`); the raw grpclib figures (``bench/raw_grpclib.py``) run on plain asyncio and,
+as NAME + ``-uvloop``, on uvloop.
 """
 
 from __future__ import annotations
@@ -17,18 +24,19 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 from common import (
     FANOUT_CLIENTS,
     FANOUT_LISTENERS,
     JOIN_TIMEOUT,
+    LOOP_ENVIRONMENT,
     RAW_FANOUT,
     RAW_PAYLOAD,
     RAW_PUSH,
-    RAW_RESULT_MARK,
     RAW_STREAM,
     RAW_UNARY,
     SYNC_GROUP,
@@ -39,10 +47,13 @@ from common import (
     Measurement,
     SyncOp,
     drive_threads,
+    use_event_loop,
     warm_then_drive,
 )
+from rawpush import echo_until_result, push_settings
 
 import backchannel
+from backchannel.transport.default import ENVIRONMENT as TRANSPORT_ENVIRONMENT
 
 AsyncSetup = Callable[[contextlib.AsyncExitStack, str], Awaitable[AsyncOp]]
 SyncSetup = Callable[[contextlib.ExitStack, str], SyncOp]
@@ -147,27 +158,44 @@ def _raw_pushed(path: str) -> PushedRun:
     async def run(
         figure: Figure, clients: int, address: str, warmup: float, duration: float
     ) -> Measurement:
-        settings = {"streams": figure.clients, "listeners": figure.concurrency}
-        settings |= {"warmup": warmup, "seconds": duration}
+        settings = push_settings(figure.clients, figure.concurrency, warmup, duration)
 
-        async def echo_until_result(stack: contextlib.AsyncExitStack) -> Measurement:
+        async def echo(stack: contextlib.AsyncExitStack) -> Measurement:
             channel = await stack.enter_async_context(grpc.aio.insecure_channel(address))
             call = channel.stream_stream(path)()
             stack.callback(call.cancel)
-            await call.write(json.dumps(settings).encode())
-            while (message := await call.read()) is not EOF:
-                if message.startswith(RAW_RESULT_MARK):
-                    data = json.loads(message[len(RAW_RESULT_MARK) :])
-                    if "error" in data:
-                        raise RuntimeError(f"the raw server failed: {data['error']}")
-                    await call.done_writing()
-                    return Measurement.from_json(data)
-                await call.write(message)
-            raise ConnectionError("the raw server closed the stream before its result")
+            await call.write(settings)
+            return await echo_until_result(call.read, call.write, call.done_writing, EOF)
 
         async with contextlib.AsyncExitStack() as stack:
-            results = await asyncio.gather(*(echo_until_result(stack) for _ in range(clients)))
+            results = await asyncio.gather(*(echo(stack) for _ in range(clients)))
         return results[0]
+
+    return run
+
+
+def _grpclib_setup(name: str) -> AsyncSetup:
+    """A raw grpclib operation of ``bench/raw_grpclib.py`` (imported when first used, so
+    the other figures' processes never load grpclib)."""
+
+    async def setup(stack: contextlib.AsyncExitStack, address: str) -> AsyncOp:
+        import raw_grpclib
+
+        made: AsyncOp = await getattr(raw_grpclib, name)(stack, address)
+        return made
+
+    return setup
+
+
+def _grpclib_pushed(path: str) -> PushedRun:
+    """Raw grpclib server push on ``path`` (``raw_grpclib.pushed``), imported when used."""
+
+    async def run(
+        figure: Figure, clients: int, address: str, warmup: float, duration: float
+    ) -> Measurement:
+        import raw_grpclib
+
+        return await raw_grpclib.pushed(path)(figure, clients, address, warmup, duration)
 
     return run
 
@@ -197,9 +225,13 @@ class Figure:
     #: provider processes; the consumer gets ``static://`` and their addresses when it
     #: is more than 0 (a cluster, whose calls each choose a provider), else one address
     cluster: int = 0
+    #: both processes' ``$BACKCHANNEL_TRANSPORT`` (a raw figure's: the library it uses)
+    transport: str = "grpcio"
+    #: both processes' event loop, ``$BENCH_LOOP``: "asyncio" or "uvloop"
+    loop: str = "asyncio"
 
 
-FIGURES: dict[str, Figure] = {
+_GRPCIO_FIGURES: dict[str, Figure] = {
     "bc-async-seq": Figure("backchannel", 1, async_setup=_bc_async("")),
     "raw-aio-pingpong": Figure("raw", 1, async_setup=_raw_aio_pingpong),
     "bc-async-64": Figure("backchannel", 64, async_setup=_bc_async("")),
@@ -246,6 +278,43 @@ FIGURES: dict[str, Figure] = {
     ),
 }
 
+#: the raw grpclib baselines (``bench/raw_grpclib.py``), on plain asyncio; each also
+#: runs on uvloop as NAME + "-uvloop"
+_RAW_GRPCLIB: dict[str, Figure] = {
+    "raw-grpclib-pingpong": Figure("raw-grpclib", 1, async_setup=_grpclib_setup("pingpong")),
+    "raw-grpclib-unary-64": Figure("raw-grpclib", 64, async_setup=_grpclib_setup("unary")),
+    "raw-grpclib-pipelined-64": Figure("raw-grpclib", 64, async_setup=_grpclib_setup("pipelined")),
+    "raw-grpclib-push-pingpong": Figure("raw-grpclib", 1, pushed=_grpclib_pushed(RAW_PUSH)),
+    "raw-grpclib-fanout-1000": Figure(
+        "raw-grpclib",
+        FANOUT_LISTENERS,
+        pushed=_grpclib_pushed(RAW_FANOUT),
+        clients=FANOUT_CLIENTS,
+        processes=FANOUT_PROCESSES,
+    ),
+}
+
+#: the fast transport: a backchannel figure's name + FAST is the same figure with both
+#: processes on grpclib and uvloop (+ "-grpclib": grpclib on plain asyncio)
+FAST = "-grpclib-uvloop"
+VARIANTS = {"-grpclib": ("grpclib", "asyncio"), FAST: ("grpclib", "uvloop")}
+
+
+def _figures() -> dict[str, Figure]:
+    """Every figure: grpcio's, their grpclib twins, the raw grpclib ones on both loops."""
+    figures = dict(_GRPCIO_FIGURES)
+    for name, figure in _GRPCIO_FIGURES.items():
+        if figure.provider == "backchannel":
+            for suffix, (transport, loop) in VARIANTS.items():
+                figures[name + suffix] = replace(figure, transport=transport, loop=loop)
+    for name, figure in _RAW_GRPCLIB.items():
+        figures[name] = replace(figure, transport="grpclib")
+        figures[name + "-uvloop"] = replace(figure, transport="grpclib", loop="uvloop")
+    return figures
+
+
+FIGURES = _figures()
+
 
 async def _measure_async(
     setup: AsyncSetup, address: str, concurrency: int, warmup: float, duration: float
@@ -288,6 +357,16 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=0.5)
     parser.add_argument("--duration", type=float, default=2.0)
     args = parser.parse_args()
+    figure = FIGURES[args.figure]
+    # bench/run.py sets both for the provider too; a consumer started by hand must match it
+    found = {"transport": os.environ.get(TRANSPORT_ENVIRONMENT) or "grpcio"}
+    found["loop"] = use_event_loop()
+    wanted = {"transport": figure.transport, "loop": figure.loop}
+    if found != wanted:
+        raise SystemExit(
+            f"{args.figure} runs with ${TRANSPORT_ENVIRONMENT}={figure.transport} and "
+            f"${LOOP_ENVIRONMENT}={figure.loop}; this process has {found}"
+        )
     result = measure(args.figure, args.address, args.warmup, args.duration)
     print(json.dumps(result.to_json()), flush=True)
 

@@ -3,7 +3,8 @@
 
 Four scenarios, each peer in its own provider and consumer processes on 127.0.0.1 (this
 script, ``serve`` and ``measure``), interleaved round by round with backchannel's own
-figures for them (``bench/run.py``'s processes):
+figures for them on both transports, grpcio and grpclib on uvloop (``bench/run.py``'s
+processes and figure names):
 
 - sequential call latency: one thread calls ``add(i, 1)`` in a loop;
 - 64 concurrent callers: 64 threads, each with its own connection (RPyC) or proxy
@@ -18,8 +19,9 @@ figures for them (``bench/run.py``'s processes):
   wait for all) was tried first and did not finish within 90 s; if RPyC finishes no
   callback at all, the table says "failed".
 
-The table, with ratios backchannel ÷ peer, is printed and written to the "Against RPyC
-and Pyro5" section of docs/performance.md.
+The table, with ratios backchannel ÷ peer and the fast transport's targets against Pyro5
+(:data:`TARGETS`), is printed and written to the "Against RPyC and Pyro5" section of
+docs/performance.md.
 """
 
 from __future__ import annotations
@@ -38,8 +40,9 @@ from pathlib import Path
 from typing import Any
 
 from common import FANOUT_CLIENTS, FANOUT_LISTENERS, JOIN_TIMEOUT, drive_threads, summarise
-from consumer import FANOUT_PROCESSES
-from run import DOC, consumer, consumers_result, markdown_table, median_run, serving
+from consumer import FANOUT_PROCESSES, FAST
+from report import DOC, FAST_NAME, GRPCIO, markdown_table
+from run import consumer, consumers_result, median_run, serving
 from run import measure as measure_backchannel
 
 HERE = Path(__file__).resolve().parent
@@ -266,7 +269,8 @@ PEER_FIGURES = [
     for kind in ("seq", "64", "callback", "fanout-1000")
 ]
 
-#: (scenario, metric, backchannel figures with their labels, the peers' figure kind)
+#: (scenario, metric, backchannel figures (on grpcio) with their labels, the peers' kind);
+#: each backchannel figure is measured on both transports (its FAST twin)
 SCENARIOS: list[tuple[str, str, list[tuple[str, str]], str]] = [
     ("sequential call (µs/call)", "latency", [("sync Client", "bc-sync-seq")], "seq"),
     (
@@ -289,6 +293,14 @@ SCENARIOS: list[tuple[str, str, list[tuple[str, str]], str]] = [
         "fanout-1000",
     ),
 ]
+
+#: the fast transport's targets against Pyro5: its figure -> ratio (<= for µs, >= for
+#: calls/s; backchannel ÷ Pyro5)
+TARGETS = {
+    "bc-sync-seq" + FAST: 1.0,
+    "bc-callback-seq" + FAST: 1.0,
+    "bc-fanout-1000-gather" + FAST: 12.0,
+}
 
 
 @contextlib.contextmanager
@@ -316,8 +328,23 @@ def measure(figure: str, warmup: float, duration: float) -> dict[str, float]:
         return consumers_result(figure, runs, deadline)
 
 
-def _fmt(value: float, metric: str) -> str:
+def _fmt(value: float | None, metric: str) -> str:
+    if value is None:
+        return "failed"
     return f"{value:,.1f} µs" if metric == "latency" else f"{value:,.0f}/s"
+
+
+def _target(name: str, metric: str, ratio: float | None) -> tuple[str, str]:
+    """The target of backchannel's figure ``name`` against Pyro5, and whether it is met."""
+    if name not in TARGETS:
+        return "", ""
+    target = TARGETS[name]
+    text = f"<= {target:.2f}x" if metric == "latency" else f">= {target:g}x"
+    text += " Pyro5"
+    if ratio is None:
+        return text, "NOT met (a figure failed)"
+    met = ratio <= target if metric == "latency" else ratio >= target
+    return text, "met" if met else "NOT met"
 
 
 def rows(results: dict[str, dict[str, float]]) -> list[list[str]]:
@@ -325,15 +352,19 @@ def rows(results: dict[str, dict[str, float]]) -> list[list[str]]:
     for scenario, metric, ours, kind in SCENARIOS:
         key = "mean_us" if metric == "latency" else "calls_per_second"
         peers = [results.get(f"{peer}-{kind}", {}).get(key) for peer in ("rpyc", "pyro")]
-        for label, name in ours:
-            value = results[name][key]
-            row = [f"{scenario}{', ' + label if label else ''}", _fmt(value, metric)]
-            row += [_fmt(peer, metric) if peer else "failed" for peer in peers]
-            table.append([*row, *(f"{value / peer:.2f}x" if peer else "-" for peer in peers)])
+        for label, base in ours:
+            for name, transport in ((base, GRPCIO), (base + FAST, FAST_NAME)):
+                value = results.get(name, {}).get(key)
+                ratios = [None if not peer or value is None else value / peer for peer in peers]
+                row = [f"{scenario}{', ' + label if label else ''}", transport]
+                row += [_fmt(value, metric), *(_fmt(peer, metric) for peer in peers)]
+                row += [f"{ratio:.2f}x" if ratio else "-" for ratio in ratios]
+                table.append([*row, *_target(name, metric, ratios[1])])
     return table
 
 
-HEADER = ["scenario", "backchannel", "RPyC", "Pyro5", "bc ÷ RPyC", "bc ÷ Pyro5"]
+HEADER = ["scenario", "transport", "backchannel", "RPyC", "Pyro5", "bc ÷ RPyC", "bc ÷ Pyro5"]
+HEADER += ["target", "met?"]
 
 
 def write_section(table: str, rounds: int, warmup: float, duration: float) -> None:
@@ -348,9 +379,11 @@ Generated by `{COMMAND}` (run by `make bench` after `bench/run.py`) on {now}, wi
 RPyC {rpyc.__version__} and Pyro5 {Pyro5.__version__}: the median of {rounds} rounds,
 the peers' figures interleaved with backchannel's, each figure in fresh processes on
 127.0.0.1, warmed up for {warmup:g} s and timed for {duration:g} s. Ratios are
-backchannel ÷ peer: for µs lower is better, for calls/s higher is better. How each peer
-is driven is in the docstring of `bench/peers.py`; backchannel's figures are those of
-the table above (`bc-sync-64` is the sync-Client counterpart of b).
+backchannel ÷ peer: for µs lower is better, for calls/s higher is better. backchannel is
+measured on both transports, {GRPCIO} and {FAST_NAME} (the fast transport, whose targets
+against Pyro5 are the last columns). How each peer is driven is in the docstring of
+`bench/peers.py`; backchannel's figures are those of the tables above, measured again
+here (`bc-sync-64` is the sync-Client counterpart of b).
 
 {table}
 
@@ -387,8 +420,10 @@ def main() -> None:
         result = measure_peer(args.figure, args.address, args.warmup, args.duration, args.clients)
         print(json.dumps(result), flush=True)
         return
-    figures = [name for _s, _m, ours, kind in SCENARIOS for name in (
-        *(n for _l, n in ours), f"rpyc-{kind}", f"pyro-{kind}")]  # fmt: skip
+    figures = []
+    for _scenario, _metric, ours, kind in SCENARIOS:
+        figures += [name + twin for _label, name in ours for twin in ("", FAST)]
+        figures += [f"rpyc-{kind}", f"pyro-{kind}"]
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in figures}
     for round_number in range(1, args.rounds + 1):
         for name in figures:

@@ -1,7 +1,9 @@
-"""A benchmark provider process: ``python bench/provider.py backchannel|raw``.
+"""A benchmark provider process: ``python bench/provider.py backchannel|raw|raw-grpclib``.
 
 Listens on 127.0.0.1 with a free port, prints ``host:port`` on stdout, and serves until
 SIGTERM or SIGINT, then exits cleanly (so ``python -m cProfile -o ...`` can save a profile).
+It runs on the event loop ``$BENCH_LOOP`` names (asyncio or uvloop), and backchannel on the
+transport ``$BACKCHANNEL_TRANSPORT`` names (``bench/run.py`` sets both per figure).
 
 ``backchannel`` exports :class:`~common.Calculator` twice: the ``async def`` implementation
 under no group and the ``def`` one under the group ``"sync"``, and
@@ -11,15 +13,14 @@ on bytes: unary ``Echo`` and bidi ``EchoStream`` (read one message, write it bac
 backchannel's provider reads and writes its stream), and the server-push counterparts of
 the callback figures, which also time on the server: ``Push`` (write one message, read the
 client's reply, in a loop) and ``FanOut`` (one message per callback to each of several
-client streams, many outstanding).
+client streams, many outstanding), both in ``bench/rawpush.py``. ``raw-grpclib`` serves
+the same methods on grpclib (``bench/raw_grpclib.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextvars
-import json
 import signal
 import sys
 import time
@@ -29,8 +30,6 @@ from typing import Any
 import grpc
 from common import (
     JOIN_TIMEOUT,
-    RAW_CALLBACK_PAYLOAD,
-    RAW_RESULT_MARK,
     RAW_SERVICE,
     SYNC_GROUP,
     AsyncCalculator,
@@ -40,8 +39,10 @@ from common import (
     Measurement,
     SyncCalculator,
     summarise,
+    use_event_loop,
     warm_then_drive,
 )
+from rawpush import FanOut, serve_pingpong
 
 import backchannel
 
@@ -123,97 +124,19 @@ class AsyncCallbackBench:
         return (await asyncio.shield(self._run)).to_json()
 
 
-def _result_message(outcome: Measurement | BaseException) -> bytes:
-    """The raw server's last message on a push stream: a Measurement or an error."""
-    if isinstance(outcome, BaseException):
-        data: dict[str, Any] = {"error": f"{type(outcome).__name__}: {outcome}"}
-    else:
-        data = outcome.to_json()
-    return RAW_RESULT_MARK + json.dumps(data).encode()
-
-
 async def _push(requests: object, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-    """Raw server-push ping-pong: read the settings, then time writing one message and
-    reading the client's reply, in a loop; last, write the Measurement."""
-    settings = json.loads(await context.read())
-
-    async def op(i: int) -> None:
-        await context.write(RAW_CALLBACK_PAYLOAD)
-        if await context.read() is EOF:
-            raise ConnectionError("the client closed the stream")
-
-    try:
-        outcome: Measurement | BaseException = await warm_then_drive(
-            op, 1, settings["warmup"], settings["seconds"]
-        )
-    except Exception as exc:
-        outcome = exc
-    await context.write(_result_message(outcome))
+    """Raw server-push ping-pong on grpc.aio (:func:`rawpush.serve_pingpong`)."""
+    await serve_pingpong(context.read, context.write, EOF)
 
 
-class _RawPushStream:
-    """One client stream of the raw fan-out: a writer task sends what is queued, one gRPC
-    message each; the replies, which come back in order, settle the oldest waiter."""
+def _fan_out() -> Callable[[object, grpc.aio.ServicerContext[Any, Any]], Awaitable[None]]:
+    """Raw fan-out on grpc.aio: each stream's handler (:class:`rawpush.FanOut`)."""
+    fan_out = FanOut()
 
-    def __init__(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        self.context = context
-        self.outbox: asyncio.Queue[bytes] = asyncio.Queue()
-        self.waiting: collections.deque[asyncio.Future[None]] = collections.deque()
+    async def handle(requests: object, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        await fan_out.handle(context.read, context.write, EOF)
 
-    async def write_loop(self) -> None:
-        while True:
-            await self.context.write(await self.outbox.get())
-
-    async def push(self) -> None:
-        """One callback: queue a message, wait for its reply."""
-        reply = asyncio.get_running_loop().create_future()
-        self.waiting.append(reply)
-        self.outbox.put_nowait(RAW_CALLBACK_PAYLOAD)
-        await reply
-
-
-class RawFanOut:
-    """The raw fan-out: waits for every client stream, then times one message per
-    callback to ``listeners`` slots spread evenly over the streams, one caller per slot."""
-
-    def __init__(self) -> None:
-        self._streams: list[_RawPushStream] = []
-        self._joined = asyncio.Event()
-        self._run: asyncio.Task[None] | None = None
-
-    async def handle(self, requests: object, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        """One client stream: join, then settle waiters as replies arrive."""
-        settings = json.loads(await context.read())
-        stream = _RawPushStream(context)
-        self._streams.append(stream)
-        if len(self._streams) == 1:
-            self._run = asyncio.create_task(self._drive(settings))
-        if len(self._streams) == settings["streams"]:
-            self._joined.set()
-        writer = asyncio.create_task(stream.write_loop())
-        try:
-            while (await context.read()) is not EOF:
-                stream.waiting.popleft().set_result(None)
-        finally:
-            writer.cancel()
-            for reply in stream.waiting:
-                reply.cancel()
-
-    async def _drive(self, settings: dict[str, Any]) -> None:
-        outcome: Measurement | BaseException
-        try:
-            await asyncio.wait_for(self._joined.wait(), JOIN_TIMEOUT)
-            streams, listeners = list(self._streams), settings["listeners"]
-            per_stream = listeners // len(streams)
-
-            def op(i: int) -> Awaitable[None]:
-                return streams[(i % listeners) // per_stream].push()
-
-            outcome = await warm_then_drive(op, listeners, settings["warmup"], settings["seconds"])
-        except Exception as exc:
-            outcome = exc
-        for stream in self._streams:
-            stream.outbox.put_nowait(_result_message(outcome))
+    return handle
 
 
 async def _start_raw() -> tuple[str, Callable[[], Awaitable[object]]]:
@@ -225,7 +148,7 @@ async def _start_raw() -> tuple[str, Callable[[], Awaitable[object]]]:
             "Echo": grpc.unary_unary_rpc_method_handler(_echo),
             "EchoStream": grpc.stream_stream_rpc_method_handler(_echo_stream),
             "Push": grpc.stream_stream_rpc_method_handler(_push),
-            "FanOut": grpc.stream_stream_rpc_method_handler(RawFanOut().handle),
+            "FanOut": grpc.stream_stream_rpc_method_handler(_fan_out()),
         },
     )
     server.add_generic_rpc_handlers((handler,))
@@ -248,9 +171,20 @@ async def _start_backchannel() -> tuple[str, Callable[[], Awaitable[object]]]:
     return server.address, server.stop
 
 
+async def _start_raw_grpclib() -> tuple[str, Callable[[], Awaitable[object]]]:
+    """Start the raw grpclib server (imported only here: the other kinds need no grpclib)."""
+    from raw_grpclib import start_server
+
+    return await start_server()
+
+
 async def main(kind: str) -> None:
     """Serve ``kind`` until told to stop."""
-    starters = {"backchannel": _start_backchannel, "raw": _start_raw}
+    starters = {
+        "backchannel": _start_backchannel,
+        "raw": _start_raw,
+        "raw-grpclib": _start_raw_grpclib,
+    }
     if kind not in starters:
         raise SystemExit(f"usage: provider.py {'|'.join(starters)}")
     address, stop = await starters[kind]()
@@ -264,4 +198,5 @@ async def main(kind: str) -> None:
 
 
 if __name__ == "__main__":
+    use_event_loop()
     asyncio.run(main(sys.argv[1] if len(sys.argv) > 1 else ""))

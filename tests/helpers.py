@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import socket
+import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -314,3 +317,59 @@ class Records(logging.Handler):
 
     def __exit__(self, *exc_info: object) -> None:
         logging.getLogger("backchannel").removeHandler(self)
+
+
+def transport_name(transport: str | None = None) -> str:
+    """The transport a Client or Server made without ``transport=`` runs on."""
+    from backchannel.transport.default import DEFAULT_NAME, ENVIRONMENT
+
+    return transport or os.environ.get(ENVIRONMENT) or DEFAULT_NAME
+
+
+def _ssl_context(purpose: ssl.Purpose, pems: list[bytes]) -> ssl.SSLContext:
+    """A TLS context trusting the CA in ``pems[0]`` (when given), with the key and
+    certificate of ``pems[1:]`` (when given) as its own chain."""
+    context = ssl.create_default_context(purpose)
+    ca, *chain = pems
+    if ca:
+        context.load_verify_locations(cadata=ca.decode())
+    if chain:
+        key, cert = chain
+        with tempfile.TemporaryDirectory() as directory:  # ssl loads a chain from files only
+            key_file, cert_file = Path(directory, "key.pem"), Path(directory, "cert.pem")
+            key_file.write_bytes(key)
+            cert_file.write_bytes(cert)
+            context.load_cert_chain(cert_file, key_file)
+    return context
+
+
+def server_credentials(
+    key: bytes, cert: bytes, *, client_ca: bytes | None = None, transport: str | None = None
+) -> Any:
+    """A provider's TLS credentials for ``transport`` (the default one when None): its key
+    and certificate (PEM), and with ``client_ca`` mutual TLS (clients need a certificate
+    that CA issued)."""
+    if transport_name(transport) == "grpclib":
+        context = _ssl_context(ssl.Purpose.CLIENT_AUTH, [client_ca or b"", key, cert])
+        if client_ca is not None:
+            context.verify_mode = ssl.CERT_REQUIRED
+        return context
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+
+
+def channel_credentials(
+    ca: bytes,
+    key: bytes | None = None,
+    cert: bytes | None = None,
+    *,
+    transport: str | None = None,
+) -> Any:
+    """A consumer's TLS credentials for ``transport`` (the default one when None):
+    trusting ``ca``, with a client certificate for mutual TLS when ``key`` and ``cert``
+    are given."""
+    if transport_name(transport) == "grpclib":
+        chain = [key, cert] if key is not None and cert is not None else []
+        return _ssl_context(ssl.Purpose.SERVER_AUTH, [ca, *chain])
+    return grpc.ssl_channel_credentials(ca, key, cert)

@@ -21,7 +21,7 @@ from pathlib import Path
 import grpc
 import pytest
 from conftest import RawStream, run
-from helpers import SERVICES, Records, frames_of, read_line
+from helpers import SERVICES, Records, channel_credentials, frames_of, read_line
 from services import Echo, EchoImpl
 from test_security import _issue
 
@@ -220,7 +220,7 @@ def test_a_good_consumer_connects_while_300_half_open_tls_connections_are_held(
             sock.sendall(b"\x16\x03\x01\x02\x00\x01")  # a TLS record header, then silence
             half_open.append(sock)
         began = time.monotonic()
-        trusted = grpc.ssl_channel_credentials(root_certificates=tls_files[2])
+        trusted = channel_credentials(tls_files[2])
         with backchannel.Client(tls_provider, credentials=trusted, timeout=5) as client:
             echo = client.reference(Echo)
             while True:

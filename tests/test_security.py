@@ -18,7 +18,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from helpers import LogSeen, Records
+from helpers import LogSeen, Records, channel_credentials, server_credentials, transport_name
 from kazoo.client import KazooClient
 
 import backchannel
@@ -94,9 +94,9 @@ def serve(**options: Any) -> Iterator[backchannel.Server]:
 
 
 def test_tls(pems: Pems) -> None:
-    credentials = grpc.ssl_server_credentials([(pems.server_key, pems.server_cert)])
+    credentials = server_credentials(pems.server_key, pems.server_cert)
     for server in serve(credentials=credentials):
-        trusted = grpc.ssl_channel_credentials(root_certificates=pems.ca)
+        trusted = channel_credentials(pems.ca)
         with backchannel.Client(server.address, credentials=trusted) as client:
             assert client.reference(WhoAmI).sync_name() is None  # no authenticator
         with backchannel.Client(server.address) as plaintext:
@@ -105,15 +105,13 @@ def test_tls(pems: Pems) -> None:
 
 
 def test_mutual_tls_refuses_a_client_without_a_certificate(pems: Pems) -> None:
-    credentials = grpc.ssl_server_credentials(
-        [(pems.server_key, pems.server_cert)], root_certificates=pems.ca, require_client_auth=True
-    )
+    credentials = server_credentials(pems.server_key, pems.server_cert, client_ca=pems.ca)
     for server in serve(credentials=credentials):
-        anonymous = grpc.ssl_channel_credentials(root_certificates=pems.ca)
+        anonymous = channel_credentials(pems.ca)
         with backchannel.Client(server.address, credentials=anonymous) as client:
             with pytest.raises(backchannel.TransportError):
                 client.reference(WhoAmI).sync_name()
-        known = grpc.ssl_channel_credentials(pems.ca, pems.client_key, pems.client_cert)
+        known = channel_credentials(pems.ca, pems.client_key, pems.client_cert)
         with backchannel.Client(server.address, credentials=known) as client:
             assert client.reference(WhoAmI).async_name() is None
 
@@ -382,9 +380,10 @@ def test_authorization_metadata_is_held_back_like_a_token(outside_host: str) -> 
             backchannel.Client(a.address, token=TOKEN)
         with pytest.raises(backchannel.CredentialsNotSent, match=a.address):
             backchannel.AsyncClient(a.address, metadata=header)
-        plaintext = grpc.experimental.insecure_channel_credentials()  # "credentials", no TLS
-        with pytest.raises(backchannel.CredentialsNotSent, match=a.address):
-            backchannel.Client(a.address, token=TOKEN, credentials=plaintext)
+        if transport_name() == "grpcio":  # grpc's "credentials" without TLS (grpcio's own)
+            plaintext = grpc.experimental.insecure_channel_credentials()
+            with pytest.raises(backchannel.CredentialsNotSent, match=a.address):
+                backchannel.Client(a.address, token=TOKEN, credentials=plaintext)
         assert isinstance(refused.value, backchannel.TransportError)
 
         # metadata that is no credential goes anywhere, as before
@@ -438,10 +437,10 @@ def test_every_refused_provider_is_named_on_every_call(outside_host: str) -> Non
 def test_the_token_goes_over_verified_tls_and_to_loopback(outside_host: str) -> None:
     _, ca_cert, (ca_key, ca_name) = _issue("test CA", None, None, ca=True)
     key, cert, _ = _issue(outside_host, ca_name, ca_key, host=outside_host)
-    tls = grpc.ssl_server_credentials([(key, cert)])
+    tls = server_credentials(key, cert)
     far, near = Recorder("outside"), Recorder("loopback")
     with listed(f"{outside_host}:0", far, credentials=tls) as a, listed("127.0.0.1:0", near) as b:
-        trusted = grpc.ssl_channel_credentials(root_certificates=ca_cert)
+        trusted = channel_credentials(ca_cert)
         with backchannel.Client(a.address, token=TOKEN, credentials=trusted) as client:
             assert client.reference(Listed).name() == "outside"
         assert [m["authorization"] for m in far.seen] == [BEARER]

@@ -9,7 +9,7 @@ import sys
 import threading
 from pathlib import Path
 
-import grpc
+from helpers import server_credentials
 from services import Echo, EchoImpl
 
 import backchannel
@@ -18,7 +18,7 @@ if __name__ == "__main__":
     key, cert, nofile, timeout = sys.argv[1:5]
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (int(nofile), hard))
-    credentials = grpc.ssl_server_credentials([(Path(key).read_bytes(), Path(cert).read_bytes())])
+    credentials = server_credentials(Path(key).read_bytes(), Path(cert).read_bytes())
     limits = (
         backchannel.Limits()
         if timeout == "default"

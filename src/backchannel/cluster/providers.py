@@ -160,6 +160,8 @@ class LinkSettings:
         self.send_token_over_plaintext = send_token_over_plaintext
         #: what the streams run on (None: the default, grpcio unless the environment says)
         self.transport = resolve_transport() if transport is None else transport
+        # credentials of another transport's kind are refused here, with what to pass
+        self.transport.is_plaintext(credentials)
         #: spreads the opening of many streams over turns of the loop
         self.gate = TurnGate()
         #: addresses warned of the token not being sent to (at most TOKEN_WARNINGS):

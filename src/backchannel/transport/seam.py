@@ -245,7 +245,8 @@ class Transport(Protocol):
         ...
 
     def is_plaintext(self, credentials: object | None) -> bool:
-        """Whether a channel with ``credentials`` (None: none) has no TLS."""
+        """Whether a channel with ``credentials`` (None: none) has no TLS; TypeError,
+        saying what to pass, for credentials of another transport's kind."""
         ...
 
     def channel(

@@ -20,6 +20,17 @@ from backchannel.transport.grpcio.serving import GrpcioServer
 from backchannel.transport.seam import Guard, Handlers, Parse, Serialize
 
 
+def _check_credentials(credentials: object | None, kind: type, made_by: str) -> None:
+    """Refuse credentials of another kind than grpc's (an ``ssl.SSLContext`` is grpclib's)."""
+    if credentials is not None and not isinstance(credentials, kind):
+        name = f"{type(credentials).__module__}.{type(credentials).__qualname__}"
+        hint = ", which is for transport='grpclib'" if name == "ssl.SSLContext" else ""
+        raise TypeError(
+            f"transport 'grpcio' takes {kind.__module__}.{kind.__qualname__} as credentials= "
+            f"(e.g. {made_by}(...)), got {name}{hint}"
+        )
+
+
 class GrpcioTransport:
     """:class:`~backchannel.transport.seam.Transport` on ``grpc.aio``."""
 
@@ -29,6 +40,7 @@ class GrpcioTransport:
         return status.translate(exc, peer)
 
     def is_plaintext(self, credentials: object | None) -> bool:
+        _check_credentials(credentials, grpc.ChannelCredentials, "grpc.ssl_channel_credentials")
         return credentials is None or credentials is channel.PLAINTEXT
 
     def channel(
@@ -67,6 +79,7 @@ class GrpcioTransport:
         reflection: bool,
         reflection_guard: Guard | None,
     ) -> GrpcioServer:
+        _check_credentials(credentials, grpc.ServerCredentials, "grpc.ssl_server_credentials")
         return GrpcioServer(
             address,
             handlers,

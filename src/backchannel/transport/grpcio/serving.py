@@ -6,18 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 from collections.abc import AsyncIterator
 from typing import Any, NoReturn
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
 
 from backchannel.settings import Keepalive, Limits
 from backchannel.transport.grpcio import reflection
 from backchannel.transport.grpcio.options import server_options
 from backchannel.transport.grpcio.status import STATUS
+from backchannel.transport.health import SERVING, HealthState
 from backchannel.transport.seam import SERVICE_NAME, Code, Guard, Handlers, Parse, Serialize
 from backchannel.v1 import envelope_pb2 as pb
 
@@ -79,12 +78,14 @@ def on_stream(guard: Guard) -> reflection.Guard:
     return check
 
 
-class Health(HealthServicer):  # type: ignore[misc]
-    """The standard health service; behind ``guard`` (the authenticator) when set."""
+class Health(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
+    """The standard health service on grpcio, over the state both transports share
+    (:class:`~backchannel.transport.health.HealthState`); behind ``guard`` (the
+    authenticator) when set."""
 
     def __init__(self, guard: Guard | None = None) -> None:
-        super().__init__()
         self.guard = guard
+        self.state = HealthState()
 
     async def _check(self, context: Context) -> None:
         if self.guard is not None:
@@ -94,25 +95,29 @@ class Health(HealthServicer):  # type: ignore[misc]
         self, request: health_pb2.HealthCheckRequest, context: Context
     ) -> health_pb2.HealthCheckResponse:
         await self._check(context)
-        return await super().Check(request, context)
+        status = self.state.check(request.service)
+        if status is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND)
+        return health_pb2.HealthCheckResponse(status=status)
 
-    async def Watch(self, request: health_pb2.HealthCheckRequest, context: Context) -> None:
+    async def Watch(
+        self, request: health_pb2.HealthCheckRequest, context: Context
+    ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
         await self._check(context)
-        await super().Watch(request, context)
+        async for status in self.state.watch(request.service):
+            yield health_pb2.HealthCheckResponse(status=status)
 
-    # every method of the service is overridden here, behind the guard: the test
+    # every method of the service is served here, behind the guard: the test
     # (test_grpcurl.py) calls each one the service descriptor names without a token
     async def List(
         self, request: health_pb2.HealthListRequest, context: Context
     ) -> health_pb2.HealthListResponse:
         await self._check(context)
-        try:
-            result = super().List(request, context)
-        except NotImplementedError:  # the generated stub (grpcio-health-checking 1.85)
-            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not implemented!")
-        if inspect.isawaitable(result):  # a later version's async List
-            result = await result
-        return result
+        statuses = {
+            name: health_pb2.HealthCheckResponse(status=status)
+            for name, status in self.state.statuses().items()
+        }
+        return health_pb2.HealthListResponse(statuses=statuses)
 
 
 class GrpcioServer:
@@ -172,8 +177,8 @@ class GrpcioServer:
         served = [SERVICE_NAME]
         if self.health is not None:
             health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-            await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
-            await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+            self.health.state.set("", SERVING)
+            self.health.state.set(SERVICE_NAME, SERVING)
             served.append(health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
         if self._reflection:
             # grpcurl resolves Any payloads through reflection over the default pool,
@@ -193,7 +198,7 @@ class GrpcioServer:
 
     async def going_away(self) -> None:
         if self.health is not None:
-            await self.health.enter_graceful_shutdown()
+            self.health.state.going_away()
 
     async def stop(self) -> None:
         server, self._server = self._server, None
