@@ -26,6 +26,7 @@ from backchannel.errors import (
 )
 from backchannel.rpc.callbacks import ServiceKey, limit_error, listener_interface
 from backchannel.rpc.interface import InterfaceSpec, MethodSpec, find_interface_spec
+from backchannel.rpc.turns import Turns
 from backchannel.transport.handoff import post_quietly, submit
 from backchannel.v1 import envelope_pb2 as pb
 from backchannel.wire import codec
@@ -45,13 +46,14 @@ class ExportedCallback:
     #: the exported services (name, group, version) whose limit this instance counts against
     services: set[ServiceKey] = field(default_factory=set)
     #: calls to one instance run one at a time, in arrival order
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    lock: Turns = field(default_factory=Turns)
     #: the incoming call id that holds ``lock`` now (0 when none)
     holder: int = 0
-    #: method name -> (its function, whether it is ``async def``, the call in words), so
-    #: that is worked out once per name (a listener's names: bounded by its methods). The
-    #: function, not the bound method: that would hold a listener held weakly
-    methods: dict[str, tuple[object, bool, str]] = field(default_factory=dict)
+    #: method name -> (its function, whether it is ``async def``, the call in words, its
+    #: result in words), so that is worked out once per name (a listener's names: bounded
+    #: by its methods). The function, not the bound method: that would hold a listener
+    #: held weakly
+    methods: dict[str, tuple[object, bool, str, str]] = field(default_factory=dict)
 
 
 class ConsumerCallbacks:
@@ -178,23 +180,40 @@ class ConsumerCallbacks:
                 f"callback {call.callback_id} is not exported on this stream "
                 "(released, removed or never added)"
             )
-        function = _listener_method(entry, call.method)
-        plain = getattr(function, "__func__", function)
-        known = entry.methods.get(call.method)
-        if known is None or known[0] is not plain:
-            where = f"{_interface_name(entry) or 'callback'}.{call.method}()"
-            known = entry.methods[call.method] = (
+        name = call.method
+        known = entry.methods.get(name)  # a name found before is allowed: fetch it directly
+        function = getattr(entry.obj, name, None) if known is not None else None
+        if (
+            function is None
+            or known is None
+            or getattr(function, "__func__", function) is not known[0]
+        ):
+            function = _listener_method(entry, name)
+            plain = getattr(function, "__func__", function)
+            where = f"{_interface_name(entry) or 'callback'}.{name}()"
+            known = entry.methods[name] = (
                 plain,
                 inspect.iscoroutinefunction(function),
                 where,
+                f"the result of {where}",
             )
-        _, is_async, where = known
+        _, is_async, where, result_where = known
         args = codec.decode_args(call.args, where)
         if entry.holder and entry.holder in self._session.ancestors(call.parent_id):
             # re-entrant: the call that holds this instance is waiting for this one
             return await self._invoke(call, function, is_async, args, where, None)
-        await entry.lock.acquire()
-        entry.holder = call.id
+        call_id = call.id
+        lock = entry.lock
+        if not lock.take():  # the listener is busy: wait for its turn
+            await lock.acquire()
+        entry.holder = call_id
+        if is_async:  # awaited here: no coroutine of _invoke around it
+            try:
+                return codec.encode(await function(*args), result_where)
+            finally:
+                if entry.holder == call_id:  # as _unlock does
+                    entry.holder = 0
+                lock.release()
         thread: list[concurrent.futures.Future[None]] = []
         try:
             return await self._invoke(call, function, is_async, args, where, thread)
@@ -204,10 +223,10 @@ class ConsumerCallbacks:
                 # runs in its thread: the next call to this instance waits until it ends
                 loop = asyncio.get_running_loop()
                 thread[0].add_done_callback(
-                    lambda _: post_quietly(loop, self._unlock, entry, call.id)
+                    lambda _: post_quietly(loop, self._unlock, entry, call_id)
                 )
             else:
-                self._unlock(entry, call.id)
+                self._unlock(entry, call_id)
 
     @staticmethod
     def _unlock(entry: ExportedCallback, call_id: int) -> None:

@@ -31,6 +31,7 @@ from backchannel.v1 import envelope_pb2 as pb
 from backchannel.wire import codec
 
 if TYPE_CHECKING:
+    from backchannel.transport.outgoing import Sink
     from backchannel.transport.pools import CallPools
     from backchannel.transport.session import Session
 
@@ -256,41 +257,50 @@ class ReverseProxy:
                 if isinstance(error, CallbackGone):  # the consumer no longer has it
                     table.release(callback_id)
                 raise error
-            if codec.is_bulk_value(result.value):  # off the loop every stream shares
-                value = result.value
+            value = result.value
+            if codec.is_bulk_value(value):  # off the loop every stream shares
                 pool = table.pools.for_waiter(session)
                 return Deferred(run_in_pool(pool, lambda: codec.decode(value, what)))
-            return codec.decode(result.value, what)
+            return codec.decode(value, what)
 
         return decode
 
 
 def begin_multicast(
-    pendings: Sequence[PendingCall], values: Sequence[pb.Value]
-) -> list[asyncio.Future[Any] | Exception]:
+    pendings: Sequence[PendingCall],
+    values: Sequence[pb.Value],
+    sinks: Sequence[Sink] | None = None,
+) -> list[Sink | Exception]:
     """On the loop: start calls :func:`backchannel.gather` collected for instances on one
     stream, all of one method with the same encoded arguments, as Multicast frames (the
-    stream must take them); each call's future, or the exception that stopped it (a
-    CallbackGone). Should the multicast fail as a whole, each call is sent alone and
-    says for itself what went wrong."""
+    stream must take them); each call's future (or its entry of ``sinks``, which then
+    takes its outcome: see :meth:`~backchannel.transport.session.Session.start_multicast`),
+    or the exception that stopped it (a CallbackGone). Should the multicast fail as a
+    whole, each call is sent alone and says for itself what went wrong (a future each)."""
     first = pendings[0]
     table = first.proxy._table
-    outcomes: list[asyncio.Future[Any] | Exception] = []
+    outcomes: list[Sink | Exception] = []
     targets: list[tuple[int, str, Callable[[pb.Result], Any]]] = []
     live: list[int] = []
+    method = first.method
     for index, pending in enumerate(pendings):
         proxy = pending.proxy
         if proxy._gone is not None:
-            outcomes.append(proxy.gone_now(pending.method))
+            outcomes.append(proxy.gone_now(method))
             continue
         outcomes.append(_NOT_YET)
-        targets.append((proxy._id, proxy.label(pending.method), proxy.decoder(pending.method)))
+        # the label and decoder made before, or made now
+        label = proxy._labels.get(method) or proxy.label(method)
+        decode = proxy._decoders.get(method) or proxy.decoder(method)
+        targets.append((proxy._id, label, decode))
         live.append(index)
     if not targets:
         return outcomes
+    if sinks is not None and len(live) < len(pendings):
+        sinks = [sinks[index] for index in live]
     call = pb.Call(method=first.method, args=values, one_way=first.one_way)
     try:
-        futures = table.session.start_multicast(call, targets, table.timeout, first.parent)
+        started = table.session.start_multicast(call, targets, table.timeout, first.parent, sinks)
     except Exception:
         for index in live:
             try:
@@ -298,8 +308,8 @@ def begin_multicast(
             except Exception as exc:
                 outcomes[index] = exc
         return outcomes
-    for index, future in zip(live, futures, strict=True):
-        outcomes[index] = future
+    for index, sink in zip(live, started, strict=True):
+        outcomes[index] = sink
     return outcomes
 
 

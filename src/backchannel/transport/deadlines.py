@@ -35,6 +35,25 @@ class Entry:
         self.target = None
 
 
+class Group(Entry):
+    """One deadline shared by many calls (the targets of a Multicast, all sent at once with
+    one timeout): one entry in the queue for all of them. Each call that finishes cancels
+    its share; the entry is dropped when the last one has. On expiry, ``expire`` gets the
+    list of calls, and fails those still waiting."""
+
+    __slots__ = ("remaining",)
+
+    def __init__(self, deadline: float, targets: list[Any]) -> None:
+        super().__init__(deadline, targets)
+        self.remaining = len(targets)
+
+    def cancel(self) -> None:
+        """One of its calls finished."""
+        self.remaining -= 1
+        if self.remaining <= 0:
+            self.target = None
+
+
 class Deadlines:
     """Calls ``expire(target)`` for each target whose deadline passed and was not cancelled."""
 
@@ -48,6 +67,17 @@ class Deadlines:
     def add(self, target: Any, timeout: float) -> Entry:
         """Expire ``target`` in ``timeout`` seconds unless the entry is cancelled first."""
         entry = Entry(self._loop.time() + timeout, target)
+        self._queue(entry, timeout)
+        return entry
+
+    def add_group(self, targets: list[Any], timeout: float) -> Group:
+        """Expire ``targets`` (given to ``expire`` as that list) in ``timeout`` seconds,
+        unless each cancelled its share of the group first."""
+        group = Group(self._loop.time() + timeout, targets)
+        self._queue(group, timeout)
+        return group
+
+    def _queue(self, entry: Entry, timeout: float) -> None:
         queue = self._queues.get(timeout)
         if queue is None:
             queue = self._queues[timeout] = collections.deque()
@@ -64,7 +94,6 @@ class Deadlines:
             self._compact_at[timeout] = max(_COMPACT_AT, 2 * len(live))
         if timeout not in self._timers:
             self._timers[timeout] = self._loop.call_at(queue[0].deadline, self._fire, timeout)
-        return entry
 
     def _fire(self, timeout: float) -> None:
         del self._timers[timeout]

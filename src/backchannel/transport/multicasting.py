@@ -2,9 +2,10 @@
 one call to many callback instances of the consumer, sent as Multicast frames.
 
 The call is serialized once per frame and each target is a call of its own in the table
-of outgoing calls (:mod:`~backchannel.transport.outgoing`): its future, deadline,
-in-flight slot and Result, as if sent alone. Targets beyond the in-flight slots the
-consumer allows wait as single Calls, as any call does.
+of outgoing calls (:mod:`~backchannel.transport.outgoing`): its future (or sink), deadline,
+in-flight slot and Result, as if sent alone; the targets sent together share one entry in
+the deadline queue, which fails each of them still waiting when it expires. Targets beyond
+the in-flight slots the consumer allows wait as single Calls, as any call does.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from backchannel.errors import MessageTooLarge
 from backchannel.transport import observe
-from backchannel.transport.outgoing import Decode, Future, Outgoing
+from backchannel.transport.outgoing import Decode, Outgoing, Sink
 from backchannel.v1 import envelope_pb2 as pb
 from backchannel.wire import codec
 
@@ -62,14 +63,22 @@ class Multicasting:
         return self.connection.peer_accepts_multicast
 
     def start_multicast(
-        self, call: pb.Call, targets: Sequence[Target], timeout: float | None, parent: int = 0
-    ) -> list[Future]:
+        self,
+        call: pb.Call,
+        targets: Sequence[Target],
+        timeout: float | None,
+        parent: int = 0,
+        sinks: Sequence[Sink] | None = None,
+    ) -> list[Sink]:
         """Send ``call`` to each target's callback instance; a future per target, in
         order, for its Result or what its ``decode`` makes of it (as
         :meth:`~backchannel.transport.outgoing.Calls.start_call` gives). The targets go
         in Multicast frames (the peer must take them: :attr:`multicast`), those beyond
         the in-flight slots wait as single Calls. A call over the peer's message size
-        limit raises MessageTooLarge before anything is sent."""
+        limit raises MessageTooLarge before anything is sent.
+
+        ``sinks`` (one per target) take the outcomes instead of futures, and are what it
+        returns then; unless telemetry makes a span per call, which needs a future each."""
         size = call.ByteSize()
         if size > self._peer_max_message:
             raise MessageTooLarge(
@@ -82,29 +91,36 @@ class Multicasting:
         if not self._waiting and self._writable.is_set():
             room = max(0, self._peer_max_calls - self.connection.pending_outgoing)
         traced = observe.AVAILABLE and observe.collecting()
-        create_future = self._loop.create_future
-        add_deadline = self._deadlines.add
-        futures: list[Future] = []
+        if traced or sinks is None:
+            create_future = self._loop.create_future
+            sinks = [create_future() for _ in targets]
         now: list[Outgoing] = []
         later: list[Outgoing] = []
         callback_ids: list[int] = []
         traces: list[dict[str, str]] = []
         for index, (callback_id, label, decode) in enumerate(targets):
-            own = call if index < room else _alone(call, callback_id)
-            outgoing = Outgoing(own, create_future(), label, timeout, decode)
-            futures.append(outgoing.future)
-            if traced:  # the target's client span, its context: a stand-in Call for it
-                stand_in = own if own is not call else _alone(call, callback_id, args=False)
-                observe.sending(self, stand_in, outgoing.future)
-                if own is call:
-                    traces.append(dict(stand_in.trace_context))
-            if timeout is not None:
-                outgoing.deadline = add_deadline(outgoing, timeout)
-            if own is call:
+            sink = sinks[index]
+            if index < room:
+                outgoing = Outgoing(call, sink, label, timeout, decode)
                 now.append(outgoing)
                 callback_ids.append(callback_id)
             else:
+                outgoing = Outgoing(_alone(call, callback_id), sink, label, timeout, decode)
                 later.append(outgoing)
+            if traced:  # the target's client span, its context: a stand-in Call for it
+                own = outgoing.call
+                stand_in = own if own is not call else _alone(call, callback_id, args=False)
+                observe.sending(self, stand_in, sink)  # type: ignore[arg-type]
+                if own is call:
+                    traces.append(dict(stand_in.trace_context))
+        if timeout is not None:
+            if now:  # sent together: one deadline for them all
+                group = self._deadlines.add_group(now, timeout)
+                for outgoing in now:
+                    outgoing.deadline = group
+            add_deadline = self._deadlines.add
+            for outgoing in later:
+                outgoing.deadline = add_deadline(outgoing, timeout)
         per_target = _TRACED_TARGET_BYTES if traced else _TARGET_BYTES
         chunk = max(1, min(MULTICAST_TARGETS, (self._peer_max_message - size - 16) // per_target))
         try:
@@ -120,7 +136,7 @@ class Multicasting:
             raise
         for outgoing in later:  # after the others: calls to one instance keep their order
             self._wait_for_a_slot(outgoing)
-        return futures
+        return list(sinks)
 
     def _send_multicast(
         self,
@@ -138,9 +154,11 @@ class Multicasting:
                 outgoing.resolve(pb.Result(id=first + offset, value=codec.NULL))
             return
         sent = self._sent
-        for offset, outgoing in enumerate(outgoings):
-            outgoing.id = call_id = first + offset
+        call_id = first
+        for outgoing in outgoings:
+            outgoing.id = call_id
             sent[call_id] = outgoing
+            call_id += 1
         if call.parent_id:
             for offset in range(len(outgoings)):
                 self._outgoing_parent[first + offset] = call.parent_id

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from backchannel.errors import DeadlineExceeded, MessageTooLarge
 from backchannel.transport import observe
@@ -33,6 +33,19 @@ MIN_TIME_LEFT_TO_SEND = 0.1
 COMPACT_WAITING_AT = 4096
 
 Future = asyncio.Future[Any]
+
+
+class Sink(Protocol):
+    """Where a call's outcome goes: its future, or (a Multicast's target started by
+    ``gather``) something that takes the outcome at once, without a future's done-callback
+    and its extra turn of the loop."""
+
+    def done(self) -> bool: ...
+    def set_result(self, result: Any, /) -> None: ...
+    def set_exception(self, exception: BaseException, /) -> None: ...
+    def cancel(self) -> bool: ...
+
+
 #: turns a call's Result into what its caller gets (raising what it should raise), or
 #: into a Deferred when it finishes the decoding off the loop
 Decode = Callable[[pb.Result], Any]
@@ -94,9 +107,10 @@ class Calls:
             )
         if parent:
             call.parent_id = parent
-        outgoing = Outgoing(call, self._loop.create_future(), label, timeout, decode, broken)
+        future = self._loop.create_future()
+        outgoing = Outgoing(call, future, label, timeout, decode, broken)
         if observe.AVAILABLE and observe.collecting():  # the client span, its context
-            observe.sending(self, call, outgoing.future)
+            observe.sending(self, call, future)
         if timeout is not None:
             outgoing.deadline = self._deadlines.add(outgoing, timeout)
         if (
@@ -111,7 +125,7 @@ class Calls:
             except BaseException:  # not sent: nothing of it may stay behind
                 outgoing.settle()
                 raise
-        return outgoing.future
+        return future
 
     def _send(self, outgoing: Outgoing) -> None:
         call = outgoing.call
@@ -181,11 +195,18 @@ class Calls:
         outgoing = self._sent.pop(call_id, None)
         if outgoing is not None:
             outgoing.settle()
-        self._outgoing_parent.pop(call_id, None)
+        if self._outgoing_parent:
+            self._outgoing_parent.pop(call_id, None)
         if self._waiting:
             self._admit()
 
-    def _expire(self, outgoing: Outgoing) -> None:
+    def _expire(self, outgoing: Outgoing | list[Outgoing]) -> None:
+        if type(outgoing) is list:  # a Multicast's group: those of its calls still waiting
+            for member in outgoing:
+                if member.deadline is not None:
+                    self._expire(member)
+            return
+        assert type(outgoing) is Outgoing
         outgoing.deadline = None
         if outgoing.id:
             self.abandon(outgoing.id, f"deadline of {outgoing.timeout} s exceeded")
@@ -216,14 +237,15 @@ class Calls:
 
 class Outgoing:
     """A call this side sends: waiting for a slot, then for its result. A target of a
-    Multicast holds the call it shares with the others, and its own id."""
+    Multicast holds the call it shares with the others, its own id, and its share of the
+    group's deadline."""
 
     __slots__ = ("broken", "call", "deadline", "decode", "future", "id", "label", "timeout")
 
     def __init__(
         self,
         call: pb.Call,
-        future: Future,
+        future: Sink,
         label: str,
         timeout: float | None,
         decode: Decode | None = None,

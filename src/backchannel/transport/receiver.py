@@ -37,6 +37,8 @@ from backchannel.wire.protocol import (
 from backchannel.wire.text import wire_text
 
 if TYPE_CHECKING:
+    import collections
+
     from backchannel.settings import Limits
     from backchannel.transport.outgoing import Outgoing
     from backchannel.transport.peerlog import PeerLog
@@ -89,6 +91,9 @@ class Receiver:
         _one_way_tasks: set[asyncio.Task[None]]
         _incoming_parent: dict[int, int]
         # what it uses of the rest of the session
+        _sent: dict[int, Outgoing]
+        _outgoing_parent: dict[int, int]
+        _waiting: collections.deque[Outgoing]
         connection: Connection[Outgoing]
         peer: str
         error_types: codec.ErrorTypes
@@ -105,7 +110,7 @@ class Receiver:
 
         def flush(self) -> None: ...
         def _write_now(self) -> None: ...
-        def _finished(self, call_id: int) -> None: ...
+        def _admit(self) -> None: ...
         def _count_fault(self) -> None: ...
 
     async def _receive_in_slices(self, pieces: Iterator[list[Piece]]) -> None:
@@ -128,14 +133,23 @@ class Receiver:
             self._write_now()
 
     def _handle(self, events: list[Any]) -> None:
+        traced: bool | None = None  # whether calls get a server span: asked once per message
         for event in events:
             if self.cause is not None:  # ended by one of them (too many Faults)
                 return
             if type(event) is ResultReceived:
-                event.token.resolve(event.result)
-                self._finished(event.result.id)
+                outgoing = event.token
+                outgoing.resolve(event.result)  # settles it; then, as Calls._finished does:
+                call_id = event.result.id
+                self._sent.pop(call_id, None)
+                if self._outgoing_parent:
+                    self._outgoing_parent.pop(call_id, None)
+                if self._waiting:
+                    self._admit()
             elif type(event) is CallReceived:
-                self._start_serving(event.call)
+                if traced is None:
+                    traced = observe.AVAILABLE and observe.collecting()
+                self._start_serving(event.call, traced)
             elif type(event) is CancelReceived:
                 victim = self._running.pop(event.call_id, None)
                 if victim is not None:
@@ -161,46 +175,48 @@ class Receiver:
             elif type(event) is PeerMistake:
                 self.peer_log.warning("protocol mistake by %s: %s", event.message)
 
-    async def _serve(self, call: pb.Call) -> None:
-        """Run one incoming call and send its result."""
-        CURRENT_CALL.set(
-            (self, call.id)
-        )  # this task's own context: calls made here are its children
-        if call.parent_id:
-            self._incoming_parent[call.id] = call.parent_id
+    async def _serve(self, call: pb.Call, traced: bool) -> None:
+        """Run one incoming call (in a server span if ``traced``) and send its result."""
+        call_id = call.id  # read once: each read of a protobuf field costs an attribute
+        parent = call.parent_id
+        # this task's own context: calls made here are its children
+        CURRENT_CALL.set((self, call_id))
+        if parent:
+            self._incoming_parent[call_id] = parent
         try:
-            if observe.AVAILABLE and observe.collecting():  # the server span around it
+            if traced:  # the server span around it
                 value = await observe.serve(self, call, self.dispatcher.dispatch)
             else:
                 value = await self.dispatcher.dispatch(call)
             # serialized once and framed by hand: a Result(value=...) and its Frame would
             # each copy the value, on the loop (bench/bulk.py: ~60 ms per MB each)
-            result: pb.Result | bytes = frames.value_result(call.id, value.SerializeToString())
+            result: pb.Result | bytes = frames.value_result(call_id, value.SerializeToString())
         except asyncio.CancelledError:
-            if call.id in self._running and self.cause is None:
+            if call_id in self._running and self.cause is None:
                 # cancelled locally, not by the peer: the peer still waits for an answer
-                del self._running[call.id]
+                del self._running[call_id]
                 error = codec.encode_error(
                     CallCancelled("cancelled by the provider"), self.error_types
                 )
-                self._answer(pb.Result(id=call.id, error=error))
+                self._answer(pb.Result(id=call_id, error=error))
             raise
         except Exception as exc:
-            result = pb.Result(id=call.id, error=self._encode_error(call, exc))
+            result = pb.Result(id=call_id, error=self._encode_error(call, exc))
         finally:
-            self._incoming_parent.pop(call.id, None)
+            if parent:
+                self._incoming_parent.pop(call_id, None)
             if call.one_way:  # its work is over: its in-flight slot is free
-                self.connection.one_way_done(call.id)
+                self.connection.one_way_done(call_id)
         size = len(result) if isinstance(result, bytes) else result.ByteSize()
         if size > self._peer_max_message:
             too_large = MessageTooLarge(
                 f"the result of {call_name(call)} is {size} bytes, over the "
                 f"message size limit of {self._peer_max_message} bytes (max_message_size)"
             )
-            result = pb.Result(id=call.id, error=codec.encode_error(too_large, self.error_types))
-        if not call.one_way and call.id in self._running:
-            del self._running[call.id]
-            self._answer(result, call.id)
+            result = pb.Result(id=call_id, error=codec.encode_error(too_large, self.error_types))
+        if call_id in self._running and not call.one_way:
+            del self._running[call_id]
+            self._answer(result, call_id)
 
     def _encode_error(self, call: pb.Call, exc: Exception) -> pb.Error:
         """The Error to answer ``call`` with; never raises, so the call is always answered
@@ -214,13 +230,13 @@ class Receiver:
             )
             return codec.encode_error(unsendable, self.error_types)
 
-    def _start_serving(self, call: pb.Call) -> None:
+    def _start_serving(self, call: pb.Call, traced: bool) -> None:
         """Run an incoming call eagerly: its first step runs now, in a context of its own,
         and only a call that has to wait gets a task (most calls finish in one step)."""
         if not call.one_way:
             self._running[call.id] = None
         context = contextvars.copy_context()
-        serving = self._serve(call)
+        serving = self._serve(call, traced)
         try:
             waiting_on = context.run(serving.send, None)
         except StopIteration:

@@ -26,14 +26,18 @@ class HandshakeDone:
     peer_max_message_size: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+# CallReceived and ResultReceived come once per call: not frozen, which makes one three
+# times dearer (568 ns against 207: object.__setattr__ per field), and nothing changes them
+
+
+@dataclass(slots=True)
 class CallReceived:
     """The peer asks this side to run a method."""
 
     call: pb.Call
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ResultReceived(Generic[Token]):
     """The peer answered a call this side sent; ``token`` is what the sender registered."""
 

@@ -168,6 +168,10 @@ def varint(value: int) -> bytes:
     """``value`` (>= 0) as a protobuf varint."""
     if value < 0x80:
         return _SMALL[value]
+    if value < 0x4000:  # call ids and sizes: most are two or three bytes, made directly
+        return bytes((value & 0x7F | 0x80, value >> 7))
+    if value < 0x200000:
+        return bytes((value & 0x7F | 0x80, value >> 7 & 0x7F | 0x80, value >> 14))
     out = bytearray()
     while value > 0x7F:
         out.append(value & 0x7F | 0x80)

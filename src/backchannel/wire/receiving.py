@@ -125,8 +125,22 @@ class Receiving(Generic[Token]):
                     events, "a batch inside a batch is not allowed; its frames were dropped"
                 )
                 return
+            # Results (most of what a provider gets back from a fan-out) are taken here
+            # directly while nothing else of the batch changed the state: the same as
+            # _on_result, without the dispatch per frame
+            fast = self._takes_results_directly()
+            outgoing = self._outgoing
             for inner in frame.batch.frames:
+                if fast and inner.WhichOneof("kind") == "result":
+                    result = inner.result
+                    token = outgoing.pop(result.id, _MISSING)
+                    if token is not _MISSING:
+                        events.append(ResultReceived(result, token))  # type: ignore[arg-type]
+                    else:
+                        _on_result(self, result, events)
+                    continue
                 self._receive(inner, events, nested=True)
+                fast = self._takes_results_directly()
             return
         moved = MOVES.get((self.role, self.state, kind))
         try:
@@ -136,6 +150,14 @@ class Receiving(Generic[Token]):
         if moved is not None:
             self.state = moved
             self._accepts = ACCEPTS[(self.role, moved)]
+
+    def _takes_results_directly(self) -> bool:
+        """Whether a Result now is taken by :func:`_on_result` with no change of state."""
+        return (
+            self.state is not State.CLOSED
+            and "result" in self._accepts
+            and (self.role, self.state, "result") not in MOVES
+        )
 
     def _refuse(self, frame: pb.Frame, kind: str, events: list[Event[Token]]) -> None:
         if kind == "call" and self.state is State.HANDSHAKE:

@@ -249,6 +249,10 @@ def decode(value: pb.Value, where: str, listeners: ListenerDecoder | None = None
         raise failure.located(where) from None
 
 
+#: kinds of Value that take a few bytes at most
+_FIXED_SIZE = frozenset({"int_value", "bool_value", "double_value", "null_value"})
+
+
 def is_bulk_value(value: pb.Value) -> bool:
     """Whether decoding ``value`` is worth a thread hop off the event loop (decoding
     costs ~30 ms per MB of map or list entries): it is a map or list of more than
@@ -257,6 +261,8 @@ def is_bulk_value(value: pb.Value) -> bool:
     arguments. Entries are counted first because that is free, while ``ByteSize()``
     walks every entry (~4 ms per MB, on the loop)."""
     kind = value.WhichOneof("kind")
+    if kind in _FIXED_SIZE:  # small whatever their value: no need to measure them
+        return False
     if kind == "map_value":
         entries = len(value.map_value.entries)
     elif kind == "list_value":
