@@ -27,6 +27,9 @@ from backchannel.cluster.providers import OPENED_PER_TURN, TurnGate
 from backchannel.cluster.registry import StaticRegistry, Subscription
 from backchannel.cluster.service_url import ServiceURL
 
+# end to end: the module runs once per transport (conftest.py)
+pytestmark = pytest.mark.usefixtures("transport")
+
 #: how late a call may return after its timeout: the loop's scheduling of the callers,
 #: the expiry timer, and a busy 2-core machine (measured: at most 0.04 s late with 8
 #: callers over 1,000 unreachable providers)

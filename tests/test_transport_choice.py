@@ -121,3 +121,11 @@ def test_the_default_transport_imports_neither_grpclib_nor_h2() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_a_mistyped_loop_choice_is_refused_not_guessed(monkeypatch: pytest.MonkeyPatch) -> None:
+    from backchannel.transport.portal import LOOP_ENVIRONMENT
+
+    monkeypatch.setenv(LOOP_ENVIRONMENT, "asycnio")
+    with pytest.raises(ValueError, match=r"\$BACKCHANNEL_LOOP must be 'asyncio' or 'uvloop'"):
+        backchannel.Client("127.0.0.1:1")

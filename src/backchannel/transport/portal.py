@@ -59,14 +59,28 @@ def _copy_outcome(target: concurrent.futures.Future[T], source: asyncio.Future[T
 LOOP_ENVIRONMENT = "BACKCHANNEL_LOOP"
 
 
+#: what ``$BACKCHANNEL_LOOP`` may say ("" or unset: uvloop when installed)
+LOOP_CHOICES = ("asyncio", "uvloop")
+
+
 def new_loop() -> asyncio.AbstractEventLoop:
     """A new event loop for a sync facade's thread: uvloop's when it is installed (the
-    ``fast`` extra) and ``$BACKCHANNEL_LOOP`` is not ``asyncio``, else asyncio's."""
-    if os.environ.get(LOOP_ENVIRONMENT, "") != "asyncio":
+    ``fast`` extra) unless ``$BACKCHANNEL_LOOP`` is ``asyncio``, else asyncio's;
+    ``$BACKCHANNEL_LOOP=uvloop`` without uvloop is an ImportError, any other value a
+    ValueError (a typo never silently picks a loop)."""
+    chosen = os.environ.get(LOOP_ENVIRONMENT, "")
+    if chosen and chosen not in LOOP_CHOICES:
+        raise ValueError(
+            f"${LOOP_ENVIRONMENT} must be 'asyncio' or 'uvloop' (or unset), got {chosen!r}"
+        )
+    if chosen != "asyncio":
         try:
             import uvloop
         except ImportError:
-            pass
+            if chosen == "uvloop":
+                raise ImportError(
+                    f"${LOOP_ENVIRONMENT}=uvloop needs uvloop (pip install 'backchannel[fast]')"
+                ) from None
         else:
             loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
             return loop
@@ -78,14 +92,15 @@ class LoopThread:
 
     def __init__(self, name: str) -> None:
         self._ready = threading.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
+        # made here, so that a bad $BACKCHANNEL_LOOP is raised to the caller, not lost in
+        # the thread (which would leave this constructor waiting for ever)
+        self._loop: asyncio.AbstractEventLoop | None = new_loop()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
-        self._ready.wait()  # the loop exists before anyone may submit to it
+        self._ready.wait()  # the loop runs before anyone may submit to it
 
     def _run(self) -> None:
-        loop = new_loop()
-        self._loop = loop
+        loop = self.loop
         asyncio.set_event_loop(loop)
         loop.call_soon(self._ready.set)
         try:
