@@ -7,6 +7,7 @@ never imported (their descriptors clash with grpcio's in the default pool)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import ssl
 import struct
@@ -20,8 +21,10 @@ import grpc
 import h2.config
 import h2.connection
 import h2.events
+import h2.settings
 import pytest
 from conftest import run
+from h2.settings import SettingCodes
 from helpers import channel_credentials, server_credentials
 from services import Echo, EchoImpl
 from test_security import Pems, pems  # noqa: F401  (the fixture)
@@ -312,3 +315,142 @@ def test_the_inbox_refuses_from_the_prefix_and_drops_what_follows() -> None:
         assert failed.value.status.name == "RESOURCE_EXHAUSTED"
 
     run(body())
+
+
+async def black_holing_proxy(upstream: int, hole: asyncio.Event) -> asyncio.Server:
+    """A TCP proxy to 127.0.0.1:``upstream`` that stops forwarding (either way) once
+    ``hole`` is set, its sockets left open and unread: a peer gone without FIN or RST."""
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while not hole.is_set():
+            data = await reader.read(65536)
+            if not data or hole.is_set():
+                break
+            writer.write(data)
+        await asyncio.Event().wait()  # the black hole: nothing read, nothing closed
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # a small receive buffer: the consumer's bytes pile up in its own write buffer
+        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", upstream)
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    return await asyncio.start_server(handle, "127.0.0.1", 0)
+
+
+def test_keepalive_ends_the_streams_of_a_black_holed_provider_with_bytes_queued() -> None:
+    """3 MB calls queued for a provider that vanished: keepalive expiry drops the
+    connection (grpclib's close would wait for the unsendable bytes for ever), and the
+    calls fail with StreamBroken in about keepalive time + timeout, not their 20 s."""
+
+    async def body() -> None:
+        server = backchannel.AsyncServer("127.0.0.1:0", transport="grpclib")
+        server.export(Echo, EchoImpl())
+        await server.start()
+        hole = asyncio.Event()
+        proxy = await black_holing_proxy(server.port, hole)
+        port = proxy.sockets[0].getsockname()[1]
+        try:
+            async with backchannel.AsyncClient(
+                f"127.0.0.1:{port}",
+                transport="grpclib",
+                timeout=20,
+                keepalive=backchannel.Keepalive(time=0.3, timeout=0.3),
+            ) as client:
+                echo = client.reference(Echo)
+                assert await echo.add(1, 2) == 3
+                hole.set()
+                began = time.monotonic()
+                calls = [asyncio.ensure_future(echo.echo(b"x" * 3_000_000)) for _ in range(3)]
+                for call in calls:
+                    with pytest.raises(backchannel.StreamBroken):
+                        await call
+                assert time.monotonic() - began < 2.5
+        finally:
+            proxy.close()
+            await server.stop()
+
+    run(body(), timeout=15)
+
+
+class _Warned(logging.Handler):
+    """Sets ``event`` on the first record of the "backchannel" logger containing
+    ``text``."""
+
+    def __init__(self, text: str, event: asyncio.Event) -> None:
+        super().__init__(logging.INFO)
+        self.text = text
+        self.event = event
+        self.loop = asyncio.get_running_loop()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            self.loop.call_soon_threadsafe(self.event.set)
+
+
+def _framed_frame(frame: pb.Frame) -> bytes:
+    body = frame.SerializeToString()
+    return struct.pack(">BI", 0, len(body)) + body
+
+
+def test_a_consumer_with_a_huge_window_that_never_reads_is_ended_with_bounded_buffers() -> None:
+    """HTTP/2 flow control lets a peer advertise a 2 GiB window: the provider's writes
+    still wait for its socket buffer to drain, so what is queued for the peer counts
+    against max_queued_bytes and the session ends the stream (before, every 1 MB result
+    went straight into the socket's buffer and nothing was ever ended)."""
+
+    async def body() -> None:
+        limits = backchannel.Limits(
+            max_queued_bytes=2**21, max_message_size=2**21, max_write_stall=0.3
+        )
+        server = backchannel.AsyncServer("127.0.0.1:0", transport="grpclib", limits=limits)
+        server.export(Echo, EchoImpl())
+        await server.start()
+        ended = asyncio.Event()
+        handler = _Warned("max_queued_bytes", ended)
+        logging.getLogger("backchannel").addHandler(handler)
+        connection = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        connection.local_settings = h2.settings.Settings(
+            client=True,
+            initial_values={
+                SettingCodes.INITIAL_WINDOW_SIZE: 2**31 - 1,
+                SettingCodes.MAX_FRAME_SIZE: 2**24 - 1,
+            },
+        )
+        connection.initiate_connection()
+        connection.increment_flow_control_window(2**31 - 1 - 65535)
+        stream_id = connection.get_next_available_stream_id()
+        connection.send_headers(
+            stream_id,
+            [
+                (":method", "POST"),
+                (":scheme", "http"),
+                (":path", CONNECT),
+                (":authority", "x"),
+                ("te", "trailers"),
+                ("content-type", "application/grpc"),
+            ],
+        )
+        hello = pb.Hello(protocol_version=1, max_calls_in_flight=1000, max_message_size=4 << 20)
+        connection.send_data(stream_id, _framed_frame(pb.Frame(hello=hello)))
+        for number in range(40):
+            call = pb.Call(
+                id=number + 1, service="test.Echo", method="big", args=[pb.Value(int_value=10**6)]
+            )
+            connection.send_data(stream_id, _framed_frame(pb.Frame(call=call)))
+        sock = socket.create_connection(("127.0.0.1", server.port))
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.sendall(connection.data_to_send())  # a few KB; then nothing is read
+            await asyncio.wait_for(ended.wait(), 10)
+            buffered = [
+                protocol.connection._transport.get_write_buffer_size()
+                for protocol in server._listener.protocols  # type: ignore[attr-defined]
+            ]
+            assert buffered and max(buffered) < 8 * 2**20, buffered
+        finally:
+            logging.getLogger("backchannel").removeHandler(handler)
+            sock.close()
+            await server.stop()
+
+    run(body(), timeout=20)

@@ -25,6 +25,7 @@ from h2.settings import SettingCodes
 from backchannel.settings import Keepalive, Limits
 from backchannel.transport.grpclib import services
 from backchannel.transport.grpclib.incoming import Ended, ServerCall
+from backchannel.transport.grpclib.liveness import shut, watch
 from backchannel.transport.grpclib.options import (
     configuration,
     listening_socket,
@@ -104,6 +105,7 @@ class _Protocol(H2Protocol):
         server = self._server
         server.protocols.add(self)
         connection = self.connection
+        watch(connection)
         h2 = connection._connection
         h2.update_settings({SettingCodes.MAX_CONCURRENT_STREAMS: _MAX_CONCURRENT_STREAMS})
         connection.flush()
@@ -242,7 +244,7 @@ class GrpclibServer:
                 h2 = protocol.connection._connection
                 h2.close_connection(ErrorCodes.NO_ERROR)
                 protocol.connection.flush()
-            protocol.connection.close()
+            shut(protocol.connection)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(server.wait_closed(), 1.0)
         self._stopped.set()

@@ -1,0 +1,49 @@
+"""What ends a grpclib connection whose peer is dead or does not read: keepalive expiry
+aborts the socket (grpclib's close waits for the write buffer to drain, which a
+black-holed peer never lets happen), and a connection whose unread replies (PING and
+SETTINGS acknowledgements) pile up past a bound is aborted."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from grpclib.protocol import Connection
+
+logger = logging.getLogger("backchannel")
+
+#: bytes a connection's write buffer may hold, beyond one message at the wire limit,
+#: while its peer sends frames that call for replies and reads none of them
+FLOOD_SLACK = 2 * 2**20
+
+
+class _Watched(Connection):
+    """grpclib's connection, closed at once (unsent bytes dropped) when its keepalive
+    ping went unanswered: the peer is gone, the bytes would never leave."""
+
+    def close(self) -> None:
+        expiry = self._close_by_ping_handler
+        transport = getattr(self, "_transport", None)
+        if (
+            expiry is not None
+            and transport is not None
+            and expiry.when() <= asyncio.get_running_loop().time()
+        ):
+            transport.abort()
+        super().close()
+
+
+def watch(connection: Connection) -> None:
+    """Make ``connection`` abort rather than close when its keepalive expires (before its
+    first ping is sent: grpclib schedules the expiry with ``self.close``)."""
+    if type(connection) is Connection:
+        connection.__class__ = _Watched
+
+
+def shut(connection: Connection) -> None:
+    """Close the connection now: what it still had to send is dropped rather than
+    waited for (a peer that did not read it would hold the socket open)."""
+    transport = getattr(connection, "_transport", None)
+    if transport is not None and transport.get_write_buffer_size():
+        transport.abort()
+    connection.close()
