@@ -454,3 +454,44 @@ def test_a_consumer_with_a_huge_window_that_never_reads_is_ended_with_bounded_bu
             await server.stop()
 
     run(body(), timeout=20)
+
+
+def test_a_connection_that_sends_part_of_the_preface_is_closed_in_time() -> None:
+    """A peer that sends "PRI" and goes silent: the handshake is the HTTP/2 preface
+    and SETTINGS, not the first byte (which used to cancel the deadline: the connection
+    was held for ever)."""
+    limits = backchannel.Limits(handshake_timeout=0.5)
+    with backchannel.Server("127.0.0.1:0", limits=limits, transport="grpclib") as server:
+        host, _, port = server.address.rpartition(":")
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            sock.sendall(b"PRI")
+            began = time.monotonic()
+            while sock.recv(65536):  # the server's SETTINGS, then the end
+                pass
+            assert time.monotonic() - began < 3
+
+
+def test_a_ping_flood_from_a_peer_that_never_reads_is_cut_off() -> None:
+    """PINGs sent without reading their acknowledgements: the provider aborts the
+    connection once the unsent ACKs pass its bound (they used to pile up without end),
+    and goes on serving."""
+    limits = backchannel.Limits(max_message_size=64 * 1024, max_queued_bytes=64 * 1024)
+    with backchannel.Server("127.0.0.1:0", limits=limits, transport="grpclib") as server:
+        server.export(Echo, EchoImpl())
+        host, _, port = server.address.rpartition(":")
+        connection = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        connection.initiate_connection()
+        ping = bytes.fromhex("000008060000000000") + b"12345678"  # PING, 8 bytes
+        blob = ping * 10_000
+        sent = 0
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.sendall(connection.data_to_send())
+            with pytest.raises((ConnectionResetError, BrokenPipeError)):
+                while sent < 24 * 2**20:  # 24 MB of PINGs at most: 1.5 M of them
+                    sock.sendall(blob)
+                    sent += len(blob)
+        # its ACKs: 17 bytes a PING; the bound is 2 MiB past one message
+        assert sent < 16 * 2**20, sent
+        with backchannel.Client(server.address, transport="grpclib") as client:
+            assert client.reference(Echo).echo("still") == "still"

@@ -20,12 +20,13 @@ from grpclib.protocol import Stream as H2Stream
 from grpclib.server import request_handler
 from h2.config import H2Configuration
 from h2.errors import ErrorCodes
+from h2.events import RemoteSettingsChanged
 from h2.settings import SettingCodes
 
 from backchannel.settings import Keepalive, Limits
 from backchannel.transport.grpclib import services
 from backchannel.transport.grpclib.incoming import Ended, ServerCall
-from backchannel.transport.grpclib.liveness import shut, watch
+from backchannel.transport.grpclib.liveness import FLOOD_SLACK, shut, watch
 from backchannel.transport.grpclib.options import (
     configuration,
     listening_socket,
@@ -93,6 +94,9 @@ class _Protocol(H2Protocol):
         super().__init__(_Connection(server), server.config, server.h2_config)
         self._server = server
         self._handshake: asyncio.TimerHandle | None = None
+        #: the write buffer past which a peer that does not read is cut off: one
+        #: message at the wire limit and its frames, and FLOOD_SLACK more
+        self._flood_bound = server.limit + FLOOD_SLACK
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         sock = transport.get_extra_info("socket")
@@ -125,6 +129,24 @@ class _Protocol(H2Protocol):
         self._handshake = asyncio.get_running_loop().call_later(
             server.limits.handshake_timeout, self._no_handshake, transport
         )
+        processor = self.processor
+        process = processor.process
+
+        def first_events(event: Any) -> None:
+            # the handshake is done with the peer's preface and SETTINGS, not its first
+            # byte; then grpclib's own process again, so no cost per event after it
+            if isinstance(event, RemoteSettingsChanged):
+                self._handshaken()
+            process(event)
+
+        processor.process = first_events  # type: ignore[method-assign]
+
+    def _handshaken(self) -> None:
+        if self._handshake is not None:
+            self._handshake.cancel()
+            self._handshake = None
+        with contextlib.suppress(AttributeError):
+            del self.processor.process
 
     def _no_handshake(self, transport: asyncio.BaseTransport) -> None:
         logger.info(
@@ -135,10 +157,20 @@ class _Protocol(H2Protocol):
         transport.close()
 
     def data_received(self, data: bytes) -> None:
-        if self._handshake is not None:
-            self._handshake.cancel()
-            self._handshake = None
         super().data_received(data)
+        connection = self.connection
+        if not connection.write_ready.is_set():
+            transport = getattr(connection, "_transport", None)
+            if transport is not None and transport.get_write_buffer_size() > self._flood_bound:
+                # replies h2 owes (PING and SETTINGS acknowledgements) pile up for a peer
+                # that sends and never reads: nothing else bounds them
+                logger.warning(
+                    "aborted a connection from %s that does not read what it asks for: "
+                    "%d bytes unsent to it",
+                    transport.get_extra_info("peername"),
+                    transport.get_write_buffer_size(),
+                )
+                transport.abort()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._handshake is not None:
