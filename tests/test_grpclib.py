@@ -20,6 +20,7 @@ from typing import Any
 import grpc
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 import h2.settings
 import pytest
@@ -495,3 +496,63 @@ def test_a_ping_flood_from_a_peer_that_never_reads_is_cut_off() -> None:
         assert sent < 16 * 2**20, sent
         with backchannel.Client(server.address, transport="grpclib") as client:
             assert client.reference(Echo).echo("still") == "still"
+
+
+def test_rpcs_past_the_cap_of_one_connection_are_refused_and_the_log_stays_quiet(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Invoke streams that send headers only each hold an RPC: one connection gets
+    OTHER_STREAMS of them, the rest are refused (REFUSED_STREAM), and closing the
+    connection on them logs no tracebacks (1000 used to, and no stream was refused)."""
+    from backchannel.transport.grpclib.serving import OTHER_STREAMS
+
+    extra = 5
+
+    async def body() -> list[int]:
+        server = backchannel.AsyncServer("127.0.0.1:0", transport="grpclib")
+        server.export(Echo, EchoImpl())
+        await server.start()
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        connection = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=True, header_encoding="utf-8")
+        )
+        connection.initiate_connection()
+        writer.write(connection.data_to_send())
+        refused: list[int] = []
+        try:
+            settings = 0
+            while settings < 2:  # the provider's SETTINGS and its stream limit: acked
+                data = await asyncio.wait_for(reader.read(65536), 5)
+                assert data
+                events = connection.receive_data(data)
+                settings += sum(isinstance(e, h2.events.RemoteSettingsChanged) for e in events)
+            headers = [
+                (":method", "POST"),
+                (":scheme", "http"),
+                (":path", INVOKE),
+                (":authority", "x"),
+                ("te", "trailers"),
+                ("content-type", "application/grpc"),
+            ]
+            for _ in range(OTHER_STREAMS + extra):
+                connection.send_headers(connection.get_next_available_stream_id(), headers)
+            writer.write(connection.data_to_send())
+            while len(refused) < extra:
+                data = await asyncio.wait_for(reader.read(65536), 5)
+                assert data, "the provider closed the connection"
+                for event in connection.receive_data(data):
+                    if isinstance(event, h2.events.StreamReset):
+                        assert event.error_code == h2.errors.ErrorCodes.REFUSED_STREAM
+                        refused.append(event.stream_id)
+                writer.write(connection.data_to_send())
+        finally:
+            writer.close()
+            await server.stop()
+        return refused
+
+    with caplog.at_level(logging.INFO):
+        refused = run(body(), timeout=20)
+    first = 1 + 2 * OTHER_STREAMS  # the stream ids of the streams past the cap
+    assert refused == [first + 2 * n for n in range(extra)]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text[:2000]
+    assert len(caplog.records) < 20, caplog.text[:2000]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from grpclib.protocol import Connection
+from grpclib.protocol import Connection, Peer
 
 logger = logging.getLogger("backchannel")
 
@@ -19,11 +19,20 @@ FLOOD_SLACK = 2 * 2**20
 
 class _Watched(Connection):
     """grpclib's connection, closed at once (unsent bytes dropped) when its keepalive
-    ping went unanswered: the peer is gone, the bytes would never leave."""
+    ping went unanswered: the peer is gone, the bytes would never leave. Its peer is
+    still known once closed (grpclib's RPCs started just before ask for it)."""
+
+    _closed_transport: asyncio.BaseTransport | None = None
+
+    def get_peer(self) -> Peer:
+        transport = getattr(self, "_transport", None) or self._closed_transport
+        return Peer(transport)  # type: ignore[arg-type]
 
     def close(self) -> None:
         expiry = self._close_by_ping_handler
         transport = getattr(self, "_transport", None)
+        if transport is not None:
+            self._closed_transport = transport
         if (
             expiry is not None
             and transport is not None

@@ -39,9 +39,10 @@ from backchannel.transport.seam import SERVICE_NAME, Code, Guard, Handlers, Pars
 logger = logging.getLogger("backchannel")
 
 CONNECT_PATH = f"/{SERVICE_NAME}/Connect"
-#: streams one connection may open at once, as HTTP/2 tells the peer (h2's default is
-#: 100, past which h2 ends the whole connection); Limits.max_streams bounds them instead
-_MAX_CONCURRENT_STREAMS = 2**31 - 1
+#: RPCs other than Connect (Invoke, Describe, health, reflection) one connection may
+#: have open at once; more are refused (REFUSED_STREAM). Connect streams are bounded by
+#: Limits.max_streams, over the whole provider
+OTHER_STREAMS = 1024
 
 
 class _Connection(AbstractHandler):
@@ -50,6 +51,8 @@ class _Connection(AbstractHandler):
     def __init__(self, server: GrpclibServer) -> None:
         self._server = server
         self.tasks: dict[H2Stream, asyncio.Task[None]] = {}
+        #: how many of them are Connect streams
+        self.connects = 0
 
     def accept(
         self, stream: H2Stream, headers: Sequence[tuple[str, str]], release: Callable[[], None]
@@ -58,6 +61,10 @@ class _Connection(AbstractHandler):
         path = next((value for key, value in headers if key == ":path"), "")
         if path == CONNECT_PATH and isinstance(stream, ServerCall):
             work: Any = server.serve_connect(stream, headers, release)
+        elif len(self.tasks) - self.connects >= OTHER_STREAMS and isinstance(stream, ServerCall):
+            stream.reset_now(ErrorCodes.REFUSED_STREAM)
+            release()
+            return
         elif path not in server.mapping and isinstance(stream, ServerCall):
             # grpclib's own answer lacks the content-type a Go client (grpcurl) requires
             stream.end_call(Code.UNIMPLEMENTED, "Method not found!")
@@ -70,10 +77,13 @@ class _Connection(AbstractHandler):
         task = asyncio.get_running_loop().create_task(work)
         self.tasks[stream] = task
         server.tasks.add(task)
-        task.add_done_callback(lambda _task: self._done(stream, _task))
+        connect = path == CONNECT_PATH
+        self.connects += connect
+        task.add_done_callback(lambda _task: self._done(stream, _task, connect))
 
-    def _done(self, stream: H2Stream, task: asyncio.Task[None]) -> None:
+    def _done(self, stream: H2Stream, task: asyncio.Task[None], connect: bool) -> None:
         self.tasks.pop(stream, None)
+        self.connects -= connect
         self._server.tasks.discard(task)
 
     def cancel(self, stream: H2Stream) -> None:
@@ -111,7 +121,11 @@ class _Protocol(H2Protocol):
         connection = self.connection
         watch(connection)
         h2 = connection._connection
-        h2.update_settings({SettingCodes.MAX_CONCURRENT_STREAMS: _MAX_CONCURRENT_STREAMS})
+        # told to the peer (h2 ends the connection of one that opens more); the Connect
+        # streams past max_streams and the others past OTHER_STREAMS are refused before
+        h2.update_settings(
+            {SettingCodes.MAX_CONCURRENT_STREAMS: server.limits.max_streams + OTHER_STREAMS}
+        )
         connection.flush()
 
         def create_stream(*, stream_id: int | None = None, wrapper: Any = None) -> ServerCall:
