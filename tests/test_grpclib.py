@@ -556,3 +556,22 @@ def test_rpcs_past_the_cap_of_one_connection_are_refused_and_the_log_stays_quiet
     assert refused == [first + 2 * n for n in range(extra)]
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text[:2000]
     assert len(caplog.records) < 20, caplog.text[:2000]
+
+
+def test_a_tls_context_that_does_not_verify_the_provider_counts_as_plaintext() -> None:
+    """A token over TLS that checks no certificate (or no host name) goes to whoever
+    answers: the token rule treats such a context as plaintext."""
+    from backchannel.transport.default import resolve
+
+    transport = resolve("grpclib")
+    assert transport.is_plaintext(None)
+    assert transport.is_plaintext(ssl._create_unverified_context())
+    no_hostname = ssl.create_default_context()
+    no_hostname.check_hostname = False
+    assert transport.is_plaintext(no_hostname)
+    assert not transport.is_plaintext(ssl.create_default_context())
+    unverified = ssl._create_unverified_context()
+    with pytest.raises(backchannel.CredentialsNotSent, match="192.0.2.1:50051"):
+        backchannel.Client(
+            "192.0.2.1:50051", transport="grpclib", credentials=unverified, token="secret"
+        )
