@@ -1,7 +1,7 @@
 """What ends a grpclib connection whose peer is dead or does not read: keepalive expiry
 aborts the socket (grpclib's close waits for the write buffer to drain, which a
-black-holed peer never lets happen), and a connection whose unread replies (PING and
-SETTINGS acknowledgements) pile up past a bound is aborted."""
+black-holed peer never lets happen); the bound on replies a provider queues for a peer
+that does not read them."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from grpclib.protocol import Connection, Peer
 
 logger = logging.getLogger("backchannel")
 
-#: bytes a connection's write buffer may hold, beyond one message at the wire limit,
-#: while its peer sends frames that call for replies and reads none of them
+#: bytes of replies (PING and SETTINGS acknowledgements, resets) a connection may queue
+#: for a peer that goes on sending while its socket's buffer is over the high-water mark
 FLOOD_SLACK = 2 * 2**20
 
 

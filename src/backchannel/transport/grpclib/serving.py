@@ -104,9 +104,9 @@ class _Protocol(H2Protocol):
         super().__init__(_Connection(server), server.config, server.h2_config)
         self._server = server
         self._handshake: asyncio.TimerHandle | None = None
-        #: the write buffer past which a peer that does not read is cut off: one
-        #: message at the wire limit and its frames, and FLOOD_SLACK more
-        self._flood_bound = server.limit + FLOOD_SLACK
+        #: bytes of replies to what the peer sent (PING and SETTINGS acknowledgements,
+        #: resets) queued while the socket's buffer is over its high-water mark
+        self._owed = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         sock = transport.get_extra_info("socket")
@@ -171,20 +171,30 @@ class _Protocol(H2Protocol):
         transport.close()
 
     def data_received(self, data: bytes) -> None:
-        super().data_received(data)
         connection = self.connection
-        if not connection.write_ready.is_set():
-            transport = getattr(connection, "_transport", None)
-            if transport is not None and transport.get_write_buffer_size() > self._flood_bound:
-                # replies h2 owes (PING and SETTINGS acknowledgements) pile up for a peer
-                # that sends and never reads: nothing else bounds them
-                logger.warning(
-                    "aborted a connection from %s that does not read what it asks for: "
-                    "%d bytes unsent to it",
-                    transport.get_extra_info("peername"),
-                    transport.get_write_buffer_size(),
-                )
-                transport.abort()
+        transport = (
+            None if connection.write_ready.is_set() else connection.__dict__.get("_transport")
+        )
+        if transport is None:  # (grpclib drops _transport on close)
+            super().data_received(data)
+            return
+        # the peer does not read: what it makes this side answer is counted, as nothing
+        # else bounds it (the DATA written for it is, by flow control and write_ready)
+        before = transport.get_write_buffer_size()
+        super().data_received(data)
+        self._owed += transport.get_write_buffer_size() - before
+        if self._owed > FLOOD_SLACK and not transport.is_closing():
+            logger.warning(
+                "aborted a connection from %s that sends without reading the replies: "
+                "%d bytes of them unsent",
+                transport.get_extra_info("peername"),
+                self._owed,
+            )
+            transport.abort()
+
+    def resume_writing(self) -> None:
+        self._owed = 0
+        super().resume_writing()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._handshake is not None:
