@@ -33,7 +33,7 @@ class GrpclibTransport:
         return status.translate(exc, peer)
 
     def is_plaintext(self, credentials: object | None) -> bool:
-        return options.client_tls(credentials) is None
+        return not options.verifies_server(options.client_tls(credentials))
 
     def channel(
         self,

@@ -39,14 +39,17 @@ class Call(Inbox):
         """Send one message; returns once HTTP/2 flow control took it."""
         if self._before_write is not None:
             await self._before_write()
+        if not self.connection.write_ready.is_set():
+            # the socket's buffer is over its high-water mark: a peer whose HTTP/2 window
+            # is huge but who does not read would otherwise take every write at once
+            await self.connection.write_ready.wait()
         if self._error is not None:
             raise self._error
         data = self._serialize(message)
         size = len(data) + 5
         h2 = self._h2_connection
         if (
-            self.connection.write_ready.is_set()
-            and size <= h2.outbound_flow_control_window
+            size <= h2.outbound_flow_control_window
             and size <= h2.max_outbound_frame_size
             and h2.state_machine.state in _OPEN_CONNECTION
         ):

@@ -17,6 +17,7 @@ from grpclib.protocol import H2Protocol, Stream
 
 from backchannel.settings import Keepalive, Limits
 from backchannel.transport.grpclib.call import Call
+from backchannel.transport.grpclib.liveness import watch
 from backchannel.transport.grpclib.options import (
     client_tls,
     configuration,
@@ -171,6 +172,7 @@ class GrpclibChannel:
     async def connection(self) -> H2Protocol:
         """The connection, made when there is none (or it was lost)."""
         protocol: H2Protocol = await self._channel.__connect__()
+        watch(protocol.connection)
         return protocol
 
     def connect(self, metadata: Sequence[tuple[str, str]]) -> ClientCall:

@@ -59,6 +59,14 @@ def client_tls(credentials: object | None) -> ssl.SSLContext | None:
     return credentials
 
 
+def verifies_server(context: ssl.SSLContext | None) -> bool:
+    """Whether a consumer's TLS context proves whom it talks to: it checks the
+    provider's certificate and its host name. One that does not (e.g.
+    ``ssl._create_unverified_context()``) counts as plaintext for the token rule:
+    anyone on the way could pose as the provider and read the token."""
+    return context is not None and context.verify_mode != ssl.CERT_NONE and context.check_hostname
+
+
 def server_tls(credentials: object | None) -> ssl.SSLContext | None:
     """The TLS context of a provider (None: plaintext), with ALPN ``h2``."""
     if credentials is None:

@@ -20,11 +20,13 @@ from grpclib.protocol import Stream as H2Stream
 from grpclib.server import request_handler
 from h2.config import H2Configuration
 from h2.errors import ErrorCodes
+from h2.events import RemoteSettingsChanged
 from h2.settings import SettingCodes
 
 from backchannel.settings import Keepalive, Limits
 from backchannel.transport.grpclib import services
 from backchannel.transport.grpclib.incoming import Ended, ServerCall
+from backchannel.transport.grpclib.liveness import FLOOD_SLACK, shut, watch
 from backchannel.transport.grpclib.options import (
     configuration,
     listening_socket,
@@ -37,9 +39,10 @@ from backchannel.transport.seam import SERVICE_NAME, Code, Guard, Handlers, Pars
 logger = logging.getLogger("backchannel")
 
 CONNECT_PATH = f"/{SERVICE_NAME}/Connect"
-#: streams one connection may open at once, as HTTP/2 tells the peer (h2's default is
-#: 100, past which h2 ends the whole connection); Limits.max_streams bounds them instead
-_MAX_CONCURRENT_STREAMS = 2**31 - 1
+#: RPCs other than Connect (Invoke, Describe, health, reflection) one connection may
+#: have open at once; more are refused (REFUSED_STREAM). Connect streams are bounded by
+#: Limits.max_streams, over the whole provider
+OTHER_STREAMS = 1024
 
 
 class _Connection(AbstractHandler):
@@ -48,6 +51,8 @@ class _Connection(AbstractHandler):
     def __init__(self, server: GrpclibServer) -> None:
         self._server = server
         self.tasks: dict[H2Stream, asyncio.Task[None]] = {}
+        #: how many of them are Connect streams
+        self.connects = 0
 
     def accept(
         self, stream: H2Stream, headers: Sequence[tuple[str, str]], release: Callable[[], None]
@@ -56,6 +61,10 @@ class _Connection(AbstractHandler):
         path = next((value for key, value in headers if key == ":path"), "")
         if path == CONNECT_PATH and isinstance(stream, ServerCall):
             work: Any = server.serve_connect(stream, headers, release)
+        elif len(self.tasks) - self.connects >= OTHER_STREAMS and isinstance(stream, ServerCall):
+            stream.reset_now(ErrorCodes.REFUSED_STREAM)
+            release()
+            return
         elif path not in server.mapping and isinstance(stream, ServerCall):
             # grpclib's own answer lacks the content-type a Go client (grpcurl) requires
             stream.end_call(Code.UNIMPLEMENTED, "Method not found!")
@@ -68,10 +77,13 @@ class _Connection(AbstractHandler):
         task = asyncio.get_running_loop().create_task(work)
         self.tasks[stream] = task
         server.tasks.add(task)
-        task.add_done_callback(lambda _task: self._done(stream, _task))
+        connect = path == CONNECT_PATH
+        self.connects += connect
+        task.add_done_callback(lambda _task: self._done(stream, _task, connect))
 
-    def _done(self, stream: H2Stream, task: asyncio.Task[None]) -> None:
+    def _done(self, stream: H2Stream, task: asyncio.Task[None], connect: bool) -> None:
         self.tasks.pop(stream, None)
+        self.connects -= connect
         self._server.tasks.discard(task)
 
     def cancel(self, stream: H2Stream) -> None:
@@ -92,6 +104,9 @@ class _Protocol(H2Protocol):
         super().__init__(_Connection(server), server.config, server.h2_config)
         self._server = server
         self._handshake: asyncio.TimerHandle | None = None
+        #: bytes of replies to what the peer sent (PING and SETTINGS acknowledgements,
+        #: resets) queued while the socket's buffer is over its high-water mark
+        self._owed = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         sock = transport.get_extra_info("socket")
@@ -104,8 +119,13 @@ class _Protocol(H2Protocol):
         server = self._server
         server.protocols.add(self)
         connection = self.connection
+        watch(connection)
         h2 = connection._connection
-        h2.update_settings({SettingCodes.MAX_CONCURRENT_STREAMS: _MAX_CONCURRENT_STREAMS})
+        # told to the peer (h2 ends the connection of one that opens more); the Connect
+        # streams past max_streams and the others past OTHER_STREAMS are refused before
+        h2.update_settings(
+            {SettingCodes.MAX_CONCURRENT_STREAMS: server.limits.max_streams + OTHER_STREAMS}
+        )
         connection.flush()
 
         def create_stream(*, stream_id: int | None = None, wrapper: Any = None) -> ServerCall:
@@ -123,6 +143,24 @@ class _Protocol(H2Protocol):
         self._handshake = asyncio.get_running_loop().call_later(
             server.limits.handshake_timeout, self._no_handshake, transport
         )
+        processor = self.processor
+        process = processor.process
+
+        def first_events(event: Any) -> None:
+            # the handshake is done with the peer's preface and SETTINGS, not its first
+            # byte; then grpclib's own process again, so no cost per event after it
+            if isinstance(event, RemoteSettingsChanged):
+                self._handshaken()
+            process(event)
+
+        processor.process = first_events  # type: ignore[method-assign]
+
+    def _handshaken(self) -> None:
+        if self._handshake is not None:
+            self._handshake.cancel()
+            self._handshake = None
+        with contextlib.suppress(AttributeError):
+            del self.processor.process
 
     def _no_handshake(self, transport: asyncio.BaseTransport) -> None:
         logger.info(
@@ -133,10 +171,30 @@ class _Protocol(H2Protocol):
         transport.close()
 
     def data_received(self, data: bytes) -> None:
-        if self._handshake is not None:
-            self._handshake.cancel()
-            self._handshake = None
+        connection = self.connection
+        transport = (
+            None if connection.write_ready.is_set() else connection.__dict__.get("_transport")
+        )
+        if transport is None:  # (grpclib drops _transport on close)
+            super().data_received(data)
+            return
+        # the peer does not read: what it makes this side answer is counted, as nothing
+        # else bounds it (the DATA written for it is, by flow control and write_ready)
+        before = transport.get_write_buffer_size()
         super().data_received(data)
+        self._owed += transport.get_write_buffer_size() - before
+        if self._owed > FLOOD_SLACK and not transport.is_closing():
+            logger.warning(
+                "aborted a connection from %s that sends without reading the replies: "
+                "%d bytes of them unsent",
+                transport.get_extra_info("peername"),
+                self._owed,
+            )
+            transport.abort()
+
+    def resume_writing(self) -> None:
+        self._owed = 0
+        super().resume_writing()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._handshake is not None:
@@ -242,7 +300,7 @@ class GrpclibServer:
                 h2 = protocol.connection._connection
                 h2.close_connection(ErrorCodes.NO_ERROR)
                 protocol.connection.flush()
-            protocol.connection.close()
+            shut(protocol.connection)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(server.wait_closed(), 1.0)
         self._stopped.set()
