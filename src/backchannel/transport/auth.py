@@ -123,12 +123,15 @@ def token_refusal(addresses: Iterable[str]) -> str:
     settings that would allow it."""
     listed = list(addresses)
     what = (
-        "the connection would be plaintext and the address is not loopback"
+        "the connection would be plaintext (or TLS that does not verify the provider) and "
+        "the address is not loopback"
         if len(listed) == 1
-        else "the connections would be plaintext and the addresses are not loopback"
+        else "the connections would be plaintext (or TLS that does not verify the provider) "
+        "and the addresses are not loopback"
     )
     return (
         f"not sending the token (authorization metadata) to {', '.join(listed)}: {what}, "
         "so anyone on the way could read it; give credentials=grpc.ssl_channel_credentials"
-        f"(...) for TLS, or set {PLAINTEXT_OPT_IN} to send it anyway"
+        "(...) (transport 'grpcio') or a verifying ssl.SSLContext (transport 'grpclib') for "
+        f"TLS, or set {PLAINTEXT_OPT_IN} to send it anyway"
     )
