@@ -733,3 +733,106 @@ def test_with_tracing_each_target_has_its_own_client_span_and_the_consumers_span
     assert len(client_ids) == 3
     parents = [s.parent.span_id for s in servers if s.parent is not None]
     assert sorted(parents) == sorted(client_ids)  # each server span the child of its own
+
+
+# ------------------------------------------------- what one multicast may stand for
+
+
+def hostile(one_way: bool = False) -> tuple[pb.Frame, int]:
+    """The review's amplification: a frame under 4 MiB whose ~3.9 MB call goes to 1,000
+    targets (1,000 calls of 3.9 MB from one message), and its call's size."""
+    call = pb.Call(method="changed", args=[pb.Value(bytes_value=b"x" * 3_900_000)])
+    call.one_way = one_way
+    frame = multicast(call, *[(n, 3) for n in range(1, 1001)])
+    assert frame.ByteSize() < 4 * 1024 * 1024
+    return frame, call.ByteSize()
+
+
+def test_a_multicast_standing_for_more_than_its_budget_gets_the_targets_past_it_refused() -> None:
+    consumer = open_consumer(max_message_size=4 * 1024 * 1024)
+    frame, size = hostile()
+    budget = slices.multicast_budget(4 * 1024 * 1024)
+    assert budget == 8 * 4 * 1024 * 1024
+    events = feed(consumer, frame)
+    received = calls(events)
+    # the first targets run, as many as the budget holds of a call this size: not 1,000
+    assert [c.id for c in received] == list(range(1, budget // size + 1))
+    assert sum(c.ByteSize() for c in received) <= budget
+    assert all(len(c.args[0].bytes_value) == 3_900_000 for c in received)
+    [told] = mistakes(events)  # told once, not once per target
+    assert "multicast over budget" in told and "8 x max_message_size" in told
+    results = consumer.take_outbox()
+    assert kinds(results) == ["result"] * (1000 - len(received))
+    assert [f.result.id for f in results] == list(range(len(received) + 1, 1001))
+    assert {f.result.error.code for f in results} == {pb.RESOURCE_EXHAUSTED}
+    assert f"call {len(received) + 1} refused" in results[0].result.error.message
+    assert consumer.pending_incoming == len(received)
+
+
+def test_the_budget_holds_across_the_slices_of_a_multicast_as_for_the_whole() -> None:
+    frame, size = hostile()
+    consumer = open_consumer()  # 0: gRPC's default max_message_size, 4 MiB
+    pieces = list(slices.slices([frame], RECEIVE_SLICE))
+    assert len(pieces) == 2
+    events = [event for piece in pieces for event in consumer.receive_batch(piece)]
+    allowed = slices.multicast_budget(0) // size
+    assert [c.id for c in calls(events)] == list(range(1, allowed + 1))
+    results = consumer.take_outbox()
+    assert [f.result.id for f in results] == list(range(allowed + 1, 1001))
+    assert len(mistakes(events)) == 2  # once per slice
+
+
+def test_one_way_targets_past_the_budget_are_faulted_once_and_not_run() -> None:
+    frame, size = hostile(one_way=True)
+    consumer = open_consumer(max_message_size=4 * 1024 * 1024)
+    events = feed(consumer, frame)
+    allowed = slices.multicast_budget(4 * 1024 * 1024) // size
+    assert len(calls(events)) == allowed
+    [fault] = consumer.take_outbox()
+    assert kinds([fault]) == ["fault"] and fault.fault.call_id == allowed + 1
+    assert "multicast over budget" in fault.fault.message
+
+
+def test_a_small_call_to_many_targets_is_well_within_the_budget() -> None:
+    consumer = open_consumer(max_message_size=1024)
+    frame = multicast(changed(), *[(n, 3) for n in range(1, 501)])
+    assert len(calls(feed(consumer, frame))) == 500
+    assert consumer.take_outbox() == []
+
+
+def test_traced_targets_are_measured_so_no_frame_is_over_the_message_size() -> None:
+    from backchannel.transport import multicasting
+
+    link = Link()
+    link.open()
+    call = changed()
+    # trace contexts far bigger than a traceparent: what a tracestate may carry
+    traces = [{"traceparent": "00-" + "a" * 400, "tracestate": "k=" + "v" * 200}] * 50
+    limit = 4096
+    room = limit - call.ByteSize() - multicasting._FRAME_BYTES
+    start, sizes = 0, []
+    while start < len(traces):
+        stop = multicasting._frame_end(start, len(traces), 500, room, traces)
+        count = stop - start
+        link.provider.send_multicast(call, [3] * count, ["t"] * count, traces[start:stop])
+        [frame] = link.provider.take_outbox()
+        sizes.append(frame.ByteSize())
+        start = stop
+    assert len(sizes) > 1 and max(sizes) <= limit
+    assert max(sizes) > limit - 700  # filled: no more than one target's room left over
+
+
+def test_gather_of_a_big_argument_to_many_listeners_goes_in_frames_within_the_budget() -> None:
+    async def body() -> None:
+        async with hub(1, 70) as (impl, _, echoes):
+            big = "x" * 1_000_000
+            outcomes = await backchannel.gather(p.changed(big) for p in impl.listeners)
+            assert [len(o) for o in outcomes] == [len(f"{e.name}:") + len(big) for e in echoes[0]]
+            assert all(o == f"{e.name}:{big}" for o, e in zip(outcomes, echoes[0], strict=True))
+            [session] = sessions(impl)
+            # 33 targets of a 1 MB call in the budget of 32 MiB: three frames, none refused
+            assert session.multicast_frames == 3
+            assert all(e.seen == [big] for e in echoes[0])
+            assert session.connection.pending_outgoing == 0
+
+    asyncio.run(asyncio.wait_for(body(), 30))

@@ -5,7 +5,10 @@ The call is serialized once per frame and each target is a call of its own in th
 of outgoing calls (:mod:`~backchannel.transport.outgoing`): its future (or sink), deadline,
 in-flight slot and Result, as if sent alone; the targets sent together share one entry in
 the deadline queue, which fails each of them still waiting when it expires. Targets beyond
-the in-flight slots the consumer allows wait as single Calls, as any call does.
+the in-flight slots the consumer allows wait as single Calls, as any call does. A frame
+holds no more targets than the consumer's budget for a call of its size allows
+(:func:`~backchannel.wire.slices.multicast_budget`), nor more bytes than its
+max_message_size: a big call to many listeners goes as several frames.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from backchannel.transport import observe
 from backchannel.transport.outgoing import Decode, Outgoing, Sink
 from backchannel.v1 import envelope_pb2 as pb
 from backchannel.wire import codec
+from backchannel.wire.slices import multicast_budget
 
 if TYPE_CHECKING:
     import asyncio
@@ -28,9 +32,12 @@ if TYPE_CHECKING:
 
 #: targets per Multicast frame: the consumer acts on that many calls in one go
 MULTICAST_TARGETS = 500
-#: bytes a target takes in a frame, at most: ids, and a trace context when traced
+#: bytes a target takes in a frame, at most: its ids, its length and tag; when traced, a
+#: trace context entry adds its key and value and at most this much around them
 _TARGET_BYTES = 24
-_TRACED_TARGET_BYTES = 160
+_TRACE_ENTRY_BYTES = 13
+#: bytes a Multicast frame takes beyond its call and targets, at most (tags and lengths)
+_FRAME_BYTES = 16
 
 #: (callback id, label, decode) of one target
 Target = tuple[int, str, Decode | None]
@@ -87,6 +94,7 @@ class Multicasting:
             )
         if parent:
             call.parent_id = parent
+            size = call.ByteSize()
         room = 0
         if not self._waiting and self._writable.is_set():
             room = max(0, self._peer_max_calls - self.connection.pending_outgoing)
@@ -121,14 +129,18 @@ class Multicasting:
             add_deadline = self._deadlines.add
             for outgoing in later:
                 outgoing.deadline = add_deadline(outgoing, timeout)
-        per_target = _TRACED_TARGET_BYTES if traced else _TARGET_BYTES
-        chunk = max(1, min(MULTICAST_TARGETS, (self._peer_max_message - size - 16) // per_target))
+        # as many targets a frame as the consumer's budget for a call of this size allows
+        # (it refuses the others), in the room its max_message_size leaves
+        most = min(MULTICAST_TARGETS, multicast_budget(self._peer_max_message) // max(1, size))
+        room_bytes = self._peer_max_message - size - _FRAME_BYTES
         try:
-            for start in range(0, len(now), chunk):
-                stop = start + chunk
+            start = 0
+            while start < len(now):
+                stop = _frame_end(start, len(now), max(1, most), room_bytes, traces)
                 self._send_multicast(
                     call, now[start:stop], callback_ids[start:stop], traces[start:stop]
                 )
+                start = stop
         except BaseException:  # not sent: nothing of them may stay behind
             for outgoing in now + later:
                 if not outgoing.id:
@@ -162,6 +174,24 @@ class Multicasting:
         if call.parent_id:
             for offset in range(len(outgoings)):
                 self._outgoing_parent[first + offset] = call.parent_id
+
+
+def _frame_end(start: int, end: int, most: int, room: int, traces: list[dict[str, str]]) -> int:
+    """Where the frame of the targets from ``start`` ends: after at most ``most`` of them
+    (at least one), in ``room`` bytes, each target's trace context (if any) measured."""
+    if not traces:
+        return min(end, start + max(1, min(most, room // _TARGET_BYTES)))
+    stop = start
+    limit = min(end, start + most)
+    while stop < limit:
+        need = _TARGET_BYTES
+        for key, value in traces[stop].items():
+            need += len(key.encode()) + len(value.encode()) + _TRACE_ENTRY_BYTES
+        room -= need
+        if room < 0 and stop > start:
+            break
+        stop += 1
+    return stop
 
 
 def _alone(call: pb.Call, callback_id: int, args: bool = True) -> pb.Call:

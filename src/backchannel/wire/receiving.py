@@ -27,7 +27,7 @@ from backchannel.wire.events import (
     Unparseable,
     error_result,
 )
-from backchannel.wire.slices import Piece, Targets
+from backchannel.wire.slices import MULTICAST_BUDGET_MESSAGES, Piece, Targets, multicast_budget
 from backchannel.wire.text import sendable_text
 from backchannel.wire.transitions import ACCEPTS, MOVES, Role, State
 
@@ -301,8 +301,13 @@ def _targets(
                     )
                     connection._put(pb.Frame(result=refused))
         return
-    # the call is parsed back once per target: a Call of its own each, as if sent so
+    # the call is parsed back once per target: a Call of its own each, as if sent so;
+    # so the targets past what the budget allows for a call of this size are refused
     template = multicast.call.SerializeToString()
+    allowed = multicast_budget(connection.max_message_size) // max(1, len(template))
+    if stop > allowed:
+        _over_budget(connection, multicast, max(start, allowed), stop, len(template), events)
+        stop = max(start, allowed)
     parse = pb.Call.FromString
     for index in range(start, stop):
         target = targets[index]
@@ -315,6 +320,44 @@ def _targets(
                 call.trace_context.clear()
                 call.trace_context.update(target.trace_context)
             events.append(CallReceived(call))
+
+
+def _over_budget(
+    connection: Receiving[Token],
+    multicast: pb.Multicast,
+    start: int,
+    stop: int,
+    size: int,
+    events: list[Event[Token]],
+) -> None:
+    """Refuse targets ``start`` to ``stop``: past the bytes one Multicast may stand for
+    (:func:`~backchannel.wire.slices.multicast_budget`). Each that wants a Result gets
+    RESOURCE_EXHAUSTED, as a refused Call would; the peer is told once per slice."""
+    budget = multicast_budget(connection.max_message_size)
+    message = (
+        f"multicast over budget: {len(multicast.targets)} targets of a {size}-byte call "
+        f"stand for more than the {budget} bytes one multicast may ("
+        f"{MULTICAST_BUDGET_MESSAGES} x max_message_size); this side takes the first "
+        f"{budget // max(1, size)} and refuses the others"
+    )
+    targets = multicast.targets
+    if multicast.call.one_way:  # nothing to answer: the peer hears of it by a Fault
+        first = targets[start].id
+        connection._mistake(events, f"{message} (one-way calls {first} and on)", first)
+        return
+    events.append(PeerMistake(message))
+    incoming = connection._incoming
+    put = connection._put
+    for index in range(start, stop):
+        call_id = targets[index].id
+        if call_id and call_id not in incoming:  # else its running call must not be answered
+            refused = error_result(
+                call_id,
+                pb.RESOURCE_EXHAUSTED,
+                "backchannel.RemoteProtocolError",
+                f"call {call_id} refused: {message}",
+            )
+            put(pb.Frame(result=refused))
 
 
 def _on_result(connection: Receiving[Token], result: pb.Result, events: list[Event[Token]]) -> None:

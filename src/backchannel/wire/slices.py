@@ -4,6 +4,10 @@ targets, is acted on a slice at a time, so no single message holds the reader fo
 A frame weighs 1, and a Multicast 1 more per target (each is a call); :func:`slices` cuts
 a list of frames into pieces of about ``size`` weight, a Multicast's targets going into
 :class:`Targets` pieces of at most ``size``. The reader acts on one piece per loop turn.
+
+A Multicast's targets each become a Call holding the call's arguments, so what one frame
+may stand for is bounded too: :func:`multicast_budget` bytes (the call's size times its
+targets), checked by the receiver and kept to by the sender.
 """
 
 from __future__ import annotations
@@ -11,8 +15,21 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+from backchannel.settings import DEFAULT_MAX_MESSAGE_SIZE
 from backchannel.v1 import envelope_pb2 as pb
 from backchannel.wire.events import Unparseable
+
+#: what one Multicast may stand for, in messages of the receiver's max_message_size: its
+#: targets are calls of their own, each holding the call's arguments, so a frame of
+#: max_message_size may make at most eight times that in calls (what a Batch of the same
+#: calls would make the sender pay for eight frames), not a thousand times
+MULTICAST_BUDGET_MESSAGES = 8
+
+
+def multicast_budget(max_message_size: int) -> int:
+    """The bytes one Multicast may stand for, its call's size times its targets, at a
+    receiver of ``max_message_size`` (0: gRPC's default)."""
+    return MULTICAST_BUDGET_MESSAGES * (max_message_size or DEFAULT_MAX_MESSAGE_SIZE)
 
 
 @dataclass(frozen=True, slots=True)
