@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -705,8 +706,20 @@ def test_with_tracing_each_target_has_its_own_client_span_and_the_consumers_span
     from backchannel import telemetry
 
     exporter = InMemorySpanExporter()
+    all_ended = threading.Event()  # the six spans of changed() ended, whichever loop ended them
+
+    class Counting(SimpleSpanProcessor):
+        ended = 0
+
+        def on_end(self, span: Any) -> None:
+            super().on_end(span)
+            if "changed" in span.name:
+                self.ended += 1
+                if self.ended >= 6:
+                    all_ended.set()
+
     tracing = TracerProvider()
-    tracing.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing.add_span_processor(Counting(exporter))
     telemetry.configure(tracer_provider=tracing)
 
     async def body() -> None:
@@ -716,10 +729,8 @@ def test_with_tracing_each_target_has_its_own_client_span_and_the_consumers_span
             assert outcomes == ["0.0:t", "0.1:t", "0.2:t"]
             [session] = sessions(impl)
             assert session.multicast_frames == 1
-            for _ in range(200):  # the consumer's server spans end on its own loop
-                if len([s for s in exporter.get_finished_spans() if "changed" in s.name]) >= 6:
-                    break
-                await asyncio.sleep(0.01)
+            # the consumer's server spans end on its own loop: wait off this one
+            assert await asyncio.to_thread(all_ended.wait, 10), "the six spans did not end"
 
     try:
         asyncio.run(asyncio.wait_for(body(), 30))
