@@ -63,6 +63,7 @@ class Multicasting:
 
         def flush(self) -> None: ...
         def _wait_for_a_slot(self, outgoing: Outgoing) -> None: ...
+        def _too_large(self, label: str, size: int) -> MessageTooLarge: ...
 
     @property
     def multicast(self) -> bool:
@@ -88,10 +89,7 @@ class Multicasting:
         returns then; unless telemetry makes a span per call, which needs a future each."""
         size = call.ByteSize()
         if size > self._peer_max_message:
-            raise MessageTooLarge(
-                f"{targets[0][1]} and {len(targets) - 1} more: the call is {size} bytes, over "
-                f"the message size limit of {self._peer_max_message} bytes (max_message_size)"
-            )
+            raise self._too_large(f"{targets[0][1]} and {len(targets) - 1} more", size)
         if parent:
             call.parent_id = parent
             size = call.ByteSize()

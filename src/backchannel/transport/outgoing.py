@@ -101,10 +101,7 @@ class Calls:
         label = label or call_name(call)
         size = call.ByteSize()
         if size > self._peer_max_message:
-            raise MessageTooLarge(
-                f"{label}: the call is {size} bytes, over the message size limit of "
-                f"{self._peer_max_message} bytes (max_message_size)"
-            )
+            raise self._too_large(label, size)
         if parent:
             call.parent_id = parent
         future = self._loop.create_future()
@@ -126,6 +123,13 @@ class Calls:
                 outgoing.settle()
                 raise
         return future
+
+    def _too_large(self, label: str, size: int) -> MessageTooLarge:
+        """The error for a call of ``size`` bytes over the peer's message size limit."""
+        return MessageTooLarge(
+            f"{label}: the call is {size} bytes, over the message size limit of "
+            f"{self._peer_max_message} bytes (max_message_size)"
+        )
 
     def _send(self, outgoing: Outgoing) -> None:
         call = outgoing.call
