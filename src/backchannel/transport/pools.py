@@ -14,6 +14,11 @@ thread that frees up takes the next work of the next lane in turn: a stream with
 calls queued gets one thread in turn like every other, so another stream's call starts
 when the next thread frees up, not after the 400. Each lane keeps its order.
 
+A stream whose peer reads slower than it asks (over ``max_queued_bytes``) is *held*: its
+calls that have not started do not start until its queue drains. A thread that frees
+up passes its lane by (other streams' work goes on), and the stream, once writable
+again, has the pools it was passed by in take its work up again (:class:`Holdable`).
+
 :class:`concurrent.futures.ThreadPoolExecutor` neither shares its threads between
 streams nor says when its work starts to queue; :class:`CountedPool` does both, and
 logs the queueing once with the keyword to raise.
@@ -27,7 +32,7 @@ import functools
 import logging
 import threading
 from collections.abc import Callable
-from typing import Any, Generic, ParamSpec, Protocol, TypeVar
+from typing import Any, Generic, ParamSpec, Protocol, TypeVar, cast
 
 from backchannel.v1 import envelope_pb2 as pb
 
@@ -48,6 +53,16 @@ class Awaiting(Protocol):
     def awaits(self, call_id: int) -> bool:
         """True while this side waits for the answer to its outgoing call ``call_id``."""
         ...
+
+
+class Holdable(Protocol):
+    """A lane's key whose work may be held back: the session of a stream that may go
+    over ``max_queued_bytes``."""
+
+    #: True while the stream's calls that have not started must wait
+    calls_held: bool
+    #: the pools that passed its lane by while it was held: told when it no longer is
+    held_pools: set[CountedPool]
 
 
 class _Work(Generic[T]):
@@ -83,10 +98,12 @@ class _Work(Generic[T]):
 class _Lane:
     """One stream's queued work, in arrival order; ``live`` counts what is not cancelled."""
 
-    __slots__ = ("key", "live", "works")
+    __slots__ = ("key", "live", "stream", "works")
 
     def __init__(self, key: object) -> None:
         self.key = key
+        # the stream that may be held, when the key is one
+        self.stream = cast("Holdable", key) if hasattr(key, "calls_held") else None
         self.works: collections.deque[_Work[Any]] = collections.deque()
         self.live = 0
 
@@ -203,10 +220,19 @@ class CountedPool(concurrent.futures.Executor):
 
     def _take_next(self) -> _Work[Any] | None:
         """Under the lock: the oldest live work of the lane whose turn it is, out of its
-        lane, or None when no work waits."""
+        lane, or None when no work waits. A held stream's lane is passed by (it goes to
+        the back of the turns) and the stream told to resume this pool once released."""
         turns = self._turns
-        while turns:
+        passed = 0
+        while len(turns) > passed:
             lane = turns[0]
+            stream = lane.stream
+            if stream is not None and stream.calls_held:
+                stream.held_pools.add(self)
+                if stream.calls_held:  # read again: released in between, it saw no pool
+                    turns.rotate(-1)
+                    passed += 1
+                    continue
             work = lane.works.popleft()
             if work.lane is None:  # cancelled while it waited: a live one is behind
                 continue
@@ -219,6 +245,26 @@ class CountedPool(concurrent.futures.Executor):
                 del self._lanes[lane.key]
             return work
         return None
+
+    def resume(self) -> None:
+        """A held stream was released: free threads take its queued work (and any other
+        lane's) as they would have, had it not been held."""
+        while True:
+            with self._lock:
+                if self._shut or self._taken >= self.max_workers:
+                    return
+                work = self._take_next()
+                if work is None:
+                    return
+                self._taken += 1
+            try:
+                self._executor.submit(work.run).add_done_callback(self._done)
+            except RuntimeError:  # shut down meanwhile: it does not start
+                with self._lock:
+                    self._taken -= 1
+                    self._busy -= 1
+                work.future.cancel()
+                return
 
     def _dequeue(self, work: _Work[Any], _future: object) -> None:
         """Queued work's future is done: if it was cancelled while it waited, it leaves

@@ -105,6 +105,8 @@ class Receiver:
         _limits: Limits
         _send_tracebacks: bool
         _writable: asyncio.Event
+        calls_held: bool
+        _parked: collections.deque[tuple[pb.Call, bool]]
         _peer_max_calls: int
         _peer_max_message: int
 
@@ -233,6 +235,8 @@ class Receiver:
     def _start_serving(self, call: pb.Call, traced: bool) -> None:
         """Run an incoming call eagerly: its first step runs now, in a context of its own,
         and only a call that has to wait gets a task (most calls finish in one step)."""
+        if self.calls_held and self._park(call, traced):
+            return
         if not call.one_way:
             self._running[call.id] = None
         context = contextvars.copy_context()
@@ -252,6 +256,19 @@ class Receiver:
         elif call.one_way:
             self._one_way_tasks.add(task)
             task.add_done_callback(self._one_way_tasks.discard)
+
+    def _park(self, call: pb.Call, traced: bool) -> bool:
+        """The stream is over max_queued_bytes: a call that has not started waits (in
+        order, until the session's ``_start_parked``), so results beyond the limit come
+        only from calls already running. True if parked; a re-entrant call is not: a
+        call running on this side waits for it."""
+        parent = call.parent_id
+        if parent and parent in self._sent:
+            return False
+        if not call.one_way:
+            self._running[call.id] = None  # a Cancel from the peer takes it out
+        self._parked.append((call, traced))
+        return True
 
     def _answer(self, result: pb.Result | bytes, call_id: int = 0) -> None:
         """Send the Result of call ``call_id``: a message, or serialized already."""

@@ -71,6 +71,7 @@ class Writer:
         _waiting: collections.deque[Outgoing]
 
         def _over_limit(self) -> None: ...
+        def _release_held(self) -> None: ...
         def _write_failed(self, exc: BaseException) -> None: ...
         def _admit(self) -> None: ...
 
@@ -149,6 +150,7 @@ class Writer:
         """The writer took a message: back under max_queued_bytes, read and send again."""
         if self._queue_bytes + self._message_bytes <= self._limits.max_queued_bytes:
             self._writable.set()
+            self._release_held()
             if self._stall is not None:
                 self._stall.cancel()
                 self._stall = None
