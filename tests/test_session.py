@@ -934,7 +934,7 @@ def test_calls_read_while_over_the_limit_start_only_once_the_queue_drains() -> N
 async def _calls_read_while_over_the_limit_start_only_once_the_queue_drains(
     loop: ClockLoop,
 ) -> None:
-    peer, released, _size = await _results_released_at_once(loop, {"first": 7, "late": 0})
+    peer, _released, _size = await _results_released_at_once(loop, {"first": 7, "late": 0})
     assert not peer.session._writable.is_set()  # six results wait: over the limit
     started: list[int] = []
 

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from backchannel.settings import Limits
     from backchannel.transport.outgoing import Outgoing
     from backchannel.transport.peerlog import PeerLog
+    from backchannel.transport.pools import CountedPool
     from backchannel.wire.protocol import Connection
     from backchannel.wire.slices import Piece
 
@@ -105,7 +106,8 @@ class Receiver:
         _limits: Limits
         _send_tracebacks: bool
         _writable: asyncio.Event
-        calls_held: bool
+        calls_held: bool  # True while over max_queued_bytes
+        held_pools: set[CountedPool]  # the pools that passed its calls by meanwhile
         _parked: collections.deque[tuple[pb.Call, bool]]
         _peer_max_calls: int
         _peer_max_message: int
@@ -269,6 +271,35 @@ class Receiver:
             self._running[call.id] = None  # a Cancel from the peer takes it out
         self._parked.append((call, traced))
         return True
+
+    def _release_held(self) -> None:
+        """Back under max_queued_bytes (or ended): what waited starts again. Calls parked
+        meanwhile start at the next loop turn (not within the writer's step); until then
+        the stream stays held, so calls read in between park behind them, in order."""
+        if self._parked:
+            self._loop.call_soon(self._start_parked)
+        else:
+            self._resume_held()
+
+    def _resume_held(self) -> None:
+        """The pools that passed this stream's queued calls by take them up."""
+        self.calls_held = False  # before the pools are told: see CountedPool._take_next
+        if self.held_pools:
+            pools, self.held_pools = self.held_pools, set()
+            for pool in pools:
+                pool.resume()
+
+    def _start_parked(self) -> None:
+        """Start the parked calls in order, until one's result takes the stream over
+        the limit again (each result is queued as it comes: flush) or it ends."""
+        if not self._writable.is_set():
+            return  # held again meanwhile: the next drain comes back here
+        self._resume_held()  # the calls queued in pools first: they were read before
+        parked = self._parked
+        while parked and not self.calls_held and self.cause is None:
+            call, traced = parked.popleft()
+            if call.one_way or call.id in self._running:  # else the peer cancelled it
+                self._start_serving(call, traced)
 
     def _answer(self, result: pb.Result | bytes, call_id: int = 0) -> None:
         """Send the Result of call ``call_id``: a message, or serialized already."""

@@ -124,10 +124,8 @@ class Session(Writer, Receiver, Calls, Multicasting):
         # set while they are under max_queued_bytes: the reader reads and calls are sent
         self._writable = asyncio.Event()
         self._writable.set()
-        #: True while the writer is over max_queued_bytes: calls the peer sent that have
-        #: not started wait (parked here, or queued in a pool that passes them by)
+        # while over max_queued_bytes: calls not started wait (see Receiver._park)
         self.calls_held = False
-        #: the pools that passed this stream's queued work by while it was held
         self.held_pools: set[CountedPool] = set()
         self._parked: collections.deque[tuple[pb.Call, bool]] = collections.deque()
         self._reader: asyncio.Task[Any] | None = None
@@ -261,35 +259,6 @@ class Session(Writer, Receiver, Calls, Multicasting):
                 queued,
                 limit,
             )
-
-    def _release_held(self) -> None:
-        """Back under max_queued_bytes (or ended): what waited starts again. Calls parked
-        meanwhile start at the next loop turn (not within the writer's step); until then
-        the stream stays held, so calls read in between park behind them, in order."""
-        if self._parked:
-            self._loop.call_soon(self._start_parked)
-        else:
-            self._resume_held()
-
-    def _resume_held(self) -> None:
-        """The pools that passed this stream's queued calls by take them up."""
-        self.calls_held = False  # before the pools are told: see CountedPool._take_next
-        if self.held_pools:
-            pools, self.held_pools = self.held_pools, set()
-            for pool in pools:
-                pool.resume()
-
-    def _start_parked(self) -> None:
-        """Start the parked calls in order, until one's result takes the stream over
-        the limit again (each result is queued as it comes: flush) or it ends."""
-        if not self._writable.is_set():
-            return  # held again meanwhile: the next drain comes back here
-        self._resume_held()  # the calls queued in pools first: they were read before
-        parked = self._parked
-        while parked and not self.calls_held and self.cause is None:
-            call, traced = parked.popleft()
-            if call.one_way or call.id in self._running:  # else the peer cancelled it
-                self._start_serving(call, traced)
 
     def _stalled(self) -> None:
         """Over max_queued_bytes for max_write_stall seconds: the peer reads nothing more
