@@ -16,8 +16,10 @@ when the next thread frees up, not after the 400. Each lane keeps its order.
 
 A stream whose peer reads slower than it asks (over ``max_queued_bytes``) is *held*: its
 calls that have not started do not start until its queue drains. A thread that frees
-up passes its lane by (other streams' work goes on), and the stream, once writable
-again, has the pools it was passed by in take its work up again (:class:`Holdable`).
+up passes its lane by (other streams' work goes on) and tells the stream, which, while
+its queue has room, has the free threads take its work (:meth:`CountedPool.resume_lane`),
+a thread done with one telling it again rather than taking the next: threads outpace
+the event loop that queues their results. Released, its lane takes turns again.
 
 :class:`concurrent.futures.ThreadPoolExecutor` neither shares its threads between
 streams nor says when its work starts to queue; :class:`CountedPool` does both, and
@@ -63,6 +65,12 @@ class Holdable(Protocol):
     calls_held: bool
     #: the pools that passed its lane by while it was held: told when it no longer is
     held_pools: set[CountedPool]
+
+    def fed(self) -> None:
+        """A pool thread is free (it finished work of this stream's, or passed its
+        lane by), or the lane emptied (called in any thread): the stream may start
+        more of its work, with :meth:`CountedPool.resume_lane`, if its queue has room."""
+        ...
 
 
 class _Work(Generic[T]):
@@ -221,7 +229,7 @@ class CountedPool(concurrent.futures.Executor):
     def _take_next(self) -> _Work[Any] | None:
         """Under the lock: the oldest live work of the lane whose turn it is, out of its
         lane, or None when no work waits. A held stream's lane is passed by (it goes to
-        the back of the turns) and the stream told to resume this pool once released."""
+        the back of the turns) and the stream told (it may feed this pool its work)."""
         turns = self._turns
         passed = 0
         while len(turns) > passed:
@@ -230,6 +238,7 @@ class CountedPool(concurrent.futures.Executor):
             if stream is not None and stream.calls_held:
                 stream.held_pools.add(self)
                 if stream.calls_held:  # read again: released in between, it saw no pool
+                    stream.fed()  # this thread is free: the stream may have room for it
                     turns.rotate(-1)
                     passed += 1
                     continue
@@ -266,6 +275,44 @@ class CountedPool(concurrent.futures.Executor):
                 work.future.cancel()
                 return
 
+    def holds(self, key: object) -> bool:
+        """True while work of the lane ``key`` is queued."""
+        return key in self._lanes
+
+    def resume_lane(self, key: object) -> None:
+        """Free threads take the queued work of the held stream ``key``, which stays
+        held: a thread done with one does not take the next but tells the stream
+        (:meth:`Holdable.fed`), whose loop starts more once it has queued the results
+        (threads outpace it). The stream calls this while its queue has room."""
+        while True:
+            with self._lock:
+                lane = self._lanes.get(key)
+                if self._shut or self._taken >= self.max_workers or lane is None:
+                    return
+                stream = lane.stream
+                work = lane.works.popleft()
+                if work.lane is None:  # cancelled while it waited: a live one is behind
+                    continue
+                work.lane = None
+                lane.live -= 1
+                if not lane.live:
+                    del self._lanes[key]
+                    self._turns.remove(lane)
+                self._taken += 1
+            done = self._done if stream is None else functools.partial(self._fed, stream)
+            try:
+                self._executor.submit(work.run).add_done_callback(done)
+            except RuntimeError:  # shut down meanwhile: it does not start
+                with self._lock:
+                    self._taken -= 1
+                    self._busy -= 1
+                work.future.cancel()
+                return
+
+    def _fed(self, stream: Holdable, future: object) -> None:
+        self._done(future)
+        stream.fed()
+
     def _dequeue(self, work: _Work[Any], _future: object) -> None:
         """Queued work's future is done: if it was cancelled while it waited, it leaves
         its lane (a lane with nothing live left leaves the turns)."""
@@ -279,6 +326,8 @@ class CountedPool(concurrent.futures.Executor):
             if not lane.live:
                 del self._lanes[lane.key]
                 self._turns.remove(lane)  # one entry per stream with work queued
+                if lane.stream is not None and lane.stream.calls_held:
+                    lane.stream.fed()  # its parked calls wait for this lane to empty
             elif len(lane.works) > 2 * lane.live + _COMPACT_OVER:  # amortized O(1)
                 lane.works = collections.deque(w for w in lane.works if w.lane is not None)
 

@@ -10,6 +10,7 @@ its own only if it has to wait) and answered. Nothing here waits on user code.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import types
@@ -109,6 +110,9 @@ class Receiver:
         calls_held: bool  # True while over max_queued_bytes
         held_pools: set[CountedPool]  # the pools that passed its calls by meanwhile
         _parked: collections.deque[tuple[pb.Call, bool]]
+        _unparking: bool
+        _queue_bytes: int
+        _message_bytes: int
         _peer_max_calls: int
         _peer_max_message: int
 
@@ -260,29 +264,40 @@ class Receiver:
             task.add_done_callback(self._one_way_tasks.discard)
 
     def _park(self, call: pb.Call, traced: bool) -> bool:
-        """The stream is over max_queued_bytes: a call that has not started waits (in
-        order, until the session's ``_start_parked``), so results beyond the limit come
-        only from calls already running. True if parked; a re-entrant call is not: a
-        call running on this side waits for it."""
+        """The stream is over max_queued_bytes (or draining back from it): a call
+        that has not started waits (in order, until :meth:`_start_parked`), so results
+        beyond the limit come only from calls already running. True if parked; a
+        re-entrant call is not: a call running on this side waits for it."""
         parent = call.parent_id
-        if parent and parent in self._sent:
+        if self._unparking or (parent and parent in self._sent):
             return False
         if not call.one_way:
             self._running[call.id] = None  # a Cancel from the peer takes it out
         self._parked.append((call, traced))
         return True
 
-    def _release_held(self) -> None:
-        """Back under max_queued_bytes (or ended): what waited starts again. Calls parked
-        meanwhile start at the next loop turn (not within the writer's step); until then
-        the stream stays held, so calls read in between park behind them, in order."""
+    def _feed_held(self) -> None:
+        """Held, its queue at most half the limit (the writer took a message, or a pool
+        thread finished work of this stream's): its calls queued in pools start on the
+        threads that are free, and parked ones start (next loop turn, not within the
+        writer's step) while the queue stays under half the limit. Once none is left
+        and the queue is empty, it is no longer held."""
+        if not self.calls_held or self._queued_bytes() > self._limits.max_queued_bytes // 2:
+            return
+        for pool in list(self.held_pools):
+            pool.resume_lane(self)
         if self._parked:
             self._loop.call_soon(self._start_parked)
-        else:
+        elif not self._queued_bytes() and not any(p.holds(self) for p in self.held_pools):
             self._resume_held()
 
+    def fed(self) -> None:
+        """A pool thread is free for this held stream's work (see Holdable.fed)."""
+        with contextlib.suppress(RuntimeError):  # the loop closed: nothing to start
+            self._loop.call_soon_threadsafe(self._feed_held)
+
     def _resume_held(self) -> None:
-        """The pools that passed this stream's queued calls by take them up."""
+        """No longer held: the pools that passed its queued calls by take them up."""
         self.calls_held = False  # before the pools are told: see CountedPool._take_next
         if self.held_pools:
             pools, self.held_pools = self.held_pools, set()
@@ -290,16 +305,26 @@ class Receiver:
                 pool.resume()
 
     def _start_parked(self) -> None:
-        """Start the parked calls in order, until one's result takes the stream over
-        the limit again (each result is queued as it comes: flush) or it ends."""
-        if not self._writable.is_set():
-            return  # held again meanwhile: the next drain comes back here
-        self._resume_held()  # the calls queued in pools first: they were read before
+        """Start the parked calls in order while the queue is at most half the limit
+        (each result is queued as it comes: flush), once the calls read before them,
+        queued in pools, have started."""
+        if not self.calls_held or any(pool.holds(self) for pool in self.held_pools):
+            return
+        half = self._limits.max_queued_bytes // 2
         parked = self._parked
-        while parked and not self.calls_held and self.cause is None:
-            call, traced = parked.popleft()
-            if call.one_way or call.id in self._running:  # else the peer cancelled it
-                self._start_serving(call, traced)
+        self._unparking = True  # _park lets them start
+        try:
+            while parked and self.cause is None and self._queued_bytes() <= half:
+                call, traced = parked.popleft()
+                if call.one_way or call.id in self._running:  # else the peer cancelled it
+                    self._start_serving(call, traced)
+        finally:
+            self._unparking = False
+        if not parked:
+            self._feed_held()
+
+    def _queued_bytes(self) -> int:
+        return self._queue_bytes + self._message_bytes
 
     def _answer(self, result: pb.Result | bytes, call_id: int = 0) -> None:
         """Send the Result of call ``call_id``: a message, or serialized already."""

@@ -128,6 +128,7 @@ class Session(Writer, Receiver, Calls, Multicasting):
         self.calls_held = False
         self.held_pools: set[CountedPool] = set()
         self._parked: collections.deque[tuple[pb.Call, bool]] = collections.deque()
+        self._unparking = False
         self._reader: asyncio.Task[Any] | None = None
         # a consumer weighs a Multicast's targets when it cuts what arrived into slices
         self._weigh_targets = connection.role is Role.CONSUMER
@@ -250,7 +251,7 @@ class Session(Writer, Receiver, Calls, Multicasting):
             )
         elif self._writable.is_set():
             self._writable.clear()
-            self.calls_held = True  # calls not started yet wait: see _release_held
+            self.calls_held = True  # calls not started yet wait: see _feed_held
             self._stall = self._loop.call_later(self._limits.max_write_stall, self._stalled)
             logger.info(
                 "%s reads slower than it asks: %d bytes queued for it, over the limit of %d "
@@ -342,7 +343,7 @@ class Session(Writer, Receiver, Calls, Multicasting):
         self._outgoing_parent.clear()
         self._writable.set()  # a reader held back by back-pressure sees the end
         self._parked.clear()  # never started: nothing to cancel
-        self._release_held()  # what the pools still hold was cancelled with its callers
+        self._resume_held()  # what the pools still hold was cancelled with its callers
         if self._stall is not None:
             self._stall.cancel()
             self._stall = None
