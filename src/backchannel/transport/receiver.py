@@ -277,11 +277,11 @@ class Receiver:
         return True
 
     def _feed_held(self) -> None:
-        """Held, its queue at most half the limit (the writer took a message, or a pool
-        thread finished work of this stream's): its calls queued in pools start on the
-        threads that are free, and parked ones start (next loop turn, not within the
-        writer's step) while the queue stays under half the limit. Once none is left
-        and the queue is empty, it is no longer held."""
+        """Held, its queue at most half the limit (the writer took a message), or empty
+        when a pool thread frees up: its calls queued in pools start on the threads
+        that are free, and parked ones start (next loop turn, not within the writer's
+        step) while the queue stays under half the limit. Once none is left and the
+        queue is empty, it is no longer held."""
         if not self.calls_held or self._queued_bytes() > self._limits.max_queued_bytes // 2:
             return
         for pool in list(self.held_pools):
@@ -294,7 +294,14 @@ class Receiver:
     def fed(self) -> None:
         """A pool thread is free for this held stream's work (see Holdable.fed)."""
         with contextlib.suppress(RuntimeError):  # the loop closed: nothing to start
-            self._loop.call_soon_threadsafe(self._feed_held)
+            self._loop.call_soon_threadsafe(self._fed)
+
+    def _fed(self) -> None:
+        # only with nothing queued: else the writer's next message feeds it, and the
+        # results of work done in threads may not be queued yet (threads outpace the
+        # loop): fed at the pace the peer reads, what they add stays bounded
+        if not self._queued_bytes():
+            self._feed_held()
 
     def _resume_held(self) -> None:
         """No longer held: the pools that passed its queued calls by take them up."""
