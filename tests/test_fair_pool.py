@@ -191,3 +191,71 @@ def test_shutdown_cancels_queued_work_in_every_lane() -> None:
     blocked.release()
     with pytest.raises(RuntimeError, match="after shutdown"):
         pool.submit(int)
+
+
+class Stream:
+    """A lane's key that may be held, as a session is while its peer reads too slowly."""
+
+    def __init__(self) -> None:
+        self.calls_held = False
+        self.held_pools: set[CountedPool] = set()
+        self.told = threading.Semaphore(0)  # a thread was free for its work
+
+    def fed(self) -> None:
+        self.told.release()
+
+    def release(self) -> None:
+        """As the session does once its queue drains: not held, then the pools told."""
+        self.calls_held = False
+        pools, self.held_pools = self.held_pools, set()
+        for pool in pools:
+            pool.resume()
+
+
+def test_a_held_streams_queued_work_waits_while_other_lanes_go_on() -> None:
+    """Work queued for a stream that is then held (over max_queued_bytes) is passed by:
+    other lanes' work takes the threads, the held work starts only once released, in
+    its order, on the threads that were left free meanwhile."""
+    pool = CountedPool(2, "test-fair", "exhausted")
+    held = Stream()
+    ran: list[str] = []
+    try:
+        blocked = Blocked(pool, 2)
+        mine = [pool.submit_to(held, ran.append, f"held{i}") for i in range(3)]
+        theirs = pool.submit_to("other", ran.append, "other")
+        held.calls_held = True
+        blocked.release()
+        theirs.result(5)
+        wait_until(lambda: pool.has_free_thread() and pool.busy == 3, 5, "threads freed")
+        assert ran == ["other"] and not any(future.done() for future in mine)
+        assert pool.queued == 3 and held.held_pools == {pool}
+        held.release()
+        concurrent.futures.wait(mine, 5)
+    finally:
+        pool.shutdown()
+    assert ran == ["other", "held0", "held1", "held2"]
+    assert pool.busy == 0 and pool.queued == 0
+
+
+def test_a_held_stream_fed_from_its_loop_takes_only_the_free_threads_once() -> None:
+    """While its queue drains back from the limit, a held stream's queued work starts
+    on the threads free at that moment (resume_lane), and a thread done with one does
+    not take the next: each result reaches the stream's loop before more start."""
+    pool = CountedPool(2, "test-fair", "exhausted")
+    held = Stream()
+    ran: list[int] = []
+    try:
+        blocked = Blocked(pool, 2)
+        mine = [pool.submit_to(held, ran.append, i) for i in range(5)]
+        held.calls_held = True
+        blocked.release()
+        wait_until(lambda: pool.busy == 5 and pool.has_free_thread(), 5, "threads freed")
+        pool.resume_lane(held)  # two free threads: two start, and no more
+        concurrent.futures.wait(mine[:2], 5)
+        wait_until(lambda: pool.busy == 3, 5, "the two done")
+        assert ran == [0, 1] and pool.queued == 3
+        held.release()
+        concurrent.futures.wait(mine, 5)
+    finally:
+        pool.shutdown()
+    assert ran == [0, 1, 2, 3, 4] and pool.busy == 0

@@ -927,6 +927,40 @@ async def _results_queued_at_once_past_the_limit_hold_calls_and_end_only_past_tw
     await peer.close()
 
 
+def test_calls_read_while_over_the_limit_start_only_once_the_queue_drains() -> None:
+    run(_calls_read_while_over_the_limit_start_only_once_the_queue_drains)
+
+
+async def _calls_read_while_over_the_limit_start_only_once_the_queue_drains(
+    loop: ClockLoop,
+) -> None:
+    peer, _released, _size = await _results_released_at_once(loop, {"first": 7, "late": 0})
+    assert not peer.session._writable.is_set()  # six results wait: over the limit
+    started: list[int] = []
+
+    async def late(call: pb.Call) -> pb.Value:
+        started.append(call.id)
+        return codec.NULL
+
+    peer.served.handler = late
+    # the reader was already waiting for a frame: the three calls of this one are read
+    # while over the limit, and wait; only results of calls already running may queue
+    for _ in range(3):
+        peer.connection.send_call(pb.Call(callback_id=5, method="late"), "token")
+    peer.inbox.put_nowait(parse_frame(wire.batch_frame(peer.connection.take_encoded())))
+    await turns(lambda: peer.inbox.empty(), "the batch read")
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert started == [] and len(peer.results) == 0
+    assert peer.gate is not None
+    peer.gate.set_result(None)  # the peer reads: the queue drains, the calls start
+    await turns(lambda: len(peer.results) == 10, "every call answered")
+    assert started == [8, 9, 10]  # in the order they came
+    assert [result.id for result in peer.results[7:]] == [8, 9, 10]
+    assert peer.session.cause is None and not peer.session._parked
+    await peer.close()
+
+
 def test_a_queue_drained_to_exactly_the_limit_reads_sends_and_stops_the_stall_timer() -> None:
     run(_a_queue_drained_to_exactly_the_limit_reads_sends_and_stops_the_stall_timer)
 

@@ -99,13 +99,16 @@ class Limits:
 
     ``max_queued_bytes`` bounds what one stream holds serialized or queued for writing
     (results, calls, every frame) while its peer does not read: past it this side stops
-    reading from that peer (no new calls are taken from it, new outgoing calls wait), and
-    reads again once the queue is back under it; past twice the limit (the results of
-    calls already running still queue), or when it stays over the limit for
-    ``max_write_stall`` seconds (a peer that stopped reading for good, or two peers each
-    waiting for the other to read), the stream is ended, the provider with status
-    ``RESOURCE_EXHAUSTED`` naming the limit. Other streams never notice. It must hold at
-    least one message of ``max_message_size``.
+    reading from that peer (no new calls are taken from it, new outgoing calls wait),
+    and reads again once the queue is back under it. Its calls that have not started
+    wait meanwhile (those queued for a thread, and those read already): they start a few
+    at a time, in order, once the queue is under half the limit, and as usual once none
+    waits and the queue is empty. Past twice the limit (the results of calls already
+    running still queue), or when it stays over the limit for ``max_write_stall``
+    seconds (a peer that stopped reading for good, or two peers each waiting for the
+    other to read), the stream is ended, the provider with status ``RESOURCE_EXHAUSTED``
+    naming the limit. Other streams never notice. It must hold at least one message of
+    ``max_message_size``.
 
     ``handshake_timeout`` and ``max_streams`` bound what a provider holds for consumers
     that connect and say nothing, or open stream after stream (a consumer ignores them);

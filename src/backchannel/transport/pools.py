@@ -14,6 +14,13 @@ thread that frees up takes the next work of the next lane in turn: a stream with
 calls queued gets one thread in turn like every other, so another stream's call starts
 when the next thread frees up, not after the 400. Each lane keeps its order.
 
+A stream whose peer reads slower than it asks (over ``max_queued_bytes``) is *held*: its
+calls that have not started do not start until its queue drains. A thread that frees
+up passes its lane by (other streams' work goes on) and tells the stream, which, while
+its queue has room, has the free threads take its work (:meth:`CountedPool.resume_lane`),
+a thread done with one telling it again rather than taking the next: threads outpace
+the event loop that queues their results. Released, its lane takes turns again.
+
 :class:`concurrent.futures.ThreadPoolExecutor` neither shares its threads between
 streams nor says when its work starts to queue; :class:`CountedPool` does both, and
 logs the queueing once with the keyword to raise.
@@ -27,7 +34,7 @@ import functools
 import logging
 import threading
 from collections.abc import Callable
-from typing import Any, Generic, ParamSpec, Protocol, TypeVar
+from typing import Any, Generic, ParamSpec, Protocol, TypeVar, cast
 
 from backchannel.v1 import envelope_pb2 as pb
 
@@ -47,6 +54,22 @@ class Awaiting(Protocol):
 
     def awaits(self, call_id: int) -> bool:
         """True while this side waits for the answer to its outgoing call ``call_id``."""
+        ...
+
+
+class Holdable(Protocol):
+    """A lane's key whose work may be held back: the session of a stream that may go
+    over ``max_queued_bytes``."""
+
+    #: True while the stream's calls that have not started must wait
+    calls_held: bool
+    #: the pools that passed its lane by while it was held: told when it no longer is
+    held_pools: set[CountedPool]
+
+    def fed(self) -> None:
+        """A pool thread is free (it finished work of this stream's, or passed its
+        lane by), or the lane emptied (called in any thread): the stream may start
+        more of its work, with :meth:`CountedPool.resume_lane`, if its queue has room."""
         ...
 
 
@@ -83,10 +106,12 @@ class _Work(Generic[T]):
 class _Lane:
     """One stream's queued work, in arrival order; ``live`` counts what is not cancelled."""
 
-    __slots__ = ("key", "live", "works")
+    __slots__ = ("key", "live", "stream", "works")
 
     def __init__(self, key: object) -> None:
         self.key = key
+        # the stream that may be held, when the key is one
+        self.stream = cast("Holdable", key) if hasattr(key, "calls_held") else None
         self.works: collections.deque[_Work[Any]] = collections.deque()
         self.live = 0
 
@@ -203,10 +228,20 @@ class CountedPool(concurrent.futures.Executor):
 
     def _take_next(self) -> _Work[Any] | None:
         """Under the lock: the oldest live work of the lane whose turn it is, out of its
-        lane, or None when no work waits."""
+        lane, or None when no work waits. A held stream's lane is passed by (it goes to
+        the back of the turns) and the stream told (it may feed this pool its work)."""
         turns = self._turns
-        while turns:
+        passed = 0
+        while len(turns) > passed:
             lane = turns[0]
+            stream = lane.stream
+            if stream is not None and stream.calls_held:
+                stream.held_pools.add(self)
+                if stream.calls_held:  # read again: released in between, it saw no pool
+                    stream.fed()  # this thread is free: the stream may have room for it
+                    turns.rotate(-1)
+                    passed += 1
+                    continue
             work = lane.works.popleft()
             if work.lane is None:  # cancelled while it waited: a live one is behind
                 continue
@@ -219,6 +254,64 @@ class CountedPool(concurrent.futures.Executor):
                 del self._lanes[lane.key]
             return work
         return None
+
+    def resume(self) -> None:
+        """A held stream was released: free threads take its queued work (and any other
+        lane's) as they would have, had it not been held."""
+        while True:
+            with self._lock:
+                if self._shut or self._taken >= self.max_workers:
+                    return
+                work = self._take_next()
+                if work is None:
+                    return
+                self._taken += 1
+            try:
+                self._executor.submit(work.run).add_done_callback(self._done)
+            except RuntimeError:  # shut down meanwhile: it does not start
+                with self._lock:
+                    self._taken -= 1
+                    self._busy -= 1
+                work.future.cancel()
+                return
+
+    def holds(self, key: object) -> bool:
+        """True while work of the lane ``key`` is queued."""
+        return key in self._lanes
+
+    def resume_lane(self, key: object) -> None:
+        """Free threads take the queued work of the held stream ``key``, which stays
+        held: a thread done with one does not take the next but tells the stream
+        (:meth:`Holdable.fed`), whose loop starts more once it has queued the results
+        (threads outpace it). The stream calls this while its queue has room."""
+        while True:
+            with self._lock:
+                lane = self._lanes.get(key)
+                if self._shut or self._taken >= self.max_workers or lane is None:
+                    return
+                stream = lane.stream
+                work = lane.works.popleft()
+                if work.lane is None:  # cancelled while it waited: a live one is behind
+                    continue
+                work.lane = None
+                lane.live -= 1
+                if not lane.live:
+                    del self._lanes[key]
+                    self._turns.remove(lane)
+                self._taken += 1
+            done = self._done if stream is None else functools.partial(self._fed, stream)
+            try:
+                self._executor.submit(work.run).add_done_callback(done)
+            except RuntimeError:  # shut down meanwhile: it does not start
+                with self._lock:
+                    self._taken -= 1
+                    self._busy -= 1
+                work.future.cancel()
+                return
+
+    def _fed(self, stream: Holdable, future: object) -> None:
+        self._done(future)
+        stream.fed()
 
     def _dequeue(self, work: _Work[Any], _future: object) -> None:
         """Queued work's future is done: if it was cancelled while it waited, it leaves
@@ -233,6 +326,8 @@ class CountedPool(concurrent.futures.Executor):
             if not lane.live:
                 del self._lanes[lane.key]
                 self._turns.remove(lane)  # one entry per stream with work queued
+                if lane.stream is not None and lane.stream.calls_held:
+                    lane.stream.fed()  # its parked calls wait for this lane to empty
             elif len(lane.works) > 2 * lane.live + _COMPACT_OVER:  # amortized O(1)
                 lane.works = collections.deque(w for w in lane.works if w.lane is not None)
 

@@ -10,6 +10,7 @@ its own only if it has to wait) and answered. Nothing here waits on user code.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import types
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
     from backchannel.settings import Limits
     from backchannel.transport.outgoing import Outgoing
     from backchannel.transport.peerlog import PeerLog
+    from backchannel.transport.pools import CountedPool
     from backchannel.wire.protocol import Connection
     from backchannel.wire.slices import Piece
 
@@ -105,6 +107,12 @@ class Receiver:
         _limits: Limits
         _send_tracebacks: bool
         _writable: asyncio.Event
+        calls_held: bool  # True while over max_queued_bytes
+        held_pools: set[CountedPool]  # the pools that passed its calls by meanwhile
+        _parked: collections.deque[tuple[pb.Call, bool]]
+        _unparking: bool
+        _queue_bytes: int
+        _message_bytes: int
         _peer_max_calls: int
         _peer_max_message: int
 
@@ -233,6 +241,8 @@ class Receiver:
     def _start_serving(self, call: pb.Call, traced: bool) -> None:
         """Run an incoming call eagerly: its first step runs now, in a context of its own,
         and only a call that has to wait gets a task (most calls finish in one step)."""
+        if self.calls_held and self._park(call, traced):
+            return
         if not call.one_way:
             self._running[call.id] = None
         context = contextvars.copy_context()
@@ -252,6 +262,76 @@ class Receiver:
         elif call.one_way:
             self._one_way_tasks.add(task)
             task.add_done_callback(self._one_way_tasks.discard)
+
+    def _park(self, call: pb.Call, traced: bool) -> bool:
+        """The stream is over max_queued_bytes (or draining back from it): a call
+        that has not started waits (in order, until :meth:`_start_parked`), so results
+        beyond the limit come only from calls already running. True if parked; a
+        re-entrant call is not: a call running on this side waits for it."""
+        parent = call.parent_id
+        if self._unparking or (parent and parent in self._sent):
+            return False
+        if not call.one_way:
+            self._running[call.id] = None  # a Cancel from the peer takes it out
+        self._parked.append((call, traced))
+        return True
+
+    def _feed_held(self) -> None:
+        """Held, its queue at most half the limit (the writer took a message), or empty
+        when a pool thread frees up: its calls queued in pools start on the threads
+        that are free, and parked ones start (next loop turn, not within the writer's
+        step) while the queue stays under half the limit. Once none is left and the
+        queue is empty, it is no longer held."""
+        if not self.calls_held or self._queued_bytes() > self._limits.max_queued_bytes // 2:
+            return
+        for pool in list(self.held_pools):
+            pool.resume_lane(self)
+        if self._parked:
+            self._loop.call_soon(self._start_parked)
+        elif not self._queued_bytes() and not any(p.holds(self) for p in self.held_pools):
+            self._resume_held()
+
+    def fed(self) -> None:
+        """A pool thread is free for this held stream's work (see Holdable.fed)."""
+        with contextlib.suppress(RuntimeError):  # the loop closed: nothing to start
+            self._loop.call_soon_threadsafe(self._fed)
+
+    def _fed(self) -> None:
+        # only with nothing queued: else the writer's next message feeds it, and the
+        # results of work done in threads may not be queued yet (threads outpace the
+        # loop): fed at the pace the peer reads, what they add stays bounded
+        if not self._queued_bytes():
+            self._feed_held()
+
+    def _resume_held(self) -> None:
+        """No longer held: the pools that passed its queued calls by take them up."""
+        self.calls_held = False  # before the pools are told: see CountedPool._take_next
+        if self.held_pools:
+            pools, self.held_pools = self.held_pools, set()
+            for pool in pools:
+                pool.resume()
+
+    def _start_parked(self) -> None:
+        """Start the parked calls in order while the queue is at most half the limit
+        (each result is queued as it comes: flush), once the calls read before them,
+        queued in pools, have started."""
+        if not self.calls_held or any(pool.holds(self) for pool in self.held_pools):
+            return
+        half = self._limits.max_queued_bytes // 2
+        parked = self._parked
+        self._unparking = True  # _park lets them start
+        try:
+            while parked and self.cause is None and self._queued_bytes() <= half:
+                call, traced = parked.popleft()
+                if call.one_way or call.id in self._running:  # else the peer cancelled it
+                    self._start_serving(call, traced)
+        finally:
+            self._unparking = False
+        if not parked:
+            self._feed_held()
+
+    def _queued_bytes(self) -> int:
+        return self._queue_bytes + self._message_bytes
 
     def _answer(self, result: pb.Result | bytes, call_id: int = 0) -> None:
         """Send the Result of call ``call_id``: a message, or serialized already."""

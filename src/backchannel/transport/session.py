@@ -43,6 +43,7 @@ from backchannel.transport.multicasting import Multicasting
 from backchannel.transport.outgoing import COMPACT_WAITING_AT, Calls
 from backchannel.transport.outgoing import Outgoing as Outgoing  # re-exported
 from backchannel.transport.peerlog import PeerLog
+from backchannel.transport.pools import CountedPool
 from backchannel.transport.receiver import (
     Dispatcher,
     Receiver,
@@ -123,6 +124,11 @@ class Session(Writer, Receiver, Calls, Multicasting):
         # set while they are under max_queued_bytes: the reader reads and calls are sent
         self._writable = asyncio.Event()
         self._writable.set()
+        # while over max_queued_bytes: calls not started wait (see Receiver._park)
+        self.calls_held = False
+        self.held_pools: set[CountedPool] = set()
+        self._parked: collections.deque[tuple[pb.Call, bool]] = collections.deque()
+        self._unparking = False
         self._reader: asyncio.Task[Any] | None = None
         # a consumer weighs a Multicast's targets when it cuts what arrived into slices
         self._weigh_targets = connection.role is Role.CONSUMER
@@ -245,6 +251,7 @@ class Session(Writer, Receiver, Calls, Multicasting):
             )
         elif self._writable.is_set():
             self._writable.clear()
+            self.calls_held = True  # calls not started yet wait: see _feed_held
             self._stall = self._loop.call_later(self._limits.max_write_stall, self._stalled)
             logger.info(
                 "%s reads slower than it asks: %d bytes queued for it, over the limit of %d "
@@ -335,6 +342,8 @@ class Session(Writer, Receiver, Calls, Multicasting):
         self._deadlines.close()
         self._outgoing_parent.clear()
         self._writable.set()  # a reader held back by back-pressure sees the end
+        self._parked.clear()  # never started: nothing to cancel
+        self._resume_held()  # what the pools still hold was cancelled with its callers
         if self._stall is not None:
             self._stall.cancel()
             self._stall = None

@@ -67,10 +67,12 @@ class Writer:
         _handling: bool
         _peer_max_message: int
         _writable: asyncio.Event
+        calls_held: bool
         _stall: asyncio.TimerHandle | None
         _waiting: collections.deque[Outgoing]
 
         def _over_limit(self) -> None: ...
+        def _feed_held(self) -> None: ...
         def _write_failed(self, exc: BaseException) -> None: ...
         def _admit(self) -> None: ...
 
@@ -126,7 +128,7 @@ class Writer:
                 self._message_bytes = sum(map(len, self._messages))
             message = self._messages.popleft()
             self._message_bytes -= len(message)
-            if not self._writable.is_set():
+            if self.calls_held:  # over the limit, or draining back from it
                 self._drained_some()
             writing = self._write(message)
             try:
@@ -146,14 +148,22 @@ class Writer:
             return
 
     def _drained_some(self) -> None:
-        """The writer took a message: back under max_queued_bytes, read and send again."""
-        if self._queue_bytes + self._message_bytes <= self._limits.max_queued_bytes:
+        """The writer took a message while calls are held: back under max_queued_bytes,
+        read and send again; under half of it, calls not started yet start a few at a
+        time; once the queue is empty, they are no longer held."""
+        queued = self._queue_bytes + self._message_bytes
+        limit = self._limits.max_queued_bytes
+        if queued > limit:
+            return
+        if not self._writable.is_set():
             self._writable.set()
             if self._stall is not None:
                 self._stall.cancel()
                 self._stall = None
             if self._waiting:  # not from here: sending one would start a second write
                 self._loop.call_soon(self._admit)
+        if queued <= limit // 2:
+            self._feed_held()
 
     def _written(self, exc: BaseException | None) -> None:
         """A write ended. The next one starts at the end of this loop turn, so what the
