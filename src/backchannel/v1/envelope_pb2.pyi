@@ -101,24 +101,45 @@ class ServiceInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., group: _Optional[str] = ..., version: _Optional[str] = ..., methods: _Optional[_Iterable[_Union[MethodInfo, _Mapping]]] = ..., callbacks: _Optional[int] = ...) -> None: ...
 
 class MethodInfo(_message.Message):
-    __slots__ = ("name", "parameters", "required", "callback_arguments", "remover_arguments", "one_way")
+    __slots__ = ("name", "parameters", "required", "callback_arguments", "remover_arguments", "one_way", "parameter_types", "callback_interfaces")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     REQUIRED_FIELD_NUMBER: _ClassVar[int]
     CALLBACK_ARGUMENTS_FIELD_NUMBER: _ClassVar[int]
     REMOVER_ARGUMENTS_FIELD_NUMBER: _ClassVar[int]
     ONE_WAY_FIELD_NUMBER: _ClassVar[int]
+    PARAMETER_TYPES_FIELD_NUMBER: _ClassVar[int]
+    CALLBACK_INTERFACES_FIELD_NUMBER: _ClassVar[int]
     name: str
     parameters: _containers.RepeatedScalarFieldContainer[str]
     required: int
     callback_arguments: _containers.RepeatedScalarFieldContainer[int]
     remover_arguments: _containers.RepeatedScalarFieldContainer[int]
     one_way: bool
-    def __init__(self, name: _Optional[str] = ..., parameters: _Optional[_Iterable[str]] = ..., required: _Optional[int] = ..., callback_arguments: _Optional[_Iterable[int]] = ..., remover_arguments: _Optional[_Iterable[int]] = ..., one_way: _Optional[bool] = ...) -> None: ...
+    parameter_types: _containers.RepeatedScalarFieldContainer[str]
+    callback_interfaces: _containers.RepeatedCompositeFieldContainer[CallbackInterface]
+    def __init__(self, name: _Optional[str] = ..., parameters: _Optional[_Iterable[str]] = ..., required: _Optional[int] = ..., callback_arguments: _Optional[_Iterable[int]] = ..., remover_arguments: _Optional[_Iterable[int]] = ..., one_way: _Optional[bool] = ..., parameter_types: _Optional[_Iterable[str]] = ..., callback_interfaces: _Optional[_Iterable[_Union[CallbackInterface, _Mapping]]] = ...) -> None: ...
+
+class CallbackInterface(_message.Message):
+    __slots__ = ("argument", "name", "methods")
+    ARGUMENT_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    METHODS_FIELD_NUMBER: _ClassVar[int]
+    argument: int
+    name: str
+    methods: _containers.RepeatedCompositeFieldContainer[MethodInfo]
+    def __init__(self, argument: _Optional[int] = ..., name: _Optional[str] = ..., methods: _Optional[_Iterable[_Union[MethodInfo, _Mapping]]] = ...) -> None: ...
 
 class Call(_message.Message):
-    __slots__ = ("id", "service", "group", "version", "method", "args", "callback_id", "parent_id", "one_way", "json_args", "trace_context")
+    __slots__ = ("id", "service", "group", "version", "method", "args", "callback_id", "parent_id", "one_way", "json_args", "trace_context", "attachments")
     class TraceContextEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class AttachmentsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -136,6 +157,7 @@ class Call(_message.Message):
     ONE_WAY_FIELD_NUMBER: _ClassVar[int]
     JSON_ARGS_FIELD_NUMBER: _ClassVar[int]
     TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    ATTACHMENTS_FIELD_NUMBER: _ClassVar[int]
     id: int
     service: str
     group: str
@@ -147,7 +169,8 @@ class Call(_message.Message):
     one_way: bool
     json_args: str
     trace_context: _containers.ScalarMap[str, str]
-    def __init__(self, id: _Optional[int] = ..., service: _Optional[str] = ..., group: _Optional[str] = ..., version: _Optional[str] = ..., method: _Optional[str] = ..., args: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., callback_id: _Optional[int] = ..., parent_id: _Optional[int] = ..., one_way: _Optional[bool] = ..., json_args: _Optional[str] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    attachments: _containers.ScalarMap[str, str]
+    def __init__(self, id: _Optional[int] = ..., service: _Optional[str] = ..., group: _Optional[str] = ..., version: _Optional[str] = ..., method: _Optional[str] = ..., args: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., callback_id: _Optional[int] = ..., parent_id: _Optional[int] = ..., one_way: _Optional[bool] = ..., json_args: _Optional[str] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., attachments: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class Multicast(_message.Message):
     __slots__ = ("call", "targets")
