@@ -30,6 +30,10 @@ lint: venv
 
 typecheck: venv
 	$(BIN)/mypy
+	# the typed example (docs/typing.md): its generated stub up to date, and both checkers
+	$(BIN)/backchannel stubs --check examples/typed/prices.py
+	$(BIN)/mypy --strict examples/typed
+	$(BIN)/basedpyright --pythonpath $(BIN)/python examples/typed
 
 # the registry tests run a real ZooKeeper: Debian's package, installed here when we can
 ZOOKEEPER_JAR := /usr/share/java/zookeeper.jar

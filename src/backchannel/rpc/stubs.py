@@ -109,7 +109,7 @@ def render(source: str, module: ModuleType, filename: str) -> str:
         raise ValueError(f"{filename}: no class declared with @backchannel.interface")
     imports, body = _Imports(), []
     for node in tree.body:
-        body.extend(_statement(node, interfaces, imports))
+        body.extend(_statement(node, interfaces, imports, source))
     head = [*imports.lines, *imports.needed()]
     return _HEADER.format(source=filename) + "\n".join([*head, "", *body]) + "\n"
 
@@ -131,7 +131,7 @@ class _Imports:
         self.protocol = False
         self.backchannel = False
 
-    def add(self, node: ast.Import | ast.ImportFrom) -> None:
+    def add(self, node: ast.Import | ast.ImportFrom, text: str) -> None:
         if isinstance(node, ast.ImportFrom):
             if node.module == "__future__":
                 return
@@ -139,7 +139,7 @@ class _Imports:
                 self.protocol |= any(a.name == "Protocol" and not a.asname for a in node.names)
         else:
             self.backchannel |= any(a.name == "backchannel" and not a.asname for a in node.names)
-        self.lines.append(ast.unparse(node))
+        self.lines.append(text)
 
     def needed(self) -> list[str]:
         return [
@@ -148,25 +148,31 @@ class _Imports:
         ]
 
 
-def _statement(node: ast.stmt, interfaces: set[str], imports: _Imports) -> list[str]:
+def _statement(node: ast.stmt, interfaces: set[str], imports: _Imports, source: str) -> list[str]:
     """The stub lines of one top-level statement (its imports go to ``imports``)."""
     if isinstance(node, ast.Import | ast.ImportFrom):
-        imports.add(node)
+        imports.add(node, _segment(source, node))
     elif isinstance(node, ast.If) and _is_type_checking(node.test):
         for inner in node.body:
             if isinstance(inner, ast.Import | ast.ImportFrom):
-                imports.add(inner)
+                imports.add(inner, _segment(source, inner))
     elif isinstance(node, ast.ClassDef) and node.name in interfaces:
         return _interface(node, interfaces)
     elif isinstance(node, ast.ClassDef):
         return _class(node)
     elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
-        return [*_decorators(node), _signature(node)]
+        return ["", *_decorators(node), *_signature(node)]
     elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
         return [f"{node.target.id}: {ast.unparse(node.annotation)}"]
     elif isinstance(node, ast.Assign):
-        return [ast.unparse(node)]  # TypeVars, aliases, constants: as written
+        return [_segment(source, node)]  # TypeVars, aliases, constants: as written
     return []  # docstrings, `if __name__ == "__main__":` and the like: not declarations
+
+
+def _segment(source: str, node: ast.stmt) -> str:
+    """The statement as written (for an import inside ``if TYPE_CHECKING:``, dedented)."""
+    text = ast.get_source_segment(source, node)
+    return ast.unparse(node) if text is None else text
 
 
 def _is_type_checking(test: ast.expr) -> bool:
@@ -185,12 +191,16 @@ def _interface(node: ast.ClassDef, interfaces: set[str]) -> list[str]:
     sync = [
         "",
         f"class {node.name}({', '.join([*bases, f'backchannel.Interface[{twin}]'])}):",
-        *(f"    {_signature(_widened(m, interfaces))}" for m in methods),
+        *(line for m in methods for line in _signature(_widened(m, interfaces), indent="    ")),
     ]
     asynchronous = [
         "",
         f"class {twin}(Protocol):",
-        *(f"    {_signature(_widened(m, interfaces), asynchronous=True)}" for m in methods),
+        *(
+            line
+            for m in methods
+            for line in _signature(_widened(m, interfaces), asynchronous=True, indent="    ")
+        ),
     ]
     if not methods:
         sync.append("    ...")
@@ -237,7 +247,7 @@ def _class(node: ast.ClassDef) -> list[str]:
     ]
     for item in node.body:
         if isinstance(item, ast.FunctionDef | ast.AsyncFunctionDef):
-            lines += [f"    {d}" for d in _decorators(item)] + [f"    {_signature(item)}"]
+            lines += [f"    {d}" for d in _decorators(item)] + _signature(item, indent="    ")
         elif isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name):
             lines.append(f"    {item.target.id}: {ast.unparse(item.annotation)}")
     if len(lines) == 2 + len(node.decorator_list):
@@ -250,21 +260,54 @@ def _decorators(node: ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef) -> 
 
 
 def _signature(
-    function: ast.FunctionDef | ast.AsyncFunctionDef, *, asynchronous: bool | None = None
-) -> str:
-    """``def name(params) -> returns: ...`` on one line; defaults other than plain
-    constants are written ``...``, as stubs do."""
-    arguments = function.args
-    arguments.defaults = [_default(d) for d in arguments.defaults]
-    arguments.kw_defaults = [None if d is None else _default(d) for d in arguments.kw_defaults]
+    function: ast.FunctionDef | ast.AsyncFunctionDef,
+    *,
+    asynchronous: bool | None = None,
+    indent: str = "",
+) -> list[str]:
+    """``def name(params) -> returns: ...``, on one line when it fits in 100 columns, else
+    one parameter a line (as ruff formats it); defaults other than short constants are
+    written ``...``, as stubs do."""
     if asynchronous is None:
         asynchronous = isinstance(function, ast.AsyncFunctionDef)
     returns = f" -> {ast.unparse(function.returns)}" if function.returns is not None else ""
-    keyword = "async def" if asynchronous else "def"
-    return f"{keyword} {function.name}({ast.unparse(arguments)}){returns}: ..."
+    head = f"{indent}{'async def' if asynchronous else 'def'} {function.name}("
+    parameters = _parameters(function.args)
+    line = f"{head}{', '.join(parameters)}){returns}: ..."
+    if len(line) <= 100:
+        return [line]
+    return [head, *(f"{indent}    {p}," for p in parameters), f"{indent}){returns}: ..."]
 
 
-def _default(value: ast.expr) -> ast.expr:
-    if isinstance(value, ast.Constant) and (value.value is None or len(repr(value.value)) < 40):
-        return value
-    return ast.Constant(...)
+def _parameters(arguments: ast.arguments) -> list[str]:
+    """Each parameter as written in a signature, with ``/``, ``*``, ``*args``, ``**kw``."""
+    positional = [*arguments.posonlyargs, *arguments.args]
+    defaults: list[ast.expr | None] = [None] * (len(positional) - len(arguments.defaults))
+    defaults += arguments.defaults
+    texts = [_parameter(a, d) for a, d in zip(positional, defaults, strict=True)]
+    if arguments.posonlyargs:
+        texts.insert(len(arguments.posonlyargs), "/")
+    if arguments.vararg is not None:
+        texts.append("*" + _parameter(arguments.vararg, None))
+    elif arguments.kwonlyargs:
+        texts.append("*")
+    texts += [
+        _parameter(a, d) for a, d in zip(arguments.kwonlyargs, arguments.kw_defaults, strict=True)
+    ]
+    if arguments.kwarg is not None:
+        texts.append("**" + _parameter(arguments.kwarg, None))
+    return texts
+
+
+def _parameter(arg: ast.arg, default: ast.expr | None) -> str:
+    if arg.annotation is None:
+        return arg.arg if default is None else f"{arg.arg}={_default(default)}"
+    text = f"{arg.arg}: {ast.unparse(arg.annotation)}"
+    return text if default is None else f"{text} = {_default(default)}"
+
+
+def _default(value: ast.expr) -> str:
+    """A short constant as itself; anything else ``...``."""
+    if isinstance(value, ast.Constant) and len(repr(value.value)) < 40:
+        return ast.unparse(value)
+    return "..."
