@@ -297,6 +297,8 @@ def test_the_typed_examples_stub_is_up_to_date(capsys: pytest.CaptureFixture[str
         ("nothing.py", None, "nothing.py: no such file"),
         ("no_such_module_here", None, "no_such_module_here: no such module"),
         ("plain.py", "class A:\n    def f(self) -> None: ...\n", "no class declared with"),
+        ("broken.py", "import no_such_dependency\n", "importing it failed: ModuleNotFoundError"),
+        ("syntax.py", "def (:\n", "importing it failed: SyntaxError"),
     ],
 )
 def test_stubs_of_what_declares_no_interface_is_a_one_line_error(
@@ -374,13 +376,14 @@ def test_the_typed_example_runs_with_both_clients_and_both_kinds_of_listener(
     finally:
         provider.kill()
         provider.wait(WAIT)
-    assert done.returncode == 0, done.stderr
+    said = f"consumer's stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
+    assert done.returncode == 0, said
     out = done.stdout.splitlines()
     for who in ("sync client, def", "sync client, async def"):
-        assert f"{who} listener: ACME 1.5" in out
+        assert f"{who} listener: ACME 1.5" in out, said
     for who in ("async client, def", "async client, async def"):
-        assert f"{who} listener: ACME 2.5" in out
+        assert f"{who} listener: ACME 2.5" in out, said
     # each publish reached the two listeners of the consumer that made it; the sync
     # client's, gone with it, were dropped when the asyncio client's publish failed them
-    assert "sync client: delivered to 2, symbols ['ACME']" in out
-    assert "async client: delivered to 2, symbols ['ACME']" in out
+    assert "sync client: delivered to 2, symbols ['ACME']" in out, said
+    assert "async client: delivered to 2, symbols ['ACME']" in out, said

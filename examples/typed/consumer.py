@@ -10,10 +10,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import threading
 
 from prices import PriceFeed, PriceListener
 
 import backchannel
+
+_printing = threading.Lock()  # listeners run at once, on the loop and in the thread pool
+
+
+def say(line: str) -> None:
+    """Print one whole line, never interleaved with another listener's."""
+    with _printing:
+        print(line, flush=True)
 
 
 class Printer(PriceListener):
@@ -25,7 +34,7 @@ class Printer(PriceListener):
 
     def price(self, symbol: str, value: float) -> None:
         self.received.append((symbol, value))
-        print(f"{self.name}: {symbol} {value}", flush=True)
+        say(f"{self.name}: {symbol} {value}")
 
 
 class AsyncPrinter:
@@ -39,7 +48,7 @@ class AsyncPrinter:
 
     async def price(self, symbol: str, value: float) -> None:
         self.received.append((symbol, value))
-        print(f"{self.name}: {symbol} {value}", flush=True)
+        say(f"{self.name}: {symbol} {value}")
 
 
 def with_client(address: str) -> int:
@@ -50,7 +59,7 @@ def with_client(address: str) -> int:
         feed.subscribe("ACME", AsyncPrinter("sync client, async def listener"))
         delivered: int = feed.publish("ACME", 1.5)
         symbols: list[str] = feed.symbols()
-        print(f"sync client: delivered to {delivered}, symbols {symbols}", flush=True)
+        say(f"sync client: delivered to {delivered}, symbols {symbols}")
         return delivered
 
 
@@ -62,7 +71,7 @@ async def with_async_client(address: str) -> int:
         await feed.subscribe("ACME", Printer("async client, def listener"))
         delivered: int = await feed.publish("ACME", 2.5)
         symbols: list[str] = await feed.symbols()
-        print(f"async client: delivered to {delivered}, symbols {symbols}", flush=True)
+        say(f"async client: delivered to {delivered}, symbols {symbols}")
         return delivered
 
 

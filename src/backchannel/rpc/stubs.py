@@ -70,31 +70,44 @@ def run(target: str, *, check: bool = False) -> int:
 
 
 def load(target: str) -> tuple[ModuleType, Path]:
-    """Import ``target`` (a module name, or a path to a .py file); it and its source file."""
-    if target.endswith(".py") or "/" in target:
-        path = Path(target).resolve()
-        if not path.is_file():
-            raise ValueError(f"{target}: no such file")
-        name = path.stem
-        if str(path.parent) not in sys.path:  # its sibling modules import as they do at home
-            sys.path.insert(0, str(path.parent))
-        spec = importlib.util.spec_from_file_location(name, path)
-        if spec is None or spec.loader is None:
-            raise ValueError(f"{target}: not a Python module")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # for the annotations of dataclasses and the like
-        spec.loader.exec_module(module)
-    else:
-        if "" not in sys.path and "." not in sys.path:  # as `python -m` would find it
-            sys.path.insert(0, "")
-        try:
-            module = importlib.import_module(target)
-        except ModuleNotFoundError as exc:
-            raise ValueError(f"{target}: no such module ({exc})") from None
+    """Import ``target`` (a module name, or a path to a .py file); it and its source file.
+
+    A module that is not there, or fails to import, is a ValueError saying so."""
+    try:
+        module = _import(target)
+    except ValueError:
+        raise
+    except Exception as exc:  # its own code failed: say how, in one line
+        raise ValueError(f"{target}: importing it failed: {type(exc).__name__}: {exc}") from None
     source = getattr(module, "__file__", None)
     if not source or not source.endswith(".py"):
         raise ValueError(f"{target}: has no .py source file to write a stub beside")
     return module, Path(source)
+
+
+def _import(target: str) -> ModuleType:
+    if target.endswith(".py") or "/" in target:
+        path = Path(target).resolve()
+        if not path.is_file():
+            raise ValueError(f"{target}: no such file")
+        if str(path.parent) not in sys.path:  # its sibling modules import as they do at home
+            sys.path.insert(0, str(path.parent))
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        if spec is None or spec.loader is None:
+            raise ValueError(f"{target}: not a Python module")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[path.stem] = module  # for the annotations of dataclasses and the like
+        spec.loader.exec_module(module)
+        return module
+    if "" not in sys.path and "." not in sys.path:  # as `python -m` would find it
+        sys.path.insert(0, "")
+    try:
+        found = importlib.util.find_spec(target)
+    except ModuleNotFoundError:  # a parent package is missing
+        found = None
+    if found is None:
+        raise ValueError(f"{target}: no such module (give a module name or a .py file)")
+    return importlib.import_module(target)
 
 
 def render(source: str, module: ModuleType, filename: str) -> str:
