@@ -28,8 +28,13 @@ lint: venv
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports  # the layers and no cycles: [tool.importlinter] in pyproject.toml
 
+# src/ under mypy --strict; then the typed example (docs/typing.md): its generated stub up
+# to date, and both type checkers an app of backchannel's is promised to pass
 typecheck: venv
 	$(BIN)/mypy
+	$(BIN)/backchannel stubs --check examples/typed/prices.py
+	$(BIN)/mypy --strict examples/typed
+	$(BIN)/basedpyright --pythonpath $(BIN)/python examples/typed
 
 # the registry tests run a real ZooKeeper: Debian's package, installed here when we can
 ZOOKEEPER_JAR := /usr/share/java/zookeeper.jar

@@ -44,8 +44,8 @@ if TYPE_CHECKING:
         UnknownCallback,
     )
     from backchannel.rpc.exports import DEFAULT_CALLBACK_LIMIT
-    from backchannel.rpc.gather import gather
-    from backchannel.rpc.interface import Argument, Method, interface, method
+    from backchannel.rpc.gather import gather, gather_each
+    from backchannel.rpc.interface import Argument, Interface, Method, interface, method
     from backchannel.rpc.provider_callbacks import ReverseProxy
     from backchannel.server import AsyncServer, Server
     from backchannel.settings import DEFAULT_TIMEOUT, Keepalive, Limits
@@ -72,6 +72,7 @@ _HOMES = {
     "DeadlineExceeded": "backchannel.errors",
     "DecodeError": "backchannel.errors",
     "EncodeError": "backchannel.errors",
+    "Interface": "backchannel.rpc.interface",
     "InvalidArguments": "backchannel.errors",
     "Keepalive": "backchannel.settings",
     "Limits": "backchannel.settings",
@@ -94,6 +95,7 @@ _HOMES = {
     "bearer_tokens": "backchannel.transport.auth",
     "current_identity": "backchannel.transport.auth",
     "gather": "backchannel.rpc.gather",
+    "gather_each": "backchannel.rpc.gather",
     "interface": "backchannel.rpc.interface",
     "load_config": "backchannel.config",
     "method": "backchannel.rpc.interface",
@@ -144,6 +146,7 @@ __all__ = [
     "DeadlineExceeded",
     "DecodeError",
     "EncodeError",
+    "Interface",
     "InvalidArguments",
     "Keepalive",
     "Limits",
@@ -166,6 +169,7 @@ __all__ = [
     "bearer_tokens",
     "current_identity",
     "gather",
+    "gather_each",
     "interface",
     "load_config",
     "method",

@@ -144,6 +144,9 @@ def _parser() -> argparse.ArgumentParser:
                 help="what every callback returns, as JSON (default null); e.g. true for a "
                 "listener whose provider expects a bool",
             )
+    from backchannel.rpc import stubs  # `backchannel stubs MODULE`: typed interfaces
+
+    stubs.add_command(commands)
     return parser
 
 

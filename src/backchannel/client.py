@@ -14,7 +14,7 @@ import concurrent.futures
 import contextlib
 from collections.abc import Iterable, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import backchannel.telemetry  # noqa: F401  (fills transport.observe's slots when OTel is here)
 from backchannel.cluster.attempt import CurrentCall
@@ -28,7 +28,7 @@ from backchannel.cluster.reference import Proxy, Reference
 from backchannel.cluster.registry import Registry
 from backchannel.cluster.resubscribe import resubscribe
 from backchannel.errors import ChannelClosed
-from backchannel.rpc.interface import Method, MethodSpec
+from backchannel.rpc.interface import A, Interface, Method, MethodSpec
 from backchannel.rpc.notify import HookPool, MethodHooks, wrap_async, wrap_sync
 from backchannel.settings import DEFAULT_TIMEOUT, Keepalive, Limits
 from backchannel.transport.auth import bearer_metadata
@@ -145,6 +145,22 @@ class AsyncClient:
         """Receive ``cls`` as itself (not as RemoteError) when the provider raises it."""
         self._consumer.error_types.register(cls)
 
+    # an interface with generated stubs (backchannel stubs, docs/typing.md) names its
+    # asynchronous twin: the proxy is typed as that; any other class as itself
+    @overload
+    def reference(
+        self,
+        interface: type[Interface[A]],
+        *,
+        group: str | None = None,
+        version: str | None = None,
+        timeout: float | None = None,
+        methods: Sequence[Method] = (),
+        cluster: str = "failover",
+        loadbalance: str | LoadBalance = "random",
+        forks: int = 2,
+    ) -> A: ...
+    @overload
     def reference(
         self,
         interface: type[T],
@@ -156,7 +172,19 @@ class AsyncClient:
         cluster: str = "failover",
         loadbalance: str | LoadBalance = "random",
         forks: int = 2,
-    ) -> T:
+    ) -> T: ...
+    def reference(
+        self,
+        interface: type[Any],
+        *,
+        group: str | None = None,
+        version: str | None = None,
+        timeout: float | None = None,
+        methods: Sequence[Method] = (),
+        cluster: str = "failover",
+        loadbalance: str | LoadBalance = "random",
+        forks: int = 2,
+    ) -> Any:
         """A proxy whose methods are coroutines calling the provider's ``interface``.
 
         A method with ``Method(..., async_=True)`` returns a running Task instead; one with
@@ -168,7 +196,7 @@ class AsyncClient:
         ref = self._reference(
             interface, group, version, timeout, methods, cluster, loadbalance, forks
         )
-        return Proxy(ref, self._invoke_coroutine, self._notify)  # type: ignore[return-value]
+        return Proxy(ref, self._invoke_coroutine, self._notify)
 
     def _reference(
         self,

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-from collections.abc import Awaitable, Iterable, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any, ParamSpec, TypeVar, overload
 
 from backchannel.errors import CallbackGone, CallCancelled, ChannelClosed, StreamBroken
 from backchannel.rpc.provider_callbacks import COLLECTING, PendingCall, begin_multicast
@@ -26,7 +26,17 @@ from backchannel.transport.handoff import inbox
 from backchannel.v1 import envelope_pb2 as pb
 from backchannel.wire import codec
 
+T = TypeVar("T")
+P = ParamSpec("P")
 
+
+# typed for the two ways it is called (docs/typing.md): on the loop, proxies typed with an
+# interface's asynchronous twin make awaitables, and gather is awaited; from a thread, sync
+# proxies give values. The first overload wins for awaitables (hence the overlap).
+@overload
+def gather(calls: Iterable[Awaitable[T]]) -> Awaitable[list[T | BaseException]]: ...  # type: ignore[overload-overlap]
+@overload
+def gather(calls: Iterable[T]) -> list[T | BaseException]: ...
 def gather(calls: Iterable[Any]) -> Any:
     """Make many reverse proxy calls at once; each call's result or exception, in order.
 
@@ -74,6 +84,28 @@ def gather(calls: Iterable[Any]) -> Any:
     if running is not None:
         return _gather_on_loop(running, items)
     return _gather_from_thread(items)
+
+
+@overload
+def gather_each(  # type: ignore[overload-overlap]
+    methods: Iterable[Callable[P, Awaitable[T]]], /, *args: P.args, **kwargs: P.kwargs
+) -> Awaitable[list[T | BaseException]]: ...
+@overload
+def gather_each(
+    methods: Iterable[Callable[P, T]], /, *args: P.args, **kwargs: P.kwargs
+) -> list[T | BaseException]: ...
+def gather_each(methods: Iterable[Callable[..., Any]], /, *args: Any, **kwargs: Any) -> Any:
+    """:func:`gather` of one call per method, each with the same arguments::
+
+        outcomes = backchannel.gather_each((l.changed for l in listeners), msg)
+
+    The same as ``gather(l.changed(msg) for l in listeners)``, in a form type checkers
+    accept for methods that return None (mypy refuses to use the value of such a call:
+    ``[func-returns-value]``) and that checks the arguments against the methods'
+    parameters. The methods are reverse proxy methods; blocks or is awaited as
+    :func:`gather` is.
+    """
+    return gather(method(*args, **kwargs) for method in methods)
 
 
 def _check_item(index: int, item: object, running: asyncio.AbstractEventLoop | None) -> None:

@@ -18,11 +18,13 @@ import types
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from backchannel.errors import InvalidArguments
 
 T = TypeVar("T")
+#: the asynchronous twin of an interface (see :class:`Interface`)
+A = TypeVar("A")
 
 _SPEC_ATTRIBUTE = "_backchannel_interface"
 _METHOD_ATTRIBUTE = "_backchannel_method"
@@ -145,8 +147,24 @@ def method_spec(service: str, name: str, function: Callable[..., Any]) -> Method
     return spec if declared is None else apply_method(spec, declared)
 
 
+class Interface(Generic[A]):
+    """Links an interface to its asynchronous twin, for type checkers only.
+
+    ``backchannel stubs MODULE`` writes ``MODULE.pyi`` in which each interface ``X`` of the
+    module subclasses ``Interface[XAsync]`` (``XAsync``: a Protocol with the same methods as
+    ``async def``), so that ``AsyncClient.reference(X)`` is typed ``XAsync``. Nothing
+    subclasses it at run time (docs/typing.md).
+    """
+
+    __slots__ = ()
+
+
 def interface(name: str) -> Callable[[type[T]], type[T]]:
-    """Declare a class as a service interface with the wire name ``name``."""
+    """Declare a class as a service interface with the wire name ``name``.
+
+    The class may be a plain class or a ``typing.Protocol`` (whose ``...`` bodies type
+    checkers accept as declarations; docs/typing.md).
+    """
     if not isinstance(name, str) or not name:
         raise TypeError(f"interface() takes a non-empty service name, got {name!r}")
 
