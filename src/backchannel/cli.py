@@ -2,7 +2,8 @@
 
 ::
 
-    backchannel serve CONFIG                      start the providers a config file names
+    backchannel serve CONFIG [--startup MOD:FUNC] start the providers a config file names
+                                                  (then call its start-up hook)
     backchannel describe ADDRESS                  what a provider exports, as a table
     backchannel describe REGISTRY SERVICE         the providers a registry lists for it
     backchannel call ADDRESS SERVICE METHOD [JSON_ARG ...]   one call, result as JSON
@@ -98,6 +99,12 @@ def _parser() -> argparse.ArgumentParser:
         description="Start the providers a TOML config file names; serve until Ctrl-C.",
     )
     serve.add_argument("config", help="a TOML configuration file")
+    serve.add_argument(
+        "--startup",
+        metavar="MODULE:FUNCTION",
+        help="call this with the running server once it listens (instead of the file's "
+        "[application] startup); a def gets the Server, an async def the AsyncServer",
+    )
     serve.set_defaults(run=_serve)
 
     describe = commands.add_parser(
@@ -422,19 +429,20 @@ def _dynamic_interface(service: str, method: str) -> type:
 
 
 def _serve(options: argparse.Namespace) -> int:
-    from backchannel.config import load_config  # only `serve` needs it
+    from backchannel.config import load_config  # only `serve` needs these
+    from backchannel.config_keys import startup_hook
+    from backchannel.serving import StartupFailed, serve
 
     config = load_config(options.config)
     if not config.services:
         raise CommandError(f"{config.path}: no [[service]] to serve (nothing would listen)")
-    servers = config.start_servers()
-    for server in servers:
-        print(f"listening on {server.address}", flush=True)
+    hook, spec = config.startup, config.startup_spec
+    if options.startup is not None:  # checked before anything listens, as the file is
+        hook, spec = startup_hook(options.startup), options.startup
     try:
-        threading.Event().wait()
-    finally:
-        for server in servers:
-            server.stop(grace=1)
+        serve(config, hook, spec, lambda address: print(f"listening on {address}", flush=True))
+    except StartupFailed as exc:
+        raise CommandError(str(exc)) from None
     return 0
 
 

@@ -159,6 +159,7 @@ class AsyncClient:
         cluster: str = "failover",
         loadbalance: str | LoadBalance = "random",
         forks: int = 2,
+        callbacks: int | None = None,
     ) -> A: ...
     @overload
     def reference(
@@ -172,6 +173,7 @@ class AsyncClient:
         cluster: str = "failover",
         loadbalance: str | LoadBalance = "random",
         forks: int = 2,
+        callbacks: int | None = None,
     ) -> T: ...
     def reference(
         self,
@@ -184,6 +186,7 @@ class AsyncClient:
         cluster: str = "failover",
         loadbalance: str | LoadBalance = "random",
         forks: int = 2,
+        callbacks: int | None = None,
     ) -> Any:
         """A proxy whose methods are coroutines calling the provider's ``interface``.
 
@@ -191,10 +194,11 @@ class AsyncClient:
         event-notify hooks runs them around each call (``async def`` hooks are awaited,
         plain ones run in a thread pool). A bad hook is a TypeError here. ``cluster``,
         ``loadbalance`` and ``forks`` matter when there is more than one provider
-        (docs/cluster.md).
+        (docs/cluster.md). ``callbacks`` limits the live listener instances this consumer
+        passes to the service per stream (docs/callbacks.md; None: no limit of its own).
         """
         ref = self._reference(
-            interface, group, version, timeout, methods, cluster, loadbalance, forks
+            interface, group, version, timeout, methods, cluster, loadbalance, forks, callbacks
         )
         return Proxy(ref, self._invoke_coroutine, self._notify)
 
@@ -208,6 +212,7 @@ class AsyncClient:
         cluster: str,
         loadbalance: str | LoadBalance,
         forks: int,
+        callbacks: int | None = None,
     ) -> Reference:
         if loadbalance == "leastactive":  # counted by this consumer, per provider address
             link = self._consumer.link
@@ -221,6 +226,7 @@ class AsyncClient:
             cluster=cluster,
             loadbalance=loadbalance,
             forks=forks,
+            callbacks=callbacks,
         )
 
     def _notify(self, ref: Reference, method: MethodSpec, hooks: MethodHooks) -> Any:
@@ -362,16 +368,18 @@ class Client:
         cluster: str = "failover",
         loadbalance: str | LoadBalance = "random",
         forks: int = 2,
+        callbacks: int | None = None,
     ) -> T:
         """A proxy whose methods call the provider's ``interface`` and block for the result.
 
         A method with ``Method(..., async_=True)`` returns a ``concurrent.futures.Future``
         at once instead; one with event-notify hooks runs them around each call (in the
         calling thread, or in a thread pool for async_=True). A bad hook is a TypeError here.
-        ``cluster``, ``loadbalance`` and ``forks``: see :meth:`AsyncClient.reference`.
+        ``cluster``, ``loadbalance``, ``forks`` and ``callbacks``: see
+        :meth:`AsyncClient.reference`.
         """
         ref = self._core._reference(
-            interface, group, version, timeout, methods, cluster, loadbalance, forks
+            interface, group, version, timeout, methods, cluster, loadbalance, forks, callbacks
         )
         return Proxy(ref, self._invoke_blocking, self._notify)  # type: ignore[return-value]
 

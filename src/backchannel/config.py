@@ -4,6 +4,7 @@
 
     [application]
     name = "callback-provider"
+    startup = "pusher:start"           # optional: run by `backchannel serve` once it listens
 
     [registry]                         # <dubbo:registry address="zookeeper://...">
     address = "zookeeper://127.0.0.1:2181"
@@ -48,13 +49,13 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from backchannel.client import Client
 from backchannel.cluster.reference import Reference
 from backchannel.cluster.registry import STATIC_SCHEME, ZOOKEEPER_SCHEME
 from backchannel.config_keys import ConfigError as ConfigError
-from backchannel.config_keys import KeyReader, describe_error
+from backchannel.config_keys import KeyReader, StartupHook, describe_error
 from backchannel.rpc.exports import DEFAULT_CALLBACK_LIMIT
 from backchannel.rpc.interface import (
     Argument,
@@ -62,12 +63,16 @@ from backchannel.rpc.interface import (
     apply_settings,
     interface_spec,
 )
-from backchannel.server import Server
+from backchannel.server import AsyncServer, Server
 from backchannel.transport.auth import Authenticator
 from backchannel.transport.default import NAMES as TRANSPORTS
 
+#: a Server or an AsyncServer: Config builds either the same way
+_S = TypeVar("_S", Server, AsyncServer)
 #: the [protocol] keys that are Server's boolean keywords of the same names
 _PROTOCOL_FLAGS = ("reflection", "health", "authenticate_reflection", "authenticate_health")
+#: the [protocol] keys saying what the registry is given instead of the bound address
+_ADVERTISE = ("advertise_host", "advertise_port")
 
 
 @dataclass(frozen=True)
@@ -95,6 +100,8 @@ class ReferenceConfig:
     cluster: str = "failover"
     loadbalance: str = "random"
     forks: int = 2
+    #: the consumer's own limit of live listener instances per stream (None: none)
+    callbacks: int | None = None
 
 
 @dataclass(frozen=True)
@@ -110,6 +117,10 @@ class ProtocolConfig:
     #: the transport's name (None: ``$BACKCHANNEL_TRANSPORT``, else grpcio); the
     #: ``Client`` of :meth:`Config.client` runs on it too
     transport: str | None = None
+    #: the host and port written into the registry instead of the bound ones (NAT,
+    #: containers)
+    advertise_host: str | None = None
+    advertise_port: int | None = None
 
     def keywords(self) -> dict[str, Any]:
         """The settings as :class:`Server` keywords (the authenticator as given, not copied)."""
@@ -132,11 +143,22 @@ class Config:
     #: [protocol] authenticator, reflection, health, authenticate_reflection and
     #: authenticate_health: the Server keywords of the same names
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
+    #: [application] startup: what ``backchannel serve`` calls with the running server
+    startup: StartupHook | None = None
+    #: the hook's import path as written, for messages
+    startup_spec: str = ""
 
     def server(self) -> Server:
         """A :class:`Server` on the protocol address with every service exported,
         registered in the registry when there is one."""
-        server = Server(
+        return self._server(Server)
+
+    def async_server(self) -> AsyncServer:
+        """The same as :meth:`server`, as an :class:`AsyncServer` (to start on a loop)."""
+        return self._server(AsyncServer)
+
+    def _server(self, kind: type[_S]) -> _S:
+        server = kind(
             self.address,
             application=self.application,
             registry=self.registry,
@@ -182,6 +204,7 @@ class Config:
                     cluster=ref.cluster,
                     loadbalance=ref.loadbalance,
                     forks=ref.forks,
+                    callbacks=ref.callbacks,
                 )
         known = ", ".join(ref.id for ref in self.references) or "none"
         raise KeyError(f"{self.path}: no reference with id {id!r} (references: {known})")
@@ -208,7 +231,8 @@ class _Reader(KeyReader):
         self.table(
             data, "(top level)", {"application", "registry", "protocol", "service", "reference"}
         )
-        application = self.table(data.get("application", {}), "application", {"name"})
+        application = self.table(data.get("application", {}), "application", {"name", "startup"})
+        startup = self.string(application, "startup", "application")
         registry, address = self.addresses(data)
         protocol = self.protocol(data.get("protocol", {}))
         services = tuple(
@@ -239,6 +263,8 @@ class _Reader(KeyReader):
             references,
             registry,
             protocol,
+            startup=None if startup is None else self.hook(startup, "application.startup"),
+            startup_spec=startup or "",
         )
 
     def protocol(self, data: dict[str, Any]) -> ProtocolConfig:
@@ -261,7 +287,16 @@ class _Reader(KeyReader):
             raise self.fail(
                 "protocol.transport", " or ".join(repr(name) for name in TRANSPORTS), transport
             )
-        return ProtocolConfig(authenticator, transport=transport, **flags)
+        advertise_port = self.number(data, "advertise_port", "protocol", integer=True)
+        if advertise_port is not None and not 1 <= advertise_port <= 65535:
+            raise self.fail("protocol.advertise_port", "a port from 1 to 65535", advertise_port)
+        return ProtocolConfig(
+            authenticator,
+            transport=transport,
+            advertise_host=self.string(data, "advertise_host", "protocol"),
+            advertise_port=advertise_port,
+            **flags,
+        )
 
     def addresses(self, data: dict[str, Any]) -> tuple[str | None, str]:
         """([registry] address if it names a registry, the [protocol] listen address).
@@ -272,7 +307,7 @@ class _Reader(KeyReader):
         protocol = self.table(
             data.get("protocol", {}),
             "protocol",
-            {"host", "port", "authenticator", "transport", *_PROTOCOL_FLAGS},
+            {"host", "port", "authenticator", "transport", *_PROTOCOL_FLAGS, *_ADVERTISE},
         )
         given = self.string(registry, "address", "registry")
         host = self.string(protocol, "host", "protocol") or "127.0.0.1"
@@ -352,12 +387,13 @@ class _Reader(KeyReader):
 
     def reference(self, data: dict[str, Any], key: str) -> ReferenceConfig:
         allowed = {"id", "interface", "group", "version", "timeout", "method"}
-        allowed |= {"cluster", "loadbalance", "forks"}
+        allowed |= {"cluster", "loadbalance", "forks", "callbacks"}
         self.table(data, key, allowed)
         timeout = self.number(data, "timeout", key)
         cluster = self.string(data, "cluster", key) or "failover"
         loadbalance = self.string(data, "loadbalance", key) or "random"
         forks = self.number(data, "forks", key, integer=True) or 2
+        callbacks = self.limit(data, key)
         methods = tuple(
             self.method(item, f"{key}.method[{i}]", provider=False)
             for i, item in enumerate(self.tables(data, "method", f"{key}."))
@@ -372,6 +408,7 @@ class _Reader(KeyReader):
             cluster,
             loadbalance,
             forks,
+            callbacks,
         )
         self.check(
             key,
@@ -384,6 +421,7 @@ class _Reader(KeyReader):
                 cluster=cluster,
                 loadbalance=loadbalance,
                 forks=forks,
+                callbacks=callbacks,
             ),
         )
         return reference
@@ -406,7 +444,7 @@ class _Reader(KeyReader):
                 )
         else:
             allowed |= {"timeout", "async", "oninvoke", "onreturn", "onthrow", "retries"}
-            allowed |= {"resubscribe", "cluster"}
+            allowed |= {"resubscribe", "cluster", "callbacks"}
         self.table(data, key, allowed)
         hooks: dict[str, Callable[..., Any]] = {}
         for hook in ("oninvoke", "onreturn", "onthrow"):
@@ -433,6 +471,7 @@ class _Reader(KeyReader):
             retries=self.number(data, "retries", key, integer=True) or 0,
             resubscribe=bool(self.boolean(data, "resubscribe", key)),
             cluster=None if provider else self.string(data, "cluster", key),
+            callbacks=self.limit(data, key),
         )
 
     def argument(self, data: dict[str, Any], key: str) -> Argument:

@@ -4,7 +4,9 @@ when the value is not what it should be (:mod:`backchannel.config` reads the tab
 from __future__ import annotations
 
 import importlib
+import inspect
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,11 @@ from backchannel.rpc.interface import find_interface_spec
 
 class ConfigError(ValueError):
     """A mistake in a configuration file; the message names the file and the key."""
+
+
+#: an application start-up hook (``[application] startup``): called with the running
+#: server once it listens (a ``def`` with a Server, an ``async def`` with an AsyncServer)
+StartupHook = Callable[[Any], Any]
 
 
 class KeyReader:
@@ -65,6 +72,17 @@ class KeyReader:
             )
         return value
 
+    def limit(self, data: dict[str, Any], key: str) -> int | None:
+        """A consumer's ``callbacks`` limit: an integer >= 1, or None when not given."""
+        value = data.get("callbacks")
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
+            raise self.fail(
+                f"{key}.callbacks", "an integer >= 1 (live listeners per stream)", value
+            )
+        return value
+
     def boolean(self, data: dict[str, Any], name: str, key: str) -> Any:
         value = data.get(name)
         if value is not None and not isinstance(value, bool):
@@ -94,6 +112,21 @@ class KeyReader:
             target = getattr(target, part)
         return target
 
+    def hook(self, spec: str, key: str) -> StartupHook:
+        """A start-up hook ``module:function``: imported now, and able to take one
+        argument (the running server)."""
+        target = self.resolve(spec, key)
+        expected = "a function taking one argument, the running server"
+        if not callable(target) or isinstance(target, type):
+            raise self.fail(key, expected, spec)
+        try:
+            inspect.signature(target).bind(None)
+        except TypeError as exc:
+            raise self.fail(key, f"{expected} ({exc})", spec) from None
+        except ValueError:  # no signature to read (a builtin): the call will say
+            pass
+        return target  # type: ignore[no-any-return]
+
     def interface(self, data: dict[str, Any], key: str) -> type:
         name = self.string(data, "interface", key, required=True)
         cls = self.resolve(name, f"{key}.interface")
@@ -111,3 +144,18 @@ def describe_error(exc: BaseException) -> str:
         return f"SyntaxError: {exc.msg} ({where})"
     text = str(exc).splitlines()[0] if str(exc) else ""
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class _Option(KeyReader):
+    """Checks a command-line option as :class:`KeyReader` checks a key: resolved from the
+    current directory, and named alone in the error (there is no file to name)."""
+
+    def fail(self, key: str, expected: str, got: object = None) -> ConfigError:
+        suffix = "" if got is None else f", got {got!r}"
+        return ConfigError(f"{key}: expected {expected}{suffix}")
+
+
+def startup_hook(spec: str, option: str = "--startup") -> StartupHook:
+    """The hook ``module:function`` given on the command line, imported from the current
+    directory; a bad one is a :class:`ConfigError` naming ``option`` and ``spec``."""
+    return _Option(Path.cwd() / option).hook(spec, option)

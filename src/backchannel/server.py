@@ -63,6 +63,10 @@ class AsyncServer:
     serves the descriptors of every message type the process imported) and, with
     ``authenticate_health=True``, the health service (open by default, for probes that
     send no token). ``reflection=False`` / ``health=False`` turn them off.
+
+    With a ``registry``, every export is registered there under the bound address, or
+    ``advertise_host`` / ``advertise_port`` when consumers reach the server elsewhere
+    (behind NAT, in a container with a mapped port); docs/cluster.md.
     """
 
     def __init__(
@@ -86,6 +90,7 @@ class AsyncServer:
         authenticate_health: bool = False,
         registry: str | Registry | None = None,
         advertise_host: str | None = None,
+        advertise_port: int | None = None,
     ) -> None:
         self._requested_address = address
         transport_ = resolve_transport(transport)
@@ -106,6 +111,7 @@ class AsyncServer:
             application=application,
             bound_host=address.rpartition(":")[0],
             advertise_host=advertise_host,
+            advertise_port=advertise_port,
         )
         #: what is done with each RPC (a Session per Connect stream), and the open streams
         self._handlers = ProviderHandlers(
@@ -224,7 +230,8 @@ class AsyncServer:
     @property
     def advertised_address(self) -> str:
         """``host:port`` written into the registry: ``advertise_host``, or the bound host
-        unless it is a wildcard (then this machine's first non-loopback address)."""
+        unless it is a wildcard (then this machine's first non-loopback address); and
+        ``advertise_port``, or the bound port."""
         return self._registration.advertised_address
 
     def provider_urls(self) -> list[ServiceURL]:
@@ -344,6 +351,7 @@ class Server:
         authenticate_health: bool = False,
         registry: str | Registry | None = None,
         advertise_host: str | None = None,
+        advertise_port: int | None = None,
     ) -> None:
         self._core = AsyncServer(
             address,
@@ -364,6 +372,7 @@ class Server:
             authenticate_health=authenticate_health,
             registry=registry,
             advertise_host=advertise_host,
+            advertise_port=advertise_port,
         )
         self._portal: LoopThread | None = None
         #: set by stop(): what wait_for_termination waits on (None when not running)

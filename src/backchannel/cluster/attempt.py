@@ -168,7 +168,13 @@ def start(
         one_way=info.one_way if info is not None else method.one_way,
     )
     fresh, removed = side.callbacks.encode_args(  # in place: no copy into the Call
-        method, key, positional, info, service.callbacks if service else None, call.args
+        method,
+        key,
+        positional,
+        info,
+        service.callbacks if service else None,
+        call.args,
+        ref.callbacks,
     )
     listeners = [entry.obj for entry in removed]  # a Release may clear entry.obj first
 

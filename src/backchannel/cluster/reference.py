@@ -13,6 +13,7 @@ from backchannel.rpc.interface import (
     Method,
     MethodSpec,
     apply_settings,
+    check_callback_limit,
     interface_spec,
 )
 from backchannel.rpc.notify import MethodHooks, method_hooks
@@ -40,7 +41,12 @@ class Reference:
         cluster: str = "failover",
         loadbalance: str | LoadBalance = "random",
         forks: int = 2,
+        callbacks: int | None = None,
     ) -> None:
+        check_callback_limit(callbacks, "callbacks")
+        #: the consumer's own limit of live listener instances per stream for the service
+        #: (None: none; the provider's announced limit applies either way)
+        self.callbacks = callbacks
         if timeout is not None and not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds or None, got {timeout!r}")
         if not isinstance(forks, int) or forks < 1:

@@ -21,7 +21,10 @@ class Registration:
     """The registry side of one provider: its URLs, and the registry they are in.
 
     ``serving()`` says whether an export made now is registered at once (the server
-    listens and is not stopping); :attr:`port` is the bound port, set on start.
+    listens and is not stopping); :attr:`port` is the bound port, set on start. The URLs
+    carry ``advertise_host`` and ``advertise_port`` when given (behind NAT or in a
+    container the address consumers reach differs from the bound one), else the bound
+    host (a reachable one for a wildcard) and port.
     """
 
     def __init__(
@@ -33,7 +36,9 @@ class Registration:
         application: str,
         bound_host: str,
         advertise_host: str | None,
+        advertise_port: int | None = None,
     ) -> None:
+        check_port(advertise_port)
         # a str is opened on start() and closed on stop(); a Registry object is the
         # caller's: only what this server registered is withdrawn from it
         self.spec = spec
@@ -44,6 +49,7 @@ class Registration:
         self._application = application
         self._bound_host = bound_host
         self._advertise_host = advertise_host
+        self._advertise_port = advertise_port
         self.port = 0
         self._weights: dict[tuple[str, str, str], int] = {}
         #: the URLs registered, in order
@@ -99,18 +105,19 @@ class Registration:
     @property
     def advertised_address(self) -> str:
         """``host:port`` written into the registry."""
-        host = self._advertised_host()
-        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+        host, port = self._advertised_host(), self._advertised_port()
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     def provider_urls(self) -> list[ServiceURL]:
         """One provider URL per export, as they are registered."""
-        host = self._advertised_host()
-        return [
-            self._provider_url(service, host, self.port) for service in self._exports.services()
-        ]
+        host, port = self._advertised_host(), self._advertised_port()
+        return [self._provider_url(service, host, port) for service in self._exports.services()]
 
     def _advertised_host(self) -> str:
         return reachable_host(self._bound_host, self._advertise_host)
+
+    def _advertised_port(self) -> int:
+        return self._advertise_port or self.port
 
     def _provider_url(self, service: pb.ServiceInfo, host: str, port: int) -> ServiceURL:
         return ServiceURL.provider(
@@ -138,9 +145,9 @@ class Registration:
             assert registry is not None
             self.registry = registry
         done = {(url.interface, url.group, url.version) for url in self.registered}
-        host = self._advertised_host()
+        host, port = self._advertised_host(), self._advertised_port()
         for service in services:
-            url = self._provider_url(service, host, self.port)
+            url = self._provider_url(service, host, port)
             if (url.interface, url.group, url.version) in done:
                 continue
             registry.register(url)
@@ -173,3 +180,13 @@ class Registration:
         finally:
             if isinstance(self.spec, str):  # ours: its session ends too
                 registry.close()
+
+
+def check_port(port: object) -> None:
+    """``advertise_port`` is None or an int from 1 to 65535; else a clear ValueError."""
+    if port is not None and (isinstance(port, bool) or not isinstance(port, int)):
+        raise ValueError(
+            f"advertise_port must be an int (the port written into the registry), got {port!r}"
+        )
+    if port is not None and not 1 <= port <= 65535:
+        raise ValueError(f"advertise_port must be a port from 1 to 65535, got {port}")

@@ -22,9 +22,10 @@ from backchannel.errors import (
     EncodeError,
     InvalidArguments,
     MethodNotFound,
+    TooManyCallbacks,
     UnknownCallback,
 )
-from backchannel.rpc.callbacks import ServiceKey, limit_error, listener_interface
+from backchannel.rpc.callbacks import ServiceKey, limit_error, listener_interface, service_label
 from backchannel.rpc.interface import InterfaceSpec, MethodSpec, find_interface_spec
 from backchannel.rpc.turns import Turns
 from backchannel.transport.handoff import post_quietly, submit
@@ -45,6 +46,8 @@ class ExportedCallback:
     interface: InterfaceSpec | None
     #: the exported services (name, group, version) whose limit this instance counts against
     services: set[ServiceKey] = field(default_factory=set)
+    #: the (name, group, version, method) it was passed to, for Method(callbacks=N)
+    passed_to: set[MethodKey] = field(default_factory=set)
     #: calls to one instance run one at a time, in arrival order
     lock: Turns = field(default_factory=Turns)
     #: the incoming call id that holds ``lock`` now (0 when none)
@@ -65,6 +68,7 @@ class ConsumerCallbacks:
         self._by_id: dict[int, ExportedCallback] = {}
         self._by_object: dict[int, ExportedCallback] = {}  # id(obj) is safe: we hold obj
         self._per_service: collections.Counter[ServiceKey] = collections.Counter()
+        self._per_method: collections.Counter[MethodKey] = collections.Counter()
         self._next_id = 1
 
     def __len__(self) -> int:
@@ -82,13 +86,15 @@ class ConsumerCallbacks:
         info: pb.MethodInfo | None,
         limit: int | None,
         into: codec.Args,
+        own_limit: int | None = None,
     ) -> tuple[list[ExportedCallback], list[ExportedCallback]]:
         """Encode a forward call's arguments into ``into`` (its Call's ``args``, filled in
         place), exporting its callback arguments.
 
-        ``service`` is the exported service the call goes to: its limit counts the
-        instances passed to it. Returns (instances newly exported by this call, instances
-        it removes). Nothing is exported when this raises.
+        ``service`` is the exported service the call goes to: its limit (``limit``, the
+        provider's; ``own_limit``, the reference's) counts the instances passed to it, and
+        ``method.callback_limit`` those passed to the method. Returns (instances newly
+        exported by this call, instances it removes). Nothing is exported when this raises.
         """
         callbacks, removers = declared_arguments(method, info)
         where = f"{method.qualname}()"
@@ -127,6 +133,10 @@ class ConsumerCallbacks:
             else:
                 _encode_plain(into.add(), arg, place, index)
         counted = [entry for entry in involved if service not in entry.services]
+        by_method = (*service, method.name)
+        to_method = [entry for entry in involved if by_method not in entry.passed_to]
+        if own_limit is not None or method.callback_limit is not None:
+            self._check_own_limits(method, service, own_limit, counted, to_method)
         if limit is not None and counted:
             live = self._per_service[service]
             if live + len(counted) > limit:
@@ -137,7 +147,43 @@ class ConsumerCallbacks:
         for entry in counted:
             entry.services.add(service)
             self._per_service[service] += 1
+        for entry in to_method:
+            entry.passed_to.add(by_method)
+            self._per_method[by_method] += 1
         return fresh, removed
+
+    def _check_own_limits(
+        self,
+        method: MethodSpec,
+        service: ServiceKey,
+        own_limit: int | None,
+        counted: list[ExportedCallback],
+        to_method: list[ExportedCallback],
+    ) -> None:
+        """Refuse a call that would pass this consumer's own limits (Dubbo's consumer-side
+        ``callbacks``): the reference's per service, the Method's per method."""
+        if own_limit is not None and counted:
+            live = self._per_service[service]
+            if live + len(counted) > own_limit:
+                raise _own_limit_error(
+                    service_label(service),
+                    "reference(..., callbacks=N) ([[reference]] callbacks = N in TOML)",
+                    own_limit,
+                    live,
+                    len(counted),
+                )
+        limit = method.callback_limit
+        if limit is not None and to_method:
+            live = self._per_method[(*service, method.name)]
+            if live + len(to_method) > limit:
+                raise _own_limit_error(
+                    f"{service_label(service)} {method.name}()",
+                    f"Method({method.name!r}, callbacks=N) ([[reference.method]] callbacks "
+                    "= N in TOML)",
+                    limit,
+                    live,
+                    len(to_method),
+                )
 
     def remove(self, entry: ExportedCallback) -> None:
         """Un-export one instance (idempotent); drops the strong reference to its object."""
@@ -148,6 +194,10 @@ class ConsumerCallbacks:
             self._per_service[service] -= 1
             if not self._per_service[service]:
                 del self._per_service[service]
+        for key in entry.passed_to:
+            self._per_method[key] -= 1
+            if not self._per_method[key]:
+                del self._per_method[key]
         entry.obj = None
 
     def drop(self, entries: Sequence[ExportedCallback], tell_peer: bool = False) -> None:
@@ -287,6 +337,22 @@ def declared_arguments(
 
 
 _NONE: frozenset[int] = frozenset()
+
+#: what a consumer's per-method callback limit counts against: (name, group, version, method)
+MethodKey = tuple[str, str, str, str]
+
+
+def _own_limit_error(
+    what: str, setting: str, limit: int, live: int, adding: int
+) -> TooManyCallbacks:
+    """The error for a call that would pass one of this consumer's own callback limits."""
+    return TooManyCallbacks(
+        f"this consumer allows {what} at most {limit} live listener "
+        f"instance{'s' if limit != 1 else ''} per stream; {live} "
+        f"{'is' if live == 1 else 'are'} live and this call adds {adding}. The call was not "
+        "sent. Release some (client.release(listener) or a remover method), or raise the "
+        f"limit with {setting}"
+    )
 
 
 def _encode_plain(value: pb.Value, arg: object, place: str, index: int) -> None:

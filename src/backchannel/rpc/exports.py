@@ -98,6 +98,7 @@ CONSUMER_SETTINGS = (
     "retries",
     "resubscribe",
     "timeout",
+    "callbacks",
 )
 
 
@@ -133,9 +134,14 @@ class Exports:
                 if getattr(settings, name) not in (None, False, 0)
             ]
             if consumer_only:
+                hint = (
+                    " (a provider limits callbacks per service: export(..., callbacks=N))"
+                    if "callbacks" in consumer_only
+                    else ""
+                )
                 raise ValueError(
                     f"{spec.name}.{settings.name}: {', '.join(consumer_only)} are consumer "
-                    "settings: give them to client.reference(), not to export()"
+                    f"settings: give them to client.reference(), not to export(){hint}"
                 )
         effective = apply_settings(spec, methods)
         if not isinstance(callbacks, int) or callbacks < 0:

@@ -54,6 +54,9 @@ class MethodSpec:
     removers: frozenset[int] = frozenset()
     #: True when the caller does not wait for a result
     one_way: bool = False
+    #: consumer: at most this many live listener instances passed to this method per
+    #: stream (``Method(callbacks=N)``); None: no limit of the consumer's own
+    callback_limit: int | None = None
 
     def parameter_type(self, index: int) -> Any:
         """The annotation of parameter ``index``, resolved; None when there is none."""
@@ -254,10 +257,14 @@ class Method:
     #: consumer: how a call meets a cluster of providers (``failover``, ``failfast``,
     #: ``failsafe``, ``forking``, ``broadcast``); None keeps the reference's
     cluster: str | None = None
+    #: consumer: at most this many live listener instances passed to this method per
+    #: stream (Dubbo's consumer-side ``callbacks``); None: no limit of the consumer's own
+    callbacks: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise TypeError(f"Method name must be a non-empty str, got {self.name!r}")
+        check_callback_limit(self.callbacks, f"Method({self.name!r}): callbacks")
         for flag in ("async_", "resubscribe"):
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(
@@ -329,8 +336,21 @@ def apply_method(spec: MethodSpec, settings: Method) -> MethodSpec:
         (removers if argument.callback else callbacks).discard(index)
     one_way = spec.one_way if settings.one_way is None else settings.one_way
     return dataclasses.replace(
-        spec, callbacks=frozenset(callbacks), removers=frozenset(removers), one_way=one_way
+        spec,
+        callbacks=frozenset(callbacks),
+        removers=frozenset(removers),
+        one_way=one_way,
+        callback_limit=spec.callback_limit if settings.callbacks is None else settings.callbacks,
     )
+
+
+def check_callback_limit(limit: object, what: str) -> None:
+    """A consumer's callback limit is None or an int >= 1; else a clear ValueError."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(
+            f"{what} must be an int >= 1 (live listener instances per stream) or None "
+            f"(no limit of the consumer's own), got {limit!r}"
+        )
 
 
 def _argument_index(spec: MethodSpec, argument: Argument) -> int:
