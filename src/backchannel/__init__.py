@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from backchannel.rpc.exports import DEFAULT_CALLBACK_LIMIT
     from backchannel.rpc.gather import gather
     from backchannel.rpc.interface import Argument, Method, interface, method
+    from backchannel.rpc.provider import Peer
     from backchannel.rpc.provider_callbacks import ReverseProxy
     from backchannel.server import AsyncServer, Server
     from backchannel.settings import DEFAULT_TIMEOUT, Keepalive, Limits
@@ -79,6 +80,7 @@ _HOMES = {
     "MessageTooLarge": "backchannel.errors",
     "Method": "backchannel.rpc.interface",
     "MethodNotFound": "backchannel.errors",
+    "Peer": "backchannel.rpc.provider",
     "ProtocolError": "backchannel.errors",
     "RemoteError": "backchannel.errors",
     "RemoteProtocolError": "backchannel.errors",
@@ -151,6 +153,7 @@ __all__ = [
     "MessageTooLarge",
     "Method",
     "MethodNotFound",
+    "Peer",
     "ProtocolError",
     "RemoteError",
     "RemoteProtocolError",

@@ -25,7 +25,7 @@ from backchannel.cluster.service_url import (
 from backchannel.errors import ChannelClosed
 from backchannel.rpc.exports import DEFAULT_CALLBACK_LIMIT, Exports
 from backchannel.rpc.interface import Method
-from backchannel.rpc.provider import GOING_AWAY, ProviderHandlers
+from backchannel.rpc.provider import GOING_AWAY, ProviderHandlers, StreamHook
 from backchannel.settings import DEFAULT_TIMEOUT, Keepalive, Limits
 from backchannel.transport.auth import Authenticator
 from backchannel.transport.default import resolve as resolve_transport
@@ -63,6 +63,11 @@ class AsyncServer:
     serves the descriptors of every message type the process imported) and, with
     ``authenticate_health=True``, the health service (open by default, for probes that
     send no token). ``reflection=False`` / ``health=False`` turn them off.
+
+    ``on_connect(peer)`` runs when a consumer's stream opens (its Hello is in) and
+    ``on_disconnect(peer)`` when it ends, ``peer`` a :class:`~backchannel.rpc.provider.Peer`
+    (address, identity, application, and why it ended); plain or ``async def``
+    functions (docs/callbacks.md, "When a consumer goes away").
     """
 
     def __init__(
@@ -86,6 +91,8 @@ class AsyncServer:
         authenticate_health: bool = False,
         registry: str | Registry | None = None,
         advertise_host: str | None = None,
+        on_connect: StreamHook | None = None,
+        on_disconnect: StreamHook | None = None,
     ) -> None:
         self._requested_address = address
         transport_ = resolve_transport(transport)
@@ -117,6 +124,9 @@ class AsyncServer:
             send_tracebacks=send_tracebacks,
             callback_timeout=callback_timeout,
             authenticator=authenticator,
+            # a consumer's stream opening and ending: fn(Peer), docs/callbacks.md
+            on_connect=on_connect,
+            on_disconnect=on_disconnect,
         )
         authenticate = self._handlers.authenticate
         # health and reflection reveal no exports; each is behind the authenticator
@@ -344,6 +354,8 @@ class Server:
         authenticate_health: bool = False,
         registry: str | Registry | None = None,
         advertise_host: str | None = None,
+        on_connect: StreamHook | None = None,
+        on_disconnect: StreamHook | None = None,
     ) -> None:
         self._core = AsyncServer(
             address,
@@ -364,6 +376,8 @@ class Server:
             authenticate_health=authenticate_health,
             registry=registry,
             advertise_host=advertise_host,
+            on_connect=on_connect,
+            on_disconnect=on_disconnect,
         )
         self._portal: LoopThread | None = None
         #: set by stop(): what wait_for_termination waits on (None when not running)

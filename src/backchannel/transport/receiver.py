@@ -98,6 +98,7 @@ class Receiver:
         _waiting: collections.deque[Outgoing]
         connection: Connection[Outgoing]
         peer: str
+        peer_application: str
         error_types: codec.ErrorTypes
         cause: BaseException | None
         handshake: asyncio.Future[tuple[pb.ServiceInfo, ...]]
@@ -163,6 +164,7 @@ class Receiver:
                 if victim is not None:
                     victim.cancel(f"cancelled by the peer: {wire_text(event.reason)}")
             elif type(event) is HandshakeDone:
+                self.peer_application = event.peer_application
                 own = self._limits
                 self._peer_max_calls = min(
                     own.max_calls_in_flight,
