@@ -69,7 +69,7 @@ class ChatRoom:
         self.members[name] = proxy
         # forget the member when its listener is gone, whatever the reason: no sweep
         proxy.on_gone(functools.partial(self._gone, name))
-        await self._tell_all("*", f"{name} joined")
+        await self._tell_all("*", f"{name} joined", skip=name)
         return sorted(self.members)
 
     async def leave(self, name: str, member: Member) -> None:
@@ -95,8 +95,8 @@ class ChatRoom:
             self._on_leave(name, reason)
         await self._tell_all("*", f"{name} left ({reason})")
 
-    async def _tell_all(self, who: str, text: str) -> int:
-        members = list(self.members.values())
+    async def _tell_all(self, who: str, text: str, skip: str = "") -> int:
+        members = [member for name, member in self.members.items() if name != skip]
         told = await asyncio.gather(*(_tell(member, who, text) for member in members))
         return sum(told)
 

@@ -84,6 +84,9 @@ class Receiver:
     :class:`~backchannel.transport.session.Session`, whose ``__init__`` sets up the state
     below."""
 
+    #: the application name the peer's Hello (or Welcome) gave, once it came
+    peer_application = ""
+
     # declared for the type checker only: at run time a stub here would hide the part
     # of the Session that defines the method
     if TYPE_CHECKING:
@@ -98,7 +101,6 @@ class Receiver:
         _waiting: collections.deque[Outgoing]
         connection: Connection[Outgoing]
         peer: str
-        peer_application: str
         error_types: codec.ErrorTypes
         cause: BaseException | None
         handshake: asyncio.Future[tuple[pb.ServiceInfo, ...]]

@@ -88,8 +88,6 @@ class Session(Writer, Receiver, Calls, Multicasting):
     ) -> None:
         self.connection = connection
         self.peer = peer
-        #: the application name the peer's Hello (or Welcome) gave, once it came
-        self.peer_application = ""
         self.error_types = error_types
         self._write = write
         # the transport's: what its read returns at the end, and its errors as ours
