@@ -8,6 +8,7 @@ whose consumer process was SIGKILLed, with no polling.
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib.util
 import logging
 import queue
@@ -317,6 +318,14 @@ def test_raising_async_hook_is_logged(served: tuple[backchannel.Server, WatchedI
     finally:
         logging.getLogger("backchannel").removeHandler(watcher)
         logging.getLogger("backchannel").setLevel(previous)
+
+
+def test_hook_names_in_logs_see_through_partials() -> None:
+    def forget(room: str, proxy: Any) -> None: ...
+
+    named = hooks.name(functools.partial(forget, "lobby"))
+    assert named == f"{__name__}.{forget.__qualname__}", named
+    assert hooks.name(Told()) == f"{__name__}.Told"
 
 
 def test_hook_taken_back_is_not_called(

@@ -43,9 +43,9 @@ class Lifetime:
 
     An instance ends once, for one of these reasons (:attr:`gone_reason`):
     ``"released by the consumer"`` (``client.release(listener)`` or a remover method),
-    ``"released by the provider"`` (:meth:`release`), ``"the consumer no longer has
-    it"`` (a call answered ``CallbackGone``), or ``"the stream ended: ..."`` (the
-    consumer closed, died, lost the connection, or the provider stopped).
+    ``"released by the provider"`` (:meth:`release`), ``"released: the consumer no
+    longer has it"`` (a call answered ``CallbackGone``), or ``"the stream ended: ..."``
+    (the consumer closed, died, lost the connection, or the provider stopped).
     """
 
     # set by the proxy's __init__ (see _init_lifetime)
@@ -148,8 +148,7 @@ class Lifetime:
             watcher.wake(why)
             return
         loop, pool, on_loop = self._hook_site()
-        name = getattr(watcher, "__qualname__", type(watcher).__name__)
-        what = f"the on_gone hook {name} of {self!r}"
+        what = f"the on_gone hook {hooks.name(watcher)} of {self!r}"
         hooks.fire(watcher, self, what, loop, pool, on_loop=on_loop)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextvars
+import functools
 import inspect
 import logging
 import threading
@@ -39,6 +40,15 @@ def is_async(fn: Callable[..., object]) -> bool:
     return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
         getattr(fn, "__call__", None)  # noqa: B004  (an async __call__, not callable())
     )
+
+
+def name(fn: object) -> str:
+    """A hook's name for log lines: ``module.QualName`` of the function (of the function
+    inside a ``functools.partial``)."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    qualname = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    return f"{getattr(fn, '__module__', None) or type(fn).__module__}.{qualname}"
 
 
 def fire(
@@ -112,16 +122,16 @@ async def _guard(coroutine: Coroutine[Any, Any, object], fn: object, what: str) 
 def failed(fn: object, what: str, exc: BaseException) -> None:
     """Log what a hook raised: with its traceback the first time that function raises,
     at DEBUG after that."""
-    name = f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
+    key = name(fn)
     with _logged_lock:
-        first = name not in _logged
+        first = key not in _logged
         if first and len(_logged) < _LOGGED_MAX:
-            _logged.add(name)
+            _logged.add(key)
     if first:
         logger.error(
             "%s raised (swallowed; later failures of %s are logged at DEBUG)",
             what,
-            name,
+            key,
             exc_info=exc,
         )
     else:

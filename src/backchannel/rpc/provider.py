@@ -70,7 +70,7 @@ class ProviderSide:
         return await self._exports.run(call, self.callbacks)
 
     def released(self, callback_id: int) -> None:
-        self.callbacks.release(callback_id)
+        self.callbacks.release(callback_id, why="released by the consumer")
 
     def ended(self, cause: BaseException) -> None:
         self.callbacks.clear(f"the stream ended: {cause}")

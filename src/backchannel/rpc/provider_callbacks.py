@@ -246,7 +246,7 @@ class ReverseProxy(Lifetime):
             if result.HasField("error"):
                 error = codec.decode_error(result.error, session.error_types)
                 if isinstance(error, CallbackGone):  # the consumer no longer has it
-                    table.release(callback_id, why="the consumer no longer has it")
+                    table.release(callback_id, why="released: the consumer no longer has it")
                 raise error
             value = result.value
             if codec.is_bulk_value(value):  # off the loop every stream shares
@@ -402,11 +402,12 @@ class ProviderCallbacks:
         if refused:
             self.session.flush()
 
-    def release(
-        self, callback_id: int, tell_peer: bool = False, why: str = "released by the consumer"
-    ) -> None:
+    def release(self, callback_id: int, tell_peer: bool = False, why: str | None = None) -> None:
         """End one instance (idempotent), for the reason ``why``; with ``tell_peer``, send
-        Release to the consumer."""
+        Release to the consumer. Without ``why``, telling the peer is a remover method's
+        doing (the consumer asked for it); not telling it, a plain release."""
+        if why is None:
+            why = _BY_CONSUMER if tell_peer else "released"
         proxy = self._proxies.pop(callback_id, None)
         if proxy is None:
             return
@@ -428,8 +429,9 @@ class ProviderCallbacks:
         self._per_service.clear()
 
 
-#: why an instance the provider released ended
+#: why an instance ended that the provider released, and that the consumer released
 _BY_PROVIDER = "released by the provider"
+_BY_CONSUMER = "released by the consumer"
 
 
 def _name(spec: InterfaceSpec | None) -> str:
