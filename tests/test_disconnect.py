@@ -23,8 +23,15 @@ from typing import Any
 
 import pytest
 from conftest import run
-from helpers import read_line
-from notifier import AsyncRecorder, Listener, SyncRecorder
+from helpers import consumer_process, read_line
+from notifier import (
+    NOTIFIER_METHODS,
+    AsyncRecorder,
+    Listener,
+    Notifier,
+    NotifierImpl,
+    SyncRecorder,
+)
 
 import backchannel
 from backchannel import Argument
@@ -522,6 +529,28 @@ def test_chat_room_forgets_a_killed_idle_member_promptly() -> None:
                 member.wait(SOON)
 
     run(body())
+
+
+@pytest.mark.parametrize("mode", ["sync", "asyncio"])
+def test_a_sync_provider_hears_of_every_listener_of_a_killed_consumer(mode: str) -> None:
+    count = 3
+    impl = NotifierImpl(greet=False)
+    gone: queue.Queue[tuple[Any, str]] = queue.Queue()
+    disconnected = Told()
+    with backchannel.Server("127.0.0.1:0", on_disconnect=disconnected) as server:
+        server.export(Notifier, impl, methods=NOTIFIER_METHODS)
+        with consumer_process(server.address, count, mode) as member:
+            proxies = [impl.listeners[f"k{i}"] for i in range(count)]
+            for proxy in proxies:  # plain hooks: run on the provider's pool when told
+                proxy.on_gone(lambda proxy: gone.put((proxy, threading.current_thread().name)))
+            member.kill()
+            killed = time.monotonic()
+            told = [gone.get(timeout=PROMPTLY) for _ in range(count)]
+            assert time.monotonic() - killed < PROMPTLY
+            assert {id(proxy) for proxy, _ in told} == {id(proxy) for proxy in proxies}
+            assert all(name.startswith("backchannel-provider") for _, name in told), told
+            peer = disconnected.wait()
+            assert peer.reason, peer
 
 
 # ---- helpers
