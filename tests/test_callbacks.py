@@ -932,7 +932,9 @@ def test_a_released_proxy_tells_the_consumer_and_says_why_it_is_gone() -> None:
     assert len(table) == 0
     with pytest.raises(CallbackGone) as caught:
         proxy.changed("x")
-    assert str(caught.value) == "test.Listener #5.changed(): the callback instance ended (released)"
+    assert str(caught.value) == (
+        "test.Listener #5.changed(): the callback instance ended (released by the provider)"
+    )
     assert not proxy.alive and proxy.wait_ended(0)
 
     thread_side = FakeSession(in_loop=False)

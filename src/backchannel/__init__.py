@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from backchannel.rpc.exports import DEFAULT_CALLBACK_LIMIT
     from backchannel.rpc.gather import gather, gather_each
     from backchannel.rpc.interface import Argument, Interface, Method, interface, method
+    from backchannel.rpc.provider import Peer
     from backchannel.rpc.provider_callbacks import ReverseProxy
     from backchannel.server import AsyncServer, Server
     from backchannel.settings import DEFAULT_TIMEOUT, Keepalive, Limits
@@ -80,6 +81,7 @@ _HOMES = {
     "MessageTooLarge": "backchannel.errors",
     "Method": "backchannel.rpc.interface",
     "MethodNotFound": "backchannel.errors",
+    "Peer": "backchannel.rpc.provider",
     "ProtocolError": "backchannel.errors",
     "RemoteError": "backchannel.errors",
     "RemoteProtocolError": "backchannel.errors",
@@ -154,6 +156,7 @@ __all__ = [
     "MessageTooLarge",
     "Method",
     "MethodNotFound",
+    "Peer",
     "ProtocolError",
     "RemoteError",
     "RemoteProtocolError",

@@ -25,7 +25,7 @@ from backchannel.cluster.service_url import (
 from backchannel.errors import ChannelClosed
 from backchannel.rpc.exports import DEFAULT_CALLBACK_LIMIT, Exports
 from backchannel.rpc.interface import Method
-from backchannel.rpc.provider import GOING_AWAY, ProviderHandlers
+from backchannel.rpc.provider import GOING_AWAY, ProviderHandlers, StreamHook
 from backchannel.settings import DEFAULT_TIMEOUT, Keepalive, Limits
 from backchannel.transport.auth import Authenticator
 from backchannel.transport.default import resolve as resolve_transport
@@ -67,6 +67,10 @@ class AsyncServer:
     With a ``registry``, every export is registered there under the bound address, or
     ``advertise_host`` / ``advertise_port`` when consumers reach the server elsewhere
     (behind NAT, in a container with a mapped port); docs/cluster.md.
+    ``on_connect(peer)`` runs when a consumer's stream opens (its Hello is in) and
+    ``on_disconnect(peer)`` when it ends, ``peer`` a :class:`~backchannel.rpc.provider.Peer`
+    (address, identity, application, and why it ended); plain or ``async def``
+    functions (docs/callbacks.md, "When a consumer goes away").
     """
 
     def __init__(
@@ -91,6 +95,8 @@ class AsyncServer:
         registry: str | Registry | None = None,
         advertise_host: str | None = None,
         advertise_port: int | None = None,
+        on_connect: StreamHook | None = None,
+        on_disconnect: StreamHook | None = None,
     ) -> None:
         self._requested_address = address
         transport_ = resolve_transport(transport)
@@ -123,6 +129,9 @@ class AsyncServer:
             send_tracebacks=send_tracebacks,
             callback_timeout=callback_timeout,
             authenticator=authenticator,
+            # a consumer's stream opening and ending: fn(Peer), docs/callbacks.md
+            on_connect=on_connect,
+            on_disconnect=on_disconnect,
         )
         authenticate = self._handlers.authenticate
         # health and reflection reveal no exports; each is behind the authenticator
@@ -352,6 +361,8 @@ class Server:
         registry: str | Registry | None = None,
         advertise_host: str | None = None,
         advertise_port: int | None = None,
+        on_connect: StreamHook | None = None,
+        on_disconnect: StreamHook | None = None,
     ) -> None:
         self._core = AsyncServer(
             address,
@@ -373,6 +384,8 @@ class Server:
             registry=registry,
             advertise_host=advertise_host,
             advertise_port=advertise_port,
+            on_connect=on_connect,
+            on_disconnect=on_disconnect,
         )
         self._portal: LoopThread | None = None
         #: set by stop(): what wait_for_termination waits on (None when not running)

@@ -7,15 +7,19 @@ authenticator. The transport calls these (:class:`~backchannel.transport.seam.Ha
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import logging
+from collections.abc import Callable
+from typing import Any
 
 from backchannel.errors import Unauthenticated, UnknownCallback
+from backchannel.rpc import hooks
 from backchannel.rpc.exports import Exports, to_json
 from backchannel.rpc.provider_callbacks import ProviderCallbacks
 from backchannel.settings import Limits
 from backchannel.transport import observe
-from backchannel.transport.auth import Authenticator, set_identity
+from backchannel.transport.auth import Authenticator, current_identity, set_identity
 from backchannel.transport.peerlog import PeerLog
 from backchannel.transport.seam import Code, IncomingStream, Rpc, Transport
 from backchannel.transport.session import Outgoing, Session
@@ -28,6 +32,26 @@ logger = logging.getLogger("backchannel")
 
 #: what a stopping provider tells every consumer (GoAway)
 GOING_AWAY = "server shutting down"
+
+
+@dataclasses.dataclass(frozen=True)
+class Peer:
+    """A consumer's Connect stream, as a provider's ``on_connect`` and ``on_disconnect``
+    hooks see it."""
+
+    #: the transport's name for the consumer's end (``ipv4:127.0.0.1:52114``)
+    address: str
+    #: what the provider's authenticator returned for it; None without one
+    identity: Any
+    #: the application name its Hello gave (``Client(application=...)``), or "": as
+    #: the consumer chose it, escaped and cut to 300 characters (safe to log)
+    application: str
+    #: ``on_disconnect``: why the stream ended; None in ``on_connect``
+    reason: str | None = None
+
+
+#: ``on_connect`` / ``on_disconnect``: ``fn(peer)``, a plain or an ``async def`` function
+StreamHook = Callable[[Peer], object]
 
 
 class ProviderSide:
@@ -46,7 +70,7 @@ class ProviderSide:
         return await self._exports.run(call, self.callbacks)
 
     def released(self, callback_id: int) -> None:
-        self.callbacks.release(callback_id)
+        self.callbacks.release(callback_id, why="released by the consumer")
 
     def ended(self, cause: BaseException) -> None:
         self.callbacks.clear(f"the stream ended: {cause}")
@@ -67,8 +91,12 @@ class ProviderHandlers:
         send_tracebacks: bool,
         callback_timeout: float | None,
         authenticator: Authenticator | None,
+        on_connect: StreamHook | None = None,
+        on_disconnect: StreamHook | None = None,
     ) -> None:
         self._exports = exports
+        self._on_connect = on_connect
+        self._on_disconnect = on_disconnect
         self._error_types = error_types
         self._transport = transport
         self._application = application
@@ -150,13 +178,46 @@ class ProviderHandlers:
         no_hello = asyncio.get_running_loop().call_later(
             self._limits.handshake_timeout, self._no_hello, session
         )
+        hooked = self._on_connect is not None or self._on_disconnect is not None
+        if hooked:  # its identity, for the hooks; on_connect once its Hello is in
+            identity = current_identity()
+            session.handshake.add_done_callback(lambda _: self._connected(session, identity))
         try:
             await session.run(stream.read)
         finally:
             no_hello.cancel()
             self.sessions.discard(session)
+            if hooked:
+                self._disconnected(session, identity)
         if session.ending is not None:  # it broke a limit: say which, not CANCELLED
             await stream.abort(*session.ending)
+
+    def _connected(self, session: Session, identity: object) -> None:
+        """On the loop: the consumer's Hello is in (or the stream ended before it)."""
+        if self._on_connect is None or not _opened(session):
+            return
+        peer = Peer(session.peer, identity, wire_text(session.peer_application))
+        self._fire(self._on_connect, peer, "on_connect")
+
+    def _disconnected(self, session: Session, identity: object) -> None:
+        """On the loop: a stream ended; ``on_disconnect`` hears of those that opened."""
+        if self._on_disconnect is None or not _opened(session):
+            return
+        if session.ending is not None:  # this side ended it: a limit the consumer broke
+            reason = f"ended by the provider: {session.ending[1]}"
+        elif self.stopping:
+            reason = "the provider stopped"
+        elif session.cause is not None:
+            reason = wire_text(session.cause)
+        else:
+            reason = "the stream ended"
+        peer = Peer(session.peer, identity, wire_text(session.peer_application), reason)
+        self._fire(self._on_disconnect, peer, "on_disconnect")
+
+    def _fire(self, hook: StreamHook, peer: Peer, name: str) -> None:
+        what = f"the provider's {name} hook for {peer.address}"
+        loop = asyncio.get_running_loop()
+        hooks.fire(hook, peer, what, loop, self._exports.pools.regular, on_loop=True)
 
     def _no_hello(self, session: Session) -> None:
         if not session.handshake.done():
@@ -206,3 +267,9 @@ class ProviderHandlers:
             logger.info("refused %s: %s", rpc.peer(), wire_text(exc))
             await rpc.refuse(Code.UNAUTHENTICATED, str(exc))
         set_identity(identity)
+
+
+def _opened(session: Session) -> bool:
+    """True when the stream's handshake finished (the consumer's Hello was taken)."""
+    handshake = session.handshake
+    return handshake.done() and not handshake.cancelled() and handshake.exception() is None

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import contextvars
 import functools
-import threading
 import typing
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -23,6 +23,7 @@ from backchannel.errors import (
     UnknownCallback,
 )
 from backchannel.rpc.callbacks import ServiceKey, limit_error, listener_interface, parent_in
+from backchannel.rpc.gone import Lifetime
 from backchannel.rpc.interface import InterfaceSpec, MethodSpec
 from backchannel.transport.handoff import Deferred, run_in_pool
 from backchannel.transport.portal import wait_on_loop
@@ -57,7 +58,7 @@ class PendingCall(typing.NamedTuple):
 # ---- end of the hook
 
 
-class ReverseProxy:
+class ReverseProxy(Lifetime):
     """The provider's handle on a consumer's listener.
 
     Calling a method sends a ``Call`` to the consumer on the stream that carried the
@@ -69,7 +70,8 @@ class ReverseProxy:
       and returns an awaitable future: ``await listener.changed(msg)``.
 
     Calls to one instance are delivered in the order they were made. After the instance
-    ended, every call raises :class:`CallbackGone` at once.
+    ended, every call raises :class:`CallbackGone` at once; :meth:`on_gone`,
+    ``await`` :meth:`gone` and :meth:`wait_gone` tell when that happens.
     """
 
     def __init__(
@@ -83,8 +85,7 @@ class ReverseProxy:
         self._id = callback_id
         self._interface_name = interface_name
         self._spec = spec
-        self._gone: str | None = None
-        self._ended_event = threading.Event()
+        self._init_lifetime()
         self._labels: dict[str, str] = {}
         self._decoders: dict[str, Callable[[pb.Result], Any]] = {}
         if spec is not None:
@@ -106,28 +107,18 @@ class ReverseProxy:
         """The instance's id on its stream."""
         return self._id
 
-    @property
-    def alive(self) -> bool:
-        """False once the instance ended."""
-        return self._gone is None
-
     def release(self) -> None:
         """End the instance on both sides (thread-safe; idempotent)."""
         loop = self._table.session.loop
         if self._table.session.in_loop_thread():
-            self._table.release(self._id, tell_peer=True)
+            self._table.release(self._id, tell_peer=True, why=_BY_PROVIDER)
         elif not loop.is_closed():
-            loop.call_soon_threadsafe(self._table.release, self._id, True)
-        self._ended("released by the provider")
+            loop.call_soon_threadsafe(self._table.release, self._id, True, _BY_PROVIDER)
+        self._ended(_BY_PROVIDER)
 
-    def wait_ended(self, timeout: float | None = None) -> bool:
-        """Block until the instance ended (released, removed, or its stream ended)."""
-        return self._ended_event.wait(timeout)
-
-    def _ended(self, why: str) -> None:
-        if self._gone is None:
-            self._gone = why
-            self._ended_event.set()
+    def _hook_site(self) -> tuple[asyncio.AbstractEventLoop, concurrent.futures.Executor, bool]:
+        table = self._table
+        return table.session.loop, table.pools.regular, table.session.in_loop_thread()
 
     def _check_alive(self, method: str) -> None:
         if self._gone is not None:
@@ -255,7 +246,7 @@ class ReverseProxy:
             if result.HasField("error"):
                 error = codec.decode_error(result.error, session.error_types)
                 if isinstance(error, CallbackGone):  # the consumer no longer has it
-                    table.release(callback_id)
+                    table.release(callback_id, why="released: the consumer no longer has it")
                 raise error
             value = result.value
             if codec.is_bulk_value(value):  # off the loop every stream shares
@@ -411,8 +402,12 @@ class ProviderCallbacks:
         if refused:
             self.session.flush()
 
-    def release(self, callback_id: int, tell_peer: bool = False) -> None:
-        """End one instance (idempotent); with ``tell_peer``, send Release to the consumer."""
+    def release(self, callback_id: int, tell_peer: bool = False, why: str | None = None) -> None:
+        """End one instance (idempotent), for the reason ``why``; with ``tell_peer``, send
+        Release to the consumer. Without ``why``, telling the peer is a remover method's
+        doing (the consumer asked for it); not telling it, a plain release."""
+        if why is None:
+            why = _BY_CONSUMER if tell_peer else "released"
         proxy = self._proxies.pop(callback_id, None)
         if proxy is None:
             return
@@ -420,7 +415,7 @@ class ProviderCallbacks:
             self._per_service[service] -= 1
             if not self._per_service[service]:
                 del self._per_service[service]
-        proxy._ended("released")
+        proxy._ended(why)
         if tell_peer:
             self.session.connection.send_release(callback_id)
             self.session.flush()
@@ -432,6 +427,11 @@ class ProviderCallbacks:
         self._proxies.clear()
         self._services.clear()
         self._per_service.clear()
+
+
+#: why an instance ended that the provider released, and that the consumer released
+_BY_PROVIDER = "released by the provider"
+_BY_CONSUMER = "released by the consumer"
 
 
 def _name(spec: InterfaceSpec | None) -> str:

@@ -84,6 +84,9 @@ class Receiver:
     :class:`~backchannel.transport.session.Session`, whose ``__init__`` sets up the state
     below."""
 
+    #: the application name the peer's Hello (or Welcome) gave, once it came
+    peer_application = ""
+
     # declared for the type checker only: at run time a stub here would hide the part
     # of the Session that defines the method
     if TYPE_CHECKING:
@@ -163,6 +166,7 @@ class Receiver:
                 if victim is not None:
                     victim.cancel(f"cancelled by the peer: {wire_text(event.reason)}")
             elif type(event) is HandshakeDone:
+                self.peer_application = event.peer_application
                 own = self._limits
                 self._peer_max_calls = min(
                     own.max_calls_in_flight,
