@@ -313,8 +313,13 @@ def _call(options: argparse.Namespace) -> int:
     )
     transport = resolve_transport(options.transport)
     invoke = transport.unary(options.address, "Invoke", call, pb.Result, options.timeout)
-    result: pb.Result = asyncio.run(invoke)
-    if result.HasField("error"):
+    try:
+        result: pb.Result = asyncio.run(invoke)
+    except StatusError as exc:  # a failed call: its Error is in the status details
+        if exc.error is None:
+            raise
+        raise CommandError(f"{exc.error.type}: {exc.error.message}") from None
+    if result.HasField("error"):  # a provider from before errors were statuses
         raise CommandError(f"{result.error.type}: {result.error.message}")
     print(result.json or "null")
     return 0
