@@ -328,7 +328,7 @@ def test_describe_prints_typed_signatures_and_callback_interfaces(
     typed: tuple[str, TypedImpl],
 ) -> None:
     lines = cli("describe", typed[0]).stdout.splitlines()
-    assert "test.Typed.scale(values: list[float], factor: float)" in lines
+    assert "test.Typed.scale(values: list[float], factor: float = ...)" in lines
     assert "test.Typed.loose(value, other: Unknown.Type)" in lines
     at = lines.index("test.Typed.watch(topic: str, listener: Listener)")
     assert lines[at + 1 : at + 3] == [

@@ -190,14 +190,17 @@ def _fits(declared: _Type, value: object) -> bool:
 
 
 def signature(method: pb.MethodInfo) -> str:
-    """A method as Python declares it, from its MethodInfo: ``name(a: int, b)``, marked
-    ``one-way`` when it is one."""
+    """A method as Python declares it, from its MethodInfo: ``name(a: int, b, c: str =
+    ...)`` (``...`` for a default), marked ``one-way`` when it is one."""
     types = [*method.parameter_types, *[""] * len(method.parameters)]
-    params = ", ".join(
-        f"{name}: {text}" if text else name
-        for name, text in zip(method.parameters, types, strict=False)
-    )
-    return f"{method.name}({params})" + (" one-way" if method.one_way else "")
+    params = []
+    for index, (name, text) in enumerate(zip(method.parameters, types, strict=False)):
+        default = index >= method.required
+        if text:
+            params.append(f"{name}: {text} = ..." if default else f"{name}: {text}")
+        else:
+            params.append(f"{name}=..." if default else name)
+    return f"{method.name}({', '.join(params)})" + (" one-way" if method.one_way else "")
 
 
 def mismatch(
