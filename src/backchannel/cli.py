@@ -14,7 +14,8 @@
 
 ADDRESS is HOST:PORT, or a registry (zookeeper://HOST:PORT, static://H1:P1,H2:P2 or
 H1:P1,H2:P2): call and listen then pick one provider of SERVICE through it (weighted
-random, as a Client does) and say which on stderr.
+random, as a Client does) and say which on stderr. call and listen refuse a JSON
+argument that does not fit its parameter's type, when the provider declares one.
 
 Mistakes (bad arguments, an unreachable address, an unknown service) print one line on
 stderr and exit non-zero, never a traceback.
