@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from helpers import read_line
-from notifier import NOTIFIER_METHODS, Notifier, NotifierImpl
+from notifier import NOTIFIER_METHODS, Listener, Notifier, NotifierImpl
 from services import Echo, EchoImpl
 from test_grpcurl import EXAMPLES, start_example
 from zookeeper import ZooKeeper
@@ -54,6 +54,13 @@ def test_describe_prints_a_table(callback: str) -> None:
     add = next(line.split() for line in lines if "addListener" in line)
     expected = "com.callback.CallbackService - - addListener key, listener 1 - -"
     assert add == expected.split()
+    # below the table: the declared types, the listener's interface and its methods
+    signature = "com.callback.CallbackService.addListener(key: str, listener: CallbackListener)"
+    at = lines.index(signature)
+    assert lines[at + 1 : at + 3] == [
+        "  callback argument 1 (listener): com.callback.CallbackListener",
+        "    changed(msg: str)",
+    ]
 
 
 def test_call_prints_the_result_as_json(forward: str) -> None:
@@ -208,6 +215,126 @@ def test_call_of_a_callback_method_says_to_use_listen(callback: str) -> None:
     assert result.returncode == 1
     assert "takes callback arguments" in result.stderr and "backchannel listen" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+@backchannel.interface("test.Typed")
+class Typed:
+    def say(self, text: str) -> str: ...
+    def scale(self, values: list[float], factor: float = 1.0) -> list[float]: ...
+    def flag(self, on: bool | None) -> str: ...
+    def tally(self, counts: dict[str, int]) -> int: ...
+    def pair(self, both: tuple[int, str]) -> str: ...
+    def blob(self, data: bytes) -> int: ...
+    def loose(self, value, other: Unknown.Type) -> str: ...  # type: ignore[no-untyped-def]  # noqa: F821
+    def watch(self, topic: str, listener: Listener) -> None: ...
+
+
+class TypedImpl:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple[object, ...]]] = []
+
+    def __getattr__(self, name: str) -> object:
+        if name.startswith("_"):
+            raise AttributeError(name)
+
+        def method(*args: object) -> str:
+            self.calls.append((name, args))
+            return f"{name}{args!r}"
+
+        return method
+
+
+@pytest.fixture
+def typed(transport: str) -> Iterator[tuple[str, TypedImpl]]:
+    impl = TypedImpl()
+    with backchannel.Server("127.0.0.1:0") as server:
+        server.export(
+            Typed, impl, methods=[Method("watch", arguments=[Argument(index=1, callback=True)])]
+        )
+        yield server.address, impl
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["say", "42"],
+            "argument 0 (text) of test.Typed.say() is declared str, got 42 (int); "
+            """quote a string in JSON: '"42"'""",
+        ),
+        (
+            ["scale", '[1, "x"]'],
+            'argument 0 (values) of test.Typed.scale() is declared list[float], got [1, "x"] '
+            "(list)",
+        ),
+        (
+            ["scale", "[1]", '"2"'],
+            'argument 1 (factor) of test.Typed.scale() is declared float, got "2" (str)',
+        ),
+        (["flag", "1"], "argument 0 (on) of test.Typed.flag() is declared bool | None, got 1"),
+        (
+            ["tally", '{"a": "1"}'],
+            "argument 0 (counts) of test.Typed.tally() is declared dict[str, int]",
+        ),
+        (["pair", "[1, 2]"], "argument 0 (both) of test.Typed.pair() is declared tuple[int, str]"),
+        (
+            ["blob", '"aGk="'],
+            'argument 0 (data) of test.Typed.blob() is declared bytes, got "aGk=" (str); '
+            "JSON carries no bytes",
+        ),
+    ],
+)
+def test_call_refuses_arguments_that_do_not_fit_the_declared_types(
+    typed: tuple[str, TypedImpl], args: list[str], message: str
+) -> None:
+    address, impl = typed
+    result = cli("call", address, "test.Typed", *args)
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"backchannel call: {message}"), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert impl.calls == []  # refused before sending
+
+
+@pytest.mark.parametrize(
+    ("args", "sent"),
+    [
+        (["say", '"42"'], ("42",)),  # a quoted number is a string
+        (["scale", "[1, 2.5]", "2"], ([1, 2.5], 2)),  # an int is a float
+        (["flag", "null"], (None,)),
+        (["flag", "true"], (True,)),
+        (["tally", '{"a": 1}'], ({"a": 1},)),
+        (["pair", '[1, "a"]'], ([1, "a"],)),
+        (["loose", "42", "[{}]"], (42, [{}])),  # no type, or one not read: not checked
+    ],
+)
+def test_call_sends_arguments_that_fit_the_declared_types(
+    typed: tuple[str, TypedImpl], args: list[str], sent: tuple[object, ...]
+) -> None:
+    address, impl = typed
+    result = cli("call", address, "test.Typed", *args)
+    assert result.returncode == 0, result.stderr
+    assert impl.calls == [(args[0], sent)]
+
+
+def test_listen_checks_the_arguments_beside_the_listener(typed: tuple[str, TypedImpl]) -> None:
+    address, impl = typed
+    result = cli("listen", address, "test.Typed", "watch", "7", "--callback-arg", "1")
+    assert result.returncode == 1
+    assert "argument 0 (topic) of test.Typed.watch() is declared str, got 7 (int)" in result.stderr
+    assert impl.calls == []
+
+
+def test_describe_prints_typed_signatures_and_callback_interfaces(
+    typed: tuple[str, TypedImpl],
+) -> None:
+    lines = cli("describe", typed[0]).stdout.splitlines()
+    assert "test.Typed.scale(values: list[float], factor: float = ...)" in lines
+    assert "test.Typed.loose(value, other: Unknown.Type)" in lines
+    at = lines.index("test.Typed.watch(topic: str, listener: Listener)")
+    assert lines[at + 1 : at + 3] == [
+        "  callback argument 1 (listener): test.Listener",
+        "    changed(msg: str)",
+    ]
 
 
 def test_listen_exits_when_the_provider_dies() -> None:

@@ -12,11 +12,15 @@ from pathlib import Path
 
 import grpc
 import pytest
+from conftest import run
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from helpers import CheckedThread
 
 import backchannel
+from backchannel.transport.default import resolve
+from backchannel.transport.seam import Code, StatusError
+from backchannel.transport.status_details import MAX_DETAILS, MAX_MESSAGE
 from backchannel.v1 import envelope_pb2 as pb
 
 # end to end: the module runs once per transport (conftest.py)
@@ -96,6 +100,22 @@ def test_describe_rpc_lists_exports_and_callback_arguments(callback_provider: st
     methods = {m["name"]: m for m in service["methods"]}
     assert methods["addListener"]["callbackArguments"] == [1]
     assert methods["removeListener"]["removerArguments"] == [1]
+    # the listener's interface and what the provider may call on it
+    assert methods["addListener"]["parameterTypes"] == ["str", "CallbackListener"]
+    assert methods["addListener"]["callbackInterfaces"] == [
+        {
+            "argument": 1,
+            "name": "com.callback.CallbackListener",
+            "methods": [
+                {"name": "changed", "parameters": ["msg"], "required": 1, "parameterTypes": ["str"]}
+            ],
+        }
+    ]
+    assert "callbackInterfaces" not in methods["removeListener"]  # a remover: none to call
+
+
+#: grpcurl's exit status for an RPC that ended with a status: 64 + its code
+GRPCURL_STATUS_EXIT = 64
 
 
 def test_invoke_with_json_arguments(forward_provider: str) -> None:
@@ -106,24 +126,136 @@ def test_invoke_with_json_arguments(forward_provider: str) -> None:
         "method": "add",
         "json_args": "[2, 3]",
     }
-    result = json.loads(
-        grpcurl(forward_provider, "backchannel.v1.Envelope/Invoke", data=json.dumps(call)).stdout
-    )
+    invoked = grpcurl(forward_provider, "backchannel.v1.Envelope/Invoke", data=json.dumps(call))
+    assert invoked.returncode == 0, invoked.stderr
+    result = json.loads(invoked.stdout)
     assert result["json"] == "5"
     assert result["value"] == {"intValue": "5"}
-    call |= {"method": "divide", "json_args": "[1, 0]"}
-    error = json.loads(
-        grpcurl(forward_provider, "backchannel.v1.Envelope/Invoke", data=json.dumps(call)).stdout
-    )["error"]
-    assert error["type"] == "ZeroDivisionError"
+
+
+def invoke_error(address: str, call: dict[str, str]) -> tuple[int, str, str, dict[str, object]]:
+    """grpcurl's Invoke that failed: its exit status, the status code and message it
+    printed, and the Error it decoded from the status details (through reflection)."""
+    failed = grpcurl(address, "backchannel.v1.Envelope/Invoke", data=json.dumps(call))
+    assert failed.stdout == "", failed.stdout  # no Result: the status says it
+    fields = dict(
+        line.strip().split(": ", 1) for line in failed.stderr.splitlines() if ": " in line
+    )
+    (details,) = [line for line in failed.stderr.splitlines() if line.startswith("  1)")]
+    error = json.loads(details.split(None, 1)[1])
+    assert error.pop("@type") == "type.googleapis.com/backchannel.v1.Error"
+    return failed.returncode, fields["Code"], fields["Message"], error
+
+
+CALCULATOR = {"service": "com.example.Calculator", "group": "demo", "version": "1.0.0"}
+
+
+@pytest.mark.parametrize(
+    ("call", "code", "name", "error_type", "message"),
+    [
+        (
+            CALCULATOR | {"method": "nope"},
+            12,
+            "Unimplemented",
+            "backchannel.MethodNotFound",
+            "has no method 'nope' (its methods: add, divide, greet)",
+        ),
+        (
+            {"service": "com.example.Nope", "method": "add"},
+            5,
+            "NotFound",
+            "backchannel.ServiceNotFound",
+            "no service 'com.example.Nope' is exported here (exported: com.example.Calculator)",
+        ),
+        (
+            CALCULATOR | {"method": "add", "json_args": "[1, 2, 3]"},
+            3,
+            "InvalidArgument",
+            "backchannel.InvalidArguments",
+            "com.example.Calculator.add() takes 2 arguments (a, b), got 3",
+        ),
+        (
+            CALCULATOR | {"method": "add", "json_args": "[1,"},
+            3,
+            "InvalidArgument",
+            "backchannel.InvalidArguments",
+            "json_args is not valid JSON",
+        ),
+        (
+            CALCULATOR | {"method": "divide", "json_args": "[1, 0]"},
+            2,
+            "Unknown",
+            "ZeroDivisionError",
+            "division by zero",
+        ),
+    ],
+    ids=["unknown-method", "unknown-service", "bad-arguments", "bad-json", "exception"],
+)
+def test_a_failed_invoke_exits_with_its_status_code_and_the_error_in_the_details(
+    forward_provider: str, call: dict[str, str], code: int, name: str, error_type: str, message: str
+) -> None:
+    """A script can test grpcurl's exit status: 64 + the gRPC code (UNIMPLEMENTED for an
+    unknown method, NOT_FOUND for an unknown service, INVALID_ARGUMENT, UNKNOWN for what
+    the method raised); the Error is in the status details."""
+    status, printed_code, printed_message, error = invoke_error(forward_provider, call)
+    assert status == GRPCURL_STATUS_EXIT + code
+    assert printed_code == name
+    assert printed_message.startswith(f"{error_type}: ") and message in printed_message
+    assert error["type"] == error_type and message in str(error["message"])
+    assert error["code"] == pb.Code.Name(code)  # type: ignore[arg-type]
 
 
 def test_invoke_of_a_callback_method_says_to_use_connect(callback_provider: str) -> None:
     call = {"service": "com.callback.CallbackService", "method": "addListener", "json_args": "[]"}
-    result = grpcurl(callback_provider, "backchannel.v1.Envelope/Invoke", data=json.dumps(call))
-    error = json.loads(result.stdout)["error"]
-    assert "call it through Connect" in error["message"]
-    assert "backchannel listen" in error["message"]
+    status, code, message, error = invoke_error(callback_provider, call)
+    assert (status, code) == (GRPCURL_STATUS_EXIT + 3, "InvalidArgument")
+    assert "call it through Connect" in message and "backchannel listen" in message
+    assert error["type"] == "backchannel.InvalidArguments"
+
+
+@backchannel.interface("test.Loud")
+class Loud:
+    def shout(self, times: int) -> str: ...
+
+
+class LoudImpl:
+    def shout(self, times: int) -> str:
+        raise ValueError("é" * times)
+
+
+def test_a_huge_error_is_cut_to_fit_in_the_trailers(transport: str) -> None:
+    """An exception's message of 200,000 characters with its traceback: the status
+    message and details are cut (trailers are metadata, 8 KiB for a grpcio client),
+    and every client still gets the code and the Error."""
+    with backchannel.Server("127.0.0.1:0", send_tracebacks=True) as server:
+        server.export(Loud, LoudImpl())
+        call = pb.Call(service="test.Loud", method="shout", json_args="[200000]")
+        status, code, message, error = invoke_error(
+            server.address, {"service": "test.Loud", "method": "shout", "json_args": "[200000]"}
+        )
+        with pytest.raises(StatusError) as caught:
+            run(resolve(transport).unary(server.address, "Invoke", call, pb.Result, 5))
+    assert (status, code) == (GRPCURL_STATUS_EXIT + 2, "Unknown")
+    assert message.startswith("ValueError: éé") and message.endswith("...")
+    assert len(message.encode()) <= MAX_MESSAGE
+    assert error["type"] == "ValueError" and "traceback" not in error and "args" not in error
+    assert caught.value.code is Code.UNKNOWN
+    assert caught.value.details == message
+    assert caught.value.error is not None and caught.value.error.type == "ValueError"
+    assert caught.value.error.message.startswith("éé")
+    assert caught.value.error.ByteSize() < MAX_DETAILS
+
+
+def test_an_error_that_fits_keeps_its_traceback_args_and_attributes(transport: str) -> None:
+    with backchannel.Server("127.0.0.1:0", send_tracebacks=True) as server:
+        server.export(Loud, LoudImpl())
+        call = pb.Call(service="test.Loud", method="shout", json_args="[3]")
+        with pytest.raises(StatusError) as caught:
+            run(resolve(transport).unary(server.address, "Invoke", call, pb.Result, 5))
+    error = caught.value.error
+    assert error is not None and (error.type, error.message) == ("ValueError", "ééé")
+    assert "in shout" in error.traceback and error.args[0].string_value == "ééé"
+    assert caught.value.details == "ValueError: ééé"
 
 
 class Stream:
@@ -249,8 +381,18 @@ def test_describe_rpc_shows_group_version_and_parameters(forward_provider: str) 
         "1.0.0",
     )
     methods = {m["name"]: m for m in service["methods"]}
-    assert methods["add"] == {"name": "add", "parameters": ["a", "b"], "required": 2}
-    assert methods["greet"] == {"name": "greet", "parameters": ["name", "greeting"], "required": 1}
+    assert methods["add"] == {
+        "name": "add",
+        "parameters": ["a", "b"],
+        "required": 2,
+        "parameterTypes": ["int", "int"],
+    }
+    assert methods["greet"] == {
+        "name": "greet",
+        "parameters": ["name", "greeting"],
+        "required": 1,
+        "parameterTypes": ["str", "str"],
+    }
     assert not any(m.get("oneWay") or m.get("callbackArguments") for m in methods.values())
 
 

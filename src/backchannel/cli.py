@@ -15,7 +15,8 @@
 
 ADDRESS is HOST:PORT, or a registry (zookeeper://HOST:PORT, static://H1:P1,H2:P2 or
 H1:P1,H2:P2): call and listen then pick one provider of SERVICE through it (weighted
-random, as a Client does) and say which on stderr.
+random, as a Client does) and say which on stderr. call and listen refuse a JSON
+argument that does not fit its parameter's type, when the provider declares one.
 
 Mistakes (bad arguments, an unreachable address, an unknown service) print one line on
 stderr and exit non-zero, never a traceback.
@@ -41,6 +42,7 @@ from backchannel.cluster.service_url import ServiceURL
 from backchannel.errors import BackchannelError
 from backchannel.rpc.exports import to_json
 from backchannel.rpc.interface import interface
+from backchannel.rpc.type_text import mismatch, signature
 from backchannel.transport.default import ENVIRONMENT, NAMES
 from backchannel.transport.default import resolve as resolve_transport
 from backchannel.transport.seam import StatusError
@@ -308,12 +310,31 @@ def _describe(options: argparse.Namespace) -> int:
     for row in rows:
         cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
         print("  ".join(cells).rstrip())
+    _print_signatures(response)
     return 0
+
+
+def _print_signatures(response: pb.DescribeResponse) -> None:
+    """Below the table: each method that declares types or callback interfaces as a
+    signature, and what the provider may call on each listener."""
+    lines = []
+    for service in response.services:
+        for method in service.methods:
+            if method.parameter_types or method.callback_interfaces:
+                lines.append(f"{service.name}.{signature(method)}")
+            for listener in method.callback_interfaces:
+                at = listener.argument
+                named = f" ({method.parameters[at]})" if at < len(method.parameters) else ""
+                lines.append(f"  callback argument {at}{named}: {listener.name}")
+                lines.extend(f"    {signature(callback)}" for callback in listener.methods)
+    if lines:
+        print("\n" + "\n".join(lines))
 
 
 def _call(options: argparse.Namespace) -> int:
     args = _json_args(options.args)
     options.address = _pick(options)
+    _check_types(_exports(options.address, options.timeout, options.transport), options, args)
     call = pb.Call(
         service=options.service,
         group=options.group,
@@ -323,8 +344,13 @@ def _call(options: argparse.Namespace) -> int:
     )
     transport = resolve_transport(options.transport)
     invoke = transport.unary(options.address, "Invoke", call, pb.Result, options.timeout)
-    result: pb.Result = asyncio.run(invoke)
-    if result.HasField("error"):
+    try:
+        result: pb.Result = asyncio.run(invoke)
+    except StatusError as exc:  # a failed call: its Error is in the status details
+        if exc.error is None:
+            raise
+        raise CommandError(f"{exc.error.type}: {exc.error.message}") from None
+    if result.HasField("error"):  # a provider from before errors were statuses
         raise CommandError(f"{result.error.type}: {result.error.message}")
     print(result.json or "null")
     return 0
@@ -356,7 +382,9 @@ def _listen(options: argparse.Namespace) -> int:
     if not 0 <= index <= len(args):
         raise CommandError(f"--callback-arg {index} must be between 0 and {len(args)}")
     options.address = _pick(options)
-    _check_callback_argument(_exports(options.address, options.timeout, options.transport), options)
+    exports = _exports(options.address, options.timeout, options.transport)
+    _check_callback_argument(exports, options)
+    _check_types(exports, options, [*args[:index], None, *args[index:]], skip=index)
     args.insert(index, _PrintingListener(options.answer))
     service = _dynamic_interface(options.service, options.method)
     with Client(options.address, timeout=options.timeout, transport=options.transport) as client:
@@ -386,6 +414,21 @@ def _stream_end(client: Client) -> concurrent.futures.Future[BaseException | Non
         return session.cause
 
     return client._portal.submit(ended())
+
+
+def _check_types(
+    exports: pb.DescribeResponse, options: argparse.Namespace, args: list[Any], skip: int = -1
+) -> None:
+    """Each JSON argument fits its parameter's type when the provider states it
+    (MethodInfo.parameter_types), or a CommandError saying which does not; nothing is
+    checked for a method not exported (the provider will say so)."""
+    wanted = (options.service, options.group, options.version, options.method)
+    for service in exports.services:
+        for method in service.methods:
+            if (service.name, service.group, service.version, method.name) == wanted:
+                wrong = mismatch(method, args, f"{options.service}.{options.method}()", skip)
+                if wrong:
+                    raise CommandError(wrong)
 
 
 def _check_callback_argument(exports: pb.DescribeResponse, options: argparse.Namespace) -> None:

@@ -74,18 +74,41 @@ class Export:
             group=self.group,
             version=self.version,
             callbacks=self.callbacks,
-            methods=[
-                pb.MethodInfo(
-                    name=m.spec.name,
-                    parameters=m.spec.parameters,
-                    required=m.spec.required,
-                    callback_arguments=sorted(m.spec.callbacks),
-                    remover_arguments=sorted(m.spec.removers),
-                    one_way=m.spec.one_way,
-                )
-                for m in self.methods.values()
-            ],
+            methods=self._method_infos,  # copied in: the cached ones are never handed out
         )
+
+    @functools.cached_property
+    def _method_infos(self) -> list[pb.MethodInfo]:
+        """Each method's MethodInfo, made once: reading the type hints is slow, and every
+        Connect stream's handshake carries them."""
+        infos = []
+        for m in self.methods.values():
+            info = method_info(m.spec)
+            info.callback_arguments.extend(sorted(m.spec.callbacks))
+            info.remover_arguments.extend(sorted(m.spec.removers))
+            for index in sorted(m.spec.callbacks):
+                listener = m.spec.listener_interface(index)
+                if listener is not None:  # what the provider may call on it
+                    info.callback_interfaces.add(
+                        argument=index,
+                        name=listener.name,
+                        methods=[method_info(spec) for spec in listener.methods.values()],
+                    )
+            infos.append(info)
+        return infos
+
+
+def method_info(spec: MethodSpec) -> pb.MethodInfo:
+    """A method's name, parameters and their declared types (left out when it declares
+    none), and whether it is one-way."""
+    types = [spec.parameter_type_text(i) for i in range(len(spec.parameters))]
+    return pb.MethodInfo(
+        name=spec.name,
+        parameters=spec.parameters,
+        required=spec.required,
+        one_way=spec.one_way,
+        parameter_types=types if any(types) else (),  # none declared: none stated
+    )
 
 
 #: Method settings that only a reference uses (a provider's callback timeout is

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from backchannel.errors import InvalidArguments
+from backchannel.rpc.type_text import type_text
 
 T = TypeVar("T")
 #: the asynchronous twin of an interface (see :class:`Interface`)
@@ -67,6 +68,18 @@ class MethodSpec:
         except Exception:  # an unresolvable forward reference: no type to go by
             return None
         return hints.get(self.parameters[index])
+
+    def parameter_type_text(self, index: int) -> str:
+        """Parameter ``index``'s declared type as Python writes it (``"list[int]"``), as
+        ``MethodInfo.parameter_types`` carries it; "" when it declares none."""
+        hint = self.parameter_type(index)
+        if hint is not None:
+            return type_text(hint)
+        if index >= len(self.parameters):
+            return ""
+        # none, or one that does not resolve here: the annotation as it was written
+        annotation = self.signature.parameters[self.parameters[index]].annotation
+        return "" if annotation is inspect.Parameter.empty else type_text(annotation)
 
     def listener_interface(self, index: int) -> InterfaceSpec | None:
         """The interface a callback argument is annotated with, when it is one."""

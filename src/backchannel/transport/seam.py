@@ -23,7 +23,7 @@ as a :class:`Transport`:
   :data:`Guard` when one is given. An RPC is ended with a status by ``Rpc.abort``, or
   refused before it is served by ``Rpc.refuse``.
 - **One unary call**, ``unary(address, method, ...)``, for the command line; a status
-  other than OK is raised as :class:`StatusError`.
+  other than OK is raised as :class:`StatusError`, with the Error its details held.
 - **Statuses** are :class:`Code`: gRPC's numbers, which are part of the HTTP/2 wire any
   gRPC transport speaks (the ``grpc-status`` trailer).
 
@@ -77,12 +77,16 @@ class Code(enum.IntEnum):
 
 
 class StatusError(TransportError):
-    """A unary RPC (:meth:`Transport.unary`) ended with a status other than OK."""
+    """A unary RPC (:meth:`Transport.unary`) ended with a status other than OK; a failed
+    Invoke's :class:`~backchannel.v1.envelope_pb2.Error` is ``error`` (read from the
+    status details, :mod:`backchannel.transport.status_details`)."""
 
-    def __init__(self, code: Code, details: str) -> None:
+    def __init__(self, code: Code, details: str, error: pb.Error | None = None) -> None:
         super().__init__(f"{code.name}: {details}")
         self.code = code
         self.details = details
+        #: the Error the status details held (a failed Invoke), else None
+        self.error = error
 
 
 class _EndOfStream:
@@ -194,7 +198,10 @@ class Handlers(Protocol):
         ...
 
     async def invoke(self, call: pb.Call, rpc: Rpc) -> pb.Result:
-        """Run one unary call."""
+        """Run one unary call. A Result holding an error is not sent as it is: the
+        transport ends the RPC with the Error's code, and the Error in the status
+        details (:func:`backchannel.transport.status_details.failure`), so grpcurl and
+        scripts see the failure in the status."""
         ...
 
     async def describe(self, request: pb.DescribeRequest, rpc: Rpc) -> pb.DescribeResponse:

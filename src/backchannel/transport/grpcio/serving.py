@@ -18,6 +18,7 @@ from backchannel.transport.grpcio.options import server_options
 from backchannel.transport.grpcio.status import STATUS
 from backchannel.transport.health import SERVING, HealthState
 from backchannel.transport.seam import SERVICE_NAME, Code, Guard, Handlers, Parse, Serialize
+from backchannel.transport.status_details import DETAILS_KEY, failure
 from backchannel.v1 import envelope_pb2 as pb
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -214,7 +215,11 @@ class GrpcioServer:
         await self._handlers.connect(GrpcioStream(context))
 
     async def _invoke(self, call: pb.Call, context: Context) -> pb.Result:
-        return await self._handlers.invoke(call, GrpcioRpc(context))
+        result = await self._handlers.invoke(call, GrpcioRpc(context))
+        if result.HasField("error"):  # its code as the status, the Error in the details
+            code, message, details = failure(result.error)
+            await context.abort(STATUS[code], message, ((DETAILS_KEY, details),))
+        return result
 
     async def _describe(self, request: pb.DescribeRequest, context: Context) -> pb.DescribeResponse:
         return await self._handlers.describe(request, GrpcioRpc(context))

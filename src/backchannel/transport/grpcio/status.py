@@ -4,11 +4,14 @@ backchannel's."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 
 from backchannel.errors import StreamBroken, TransportError, Unauthenticated
 from backchannel.transport import seam
 from backchannel.transport.seam import Code
+from backchannel.transport.status_details import DETAILS_KEY, error_of
 
 #: what a gRPC read returns at the end of the stream
 EOF: object = grpc.aio.EOF  # type: ignore[attr-defined]
@@ -30,5 +33,9 @@ def translate(exc: BaseException, peer: str) -> TransportError:
 
 
 def status_error(exc: grpc.aio.AioRpcError) -> seam.StatusError:
-    """A unary RPC's status as the seam's error (raise it ``from exc``)."""
-    return seam.StatusError(Code(exc.code().value[0]), str(exc.details()))
+    """A unary RPC's status as the seam's error (raise it ``from exc``), with the Error
+    its details trailer holds."""
+    trailers: Any = exc.trailing_metadata() or ()  # (key, value) pairs
+    details = next((value for key, value in trailers if key == DETAILS_KEY), None)
+    error = error_of(details) if isinstance(details, bytes) else None
+    return seam.StatusError(Code(exc.code().value[0]), str(exc.details()), error)

@@ -26,6 +26,7 @@ from backchannel.transport.grpclib.options import (
 )
 from backchannel.transport.grpclib.status import (
     EOF,
+    RawDetails,
     Status,
     status_error,
     stream_error,
@@ -189,7 +190,7 @@ async def unary(
 ) -> Any:
     """Call ``method`` of the envelope service at ``address`` once, over plaintext."""
     host, port = split_address(address)
-    channel = Channel(host, port)
+    channel = Channel(host, port, status_details_codec=RawDetails())  # a failed Invoke's
     try:
         async with channel.request(
             f"/{SERVICE_NAME}/{method}",

@@ -17,10 +17,12 @@ from grpclib.exceptions import GRPCError
 from grpclib.server import Stream
 
 from backchannel.transport.grpclib.incoming import MappedRpc
+from backchannel.transport.grpclib.status import STATUS
 from backchannel.transport.health import HealthState
 from backchannel.transport.reflection import SERVICE_NAME as REFLECTION_SERVICE
 from backchannel.transport.reflection import Reflection
 from backchannel.transport.seam import SERVICE_NAME, Guard, Handlers
+from backchannel.transport.status_details import failure
 from backchannel.v1 import envelope_pb2 as pb
 
 Mapping = dict[str, Handler]
@@ -36,7 +38,11 @@ def envelope(handlers: Handlers) -> Mapping:
     async def invoke(stream: Stream[pb.Call, pb.Result]) -> None:
         call = await stream.recv_message()
         assert call is not None  # grpclib ends a unary call without its message itself
-        await stream.send_message(await handlers.invoke(call, MappedRpc(stream)))
+        result = await handlers.invoke(call, MappedRpc(stream))
+        if result.HasField("error"):  # its code as the status, the Error in the details
+            code, message, details = failure(result.error)
+            raise GRPCError(STATUS[code], message, details)  # details: see RawDetails
+        await stream.send_message(result)
 
     async def describe(stream: Stream[pb.DescribeRequest, pb.DescribeResponse]) -> None:
         request = await stream.recv_message()

@@ -33,6 +33,7 @@ from backchannel.transport.grpclib.options import (
     server_tls,
     wire_limit,
 )
+from backchannel.transport.grpclib.status import RawDetails
 from backchannel.transport.health import SERVING
 from backchannel.transport.seam import SERVICE_NAME, Code, Guard, Handlers, Parse, Serialize
 
@@ -72,7 +73,13 @@ class _Connection(AbstractHandler):
             return
         else:
             work = request_handler(
-                server.mapping, stream, list(headers), server.codec, None, server.dispatch, release
+                server.mapping,
+                stream,
+                list(headers),
+                server.codec,
+                server.details_codec,
+                server.dispatch,
+                release,
             )
         task = asyncio.get_running_loop().create_task(work)
         self.tasks[stream] = task
@@ -239,6 +246,8 @@ class GrpclibServer:
         self.parse = parse
         self.serialize = serialize
         self.codec = ProtoCodec()
+        #: a failed Invoke's status details, made by the handler (services.envelope)
+        self.details_codec = RawDetails()
         self.dispatch = _DispatchServerEvents()
         self.health: services.Health | None = services.Health(health_guard) if health else None
         served = [SERVICE_NAME]

@@ -5,16 +5,27 @@ and the one place grpclib's (and h2's) stream errors become backchannel's."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from grpclib.const import Status
+from grpclib.encoding.base import StatusDetailsCodecBase
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 from grpclib.metadata import decode_grpc_message, encode_grpc_message
 
 from backchannel.errors import StreamBroken, TransportError, Unauthenticated
 from backchannel.transport import seam
 from backchannel.transport.seam import Code
+from backchannel.transport.status_details import error_of
 
-__all__ = ["EOF", "STATUS", "Status", "status_error", "stream_error", "translate"]
+__all__ = [
+    "EOF",
+    "STATUS",
+    "RawDetails",
+    "Status",
+    "status_error",
+    "stream_error",
+    "translate",
+]
 
 
 class _EndOfStream:
@@ -100,5 +111,19 @@ def translate(exc: BaseException, peer: str) -> TransportError:
 
 
 def status_error(exc: GRPCError) -> seam.StatusError:
-    """A unary RPC's status as the seam's error (raise it ``from exc``)."""
-    return seam.StatusError(Code(exc.status.value), str(exc.message or ""))
+    """A unary RPC's status as the seam's error (raise it ``from exc``), with the Error
+    its details trailer holds (the channel decodes with :class:`RawDetails`)."""
+    details = exc.details if isinstance(exc.details, bytes) else None
+    return seam.StatusError(Code(exc.status.value), str(exc.message or ""), error_of(details))
+
+
+class RawDetails(StatusDetailsCodecBase):
+    """grpclib's status details codec for bytes made (and read) by
+    :mod:`backchannel.transport.status_details`: passed through as they are (grpclib's
+    own codec needs googleapis-common-protos)."""
+
+    def encode(self, status: Status, message: str | None, details: Any) -> bytes:
+        return details if isinstance(details, bytes) else b""
+
+    def decode(self, status: Status, message: str | None, data: bytes) -> Any:
+        return data
