@@ -43,7 +43,9 @@ if TYPE_CHECKING:
         Unauthenticated,
         UnknownCallback,
     )
+    from backchannel.rpc.attachments import attach, attachments
     from backchannel.rpc.exports import DEFAULT_CALLBACK_LIMIT
+    from backchannel.rpc.filters import Filter, Invocation
     from backchannel.rpc.gather import gather
     from backchannel.rpc.interface import Argument, Method, interface, method
     from backchannel.rpc.provider_callbacks import ReverseProxy
@@ -72,6 +74,8 @@ _HOMES = {
     "DeadlineExceeded": "backchannel.errors",
     "DecodeError": "backchannel.errors",
     "EncodeError": "backchannel.errors",
+    "Filter": "backchannel.rpc.filters",
+    "Invocation": "backchannel.rpc.filters",
     "InvalidArguments": "backchannel.errors",
     "Keepalive": "backchannel.settings",
     "Limits": "backchannel.settings",
@@ -91,6 +95,8 @@ _HOMES = {
     "TransportError": "backchannel.errors",
     "Unauthenticated": "backchannel.errors",
     "UnknownCallback": "backchannel.errors",
+    "attach": "backchannel.rpc.attachments",
+    "attachments": "backchannel.rpc.attachments",
     "bearer_tokens": "backchannel.transport.auth",
     "current_identity": "backchannel.transport.auth",
     "gather": "backchannel.rpc.gather",
@@ -144,7 +150,9 @@ __all__ = [
     "DeadlineExceeded",
     "DecodeError",
     "EncodeError",
+    "Filter",
     "InvalidArguments",
+    "Invocation",
     "Keepalive",
     "Limits",
     "LocalProtocolError",
@@ -163,6 +171,8 @@ __all__ = [
     "TransportError",
     "Unauthenticated",
     "UnknownCallback",
+    "attach",
+    "attachments",
     "bearer_tokens",
     "current_identity",
     "gather",

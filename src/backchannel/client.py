@@ -28,6 +28,9 @@ from backchannel.cluster.reference import Proxy, Reference
 from backchannel.cluster.registry import Registry
 from backchannel.cluster.resubscribe import resubscribe
 from backchannel.errors import ChannelClosed
+from backchannel.rpc import attachments
+from backchannel.rpc.attachments import propagation
+from backchannel.rpc.filters import FilterLike, chain_of
 from backchannel.rpc.interface import Method, MethodSpec
 from backchannel.rpc.notify import HookPool, MethodHooks, wrap_async, wrap_sync
 from backchannel.settings import DEFAULT_TIMEOUT, Keepalive, Limits
@@ -92,6 +95,8 @@ class AsyncClient:
         metadata: Sequence[tuple[str, str]] = (),
         token: str | None = None,
         send_token_over_plaintext: bool = False,
+        filters: Iterable[FilterLike] = (),
+        propagate_attachments: bool | Iterable[str] = False,
     ) -> None:
         if isinstance(address, str) and ":" not in address:
             raise ValueError(
@@ -102,6 +107,9 @@ class AsyncClient:
             raise ValueError(f"address must be a str or a Registry, got {address!r}")
         if timeout is not None and not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds or None, got {timeout!r}")
+        # filters (docs/filters.md) and attachments (docs/attachments.md), checked first
+        links = chain_of(filters)
+        propagate = propagation(propagate_attachments)
         self.address = address if isinstance(address, str) else repr(address)
         self.timeout = timeout
         error_types = codec.ErrorTypes(errors)
@@ -130,6 +138,8 @@ class AsyncClient:
         self._single: ProviderLink | None = self._consumer.single
         self._directories: dict[ServiceKey, Directory] = self._consumer.directory_of
         self._hooks = HookPool(max_workers)  # plain event-notify hooks run here
+        self._filters = settings.filters = links
+        settings.propagate_attachments = propagate
 
     @property
     def _session(self) -> Session | None:
@@ -156,6 +166,7 @@ class AsyncClient:
         cluster: str = "failover",
         loadbalance: str | LoadBalance = "random",
         forks: int = 2,
+        filters: Sequence[FilterLike] = (),
     ) -> T:
         """A proxy whose methods are coroutines calling the provider's ``interface``.
 
@@ -166,7 +177,7 @@ class AsyncClient:
         (docs/cluster.md).
         """
         ref = self._reference(
-            interface, group, version, timeout, methods, cluster, loadbalance, forks
+            interface, group, version, timeout, methods, cluster, loadbalance, forks, filters
         )
         return Proxy(ref, self._invoke_coroutine, self._notify)  # type: ignore[return-value]
 
@@ -180,6 +191,7 @@ class AsyncClient:
         cluster: str,
         loadbalance: str | LoadBalance,
         forks: int,
+        filters: Sequence[FilterLike] = (),
     ) -> Reference:
         if loadbalance == "leastactive":  # counted by this consumer, per provider address
             link = self._consumer.link
@@ -193,6 +205,7 @@ class AsyncClient:
             cluster=cluster,
             loadbalance=loadbalance,
             forks=forks,
+            filters=self._filters + chain_of(filters),
         )
 
     def _notify(self, ref: Reference, method: MethodSpec, hooks: MethodHooks) -> Any:
@@ -289,6 +302,8 @@ class Client:
         metadata: Sequence[tuple[str, str]] = (),
         token: str | None = None,
         send_token_over_plaintext: bool = False,
+        filters: Iterable[FilterLike] = (),
+        propagate_attachments: bool | Iterable[str] = False,
     ) -> None:
         self._core = AsyncClient(
             address,
@@ -305,6 +320,8 @@ class Client:
             metadata=metadata,
             token=token,
             send_token_over_plaintext=send_token_over_plaintext,
+            filters=filters,
+            propagate_attachments=propagate_attachments,
         )
         self._portal = LoopThread(f"backchannel-client {self._core.address}")
         self._hooks = HookPool(max_workers)  # hooks of async_=True calls run here
@@ -334,6 +351,7 @@ class Client:
         cluster: str = "failover",
         loadbalance: str | LoadBalance = "random",
         forks: int = 2,
+        filters: Sequence[FilterLike] = (),
     ) -> T:
         """A proxy whose methods call the provider's ``interface`` and block for the result.
 
@@ -343,7 +361,7 @@ class Client:
         ``cluster``, ``loadbalance`` and ``forks``: see :meth:`AsyncClient.reference`.
         """
         ref = self._core._reference(
-            interface, group, version, timeout, methods, cluster, loadbalance, forks
+            interface, group, version, timeout, methods, cluster, loadbalance, forks, filters
         )
         return Proxy(ref, self._invoke_blocking, self._notify)  # type: ignore[return-value]
 
@@ -374,6 +392,8 @@ class Client:
             or method.name in ref.retries
             or method.name in ref.resubscribe
             or ref.clusters[method.name] != "failover"
+            or ref.filters  # filters and attachments: the coroutine, in the caller's context
+            or attachments.STATE.get() is not None
             or self._portal.in_loop_thread()
         ):
             return self._portal.run(cluster_invoke(consumer, ref, method, args, kwargs, current))

@@ -23,7 +23,9 @@ from backchannel.cluster.service_url import (
     check_weight,
 )
 from backchannel.errors import ChannelClosed
+from backchannel.rpc.attachments import propagation
 from backchannel.rpc.exports import DEFAULT_CALLBACK_LIMIT, Exports
+from backchannel.rpc.filters import FilterLike, chain_of
 from backchannel.rpc.interface import Method
 from backchannel.rpc.provider import GOING_AWAY, ProviderHandlers
 from backchannel.settings import DEFAULT_TIMEOUT, Keepalive, Limits
@@ -86,6 +88,8 @@ class AsyncServer:
         authenticate_health: bool = False,
         registry: str | Registry | None = None,
         advertise_host: str | None = None,
+        filters: Iterable[FilterLike] = (),
+        propagate_attachments: bool | Iterable[str] = False,
     ) -> None:
         self._requested_address = address
         transport_ = resolve_transport(transport)
@@ -98,6 +102,10 @@ class AsyncServer:
             max_workers, max_reentrant_workers, role="provider", owners="Server or AsyncServer"
         )
         self._exports = Exports(self._pools, self._error_types)
+        # filters (docs/filters.md) and attachments (docs/attachments.md)
+        self._exports.filters = chain_of(filters)
+        self._exports.propagate = propagation(propagate_attachments)
+        self._exports.attachment_limit = limits.max_attachment_bytes
         #: the exports' provider URLs in the registry, when there is one
         self._registration = Registration(
             registry,
@@ -150,12 +158,14 @@ class AsyncServer:
         callbacks: int = DEFAULT_CALLBACK_LIMIT,
         methods: Sequence[Method] = (),
         weight: int = DEFAULT_WEIGHT,
+        filters: Sequence[FilterLike] = (),
     ) -> None:
         """Serve ``impl`` as ``interface`` under ``group`` and ``version``.
 
         Two exports that differ only by group or version coexist. ``callbacks`` limits
         the live callback instances per stream for this service. ``weight`` is the
         load-balancing weight written into its provider URL when a registry is used.
+        ``filters`` run inside the server's, around this export's calls (docs/filters.md).
 
         With a registry, an export made while the server runs is registered at once,
         and withdrawn on stop like the others: called on the server's loop, in a task
@@ -165,7 +175,13 @@ class AsyncServer:
         """
         check_weight(weight)
         export = self._exports.add(
-            interface, impl, group=group, version=version, callbacks=callbacks, methods=methods
+            interface,
+            impl,
+            group=group,
+            version=version,
+            callbacks=callbacks,
+            methods=methods,
+            filters=filters,
         )
         try:
             self._registration.add(export.key, export.info(), weight)
@@ -344,6 +360,8 @@ class Server:
         authenticate_health: bool = False,
         registry: str | Registry | None = None,
         advertise_host: str | None = None,
+        filters: Iterable[FilterLike] = (),
+        propagate_attachments: bool | Iterable[str] = False,
     ) -> None:
         self._core = AsyncServer(
             address,
@@ -364,6 +382,8 @@ class Server:
             authenticate_health=authenticate_health,
             registry=registry,
             advertise_host=advertise_host,
+            filters=filters,
+            propagate_attachments=propagate_attachments,
         )
         self._portal: LoopThread | None = None
         #: set by stop(): what wait_for_termination waits on (None when not running)
@@ -379,6 +399,7 @@ class Server:
         callbacks: int = DEFAULT_CALLBACK_LIMIT,
         methods: Sequence[Method] = (),
         weight: int = DEFAULT_WEIGHT,
+        filters: Sequence[FilterLike] = (),
     ) -> None:
         """Serve ``impl`` as ``interface``; see :meth:`AsyncServer.export`."""
         self._core.export(
@@ -389,6 +410,7 @@ class Server:
             callbacks=callbacks,
             methods=methods,
             weight=weight,
+            filters=filters,
         )
 
     def register_error(self, cls: type[BaseException]) -> None:

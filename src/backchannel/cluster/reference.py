@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from backchannel.cluster.loadbalance import LoadBalance, load_balance
+from backchannel.rpc.filters import Link
 from backchannel.rpc.interface import (
     InterfaceSpec,
     Method,
@@ -40,6 +41,7 @@ class Reference:
         cluster: str = "failover",
         loadbalance: str | LoadBalance = "random",
         forks: int = 2,
+        filters: tuple[Link, ...] = (),
     ) -> None:
         if timeout is not None and not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds or None, got {timeout!r}")
@@ -51,6 +53,8 @@ class Reference:
         )
         #: how many providers a ``forking`` call is sent to at once
         self.forks = forks
+        #: the client's filters then the reference's, around each call (not each attempt)
+        self.filters = filters
         self.spec: InterfaceSpec = interface_spec(interface)
         self.group = group or ""
         self.version = version or ""

@@ -24,9 +24,11 @@ from backchannel.errors import (
     MethodNotFound,
     UnknownCallback,
 )
+from backchannel.rpc import attachments, filters
 from backchannel.rpc.callbacks import ServiceKey, limit_error, listener_interface
 from backchannel.rpc.interface import InterfaceSpec, MethodSpec, find_interface_spec
 from backchannel.rpc.turns import Turns
+from backchannel.settings import DEFAULT_MAX_ATTACHMENT_BYTES
 from backchannel.transport.handoff import post_quietly, submit
 from backchannel.v1 import envelope_pb2 as pb
 from backchannel.wire import codec
@@ -58,6 +60,13 @@ class ExportedCallback:
 
 class ConsumerCallbacks:
     """The consumer's side of one stream: its exported listeners, and running their calls."""
+
+    #: the client's filters, around every listener call (none: unfiltered)
+    filters: tuple[filters.Link, ...] = ()
+    #: Limits.max_attachment_bytes of the client: a callback carrying more is refused
+    attachment_limit = DEFAULT_MAX_ATTACHMENT_BYTES
+    #: ``propagate_attachments``: what calls a listener makes carry of its call's own
+    propagate: attachments.Propagate = False
 
     def __init__(self, session: Session, pools: CallPools) -> None:
         self._session = session
@@ -198,7 +207,12 @@ class ConsumerCallbacks:
                 f"the result of {where}",
             )
         _, is_async, where, result_where = known
+        if call.attachments or attachments.STATE.get() is not None:
+            attachments.serving(call, self.attachment_limit, self.propagate, where)
         args = codec.decode_args(call.args, where)
+        if self.filters:  # the listener's method, wrapped: it runs in its turn as usual
+            function = self._filtered(call, entry, function, is_async)
+            is_async = True
         if entry.holder and entry.holder in self._session.ancestors(call.parent_id):
             # re-entrant: the call that holds this instance is waiting for this one
             return await self._invoke(call, function, is_async, args, where, None)
@@ -227,6 +241,40 @@ class ConsumerCallbacks:
                 )
             else:
                 self._unlock(entry, call_id)
+
+    def _filtered(
+        self,
+        call: pb.Call,
+        entry: ExportedCallback,
+        function: Callable[..., Any],
+        is_async: bool,
+    ) -> Callable[..., Any]:
+        """``function`` behind the client's filters, as an ``async`` callable."""
+        seen = attachments.attachments()
+
+        async def listener(invocation: filters.Invocation) -> Any:
+            if invocation.attachments != seen:  # a filter changed what the listener reads
+                attachments.set_incoming(invocation.attachments)
+            if is_async:
+                return await function(*invocation.args)
+            context = contextvars.copy_context()
+            pool = self._pools.executor_for(call, self._session)
+            outcome, _ = submit(pool, functools.partial(context.run, function, *invocation.args))
+            return await outcome
+
+        async def filtered(*args: Any) -> Any:
+            invocation = filters.Invocation(
+                "consumer",
+                "callback",
+                _interface_name(entry),
+                call.method,
+                list(args),
+                dict(seen),
+                peer=self._session.peer,
+            )
+            return await filters.run(self.filters, invocation, listener)
+
+        return filtered
 
     @staticmethod
     def _unlock(entry: ExportedCallback, call_id: int) -> None:

@@ -191,6 +191,7 @@ def _start_all(slots: Sequence[int], items: Sequence[Any], outcomes: _Outcomes) 
             and type(item) is PendingCall
             and item.method == first.method
             and item.one_way == first.one_way
+            and item.attached is first.attached
             and _same_objects(item.args, first.args)
         ):
             run.append(slot)
@@ -223,6 +224,8 @@ def _start_run(
     except Exception:  # encoding failed: then each call of the run says so
         values = None
     groups: dict[tuple[Any, int], list[int]] = {}
+    if first.proxy._table.filters:  # each call goes alone through them: no Multicast
+        values = None
     if values is not None and len(run) > 1:
         for slot in run:
             pending: PendingCall = items[slot]

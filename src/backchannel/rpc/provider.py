@@ -7,6 +7,7 @@ authenticator. The transport calls these (:class:`~backchannel.transport.seam.Ha
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 
@@ -36,6 +37,9 @@ class ProviderSide:
     def __init__(self, exports: Exports, session: Session, callback_timeout: float | None) -> None:
         self._exports = exports
         self.callbacks = ProviderCallbacks(session, callback_timeout, exports.pools)
+        if exports.filters:  # the server's filters see its callbacks too
+            self.callbacks.filters = exports.filters
+        self.callbacks.attachment_limit = exports.attachment_limit
 
     async def dispatch(self, call: pb.Call) -> pb.Value:
         if call.callback_id:
@@ -170,9 +174,10 @@ class ProviderHandlers:
         await self.authenticate(rpc)
         try:
             if observe.AVAILABLE and observe.collecting():  # the server span around it
-                value = await observe.serve(None, call, self._run_unary, rpc.peer(), self.address)
+                run = functools.partial(self._run_unary, peer=rpc.peer())
+                value = await observe.serve(None, call, run, rpc.peer(), self.address)
             else:
-                value = await self._run_unary(call)
+                value = await self._run_unary(call, rpc.peer())
         except Exception as exc:
             error = codec.encode_error(exc, self._error_types, self._send_tracebacks)
             return pb.Result(id=call.id, error=error)
@@ -181,8 +186,8 @@ class ProviderHandlers:
             result.json = to_json(codec.decode(value, "the result"))
         return result
 
-    async def _run_unary(self, call: pb.Call) -> pb.Value:
-        return await self._exports.run(call, None)
+    async def _run_unary(self, call: pb.Call, peer: str = "") -> pb.Value:
+        return await self._exports.run(call, None, peer)
 
     async def describe(self, request: pb.DescribeRequest, rpc: Rpc) -> pb.DescribeResponse:
         await self.authenticate(rpc)

@@ -22,8 +22,10 @@ from backchannel.errors import (
     StreamBroken,
     UnknownCallback,
 )
+from backchannel.rpc import attachments, filters
 from backchannel.rpc.callbacks import ServiceKey, limit_error, listener_interface, parent_in
 from backchannel.rpc.interface import InterfaceSpec, MethodSpec
+from backchannel.settings import DEFAULT_MAX_ATTACHMENT_BYTES
 from backchannel.transport.handoff import Deferred, run_in_pool
 from backchannel.transport.portal import wait_on_loop
 from backchannel.transport.session import CURRENT_CALL
@@ -52,6 +54,8 @@ class PendingCall(typing.NamedTuple):
     one_way: bool
     args: tuple[Any, ...]
     parent: int
+    #: the attachments it carries (read where it was made)
+    attached: attachments.Attachments | None = None
 
 
 # ---- end of the hook
@@ -148,19 +152,79 @@ class ReverseProxy:
         one_way = spec.one_way if spec is not None else False
         session = self._table.session
         parent = parent_in(session, CURRENT_CALL.get())
+        attached = attachments.outgoing()  # read here: the call starts on the loop
         if COLLECTING.get():  # hook: backchannel.gather() collects the call, starts it later
-            return PendingCall(self, method, one_way, args, parent)
+            return PendingCall(self, method, one_way, args, parent, attached)
         self._check_alive(method)
+        if self._table.filters:
+            return self._filtered(method, one_way, args, parent, attached)
         if session.in_loop_thread():
-            return self._start(method, one_way, args, parent, chain=True)
+            return self._start(method, one_way, args, parent, chain=True, attached=attached)
         try:
-            return wait_on_loop(session.loop, lambda: self._start(method, one_way, args, parent))
+            return wait_on_loop(
+                session.loop,
+                lambda: self._start(method, one_way, args, parent, attached=attached),
+            )
         except ChannelClosed:  # the loop is closed: so is the stream
             self._ended("the stream ended")
             self._check_alive(method)
             raise
         except StreamBroken as exc:  # the stream ended while the call was in flight
             raise self._gone_error(method, exc) from exc
+
+    def _filtered(
+        self,
+        method: str,
+        one_way: bool,
+        args: tuple[Any, ...],
+        parent: int,
+        attached: attachments.Attachments | None,
+    ) -> Any:
+        """A call through the server's filters: on the loop, an awaitable; from a
+        thread, its result (blocking as an unfiltered call does)."""
+        session = self._table.session
+        if session.in_loop_thread():
+            return asyncio.ensure_future(
+                self._through_filters(method, one_way, args, parent, attached)
+            )
+        try:
+            return wait_on_loop(
+                session.loop,
+                lambda: asyncio.ensure_future(
+                    self._through_filters(method, one_way, args, parent, attached)
+                ),
+            )
+        except ChannelClosed:  # the loop is closed: so is the stream
+            self._ended("the stream ended")
+            self._check_alive(method)
+            raise
+
+    async def _through_filters(
+        self,
+        method: str,
+        one_way: bool,
+        args: tuple[Any, ...],
+        parent: int,
+        attached: attachments.Attachments | None,
+    ) -> Any:
+        invocation = filters.Invocation(
+            "provider",
+            "callback",
+            self._interface_name,
+            method,
+            list(args),
+            dict(attached or ()),
+            peer=self._table.session.peer,
+        )
+
+        def send(invocation: filters.Invocation) -> asyncio.Future[Any]:
+            given = invocation.attachments
+            carried = attachments.Attachments(given) if given else None  # checked here
+            return self._start(
+                method, one_way, tuple(invocation.args), parent, chain=True, attached=carried
+            )
+
+        return await filters.run(self._table.filters, invocation, send)
 
     def _gone_error(self, method: str, cause: BaseException) -> CallbackGone:
         """The stream ended under a call: the instance is gone (CallbackGone, not the bare
@@ -177,7 +241,20 @@ class ReverseProxy:
         future without waiting; ``values`` are its arguments encoded already (shared by
         many calls), or None to encode them here. A StreamBroken is left untranslated:
         :meth:`gone_error` makes the CallbackGone."""
-        return self._start(pending.method, pending.one_way, pending.args, pending.parent, values)
+        if self._table.filters:  # filters see each call (and may change its arguments)
+            return asyncio.ensure_future(
+                self._through_filters(
+                    pending.method, pending.one_way, pending.args, pending.parent, pending.attached
+                )
+            )
+        return self._start(
+            pending.method,
+            pending.one_way,
+            pending.args,
+            pending.parent,
+            values,
+            attached=pending.attached,
+        )
 
     def gone_now(self, method: str) -> CallbackGone:
         """The CallbackGone a call of ``method`` raises on an instance that ended."""
@@ -210,6 +287,7 @@ class ReverseProxy:
         parent: int,
         values: Sequence[pb.Value] | None = None,
         chain: bool = False,
+        attached: attachments.Attachments | None = None,
     ) -> asyncio.Future[Any]:
         """On the loop: send the call now, return a future for its decoded outcome.
 
@@ -223,6 +301,8 @@ class ReverseProxy:
         call = pb.Call(
             method=method, args=values, callback_id=self._id, parent_id=parent, one_way=one_way
         )
+        if attached:
+            attachments.put(call, attached, self._table.attachment_limit, where)
 
         def broken(error: BaseException) -> BaseException:
             if isinstance(error, StreamBroken):  # the instance went with its stream
@@ -299,6 +379,11 @@ def begin_multicast(
     if sinks is not None and len(live) < len(pendings):
         sinks = [sinks[index] for index in live]
     call = pb.Call(method=first.method, args=values, one_way=first.one_way)
+    if first.attached:
+        try:
+            attachments.put(call, first.attached, table.attachment_limit, first.proxy.label(method))
+        except Exception as exc:
+            return [exc if outcome is _NOT_YET else outcome for outcome in outcomes]
     try:
         started = table.session.start_multicast(call, targets, table.timeout, first.parent, sinks)
     except Exception:
@@ -319,6 +404,11 @@ _NOT_YET = Exception("not started")
 
 class ProviderCallbacks:
     """The provider's side of one stream: a reverse proxy per live callback instance."""
+
+    #: the server's filters, around every call through its proxies (none: unfiltered)
+    filters: tuple[filters.Link, ...] = ()
+    #: Limits.max_attachment_bytes of the server: a call carrying more is not sent
+    attachment_limit = DEFAULT_MAX_ATTACHMENT_BYTES
 
     def __init__(self, session: Session, timeout: float | None, pools: CallPools) -> None:
         self.session = session
