@@ -106,7 +106,8 @@ async def invoke_on(
                     "yet"
                 ) from CONNECTING
             timeout = left(deadline)
-        attached = attachments.outgoing()  # of the caller's context (the task's)
+        state = attachments.STATE.get()  # of the caller's context (the task's)
+        attached = None if state is None else state.outgoing
         call, future = start(consumer, session, ref, method, positional, current, timeout, attached)
         link.sent += 1
         try:

@@ -152,7 +152,8 @@ class ReverseProxy:
         one_way = spec.one_way if spec is not None else False
         session = self._table.session
         parent = parent_in(session, CURRENT_CALL.get())
-        attached = attachments.outgoing()  # read here: the call starts on the loop
+        state = attachments.STATE.get()  # read here: the call may start in a hand-off
+        attached = None if state is None else state.outgoing
         if COLLECTING.get():  # hook: backchannel.gather() collects the call, starts it later
             return PendingCall(self, method, one_way, args, parent, attached)
         self._check_alive(method)
