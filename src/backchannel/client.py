@@ -76,6 +76,11 @@ class AsyncClient:
     address, unless ``send_token_over_plaintext=True``; any other address is refused with
     :class:`~backchannel.errors.CredentialsNotSent`, at once for a single address, per
     call for a list or a registry (docs/cluster.md, *Where the token goes*).
+
+    ``filters`` run around every call of its references and every listener call it
+    serves, the first outermost (docs/filters.md); ``propagate_attachments`` (True or a
+    list of keys) carries a callback's attachments into the calls its listener makes
+    (docs/attachments.md).
     """
 
     def __init__(
@@ -175,6 +180,7 @@ class AsyncClient:
         plain ones run in a thread pool). A bad hook is a TypeError here. ``cluster``,
         ``loadbalance`` and ``forks`` matter when there is more than one provider
         (docs/cluster.md).
+        ``filters`` run inside the client's, around this reference's calls only.
         """
         ref = self._reference(
             interface, group, version, timeout, methods, cluster, loadbalance, forks, filters

@@ -65,6 +65,11 @@ class AsyncServer:
     serves the descriptors of every message type the process imported) and, with
     ``authenticate_health=True``, the health service (open by default, for probes that
     send no token). ``reflection=False`` / ``health=False`` turn them off.
+
+    ``filters`` run around every call it serves and every callback it makes, the first
+    outermost (docs/filters.md); ``propagate_attachments`` (True or a list of keys)
+    carries a call's attachments into the callbacks and nested calls made while serving
+    it (docs/attachments.md).
     """
 
     def __init__(
