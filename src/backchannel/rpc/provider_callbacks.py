@@ -33,7 +33,6 @@ from backchannel.v1 import envelope_pb2 as pb
 from backchannel.wire import codec
 
 if TYPE_CHECKING:
-    from backchannel.transport.outgoing import Sink
     from backchannel.transport.pools import CallPools
     from backchannel.transport.session import Session
 
@@ -157,15 +156,16 @@ class ReverseProxy:
         if COLLECTING.get():  # hook: backchannel.gather() collects the call, starts it later
             return PendingCall(self, method, one_way, args, parent, attached)
         self._check_alive(method)
-        if self._table.filters:
-            return self._filtered(method, one_way, args, parent, attached)
-        if session.in_loop_thread():
+        if self._table.filters:  # through them, on the loop (a task: they are coroutines)
+            start = functools.partial(self._filtered, method, one_way, args, parent, attached)
+        elif session.in_loop_thread():
             return self._start(method, one_way, args, parent, chain=True, attached=attached)
+        else:
+            start = functools.partial(self._start, method, one_way, args, parent, attached=attached)
+        if session.in_loop_thread():
+            return start()
         try:
-            return wait_on_loop(
-                session.loop,
-                lambda: self._start(method, one_way, args, parent, attached=attached),
-            )
+            return wait_on_loop(session.loop, start)
         except ChannelClosed:  # the loop is closed: so is the stream
             self._ended("the stream ended")
             self._check_alive(method)
@@ -180,25 +180,9 @@ class ReverseProxy:
         args: tuple[Any, ...],
         parent: int,
         attached: attachments.Attachments | None,
-    ) -> Any:
-        """A call through the server's filters: on the loop, an awaitable; from a
-        thread, its result (blocking as an unfiltered call does)."""
-        session = self._table.session
-        if session.in_loop_thread():
-            return asyncio.ensure_future(
-                self._through_filters(method, one_way, args, parent, attached)
-            )
-        try:
-            return wait_on_loop(
-                session.loop,
-                lambda: asyncio.ensure_future(
-                    self._through_filters(method, one_way, args, parent, attached)
-                ),
-            )
-        except ChannelClosed:  # the loop is closed: so is the stream
-            self._ended("the stream ended")
-            self._check_alive(method)
-            raise
+    ) -> asyncio.Future[Any]:
+        """On the loop: a call through the server's filters, as a task."""
+        return asyncio.ensure_future(self._through_filters(method, one_way, args, parent, attached))
 
     async def _through_filters(
         self,
@@ -243,11 +227,7 @@ class ReverseProxy:
         many calls), or None to encode them here. A StreamBroken is left untranslated:
         :meth:`gone_error` makes the CallbackGone."""
         if self._table.filters:  # filters see each call (and may change its arguments)
-            return asyncio.ensure_future(
-                self._through_filters(
-                    pending.method, pending.one_way, pending.args, pending.parent, pending.attached
-                )
-            )
+            return self._filtered(*pending[1:])
         return self._start(
             pending.method,
             pending.one_way,
@@ -345,62 +325,6 @@ class ReverseProxy:
             return codec.decode(value, what)
 
         return decode
-
-
-def begin_multicast(
-    pendings: Sequence[PendingCall],
-    values: Sequence[pb.Value],
-    sinks: Sequence[Sink] | None = None,
-) -> list[Sink | Exception]:
-    """On the loop: start calls :func:`backchannel.gather` collected for instances on one
-    stream, all of one method with the same encoded arguments, as Multicast frames (the
-    stream must take them); each call's future (or its entry of ``sinks``, which then
-    takes its outcome: see :meth:`~backchannel.transport.session.Session.start_multicast`),
-    or the exception that stopped it (a CallbackGone). Should the multicast fail as a
-    whole, each call is sent alone and says for itself what went wrong (a future each)."""
-    first = pendings[0]
-    table = first.proxy._table
-    outcomes: list[Sink | Exception] = []
-    targets: list[tuple[int, str, Callable[[pb.Result], Any]]] = []
-    live: list[int] = []
-    method = first.method
-    for index, pending in enumerate(pendings):
-        proxy = pending.proxy
-        if proxy._gone is not None:
-            outcomes.append(proxy.gone_now(method))
-            continue
-        outcomes.append(_NOT_YET)
-        # the label and decoder made before, or made now
-        label = proxy._labels.get(method) or proxy.label(method)
-        decode = proxy._decoders.get(method) or proxy.decoder(method)
-        targets.append((proxy._id, label, decode))
-        live.append(index)
-    if not targets:
-        return outcomes
-    if sinks is not None and len(live) < len(pendings):
-        sinks = [sinks[index] for index in live]
-    call = pb.Call(method=first.method, args=values, one_way=first.one_way)
-    if first.attached:
-        try:
-            attachments.put(call, first.attached, table.attachment_limit, first.proxy.label(method))
-        except Exception as exc:
-            return [exc if outcome is _NOT_YET else outcome for outcome in outcomes]
-    try:
-        started = table.session.start_multicast(call, targets, table.timeout, first.parent, sinks)
-    except Exception:
-        for index in live:
-            try:
-                outcomes[index] = pendings[index].proxy.begin(pendings[index], values)
-            except Exception as exc:
-                outcomes[index] = exc
-        return outcomes
-    for index, sink in zip(live, started, strict=True):
-        outcomes[index] = sink
-    return outcomes
-
-
-#: a place in begin_multicast's outcomes not filled yet
-_NOT_YET = Exception("not started")
 
 
 class ProviderCallbacks:
