@@ -103,6 +103,24 @@ class AsyncWatcher:
         return f"{self.name}:{text}|{_tenant()}"
 
 
+class SyncRelay:
+    """A listener that calls the provider back through its own client's reference."""
+
+    def __init__(self, ref: Any) -> None:
+        self.ref = ref
+
+    def seen(self, text: str) -> Any:
+        return self.ref.say(text)
+
+
+class AsyncRelay:
+    def __init__(self, ref: Any) -> None:
+        self.ref = ref
+
+    async def seen(self, text: str) -> Any:
+        return await self.ref.say(text)
+
+
 class Rig:
     """A provider and a consumer of one flavour; ``call`` makes a call from the test
     thread (sync) or from a coroutine on the consumer's loop (asyncio), inside
@@ -118,6 +136,10 @@ class Rig:
 
     def watcher(self, name: str = "w") -> Any:
         return SyncWatcher(name) if self.flavour == "sync" else AsyncWatcher(name)
+
+    def relay(self) -> Any:
+        """A listener whose method calls ``say`` through this rig's consumer."""
+        return SyncRelay(self._ref) if self.flavour == "sync" else AsyncRelay(self._ref)
 
     def call(
         self, method: str, *args: Any, attach: Mapping[str, str] | None = None, ref: Any = None

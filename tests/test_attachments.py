@@ -146,6 +146,17 @@ def test_propagated_into_nested_calls(flavour: str) -> None:
         assert r.call("forward", r.address, "n", attach={"tenant": "t3"}) == "n|-"
 
 
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_propagated_by_the_client_into_a_listener_s_calls(flavour: str) -> None:
+    """consumer -> provider -> listener -> provider: each hop carries them on when the
+    side that received the call propagates."""
+    both = {"propagate_attachments": True}
+    with rig(flavour, server=both, client=both) as r:
+        assert r.call("subscribe", r.relay(), "n", attach={"tenant": "t6"}) == "n|t6"
+    with rig(flavour, server=both) as r:  # the client does not: the listener's call is bare
+        assert r.call("subscribe", r.relay(), "n", attach={"tenant": "t6"}) == "n|-"
+
+
 @pytest.fixture
 def filtered_address() -> Iterator[str]:
     with backchannel.Server("127.0.0.1:0") as server:

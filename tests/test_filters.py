@@ -4,14 +4,17 @@ reading and changing the call, short-circuits, error mapping."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
+import grpc
 import pytest
-from filtered import rig
+from filtered import FILTERED_METHODS, Filtered, SyncImpl, rig
 
 import backchannel
 from backchannel.errors import InvalidArguments
 from backchannel.rpc.filters import Invocation, Proceed, chain_of
+from backchannel.v1 import envelope_pb2 as pb
 
 pytestmark = pytest.mark.usefixtures("transport")
 
@@ -196,3 +199,30 @@ def test_filters_checked() -> None:
         chain_of([Recorder("a", []), 3])  # type: ignore[list-item]
     with pytest.raises(TypeError, match=r"filters\[0\]"):
         backchannel.Client("127.0.0.1:1", filters=["nope"])  # type: ignore[list-item]
+
+
+def test_provider_filters_see_unary_invoke() -> None:
+    log: list[tuple[Any, ...]] = []
+    peers: list[str] = []
+
+    async def peer(invocation: Invocation, proceed: Proceed) -> Any:
+        peers.append(invocation.peer)
+        return await proceed(invocation)
+
+    with backchannel.Server("127.0.0.1:0", filters=[Recorder("p", log), peer]) as server:
+        server.export(Filtered, SyncImpl(), methods=FILTERED_METHODS)
+        channel = grpc.insecure_channel(server.address)
+        try:
+            invoke = channel.unary_unary(
+                "/backchannel.v1.Envelope/Invoke",
+                request_serializer=pb.Call.SerializeToString,
+                response_deserializer=pb.Result.FromString,
+            )
+            result = invoke(
+                pb.Call(service="test.Filtered", method="say", json_args='["u"]'), timeout=10
+            )
+        finally:
+            channel.close()
+    assert json.loads(result.json) == "u|-"
+    assert log == [("p", "provider", "call", "say"), ("p", "done", "say")]
+    assert peers and "127.0.0.1" in peers[0]
