@@ -12,6 +12,7 @@ import grpc
 import pytest
 from conftest import RawStream, run
 from filtered import FILTERED_METHODS, Filtered, SyncImpl, rig
+from helpers import wait_until
 from test_grpcurl import grpcurl
 
 import backchannel
@@ -82,6 +83,18 @@ def test_the_sender_refuses_attachments_over_its_limit(flavour: str) -> None:
         with pytest.raises(InvalidArguments, match="Limits.max_attachment_bytes"):
             r.call("say", "x", attach=big)
         assert r.call("say", "x") == "x|-"
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_a_refused_call_s_callbacks_are_released(flavour: str) -> None:
+    """The receiver's limit is lower than the sender's: the call is refused before its
+    listener is taken, and the consumer is told to drop it."""
+    raised = {"limits": backchannel.Limits(max_attachment_bytes=16 * 1024)}
+    with rig(flavour, client=raised) as r:
+        with pytest.raises(InvalidArguments, match="Limits.max_attachment_bytes"):
+            r.call("subscribe", r.watcher(), "x", attach={"k": "v" * 9000})
+        wait_until(lambda: r._client.callback_count == 0, 5, "the refused listener dropped")
+        assert r.call("say", "x", attach={"tenant": "ok"}) == "x|ok"
 
 
 def test_a_raw_call_over_the_limit_is_refused_and_the_stream_goes_on(

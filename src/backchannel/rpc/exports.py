@@ -218,8 +218,8 @@ class Exports:
         session = callbacks.session if callbacks is not None else None  # the pool's lane
         spec = method.spec
         where = f"{spec.qualname}()"
-        if call.attachments or attachments.STATE.get() is not None:
-            attachments.serving(call, self.attachment_limit, self.propagate, where)
+        # attachments (or a context holding some) to check and make readable
+        attached = call.attachments or attachments.STATE.get() is not None
         removed: list[ReverseProxy] = []
         args: list[object] | None = None  # None: plain arguments, decoded where they run
         if spec.callbacks or spec.removers:
@@ -235,6 +235,8 @@ class Exports:
                     "give args with callback_value references"
                 )
             try:
+                if attached:  # refused: its callbacks too, as for bad arguments
+                    attachments.serving(call, self.attachment_limit, self.propagate, where)
                 args, commit, removed = callbacks.decode_args(
                     spec, export.key, export.callbacks, call.args
                 )
@@ -243,6 +245,8 @@ class Exports:
                 callbacks.refuse(spec, call.args)  # the consumer un-exports them too
                 raise
             commit()
+        elif attached:
+            attachments.serving(call, self.attachment_limit, self.propagate, where)
         what = f"the result of {where}"
         try:
             if export.filters:
