@@ -210,8 +210,10 @@ class ConsumerCallbacks:
         if call.attachments or attachments.STATE.get() is not None:
             attachments.serving(call, self.attachment_limit, self.propagate, where)
         args = codec.decode_args(call.args, where)
-        if self.filters:  # the listener's method, wrapped: it runs in its turn as usual
-            function = self._filtered(call, entry, function, is_async)
+        thread: list[concurrent.futures.Future[None]] | None = None
+        if self.filters:  # the listener's method behind them, in its turn as usual
+            thread = []  # where a plain listener's thread is noted, as below
+            function = self._filtered(call, entry, function, is_async, thread)
             is_async = True
         if entry.holder and entry.holder in self._session.ancestors(call.parent_id):
             # re-entrant: the call that holds this instance is waiting for this one
@@ -221,22 +223,23 @@ class ConsumerCallbacks:
         if not lock.take():  # the listener is busy: wait for its turn
             await lock.acquire()
         entry.holder = call_id
-        if is_async:  # awaited here: no coroutine of _invoke around it
+        if is_async and thread is None:  # awaited here: no coroutine of _invoke around it
             try:
                 return codec.encode(await function(*args), result_where)
             finally:
                 if entry.holder == call_id:  # as _unlock does
                     entry.holder = 0
                 lock.release()
-        thread: list[concurrent.futures.Future[None]] = []
+        if thread is None:
+            thread = []
         try:
             return await self._invoke(call, function, is_async, args, where, thread)
         finally:
-            if thread and not thread[0].done():
+            if thread and not thread[-1].done():
                 # cancelled (timed out, the provider gave up) while a plain listener still
                 # runs in its thread: the next call to this instance waits until it ends
                 loop = asyncio.get_running_loop()
-                thread[0].add_done_callback(
+                thread[-1].add_done_callback(
                     lambda _: post_quietly(loop, self._unlock, entry, call_id)
                 )
             else:
@@ -248,8 +251,10 @@ class ConsumerCallbacks:
         entry: ExportedCallback,
         function: Callable[..., Any],
         is_async: bool,
+        thread: list[concurrent.futures.Future[None]],
     ) -> Callable[..., Any]:
-        """``function`` behind the client's filters, as an ``async`` callable."""
+        """``function`` behind the client's filters, as an ``async`` callable; a plain
+        listener's running thread is put in ``thread`` (its turn lasts until it ends)."""
         seen = attachments.attachments()
 
         async def listener(invocation: filters.Invocation) -> Any:
@@ -259,7 +264,10 @@ class ConsumerCallbacks:
                 return await function(*invocation.args)
             context = contextvars.copy_context()
             pool = self._pools.executor_for(call, self._session)
-            outcome, _ = submit(pool, functools.partial(context.run, function, *invocation.args))
+            outcome, running = submit(
+                pool, functools.partial(context.run, function, *invocation.args)
+            )
+            thread.append(running)
             return await outcome
 
         async def filtered(*args: Any) -> Any:
