@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import grpc
 import pytest
@@ -18,6 +19,7 @@ from test_grpcurl import grpcurl
 import backchannel
 from backchannel.errors import InvalidArguments
 from backchannel.rpc.attachments import Attachments
+from backchannel.transport.session import Session
 from backchannel.v1 import envelope_pb2 as pb
 
 pytestmark = pytest.mark.usefixtures("transport")
@@ -136,7 +138,17 @@ def test_a_raw_call_over_the_limit_is_refused_and_the_stream_goes_on(
 
 
 @pytest.mark.parametrize("flavour", FLAVOURS)
-def test_propagated_into_callbacks_when_the_server_says_so(flavour: str) -> None:
+def test_propagated_into_callbacks_when_the_server_says_so(
+    flavour: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    multicast: list[dict[str, str]] = []  # the attachments of each Multicast frame's call
+    start_multicast = Session.start_multicast
+
+    def noted(self: Session, call: pb.Call, *args: Any, **kwargs: Any) -> Any:
+        multicast.append(dict(call.attachments))
+        return start_multicast(self, call, *args, **kwargs)
+
+    monkeypatch.setattr(Session, "start_multicast", noted)
     with rig(flavour) as r:  # not by default
         assert r.call("subscribe", r.watcher("a"), "x", attach={"tenant": "t1"}) == "a:x|-"
     with rig(flavour, server={"propagate_attachments": True}) as r:
@@ -144,6 +156,7 @@ def test_propagated_into_callbacks_when_the_server_says_so(flavour: str) -> None
         r.call("subscribe", r.watcher("b"), "x")
         # gather: one Multicast frame to both listeners, its call carrying them
         assert r.call("notify_all", "go", attach={"tenant": "t2"}) == ["a:go|t2", "b:go|t2"]
+        assert multicast == [{"tenant": "t2"}]  # one frame, carrying them once
     with rig(flavour, server={"propagate_attachments": ["other"]}) as r:  # these keys only
         assert r.call("subscribe", r.watcher("a"), "x", attach={"tenant": "t1"}) == "a:x|-"
     with rig(flavour, server={"propagate_attachments": ["tenant"]}) as r:
