@@ -361,6 +361,27 @@ def test_async_def_methods_and_optional_listeners_type_check_on_both_apis(module
     assert 'Argument 1 to "watch" of "Service" has incompatible type "str"' in done.stdout
 
 
+@pytest.mark.timeout(300)
+def test_async_def_methods_and_optional_listeners_pass_basedpyright(module: Path) -> None:
+    program = _basedpyright()
+    assert cli.main(["stubs", str(module)]) == 0
+    app = module.parent / "app.py"
+    app.write_text(APP.format(name=module.stem))
+    config = {"typeCheckingMode": "strict", "pythonVersion": "3.11", "extraPaths": [str(SRC)]}
+    (module.parent / "pyrightconfig.json").write_text(json.dumps(config))
+    done = subprocess.run(
+        [program, "--outputjson", "--pythonpath", sys.executable, str(app)],
+        capture_output=True,
+        text=True,
+        timeout=280,
+        cwd=module.parent,
+    )
+    found = json.loads(done.stdout)["generalDiagnostics"]
+    reported = {d["range"]["start"]["line"] + 1 for d in found if d["severity"] == "error"}
+    assert reported == _marked(app), found
+    assert all(d["severity"] == "error" for d in found), found  # no warning either
+
+
 def test_the_typed_examples_stub_is_up_to_date(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["stubs", "--check", str(EXAMPLE / "prices.py")]) == 0, capsys.readouterr()
 
