@@ -13,7 +13,7 @@ import inspect
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from google.protobuf import json_format
 from google.protobuf.message import Message
@@ -34,9 +34,6 @@ from backchannel.transport.handoff import run_in_pool
 from backchannel.transport.pools import CallPools
 from backchannel.v1 import envelope_pb2 as pb
 from backchannel.wire import codec
-
-if TYPE_CHECKING:
-    from backchannel.transport.session import Session
 
 #: the seed's callbacks="1000": live callback instances per service per stream
 DEFAULT_CALLBACK_LIMIT = 1000
@@ -273,15 +270,17 @@ class Exports:
             except Exception:
                 callbacks.refuse(spec, call.args)  # the consumer un-exports them too
                 raise
+            if export.filters:  # registered only if the filters let the method run
+                return await self._filtered(
+                    export, method, call, args, callbacks, peer, commit, removed
+                )
             commit()
         elif attached:
             attachments.serving(call, self.attachment_limit, self.propagate, where)
         what = f"the result of {where}"
         try:
             if export.filters:
-                if session is not None:
-                    peer = session.peer
-                return await self._filtered(export, method, call, args, session, peer)
+                return await self._filtered(export, method, call, None, callbacks, peer)
             if not method.is_async:
                 context = contextvars.copy_context()
                 work = functools.partial(
@@ -316,13 +315,23 @@ class Exports:
         method: ExportedMethod,
         call: pb.Call,
         args: list[object] | None,
-        session: Session | None,
+        callbacks: ProviderCallbacks | None,
         peer: str,
+        commit: Callable[[], None] | None = None,
+        removed: Sequence[ReverseProxy] = (),
     ) -> pb.Value:
         """Run a call through the export's filters: the arguments decoded first (on the
         loop; bulk ones in the pool), the method with what the filters leave in the
-        invocation, its result encoded after them."""
+        invocation, its result encoded after them.
+
+        The call's callback arguments (``commit``) are registered just before the method
+        runs: a call the filters refuse (raise, or return without proceeding) leaves none
+        registered and tells the consumer to drop them, and removes no listener."""
         spec = method.spec
+        session = callbacks.session if callbacks is not None else None
+        if session is not None:
+            peer = session.peer
+        ran = False
         where = f"{spec.qualname}()"
         lane = self._pools.regular.lane(session)
         if args is None:
@@ -344,8 +353,12 @@ class Exports:
         )
 
         async def call_method(invocation: filters.Invocation) -> Any:
-            if invocation.attachments != seen:  # a filter changed what the method reads
-                attachments.set_incoming(invocation.attachments)
+            nonlocal ran
+            if invocation.attachments != seen:  # a filter changed them: what the method
+                attachments.settle(invocation.attachments, self.propagate)  # reads, passes on
+            if not ran and commit is not None:
+                commit()
+            ran = True
             arguments = list(invocation.args)
             if method.is_async:
                 return await method.function(*arguments)
@@ -353,7 +366,14 @@ class Exports:
             work = functools.partial(context.run, method.function, *arguments)
             return await run_in_pool(self._pools.executor_for(call, session), work)
 
-        result = await filters.run(export.filters, invocation, call_method)
+        try:
+            result = await filters.run(export.filters, invocation, call_method)
+        finally:
+            if callbacks is not None and commit is not None:
+                if not ran:  # refused by a filter: the consumer drops what the call carried
+                    callbacks.refuse(spec, call.args)
+                for proxy in removed if ran else ():  # told, so the consumer un-exports them
+                    callbacks.release(proxy.callback_id, tell_peer=True)
         what = f"the result of {where}"
         if is_bulk(result):
             return await run_in_pool(lane, lambda: codec.encode(result, what))
