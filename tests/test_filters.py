@@ -421,3 +421,45 @@ def test_gather_over_two_servers_sends_each_stream_as_its_filters_say() -> None:
 
         loop.run(asyncio.wait_for(stop(), 10))
         loop.close()
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_a_listener_taken_while_filters_wait_is_taken_once(flavour: str) -> None:
+    """Listeners are registered as the table is when the method runs: one listener passed
+    in two calls, the first held in a filter while the second takes it, is one proxy,
+    counted once against the limit (callbacks=1)."""
+    gate, held = threading.Event(), threading.Event()
+
+    async def hold(invocation: Invocation, proceed: Proceed) -> Any:
+        if invocation.kind == "call" and invocation.attachments.get("hold"):
+            held.set()
+            await asyncio.get_running_loop().run_in_executor(None, gate.wait, 10)
+        return await proceed(invocation)
+
+    with rig(flavour, server={"filters": [hold]}, export={"callbacks": 1}) as r:
+        watcher = r.watcher("a")
+        outcome: list[Any] = []
+
+        def first() -> None:
+            try:
+                outcome.append(r.call("subscribe", watcher, "x", attach={"hold": "1"}))
+            except Exception as exc:
+                outcome.append(exc)
+
+        thread = threading.Thread(target=first)
+        thread.start()
+        try:
+            assert held.wait(5)
+            assert r.call("subscribe", watcher, "y") == "a:y|-"
+        finally:
+            gate.set()
+            thread.join(10)
+        assert outcome == ["a:x|-"]
+        first_proxy, second_proxy = r.impl.listeners
+        assert first_proxy is second_proxy  # before: two proxies, the first not in the table
+        assert r.provider_proxies() == 1
+        assert r.call("unsubscribe", watcher) == 1
+        wait_until(lambda: r.provider_proxies() == 0, 5, "the listener removed")
+        wait_until(lambda: r._client.callback_count == 0, 5, "the listener dropped")
+        # counted once: its place is free again (before: TooManyCallbacks)
+        assert r.call("subscribe", r.watcher("b"), "z") == "b:z|-"

@@ -271,9 +271,7 @@ class Exports:
                 callbacks.refuse(spec, call.args)  # the consumer un-exports them too
                 raise
             if export.filters:  # registered only if the filters let the method run
-                return await self._filtered(
-                    export, method, call, args, callbacks, peer, commit, removed
-                )
+                return await self._filtered(export, method, call, args, callbacks, peer, True)
             commit()
         elif attached:
             attachments.serving(call, self.attachment_limit, self.propagate, where)
@@ -317,21 +315,22 @@ class Exports:
         args: list[object] | None,
         callbacks: ProviderCallbacks | None,
         peer: str,
-        commit: Callable[[], None] | None = None,
-        removed: Sequence[ReverseProxy] = (),
+        taking: bool = False,
     ) -> pb.Value:
         """Run a call through the export's filters: the arguments decoded first (on the
         loop; bulk ones in the pool), the method with what the filters leave in the
         invocation, its result encoded after them.
 
-        The call's callback arguments (``commit``) are registered just before the method
-        runs: a call the filters refuse (raise, or return without proceeding) leaves none
-        registered and tells the consumer to drop them, and removes no listener."""
+        With ``taking``, the call's callback arguments are registered just before the
+        method runs: a call the filters refuse (raise, or return without proceeding)
+        leaves none registered and tells the consumer to drop them, and removes no
+        listener."""
         spec = method.spec
         session = callbacks.session if callbacks is not None else None
         if session is not None:
             peer = session.peer
         ran = False
+        removed: list[ReverseProxy] = []
         where = f"{spec.qualname}()"
         lane = self._pools.regular.lane(session)
         if args is None:
@@ -339,6 +338,7 @@ class Exports:
                 args = await run_in_pool(lane, lambda: plain_arguments(call, spec, where))
             else:
                 args = plain_arguments(call, spec, where)
+        decoded = list(args) if taking else args  # the proxies, whatever filters do to args
         seen = attachments.attachments()
         invocation = filters.Invocation(
             "provider",
@@ -353,13 +353,13 @@ class Exports:
         )
 
         async def call_method(invocation: filters.Invocation) -> Any:
-            nonlocal ran
+            nonlocal ran, removed
             if invocation.attachments != seen:  # a filter changed them: what the method
                 attachments.settle(invocation.attachments, self.propagate)  # reads, passes on
-            if not ran and commit is not None:
-                commit()
-            ran = True
             arguments = list(invocation.args)
+            if taking and not ran and callbacks is not None:
+                arguments, removed = _take(export, spec, call, callbacks, decoded, arguments)
+            ran = True
             if method.is_async:
                 return await method.function(*arguments)
             context = contextvars.copy_context()
@@ -369,7 +369,7 @@ class Exports:
         try:
             result = await filters.run(export.filters, invocation, call_method)
         finally:
-            if callbacks is not None and commit is not None:
+            if callbacks is not None and taking:
                 if not ran:  # refused by a filter: the consumer drops what the call carried
                     callbacks.refuse(spec, call.args)
                 for proxy in removed if ran else ():  # told, so the consumer un-exports them
@@ -378,6 +378,26 @@ class Exports:
         if is_bulk(result):
             return await run_in_pool(lane, lambda: codec.encode(result, what))
         return codec.encode(result, what)
+
+
+def _take(
+    export: Export,
+    spec: MethodSpec,
+    call: pb.Call,
+    callbacks: ProviderCallbacks,
+    decoded: list[object],
+    arguments: list[object],
+) -> tuple[list[object], list[ReverseProxy]]:
+    """Register a filtered call's callback arguments as the table is now (while the
+    filters ran, other calls may have taken the same listeners, filled the export's
+    limit or removed them: TooManyCallbacks, UnknownCallback), and put the registered
+    proxies in ``arguments`` in place of those the filters saw. Returns the arguments and
+    the proxies the call's remover arguments name."""
+    now, commit, removed = callbacks.decode_args(spec, export.key, export.callbacks, call.args)
+    commit()
+    swap = {id(old): new for old, new in zip(decoded, now, strict=True) if old is not new}
+    swap = {key: new for key, new in swap.items() if isinstance(new, ReverseProxy)}
+    return [swap.get(id(argument), argument) for argument in arguments], removed
 
 
 def _chain_of(given: Sequence[filters.FilterLike]) -> tuple[filters.Link, ...]:
