@@ -337,6 +337,14 @@ def test_filter_classes_and_plain_functions_are_refused_clearly() -> None:
     (link,) = chain_of([forwarding])
     assert run(link(invocation, answer)) == 42
 
+    class Plain(backchannel.Filter):
+        def filter(self, invocation: Invocation, proceed: Proceed) -> Any:
+            return None
+
+    (link,) = chain_of([Plain()])
+    with pytest.raises(TypeError, match=r"filters\[0\] \(.*Plain.filter\) returned a NoneType"):
+        run(link(invocation, never))
+
 
 def test_callback_filters_run_in_the_context_of_the_thread_that_called() -> None:
     """Two pusher threads whose calls the provider's loop takes in one batch: each one's

@@ -134,7 +134,11 @@ def chain_of(filters: Iterable[FilterLike]) -> tuple[Link, ...]:
                 f"instance ({item.__name__}()) or an async function (invocation, proceed)"
             )
         if isinstance(item, Filter):
-            links.append(item.filter)
+            method = item.filter
+            if inspect.iscoroutinefunction(method):
+                links.append(method)
+            else:  # filter() overridden with a plain def
+                links.append(_checked(method, f"filters[{index}] ({_named(method)})"))
         elif inspect.iscoroutinefunction(item):
             links.append(item)
         elif callable(item):  # a plain def may return proceed(...) itself: checked
