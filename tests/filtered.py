@@ -30,9 +30,13 @@ class Filtered:
     def subscribe(self, listener: Watcher, text: str) -> Any: ...
     def notify_all(self, text: str) -> Any: ...
     def forward(self, address: str, text: str) -> Any: ...
+    def unsubscribe(self, listener: Watcher) -> Any: ...
 
 
-FILTERED_METHODS = [Method("subscribe", arguments=[Argument(index=0, callback=True)])]
+FILTERED_METHODS = [
+    Method("subscribe", arguments=[Argument(index=0, callback=True)]),
+    Method("unsubscribe", arguments=[Argument(index=0, callback=False)]),
+]
 
 
 def _tenant() -> str:
@@ -62,6 +66,10 @@ class SyncImpl:
         with backchannel.Client(address) as client:
             return client.reference(Filtered).say(text)
 
+    def unsubscribe(self, listener: Any) -> Any:
+        self.listeners.remove(listener)
+        return len(self.listeners)
+
 
 class AsyncImpl:
     """``async def`` methods: they run on the loop."""
@@ -85,6 +93,10 @@ class AsyncImpl:
     async def forward(self, address: str, text: str) -> Any:
         async with backchannel.AsyncClient(address) as client:
             return await client.reference(Filtered).say(text)  # type: ignore[misc]
+
+    async def unsubscribe(self, listener: Any) -> Any:
+        self.listeners.remove(listener)
+        return len(self.listeners)
 
 
 class SyncWatcher:
@@ -133,6 +145,12 @@ class Rig:
         self._loop: LoopThread | None = None
         self._client: Any = None
         self._ref: Any = None
+        self._provider: Any = None
+
+    def provider_proxies(self) -> int:
+        """How many reverse proxies the provider holds, over its streams."""
+        core = getattr(self._provider, "_core", self._provider)
+        return sum(len(session.dispatcher.callbacks) for session in core._sessions)
 
     def watcher(self, name: str = "w") -> Any:
         return SyncWatcher(name) if self.flavour == "sync" else AsyncWatcher(name)
@@ -172,6 +190,7 @@ def rig(
         with backchannel.Server("127.0.0.1:0", **(server or {})) as provider:
             provider.export(Filtered, made.impl, methods=FILTERED_METHODS, **(export or {}))
             made.address = provider.address
+            made._provider = provider
             with backchannel.Client(provider.address, **(client or {})) as consumer:
                 made._client = consumer
                 made._ref = made.reference()
@@ -188,6 +207,7 @@ def rig(
 
         provider, consumer = loop.run(start())
         made.address = provider.address
+        made._provider = provider
         made._loop = loop
         made._client = consumer
         made._ref = made.reference()

@@ -19,6 +19,7 @@ from test_grpcurl import grpcurl
 import backchannel
 from backchannel.errors import InvalidArguments
 from backchannel.rpc.attachments import Attachments
+from backchannel.rpc.filters import Invocation, Proceed
 from backchannel.transport.session import Session
 from backchannel.v1 import envelope_pb2 as pb
 
@@ -216,3 +217,43 @@ def test_grpcurl_sets_them(filtered_address: str) -> None:
     }
     out = grpcurl(filtered_address, "backchannel.v1.Envelope/Invoke", data=json.dumps(call))
     assert json.loads(json.loads(out.stdout)["json"]) == "g|t5", out.stderr
+
+
+def test_lone_surrogates_are_refused_naming_the_key() -> None:
+    with pytest.raises(InvalidArguments, match="attachment 'k': the value is not valid UTF-8"):
+        with backchannel.attach(k="ab\ud800"):
+            pass
+    with pytest.raises(InvalidArguments, match="attachment 'k'"):
+        Attachments({"ok": "é", "k": "\udfff"})
+    assert Attachments({"k": "é"}).size == 3  # counted as UTF-8
+
+
+async def _strip(invocation: Invocation, proceed: Proceed) -> Any:
+    if invocation.kind == ("call" if invocation.side == "provider" else "callback"):
+        invocation.attachments.pop("tenant", None)  # a credential checked, then dropped
+    return await proceed(invocation)
+
+
+async def _add(invocation: Invocation, proceed: Proceed) -> Any:
+    if invocation.kind == ("call" if invocation.side == "provider" else "callback"):
+        invocation.attachments["tenant"] = f"{invocation.side}-filter"
+    return await proceed(invocation)
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_what_a_receiving_side_s_filters_leave_is_what_is_propagated(flavour: str) -> None:
+    """The provider's filters around a call and the consumer's around a callback change
+    the attachments: the method reads them, and its callbacks and nested calls carry them
+    (propagate_attachments=True), not what arrived."""
+    both = {"propagate_attachments": True}
+    with rig(flavour, server={**both, "filters": [_strip]}) as r:
+        assert r.call("say", "hi", attach={"tenant": "secret"}) == "hi|-"
+        assert r.call("subscribe", r.watcher("a"), "x", attach={"tenant": "secret"}) == "a:x|-"
+        assert r.call("forward", r.address, "n", attach={"tenant": "secret"}) == "n|-"
+    with rig(flavour, server={**both, "filters": [_add]}) as r:
+        assert r.call("subscribe", r.watcher("a"), "x") == "a:x|provider-filter"
+    with rig(flavour, server=both, client={**both, "filters": [_strip]}) as r:
+        # consumer -> provider -> relay (a listener) -> provider
+        assert r.call("subscribe", r.relay(), "n", attach={"tenant": "secret"}) == "n|-"
+    with rig(flavour, server=both, client={**both, "filters": [_add]}) as r:
+        assert r.call("subscribe", r.relay(), "n") == "n|consumer-filter"

@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     )
     from backchannel.rpc.attachments import attach, attachments
     from backchannel.rpc.exports import DEFAULT_CALLBACK_LIMIT
-    from backchannel.rpc.filters import Filter, Invocation
+    from backchannel.rpc.filters import Filter, Invocation, Proceed
     from backchannel.rpc.gather import gather, gather_each
     from backchannel.rpc.interface import Argument, Interface, Method, interface, method
     from backchannel.rpc.provider import Peer
@@ -77,6 +77,7 @@ _HOMES = {
     "EncodeError": "backchannel.errors",
     "Filter": "backchannel.rpc.filters",
     "Invocation": "backchannel.rpc.filters",
+    "Proceed": "backchannel.rpc.filters",
     "Interface": "backchannel.rpc.interface",
     "InvalidArguments": "backchannel.errors",
     "Keepalive": "backchannel.settings",
@@ -165,6 +166,7 @@ __all__ = [
     "Method",
     "MethodNotFound",
     "Peer",
+    "Proceed",
     "ProtocolError",
     "RemoteError",
     "RemoteProtocolError",

@@ -41,7 +41,14 @@ class Attachments(Mapping[str, str]):
                 raise InvalidArguments(
                     f"attachment {key!r}: values are str, got {type(value).__name__}"
                 )
-            size += len(key) + len(value.encode("utf-8", "surrogatepass"))
+            try:
+                encoded = value.encode("utf-8")
+            except UnicodeEncodeError as exc:  # a lone surrogate: protobuf would refuse it
+                raise InvalidArguments(
+                    f"attachment {key!r}: the value is not valid UTF-8 text ({exc.reason} "
+                    f"at position {exc.start})"
+                ) from None
+            size += len(key) + len(encoded)
         #: bytes of keys and values together, as Limits.max_attachment_bytes counts them
         self.size = size
 
@@ -130,14 +137,6 @@ def set_outgoing(values: Mapping[str, str]) -> contextvars.Token[_State | None]:
     return STATE.set(_State(EMPTY if state is None else state.incoming, attached))
 
 
-def set_incoming(values: Mapping[str, str]) -> contextvars.Token[_State | None]:
-    """Make ``values`` what :func:`attachments` returns in this context (a provider-side
-    filter's changes); undo with ``STATE.reset(token)``."""
-    state = STATE.get()
-    seen = values if isinstance(values, Attachments) else Attachments(values)
-    return STATE.set(_State(seen, EMPTY if state is None else state.outgoing))
-
-
 def put(call: pb.Call, attached: Attachments, limit: int, where: str) -> None:
     """Copy ``attached`` into ``call``, or raise InvalidArguments when over ``limit``."""
     if attached.size > limit:
@@ -164,13 +163,20 @@ def serving(call: pb.Call, limit: int, propagate: Propagate, where: str) -> None
             raise InvalidArguments(
                 f"{where}: attachment key {key[:64]!r} is not printable ASCII; the call is refused"
             )
-        size += len(key) + len(value.encode("utf-8", "surrogatepass"))
+        size += len(key) + len(value.encode("utf-8"))  # protobuf decoded it: valid UTF-8
         if size > limit:
             raise InvalidArguments(
                 f"{where}: the call's attachments are over the limit of {limit} bytes "
                 "(Limits.max_attachment_bytes); the call is refused"
             )
-    incoming = Attachments(received.items())
+    settle(Attachments(received.items()), propagate)
+
+
+def settle(values: Mapping[str, str], propagate: Propagate) -> None:
+    """In the context of a call being served: make ``values`` what :func:`attachments`
+    returns and, as ``propagate`` says, what the calls made while serving it carry (what
+    the call brought, or what the receiving side's filters left of it)."""
+    incoming = values if isinstance(values, Attachments) else Attachments(values)
     if propagate is True:
         carried = incoming
     elif propagate:

@@ -308,8 +308,8 @@ class ConsumerCallbacks:
         seen = attachments.attachments()
 
         async def listener(invocation: filters.Invocation) -> Any:
-            if invocation.attachments != seen:  # a filter changed what the listener reads
-                attachments.set_incoming(invocation.attachments)
+            if invocation.attachments != seen:  # a filter changed them: what the listener
+                attachments.settle(invocation.attachments, self.propagate)  # reads and passes on
             if is_async:
                 return await function(*invocation.args)
             context = contextvars.copy_context()

@@ -13,7 +13,7 @@ import inspect
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from google.protobuf import json_format
 from google.protobuf.message import Message
@@ -34,9 +34,6 @@ from backchannel.transport.handoff import run_in_pool
 from backchannel.transport.pools import CallPools
 from backchannel.v1 import envelope_pb2 as pb
 from backchannel.wire import codec
-
-if TYPE_CHECKING:
-    from backchannel.transport.session import Session
 
 #: the seed's callbacks="1000": live callback instances per service per stream
 DEFAULT_CALLBACK_LIMIT = 1000
@@ -273,15 +270,15 @@ class Exports:
             except Exception:
                 callbacks.refuse(spec, call.args)  # the consumer un-exports them too
                 raise
+            if export.filters:  # registered only if the filters let the method run
+                return await self._filtered(export, method, call, args, callbacks, peer, True)
             commit()
         elif attached:
             attachments.serving(call, self.attachment_limit, self.propagate, where)
         what = f"the result of {where}"
         try:
             if export.filters:
-                if session is not None:
-                    peer = session.peer
-                return await self._filtered(export, method, call, args, session, peer)
+                return await self._filtered(export, method, call, None, callbacks, peer)
             if not method.is_async:
                 context = contextvars.copy_context()
                 work = functools.partial(
@@ -316,13 +313,24 @@ class Exports:
         method: ExportedMethod,
         call: pb.Call,
         args: list[object] | None,
-        session: Session | None,
+        callbacks: ProviderCallbacks | None,
         peer: str,
+        taking: bool = False,
     ) -> pb.Value:
         """Run a call through the export's filters: the arguments decoded first (on the
         loop; bulk ones in the pool), the method with what the filters leave in the
-        invocation, its result encoded after them."""
+        invocation, its result encoded after them.
+
+        With ``taking``, the call's callback arguments are registered just before the
+        method runs: a call the filters refuse (raise, or return without proceeding)
+        leaves none registered and tells the consumer to drop them, and removes no
+        listener."""
         spec = method.spec
+        session = callbacks.session if callbacks is not None else None
+        if session is not None:
+            peer = session.peer
+        ran = False
+        removed: list[ReverseProxy] = []
         where = f"{spec.qualname}()"
         lane = self._pools.regular.lane(session)
         if args is None:
@@ -330,6 +338,7 @@ class Exports:
                 args = await run_in_pool(lane, lambda: plain_arguments(call, spec, where))
             else:
                 args = plain_arguments(call, spec, where)
+        decoded = list(args) if taking else args  # the proxies, whatever filters do to args
         seen = attachments.attachments()
         invocation = filters.Invocation(
             "provider",
@@ -344,20 +353,51 @@ class Exports:
         )
 
         async def call_method(invocation: filters.Invocation) -> Any:
-            if invocation.attachments != seen:  # a filter changed what the method reads
-                attachments.set_incoming(invocation.attachments)
+            nonlocal ran, removed
+            if invocation.attachments != seen:  # a filter changed them: what the method
+                attachments.settle(invocation.attachments, self.propagate)  # reads, passes on
             arguments = list(invocation.args)
+            if taking and not ran and callbacks is not None:
+                arguments, removed = _take(export, spec, call, callbacks, decoded, arguments)
+            ran = True
             if method.is_async:
                 return await method.function(*arguments)
             context = contextvars.copy_context()
             work = functools.partial(context.run, method.function, *arguments)
             return await run_in_pool(self._pools.executor_for(call, session), work)
 
-        result = await filters.run(export.filters, invocation, call_method)
+        try:
+            result = await filters.run(export.filters, invocation, call_method)
+        finally:
+            if callbacks is not None and taking:
+                if not ran:  # refused by a filter: the consumer drops what the call carried
+                    callbacks.refuse(spec, call.args)
+                for proxy in removed if ran else ():  # told, so the consumer un-exports them
+                    callbacks.release(proxy.callback_id, tell_peer=True)
         what = f"the result of {where}"
         if is_bulk(result):
             return await run_in_pool(lane, lambda: codec.encode(result, what))
         return codec.encode(result, what)
+
+
+def _take(
+    export: Export,
+    spec: MethodSpec,
+    call: pb.Call,
+    callbacks: ProviderCallbacks,
+    decoded: list[object],
+    arguments: list[object],
+) -> tuple[list[object], list[ReverseProxy]]:
+    """Register a filtered call's callback arguments as the table is now (while the
+    filters ran, other calls may have taken the same listeners, filled the export's
+    limit or removed them: TooManyCallbacks, UnknownCallback), and put the registered
+    proxies in ``arguments`` in place of those the filters saw. Returns the arguments and
+    the proxies the call's remover arguments name."""
+    now, commit, removed = callbacks.decode_args(spec, export.key, export.callbacks, call.args)
+    commit()
+    swap = {id(old): new for old, new in zip(decoded, now, strict=True) if old is not new}
+    swap = {key: new for key, new in swap.items() if isinstance(new, ReverseProxy)}
+    return [swap.get(id(argument), argument) for argument in arguments], removed
 
 
 def _chain_of(given: Sequence[filters.FilterLike]) -> tuple[filters.Link, ...]:

@@ -9,6 +9,7 @@ that loop and must not block it.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Literal
 
@@ -127,16 +128,48 @@ def chain_of(filters: Iterable[FilterLike]) -> tuple[Link, ...]:
     """``filters=`` checked, as the links :func:`run` takes (first is outermost)."""
     links: list[Link] = []
     for index, item in enumerate(filters):
+        if isinstance(item, type):
+            raise TypeError(
+                f"filters[{index}] is the class {item.__name__}, not a filter: give an "
+                f"instance ({item.__name__}()) or an async function (invocation, proceed)"
+            )
         if isinstance(item, Filter):
-            links.append(item.filter)
-        elif callable(item):
+            method = item.filter
+            if inspect.iscoroutinefunction(method):
+                links.append(method)
+            else:  # filter() overridden with a plain def
+                links.append(_checked(method, f"filters[{index}] ({_named(method)})"))
+        elif inspect.iscoroutinefunction(item):
             links.append(item)
+        elif callable(item):  # a plain def may return proceed(...) itself: checked
+            # when it runs (it costs a coroutine per call; async def filters do not)
+            links.append(_checked(item, f"filters[{index}] ({_named(item)})"))
         else:
             raise TypeError(
                 f"filters[{index}] is a {type(item).__name__}: give backchannel.Filter "
                 "instances or async functions (invocation, proceed)"
             )
     return tuple(links)
+
+
+def _named(item: object) -> str:
+    return getattr(item, "__qualname__", None) or type(item).__qualname__
+
+
+def _checked(link: Callable[..., Any], name: str) -> Link:
+    """``link`` (a callable not known to be a coroutine function), failing clearly
+    when it returns something that cannot be awaited."""
+
+    async def checked(invocation: Invocation, proceed: Proceed) -> Any:
+        outcome = link(invocation, proceed)
+        if not inspect.isawaitable(outcome):
+            raise TypeError(
+                f"the filter {name} returned a {type(outcome).__name__}, not an awaitable: "
+                "a filter is an async function (invocation, proceed)"
+            )
+        return await outcome
+
+    return checked
 
 
 def run(links: tuple[Link, ...], invocation: Invocation, call: Proceed) -> Awaitable[Any]:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
+import functools
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
@@ -60,7 +62,9 @@ def gather(calls: Iterable[Any]) -> Any:
       thread until every call is over and returns the list.
     - **On the provider's event loop** (an ``async def`` provider method) it returns an
       awaitable of the list; the calls are sent before it returns, so they keep their
-      order with calls made after it: ``outcomes = await backchannel.gather(...)``.
+      order with calls made after it: ``outcomes = await backchannel.gather(...)``. With
+      ``Server(filters=...)`` each call is started through the filters as a task, so it
+      is sent when its filters reach ``proceed`` (in order with the other filtered calls).
     - On a thread that runs another event loop it raises ``RuntimeError``: blocking there
       would stop that loop, and the calls' futures belong to the provider's loop.
 
@@ -254,21 +258,26 @@ def _start_run(
     as one (a frame per stream: the call once, and a call id and callback id per
     listener). The others go as single Calls, in order."""
     first: PendingCall = items[run[0]]
-    values: Sequence[pb.Value] | None
-    try:
-        values = codec.encode_args(first.args, (), first.proxy.label(first.method), None)
-    except Exception:  # encoding failed: then each call of the run says so
-        values = None
     groups: dict[tuple[Any, int], list[int]] = {}
-    if first.proxy._table.filters:  # each call goes alone through them: no Multicast
-        values = None
-    if values is not None and len(run) > 1:
+    if len(run) > 1:  # a Multicast frame per stream: group the run by stream
         for slot in run:
             pending: PendingCall = items[slot]
             groups.setdefault((pending.proxy._table.session, pending.parent), []).append(slot)
     else:
-        groups[(None, 0)] = run
+        groups[(first.proxy._table.session, first.parent)] = run
+    values: Sequence[pb.Value] | None = None
+    encoded = False
     for (session, _), slots in groups.items():
+        if items[slots[0]].proxy._table.filters:  # each goes alone through its filters,
+            for slot in slots:  # which may change the arguments: nothing encoded here
+                _begin(items, slot, None, outcomes, started)
+            continue
+        if not encoded:  # once for the run
+            encoded = True
+            try:
+                values = codec.encode_args(first.args, (), first.proxy.label(first.method), None)
+            except Exception:  # encoding failed: then each call of the run says so
+                values = None
         if values is not None and len(slots) > 1 and session.multicast and session.usable:
             pendings = [items[slot] for slot in slots]
             sinks = [_Slot(outcomes, slot, items[slot]) for slot in slots]
@@ -283,14 +292,25 @@ def _start_run(
                     outcomes.fill(slot, outcome)
             continue
         for slot in slots:
-            item = items[slot]
-            try:
-                future = item.proxy.begin(item, values)
-            except Exception as exc:  # this call only: CallbackGone, EncodeError, too large
-                outcomes.fill(slot, exc)
-                continue
-            started.append(future)
-            outcomes.watch(slot, item, future)
+            _begin(items, slot, values, outcomes, started)
+
+
+def _begin(
+    items: Sequence[Any],
+    slot: int,
+    values: Sequence[pb.Value] | None,
+    outcomes: _Outcomes,
+    started: list[Started],
+) -> None:
+    """Start one collected call alone (its arguments encoded already, or None)."""
+    item: PendingCall = items[slot]
+    try:
+        future = item.proxy.begin(item, values)
+    except Exception as exc:  # this call only: CallbackGone, EncodeError, too large
+        outcomes.fill(slot, exc)
+        return
+    started.append(future)
+    outcomes.watch(slot, item, future)
 
 
 def _same_objects(args: tuple[Any, ...], shared: tuple[Any, ...]) -> bool:
@@ -344,6 +364,9 @@ def _gather_from_thread(items: list[PendingCall]) -> list[Any]:
 
         if observe.AVAILABLE:  # OpenTelemetry: the calls are made in the caller's span
             begin = observe.carry(begin)
+        if any(items[slot].proxy._table.filters for slot in slots):  # filters run in this
+            # thread's context, not that of whichever thread posted the loop's batch
+            begin = functools.partial(contextvars.copy_context().run, begin)
         try:
             inbox(loop).post(begin)
         except ChannelClosed as exc:  # the loop is closed: so are its streams

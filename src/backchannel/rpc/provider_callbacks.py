@@ -147,14 +147,18 @@ class ReverseProxy(Lifetime):
         if COLLECTING.get():  # hook: backchannel.gather() collects the call, starts it later
             return PendingCall(self, method, one_way, args, parent, attached)
         self._check_alive(method)
-        if self._table.filters:  # through them, on the loop (a task: they are coroutines)
-            start = functools.partial(self._filtered, method, one_way, args, parent, attached)
-        elif session.in_loop_thread():
+        if session.in_loop_thread():
+            if self._table.filters:  # through them (a task: they are coroutines)
+                return self._filtered(method, one_way, args, parent, attached)
             return self._start(method, one_way, args, parent, chain=True, attached=attached)
+        if self._table.filters:  # on the loop, in this thread's context (the loop runs a
+            # batch of hand-offs in the context of whichever thread posted it)
+            context = contextvars.copy_context()
+            start = functools.partial(
+                context.run, self._filtered, method, one_way, args, parent, attached
+            )
         else:
             start = functools.partial(self._start, method, one_way, args, parent, attached=attached)
-        if session.in_loop_thread():
-            return start()
         try:
             return wait_on_loop(session.loop, start)
         except ChannelClosed:  # the loop is closed: so is the stream
