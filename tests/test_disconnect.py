@@ -768,6 +768,7 @@ def test_wait_gone_on_the_providers_loop_is_refused() -> None:
                     proxy.wait_gone(0.1)
                 with pytest.raises(RuntimeError, match=r"await proxy\.gone\(\)"):
                     proxy.wait_ended()
+                assert proxy.wait_gone(0) is False  # a poll never blocks: allowed
                 # from another thread it still waits
                 assert await asyncio.to_thread(proxy.wait_gone, 0.05) is False
 

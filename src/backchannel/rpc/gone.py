@@ -116,10 +116,10 @@ class Lifetime:
 
     def wait_gone(self, timeout: float | None = None) -> bool:
         """Block this thread until the instance ended, for at most ``timeout`` seconds;
-        True if it did. On the provider's event loop it raises RuntimeError: there it
-        would block every stream, and only the loop can end the instance (use ``await
-        proxy.gone()``)."""
-        if self._on_loop():
+        True if it did. On the provider's event loop it raises RuntimeError (unless
+        ``timeout`` is 0: a poll): there it would block every stream, and only the loop
+        can end the instance (use ``await proxy.gone()``)."""
+        if timeout != 0 and self._on_loop():
             raise RuntimeError(
                 f"{self!r}.wait_gone() was called on the provider's event loop thread, where "
                 "it would block every stream (and only that loop can end the instance); "
