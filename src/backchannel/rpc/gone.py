@@ -83,8 +83,10 @@ class Lifetime:
         ``fn`` may be ``async def``: it then runs as a task on the provider's loop. A
         plain ``fn`` runs in the thread that ended the instance (or that called
         ``on_gone``, when it had ended already), except the event loop's: from there it
-        is handed to a thread of the provider's pool. What ``fn`` raises is logged and
-        swallowed. Returns a function that takes ``fn`` back (a no-op once it ran).
+        is handed to a thread of the provider's pool (a thread of its own once the pool
+        is shut). The provider's stop waits for it (bounded). What ``fn`` raises is
+        logged and swallowed. Returns a function that takes ``fn`` back (a no-op once it
+        ran).
         """
         with _lock:
             if self._gone is None:
