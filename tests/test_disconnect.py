@@ -271,7 +271,7 @@ def test_raising_hook_is_logged_once_and_the_others_still_run(
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(hooks, "_logged", set())  # what an earlier run logged is forgotten
+    monkeypatch.setattr(hooks, "_windows", {})  # what an earlier run logged is forgotten
 
     def broken_hook(proxy: Any) -> None:
         raise RuntimeError(f"hook bug for {proxy.callback_id}")
@@ -372,7 +372,7 @@ def test_gone_awaited_from_another_loop_and_cancelled(
             await asyncio.wait_for(proxy.gone(), 0.1)
         assert not proxy._watchers  # the cancelled wait took itself back
         waiting = asyncio.ensure_future(proxy.gone())  # on this test's own loop
-        await asyncio.sleep(0)  # it registered
+        await _until(lambda: bool(proxy._watchers), "the waiter to register")
         await asyncio.to_thread(client.release, listener)
         assert await asyncio.wait_for(waiting, SOON) == "released by the consumer"
         assert await proxy.gone() == "released by the consumer"  # at once, once gone
@@ -556,6 +556,14 @@ def test_a_sync_provider_hears_of_every_listener_of_a_killed_consumer(mode: str)
 # ---- helpers
 
 
+async def _until(condition: Any, what: str) -> None:
+    """Wait (bounded by SOON) until ``condition()`` holds: a state nothing signals."""
+    deadline = time.monotonic() + SOON
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.001)
+
+
 def _silent_stream(address: str, ended: threading.Event) -> threading.Thread:
     """A Connect stream (over the transport under test's peer, grpcio) that sends no
     Hello; ``ended`` is set when the provider ends it."""
@@ -583,3 +591,280 @@ def _silent_stream(address: str, ended: threading.Event) -> threading.Thread:
     thread = threading.Thread(target=hold, daemon=True)
     thread.start()
     return thread
+
+
+# ---- review fixes: hooks when the provider stops, their order, waits on the loop,
+# ---- reserved names, the log window
+
+
+class Slow:
+    """A hook that takes a while (plain: sleeps its thread; async: awaits), recording in
+    which thread each call ran and what it was called with."""
+
+    def __init__(self, kind: str, seconds: float = 0.2) -> None:
+        self.kind = kind
+        self.seconds = seconds
+        self.lock = threading.Lock()
+        self.ran: list[tuple[str, str]] = []  # (what it got, thread name), when it returned
+
+    def _record(self, arg: Any) -> None:
+        with self.lock:
+            self.ran.append((type(arg).__name__, threading.current_thread().name))
+
+    def plain(self, arg: Any) -> None:
+        time.sleep(self.seconds)  # slow work, not a sync point
+        self._record(arg)
+
+    async def coroutine(self, arg: Any) -> None:
+        await asyncio.sleep(self.seconds)
+        self._record(arg)
+
+    @property
+    def hook(self) -> Any:
+        return self.plain if self.kind == "plain" else self.coroutine
+
+
+@pytest.mark.parametrize("kind", ["plain", "async"])
+def test_sync_server_stop_runs_every_hook_off_the_loop(kind: str) -> None:
+    """Before the fix: with max_workers=2 only 2 of the plain on_gone hooks ran (the pool
+    was shut with the rest queued), a plain on_disconnect could run on the loop or not at
+    all, and async hooks died with the loop (0 completed)."""
+    count = 6
+    slow = Slow(kind)
+    impl = WatchedImpl()
+    server = backchannel.Server("127.0.0.1:0", max_workers=2, on_disconnect=slow.hook)
+    server.export(Watched, impl)
+    server.start()
+    client = backchannel.Client(server.address)
+    try:
+        ref = client.reference(Watched)
+        for _ in range(count):
+            ref.watch(SyncRecorder())
+            impl.proxies.get(timeout=SOON).on_gone(slow.hook)
+        server.stop()  # the stream ends: every hook runs before stop() returns
+        ran = list(slow.ran)
+    finally:
+        client.close()
+        server.stop()
+    assert sorted(name for name, _ in ran) == ["Peer"] + ["ReverseProxy"] * count, ran
+    if kind == "plain":  # never on the loop's thread (it would hold stop() up)
+        assert not any(thread == "backchannel-server" for _, thread in ran), ran
+
+
+@pytest.mark.parametrize("kind", ["plain", "async"])
+def test_async_server_stop_runs_every_hook_off_the_loop(kind: str) -> None:
+    count = 6
+    slow = Slow(kind)
+
+    async def body() -> None:
+        impl = AsyncWatchedImpl()
+        server = backchannel.AsyncServer("127.0.0.1:0", max_workers=2, on_disconnect=slow.hook)
+        server.export(Watched, impl)
+        await server.start()
+        client = backchannel.AsyncClient(server.address)
+        try:
+            ref = client.reference(Watched)
+            for _ in range(count):
+                await ref.watch(AsyncRecorder())
+                impl.proxies.get(timeout=SOON).on_gone(slow.hook)
+            await server.stop()
+            ran = list(slow.ran)
+        finally:
+            await client.close()
+        assert sorted(name for name, _ in ran) == ["Peer"] + ["ReverseProxy"] * count, ran
+        if kind == "plain":
+            loop_thread = threading.current_thread().name
+            assert not any(thread == loop_thread for _, thread in ran), ran
+
+    run(body())
+
+
+def test_stop_abandons_a_hook_that_never_returns(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from backchannel.rpc import provider
+
+    monkeypatch.setattr(provider, "HOOK_GRACE", 0.3)
+    release = threading.Event()
+    entered = threading.Event()
+
+    def stuck(peer: Any) -> None:
+        entered.set()
+        release.wait(SOON)  # never returns while stop() waits
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="backchannel"):
+            server = backchannel.Server("127.0.0.1:0", on_disconnect=stuck)
+            server.export(Watched, WatchedImpl())
+            server.start()
+            with backchannel.Client(server.address) as client:
+                client.reference(Watched).watch(SyncRecorder())
+                started = time.monotonic()
+                server.stop()
+                took = time.monotonic() - started
+        assert entered.is_set()
+        assert 0.25 < took < SOON, took
+        abandoned = [r for r in caplog.records if "still running" in r.getMessage()]
+        assert len(abandoned) == 1, [r.getMessage() for r in caplog.records]
+    finally:
+        release.set()
+
+
+@pytest.mark.parametrize("connect_kind", ["plain", "async"])
+def test_on_disconnect_starts_after_on_connect_returned(connect_kind: str) -> None:
+    """Before the fix: both plain hooks went to the pool unordered, and three short-lived
+    clients gave [disconnect x3, connect x3]: a connected-peers set kept them for ever."""
+    lock = threading.Lock()
+    events: list[tuple[str, str]] = []
+    peers: set[str] = set()
+    all_gone = threading.Event()
+
+    def record(peer: backchannel.Peer) -> None:
+        with lock:
+            events.append(("connected", peer.address))
+            peers.add(peer.address)
+
+    def connected_plain(peer: backchannel.Peer) -> None:
+        time.sleep(0.3)  # slow work: the stream has ended meanwhile
+        record(peer)
+
+    async def connected_async(peer: backchannel.Peer) -> None:
+        await asyncio.sleep(0.3)
+        record(peer)
+
+    def disconnected(peer: backchannel.Peer) -> None:
+        with lock:
+            events.append(("disconnected", peer.address))
+            peers.discard(peer.address)
+            if sum(1 for kind, _ in events if kind == "disconnected") == 3:
+                all_gone.set()
+
+    on_connect = connected_plain if connect_kind == "plain" else connected_async
+    with backchannel.Server(
+        "127.0.0.1:0", max_workers=4, on_connect=on_connect, on_disconnect=disconnected
+    ) as server:
+        server.export(Watched, WatchedImpl())
+        for _ in range(3):  # each closes at once, while its on_connect still runs
+            with backchannel.Client(server.address) as client:
+                client.reference(Watched).watch(SyncRecorder())
+        assert all_gone.wait(SOON), events
+    for address in {address for _, address in events}:
+        mine = [kind for kind, a in events if a == address]
+        assert mine == ["connected", "disconnected"], events
+    assert peers == set(), events
+
+
+def test_wait_gone_on_the_providers_loop_is_refused() -> None:
+    """Before the fix: it blocked the loop (every stream), and with no timeout for ever."""
+
+    async def body() -> None:
+        impl = AsyncWatchedImpl()
+        async with backchannel.AsyncServer("127.0.0.1:0") as server:
+            server.export(Watched, impl)
+            async with backchannel.AsyncClient(server.address) as client:
+                await client.reference(Watched).watch(AsyncRecorder())
+                proxy = impl.proxies.get(timeout=SOON)
+                with pytest.raises(RuntimeError, match=r"await proxy\.gone\(\)"):
+                    proxy.wait_gone(0.1)
+                with pytest.raises(RuntimeError, match=r"await proxy\.gone\(\)"):
+                    proxy.wait_ended()
+                assert proxy.wait_gone(0) is False  # a poll never blocks: allowed
+                # from another thread it still waits
+                assert await asyncio.to_thread(proxy.wait_gone, 0.05) is False
+
+    run(body())
+
+
+@backchannel.interface("test.gone.Clashing")
+class Clashing:
+    def gone_reason(self) -> str: ...
+
+    def on_gone(self, fn: str) -> None: ...
+
+
+@backchannel.interface("test.gone.ClashWatched")
+class ClashWatched:
+    @backchannel.method(arguments=[Argument(index=0)])
+    def watch(self, listener: Clashing) -> None: ...
+
+    def ping(self) -> str: ...
+
+
+class ClashWatchedImpl:
+    def watch(self, listener: Any) -> None:
+        pass
+
+    def ping(self) -> str:
+        return "pong"
+
+
+class ClashingListener:
+    def gone_reason(self) -> str:
+        return "mine"
+
+    def on_gone(self, fn: str) -> None:
+        pass
+
+
+def test_listener_methods_named_as_the_proxys_api_are_refused_clearly() -> None:
+    """Before the fix: ``gone_reason`` made every proxy creation fail with "property has no
+    setter", and ``on_gone`` silently hid the proxy's own method."""
+    with backchannel.Server("127.0.0.1:0") as server:
+        server.export(ClashWatched, ClashWatchedImpl())
+        with backchannel.Client(server.address) as client:
+            ref = client.reference(ClashWatched)
+            with pytest.raises(backchannel.InvalidArguments) as raised:
+                ref.watch(ClashingListener())
+            message = str(raised.value)
+            assert "test.gone.Clashing" in message and "gone_reason, on_gone" in message
+            assert "reserved" in message
+            assert ref.ping() == "pong"  # the stream goes on
+
+
+def test_hook_failures_get_a_traceback_per_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before the fix: only the first failure of a function, for the life of the process,
+    had a traceback; later (different) failures were DEBUG only."""
+    now = [1000.0]
+    monkeypatch.setattr(hooks, "_windows", {})
+    monkeypatch.setattr(hooks, "_now", lambda: now[0])
+    monkeypatch.setattr(hooks, "_LOGGED_MAX", 2)
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    def one() -> None: ...
+    def two() -> None: ...
+    def three() -> None: ...
+    def four() -> None: ...
+
+    log = logging.getLogger("backchannel")
+    keep = Keep(logging.DEBUG)
+    log.addHandler(keep)
+    previous = log.level
+    log.setLevel(logging.DEBUG)
+    try:
+
+        def levels() -> list[int]:
+            got = [r.levelno for r in records]
+            records.clear()
+            return got
+
+        for _ in range(3):
+            hooks.failed(one, "one", RuntimeError("bug"))
+        assert levels() == [logging.ERROR, logging.DEBUG, logging.DEBUG]
+        now[0] += hooks.LOG_WINDOW  # the window passed: a traceback again, with the count
+        hooks.failed(one, "one", ValueError("another bug"))
+        assert records[0].levelno == logging.ERROR and records[0].exc_info is not None
+        assert "2 more failure(s)" in records[0].getMessage(), records[0].getMessage()
+        levels()
+        hooks.failed(two, "two", RuntimeError("bug"))  # its own window
+        assert levels() == [logging.ERROR]
+        # past _LOGGED_MAX functions, the others share one window: lines stay bounded
+        hooks.failed(three, "three", RuntimeError("bug"))
+        hooks.failed(four, "four", RuntimeError("bug"))
+        assert levels() == [logging.ERROR, logging.DEBUG]
+    finally:
+        log.removeHandler(keep)
+        log.setLevel(previous)

@@ -281,6 +281,7 @@ class AsyncServer:
             except TimeoutError:
                 logger.warning("calls still running after %s s of grace; cancelling them", grace)
         await self._listener.stop()
+        await self._handlers.wind_down()  # disconnect hooks run before the pools shut
         self._pools.shutdown()
         if self._handlers.peer_log is not None:  # what it held back is told now, not never
             self._handlers.peer_log.summarize()

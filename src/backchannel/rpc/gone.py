@@ -6,7 +6,6 @@ who is told when it does (callbacks, asyncio waiters, blocked threads). A part o
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import threading
 from collections.abc import Callable
@@ -60,8 +59,12 @@ class Lifetime:
         self._ended_event = threading.Event()
         self._watchers = None
 
-    def _hook_site(self) -> tuple[asyncio.AbstractEventLoop, concurrent.futures.Executor, bool]:
-        """Where hooks run: the provider's loop, its pool, and whether this is its thread."""
+    def _hooks(self) -> hooks.Runner:
+        """What runs this instance's hooks: its provider's."""
+        raise NotImplementedError
+
+    def _on_loop(self) -> bool:
+        """True when called on the thread of the provider's event loop."""
         raise NotImplementedError
 
     @property
@@ -80,8 +83,10 @@ class Lifetime:
         ``fn`` may be ``async def``: it then runs as a task on the provider's loop. A
         plain ``fn`` runs in the thread that ended the instance (or that called
         ``on_gone``, when it had ended already), except the event loop's: from there it
-        is handed to a thread of the provider's pool. What ``fn`` raises is logged and
-        swallowed. Returns a function that takes ``fn`` back (a no-op once it ran).
+        is handed to a thread of the provider's pool (a thread of its own once the pool
+        is shut). The provider's stop waits for it (bounded). What ``fn`` raises is
+        logged and swallowed. Returns a function that takes ``fn`` back (a no-op once it
+        ran).
         """
         with _lock:
             if self._gone is None:
@@ -113,12 +118,20 @@ class Lifetime:
 
     def wait_gone(self, timeout: float | None = None) -> bool:
         """Block this thread until the instance ended, for at most ``timeout`` seconds;
-        True if it did. (Never on the event loop: use ``await proxy.gone()`` there.)"""
+        True if it did. On the provider's event loop it raises RuntimeError (unless
+        ``timeout`` is 0: a poll): there it would block every stream, and only the loop
+        can end the instance (use ``await proxy.gone()``)."""
+        if timeout != 0 and self._on_loop():
+            raise RuntimeError(
+                f"{self!r}.wait_gone() was called on the provider's event loop thread, where "
+                "it would block every stream (and only that loop can end the instance); "
+                "use `await proxy.gone()` there"
+            )
         return self._ended_event.wait(timeout)
 
     def wait_ended(self, timeout: float | None = None) -> bool:
         """The same as :meth:`wait_gone` (its older name)."""
-        return self._ended_event.wait(timeout)
+        return self.wait_gone(timeout)
 
     def _unwatch(self, watcher: object) -> None:
         with _lock:
@@ -147,9 +160,8 @@ class Lifetime:
         if type(watcher) is _Waiter:
             watcher.wake(why)
             return
-        loop, pool, on_loop = self._hook_site()
         what = f"the on_gone hook {hooks.name(watcher)} of {self!r}"
-        hooks.fire(watcher, self, what, loop, pool, on_loop=on_loop)
+        self._hooks().fire(watcher, self, what)
 
 
 def _nothing() -> None:

@@ -7,10 +7,12 @@ authenticator. The transport calls these (:class:`~backchannel.transport.seam.Ha
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import functools
 import inspect
 import logging
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -33,6 +35,9 @@ logger = logging.getLogger("backchannel")
 
 #: what a stopping provider tells every consumer (GoAway)
 GOING_AWAY = "server shutting down"
+#: how long a stopping provider waits, in all, for its streams' handlers to end and for
+#: the hooks they fire (on_disconnect, on_gone) to return (docs/callbacks.md)
+HOOK_GRACE = 5.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,9 +63,16 @@ StreamHook = Callable[[Peer], object]
 class ProviderSide:
     """The provider's handling of one consumer's stream: forward calls and its callbacks."""
 
-    def __init__(self, exports: Exports, session: Session, callback_timeout: float | None) -> None:
+    def __init__(
+        self,
+        exports: Exports,
+        session: Session,
+        callback_timeout: float | None,
+        runner: hooks.Runner | None,
+    ) -> None:
         self._exports = exports
         self.callbacks = ProviderCallbacks(session, callback_timeout, exports.pools)
+        self.callbacks.hook_runner = runner  # the provider's: its stop waits for them
         if exports.filters:  # the server's filters see its callbacks too
             self.callbacks.filters = exports.filters
         self.callbacks.attachment_limit = exports.attachment_limit
@@ -120,6 +132,9 @@ class ProviderHandlers:
         self.peer_log: PeerLog | None = None
         #: set by the server's stop(): new streams are refused, late ones told go-away
         self.stopping = False
+        #: runs the lifetime hooks (on_gone, on_connect, on_disconnect); made by listening()
+        self.hooks: hooks.Runner | None = None
+        self._no_streams: asyncio.Future[None] | None = None  # what all_ended() awaits
 
     def listening(self, loop: asyncio.AbstractEventLoop, address: str) -> None:
         """The provider listens at ``address`` (``host:port``) and serves on ``loop``."""
@@ -131,6 +146,32 @@ class ProviderHandlers:
             per="a provider",
             sender="their peers",
         )
+        thread = threading.get_ident()
+        self.hooks = hooks.Runner(
+            self._exports.pools.regular, loop, lambda: threading.get_ident() == thread
+        )
+
+    async def wind_down(self) -> None:
+        """The server stops (its listener did): wait for the streams' handlers to end
+        (they fire on_disconnect and on_gone hooks), then for those hooks to return,
+        for HOOK_GRACE seconds in all."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + HOOK_GRACE
+        try:
+            await asyncio.wait_for(self.all_ended(), HOOK_GRACE)
+        except TimeoutError:
+            logger.warning(
+                "Connect streams still served %s s after the provider stopped", HOOK_GRACE
+            )
+        if self.hooks is not None:
+            await self.hooks.drain(max(0.0, deadline - loop.time()))
+
+    async def all_ended(self) -> None:
+        """Wait until no Connect stream is being served (their hooks fired)."""
+        while self._streams:
+            if self._no_streams is None or self._no_streams.done():
+                self._no_streams = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._no_streams)
 
     async def all_idle(self) -> None:
         """Wait until every session is idle, sessions that join meanwhile included."""
@@ -161,6 +202,9 @@ class ProviderHandlers:
             await self._serve_stream(stream)
         finally:
             self._streams -= 1
+            drained = self._no_streams
+            if not self._streams and drained is not None and not drained.done():
+                drained.set_result(None)
             if self._full and self._streams < limit:
                 self._full = False
                 if self._full_logged:  # said only after a refusal logged at WARNING
@@ -180,7 +224,9 @@ class ProviderHandlers:
         session = Session(
             connection,
             stream.write,
-            lambda session: ProviderSide(self._exports, session, self._callback_timeout),
+            lambda session: ProviderSide(
+                self._exports, session, self._callback_timeout, self.hooks
+            ),
             self._error_types,
             peer=stream.peer(),
             limits=self._limits,
@@ -200,29 +246,36 @@ class ProviderHandlers:
         no_hello = asyncio.get_running_loop().call_later(
             self._limits.handshake_timeout, self._no_hello, session
         )
-        hooked = self._on_connect is not None or self._on_disconnect is not None
-        if hooked:  # its identity, for the hooks; on_connect once its Hello is in
-            identity = current_identity()
-            session.handshake.add_done_callback(lambda _: self._connected(session, identity))
+        hooked = None
+        if self._on_connect is not None or self._on_disconnect is not None:
+            # its identity, for the hooks; on_connect once its Hello is in
+            hooked = _StreamHooks(session, current_identity())
+            session.handshake.add_done_callback(lambda _: self._connected(hooked))
         try:
             await session.run(stream.read)
         finally:
             no_hello.cancel()
             self.sessions.discard(session)
-            if hooked:
-                self._disconnected(session, identity)
+            if hooked is not None:
+                self._disconnected(hooked)
         if session.ending is not None:  # it broke a limit: say which, not CANCELLED
             await stream.abort(*session.ending)
 
-    def _connected(self, session: Session, identity: object) -> None:
-        """On the loop: the consumer's Hello is in (or the stream ended before it)."""
-        if self._on_connect is None or not _opened(session):
+    def _connected(self, hooked: _StreamHooks) -> None:
+        """On the loop: the consumer's Hello is in (or the stream ended before it); once."""
+        session = hooked.session
+        if hooked.told or not _opened(session):
             return
-        peer = Peer(session.peer, identity, wire_text(session.peer_application))
-        self._fire(self._on_connect, peer, "on_connect")
+        hooked.told = True
+        if self._on_connect is not None:
+            peer = Peer(session.peer, hooked.identity, wire_text(session.peer_application))
+            hooked.connected = self._fire(self._on_connect, peer, "on_connect")
 
-    def _disconnected(self, session: Session, identity: object) -> None:
-        """On the loop: a stream ended; ``on_disconnect`` hears of those that opened."""
+    def _disconnected(self, hooked: _StreamHooks) -> None:
+        """On the loop: a stream ended; ``on_disconnect`` hears of those that opened,
+        once their ``on_connect`` returned."""
+        session, identity = hooked.session, hooked.identity
+        self._connected(hooked)  # the handshake's callback may not have run yet
         if self._on_disconnect is None or not _opened(session):
             return
         if session.ending is not None:  # this side ended it: a limit the consumer broke
@@ -234,12 +287,18 @@ class ProviderHandlers:
         else:
             reason = "the stream ended"
         peer = Peer(session.peer, identity, wire_text(session.peer_application), reason)
-        self._fire(self._on_disconnect, peer, "on_disconnect")
+        self._fire(self._on_disconnect, peer, "on_disconnect", after=hooked.connected)
 
-    def _fire(self, hook: StreamHook, peer: Peer, name: str) -> None:
+    def _fire(
+        self,
+        hook: StreamHook,
+        peer: Peer,
+        name: str,
+        after: concurrent.futures.Future[None] | None = None,
+    ) -> concurrent.futures.Future[None]:
         what = f"the provider's {name} hook for {peer.address}"
-        loop = asyncio.get_running_loop()
-        hooks.fire(hook, peer, what, loop, self._exports.pools.regular, on_loop=True)
+        assert self.hooks is not None  # streams come once it listens
+        return self.hooks.fire(hook, peer, what, after=after)
 
     def _no_hello(self, session: Session) -> None:
         if not session.handshake.done():
@@ -290,6 +349,19 @@ class ProviderHandlers:
             logger.info("refused %s: %s", rpc.peer(), wire_text(exc))
             await rpc.refuse(Code.UNAUTHENTICATED, str(exc))
         set_identity(identity)
+
+
+class _StreamHooks:
+    """One stream's part in the provider's on_connect and on_disconnect hooks."""
+
+    __slots__ = ("connected", "identity", "session", "told")
+
+    def __init__(self, session: Session, identity: object) -> None:
+        self.session = session
+        self.identity = identity  # what the authenticator returned for it
+        self.told = False  # on_connect was fired (or is not given)
+        #: on_connect's run: on_disconnect starts once it is done
+        self.connected: concurrent.futures.Future[None] | None = None
 
 
 def _opened(session: Session) -> bool:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
 import contextvars
 import functools
 import typing
@@ -22,7 +21,7 @@ from backchannel.errors import (
     StreamBroken,
     UnknownCallback,
 )
-from backchannel.rpc import attachments, filters
+from backchannel.rpc import attachments, filters, hooks
 from backchannel.rpc.callbacks import ServiceKey, limit_error, listener_interface, parent_in
 from backchannel.rpc.gone import Lifetime
 from backchannel.rpc.interface import InterfaceSpec, MethodSpec
@@ -92,6 +91,8 @@ class ReverseProxy(Lifetime):
         self._labels: dict[str, str] = {}
         self._decoders: dict[str, Callable[[pb.Result], Any]] = {}
         if spec is not None:
+            if not RESERVED.isdisjoint(spec.methods):
+                raise _clash(spec)
             for name, method in spec.methods.items():
                 setattr(self, name, functools.partial(self._call, name, method))
 
@@ -119,9 +120,18 @@ class ReverseProxy(Lifetime):
             loop.call_soon_threadsafe(self._table.release, self._id, True, _BY_PROVIDER)
         self._ended(_BY_PROVIDER)
 
-    def _hook_site(self) -> tuple[asyncio.AbstractEventLoop, concurrent.futures.Executor, bool]:
+    def _hooks(self) -> hooks.Runner:
         table = self._table
-        return table.session.loop, table.pools.regular, table.session.in_loop_thread()
+        runner = table.hook_runner
+        if runner is None:  # a table made outside a provider's stream (a unit test's)
+            session = table.session
+            runner = table.hook_runner = hooks.Runner(
+                table.pools.regular, session.loop, session.in_loop_thread
+            )
+        return runner
+
+    def _on_loop(self) -> bool:
+        return self._table.session.in_loop_thread()
 
     def _check_alive(self, method: str) -> None:
         if self._gone is not None:
@@ -329,6 +339,8 @@ class ProviderCallbacks:
     filters: tuple[filters.Link, ...] = ()
     #: Limits.max_attachment_bytes of the server: a call carrying more is not sent
     attachment_limit = DEFAULT_MAX_ATTACHMENT_BYTES
+    #: what runs its proxies' on_gone hooks: the provider's (set by its stream)
+    hook_runner: hooks.Runner | None = None
 
     def __init__(self, session: Session, timeout: float | None, pools: CallPools) -> None:
         self.session = session
@@ -451,6 +463,21 @@ class ProviderCallbacks:
 #: why an instance ended that the provider released, and that the consumer released
 _BY_PROVIDER = "released by the provider"
 _BY_CONSUMER = "released by the consumer"
+
+
+#: the names of ReverseProxy's own attributes: a listener interface may not name a method
+#: so (the proxy would hide the method, or the method the proxy's API)
+RESERVED = frozenset(name for name in dir(ReverseProxy) if not name.startswith("_"))
+
+
+def _clash(spec: InterfaceSpec) -> InvalidArguments:
+    """The error for a listener interface whose method names clash with RESERVED."""
+    names = ", ".join(sorted(RESERVED.intersection(spec.methods)))
+    return InvalidArguments(
+        f"the listener interface {spec.name} cannot be a callback: its method(s) {names} "
+        "clash with the reverse proxy's own attributes (reserved: "
+        f"{', '.join(sorted(RESERVED))}); rename them"
+    )
 
 
 def _name(spec: InterfaceSpec | None) -> str:
