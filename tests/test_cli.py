@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
+import os
+import platform
 import signal
 import subprocess
 import sys
@@ -474,6 +477,36 @@ def test_listen_answers_each_callback_with_null_or_the_answer_given(
         listen.wait(10)
     assert json.loads(first) == {"callback": "approve", "args": ["the door"]}
     assert json.loads(second) == {"result": result}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="tgkill is Linux's")
+def test_listen_exits_on_ctrl_c_taken_by_another_thread(vault: str) -> None:
+    """A process-directed SIGINT may be taken by any thread that does not block it;
+    Python then only flags it for the main thread. Sent here to a thread other than
+    the main one (tgkill), it still ends listen with 130 at once (it hung for ever: the
+    main thread waited for the stream's end in an untimed lock wait)."""
+    listen = subprocess.Popen(
+        [sys.executable, "-m", "backchannel", "listen", vault, *OPEN],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        read_line(listen), read_line(listen)  # the callback, then the result
+        others = [int(tid) for tid in os.listdir(f"/proc/{listen.pid}/task")]
+        others = [tid for tid in others if tid != listen.pid]
+        assert others, "listen runs its client's loop in a thread of its own"
+        libc = ctypes.CDLL(None, use_errno=True)
+        assert libc.syscall(_SYS_TGKILL, listen.pid, others[0], signal.SIGINT) == 0
+        assert listen.wait(5) == 130
+    finally:
+        if listen.poll() is None:
+            listen.kill()
+            listen.wait()
+
+
+#: tgkill(2)'s number on x86-64 and arm64 (Linux): signal one thread of a process
+_SYS_TGKILL = {"aarch64": 131}.get(platform.machine(), 234)
 
 
 def test_listen_refuses_an_answer_that_is_not_json(vault: str) -> None:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import concurrent.futures
 import json
 import re
 import sys
@@ -392,16 +391,17 @@ def _listen(options: argparse.Namespace) -> int:
         result = getattr(proxy, options.method)(*args)
         _print_line(json.dumps({"result": json.loads(to_json(result))}))
         # callbacks print from the client's threads until Ctrl-C or the stream ends
-        cause = _stream_end(client).result()
+        cause = _stream_end(client)
     raise CommandError(
         f"the stream to {options.address} ended, no more callbacks will come "
         f"({_one_line(cause) if cause else 'closed'})"
     )
 
 
-def _stream_end(client: Client) -> concurrent.futures.Future[BaseException | None]:
-    """Resolves with why the client's current stream ended (the provider went away,
-    the connection broke); the listener's callbacks come on that stream only.
+def _stream_end(client: Client) -> BaseException | None:
+    """Wait for the client's current stream to end, and say why (the provider went
+    away, the connection broke); the listener's callbacks come on that stream only.
+    Ctrl-C interrupts it even when another thread took the signal (LoopThread.run).
 
     The sync Client has no public hook for this, so it looks at its stream's session."""
     core = client._core
@@ -413,7 +413,7 @@ def _stream_end(client: Client) -> concurrent.futures.Future[BaseException | Non
         await session.closed.wait()
         return session.cause
 
-    return client._portal.submit(ended())
+    return client._portal.run(ended())
 
 
 def _check_types(

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 from collections.abc import Iterable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar, overload
@@ -27,7 +26,6 @@ from backchannel.cluster.providers import LinkSettings, ProviderLink
 from backchannel.cluster.reference import Proxy, Reference
 from backchannel.cluster.registry import Registry
 from backchannel.cluster.resubscribe import resubscribe
-from backchannel.errors import ChannelClosed
 from backchannel.rpc import attachments
 from backchannel.rpc.attachments import propagation
 from backchannel.rpc.filters import FilterLike, chain_of
@@ -477,10 +475,9 @@ class Client:
         self._portal.run(self._core.release(listener))
 
     def close(self) -> None:
-        """End the streams and stop the background loop."""
-        with contextlib.suppress(ChannelClosed):
-            self._portal.run(self._core.close())
-        self._portal.close()
+        """End the streams and stop the background loop; bounded, whatever the loop is
+        stuck on (LoopThread.close_with)."""
+        self._portal.close_with(self._core.close())
         self._hooks.shutdown()
 
     def __enter__(self) -> Client:

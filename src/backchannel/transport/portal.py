@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import functools
+import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -21,6 +24,8 @@ from backchannel.transport import observe
 from backchannel.transport.handoff import inbox
 
 T = TypeVar("T")
+
+logger = logging.getLogger(__name__)
 
 
 def wait_on_loop(loop: asyncio.AbstractEventLoop, start: Callable[[], asyncio.Future[T]]) -> T:
@@ -42,7 +47,36 @@ def wait_on_loop(loop: asyncio.AbstractEventLoop, start: Callable[[], asyncio.Fu
     if observe.AVAILABLE:  # OpenTelemetry: the call is made in the caller's span
         begin = observe.carry(begin)
     inbox(loop).post(begin)  # raises ChannelClosed when the loop is closed
-    return outcome.result()
+    return wait_for(outcome)
+
+
+#: how long a sync facade's close waits for its closing, then for its loop to stop
+CLOSE_WAIT = 10.0
+
+#: how long the main thread blocks at most before it looks for a signal (Ctrl-C)
+SIGNAL_CHECK = 0.2
+
+
+def wait_for(future: concurrent.futures.Future[T], timeout: float | None = None) -> T:
+    """``future.result(timeout)``, but a main thread waiting here still gets its
+    KeyboardInterrupt promptly.
+
+    A process-directed signal (Ctrl-C, ``kill -INT``) may be taken by any thread that
+    does not block it, e.g. an event loop's; Python then only flags it for the main
+    thread, which does not wake from an untimed lock wait: it would wait for ever. So
+    the main thread waits in slices of :data:`SIGNAL_CHECK` seconds; other threads
+    (which never get KeyboardInterrupt) wait in one piece.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return future.result(timeout)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        left = SIGNAL_CHECK if deadline is None else min(SIGNAL_CHECK, deadline - time.monotonic())
+        try:
+            return future.result(max(left, 0))
+        except concurrent.futures.TimeoutError:
+            if future.done() or (deadline is not None and time.monotonic() >= deadline):
+                raise  # the call's own TimeoutError, or the caller's time is up
 
 
 def _copy_outcome(target: concurrent.futures.Future[T], source: asyncio.Future[T]) -> None:
@@ -126,19 +160,39 @@ class LoopThread:
             raise ChannelClosed("the background event loop is closed")
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run a coroutine on the loop and block this thread until it finishes."""
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """Run a coroutine on the loop and block this thread until it finishes (or
+        ``timeout`` seconds pass: TimeoutError, the coroutine goes on)."""
         if self.in_loop_thread():
             coro.close()
             raise RuntimeError(
                 "a blocking backchannel call was made from its own event loop thread, where "
                 "it would wait forever; use the asyncio API (AsyncClient / await) there"
             )
-        return self.submit(coro).result()
+        return wait_for(self.submit(coro), timeout)
 
-    def close(self) -> None:
-        """Stop the loop and wait for the thread to end (no-op when already closed)."""
+    def close_with(
+        self, closing: Coroutine[Any, Any, object], timeout: float | None = None
+    ) -> None:
+        """Run ``closing`` (a facade's own close) for ``timeout`` seconds at most, then
+        :meth:`close`, as long again at most: a close never waits for ever, whatever the
+        loop is stuck on (one that is stuck is left to its daemon thread, logged);
+        ``timeout`` defaults to :data:`CLOSE_WAIT`."""
+        timeout = CLOSE_WAIT if timeout is None else timeout
+        try:
+            self.run(closing, timeout)
+        except ChannelClosed:
+            pass  # closed already
+        except concurrent.futures.TimeoutError:
+            logger.warning("%s: closing took over %ss; left running", self._thread.name, timeout)
+        self.close(timeout)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop the loop and wait for the thread to end, ``timeout`` seconds at most (a
+        loop held by a stuck callback is left to its daemon thread); no-op when already
+        closed. ``timeout`` defaults to :data:`CLOSE_WAIT`."""
         if self._thread.is_alive() and not self.loop.is_closed():
-            self.loop.call_soon_threadsafe(self.loop.stop)
+            with contextlib.suppress(RuntimeError):  # closed meanwhile
+                self.loop.call_soon_threadsafe(self.loop.stop)
             if not self.in_loop_thread():
-                self._thread.join(timeout=10)
+                self._thread.join(CLOSE_WAIT if timeout is None else timeout)
