@@ -21,7 +21,8 @@ const definition = protoLoader.loadSync('backchannel/v1/envelope.proto', {
 const { Envelope } = grpc.loadPackageDefinition(definition).backchannel.v1;
 
 const SERVICE = 'com.callback.CallbackService';
-const LISTENER = 'com.callback.CallbackListener';
+// the listener interface: its name, and the only methods the provider may call (§8)
+const LISTENER = { name: 'com.callback.CallbackListener', methods: new Set(['changed']) };
 
 function main() {
   const address = process.argv[2];
@@ -31,7 +32,10 @@ function main() {
     console.error('usage: node consumer.js HOST:PORT [--count N]');
     process.exit(2);
   }
-  const client = new Envelope(address, grpc.credentials.createInsecure());
+  const client = new Envelope(address, grpc.credentials.createInsecure(), {
+    'grpc.keepalive_time_ms': 10000, // §14 Keepalive: a vanished provider is noticed
+    'grpc.keepalive_timeout_ms': 5000,
+  });
   const stream = client.Connect(); // §2: one bidirectional stream per consumer
   const consumer = new Consumer(stream);
   const giveUp = setTimeout(() => consumer.fail('no clean end within 30 s'), 30000);
@@ -58,9 +62,15 @@ function main() {
     // §15 Errors: an unknown method is UNIMPLEMENTED, backchannel.MethodNotFound
     await consumer.call('noSuchMethod', [])
       .catch((error) => console.log(`noSuchMethod failed: ${error.message}`));
+    // §5 MethodInfo: the listener goes where the provider declares a callback argument
+    const service = welcome.services.find((info) => info.name === SERVICE);
+    const method = service && service.methods.find((info) => info.name === 'addListener');
+    if (!method || !(method.callbackArguments || []).includes(1)) {
+      throw new Error(`${SERVICE}.addListener(key, listener) is not exported as expected`);
+    }
     // §8 Callbacks: the consumer numbers its callback instances; this one is id 1
     const listener = new PrintingListener(wanted);
-    const ref = consumer.exportListener(listener);
+    const ref = consumer.exportListener(listener, LISTENER);
     const added = await consumer.call('addListener', [str('foo.bar'), ref]);
     console.log(`addListener returned ${JSON.stringify(added)}`);
     await listener.enough;
@@ -94,7 +104,7 @@ class Consumer {
     this.nextCallId = 1; // §6 Who numbers which ids: each side its own calls, from 1
     this.nextCallbackId = 1;
     this.outgoing = new Map(); // our call id -> {resolve, reject}
-    this.listeners = new Map(); // callback id -> listener object
+    this.listeners = new Map(); // callback id -> {object, methods}
     this.turns = new Map(); // callback id -> the promise its previous call ends with
     this.unanswered = new Set(); // ids of the provider's calls we owe a Result
     this.goingAway = false;
@@ -139,11 +149,11 @@ class Consumer {
     }
   }
 
-  exportListener(listener) {
+  exportListener(object, { name, methods }) {
     const id = String(this.nextCallbackId++);
-    this.listeners.set(id, listener);
+    this.listeners.set(id, { object, methods });
     // §8 CallbackRef: interface is informational; the provider checks nothing by it
-    return { callbackValue: { id, interface: LISTENER } };
+    return { callbackValue: { id, interface: name } };
   }
 
   call(method, args) {
@@ -181,27 +191,43 @@ class Consumer {
 
   async run(call) {
     if (!call.oneWay && !this.unanswered.has(call.id)) return; // §9: cancelled while queued
-    let outcome;
-    const listener = this.listeners.get(call.callbackId);
-    const method = listener && typeof listener[call.method] === 'function' && call.method;
-    if (!listener) {
-      // §15 Errors: how a listener answers "gone": NOT_FOUND, backchannel.CallbackGone
-      outcome = failure('NOT_FOUND', 'backchannel.CallbackGone',
-        `callback ${call.callbackId} is not exported on this stream`);
-    } else if (!method) {
-      outcome = failure('UNIMPLEMENTED', 'backchannel.MethodNotFound',
-        `callback ${call.callbackId} has no method '${call.method}'`);
-    } else {
-      try {
-        const value = await listener[method](...(call.args || []).map(fromValue));
-        outcome = { value: toValue(value) };
-      } catch (error) {
-        outcome = failure('UNKNOWN', error.name || 'Error', String(error.message));
-      }
-    }
+    const outcome = await this.outcome(call);
     if (call.oneWay) return; // §6 Result: a one-way call gets no Result
     if (!this.unanswered.delete(call.id)) return; // §9 Cancel: no Result after a Cancel
     this.stream.write({ result: { id: call.id, ...outcome } });
+  }
+
+  // What a call to a listener comes to: a Result's value, or its error (§15 Errors)
+  async outcome(call) {
+    const listener = this.listeners.get(call.callbackId);
+    if (!call.callbackId) {
+      return failure('NOT_FOUND', 'backchannel.ServiceNotFound', 'a consumer exports no services');
+    }
+    if (!listener) { // how a listener answers "gone"
+      return failure('NOT_FOUND', 'backchannel.CallbackGone',
+        `callback ${call.callbackId} is not exported on this stream`);
+    }
+    if (!listener.methods.has(call.method)) {
+      return failure('UNIMPLEMENTED', 'backchannel.MethodNotFound',
+        `callback ${call.callbackId} has no method '${call.method}'`);
+    }
+    let args;
+    try {
+      args = (call.args || []).map(fromValue);
+    } catch (error) {
+      return failure('INVALID_ARGUMENT', 'backchannel.DecodeError', error.message);
+    }
+    let value;
+    try {
+      value = await listener.object[call.method](...args);
+    } catch (error) { // an application error: its own type name, code UNKNOWN
+      return failure('UNKNOWN', error.name || 'Error', String(error.message));
+    }
+    try {
+      return { value: toValue(value) };
+    } catch (error) {
+      return failure('INTERNAL', 'backchannel.EncodeError', error.message);
+    }
   }
 
   fail(why) {
