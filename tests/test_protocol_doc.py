@@ -1,6 +1,7 @@
 """docs/protocol.md names everything envelope.proto defines, so the spec cannot silently
 fall behind the proto: every service method, message, field, oneof, enum and enum value
 (read from the generated descriptor) must appear in the page as code (between backticks).
+And its worked example's bytes are the frames its JSON shows.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor
 
 from backchannel.v1 import envelope_pb2
@@ -74,3 +76,28 @@ def test_a_name_the_page_does_not_write_as_code_is_reported() -> None:
 
 def test_the_spec_is_linked_from_the_readme_docs_list() -> None:
     assert "[docs/protocol.md](docs/protocol.md)" in (ROOT / "README.md").read_text()
+
+
+def worked_example(markdown: str) -> list[tuple[str, bytes]]:
+    """(JSON, gRPC message bytes) of each frame of the worked example's code blocks: a
+    ``>>>`` or ``<<<`` line (and the JSON lines after it), then indented hex lines."""
+    section = markdown.split("## 19.", 1)[1].split("\n## ", 1)[0]
+    frames: list[tuple[str, bytes]] = []
+    for block in re.findall(r"```\n(.*?)```", section, flags=re.DOTALL):
+        for chunk in re.split(r"^(?:>>>|<<<) ", block, flags=re.MULTILINE)[1:]:
+            json_lines, hex_lines = [], []
+            for line in chunk.splitlines():
+                target = hex_lines if re.fullmatch(r"\s+([0-9a-f]{2} ?)+", line) else json_lines
+                target.append(line)
+            frames.append(("\n".join(json_lines), bytes.fromhex(" ".join(hex_lines))))
+    return frames
+
+
+def test_the_worked_examples_bytes_are_the_frames_its_json_shows() -> None:
+    frames = worked_example(SPEC.read_text())
+    assert len(frames) == 8  # hello, welcome, call, callback call, 2 results, call, batch
+    for text, message in frames:
+        assert message[0] == 0, "the compressed flag: 0"
+        assert int.from_bytes(message[1:5], "big") == len(message) - 5, text
+        frame = envelope_pb2.Frame.FromString(message[5:])
+        assert frame == json_format.Parse(text, envelope_pb2.Frame()), text
