@@ -95,6 +95,8 @@ class Receiver:
         _running: dict[int, asyncio.Task[None] | None]
         _one_way_tasks: set[asyncio.Task[None]]
         _incoming_parent: dict[int, int]
+        _backlog_hold: asyncio.Event | None
+        _reader_context: contextvars.Context
         # what it uses of the rest of the session
         _sent: dict[int, Outgoing]
         _outgoing_parent: dict[int, int]
@@ -134,6 +136,8 @@ class Receiver:
                 await asyncio.sleep(0)
                 if not self._writable.is_set():
                     await self._writable.wait()
+                if self.connection.one_way_waiting:
+                    await self._hold_for_backlog()
                 if self.cause is not None:
                     return
             self._handling = True
@@ -165,6 +169,8 @@ class Receiver:
                 victim = self._running.pop(event.call_id, None)
                 if victim is not None:
                     victim.cancel(f"cancelled by the peer: {wire_text(event.reason)}")
+                if self.connection.one_way_waiting:  # its slot is free
+                    self._release_one_way()
             elif type(event) is HandshakeDone:
                 self.peer_application = event.peer_application
                 own = self._limits
@@ -219,6 +225,8 @@ class Receiver:
                 self._incoming_parent.pop(call_id, None)
             if call.one_way:  # its work is over: its in-flight slot is free
                 self.connection.one_way_done(call_id)
+                if self.connection.one_way_waiting:
+                    self._release_one_way()
         size = len(result) if isinstance(result, bytes) else result.ByteSize()
         if size > self._peer_max_message:
             too_large = MessageTooLarge(
@@ -346,7 +354,37 @@ class Receiver:
                 self.connection.send_result(result)
         except LocalProtocolError:  # the stream ended meanwhile
             return
+        if self.connection.one_way_waiting:  # its slot is free
+            self._release_one_way()
         self.flush()
+
+    # ------------------------------------ one-way calls past the in-flight limit
+
+    async def _hold_for_backlog(self) -> None:
+        """So many one-way calls from the peer wait for an in-flight slot that reading
+        stops (HTTP/2 flow control holds the peer's writes: it is held back, not cut
+        off) until half of them have started; but reading goes on while this side awaits
+        a result from the peer, which a call running here may be waiting for."""
+        connection = self.connection
+        while connection.one_way_full and not connection.pending_outgoing and not self.cause:
+            hold = self._backlog_hold = asyncio.Event()
+            try:
+                await hold.wait()
+            finally:
+                self._backlog_hold = None
+
+    def _release_one_way(self) -> None:
+        """In-flight slots freed: one-way calls that waited for one start, in order, each
+        on a later loop turn in the reader's context (not in the call that freed it)."""
+        connection = self.connection
+        while (call := connection.next_one_way()) is not None:
+            self._loop.call_soon(self._start_waited, call, context=self._reader_context)
+        if self._backlog_hold is not None and connection.one_way_drained:
+            self._backlog_hold.set()
+
+    def _start_waited(self, call: pb.Call) -> None:
+        if self.cause is None:
+            self._start_serving(call, observe.AVAILABLE and observe.collecting())
 
 
 class SplitBatch:

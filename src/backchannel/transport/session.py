@@ -87,6 +87,9 @@ class Session(Writer, Receiver, Calls, Multicasting):
         translate: Translate = translate,
     ) -> None:
         self.connection = connection
+        # one-way calls from the peer may wait for a slot up to this (then it is not read)
+        connection.max_waiting_one_way = limits.max_waiting_one_way
+        connection.max_waiting_bytes = limits.max_queued_bytes
         self.peer = peer
         self.error_types = error_types
         self._write = write
@@ -130,6 +133,10 @@ class Session(Writer, Receiver, Calls, Multicasting):
         self._parked: collections.deque[tuple[pb.Call, bool]] = collections.deque()
         self._unparking = False
         self._reader: asyncio.Task[Any] | None = None
+        # set while the reader waits for one-way calls waiting for a slot to drain
+        self._backlog_hold: asyncio.Event | None = None
+        # the reader's context: where one-way calls that waited for a slot start
+        self._reader_context = contextvars.copy_context()
         # a consumer weighs a Multicast's targets when it cuts what arrived into slices
         self._weigh_targets = connection.role is Role.CONSUMER
         self._stall: asyncio.TimerHandle | None = None  # ends a stream over the limit too long
@@ -183,10 +190,13 @@ class Session(Writer, Receiver, Calls, Multicasting):
         cause: BaseException
         eof = self._eof
         self._reader = asyncio.current_task()
+        self._reader_context = contextvars.copy_context()
         try:
             while True:
                 if not self._writable.is_set():  # back-pressure: the peer does not read
                     await self._writable.wait()
+                if self.connection.one_way_waiting:  # back-pressure: it sends too many
+                    await self._hold_for_backlog()
                 if self.cause is not None:
                     cause = self.cause
                     break
@@ -342,6 +352,8 @@ class Session(Writer, Receiver, Calls, Multicasting):
         self._deadlines.close()
         self._outgoing_parent.clear()
         self._writable.set()  # a reader held back by back-pressure sees the end
+        if self._backlog_hold is not None:
+            self._backlog_hold.set()
         self._parked.clear()  # never started: nothing to cancel
         self._resume_held()  # what the pools still hold was cancelled with its callers
         if self._stall is not None:
