@@ -365,8 +365,7 @@ def test_calls_over_the_in_flight_limit_are_refused_with_resource_exhausted() ->
     assert frame.result.error.code == pb.RESOURCE_EXHAUSTED
     assert frame.result.error.type == "backchannel.RemoteProtocolError"
     message = (
-        "too many calls in flight on this stream: this side runs at most 1 at once "
-        "(call 2 refused)"
+        "too many calls in flight on this stream: this side runs at most 1 at once (call 2 refused)"
     )
     assert frame.result.error.message == message
     assert events == [PeerMistake(message)]

@@ -80,6 +80,7 @@ class Calls:
 
         def flush(self) -> None: ...
         def _write_now(self) -> None: ...
+        def _wake_reader(self) -> None: ...
 
     def start_call(
         self,
@@ -144,7 +145,7 @@ class Calls:
             return
         self._sent[call_id] = outgoing
         if self._backlog_hold is not None:  # the reader must read its result
-            self._backlog_hold.set()
+            self._wake_reader()
         if call.parent_id:
             self._outgoing_parent[call_id] = call.parent_id
 

@@ -95,8 +95,6 @@ class Receiver:
         _running: dict[int, asyncio.Task[None] | None]
         _one_way_tasks: set[asyncio.Task[None]]
         _incoming_parent: dict[int, int]
-        _backlog_hold: asyncio.Event | None
-        _reader_context: contextvars.Context
         # what it uses of the rest of the session
         _sent: dict[int, Outgoing]
         _outgoing_parent: dict[int, int]
@@ -125,6 +123,8 @@ class Receiver:
         def _write_now(self) -> None: ...
         def _admit(self) -> None: ...
         def _count_fault(self) -> None: ...
+        async def _hold_for_backlog(self) -> None: ...
+        def _release_one_way(self) -> None: ...
 
     async def _receive_in_slices(self, pieces: Iterator[list[Piece]]) -> None:
         """Act on one big Batch or Multicast a slice at a time (about
@@ -357,34 +357,6 @@ class Receiver:
         if self.connection.one_way_waiting:  # its slot is free
             self._release_one_way()
         self.flush()
-
-    # ------------------------------------ one-way calls past the in-flight limit
-
-    async def _hold_for_backlog(self) -> None:
-        """So many one-way calls from the peer wait for an in-flight slot that reading
-        stops (HTTP/2 flow control holds the peer's writes: it is held back, not cut
-        off) until half of them have started; but reading goes on while this side awaits
-        a result from the peer, which a call running here may be waiting for."""
-        connection = self.connection
-        while connection.one_way_full and not connection.pending_outgoing and not self.cause:
-            hold = self._backlog_hold = asyncio.Event()
-            try:
-                await hold.wait()
-            finally:
-                self._backlog_hold = None
-
-    def _release_one_way(self) -> None:
-        """In-flight slots freed: one-way calls that waited for one start, in order, each
-        on a later loop turn in the reader's context (not in the call that freed it)."""
-        connection = self.connection
-        while (call := connection.next_one_way()) is not None:
-            self._loop.call_soon(self._start_waited, call, context=self._reader_context)
-        if self._backlog_hold is not None and connection.one_way_drained:
-            self._backlog_hold.set()
-
-    def _start_waited(self, call: pb.Call) -> None:
-        if self.cause is None:
-            self._start_serving(call, observe.AVAILABLE and observe.collecting())
 
 
 class SplitBatch:

@@ -27,6 +27,7 @@ from backchannel.wire.events import (
     Unparseable,
     error_result,
 )
+from backchannel.wire.one_way import _REFUSED, _RUN, _WAIT, admit_one_way
 from backchannel.wire.slices import MULTICAST_BUDGET_MESSAGES, Piece, Targets, multicast_budget
 from backchannel.wire.text import sendable_text
 from backchannel.wire.transitions import ACCEPTS, MOVES, Role, State
@@ -243,13 +244,6 @@ def _on_call(connection: Receiving[Token], call: pb.Call, events: list[Event[Tok
         connection._wait_one_way(call)
 
 
-#: what :func:`_admit` decides for a call: it runs now, waits for a slot (a one-way
-#: call past the in-flight limit), or was refused (the peer was told, when it can be)
-_RUN = 1
-_WAIT = 2
-_REFUSED = 0
-
-
 def _admit(
     connection: Receiving[Token], call_id: int, one_way: bool, events: list[Event[Token]]
 ) -> int:
@@ -262,7 +256,7 @@ def _admit(
         message = f"duplicate call id {call_id}: a call with this id is still running"
         connection._mistake(events, message, call_id)
     elif one_way:
-        return _admit_one_way(connection, call_id, events)
+        return admit_one_way(connection, call_id, events)
     elif 0 < connection.max_calls_in_flight <= len(connection._incoming):
         # one-way calls are counted apart: the sender cannot count them, so running ones
         # must not cost a sender that keeps to the limit the calls it paces
@@ -278,40 +272,6 @@ def _admit(
     else:
         connection._incoming.add(call_id)
         return _RUN
-    return _REFUSED
-
-
-def _admit_one_way(connection: Receiving[Token], call_id: int, events: list[Event[Token]]) -> int:
-    """A one-way call: its sender cannot know when one ended (no Result), so past the
-    in-flight limit it waits for a slot, in order, rather than being refused. Dropped
-    only after this side's GoAway (a race, not a mistake: one Fault, no warning), or past
-    twice the waiting budget (the transport stops reading the peer at the budget, so
-    only while this side awaits a result from it: one Fault until half have run)."""
-    if connection.going_away:
-        if not connection._told_going_away:  # a race with the GoAway, not a mistake
-            connection._told_going_away = True
-            message = (
-                "shutting down: this side accepts no new calls on this stream "
-                f"(one-way call {call_id} and any later ones dropped)"
-            )
-            connection._put(pb.Frame(fault=pb.Fault(message=message, call_id=call_id)))
-        return _REFUSED
-    limit = connection.max_calls_in_flight
-    if not connection.one_way_waiting and not 0 < limit <= connection._one_way_count:
-        connection._one_way[call_id] = connection._one_way.get(call_id, 0) + 1
-        connection._one_way_count += 1
-        return _RUN
-    if not connection._over_waiting_budget():
-        return _WAIT
-    if not connection._dropping_one_way:  # once until the backlog drains to half
-        connection._dropping_one_way = True
-        message = (
-            f"too many one-way calls waiting on this stream: this side runs {limit} at "
-            f"once and keeps at most {2 * connection.max_waiting_one_way} waiting for a "
-            f"slot (twice max_waiting_one_way; their bytes at most twice max_queued_bytes"
-            f"); one-way call {call_id} and the next ones are dropped until half have run"
-        )
-        connection._mistake(events, message, call_id)
     return _REFUSED
 
 
