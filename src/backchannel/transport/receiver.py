@@ -169,8 +169,6 @@ class Receiver:
                 victim = self._running.pop(event.call_id, None)
                 if victim is not None:
                     victim.cancel(f"cancelled by the peer: {wire_text(event.reason)}")
-                if self.connection.one_way_waiting:  # its slot is free
-                    self._release_one_way()
             elif type(event) is HandshakeDone:
                 self.peer_application = event.peer_application
                 own = self._limits
@@ -354,8 +352,6 @@ class Receiver:
                 self.connection.send_result(result)
         except LocalProtocolError:  # the stream ended meanwhile
             return
-        if self.connection.one_way_waiting:  # its slot is free
-            self._release_one_way()
         self.flush()
 
 
