@@ -19,6 +19,9 @@ from zookeeper import ZooKeeper
 
 import backchannel
 from backchannel import Argument, Method
+from backchannel.rpc import exports
+from backchannel.rpc.interface import MethodSpec
+from backchannel.v1 import envelope_pb2 as pb
 
 # end to end: the module runs once per transport (conftest.py)
 pytestmark = pytest.mark.usefixtures("transport")
@@ -321,6 +324,31 @@ def test_listen_checks_the_arguments_beside_the_listener(typed: tuple[str, Typed
     result = cli("listen", address, "test.Typed", "watch", "7", "--callback-arg", "1")
     assert result.returncode == 1
     assert "argument 0 (topic) of test.Typed.watch() is declared str, got 7 (int)" in result.stderr
+    assert impl.calls == []
+
+
+def test_a_describe_stating_more_types_than_parameters_is_no_traceback(
+    transport: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a buggy or hostile provider: say(text) stated with two types; the extra is not
+    # checked (nothing indexes past the parameters) and the provider refuses the call
+    stated = exports.method_info
+
+    def more_types(spec: MethodSpec) -> pb.MethodInfo:
+        info = stated(spec)
+        if spec.name == "say":
+            info.parameter_types.append("str")
+        return info
+
+    monkeypatch.setattr(exports, "method_info", more_types)
+    impl = TypedImpl()
+    with backchannel.Server("127.0.0.1:0") as server:
+        server.export(Typed, impl)
+        result = cli("call", server.address, "test.Typed", "say", '"a"', "7")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr and "is declared" not in result.stderr
+    assert "test.Typed.say() takes 1 argument (text), got 2" in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
     assert impl.calls == []
 
 

@@ -120,7 +120,7 @@ def test_a_keepalive_grpc_cannot_take_is_refused_by_name(field: str, value: floa
             "message of the largest size), got Limits(max_calls_in_flight=1000, "
             "max_message_size=8192, max_queued_bytes=8191, max_write_stall=30.0, "
             "handshake_timeout=10.0, max_streams=4096, max_faults=100, "
-            "max_waiting_one_way=10000)",
+            "max_attachment_bytes=8192, max_waiting_one_way=10000)",
         ),
         (
             Keepalive,

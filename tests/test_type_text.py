@@ -118,3 +118,18 @@ def test_signature_and_mismatch_name_the_parameter() -> None:
         "got [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16... (list)"
     )
     assert mismatch(pb.MethodInfo(name="f", parameters=["a"]), [1], "f()") is None
+
+
+def test_a_describe_whose_lists_disagree_is_checked_only_where_both_state_a_parameter() -> None:
+    # more types than parameters (a buggy or hostile provider): the extras are not checked,
+    # and nothing indexes past either list
+    extra = pb.MethodInfo(name="f", parameters=["a"], required=1, parameter_types=["str", "str"])
+    assert mismatch(extra, ["x", 7, 8], "S.f()") is None
+    assert mismatch(extra, [[7]], "S.f()") == (
+        "argument 0 (a) of S.f() is declared str, got [7] (list)"
+    )
+    assert signature(extra) == "f(a: str)"
+    # fewer types than parameters: the unstated ones are not checked
+    fewer = pb.MethodInfo(name="g", parameters=["a", "b"], required=2, parameter_types=["int"])
+    assert mismatch(fewer, [1, "anything"], "S.g()") is None
+    assert signature(fewer) == "g(a: int, b)"

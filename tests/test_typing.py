@@ -157,7 +157,8 @@ SOURCE = '''\
 
 from __future__ import annotations
 
-from typing import Protocol, TypeVar
+import typing
+from typing import Optional, Protocol, TypeVar, Union
 
 import backchannel
 
@@ -183,6 +184,14 @@ class Service:
     def keys(self, *prefixes: str) -> list[str]:
         raise NotImplementedError
 
+    async def watch(
+        self,
+        first: Optional[Listener],
+        second: typing.Optional["Listener"],
+        third: Union[Listener, None],
+    ) -> int:
+        raise NotImplementedError
+
 
 class Printer(Listener):
     def changed(self, msg: str, seq: int = 0) -> None:
@@ -202,7 +211,8 @@ STUB = """\
 # {name}.py (`backchannel stubs --check` fails while this file is out of date). docs/typing.md
 # ruff: noqa
 # fmt: off
-from typing import Protocol, TypeVar
+import typing
+from typing import Optional, Protocol, TypeVar, Union
 import backchannel
 
 T = TypeVar("T")
@@ -222,6 +232,12 @@ class Service(backchannel.Interface[ServiceAsync]):
         extra: Listener | ListenerAsync,
     ) -> bool: ...
     def keys(self, *prefixes: str) -> list[str]: ...
+    def watch(
+        self,
+        first: Optional[Listener | ListenerAsync],
+        second: typing.Optional[Listener | ListenerAsync],
+        third: Union[Listener | ListenerAsync, None],
+    ) -> int: ...
 
 class ServiceAsync(Protocol):
     async def add(
@@ -231,6 +247,12 @@ class ServiceAsync(Protocol):
         extra: Listener | ListenerAsync,
     ) -> bool: ...
     async def keys(self, *prefixes: str) -> list[str]: ...
+    async def watch(
+        self,
+        first: Optional[Listener | ListenerAsync],
+        second: typing.Optional[Listener | ListenerAsync],
+        third: Union[Listener | ListenerAsync, None],
+    ) -> int: ...
 
 class Printer(Listener):
     def changed(self, msg: str, seq: int = 0) -> None: ...
@@ -285,6 +307,79 @@ def test_stubs_takes_a_module_name(
     monkeypatch.syspath_prepend(str(module.parent))
     assert cli.main(["stubs", module.stem]) == 0
     assert module.with_suffix(".pyi").read_text() == STUB.format(name=module.stem)
+
+
+#: an app of the generated stub of SOURCE (module ``{name}``): an ``async def`` interface
+#: method is a plain call on Client and awaited on AsyncClient, and ``Optional[L]`` /
+#: ``Union[L, None]`` parameters take an ``async def`` listener; the ``# wrong`` line only
+#: is reported
+APP = """\
+from __future__ import annotations
+
+import backchannel
+from {name} import Listener, Service
+
+
+class AsyncPrinter:
+    async def changed(self, msg: str, seq: int = 0) -> None: ...
+
+
+class SyncPrinter(Listener):
+    def changed(self, msg: str, seq: int = 0) -> None: ...
+
+
+def sync_calls(client: backchannel.Client) -> int:
+    service = client.reference(Service)
+    service.watch("no listener", None, None)  # wrong
+    return service.watch(AsyncPrinter(), SyncPrinter(), AsyncPrinter())
+
+
+async def async_calls(client: backchannel.AsyncClient) -> int:
+    service = client.reference(Service)
+    count: int = await service.watch(AsyncPrinter(), AsyncPrinter(), None)
+    return count
+"""
+
+
+@pytest.mark.timeout(300)
+def test_async_def_methods_and_optional_listeners_type_check_on_both_apis(module: Path) -> None:
+    assert cli.main(["stubs", str(module)]) == 0
+    app = module.parent / "app.py"
+    app.write_text(APP.format(name=module.stem))
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "mypy", "--config-file", str(ROOT / "pyproject.toml")),
+            *("--strict", "--show-error-codes", "--no-pretty", "--no-incremental", str(app)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=280,
+        cwd=module.parent,
+    )
+    errors = re.findall(r"^(.+?):(\d+): error: (.*)$", done.stdout, re.MULTILINE)
+    assert {int(line) for _, line, _ in errors} == _marked(app), done.stdout + done.stderr
+    assert 'Argument 1 to "watch" of "Service" has incompatible type "str"' in done.stdout
+
+
+@pytest.mark.timeout(300)
+def test_async_def_methods_and_optional_listeners_pass_basedpyright(module: Path) -> None:
+    program = _basedpyright()
+    assert cli.main(["stubs", str(module)]) == 0
+    app = module.parent / "app.py"
+    app.write_text(APP.format(name=module.stem))
+    config = {"typeCheckingMode": "strict", "pythonVersion": "3.11", "extraPaths": [str(SRC)]}
+    (module.parent / "pyrightconfig.json").write_text(json.dumps(config))
+    done = subprocess.run(
+        [program, "--outputjson", "--pythonpath", sys.executable, str(app)],
+        capture_output=True,
+        text=True,
+        timeout=280,
+        cwd=module.parent,
+    )
+    found = json.loads(done.stdout)["generalDiagnostics"]
+    reported = {d["range"]["start"]["line"] + 1 for d in found if d["severity"] == "error"}
+    assert reported == _marked(app), found
+    assert all(d["severity"] == "error" for d in found), found  # no warning either
 
 
 def test_the_typed_examples_stub_is_up_to_date(capsys: pytest.CaptureFixture[str]) -> None:

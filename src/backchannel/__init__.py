@@ -43,7 +43,9 @@ if TYPE_CHECKING:
         Unauthenticated,
         UnknownCallback,
     )
+    from backchannel.rpc.attachments import attach, attachments
     from backchannel.rpc.exports import DEFAULT_CALLBACK_LIMIT
+    from backchannel.rpc.filters import Filter, Invocation
     from backchannel.rpc.gather import gather, gather_each
     from backchannel.rpc.interface import Argument, Interface, Method, interface, method
     from backchannel.rpc.provider import Peer
@@ -73,6 +75,8 @@ _HOMES = {
     "DeadlineExceeded": "backchannel.errors",
     "DecodeError": "backchannel.errors",
     "EncodeError": "backchannel.errors",
+    "Filter": "backchannel.rpc.filters",
+    "Invocation": "backchannel.rpc.filters",
     "Interface": "backchannel.rpc.interface",
     "InvalidArguments": "backchannel.errors",
     "Keepalive": "backchannel.settings",
@@ -94,6 +98,8 @@ _HOMES = {
     "TransportError": "backchannel.errors",
     "Unauthenticated": "backchannel.errors",
     "UnknownCallback": "backchannel.errors",
+    "attach": "backchannel.rpc.attachments",
+    "attachments": "backchannel.rpc.attachments",
     "bearer_tokens": "backchannel.transport.auth",
     "current_identity": "backchannel.transport.auth",
     "gather": "backchannel.rpc.gather",
@@ -148,8 +154,10 @@ __all__ = [
     "DeadlineExceeded",
     "DecodeError",
     "EncodeError",
+    "Filter",
     "Interface",
     "InvalidArguments",
+    "Invocation",
     "Keepalive",
     "Limits",
     "LocalProtocolError",
@@ -169,6 +177,8 @@ __all__ = [
     "TransportError",
     "Unauthenticated",
     "UnknownCallback",
+    "attach",
+    "attachments",
     "bearer_tokens",
     "current_identity",
     "gather",

@@ -8,10 +8,10 @@
     backchannel describe REGISTRY SERVICE         the providers a registry lists for it
     backchannel call ADDRESS SERVICE METHOD [JSON_ARG ...]   one call, result as JSON
     backchannel listen ADDRESS SERVICE METHOD [JSON_ARG ...] --callback-arg N [--answer JSON]
-                                                  print every callback until Ctrl-C
-                                                  (exit 1 when the provider goes away);
-                                                  each callback returns --answer
-                                                  (default null)
+                                                  print every callback until Ctrl-C (exit 1
+                                                  when the provider goes away); each
+                                                  callback returns --answer (default null)
+    backchannel stubs MODULE [--check]            write MODULE.pyi: typing (docs/typing.md)
 
 ADDRESS is HOST:PORT, or a registry (zookeeper://HOST:PORT, static://H1:P1,H2:P2 or
 H1:P1,H2:P2): call and listen then pick one provider of SERVICE through it (weighted

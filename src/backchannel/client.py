@@ -28,6 +28,9 @@ from backchannel.cluster.reference import Proxy, Reference
 from backchannel.cluster.registry import Registry
 from backchannel.cluster.resubscribe import resubscribe
 from backchannel.errors import ChannelClosed
+from backchannel.rpc import attachments
+from backchannel.rpc.attachments import propagation
+from backchannel.rpc.filters import FilterLike, chain_of
 from backchannel.rpc.interface import A, Interface, Method, MethodSpec
 from backchannel.rpc.notify import HookPool, MethodHooks, wrap_async, wrap_sync
 from backchannel.settings import DEFAULT_TIMEOUT, Keepalive, Limits
@@ -73,6 +76,11 @@ class AsyncClient:
     address, unless ``send_token_over_plaintext=True``; any other address is refused with
     :class:`~backchannel.errors.CredentialsNotSent`, at once for a single address, per
     call for a list or a registry (docs/cluster.md, *Where the token goes*).
+
+    ``filters`` run around every call of its references and every listener call it
+    serves, the first outermost (docs/filters.md); ``propagate_attachments`` (True or a
+    list of keys) carries a callback's attachments into the calls its listener makes
+    (docs/attachments.md).
     """
 
     def __init__(
@@ -92,6 +100,8 @@ class AsyncClient:
         metadata: Sequence[tuple[str, str]] = (),
         token: str | None = None,
         send_token_over_plaintext: bool = False,
+        filters: Iterable[FilterLike] = (),
+        propagate_attachments: bool | Iterable[str] = False,
     ) -> None:
         if isinstance(address, str) and ":" not in address:
             raise ValueError(
@@ -102,6 +112,9 @@ class AsyncClient:
             raise ValueError(f"address must be a str or a Registry, got {address!r}")
         if timeout is not None and not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds or None, got {timeout!r}")
+        # filters (docs/filters.md) and attachments (docs/attachments.md), checked first
+        links = chain_of(filters)
+        propagate = propagation(propagate_attachments)
         self.address = address if isinstance(address, str) else repr(address)
         self.timeout = timeout
         error_types = codec.ErrorTypes(errors)
@@ -130,6 +143,8 @@ class AsyncClient:
         self._single: ProviderLink | None = self._consumer.single
         self._directories: dict[ServiceKey, Directory] = self._consumer.directory_of
         self._hooks = HookPool(max_workers)  # plain event-notify hooks run here
+        self._filters = settings.filters = links
+        settings.propagate_attachments = propagate
 
     @property
     def _session(self) -> Session | None:
@@ -160,6 +175,7 @@ class AsyncClient:
         loadbalance: str | LoadBalance = "random",
         forks: int = 2,
         callbacks: int | None = None,
+        filters: Sequence[FilterLike] = (),
     ) -> A: ...
     @overload
     def reference(
@@ -174,6 +190,7 @@ class AsyncClient:
         loadbalance: str | LoadBalance = "random",
         forks: int = 2,
         callbacks: int | None = None,
+        filters: Sequence[FilterLike] = (),
     ) -> T: ...
     def reference(
         self,
@@ -187,6 +204,7 @@ class AsyncClient:
         loadbalance: str | LoadBalance = "random",
         forks: int = 2,
         callbacks: int | None = None,
+        filters: Sequence[FilterLike] = (),
     ) -> Any:
         """A proxy whose methods are coroutines calling the provider's ``interface``.
 
@@ -196,9 +214,19 @@ class AsyncClient:
         ``loadbalance`` and ``forks`` matter when there is more than one provider
         (docs/cluster.md). ``callbacks`` limits the live listener instances this consumer
         passes to the service per stream (docs/callbacks.md; None: no limit of its own).
+        ``filters`` run inside the client's, around this reference's calls only.
         """
         ref = self._reference(
-            interface, group, version, timeout, methods, cluster, loadbalance, forks, callbacks
+            interface,
+            group,
+            version,
+            timeout,
+            methods,
+            cluster,
+            loadbalance,
+            forks,
+            callbacks,
+            filters,
         )
         return Proxy(ref, self._invoke_coroutine, self._notify)
 
@@ -213,6 +241,7 @@ class AsyncClient:
         loadbalance: str | LoadBalance,
         forks: int,
         callbacks: int | None = None,
+        filters: Sequence[FilterLike] = (),
     ) -> Reference:
         if loadbalance == "leastactive":  # counted by this consumer, per provider address
             link = self._consumer.link
@@ -227,6 +256,7 @@ class AsyncClient:
             loadbalance=loadbalance,
             forks=forks,
             callbacks=callbacks,
+            filters=self._filters + chain_of(filters),
         )
 
     def _notify(self, ref: Reference, method: MethodSpec, hooks: MethodHooks) -> Any:
@@ -323,6 +353,8 @@ class Client:
         metadata: Sequence[tuple[str, str]] = (),
         token: str | None = None,
         send_token_over_plaintext: bool = False,
+        filters: Iterable[FilterLike] = (),
+        propagate_attachments: bool | Iterable[str] = False,
     ) -> None:
         self._core = AsyncClient(
             address,
@@ -339,6 +371,8 @@ class Client:
             metadata=metadata,
             token=token,
             send_token_over_plaintext=send_token_over_plaintext,
+            filters=filters,
+            propagate_attachments=propagate_attachments,
         )
         self._portal = LoopThread(f"backchannel-client {self._core.address}")
         self._hooks = HookPool(max_workers)  # hooks of async_=True calls run here
@@ -369,6 +403,7 @@ class Client:
         loadbalance: str | LoadBalance = "random",
         forks: int = 2,
         callbacks: int | None = None,
+        filters: Sequence[FilterLike] = (),
     ) -> T:
         """A proxy whose methods call the provider's ``interface`` and block for the result.
 
@@ -379,7 +414,16 @@ class Client:
         :meth:`AsyncClient.reference`.
         """
         ref = self._core._reference(
-            interface, group, version, timeout, methods, cluster, loadbalance, forks, callbacks
+            interface,
+            group,
+            version,
+            timeout,
+            methods,
+            cluster,
+            loadbalance,
+            forks,
+            callbacks,
+            filters,
         )
         return Proxy(ref, self._invoke_blocking, self._notify)  # type: ignore[return-value]
 
@@ -410,6 +454,8 @@ class Client:
             or method.name in ref.retries
             or method.name in ref.resubscribe
             or ref.clusters[method.name] != "failover"
+            or ref.filters  # filters and attachments: the coroutine, in the caller's context
+            or attachments.STATE.get() is not None
             or self._portal.in_loop_thread()
         ):
             return self._portal.run(cluster_invoke(consumer, ref, method, args, kwargs, current))

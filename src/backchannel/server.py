@@ -23,13 +23,14 @@ from backchannel.cluster.service_url import (
     check_weight,
 )
 from backchannel.errors import ChannelClosed
+from backchannel.rpc.attachments import propagation
 from backchannel.rpc.exports import DEFAULT_CALLBACK_LIMIT, Exports
+from backchannel.rpc.filters import FilterLike, chain_of
 from backchannel.rpc.interface import Method
 from backchannel.rpc.provider import GOING_AWAY, ProviderHandlers, StreamHook
 from backchannel.settings import DEFAULT_TIMEOUT, Keepalive, Limits
 from backchannel.transport.auth import Authenticator
 from backchannel.transport.default import resolve as resolve_transport
-from backchannel.transport.peerlog import PeerLog
 from backchannel.transport.pools import CallPools
 from backchannel.transport.portal import LoopThread
 from backchannel.transport.seam import HealthService
@@ -71,6 +72,10 @@ class AsyncServer:
     ``on_disconnect(peer)`` when it ends, ``peer`` a :class:`~backchannel.rpc.provider.Peer`
     (address, identity, application, and why it ended); plain or ``async def``
     functions (docs/callbacks.md, "When a consumer goes away").
+    ``filters`` run around every call it serves and every callback it makes, the first
+    outermost (docs/filters.md); ``propagate_attachments`` (True or a list of keys)
+    carries a call's attachments into the callbacks and nested calls made while serving
+    it (docs/attachments.md).
     """
 
     def __init__(
@@ -97,6 +102,8 @@ class AsyncServer:
         advertise_port: int | None = None,
         on_connect: StreamHook | None = None,
         on_disconnect: StreamHook | None = None,
+        filters: Iterable[FilterLike] = (),
+        propagate_attachments: bool | Iterable[str] = False,
     ) -> None:
         self._requested_address = address
         transport_ = resolve_transport(transport)
@@ -109,6 +116,10 @@ class AsyncServer:
             max_workers, max_reentrant_workers, role="provider", owners="Server or AsyncServer"
         )
         self._exports = Exports(self._pools, self._error_types)
+        # filters (docs/filters.md) and attachments (docs/attachments.md)
+        self._exports.filters = chain_of(filters)
+        self._exports.propagate = propagation(propagate_attachments)
+        self._exports.attachment_limit = limits.max_attachment_bytes
         #: the exports' provider URLs in the registry, when there is one
         self._registration = Registration(
             registry,
@@ -165,12 +176,14 @@ class AsyncServer:
         callbacks: int = DEFAULT_CALLBACK_LIMIT,
         methods: Sequence[Method] = (),
         weight: int = DEFAULT_WEIGHT,
+        filters: Sequence[FilterLike] = (),
     ) -> None:
         """Serve ``impl`` as ``interface`` under ``group`` and ``version``.
 
         Two exports that differ only by group or version coexist. ``callbacks`` limits
         the live callback instances per stream for this service. ``weight`` is the
         load-balancing weight written into its provider URL when a registry is used.
+        ``filters`` run inside the server's, around this export's calls (docs/filters.md).
 
         With a registry, an export made while the server runs is registered at once,
         and withdrawn on stop like the others: called on the server's loop, in a task
@@ -180,7 +193,13 @@ class AsyncServer:
         """
         check_weight(weight)
         export = self._exports.add(
-            interface, impl, group=group, version=version, callbacks=callbacks, methods=methods
+            interface,
+            impl,
+            group=group,
+            version=version,
+            callbacks=callbacks,
+            methods=methods,
+            filters=filters,
         )
         try:
             self._registration.add(export.key, export.info(), weight)
@@ -219,14 +238,7 @@ class AsyncServer:
         self._port = self._registration.port = await self._listener.start()
         self._listening = True
         self._loop = asyncio.get_running_loop()
-        self._handlers.address = self.address
-        self._handlers.peer_log = PeerLog(
-            self._loop,
-            "Connect streams ended or refused for a limit",
-            logger,
-            per="a provider",
-            sender="their peers",
-        )
+        self._handlers.listening(self._loop, self.address)
         logger.info("backchannel provider listening on %s", self.address)
         if self._registration.spec is not None:
             try:
@@ -265,20 +277,13 @@ class AsyncServer:
             session.go_away(GOING_AWAY)
         if grace:
             try:
-                await asyncio.wait_for(self._all_idle(), grace)
+                await asyncio.wait_for(self._handlers.all_idle(), grace)
             except TimeoutError:
                 logger.warning("calls still running after %s s of grace; cancelling them", grace)
         await self._listener.stop()
         self._pools.shutdown()
         if self._handlers.peer_log is not None:  # what it held back is told now, not never
             self._handlers.peer_log.summarize()
-
-    async def _all_idle(self) -> None:
-        """Wait until every session is idle, sessions that join meanwhile included."""
-        waited: set[Session] = set()
-        while fresh := self._sessions - waited:
-            waited |= fresh
-            await asyncio.gather(*(session.wait_idle() for session in fresh))
 
     async def __aenter__(self) -> AsyncServer:
         await self.start()
@@ -363,6 +368,8 @@ class Server:
         advertise_port: int | None = None,
         on_connect: StreamHook | None = None,
         on_disconnect: StreamHook | None = None,
+        filters: Iterable[FilterLike] = (),
+        propagate_attachments: bool | Iterable[str] = False,
     ) -> None:
         self._core = AsyncServer(
             address,
@@ -386,6 +393,8 @@ class Server:
             advertise_port=advertise_port,
             on_connect=on_connect,
             on_disconnect=on_disconnect,
+            filters=filters,
+            propagate_attachments=propagate_attachments,
         )
         self._portal: LoopThread | None = None
         #: set by stop(): what wait_for_termination waits on (None when not running)
@@ -401,6 +410,7 @@ class Server:
         callbacks: int = DEFAULT_CALLBACK_LIMIT,
         methods: Sequence[Method] = (),
         weight: int = DEFAULT_WEIGHT,
+        filters: Sequence[FilterLike] = (),
     ) -> None:
         """Serve ``impl`` as ``interface``; see :meth:`AsyncServer.export`."""
         self._core.export(
@@ -411,6 +421,7 @@ class Server:
             callbacks=callbacks,
             methods=methods,
             weight=weight,
+            filters=filters,
         )
 
     def register_error(self, cls: type[BaseException]) -> None:

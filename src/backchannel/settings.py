@@ -52,6 +52,9 @@ MIN_KEEPALIVE_TIME = 0.1
 #: the longest time gRPC takes as a channel option (milliseconds in a C int), in seconds:
 #: ~24.8 days; a longer handshake timeout or keepalive would fail the server's start
 MAX_GRPC_SECONDS = (2**31 - 1) / 1000
+#: bytes of one call's attachments, keys and values together (the proto's 8 KiB)
+DEFAULT_MAX_ATTACHMENT_BYTES = 8 * 1024
+
 #: the largest max_message_size: gRPC takes it, plus 64 KiB, in a C int
 MAX_MESSAGE_SIZE_LIMIT = 2**31 - 1 - 64 * 1024
 
@@ -141,6 +144,10 @@ class Limits:
     #: Faults the peer may send on one stream at once (refilled at this many a minute);
     #: one more ends the stream
     max_faults: int = DEFAULT_MAX_FAULTS
+    #: bytes of one call's attachments (keys and values, UTF-8): the sender raises
+    #: InvalidArguments before sending more, the receiver refuses such a call with
+    #: INVALID_ARGUMENT (docs/attachments.md)
+    max_attachment_bytes: int = DEFAULT_MAX_ATTACHMENT_BYTES
     #: one-way calls from the peer waiting for an in-flight slot on one stream (they also
     #: stay under max_queued_bytes in bytes); past it this side stops reading from the
     #: peer until half have started; past twice it (only while this side awaits a result
@@ -158,6 +165,7 @@ class Limits:
         _check_int("Limits.max_queued_bytes", self.max_queued_bytes, 1)
         _check_int("Limits.max_streams", self.max_streams, 1)
         _check_int("Limits.max_faults", self.max_faults, 1)
+        _check_int("Limits.max_attachment_bytes", self.max_attachment_bytes, 0)
         _check_int("Limits.max_waiting_one_way", self.max_waiting_one_way, 1)
         if self.max_queued_bytes < self.max_message_size:
             raise ValueError(

@@ -17,6 +17,7 @@ from backchannel.errors import (
     StreamBroken,
     TransportError,
 )
+from backchannel.rpc import attachments
 from backchannel.rpc.callbacks import parent_in
 from backchannel.rpc.interface import MethodSpec
 from backchannel.transport.handoff import run_in_pool
@@ -105,7 +106,9 @@ async def invoke_on(
                     "yet"
                 ) from CONNECTING
             timeout = left(deadline)
-        call, future = start(consumer, session, ref, method, positional, current, timeout)
+        state = attachments.STATE.get()  # of the caller's context (the task's)
+        attached = None if state is None else state.outgoing
+        call, future = start(consumer, session, ref, method, positional, current, timeout, attached)
         link.sent += 1
         try:
             result = await future
@@ -152,10 +155,12 @@ def start(
     positional: tuple[Any, ...],
     current: CurrentCall,
     timeout: float | None,
+    attached: attachments.Attachments | None = None,
 ) -> tuple[pb.Call, asyncio.Future[Any]]:
     """On the loop: encode and send one call on ``session``, to be answered within
     ``timeout``; return it and the future of its decoded outcome (the exception it
-    raises, or its result)."""
+    raises, or its result). ``attached``: the attachments it carries, read in the
+    caller's context (not here: this may run in a hand-off from another thread)."""
     side: ConsumerSide = session.dispatcher  # type: ignore[assignment]
     key = ref.key
     service = side.services.get(key)
@@ -167,6 +172,9 @@ def start(
         method=method.name,
         one_way=info.one_way if info is not None else method.one_way,
     )
+    if attached:  # checked against this side's limit before anything is exported
+        limit = consumer.settings.limits.max_attachment_bytes
+        attachments.put(call, attached, limit, f"{method.qualname}()")
     fresh, removed = side.callbacks.encode_args(  # in place: no copy into the Call
         method,
         key,

@@ -4,6 +4,7 @@ the resubscribe calls waiting for a stream, and closing it all."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -223,7 +224,10 @@ class Consumer:
         if self.closed or not self.orphans:
             return
         if self._resubscriber is None or self._resubscriber.done():
-            self._resubscriber = asyncio.get_running_loop().create_task(self._replay(self))
+            # in a context of its own: not the attachments of whichever call kicked it
+            self._resubscriber = asyncio.get_running_loop().create_task(
+                self._replay(self), context=contextvars.Context()
+            )
 
     # ------------------------------------------------------------- closing
 

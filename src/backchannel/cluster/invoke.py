@@ -17,6 +17,8 @@ from backchannel.cluster.failover import Failover
 from backchannel.cluster.forking import forking
 from backchannel.cluster.reference import Reference
 from backchannel.errors import CredentialsNotSent, DeadlineExceeded, StreamBroken
+from backchannel.rpc import attachments, filters
+from backchannel.rpc.filters import Invocation
 from backchannel.rpc.interface import MethodSpec
 from backchannel.transport.auth import token_refusal
 from backchannel.wire.text import wire_text
@@ -31,6 +33,7 @@ async def invoke(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     current: CurrentCall = None,
+    filtered: bool = False,
 ) -> Any:
     """The whole of one call through a reference (what proxy methods do; what callers
     see is :meth:`backchannel.client.AsyncClient.invoke`'s to say): its deadline from
@@ -38,8 +41,13 @@ async def invoke(
     default), ``failfast`` and ``failsafe`` run here: a call never sent goes to the next
     provider not tried (:class:`~backchannel.cluster.failover.Failover`); one that may
     have reached its provider is re-sent only in ``failover``, ``retries`` times at most.
+
+    The reference's filters run around all of that, once per call (``filtered``: they
+    ran already).
     """
     positional = method.bind(args, kwargs)
+    if ref.filters and not filtered:
+        return await through_filters(consumer, ref, method, positional, current)
     timeout = ref.timeouts[method.name]
     deadline = None if timeout is None else time.monotonic() + timeout
     directory = consumer.directory_of.get(ref.key)  # known already: no coroutine to await
@@ -116,6 +124,41 @@ async def invoke(
                 wire_text(error),
             )
         link = following
+
+
+async def through_filters(
+    consumer: Consumer,
+    ref: Reference,
+    method: MethodSpec,
+    positional: tuple[Any, ...],
+    current: CurrentCall,
+) -> Any:
+    """A call through its reference's filters, then :func:`invoke` (per call, retries
+    and failover included: a filter sees one call, whatever it takes)."""
+    given = attachments.outgoing() or attachments.EMPTY
+    invocation = Invocation(
+        "consumer",
+        "call",
+        ref.spec.name,
+        method.name,
+        list(positional),
+        dict(given),
+        group=ref.group,
+        version=ref.version,
+        peer=consumer.where,
+    )
+
+    async def call(invocation: Invocation) -> Any:
+        arguments = tuple(invocation.args)
+        if invocation.attachments == given:
+            return await invoke(consumer, ref, method, arguments, {}, current, True)
+        token = attachments.set_outgoing(invocation.attachments)  # checked: InvalidArguments
+        try:
+            return await invoke(consumer, ref, method, arguments, {}, current, True)
+        finally:
+            attachments.STATE.reset(token)
+
+    return await filters.run(ref.filters, invocation, call)
 
 
 def with_refusals(consumer: Consumer, directory: Directory, error: BaseException) -> BaseException:

@@ -27,7 +27,9 @@ from backchannel.errors import (
     TransportError,
     forget_frames,
 )
+from backchannel.rpc.attachments import Propagate
 from backchannel.rpc.consumer_callbacks import ConsumerCallbacks
+from backchannel.rpc.filters import Link
 from backchannel.rpc.interface import MethodSpec
 from backchannel.settings import Keepalive, Limits
 from backchannel.transport import observe
@@ -52,8 +54,14 @@ SubscriptionKey = tuple[int, str, tuple[int, ...]]
 class ConsumerSide:
     """The consumer's handling of one stream: the provider's declarations and callbacks."""
 
-    def __init__(self, session: Session, pools: CallPools) -> None:
+    def __init__(
+        self, session: Session, pools: CallPools, settings: LinkSettings | None = None
+    ) -> None:
         self.callbacks = ConsumerCallbacks(session, pools)
+        if settings is not None:  # the client's filters and attachment settings
+            self.callbacks.filters = settings.filters
+            self.callbacks.propagate = settings.propagate_attachments
+            self.callbacks.attachment_limit = settings.limits.max_attachment_bytes
         self.services: dict[tuple[str, str, str], pb.ServiceInfo] = {}
         self.methods: dict[tuple[str, str, str, str], pb.MethodInfo] = {}
 
@@ -134,6 +142,11 @@ class TurnGate:
 
 class LinkSettings:
     """What every link of one client shares: how to open a stream."""
+
+    #: the client's filters, around the listener calls of its streams
+    filters: tuple[Link, ...] = ()
+    #: the client's ``propagate_attachments`` (docs/attachments.md)
+    propagate_attachments: Propagate = False
 
     def __init__(
         self,
@@ -401,7 +414,7 @@ class ProviderLink:
         session = Session(
             connection,
             stream.write,
-            lambda session: ConsumerSide(session, settings.pools),
+            lambda session: ConsumerSide(session, settings.pools, settings),
             settings.error_types,
             peer=self.address,
             limits=settings.limits,

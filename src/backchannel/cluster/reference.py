@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from backchannel.cluster.loadbalance import LoadBalance, load_balance
+from backchannel.rpc.filters import Link
 from backchannel.rpc.interface import (
     InterfaceSpec,
     Method,
@@ -42,6 +43,7 @@ class Reference:
         loadbalance: str | LoadBalance = "random",
         forks: int = 2,
         callbacks: int | None = None,
+        filters: tuple[Link, ...] = (),
     ) -> None:
         check_callback_limit(callbacks, "callbacks")
         #: the consumer's own limit of live listener instances per stream for the service
@@ -57,6 +59,8 @@ class Reference:
         )
         #: how many providers a ``forking`` call is sent to at once
         self.forks = forks
+        #: the client's filters then the reference's, around each call (not each attempt)
+        self.filters = filters
         self.spec: InterfaceSpec = interface_spec(interface)
         self.group = group or ""
         self.version = version or ""

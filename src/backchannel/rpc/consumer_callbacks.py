@@ -25,9 +25,11 @@ from backchannel.errors import (
     TooManyCallbacks,
     UnknownCallback,
 )
+from backchannel.rpc import attachments, filters
 from backchannel.rpc.callbacks import ServiceKey, limit_error, listener_interface, service_label
 from backchannel.rpc.interface import InterfaceSpec, MethodSpec, find_interface_spec
 from backchannel.rpc.turns import Turns
+from backchannel.settings import DEFAULT_MAX_ATTACHMENT_BYTES
 from backchannel.transport.handoff import post_quietly, submit
 from backchannel.v1 import envelope_pb2 as pb
 from backchannel.wire import codec
@@ -61,6 +63,13 @@ class ExportedCallback:
 
 class ConsumerCallbacks:
     """The consumer's side of one stream: its exported listeners, and running their calls."""
+
+    #: the client's filters, around every listener call (none: unfiltered)
+    filters: tuple[filters.Link, ...] = ()
+    #: Limits.max_attachment_bytes of the client: a callback carrying more is refused
+    attachment_limit = DEFAULT_MAX_ATTACHMENT_BYTES
+    #: ``propagate_attachments``: what calls a listener makes carry of its call's own
+    propagate: attachments.Propagate = False
 
     def __init__(self, session: Session, pools: CallPools) -> None:
         self._session = session
@@ -248,7 +257,14 @@ class ConsumerCallbacks:
                 f"the result of {where}",
             )
         _, is_async, where, result_where = known
+        if call.attachments or attachments.STATE.get() is not None:
+            attachments.serving(call, self.attachment_limit, self.propagate, where)
         args = codec.decode_args(call.args, where)
+        thread: list[concurrent.futures.Future[None]] | None = None
+        if self.filters:  # the listener's method behind them, in its turn as usual
+            thread = []  # where a plain listener's thread is noted, as below
+            function = self._filtered(call, entry, function, is_async, thread)
+            is_async = True
         if entry.holder and entry.holder in self._session.ancestors(call.parent_id):
             # re-entrant: the call that holds this instance is waiting for this one
             return await self._invoke(call, function, is_async, args, where, None)
@@ -257,26 +273,66 @@ class ConsumerCallbacks:
         if not lock.take():  # the listener is busy: wait for its turn
             await lock.acquire()
         entry.holder = call_id
-        if is_async:  # awaited here: no coroutine of _invoke around it
+        if is_async and thread is None:  # awaited here: no coroutine of _invoke around it
             try:
                 return codec.encode(await function(*args), result_where)
             finally:
                 if entry.holder == call_id:  # as _unlock does
                     entry.holder = 0
                 lock.release()
-        thread: list[concurrent.futures.Future[None]] = []
+        if thread is None:
+            thread = []
         try:
             return await self._invoke(call, function, is_async, args, where, thread)
         finally:
-            if thread and not thread[0].done():
+            if thread and not thread[-1].done():
                 # cancelled (timed out, the provider gave up) while a plain listener still
                 # runs in its thread: the next call to this instance waits until it ends
                 loop = asyncio.get_running_loop()
-                thread[0].add_done_callback(
+                thread[-1].add_done_callback(
                     lambda _: post_quietly(loop, self._unlock, entry, call_id)
                 )
             else:
                 self._unlock(entry, call_id)
+
+    def _filtered(
+        self,
+        call: pb.Call,
+        entry: ExportedCallback,
+        function: Callable[..., Any],
+        is_async: bool,
+        thread: list[concurrent.futures.Future[None]],
+    ) -> Callable[..., Any]:
+        """``function`` behind the client's filters, as an ``async`` callable; a plain
+        listener's running thread is put in ``thread`` (its turn lasts until it ends)."""
+        seen = attachments.attachments()
+
+        async def listener(invocation: filters.Invocation) -> Any:
+            if invocation.attachments != seen:  # a filter changed what the listener reads
+                attachments.set_incoming(invocation.attachments)
+            if is_async:
+                return await function(*invocation.args)
+            context = contextvars.copy_context()
+            pool = self._pools.executor_for(call, self._session)
+            outcome, running = submit(
+                pool, functools.partial(context.run, function, *invocation.args)
+            )
+            thread.append(running)
+            return await outcome
+
+        async def filtered(*args: Any) -> Any:
+            invocation = filters.Invocation(
+                "consumer",
+                "callback",
+                _interface_name(entry),
+                call.method,
+                list(args),
+                dict(seen),
+                peer=self._session.peer,
+            )
+            return await filters.run(self.filters, invocation, listener)
+
+        return filtered
 
     @staticmethod
     def _unlock(entry: ExportedCallback, call_id: int) -> None:

@@ -13,12 +13,13 @@ import inspect
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from backchannel.errors import InvalidArguments, MethodNotFound, ServiceNotFound
+from backchannel.rpc import attachments, filters
 from backchannel.rpc.callbacks import service_label
 from backchannel.rpc.interface import (
     InterfaceSpec,
@@ -28,11 +29,14 @@ from backchannel.rpc.interface import (
     interface_spec,
 )
 from backchannel.rpc.provider_callbacks import ProviderCallbacks, ReverseProxy
-from backchannel.settings import BULK_BYTES, BULK_ITEMS
+from backchannel.settings import BULK_BYTES, BULK_ITEMS, DEFAULT_MAX_ATTACHMENT_BYTES
 from backchannel.transport.handoff import run_in_pool
 from backchannel.transport.pools import CallPools
 from backchannel.v1 import envelope_pb2 as pb
 from backchannel.wire import codec
+
+if TYPE_CHECKING:
+    from backchannel.transport.session import Session
 
 #: the seed's callbacks="1000": live callback instances per service per stream
 DEFAULT_CALLBACK_LIMIT = 1000
@@ -57,6 +61,8 @@ class Export:
     version: str
     callbacks: int
     methods: dict[str, ExportedMethod]
+    #: the server's filters, then the export's own (empty: calls run unfiltered)
+    filters: tuple[filters.Link, ...] = ()
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -132,6 +138,12 @@ class Exports:
         self._by_key: dict[tuple[str, str, str], Export] = {}
         self._pools = pools
         self.error_types = error_types
+        #: the server's filters (``Server(filters=...)``), around every forward call
+        self.filters: tuple[filters.Link, ...] = ()
+        #: Limits.max_attachment_bytes of the server: a call over it is refused
+        self.attachment_limit = DEFAULT_MAX_ATTACHMENT_BYTES
+        #: ``propagate_attachments``: what calls made while serving a call carry of its own
+        self.propagate: attachments.Propagate = False
 
     @property
     def pools(self) -> CallPools:
@@ -147,6 +159,7 @@ class Exports:
         version: str | None = None,
         callbacks: int = DEFAULT_CALLBACK_LIMIT,
         methods: Sequence[Method] = (),
+        filters: Sequence[filters.FilterLike] = (),
     ) -> Export:
         """Export ``impl`` as ``interface``; every problem is a clear error, raised now."""
         spec = interface_spec(interface)
@@ -175,7 +188,8 @@ class Exports:
             if not callable(function):
                 raise TypeError(f"{type(impl).__name__} does not implement {spec.name}.{name}()")
             bound[name] = ExportedMethod(method, function, inspect.iscoroutinefunction(function))
-        export = Export(spec, impl, group or "", version or "", callbacks, bound)
+        chain = self.filters + _chain_of(filters)
+        export = Export(spec, impl, group or "", version or "", callbacks, bound, chain)
         if export.key in self._by_key:
             raise ValueError(f"{export.label()} is already exported")
         self._by_key[export.key] = export
@@ -214,7 +228,9 @@ class Exports:
             )
         return export, method
 
-    async def run(self, call: pb.Call, callbacks: ProviderCallbacks | None) -> pb.Value:
+    async def run(
+        self, call: pb.Call, callbacks: ProviderCallbacks | None, peer: str = ""
+    ) -> pb.Value:
         """Decode the arguments, run the method, and encode what it returned.
 
         A ``def`` method does all three in the pool, so a big argument or result is
@@ -225,12 +241,14 @@ class Exports:
         Arguments with callbacks are decoded on the loop, where the callback table is.
 
         ``callbacks`` is the stream's callback table; None on the unary Invoke, where a
-        method with callback arguments cannot be called.
+        method with callback arguments cannot be called (``peer`` names its caller).
         """
         export, method = self.method(call)
         session = callbacks.session if callbacks is not None else None  # the pool's lane
         spec = method.spec
         where = f"{spec.qualname}()"
+        # attachments (or a context holding some) to check and make readable
+        attached = call.attachments or attachments.STATE.get() is not None
         removed: list[ReverseProxy] = []
         args: list[object] | None = None  # None: plain arguments, decoded where they run
         if spec.callbacks or spec.removers:
@@ -246,6 +264,8 @@ class Exports:
                     "give args with callback_value references"
                 )
             try:
+                if attached:  # refused: its callbacks too, as for bad arguments
+                    attachments.serving(call, self.attachment_limit, self.propagate, where)
                 args, commit, removed = callbacks.decode_args(
                     spec, export.key, export.callbacks, call.args
                 )
@@ -254,8 +274,14 @@ class Exports:
                 callbacks.refuse(spec, call.args)  # the consumer un-exports them too
                 raise
             commit()
+        elif attached:
+            attachments.serving(call, self.attachment_limit, self.propagate, where)
         what = f"the result of {where}"
         try:
+            if export.filters:
+                if session is not None:
+                    peer = session.peer
+                return await self._filtered(export, method, call, args, session, peer)
             if not method.is_async:
                 context = contextvars.copy_context()
                 work = functools.partial(
@@ -283,6 +309,59 @@ class Exports:
             for proxy in removed:  # told, so the consumer un-exports them even when it
                 # no longer waits for the result (timed out, cancelled)
                 callbacks.release(proxy.callback_id, tell_peer=True)  # type: ignore[union-attr]
+
+    async def _filtered(
+        self,
+        export: Export,
+        method: ExportedMethod,
+        call: pb.Call,
+        args: list[object] | None,
+        session: Session | None,
+        peer: str,
+    ) -> pb.Value:
+        """Run a call through the export's filters: the arguments decoded first (on the
+        loop; bulk ones in the pool), the method with what the filters leave in the
+        invocation, its result encoded after them."""
+        spec = method.spec
+        where = f"{spec.qualname}()"
+        lane = self._pools.regular.lane(session)
+        if args is None:
+            if call.ByteSize() > BULK_BYTES:
+                args = await run_in_pool(lane, lambda: plain_arguments(call, spec, where))
+            else:
+                args = plain_arguments(call, spec, where)
+        seen = attachments.attachments()
+        invocation = filters.Invocation(
+            "provider",
+            "call",
+            export.spec.name,
+            spec.name,
+            args,
+            dict(seen),
+            group=export.group,
+            version=export.version,
+            peer=peer,
+        )
+
+        async def call_method(invocation: filters.Invocation) -> Any:
+            if invocation.attachments != seen:  # a filter changed what the method reads
+                attachments.set_incoming(invocation.attachments)
+            arguments = list(invocation.args)
+            if method.is_async:
+                return await method.function(*arguments)
+            context = contextvars.copy_context()
+            work = functools.partial(context.run, method.function, *arguments)
+            return await run_in_pool(self._pools.executor_for(call, session), work)
+
+        result = await filters.run(export.filters, invocation, call_method)
+        what = f"the result of {where}"
+        if is_bulk(result):
+            return await run_in_pool(lane, lambda: codec.encode(result, what))
+        return codec.encode(result, what)
+
+
+def _chain_of(given: Sequence[filters.FilterLike]) -> tuple[filters.Link, ...]:
+    return filters.chain_of(given)
 
 
 def _run_sync(

@@ -17,10 +17,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import Any, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
 from backchannel.errors import CallbackGone, CallCancelled, ChannelClosed, StreamBroken
-from backchannel.rpc.provider_callbacks import COLLECTING, PendingCall, begin_multicast
+from backchannel.rpc import attachments
+from backchannel.rpc.provider_callbacks import COLLECTING, PendingCall
 from backchannel.transport import observe
 from backchannel.transport.handoff import inbox
 from backchannel.v1 import envelope_pb2 as pb
@@ -28,6 +29,9 @@ from backchannel.wire import codec
 
 T = TypeVar("T")
 P = ParamSpec("P")
+
+if TYPE_CHECKING:
+    from backchannel.transport.outgoing import Sink
 
 
 # typed for the two ways it is called (docs/typing.md): on the loop, proxies typed with an
@@ -223,6 +227,7 @@ def _start_all(slots: Sequence[int], items: Sequence[Any], outcomes: _Outcomes) 
             and type(item) is PendingCall
             and item.method == first.method
             and item.one_way == first.one_way
+            and item.attached is first.attached
             and _same_objects(item.args, first.args)
         ):
             run.append(slot)
@@ -255,6 +260,8 @@ def _start_run(
     except Exception:  # encoding failed: then each call of the run says so
         values = None
     groups: dict[tuple[Any, int], list[int]] = {}
+    if first.proxy._table.filters:  # each call goes alone through them: no Multicast
+        values = None
     if values is not None and len(run) > 1:
         for slot in run:
             pending: PendingCall = items[slot]
@@ -353,3 +360,59 @@ def _closed(pending: PendingCall, cause: ChannelClosed) -> CallbackGone:
     return CallbackGone(
         f"{pending.proxy.label(pending.method)}: the callback instance ended ({cause})"
     )
+
+
+def begin_multicast(
+    pendings: Sequence[PendingCall],
+    values: Sequence[pb.Value],
+    sinks: Sequence[Sink] | None = None,
+) -> list[Sink | Exception]:
+    """On the loop: start calls :func:`backchannel.gather` collected for instances on one
+    stream, all of one method with the same encoded arguments, as Multicast frames (the
+    stream must take them); each call's future (or its entry of ``sinks``, which then
+    takes its outcome: see :meth:`~backchannel.transport.session.Session.start_multicast`),
+    or the exception that stopped it (a CallbackGone). Should the multicast fail as a
+    whole, each call is sent alone and says for itself what went wrong (a future each)."""
+    first = pendings[0]
+    table = first.proxy._table
+    outcomes: list[Sink | Exception] = []
+    targets: list[tuple[int, str, Callable[[pb.Result], Any]]] = []
+    live: list[int] = []
+    method = first.method
+    for index, pending in enumerate(pendings):
+        proxy = pending.proxy
+        if proxy._gone is not None:
+            outcomes.append(proxy.gone_now(method))
+            continue
+        outcomes.append(_NOT_YET)
+        # the label and decoder made before, or made now
+        label = proxy._labels.get(method) or proxy.label(method)
+        decode = proxy._decoders.get(method) or proxy.decoder(method)
+        targets.append((proxy._id, label, decode))
+        live.append(index)
+    if not targets:
+        return outcomes
+    if sinks is not None and len(live) < len(pendings):
+        sinks = [sinks[index] for index in live]
+    call = pb.Call(method=first.method, args=values, one_way=first.one_way)
+    if first.attached:
+        try:
+            attachments.put(call, first.attached, table.attachment_limit, first.proxy.label(method))
+        except Exception as exc:
+            return [exc if outcome is _NOT_YET else outcome for outcome in outcomes]
+    try:
+        started = table.session.start_multicast(call, targets, table.timeout, first.parent, sinks)
+    except Exception:
+        for index in live:
+            try:
+                outcomes[index] = pendings[index].proxy.begin(pendings[index], values)
+            except Exception as exc:
+                outcomes[index] = exc
+        return outcomes
+    for index, sink in zip(live, started, strict=True):
+        outcomes[index] = sink
+    return outcomes
+
+
+#: a place in begin_multicast's outcomes not filled yet
+_NOT_YET = Exception("not started")

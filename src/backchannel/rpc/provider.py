@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import inspect
 import logging
 from collections.abc import Callable
@@ -60,6 +61,9 @@ class ProviderSide:
     def __init__(self, exports: Exports, session: Session, callback_timeout: float | None) -> None:
         self._exports = exports
         self.callbacks = ProviderCallbacks(session, callback_timeout, exports.pools)
+        if exports.filters:  # the server's filters see its callbacks too
+            self.callbacks.filters = exports.filters
+        self.callbacks.attachment_limit = exports.attachment_limit
 
     async def dispatch(self, call: pb.Call) -> pb.Value:
         if call.callback_id:
@@ -116,6 +120,24 @@ class ProviderHandlers:
         self.peer_log: PeerLog | None = None
         #: set by the server's stop(): new streams are refused, late ones told go-away
         self.stopping = False
+
+    def listening(self, loop: asyncio.AbstractEventLoop, address: str) -> None:
+        """The provider listens at ``address`` (``host:port``) and serves on ``loop``."""
+        self.address = address
+        self.peer_log = PeerLog(
+            loop,
+            "Connect streams ended or refused for a limit",
+            logger,
+            per="a provider",
+            sender="their peers",
+        )
+
+    async def all_idle(self) -> None:
+        """Wait until every session is idle, sessions that join meanwhile included."""
+        waited: set[Session] = set()
+        while fresh := self.sessions - waited:
+            waited |= fresh
+            await asyncio.gather(*(session.wait_idle() for session in fresh))
 
     async def connect(self, stream: IncomingStream) -> None:
         if self.stopping:
@@ -231,9 +253,10 @@ class ProviderHandlers:
         await self.authenticate(rpc)
         try:
             if observe.AVAILABLE and observe.collecting():  # the server span around it
-                value = await observe.serve(None, call, self._run_unary, rpc.peer(), self.address)
+                run = functools.partial(self._run_unary, peer=rpc.peer())
+                value = await observe.serve(None, call, run, rpc.peer(), self.address)
             else:
-                value = await self._run_unary(call)
+                value = await self._run_unary(call, rpc.peer())
         except Exception as exc:
             error = codec.encode_error(exc, self._error_types, self._send_tracebacks)
             return pb.Result(id=call.id, error=error)
@@ -242,8 +265,8 @@ class ProviderHandlers:
             result.json = to_json(codec.decode(value, "the result"))
         return result
 
-    async def _run_unary(self, call: pb.Call) -> pb.Value:
-        return await self._exports.run(call, None)
+    async def _run_unary(self, call: pb.Call, peer: str = "") -> pb.Value:
+        return await self._exports.run(call, None, peer)
 
     async def describe(self, request: pb.DescribeRequest, rpc: Rpc) -> pb.DescribeResponse:
         await self.authenticate(rpc)

@@ -22,9 +22,11 @@ from backchannel.errors import (
     StreamBroken,
     UnknownCallback,
 )
+from backchannel.rpc import attachments, filters
 from backchannel.rpc.callbacks import ServiceKey, limit_error, listener_interface, parent_in
 from backchannel.rpc.gone import Lifetime
 from backchannel.rpc.interface import InterfaceSpec, MethodSpec
+from backchannel.settings import DEFAULT_MAX_ATTACHMENT_BYTES
 from backchannel.transport.handoff import Deferred, run_in_pool
 from backchannel.transport.portal import wait_on_loop
 from backchannel.transport.session import CURRENT_CALL
@@ -32,7 +34,6 @@ from backchannel.v1 import envelope_pb2 as pb
 from backchannel.wire import codec
 
 if TYPE_CHECKING:
-    from backchannel.transport.outgoing import Sink
     from backchannel.transport.pools import CallPools
     from backchannel.transport.session import Session
 
@@ -53,6 +54,8 @@ class PendingCall(typing.NamedTuple):
     one_way: bool
     args: tuple[Any, ...]
     parent: int
+    #: the attachments it carries (read where it was made)
+    attached: attachments.Attachments | None = None
 
 
 # ---- end of the hook
@@ -139,19 +142,65 @@ class ReverseProxy(Lifetime):
         one_way = spec.one_way if spec is not None else False
         session = self._table.session
         parent = parent_in(session, CURRENT_CALL.get())
+        state = attachments.STATE.get()  # read here: the call may start in a hand-off
+        attached = None if state is None else state.outgoing
         if COLLECTING.get():  # hook: backchannel.gather() collects the call, starts it later
-            return PendingCall(self, method, one_way, args, parent)
+            return PendingCall(self, method, one_way, args, parent, attached)
         self._check_alive(method)
+        if self._table.filters:  # through them, on the loop (a task: they are coroutines)
+            start = functools.partial(self._filtered, method, one_way, args, parent, attached)
+        elif session.in_loop_thread():
+            return self._start(method, one_way, args, parent, chain=True, attached=attached)
+        else:
+            start = functools.partial(self._start, method, one_way, args, parent, attached=attached)
         if session.in_loop_thread():
-            return self._start(method, one_way, args, parent, chain=True)
+            return start()
         try:
-            return wait_on_loop(session.loop, lambda: self._start(method, one_way, args, parent))
+            return wait_on_loop(session.loop, start)
         except ChannelClosed:  # the loop is closed: so is the stream
             self._ended("the stream ended")
             self._check_alive(method)
             raise
         except StreamBroken as exc:  # the stream ended while the call was in flight
             raise self._gone_error(method, exc) from exc
+
+    def _filtered(
+        self,
+        method: str,
+        one_way: bool,
+        args: tuple[Any, ...],
+        parent: int,
+        attached: attachments.Attachments | None,
+    ) -> asyncio.Future[Any]:
+        """On the loop: a call through the server's filters, as a task."""
+        return asyncio.ensure_future(self._through_filters(method, one_way, args, parent, attached))
+
+    async def _through_filters(
+        self,
+        method: str,
+        one_way: bool,
+        args: tuple[Any, ...],
+        parent: int,
+        attached: attachments.Attachments | None,
+    ) -> Any:
+        invocation = filters.Invocation(
+            "provider",
+            "callback",
+            self._interface_name,
+            method,
+            list(args),
+            dict(attached or ()),
+            peer=self._table.session.peer,
+        )
+
+        def send(invocation: filters.Invocation) -> asyncio.Future[Any]:
+            given = invocation.attachments
+            carried = attachments.Attachments(given) if given else None  # checked here
+            return self._start(
+                method, one_way, tuple(invocation.args), parent, chain=True, attached=carried
+            )
+
+        return await filters.run(self._table.filters, invocation, send)
 
     def _gone_error(self, method: str, cause: BaseException) -> CallbackGone:
         """The stream ended under a call: the instance is gone (CallbackGone, not the bare
@@ -168,7 +217,16 @@ class ReverseProxy(Lifetime):
         future without waiting; ``values`` are its arguments encoded already (shared by
         many calls), or None to encode them here. A StreamBroken is left untranslated:
         :meth:`gone_error` makes the CallbackGone."""
-        return self._start(pending.method, pending.one_way, pending.args, pending.parent, values)
+        if self._table.filters:  # filters see each call (and may change its arguments)
+            return self._filtered(*pending[1:])
+        return self._start(
+            pending.method,
+            pending.one_way,
+            pending.args,
+            pending.parent,
+            values,
+            attached=pending.attached,
+        )
 
     def gone_now(self, method: str) -> CallbackGone:
         """The CallbackGone a call of ``method`` raises on an instance that ended."""
@@ -201,6 +259,7 @@ class ReverseProxy(Lifetime):
         parent: int,
         values: Sequence[pb.Value] | None = None,
         chain: bool = False,
+        attached: attachments.Attachments | None = None,
     ) -> asyncio.Future[Any]:
         """On the loop: send the call now, return a future for its decoded outcome.
 
@@ -214,6 +273,8 @@ class ReverseProxy(Lifetime):
         call = pb.Call(
             method=method, args=values, callback_id=self._id, parent_id=parent, one_way=one_way
         )
+        if attached:
+            attachments.put(call, attached, self._table.attachment_limit, where)
 
         def broken(error: BaseException) -> BaseException:
             if isinstance(error, StreamBroken):  # the instance went with its stream
@@ -257,59 +318,13 @@ class ReverseProxy(Lifetime):
         return decode
 
 
-def begin_multicast(
-    pendings: Sequence[PendingCall],
-    values: Sequence[pb.Value],
-    sinks: Sequence[Sink] | None = None,
-) -> list[Sink | Exception]:
-    """On the loop: start calls :func:`backchannel.gather` collected for instances on one
-    stream, all of one method with the same encoded arguments, as Multicast frames (the
-    stream must take them); each call's future (or its entry of ``sinks``, which then
-    takes its outcome: see :meth:`~backchannel.transport.session.Session.start_multicast`),
-    or the exception that stopped it (a CallbackGone). Should the multicast fail as a
-    whole, each call is sent alone and says for itself what went wrong (a future each)."""
-    first = pendings[0]
-    table = first.proxy._table
-    outcomes: list[Sink | Exception] = []
-    targets: list[tuple[int, str, Callable[[pb.Result], Any]]] = []
-    live: list[int] = []
-    method = first.method
-    for index, pending in enumerate(pendings):
-        proxy = pending.proxy
-        if proxy._gone is not None:
-            outcomes.append(proxy.gone_now(method))
-            continue
-        outcomes.append(_NOT_YET)
-        # the label and decoder made before, or made now
-        label = proxy._labels.get(method) or proxy.label(method)
-        decode = proxy._decoders.get(method) or proxy.decoder(method)
-        targets.append((proxy._id, label, decode))
-        live.append(index)
-    if not targets:
-        return outcomes
-    if sinks is not None and len(live) < len(pendings):
-        sinks = [sinks[index] for index in live]
-    call = pb.Call(method=first.method, args=values, one_way=first.one_way)
-    try:
-        started = table.session.start_multicast(call, targets, table.timeout, first.parent, sinks)
-    except Exception:
-        for index in live:
-            try:
-                outcomes[index] = pendings[index].proxy.begin(pendings[index], values)
-            except Exception as exc:
-                outcomes[index] = exc
-        return outcomes
-    for index, sink in zip(live, started, strict=True):
-        outcomes[index] = sink
-    return outcomes
-
-
-#: a place in begin_multicast's outcomes not filled yet
-_NOT_YET = Exception("not started")
-
-
 class ProviderCallbacks:
     """The provider's side of one stream: a reverse proxy per live callback instance."""
+
+    #: the server's filters, around every call through its proxies (none: unfiltered)
+    filters: tuple[filters.Link, ...] = ()
+    #: Limits.max_attachment_bytes of the server: a call carrying more is not sent
+    attachment_limit = DEFAULT_MAX_ATTACHMENT_BYTES
 
     def __init__(self, session: Session, timeout: float | None, pools: CallPools) -> None:
         self.session = session

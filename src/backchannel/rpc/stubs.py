@@ -195,16 +195,22 @@ def _is_type_checking(test: ast.expr) -> bool:
 def _interface(node: ast.ClassDef, interfaces: set[str]) -> list[str]:
     """``class X(backchannel.Interface[XAsync])`` and ``class XAsync(Protocol)``."""
     bases = [ast.unparse(b) for b in node.bases if not _is_protocol(b)]
-    methods = [
+    methods = [  # an `async def` is a method too (InterfaceSpec lists it): `def` in the
+        # sync class (the sync proxy returns its value), `async def` in the twin
         item
         for item in node.body
-        if isinstance(item, ast.FunctionDef) and not item.name.startswith("_")
+        if isinstance(item, ast.FunctionDef | ast.AsyncFunctionDef)
+        and not item.name.startswith("_")
     ]
     twin = node.name + SUFFIX
     sync = [
         "",
         f"class {node.name}({', '.join([*bases, f'backchannel.Interface[{twin}]'])}):",
-        *(line for m in methods for line in _signature(_widened(m, interfaces), indent="    ")),
+        *(
+            line
+            for m in methods
+            for line in _signature(_widened(m, interfaces), asynchronous=False, indent="    ")
+        ),
     ]
     asynchronous = [
         "",
@@ -226,10 +232,13 @@ def _is_protocol(base: ast.expr) -> bool:
     return ast.unparse(target).split(".")[-1] in ("Protocol", "Generic")
 
 
-def _widened(function: ast.FunctionDef, interfaces: set[str]) -> ast.FunctionDef:
+def _widened(
+    function: ast.FunctionDef | ast.AsyncFunctionDef, interfaces: set[str]
+) -> ast.FunctionDef | ast.AsyncFunctionDef:
     """``function`` whose parameters annotated with an interface ``L`` of the module
     (alone or in a union) take ``L | LAsync``: a listener may be either."""
-    copy: ast.FunctionDef = ast.parse(ast.unparse(function)).body[0]  # type: ignore[assignment]
+    copy = ast.parse(ast.unparse(function)).body[0]
+    assert isinstance(copy, ast.FunctionDef | ast.AsyncFunctionDef)
     arguments = copy.args
     for arg in [*arguments.posonlyargs, *arguments.args, *arguments.kwonlyargs]:
         if arg.annotation is not None:
@@ -247,7 +256,24 @@ def _widen(annotation: ast.expr, interfaces: set[str]) -> ast.expr:
         return ast.BinOp(
             _widen(annotation.left, interfaces), ast.BitOr(), _widen(annotation.right, interfaces)
         )
+    if isinstance(annotation, ast.Subscript) and ast.unparse(annotation.value) in _UNIONS:
+        # Optional[L] -> Optional[L | LAsync]; Union[L, None] -> Union[L | LAsync, None]
+        inner = annotation.slice
+        widened: ast.expr = (
+            ast.Tuple([_widen(e, interfaces) for e in inner.elts], ast.Load())
+            if isinstance(inner, ast.Tuple)
+            else _widen(inner, interfaces)
+        )
+        return ast.Subscript(annotation.value, widened, ast.Load())
     return annotation
+
+
+#: the spellings of a union subscript whose members ``_widen`` widens
+_UNIONS = frozenset(
+    f"{module}{name}"
+    for module in ("", "typing.", "typing_extensions.")
+    for name in ("Optional", "Union")
+)
 
 
 def _class(node: ast.ClassDef) -> list[str]:

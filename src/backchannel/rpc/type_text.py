@@ -209,8 +209,11 @@ def mismatch(
     """Why JSON ``args`` do not fit the types ``method`` (``where``, for the message)
     declares, naming the argument, its parameter, the declared type and what was given;
     None when they fit or no types are stated. Argument ``skip`` (a listener) is not
-    checked."""
-    for index, (value, declared) in enumerate(zip(args, method.parameter_types, strict=False)):
+    checked, nor one with no stated parameter and type: a Describe whose lists disagree
+    (a buggy or hostile provider's) gets no check beyond the shorter; the provider checks
+    what it runs."""
+    stated = zip(args, method.parameters, method.parameter_types, strict=False)
+    for index, (value, parameter, declared) in enumerate(stated):
         if index == skip or not declared or accepts(declared, value):
             continue
         given = json.dumps(value)
@@ -223,7 +226,7 @@ def mismatch(
             hint = ""
         kind = "None" if value is None else type(value).__name__
         return (
-            f"argument {index} ({method.parameters[index]}) of {where} is declared {declared}, "
+            f"argument {index} ({parameter}) of {where} is declared {declared}, "
             f"got {given} ({kind}){hint}"
         )
     return None
