@@ -45,7 +45,22 @@ zookeeper:
 	  test -f $(ZOOKEEPER_JAR); } || \
 	  { echo "the tests need ZooKeeper: install Debian's zookeeper package (apt-get install zookeeper) as root"; exit 1; }
 
-unit: venv zookeeper
+# the Node.js consumer example (examples/node/) runs in the tests, against a Python
+# provider, so the wire is proven language-neutral: Debian's nodejs and npm, installed here
+# when we can, and the example's packages from its package-lock.json (npm ci)
+.PHONY: node
+NODE_LOCK := examples/node/node_modules/.package-lock.json
+node:
+	@{ command -v node >/dev/null && command -v npm >/dev/null; } || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  { DEBIAN_FRONTEND=noninteractive apt-get install -y -q nodejs npm >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q nodejs npm >/dev/null; }; } && \
+	  command -v node >/dev/null && command -v npm >/dev/null; } || \
+	  { echo "the tests run a Node.js consumer: install Debian's nodejs and npm packages (apt-get install nodejs npm) as root"; exit 1; }
+	@test $(NODE_LOCK) -nt examples/node/package-lock.json || \
+	  { cd examples/node && npm ci --no-audit --no-fund --prefer-offline; }
+
+unit: venv zookeeper node
 	$(BIN)/pytest
 
 test: lint typecheck unit

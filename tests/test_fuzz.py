@@ -576,9 +576,11 @@ class Fuzzer:
                 book.open = True
                 book.welcomes_expected += 1
         elif not book.open:
-            if kind == "call":
+            if kind == "call" and frame.call.one_way:  # no Result to answer: a Fault
+                self.book.generic_expected += 1
+            elif kind == "call":
                 self.book.refused_before_hello += 1
-                if frame.call.id and not frame.call.one_way:  # an error Result says why
+                if frame.call.id:  # an error Result says why
                     self._call_sent(frame.call, required=True, checked=False)
             else:
                 self.book.generic_expected += 1

@@ -276,12 +276,15 @@ def test_targets_past_the_in_flight_limit_are_each_refused_with_resource_exhaust
     assert [c.id for c in calls(feed(consumer, multicast(changed(), (5, 3))))] == [5]
 
 
-def test_one_way_targets_past_the_in_flight_limit_are_faulted_with_their_ids() -> None:
+def test_one_way_targets_past_the_in_flight_limit_wait_for_a_slot_in_order() -> None:
     consumer = open_consumer(max_calls_in_flight=1)
-    events = feed(consumer, multicast(changed(one_way=True), (2, 3), (3, 4)))
+    events = feed(consumer, multicast(changed(one_way=True), (2, 3), (3, 4), (4, 3)))
     assert [c.id for c in calls(events)] == [2]
-    [fault] = consumer.take_outbox()
-    assert fault.fault.call_id == 3 and "one-way call 3 refused" in fault.fault.message
+    assert consumer.take_outbox() == []  # the others wait: not refused
+    consumer.one_way_done(2)
+    waited = consumer.next_one_way()
+    assert waited is not None and (waited.id, waited.callback_id) == (3, 4)
+    assert waited.method == "changed" and waited.one_way
 
 
 def test_after_go_away_every_target_gets_a_shutting_down_result() -> None:

@@ -153,11 +153,27 @@ def test_call_before_the_handshake_gets_a_failed_precondition_result() -> None:
     assert provider.pending_incoming == 0
 
 
-def test_one_way_call_before_the_handshake_gets_no_result() -> None:
+def test_one_way_call_before_the_handshake_gets_a_fault_naming_it() -> None:
     provider: Connection[str] = Connection(Role.PROVIDER)
     events = feed(provider, call_frame(5, one_way=True))
-    assert provider.take_outbox() == []
-    assert [type(event) for event in events] == [PeerMistake]
+    fault = single_fault(provider)  # no Result to answer with: the peer is told by a Fault
+    assert fault.call_id == 5
+    assert fault.message == (
+        "handshake required: send a hello frame before call 5 (one-way call 5 dropped)"
+    )
+    assert events == [PeerMistake(fault.message)]
+
+
+def test_a_consumer_refusing_a_call_before_the_welcome_asks_for_the_welcome() -> None:
+    consumer: Connection[str] = Connection(Role.CONSUMER)
+    consumer.start()
+    consumer.take_outbox()
+    events = feed(consumer, call_frame(4))
+    [frame] = consumer.take_outbox()
+    message = "handshake required: send the welcome frame before call 4"
+    assert frame.result.id == 4 and frame.result.error.message == message
+    assert frame.result.error.code == pb.FAILED_PRECONDITION
+    assert events == [PeerMistake(message)]
 
 
 @pytest.mark.parametrize(
@@ -349,8 +365,7 @@ def test_calls_over_the_in_flight_limit_are_refused_with_resource_exhausted() ->
     assert frame.result.error.code == pb.RESOURCE_EXHAUSTED
     assert frame.result.error.type == "backchannel.RemoteProtocolError"
     message = (
-        "too many calls in flight on this stream: this side runs at most 1 at once, "
-        "one-way calls included (call 2 refused)"
+        "too many calls in flight on this stream: this side runs at most 1 at once (call 2 refused)"
     )
     assert frame.result.error.message == message
     assert events == [PeerMistake(message)]
@@ -358,25 +373,77 @@ def test_calls_over_the_in_flight_limit_are_refused_with_resource_exhausted() ->
     assert [type(event) for event in feed(provider, call_frame(3))] == [CallReceived]
 
 
-def test_one_way_calls_hold_an_in_flight_slot_until_their_work_is_done() -> None:
+def test_one_way_calls_past_the_limit_wait_for_a_slot_in_order() -> None:
     provider = open_provider(max_calls_in_flight=2)
     assert [type(e) for e in feed(provider, call_frame(1, one_way=True))] == [CallReceived]
     assert [type(e) for e in feed(provider, call_frame(2, one_way=True))] == [CallReceived]
     assert provider.running_one_way == 2
-    events = feed(provider, call_frame(3, one_way=True))  # over the limit: refused
-    assert [type(event) for event in events] == [PeerMistake]
-    fault = single_fault(provider)  # nothing to answer: the peer is told by a Fault
-    assert fault.call_id == 3
-    assert fault.message == (
-        "too many calls in flight on this stream: this side runs at most 2 at once, "
-        "one-way calls included (one-way call 3 refused)"
-    )
-    events = feed(provider, call_frame(4))  # a two-way call is refused as well
-    assert [type(event) for event in events] == [PeerMistake]
-    assert provider.take_outbox()[0].result.error.code == pb.RESOURCE_EXHAUSTED
+    # over the limit: they wait (their sender cannot count them), neither run nor refused
+    assert feed(provider, call_frame(3, one_way=True), call_frame(4, one_way=True)) == []
+    assert provider.take_outbox() == [] and provider.one_way_waiting == 2
+    assert provider.next_one_way() is None  # no slot free yet
+    # a call that wants a result is counted apart: one-way calls do not take its slots
+    assert [type(event) for event in feed(provider, call_frame(9))] == [CallReceived]
     provider.one_way_done(1)
     assert provider.running_one_way == 1
-    assert [type(e) for e in feed(provider, call_frame(5, one_way=True))] == [CallReceived]
+    waited = provider.next_one_way()  # the slot goes to the first waiting, in order
+    assert waited is not None and waited.id == 3
+    assert provider.running_one_way == 2 and provider.one_way_waiting == 1
+    assert provider.next_one_way() is None
+    # while some wait, a new one waits behind them, even with a slot free meanwhile
+    provider.one_way_done(2)
+    assert feed(provider, call_frame(5, one_way=True)) == []
+    assert [c.id for c in iter(provider.next_one_way, None)] == [4]
+    provider.one_way_done(3)
+    assert [c.id for c in iter(provider.next_one_way, None)] == [5]
+    assert provider.one_way_waiting == 0 and provider.take_outbox() == []
+
+
+def test_one_way_calls_past_twice_the_waiting_budget_are_dropped_with_one_fault() -> None:
+    provider = open_provider(max_calls_in_flight=1)
+    provider.max_waiting_one_way = 3
+    feed(provider, call_frame(1, one_way=True))  # runs
+    assert not provider.one_way_full
+    feed(provider, *(call_frame(i, one_way=True) for i in range(2, 5)))
+    assert provider.one_way_full  # the transport stops reading the peer here
+    assert provider.take_outbox() == []
+    feed(provider, *(call_frame(i, one_way=True) for i in range(5, 8)))  # twice: full
+    events = feed(provider, *(call_frame(i, one_way=True) for i in range(8, 20)))
+    fault = single_fault(provider)  # one Fault for all those dropped, naming the first
+    assert fault.call_id == 8
+    assert fault.message == (
+        "too many one-way calls waiting on this stream: this side runs 1 at once and "
+        "keeps at most 6 waiting for a slot (twice max_waiting_one_way; their bytes at "
+        "most twice max_queued_bytes); one-way call 8 and the next ones are dropped "
+        "until half have run"
+    )
+    assert events == [PeerMistake(fault.message)]
+    assert provider.one_way_waiting == 6
+    provider.one_way_done(1)
+    taken = []
+    while not provider.one_way_drained:  # at most half the budget waits
+        call = provider.next_one_way()
+        assert call is not None
+        taken.append(call.id)
+        provider.one_way_done(call.id)
+    assert taken == [2, 3, 4, 5, 6] and provider.one_way_waiting == 1
+    assert provider.take_outbox() == []
+    feed(provider, *(call_frame(i, one_way=True) for i in range(20, 27)))
+    assert single_fault(provider).call_id == 25  # drained to half: told again when full
+
+
+def test_a_one_way_call_after_go_away_is_dropped_with_one_fault() -> None:
+    provider = open_provider()
+    provider.send_go_away("leaving")
+    provider.take_outbox()
+    events = feed(provider, call_frame(3, one_way=True), call_frame(4, one_way=True))
+    fault = single_fault(provider)  # once: later ones are dropped quietly
+    assert fault.call_id == 3
+    assert fault.message == (
+        "shutting down: this side accepts no new calls on this stream "
+        "(one-way call 3 and any later ones dropped)"
+    )
+    assert events == []  # a race with the GoAway, not the peer's mistake: no warning
 
 
 def test_one_way_done_frees_one_slot_per_call_even_when_ids_repeat() -> None:

@@ -42,6 +42,10 @@ DEFAULT_MAX_STREAMS = 4096
 #: minute. A backchannel peer sends one only when this side breaks the protocol, which
 #: it does not: a peer that keeps sending them is lying, and its stream is ended
 DEFAULT_MAX_FAULTS = 100
+#: one-way calls from the peer that may wait on one stream for an in-flight slot (its
+#: sender cannot count them: no Result says when one ended); past it this side stops
+#: reading from the peer until half of them have started, past twice it drops them
+DEFAULT_MAX_WAITING_ONE_WAY = 10_000
 #: the shortest keepalive time allowed, in seconds; every server accepts pings this often
 #: whatever its own keepalive, so a client with a short keepalive is never sent away
 MIN_KEEPALIVE_TIME = 0.1
@@ -116,6 +120,9 @@ class Limits:
     ``handshake_timeout`` and ``max_streams`` bound what a provider holds for consumers
     that connect and say nothing, or open stream after stream (a consumer ignores them);
     ``max_faults`` ends, on either side, the stream of a peer that floods it with Faults.
+    ``max_waiting_one_way`` bounds the one-way calls from the peer that wait for an
+    in-flight slot: past it (or past ``max_queued_bytes`` of them) this side stops reading
+    the peer, so HTTP/2 flow control holds the sender back instead of cutting it off.
     """
 
     #: calls that may run at once on one stream in each direction; past it new calls
@@ -141,6 +148,11 @@ class Limits:
     #: InvalidArguments before sending more, the receiver refuses such a call with
     #: INVALID_ARGUMENT (docs/attachments.md)
     max_attachment_bytes: int = DEFAULT_MAX_ATTACHMENT_BYTES
+    #: one-way calls from the peer waiting for an in-flight slot on one stream (they also
+    #: stay under max_queued_bytes in bytes); past it this side stops reading from the
+    #: peer until half have started; past twice it (only while this side awaits a result
+    #: from the peer, so keeps reading) they are dropped, the peer told once by a Fault
+    max_waiting_one_way: int = DEFAULT_MAX_WAITING_ONE_WAY
 
     def __post_init__(self) -> None:
         # each field on its own, by name: a bad one is named with its value (a float
@@ -154,6 +166,7 @@ class Limits:
         _check_int("Limits.max_streams", self.max_streams, 1)
         _check_int("Limits.max_faults", self.max_faults, 1)
         _check_int("Limits.max_attachment_bytes", self.max_attachment_bytes, 0)
+        _check_int("Limits.max_waiting_one_way", self.max_waiting_one_way, 1)
         if self.max_queued_bytes < self.max_message_size:
             raise ValueError(
                 f"max_queued_bytes must be >= max_message_size (a stream must be able to "

@@ -73,12 +73,14 @@ class Calls:
         _loop: asyncio.AbstractEventLoop
         _queue: list[bytes]
         _writable: asyncio.Event
+        _backlog_hold: asyncio.Event | None
         _handling: bool
         _peer_max_calls: int
         _peer_max_message: int
 
         def flush(self) -> None: ...
         def _write_now(self) -> None: ...
+        def _wake_reader(self) -> None: ...
 
     def start_call(
         self,
@@ -142,6 +144,8 @@ class Calls:
             outgoing.resolve(pb.Result(id=call_id, value=codec.NULL))
             return
         self._sent[call_id] = outgoing
+        if self._backlog_hold is not None:  # the reader must read its result
+            self._wake_reader()
         if call.parent_id:
             self._outgoing_parent[call_id] = call.parent_id
 

@@ -123,6 +123,8 @@ class Receiver:
         def _write_now(self) -> None: ...
         def _admit(self) -> None: ...
         def _count_fault(self) -> None: ...
+        async def _hold_for_backlog(self) -> None: ...
+        def _release_one_way(self) -> None: ...
 
     async def _receive_in_slices(self, pieces: Iterator[list[Piece]]) -> None:
         """Act on one big Batch or Multicast a slice at a time (about
@@ -134,6 +136,8 @@ class Receiver:
                 await asyncio.sleep(0)
                 if not self._writable.is_set():
                     await self._writable.wait()
+                if self.connection.one_way_waiting:
+                    await self._hold_for_backlog()
                 if self.cause is not None:
                     return
             self._handling = True
@@ -219,6 +223,8 @@ class Receiver:
                 self._incoming_parent.pop(call_id, None)
             if call.one_way:  # its work is over: its in-flight slot is free
                 self.connection.one_way_done(call_id)
+                if self.connection.one_way_waiting:
+                    self._release_one_way()
         size = len(result) if isinstance(result, bytes) else result.ByteSize()
         if size > self._peer_max_message:
             too_large = MessageTooLarge(

@@ -35,6 +35,7 @@ from backchannel.errors import (
 )
 from backchannel.settings import Limits
 from backchannel.transport import receiver
+from backchannel.transport.backlog import Backlog
 from backchannel.transport.deadlines import Deadlines
 from backchannel.transport.handoff import (
     Deferred as Deferred,  # re-exported: cluster/attempt.py and the tests import it here
@@ -70,7 +71,7 @@ CURRENT_CALL = cast("contextvars.ContextVar[tuple[Session, int] | None]", receiv
 Read = Callable[[], Awaitable[Any]]
 
 
-class Session(Writer, Receiver, Calls, Multicasting):
+class Session(Writer, Receiver, Calls, Multicasting, Backlog):
     """One live Connect stream, either end."""
 
     def __init__(
@@ -96,6 +97,7 @@ class Session(Writer, Receiver, Calls, Multicasting):
         self._send_tracebacks = send_tracebacks
         self._loop = asyncio.get_running_loop()
         self._limits = limits
+        self._init_backlog(limits)
         # what the peer accepts, until its handshake says otherwise
         self._peer_max_calls = limits.max_calls_in_flight
         self._peer_max_message = limits.max_message_size
@@ -104,8 +106,7 @@ class Session(Writer, Receiver, Calls, Multicasting):
         self._waiting: collections.deque[Outgoing] = collections.deque()
         self._compact_waiting_at = COMPACT_WAITING_AT
         self._loop_thread = threading.get_ident()
-        # the call tree, for re-entrancy: outgoing call id -> the incoming call it was
-        # made during, and incoming call id -> the outgoing call it was made during
+        # the call tree, for re-entrancy: each call's id -> the call it was made during
         self._outgoing_parent: dict[int, int] = {}
         self._incoming_parent: dict[int, int] = {}
         self._queue: list[bytes] = []  # serialized frames, to batch
@@ -119,8 +120,7 @@ class Session(Writer, Receiver, Calls, Multicasting):
         self._one_way_tasks: set[asyncio.Task[None]] = set()  # strong references
         self._drained = asyncio.Event()  # set while the writer has nothing left to send
         # bytes waiting to be written: frames not yet serialized, and serialized messages
-        self._queue_bytes = 0
-        self._message_bytes = 0
+        self._queue_bytes = self._message_bytes = 0
         # set while they are under max_queued_bytes: the reader reads and calls are sent
         self._writable = asyncio.Event()
         self._writable.set()
@@ -135,8 +135,7 @@ class Session(Writer, Receiver, Calls, Multicasting):
         self._stall: asyncio.TimerHandle | None = None  # ends a stream over the limit too long
         #: Multicast frames sent on this stream (one per group of targets; for tests, logs)
         self.multicast_frames = 0
-        #: the status this side ended the stream with, when it did (a peer that broke a
-        #: limit: did not read, sent no Hello, kept sending Faults)
+        #: the status this side ended the stream with, when it did (a peer broke a limit)
         self.ending: tuple[Code, str] | None = None
         #: the rate-limited warnings about what the peer sent
         self.peer_log = PeerLog(self._loop, peer, logger)
@@ -187,6 +186,8 @@ class Session(Writer, Receiver, Calls, Multicasting):
             while True:
                 if not self._writable.is_set():  # back-pressure: the peer does not read
                     await self._writable.wait()
+                if self.connection.one_way_waiting:  # back-pressure: it sends too many
+                    await self._hold_for_backlog()
                 if self.cause is not None:
                     cause = self.cause
                     break
@@ -198,8 +199,7 @@ class Session(Writer, Receiver, Calls, Multicasting):
                 if pieces is not None:
                     await self._receive_in_slices(pieces)
                     continue
-                # what acting on one message produces (results of calls that finish at
-                # once, say) is written as one batch as soon as it is done: no loop turn
+                # what acting on one message produces is written as one batch: no loop turn
                 self._handling = True
                 try:
                     if type(frame) is Unparseable:
@@ -342,6 +342,7 @@ class Session(Writer, Receiver, Calls, Multicasting):
         self._deadlines.close()
         self._outgoing_parent.clear()
         self._writable.set()  # a reader held back by back-pressure sees the end
+        self._wake_reader()
         self._parked.clear()  # never started: nothing to cancel
         self._resume_held()  # what the pools still hold was cancelled with its callers
         if self._stall is not None:

@@ -24,6 +24,7 @@ import collections
 from collections.abc import Sequence
 
 from backchannel.errors import LocalProtocolError, TransportError
+from backchannel.settings import DEFAULT_MAX_QUEUED_BYTES, DEFAULT_MAX_WAITING_ONE_WAY
 from backchannel.v1 import envelope_pb2 as pb
 from backchannel.wire import frames
 from backchannel.wire.events import (
@@ -85,7 +86,8 @@ class Connection(Receiving[Token]):
         self.accepts_multicast = accepts_multicast and role is Role.CONSUMER
         #: provider: the consumer's Hello said it takes Multicast frames (send_multicast)
         self.peer_accepts_multicast = False
-        #: calls from the peer this side runs at once; more are refused (0: no limit)
+        #: calls from the peer this side runs at once, and one-way calls apart from them;
+        #: more calls are refused, more one-way calls wait for a slot (0: no limit)
         self.max_calls_in_flight = max_calls_in_flight
         #: the largest frame this side accepts, as told to the peer (0: not stated)
         self.max_message_size = max_message_size
@@ -104,6 +106,19 @@ class Connection(Receiving[Token]):
         # hold an in-flight slot until the side running them calls one_way_done()
         self._one_way: dict[int, int] = {}
         self._one_way_count = 0
+        # one-way calls from the peer past the in-flight limit wait here, in order, for a
+        # slot (next_one_way): their sender cannot count them, so they are not refused.
+        # Past max_waiting_one_way of them (or max_waiting_bytes) the transport stops
+        # reading the peer; past twice that they are dropped, the peer told once
+        self._waiting: collections.deque[pb.Call] = collections.deque()
+        self._waiting_bytes = 0
+        #: one-way calls from the peer waiting for an in-flight slot
+        self.one_way_waiting = 0
+        #: how many may wait (and their bytes) before the transport stops reading the peer
+        self.max_waiting_one_way = DEFAULT_MAX_WAITING_ONE_WAY
+        self.max_waiting_bytes = DEFAULT_MAX_QUEUED_BYTES
+        self._dropping_one_way = False  # the peer was told its one-way calls are dropped
+        self._told_going_away = False  # a one-way call after GoAway was Faulted once
         # ids of calls the peer cancelled lately: a result for one is dropped quietly
         self._cancelled: collections.deque[int] = collections.deque(maxlen=4096)
         # ids of calls this side cancelled lately: a late result for one is dropped quietly
@@ -235,6 +250,54 @@ class Connection(Receiving[Token]):
         self._incoming.discard(call_id)
         return True
 
+    @property
+    def one_way_full(self) -> bool:
+        """Whether so many one-way calls wait for a slot that the peer should be held back
+        (its stream not read) until half of them have started."""
+        return (
+            self.one_way_waiting >= self.max_waiting_one_way
+            or self._waiting_bytes >= self.max_waiting_bytes
+        )
+
+    @property
+    def one_way_drained(self) -> bool:
+        """Whether at most half of :attr:`one_way_full`'s budget waits: read the peer again."""
+        return (
+            2 * self.one_way_waiting <= self.max_waiting_one_way
+            and 2 * self._waiting_bytes <= self.max_waiting_bytes
+        )
+
+    def next_one_way(self) -> pb.Call | None:
+        """The next one-way call waiting for an in-flight slot, if one is free: it runs
+        from now (counted in flight until :meth:`one_way_done`), else None."""
+        if not self._waiting or self.state is State.CLOSED:
+            return None
+        limit = self.max_calls_in_flight
+        if 0 < limit <= self._one_way_count:
+            return None
+        call = self._waiting.popleft()
+        self.one_way_waiting -= 1
+        self._waiting_bytes -= call.ByteSize()
+        if self._dropping_one_way and self.one_way_drained:
+            self._dropping_one_way = False  # the next one dropped tells the peer again
+        self._one_way[call.id] = self._one_way.get(call.id, 0) + 1
+        self._one_way_count += 1
+        return call
+
+    def _wait_one_way(self, call: pb.Call) -> None:
+        """Keep a one-way call from the peer until a slot frees (:meth:`next_one_way`)."""
+        self._waiting.append(call)
+        self.one_way_waiting += 1
+        self._waiting_bytes += call.ByteSize()
+
+    def _over_waiting_budget(self) -> bool:
+        """Twice :attr:`one_way_full`'s budget waits: the peer was not held back (this
+        side reads on while it awaits a result) and floods it; further ones are dropped."""
+        return (
+            self.one_way_waiting >= 2 * self.max_waiting_one_way
+            or self._waiting_bytes >= 2 * self.max_waiting_bytes
+        )
+
     def one_way_done(self, call_id: int) -> None:
         """A one-way call from the peer finished its work: its in-flight slot is free."""
         count = self._one_way.get(call_id, 0)
@@ -279,6 +342,8 @@ class Connection(Receiving[Token]):
         self._incoming.clear()
         self._one_way.clear()
         self._one_way_count = 0
+        self._waiting.clear()
+        self.one_way_waiting = self._waiting_bytes = 0
         self._outbox.clear()
         return tokens, running
 

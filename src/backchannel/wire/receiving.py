@@ -27,6 +27,7 @@ from backchannel.wire.events import (
     Unparseable,
     error_result,
 )
+from backchannel.wire.one_way import _REFUSED, _RUN, _WAIT, admit_one_way
 from backchannel.wire.slices import MULTICAST_BUDGET_MESSAGES, Piece, Targets, multicast_budget
 from backchannel.wire.text import sendable_text
 from backchannel.wire.transitions import ACCEPTS, MOVES, Role, State
@@ -57,11 +58,17 @@ class Receiving(Generic[Token]):
         _incoming: set[int]
         _one_way: dict[int, int]
         _one_way_count: int
+        one_way_waiting: int
+        max_waiting_one_way: int
+        _dropping_one_way: bool
+        _told_going_away: bool
         _cancelled: collections.deque[int]
         _abandoned: collections.deque[int]
         _accepts: frozenset[str]
 
         def _put(self, frame: pb.Frame) -> None: ...
+        def _wait_one_way(self, call: pb.Call) -> None: ...
+        def _over_waiting_budget(self) -> bool: ...
 
     def receive(self, frame: pb.Frame) -> list[Event[Token]]:
         """Take one received frame; return what happened. Never raises for peer mistakes."""
@@ -161,9 +168,16 @@ class Receiving(Generic[Token]):
 
     def _refuse(self, frame: pb.Frame, kind: str, events: list[Event[Token]]) -> None:
         if kind == "call" and self.state is State.HANDSHAKE:
-            message = f"handshake required: send a hello frame before call {frame.call.id}"
             call = frame.call
-            self._answer_call_error(call.id, call.one_way, pb.FAILED_PRECONDITION, message, events)
+            if self.role is Role.PROVIDER:
+                message = f"handshake required: send a hello frame before call {call.id}"
+            else:  # a provider's Call before its Welcome
+                message = f"handshake required: send the welcome frame before call {call.id}"
+            if call.one_way:  # no Result to answer with: a Fault names it
+                what = f"{message} (one-way call {call.id} dropped)"
+                self._mistake(events, what, call.id)
+            else:
+                self._answer_call_error(call.id, False, pb.FAILED_PRECONDITION, message, events)
             return
         where = "before the handshake" if self.state is State.HANDSHAKE else "after the handshake"
         self._mistake(events, f"unexpected {kind} frame {where} ({self.role.value} side)")
@@ -223,46 +237,42 @@ def _on_welcome(
 
 
 def _on_call(connection: Receiving[Token], call: pb.Call, events: list[Event[Token]]) -> None:
-    if _admit(connection, call.id, call.one_way, events):
+    admitted = _admit(connection, call.id, call.one_way, events)
+    if admitted == _RUN:
         events.append(CallReceived(call))
+    elif admitted == _WAIT:
+        connection._wait_one_way(call)
 
 
 def _admit(
     connection: Receiving[Token], call_id: int, one_way: bool, events: list[Event[Token]]
-) -> bool:
-    """Whether the peer's call ``call_id`` may run: if so it is counted in flight from now,
-    else the peer is told why (a Fault, or an error Result)."""
+) -> int:
+    """Whether the peer's call ``call_id`` may run (:data:`_RUN`: it is counted in flight
+    from now), must wait for a slot (:data:`_WAIT`: a one-way call past the limit), or
+    was refused (:data:`_REFUSED`: the peer is told why, by a Fault or an error Result)."""
     if call_id == 0:
         connection._mistake(events, "call id 0 is not allowed: give every call a non-zero id")
     elif call_id in connection._incoming:
         message = f"duplicate call id {call_id}: a call with this id is still running"
         connection._mistake(events, message, call_id)
-    elif (
-        0 < connection.max_calls_in_flight <= len(connection._incoming) + connection._one_way_count
-    ):
-        what = "one-way call" if one_way else "call"
+    elif one_way:
+        return admit_one_way(connection, call_id, events)
+    elif 0 < connection.max_calls_in_flight <= len(connection._incoming):
+        # one-way calls are counted apart: the sender cannot count them, so running ones
+        # must not cost a sender that keeps to the limit the calls it paces
         message = (
             f"too many calls in flight on this stream: this side runs at most "
-            f"{connection.max_calls_in_flight} at once, one-way calls included "
-            f"({what} {call_id} refused)"
+            f"{connection.max_calls_in_flight} at once (call {call_id} refused)"
         )
-        if one_way:  # nothing to answer: the peer hears of it by a Fault
-            connection._mistake(events, message, call_id)
-        else:
-            connection._answer_call_error(call_id, one_way, pb.RESOURCE_EXHAUSTED, message, events)
+        connection._answer_call_error(call_id, one_way, pb.RESOURCE_EXHAUSTED, message, events)
     elif connection.going_away:
-        if not one_way:
-            message = "shutting down: this side accepts no new calls on this stream"
-            result = error_result(call_id, pb.UNAVAILABLE, "backchannel.ShuttingDown", message)
-            connection._put(pb.Frame(result=result))
+        message = "shutting down: this side accepts no new calls on this stream"
+        result = error_result(call_id, pb.UNAVAILABLE, "backchannel.ShuttingDown", message)
+        connection._put(pb.Frame(result=result))
     else:
-        if one_way:
-            connection._one_way[call_id] = connection._one_way.get(call_id, 0) + 1
-            connection._one_way_count += 1
-        else:
-            connection._incoming.add(call_id)
-        return True
-    return False
+        connection._incoming.add(call_id)
+        return _RUN
+    return _REFUSED
 
 
 def _on_multicast(
@@ -312,14 +322,18 @@ def _targets(
     for index in range(start, stop):
         target = targets[index]
         call_id = target.id
-        if _admit(connection, call_id, one_way, events):
+        admitted = _admit(connection, call_id, one_way, events)
+        if admitted:
             call = parse(template)
             call.id = call_id
             call.callback_id = target.callback_id
             if target.trace_context:
                 call.trace_context.clear()
                 call.trace_context.update(target.trace_context)
-            events.append(CallReceived(call))
+            if admitted == _RUN:
+                events.append(CallReceived(call))
+            else:
+                connection._wait_one_way(call)
 
 
 def _over_budget(
