@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 import grpc
 import pytest
+from kazoo.client import KazooClient
 from services import Echo, EchoImpl
 from zookeeper import ZooKeeper
 from zookeeper import missing as zookeeper_missing
@@ -126,6 +127,16 @@ def zookeeper(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ZooKeeper]:
 def own_zookeeper(tmp_path: Path) -> Iterator[ZooKeeper]:
     """A real ZooKeeper server of this test's own, free to stop and start again."""
     yield from _zookeeper(tmp_path / "zookeeper")
+
+
+@pytest.fixture
+def reader(zookeeper: ZooKeeper) -> Iterator[KazooClient]:
+    """A plain kazoo client, to look at the znodes as anyone else would."""
+    client = KazooClient(hosts=zookeeper.hosts)
+    client.start(timeout=10)
+    yield client
+    client.stop()
+    client.close()
 
 
 def _zookeeper(directory: Path) -> Iterator[ZooKeeper]:

@@ -20,7 +20,7 @@ from helpers import RANDOM_CALLS, free_address, wait_until
 from kazoo.client import KazooClient
 from notifier import NOTIFIER_METHODS, Notifier, NotifierImpl, SyncRecorder
 from services import Echo, EchoImpl
-from zookeeper import ZooKeeper
+from zookeeper import ZooKeeper, providers_of
 
 import backchannel
 from backchannel import Method
@@ -38,24 +38,6 @@ _names = itertools.count()
 def fresh_group() -> str:
     """A group no other test on the shared ZooKeeper uses (the interface is test.Echo)."""
     return f"g{next(_names)}"
-
-
-@pytest.fixture
-def reader(zookeeper: ZooKeeper) -> Iterator[KazooClient]:
-    """A plain kazoo client, to look at the znodes as anyone else would."""
-    client = KazooClient(hosts=zookeeper.hosts)
-    client.start(timeout=10)
-    yield client
-    client.stop()
-    client.close()
-
-
-def providers_of(reader: KazooClient, interface: str, group: str) -> list[ServiceURL]:
-    path = f"/dubbo/{encode(interface)}/providers"
-    if not reader.exists(path):
-        return []
-    urls = [ServiceURL.parse(decode(child)) for child in reader.get_children(path)]
-    return [url for url in urls if url.group == group]
 
 
 # --- providers register -----------------------------------------------------------

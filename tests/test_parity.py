@@ -22,11 +22,10 @@ from kazoo.client import KazooClient
 from notifier import NOTIFIER_METHODS, Consumer, Notifier, NotifierImpl
 from services import Echo, EchoImpl
 from startup_app import Ticker
-from zookeeper import ZooKeeper
+from zookeeper import ZooKeeper, providers_of
 
 import backchannel
 from backchannel import ConfigError, Method, TooManyCallbacks
-from backchannel.cluster.service_url import ServiceURL, decode, encode
 from backchannel.transport.portal import LoopThread
 
 # end to end: the module runs once per transport (conftest.py)
@@ -248,22 +247,6 @@ class Forwarder:
         self.portal.close()
 
 
-@pytest.fixture
-def reader(zookeeper: ZooKeeper) -> Iterator[KazooClient]:
-    """A plain kazoo client, to read the provider URLs as anyone else would."""
-    client = KazooClient(hosts=zookeeper.hosts)
-    client.start(timeout=10)
-    yield client
-    client.stop()
-    client.close()
-
-
-def registered(reader: KazooClient, interface: str, group: str) -> list[ServiceURL]:
-    path = f"/dubbo/{encode(interface)}/providers"
-    urls = [ServiceURL.parse(decode(child)) for child in reader.get_children(path)]
-    return [url for url in urls if url.group == group]
-
-
 def test_advertise_port_is_registered_while_the_server_listens_on_its_bound_port(
     zookeeper: ZooKeeper, reader: KazooClient, transport: str
 ) -> None:
@@ -280,7 +263,7 @@ def test_advertise_port_is_registered_while_the_server_listens_on_its_bound_port
     server.start()
     forwarder.target_port = server.port
     try:
-        (url,) = registered(reader, "test.Echo", group)
+        (url,) = providers_of(reader, "test.Echo", group)
         assert url.port == forwarder.port != server.port
         assert url.address == f"127.0.0.1:{forwarder.port}" == server.advertised_address
         assert server.address == f"127.0.0.1:{server.port}"  # where it listens
@@ -294,7 +277,7 @@ def test_advertise_port_is_registered_while_the_server_listens_on_its_bound_port
     finally:
         server.stop()
         forwarder.close()
-    assert registered(reader, "test.Echo", group) == []
+    assert providers_of(reader, "test.Echo", group) == []
 
 
 @pytest.mark.parametrize(

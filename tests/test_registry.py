@@ -44,16 +44,6 @@ def provider(interface: str, port: int, **options: Any) -> ServiceURL:
 
 
 @pytest.fixture
-def reader(zookeeper: ZooKeeper) -> Iterator[KazooClient]:
-    """A plain kazoo client, to look at the znodes as anyone else would."""
-    client = KazooClient(hosts=zookeeper.hosts)
-    client.start(timeout=10)
-    yield client
-    client.stop()
-    client.close()
-
-
-@pytest.fixture
 def registry(zookeeper: ZooKeeper) -> Iterator[ZookeeperRegistry]:
     with ZookeeperRegistry(zookeeper.address) as registry:
         yield registry

@@ -15,6 +15,9 @@ import time
 from pathlib import Path
 
 from helpers import free_address
+from kazoo.client import KazooClient
+
+from backchannel.cluster.service_url import ServiceURL, decode, encode
 
 #: the server's jar; its manifest's Class-Path names the other jars it needs
 JAR = Path(os.environ.get("ZOOKEEPER_JAR", "/usr/share/java/zookeeper.jar"))
@@ -103,3 +106,13 @@ class ZooKeeper:
             self.process.kill()
             self.process.wait(10)
             self.process = None
+
+
+def providers_of(reader: KazooClient, interface: str, group: str) -> list[ServiceURL]:
+    """The provider URLs of ``interface`` and ``group`` registered in ZooKeeper, as
+    ``reader`` (a plain kazoo client) reads them; none when the folder is missing."""
+    path = f"/dubbo/{encode(interface)}/providers"
+    if not reader.exists(path):
+        return []
+    urls = [ServiceURL.parse(decode(child)) for child in reader.get_children(path)]
+    return [url for url in urls if url.group == group]
